@@ -1,0 +1,3 @@
+//! Implementations of the storage ports.
+
+pub mod embedded;

@@ -1,0 +1,40 @@
+//! Outcomes of commands that callers branch on.
+
+use chrono::{DateTime, Utc};
+use thiserror::Error;
+
+use super::lifecycle::{SandboxStatus, Transition};
+
+/// A command was refused by the model (nothing was appended).
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum DomainError {
+    /// The sandbox does not exist.
+    #[error("sandbox not found")]
+    NotFound,
+    /// The sandbox exists but is not the caller's live allocation.
+    #[error("sandbox is not allocated to this caller")]
+    NotOwner,
+    /// The lifecycle table forbids this transition.
+    #[error("cannot {transition:?} a sandbox in status {from:?}")]
+    InvalidTransition {
+        /// Current status (`None`: not registered).
+        from: Option<SandboxStatus>,
+        /// What was attempted.
+        transition: Transition,
+    },
+    /// Register for a sandbox that already exists.
+    #[error("sandbox already registered")]
+    AlreadyRegistered,
+    /// Expire before `expires_at + grace`.
+    #[error("allocation does not expire before {due}")]
+    NotExpired {
+        /// When it becomes expirable.
+        due: DateTime<Utc>,
+    },
+    /// The (caller, key) claim already holds a live allocation.
+    #[error("claim already holds sandbox {sandbox_id}")]
+    ClaimTaken {
+        /// The sandbox held.
+        sandbox_id: String,
+    },
+}

@@ -1,0 +1,436 @@
+//! Events: the facts the broker records, and the envelope every stored event travels in.
+//!
+//! Payloads are serde-tagged JSON (`{"type":"SandboxAllocated",…}`); the tag doubles as the
+//! envelope's `event_type`. Events are immutable: a changed payload shape gets a new
+//! `schema_version` and an entry in [`upcast`], never a rewrite of stored items.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::ids::{CLAIM_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID};
+
+/// The payload schema version written today.
+pub const CURRENT_SCHEMA_VERSION: u32 = 1;
+
+/// Events of a sandbox stream (`sandbox#{id}`); DESIGN.md §4.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SandboxEvent {
+    /// Sync saw a new active CSP sandbox account.
+    SandboxRegistered {
+        /// Broker id (the CSP `csp_id`, else `id`).
+        sandbox_id: String,
+        /// CSP account name; allocation filters on its prefix.
+        name: String,
+        /// CSP account path, e.g. `identity/accounts/<uuid>`.
+        external_id: String,
+        /// Salesforce account id, when CSP has one.
+        sfdc_account_id: Option<String>,
+        /// When CSP created the account.
+        csp_created_at: Option<DateTime<Utc>>,
+    },
+    /// A student got the sandbox; appended in one transaction with `ClaimGranted`.
+    SandboxAllocated {
+        /// The student (the `X-Instruqt-Sandbox-ID` / `X-Track-ID` value).
+        caller: String,
+        /// `X-Instruqt-Track-ID`, analytics only.
+        track_name: Option<String>,
+        /// The idempotency key, scoped to the caller.
+        idempotency_key: String,
+        /// The claim stream this allocation is recorded in.
+        claim_stream: String,
+        /// Allocation time.
+        allocated_at: DateTime<Utc>,
+        /// End of the lab window (`allocated_at + lab_duration_s`).
+        expires_at: DateTime<Utc>,
+        /// The lab duration in force when allocated.
+        lab_duration_s: i64,
+    },
+    /// The owner marked the sandbox for deletion; releases the claim in the same transaction.
+    DeletionRequested {
+        /// The owner who asked.
+        caller: String,
+        /// When.
+        requested_at: DateTime<Utc>,
+    },
+    /// The expiry job ended an allocation past `expires_at + grace`; releases the claim.
+    AllocationExpired {
+        /// When.
+        expired_at: DateTime<Utc>,
+    },
+    /// Sync missed an available sandbox in two consecutive complete listings.
+    SandboxMarkedStale {
+        /// When.
+        marked_at: DateTime<Utc>,
+    },
+    /// A stale sandbox is listed by CSP again.
+    SandboxRestored {
+        /// When.
+        restored_at: DateTime<Utc>,
+    },
+    /// A CSP delete failed transiently; retried after `next_attempt_at`.
+    DeletionAttemptFailed {
+        /// 1 for the first failure.
+        attempt: u32,
+        /// What CSP (or the network) said.
+        error: String,
+        /// Earliest time of the next attempt (exponential backoff).
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// The retry budget is spent: quarantined until an operator retries.
+    DeletionFailed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last_error: String,
+    },
+    /// An operator re-queued a quarantined sandbox.
+    DeletionRetried {
+        /// When.
+        requested_at: DateTime<Utc>,
+    },
+    /// The CSP account is gone (CSP answered 200, 204 or 404).
+    SandboxDeleted {
+        /// The CSP status code seen, if any.
+        csp_status: Option<u16>,
+    },
+    /// Removed from the pool in the store only; the CSP account is not touched.
+    SandboxRetired {
+        /// Why (e.g. `stale_grace_expired`, `bulk_delete`).
+        reason: String,
+    },
+}
+
+/// Why a claim was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// The owner marked the sandbox for deletion.
+    DeletionRequested,
+    /// The allocation expired.
+    Expired,
+}
+
+/// Events of a claim stream (`claim#…`): which sandbox a (caller, key) pair holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ClaimEvent {
+    /// The pair now holds `sandbox_id`.
+    ClaimGranted {
+        /// The student.
+        caller: String,
+        /// The idempotency key.
+        idempotency_key: String,
+        /// The sandbox allocated.
+        sandbox_id: String,
+    },
+    /// The allocation ended; the pair may allocate again.
+    ClaimReleased {
+        /// The sandbox that was held.
+        sandbox_id: String,
+        /// Why.
+        reason: ReleaseReason,
+    },
+}
+
+/// Events of the sync stream: each complete CSP listing, so that stale-marking can be debounced
+/// across one-shot job runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SyncEvent {
+    /// A complete listing was read.
+    ListingRecorded {
+        /// How many active sandbox accounts CSP listed.
+        listed: u32,
+        /// Available sandboxes missing from this listing.
+        missing: Vec<String>,
+    },
+}
+
+macro_rules! domain_event {
+    ($ty:ty) => {
+        impl DomainEvent for $ty {
+            fn event_type(&self) -> String {
+                match serde_json::to_value(self) {
+                    Ok(serde_json::Value::Object(map)) => map
+                        .get("type")
+                        .and_then(|t| t.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    _ => String::new(),
+                }
+            }
+
+            fn event_version(&self) -> String {
+                CURRENT_SCHEMA_VERSION.to_string()
+            }
+        }
+    };
+}
+domain_event!(SandboxEvent);
+domain_event!(ClaimEvent);
+domain_event!(SyncEvent);
+
+/// Any decoded event, by the kind of stream it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerEvent {
+    /// From a `sandbox#` stream.
+    Sandbox(SandboxEvent),
+    /// From a `claim#` stream.
+    Claim(ClaimEvent),
+    /// From the sync stream.
+    Sync(SyncEvent),
+}
+
+/// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A track script acting for a student.
+    Track(String),
+    /// An operator through the admin API.
+    Admin,
+    /// A background job.
+    Job(&'static str),
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Track(caller) => write!(f, "track:{caller}"),
+            Actor::Admin => f.write_str("admin"),
+            Actor::Job(name) => write!(f, "job:{name}"),
+        }
+    }
+}
+
+/// Request-scoped facts stamped on every event a command appends.
+#[derive(Debug, Clone)]
+pub struct CommandMeta {
+    /// Who.
+    pub actor: Actor,
+    /// The API request id (equals the `X-Request-ID` header), if any.
+    pub request_id: Option<String>,
+    /// Ties together the events of one logical operation (e.g. a job run).
+    pub correlation_id: Option<String>,
+}
+
+impl CommandMeta {
+    /// Metadata for a background job run.
+    pub fn job(name: &'static str, correlation_id: impl Into<String>) -> Self {
+        Self {
+            actor: Actor::Job(name),
+            request_id: None,
+            correlation_id: Some(correlation_id.into()),
+        }
+    }
+}
+
+/// One stored event: the envelope of DESIGN.md §4 around a JSON payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// `sandbox#…`, `claim#…` or `sync#…`.
+    pub stream_id: String,
+    /// 1, 2, … within the stream.
+    pub version: u64,
+    /// The payload's tag, e.g. `SandboxAllocated`.
+    pub event_type: String,
+    /// Payload schema version.
+    pub schema_version: u32,
+    /// UUID v7 (time-ordered).
+    pub event_id: Uuid,
+    /// When it was recorded (UTC, millisecond precision).
+    #[serde(with = "rfc3339_ms")]
+    pub occurred_at: DateTime<Utc>,
+    /// `track:<caller>`, `admin` or `job:<name>`.
+    pub actor: String,
+    /// The API request that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The logical operation it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The serde-tagged event.
+    pub payload: serde_json::Value,
+}
+
+/// Why a stored event could not be decoded.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    /// The stream id has no known prefix.
+    #[error("unknown stream kind: {0}")]
+    UnknownStream(String),
+    /// A schema version newer than this build knows.
+    #[error("{event_type} has schema version {found}, newer than {CURRENT_SCHEMA_VERSION}")]
+    FutureSchema {
+        /// The event type.
+        event_type: String,
+        /// Its stored schema version.
+        found: u32,
+    },
+    /// The payload does not match the event type.
+    #[error("payload of {event_type}: {source}")]
+    Payload {
+        /// The event type.
+        event_type: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+}
+
+/// Brings a stored payload up to [`CURRENT_SCHEMA_VERSION`]. Schema 1 is the only one so far; a
+/// future change adds a step here (old version → new shape) instead of rewriting history.
+pub fn upcast(
+    event_type: &str,
+    schema_version: u32,
+    payload: serde_json::Value,
+) -> Result<serde_json::Value, DecodeError> {
+    if schema_version > CURRENT_SCHEMA_VERSION {
+        return Err(DecodeError::FutureSchema {
+            event_type: event_type.to_string(),
+            found: schema_version,
+        });
+    }
+    Ok(payload)
+}
+
+impl EventEnvelope {
+    /// Wraps a new event for `stream_id` at `version`.
+    pub fn new<E: DomainEvent>(
+        stream_id: &str,
+        version: u64,
+        event: &E,
+        meta: &CommandMeta,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
+        let payload = serde_json::to_value(event).unwrap_or(serde_json::Value::Null);
+        Self {
+            stream_id: stream_id.to_string(),
+            version,
+            event_type: event.event_type(),
+            schema_version: CURRENT_SCHEMA_VERSION,
+            event_id: Uuid::now_v7(),
+            occurred_at: truncate_to_millis(occurred_at),
+            actor: meta.actor.to_string(),
+            request_id: meta.request_id.clone(),
+            correlation_id: meta.correlation_id.clone(),
+            payload,
+        }
+    }
+
+    /// Decodes the payload (after upcasting) by the stream's kind.
+    pub fn decode(&self) -> Result<BrokerEvent, DecodeError> {
+        let payload = upcast(&self.event_type, self.schema_version, self.payload.clone())?;
+        let err = |source| DecodeError::Payload {
+            event_type: self.event_type.clone(),
+            source,
+        };
+        if self.stream_id.starts_with(SANDBOX_STREAM_PREFIX) {
+            serde_json::from_value(payload).map(BrokerEvent::Sandbox).map_err(err)
+        } else if self.stream_id.starts_with(CLAIM_STREAM_PREFIX) {
+            serde_json::from_value(payload).map(BrokerEvent::Claim).map_err(err)
+        } else if self.stream_id == SYNC_STREAM_ID {
+            serde_json::from_value(payload).map(BrokerEvent::Sync).map_err(err)
+        } else {
+            Err(DecodeError::UnknownStream(self.stream_id.clone()))
+        }
+    }
+
+    /// The payload as a sandbox event, or `None` for other streams.
+    pub fn sandbox_event(&self) -> Result<Option<SandboxEvent>, DecodeError> {
+        match self.decode()? {
+            BrokerEvent::Sandbox(event) => Ok(Some(event)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Drops sub-millisecond precision so that an envelope survives a store round trip unchanged.
+pub fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap_or(at)
+}
+
+/// Formats a time the way envelopes store it: RFC 3339, UTC, milliseconds, `Z`.
+pub fn format_time(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Serde for RFC 3339 millisecond timestamps.
+pub mod rfc3339_ms {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises as `2026-01-01T00:00:00.000Z`.
+    pub fn serialize<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_time(at))
+    }
+
+    /// Parses any RFC 3339 time.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let raw = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&raw)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> CommandMeta {
+        CommandMeta {
+            actor: Actor::Track("stu#1/ü".into()),
+            request_id: Some("req-1".into()),
+            correlation_id: None,
+        }
+    }
+
+    /// The envelope's event type is the payload's serde tag, and JSON round-trips exactly.
+    #[test]
+    fn envelope_round_trips_through_json() {
+        let event = SandboxEvent::DeletionRequested {
+            caller: "stu".into(),
+            requested_at: truncate_to_millis(Utc::now()),
+        };
+        let env = EventEnvelope::new("sandbox#1", 3, &event, &meta(), Utc::now());
+        assert_eq!(env.event_type, "DeletionRequested");
+        assert_eq!(env.actor, "track:stu#1/ü");
+        assert_eq!(env.event_id.get_version_num(), 7);
+        let json = serde_json::to_string(&env).unwrap_or_default();
+        let back: EventEnvelope = serde_json::from_str(&json).unwrap_or_else(|_| env.clone());
+        assert_eq!(back, env);
+        assert!(json.contains("\"occurred_at\""));
+        assert!(matches!(
+            env.decode(),
+            Ok(BrokerEvent::Sandbox(e)) if e == event
+        ));
+    }
+
+    /// A schema version from the future is refused rather than misread.
+    #[test]
+    fn future_schema_is_refused() {
+        let mut env = EventEnvelope::new(
+            "claim#1:a#b",
+            1,
+            &ClaimEvent::ClaimReleased {
+                sandbox_id: "1".into(),
+                reason: ReleaseReason::Expired,
+            },
+            &meta(),
+            Utc::now(),
+        );
+        assert!(matches!(env.decode(), Ok(BrokerEvent::Claim(_))));
+        env.schema_version = 99;
+        assert!(matches!(env.decode(), Err(DecodeError::FutureSchema { .. })));
+    }
+
+    /// Actors render as the envelope's `actor` strings.
+    #[test]
+    fn actors_render() {
+        assert_eq!(Actor::Admin.to_string(), "admin");
+        assert_eq!(Actor::Job("sync").to_string(), "job:sync");
+    }
+}

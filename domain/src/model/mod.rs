@@ -1,0 +1,9 @@
+//! The pure model: no I/O, no SDK. Aggregates, commands, events, lifecycle, projection.
+
+pub mod claim;
+pub mod error;
+pub mod events;
+pub mod ids;
+pub mod lifecycle;
+pub mod projection;
+pub mod sandbox;

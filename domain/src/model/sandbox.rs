@@ -1,0 +1,557 @@
+//! The Sandbox aggregate: one CSP sandbox account's lifecycle, on cqrs-es's `Aggregate` trait.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use super::error::DomainError;
+use super::events::SandboxEvent;
+use super::lifecycle::{next_status, SandboxStatus, Transition};
+use crate::clock::SharedClock;
+
+/// What the sandbox handlers need from outside: the time.
+#[derive(Debug, Clone)]
+pub struct CommandServices {
+    /// The clock every command reads.
+    pub clock: SharedClock,
+}
+
+/// Commands on a sandbox (one enum, one dispatch point in [`Sandbox::handle`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SandboxCommand {
+    /// Sync found a new active account.
+    Register {
+        /// Broker id.
+        sandbox_id: String,
+        /// CSP name.
+        name: String,
+        /// CSP account path.
+        external_id: String,
+        /// Salesforce account id.
+        sfdc_account_id: Option<String>,
+        /// CSP creation time.
+        csp_created_at: Option<DateTime<Utc>>,
+    },
+    /// Hand the sandbox to a student.
+    Allocate {
+        /// The student.
+        caller: String,
+        /// Lab slug.
+        track_name: Option<String>,
+        /// Idempotency key (scoped to the caller).
+        idempotency_key: String,
+        /// The claim stream written in the same transaction.
+        claim_stream: String,
+        /// Lab window length.
+        lab_duration: Duration,
+    },
+    /// The owner ends the allocation.
+    MarkForDeletion {
+        /// Who asks; must be the owner.
+        caller: String,
+    },
+    /// The expiry job ends an allocation past `expires_at + grace`.
+    Expire {
+        /// Extra time after `expires_at`.
+        grace: Duration,
+    },
+    /// Sync: missing from two consecutive complete listings.
+    MarkStale,
+    /// Sync: listed again.
+    Restore,
+    /// Cleanup: a transient CSP delete failure.
+    RecordDeletionAttemptFailed {
+        /// What failed.
+        error: String,
+        /// Earliest retry.
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// Cleanup: the retry budget is spent.
+    FailDeletion {
+        /// The last error.
+        error: String,
+    },
+    /// Operator: re-queue a quarantined sandbox.
+    RetryDeletion,
+    /// Cleanup: CSP confirmed the account is gone.
+    CompleteDeletion {
+        /// The CSP status code.
+        csp_status: Option<u16>,
+    },
+    /// Store-only removal (stale grace expired, bulk delete).
+    Retire {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The state folded from a sandbox stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// Broker id (empty until registered).
+    pub sandbox_id: String,
+    /// `None` until registered.
+    pub status: Option<SandboxStatus>,
+    /// CSP name.
+    pub name: String,
+    /// CSP account path.
+    pub external_id: String,
+    /// Salesforce account id.
+    pub sfdc_account_id: Option<String>,
+    /// CSP creation time.
+    pub csp_created_at: Option<DateTime<Utc>>,
+    /// The current or most recent owner.
+    pub owner: Option<String>,
+    /// The claim stream of the current or most recent allocation.
+    pub claim_stream: Option<String>,
+    /// Lab slug of the allocation.
+    pub track_name: Option<String>,
+    /// Idempotency key of the allocation.
+    pub idempotency_key: Option<String>,
+    /// When allocated.
+    pub allocated_at: Option<DateTime<Utc>>,
+    /// End of the lab window.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Lab duration recorded at allocation.
+    pub lab_duration_s: Option<i64>,
+    /// When the allocation ended (marked or expired): the `deletion_requested_at` callers see.
+    pub deletion_requested_at: Option<DateTime<Utc>>,
+    /// Whether the allocation ended by expiry rather than by the owner.
+    pub expired: bool,
+    /// Failed CSP delete attempts since the last (re)queue.
+    pub attempts: u32,
+    /// The last delete error.
+    pub last_error: Option<String>,
+    /// Earliest next delete attempt.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Events applied (= the stream's version).
+    pub version: u64,
+}
+
+impl Sandbox {
+    /// True when `caller` holds this sandbox right now.
+    pub fn is_live_allocation_of(&self, caller: &str) -> bool {
+        self.status == Some(SandboxStatus::Allocated) && self.owner.as_deref() == Some(caller)
+    }
+
+    fn check(&self, transition: Transition) -> Result<(), DomainError> {
+        if self.status.is_none() && transition != Transition::Register {
+            return Err(DomainError::NotFound);
+        }
+        next_status(self.status, transition)
+            .map(|_| ())
+            .ok_or(DomainError::InvalidTransition {
+                from: self.status,
+                transition,
+            })
+    }
+
+    fn transition_of(event: &SandboxEvent) -> Transition {
+        match event {
+            SandboxEvent::SandboxRegistered { .. } => Transition::Register,
+            SandboxEvent::SandboxAllocated { .. } => Transition::Allocate,
+            SandboxEvent::DeletionRequested { .. } => Transition::RequestDeletion,
+            SandboxEvent::AllocationExpired { .. } => Transition::Expire,
+            SandboxEvent::SandboxMarkedStale { .. } => Transition::MarkStale,
+            SandboxEvent::SandboxRestored { .. } => Transition::Restore,
+            SandboxEvent::DeletionAttemptFailed { .. } => Transition::RecordAttemptFailed,
+            SandboxEvent::DeletionFailed { .. } => Transition::FailDeletion,
+            SandboxEvent::DeletionRetried { .. } => Transition::RetryDeletion,
+            SandboxEvent::SandboxDeleted { .. } => Transition::CompleteDeletion,
+            SandboxEvent::SandboxRetired { .. } => Transition::Retire,
+        }
+    }
+
+    /// Decides the events for `command` without the async sink (the same logic `handle` runs).
+    pub fn decide(
+        &self,
+        command: SandboxCommand,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SandboxEvent>, DomainError> {
+        use SandboxCommand as C;
+        use SandboxEvent as E;
+        let event = match command {
+            C::Register {
+                sandbox_id,
+                name,
+                external_id,
+                sfdc_account_id,
+                csp_created_at,
+            } => {
+                if self.status.is_some() {
+                    return Err(DomainError::AlreadyRegistered);
+                }
+                E::SandboxRegistered {
+                    sandbox_id,
+                    name,
+                    external_id,
+                    sfdc_account_id,
+                    csp_created_at,
+                }
+            }
+            C::Allocate {
+                caller,
+                track_name,
+                idempotency_key,
+                claim_stream,
+                lab_duration,
+            } => {
+                self.check(Transition::Allocate)?;
+                E::SandboxAllocated {
+                    caller,
+                    track_name,
+                    idempotency_key,
+                    claim_stream,
+                    allocated_at: now,
+                    expires_at: now + lab_duration,
+                    lab_duration_s: lab_duration.num_seconds(),
+                }
+            }
+            C::MarkForDeletion { caller } => {
+                if self.status.is_none() {
+                    return Err(DomainError::NotFound);
+                }
+                if self.owner.as_deref() != Some(caller.as_str()) {
+                    return Err(DomainError::NotOwner);
+                }
+                if self.status != Some(SandboxStatus::Allocated) {
+                    // The owner's allocation already ended (a repeat, or expiry got there first):
+                    // nothing to record, the caller gets the original time.
+                    return Ok(vec![]);
+                }
+                E::DeletionRequested {
+                    caller,
+                    requested_at: now,
+                }
+            }
+            C::Expire { grace } => {
+                self.check(Transition::Expire)?;
+                let due = self.expires_at.unwrap_or(now) + grace;
+                if now < due {
+                    return Err(DomainError::NotExpired { due });
+                }
+                E::AllocationExpired { expired_at: now }
+            }
+            C::MarkStale => {
+                self.check(Transition::MarkStale)?;
+                E::SandboxMarkedStale { marked_at: now }
+            }
+            C::Restore => {
+                self.check(Transition::Restore)?;
+                E::SandboxRestored { restored_at: now }
+            }
+            C::RecordDeletionAttemptFailed {
+                error,
+                next_attempt_at,
+            } => {
+                self.check(Transition::RecordAttemptFailed)?;
+                E::DeletionAttemptFailed {
+                    attempt: self.attempts + 1,
+                    error,
+                    next_attempt_at,
+                }
+            }
+            C::FailDeletion { error } => {
+                self.check(Transition::FailDeletion)?;
+                E::DeletionFailed {
+                    attempts: self.attempts + 1,
+                    last_error: error,
+                }
+            }
+            C::RetryDeletion => {
+                self.check(Transition::RetryDeletion)?;
+                E::DeletionRetried { requested_at: now }
+            }
+            C::CompleteDeletion { csp_status } => {
+                self.check(Transition::CompleteDeletion)?;
+                E::SandboxDeleted { csp_status }
+            }
+            C::Retire { reason } => {
+                self.check(Transition::Retire)?;
+                E::SandboxRetired { reason }
+            }
+        };
+        Ok(vec![event])
+    }
+
+    /// Folds one event into the state (also used when replaying history).
+    pub fn fold(&mut self, event: &SandboxEvent) {
+        use SandboxEvent as E;
+        if let Some(next) = next_status(self.status, Self::transition_of(event)) {
+            self.status = Some(next);
+        }
+        self.version += 1;
+        match event {
+            E::SandboxRegistered {
+                sandbox_id,
+                name,
+                external_id,
+                sfdc_account_id,
+                csp_created_at,
+            } => {
+                self.sandbox_id.clone_from(sandbox_id);
+                self.name.clone_from(name);
+                self.external_id.clone_from(external_id);
+                self.sfdc_account_id.clone_from(sfdc_account_id);
+                self.csp_created_at = *csp_created_at;
+            }
+            E::SandboxAllocated {
+                caller,
+                track_name,
+                idempotency_key,
+                claim_stream,
+                allocated_at,
+                expires_at,
+                lab_duration_s,
+            } => {
+                self.owner = Some(caller.clone());
+                self.track_name.clone_from(track_name);
+                self.idempotency_key = Some(idempotency_key.clone());
+                self.claim_stream = Some(claim_stream.clone());
+                self.allocated_at = Some(*allocated_at);
+                self.expires_at = Some(*expires_at);
+                self.lab_duration_s = Some(*lab_duration_s);
+            }
+            E::DeletionRequested { requested_at, .. } => {
+                self.deletion_requested_at = Some(*requested_at);
+            }
+            E::AllocationExpired { expired_at } => {
+                self.deletion_requested_at = Some(*expired_at);
+                self.expired = true;
+            }
+            E::SandboxMarkedStale { .. } | E::SandboxRestored { .. } => {}
+            E::DeletionAttemptFailed {
+                attempt,
+                error,
+                next_attempt_at,
+            } => {
+                self.attempts = *attempt;
+                self.last_error = Some(error.clone());
+                self.next_attempt_at = Some(*next_attempt_at);
+            }
+            E::DeletionFailed {
+                attempts,
+                last_error,
+            } => {
+                self.attempts = *attempts;
+                self.last_error = Some(last_error.clone());
+                self.next_attempt_at = None;
+            }
+            E::DeletionRetried { .. } => {
+                self.attempts = 0;
+                self.next_attempt_at = None;
+            }
+            E::SandboxDeleted { .. } | E::SandboxRetired { .. } => {
+                self.next_attempt_at = None;
+            }
+        }
+    }
+}
+
+impl Aggregate for Sandbox {
+    const TYPE: &'static str = "sandbox";
+    type Command = SandboxCommand;
+    type Event = SandboxEvent;
+    type Error = DomainError;
+    type Services = CommandServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command, services.clock.now())? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        self.fold(&event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use cqrs_es::test::TestFramework;
+    use std::sync::Arc;
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
+    }
+
+    fn services() -> CommandServices {
+        CommandServices {
+            clock: Arc::new(ManualClock::new(t0())),
+        }
+    }
+
+    fn registered() -> SandboxEvent {
+        SandboxEvent::SandboxRegistered {
+            sandbox_id: "1".into(),
+            name: "lab-1".into(),
+            external_id: "identity/accounts/u1".into(),
+            sfdc_account_id: None,
+            csp_created_at: None,
+        }
+    }
+
+    fn allocated() -> SandboxEvent {
+        SandboxEvent::SandboxAllocated {
+            caller: "stu".into(),
+            track_name: None,
+            idempotency_key: "stu".into(),
+            claim_stream: "claim#3:stu#stu".into(),
+            allocated_at: t0(),
+            expires_at: t0() + Duration::hours(48),
+            lab_duration_s: 48 * 3600,
+        }
+    }
+
+    /// Allocation of an available sandbox records the lab window from the injected clock.
+    #[tokio::test]
+    async fn allocate_available_sandbox() {
+        TestFramework::<Sandbox>::with(services())
+            .given(vec![registered()])
+            .when_async(SandboxCommand::Allocate {
+                caller: "stu".into(),
+                track_name: None,
+                idempotency_key: "stu".into(),
+                claim_stream: "claim#3:stu#stu".into(),
+                lab_duration: Duration::hours(48),
+            })
+            .await
+            .then_expect_events(vec![allocated()]);
+    }
+
+    /// An allocated sandbox cannot be allocated again.
+    #[tokio::test]
+    async fn no_double_allocation() {
+        TestFramework::<Sandbox>::with(services())
+            .given(vec![registered(), allocated()])
+            .when_async(SandboxCommand::Allocate {
+                caller: "other".into(),
+                track_name: None,
+                idempotency_key: "other".into(),
+                claim_stream: "claim#5:other#other".into(),
+                lab_duration: Duration::hours(48),
+            })
+            .await
+            .then_expect_error(DomainError::InvalidTransition {
+                from: Some(SandboxStatus::Allocated),
+                transition: Transition::Allocate,
+            });
+    }
+
+    /// Only the owner may mark; a repeat by the owner records nothing and is not an error.
+    #[tokio::test]
+    async fn mark_for_deletion_is_owner_only_and_idempotent() {
+        TestFramework::<Sandbox>::with(services())
+            .given(vec![registered(), allocated()])
+            .when_async(SandboxCommand::MarkForDeletion {
+                caller: "mallory".into(),
+            })
+            .await
+            .then_expect_error(DomainError::NotOwner);
+        TestFramework::<Sandbox>::with(services())
+            .given(vec![registered(), allocated()])
+            .when_async(SandboxCommand::MarkForDeletion {
+                caller: "stu".into(),
+            })
+            .await
+            .then_expect_events(vec![SandboxEvent::DeletionRequested {
+                caller: "stu".into(),
+                requested_at: t0(),
+            }]);
+        TestFramework::<Sandbox>::with(services())
+            .given(vec![
+                registered(),
+                allocated(),
+                SandboxEvent::DeletionRequested {
+                    caller: "stu".into(),
+                    requested_at: t0(),
+                },
+            ])
+            .when_async(SandboxCommand::MarkForDeletion {
+                caller: "stu".into(),
+            })
+            .await
+            .then_expect_events(vec![]);
+    }
+
+    /// Expire is refused before `expires_at + grace` and accepted after.
+    #[test]
+    fn expire_waits_for_grace() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        sandbox.fold(&allocated());
+        let grace = Duration::minutes(30);
+        let early = t0() + Duration::hours(48);
+        assert!(matches!(
+            sandbox.decide(SandboxCommand::Expire { grace }, early),
+            Err(DomainError::NotExpired { .. })
+        ));
+        let late = early + grace;
+        assert_eq!(
+            sandbox.decide(SandboxCommand::Expire { grace }, late),
+            Ok(vec![SandboxEvent::AllocationExpired { expired_at: late }])
+        );
+    }
+
+    /// Commands on a sandbox that was never registered answer NotFound.
+    #[test]
+    fn unknown_sandbox_is_not_found() {
+        let sandbox = Sandbox::default();
+        for command in [
+            SandboxCommand::MarkForDeletion { caller: "x".into() },
+            SandboxCommand::MarkStale,
+            SandboxCommand::RetryDeletion,
+        ] {
+            assert_eq!(sandbox.decide(command, t0()), Err(DomainError::NotFound));
+        }
+    }
+
+    /// Failed delete attempts count up, quarantine keeps the count, an operator retry resets it.
+    #[test]
+    fn deletion_retry_budget() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        sandbox.fold(&allocated());
+        sandbox.fold(&SandboxEvent::AllocationExpired { expired_at: t0() });
+        for expected in 1..=2 {
+            let events = sandbox
+                .decide(
+                    SandboxCommand::RecordDeletionAttemptFailed {
+                        error: "500".into(),
+                        next_attempt_at: t0(),
+                    },
+                    t0(),
+                )
+                .unwrap_or_default();
+            assert!(matches!(
+                events.as_slice(),
+                [SandboxEvent::DeletionAttemptFailed { attempt, .. }] if *attempt == expected
+            ));
+            sandbox.fold(&events[0]);
+        }
+        let events = sandbox
+            .decide(SandboxCommand::FailDeletion { error: "500".into() }, t0())
+            .unwrap_or_default();
+        assert!(matches!(
+            events.as_slice(),
+            [SandboxEvent::DeletionFailed { attempts: 3, .. }]
+        ));
+        sandbox.fold(&events[0]);
+        assert_eq!(sandbox.status, Some(SandboxStatus::DeletionFailed));
+        let events = sandbox
+            .decide(SandboxCommand::RetryDeletion, t0())
+            .unwrap_or_default();
+        sandbox.fold(&events[0]);
+        assert_eq!(sandbox.status, Some(SandboxStatus::PendingDeletion));
+        assert_eq!(sandbox.attempts, 0);
+    }
+}

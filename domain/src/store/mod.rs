@@ -1,0 +1,296 @@
+//! Storage ports. The model never sees an adapter: commands talk to an [`EventStore`], reads go
+//! through a [`PoolView`], and only the projector writes through a [`ViewStore`].
+
+use async_trait::async_trait;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::model::events::EventEnvelope;
+use crate::model::ids::sandbox_id_of;
+use crate::model::lifecycle::SandboxStatus;
+use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
+
+/// DynamoDB's limit on items in one `TransactWriteItems`; the embedded store enforces the same.
+pub const MAX_TRANSACTION_ITEMS: usize = 100;
+
+/// Storage failures callers branch on.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum StoreError {
+    /// Another writer appended to `stream_id` first (or, for the view, moved the row first).
+    #[error("version conflict on stream {stream_id}")]
+    VersionConflict {
+        /// The stream (or view row) that lost the race.
+        stream_id: String,
+    },
+    /// Throttled or unreachable after retries; safe to retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A batch larger than [`MAX_TRANSACTION_ITEMS`].
+    #[error("a transaction of {0} items exceeds the limit of {MAX_TRANSACTION_ITEMS}")]
+    TooManyItems(usize),
+    /// A malformed or foreign pagination cursor.
+    #[error("invalid cursor")]
+    InvalidCursor,
+    /// A batch that is not a valid append (e.g. versions not consecutive).
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    /// A stored item that cannot be read back.
+    #[error("corrupt stored item: {0}")]
+    Corrupt(String),
+}
+
+/// A page of events from a full scan.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    /// Events, ascending by version within each stream.
+    pub events: Vec<EventEnvelope>,
+    /// Where the next page starts; `None` at the end.
+    pub cursor: Option<String>,
+}
+
+/// The event table: the only source of truth.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Every event of a stream in version order, strongly consistent, across all pages.
+    async fn load(&self, stream_id: &str) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.load_after(stream_id, 0).await
+    }
+
+    /// Events of a stream with `version > after`, in order (read repair loads only the gap).
+    async fn load_after(
+        &self,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// The newest event of a stream, if any.
+    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError>;
+
+    /// Appends every event atomically: each must take the next free version of its stream (a
+    /// taken version is a [`StoreError::VersionConflict`] naming that stream, and then nothing
+    /// of the batch is stored). At most [`MAX_TRANSACTION_ITEMS`] events.
+    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError>;
+
+    /// One page of a (parallel) scan over every event: `segment` of `segments`, resuming at
+    /// `cursor`. Each stream lies in exactly one segment and comes in version order.
+    async fn scan(
+        &self,
+        segment: u32,
+        segments: u32,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Filters of the admin listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<SandboxStatus>,
+    /// Only rows of this (current or most recent) owner.
+    pub owner: Option<String>,
+    /// Only names starting with this.
+    pub prefix: Option<String>,
+}
+
+/// A page of view rows.
+#[derive(Debug, Clone, Default)]
+pub struct RowPage {
+    /// The rows.
+    pub rows: Vec<PoolRow>,
+    /// Opaque cursor of the next page; `None` at the end.
+    pub cursor: Option<String>,
+}
+
+/// Where to look for allocation candidates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateQuery {
+    /// Only names starting with this (exact `begins_with`), if any.
+    pub prefix: Option<String>,
+    /// Random start on the `pick` axis; the query wraps around below it.
+    pub start_pick: u32,
+    /// How many rows at most.
+    pub limit: usize,
+}
+
+/// The read side: eventually consistent rows, indexes and stats, written only by the projector.
+#[async_trait]
+pub trait PoolView: Send + Sync + 'static {
+    /// One row (eventually consistent).
+    async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError>;
+
+    /// Available rows for allocation: without a prefix, from `start_pick` upwards on the
+    /// `by-status-pick` index, wrapping to the bottom; with a prefix, from the `by-status-name`
+    /// index's `begins_with(prefix)` range starting at a position derived from `start_pick`.
+    async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError>;
+
+    /// The admin listing, paged with an opaque cursor.
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RowPage, StoreError>;
+
+    /// Rows of `status` whose `due_at <= before` (the `by-status-expiry` index), oldest first.
+    async fn due(
+        &self,
+        status: SandboxStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RowPage, StoreError>;
+
+    /// Counts by status: the sum of the stats shards, O(shards).
+    async fn stats(&self) -> Result<PoolStats, StoreError>;
+}
+
+/// The projector's side of the view.
+#[async_trait]
+pub trait ViewStore: PoolView {
+    /// A row, strongly consistent.
+    async fn load_row(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError>;
+
+    /// Writes `row` and adds `delta` to its stats shard in one transaction, on condition that the
+    /// stored row's version is `expected_version` (`None`: no row yet). A failed condition is a
+    /// [`StoreError::VersionConflict`].
+    async fn write_row(
+        &self,
+        expected_version: Option<u64>,
+        row: &PoolRow,
+        delta: &StatsDelta,
+    ) -> Result<(), StoreError>;
+
+    /// The saved position of a projector source (e.g. a stream shard).
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError>;
+
+    /// Saves the position of a projector source.
+    async fn save_checkpoint(&self, source: &str, position: &str) -> Result<(), StoreError>;
+
+    /// Removes every row, stats shard and checkpoint (rebuild into a fresh view).
+    async fn clear(&self) -> Result<(), StoreError>;
+}
+
+/// What applying one event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Row and stats written.
+    Applied,
+    /// The row already had this version (a redelivery): nothing written.
+    AlreadyApplied,
+    /// The row is behind by more than one version: the missing events must be applied first.
+    Gap {
+        /// The version the row has (0: no row).
+        row_version: u64,
+    },
+    /// Not a sandbox event (claims, sync): the pool view does not change.
+    Ignored,
+}
+
+/// Applies one event to the view, idempotent and order-safe (DESIGN.md §7): skip what is already
+/// applied, report a gap instead of writing past it, and write row + stats conditionally on the
+/// version read, so two projectors racing on one row cannot both apply.
+pub async fn apply_event(
+    view: &dyn ViewStore,
+    envelope: &EventEnvelope,
+) -> Result<ApplyOutcome, StoreError> {
+    let Some(sandbox_id) = sandbox_id_of(&envelope.stream_id) else {
+        return Ok(ApplyOutcome::Ignored);
+    };
+    let event = match envelope.decode() {
+        Ok(crate::model::events::BrokerEvent::Sandbox(event)) => event,
+        Ok(_) => return Ok(ApplyOutcome::Ignored),
+        Err(e) => return Err(StoreError::Corrupt(e.to_string())),
+    };
+    let row = view.load_row(sandbox_id).await?;
+    let row_version = row.as_ref().map_or(0, |r| r.version);
+    if envelope.version <= row_version {
+        return Ok(ApplyOutcome::AlreadyApplied);
+    }
+    if envelope.version > row_version + 1 {
+        return Ok(ApplyOutcome::Gap { row_version });
+    }
+    let expected = row.as_ref().map(|r| r.version);
+    let (next, delta) = project(row, envelope, &event);
+    let Some(next) = next else {
+        return Err(StoreError::Corrupt(format!(
+            "{} v{} cannot start a row",
+            envelope.stream_id, envelope.version
+        )));
+    };
+    match view.write_row(expected, &next, &delta).await {
+        Ok(()) => Ok(ApplyOutcome::Applied),
+        // Another projector instance applied this (or a later) version in between.
+        Err(StoreError::VersionConflict { .. }) => Ok(ApplyOutcome::AlreadyApplied),
+        Err(e) => Err(e),
+    }
+}
+
+/// Encodes a pagination key as an opaque URL-safe cursor.
+pub fn encode_cursor<T: Serialize>(key: &T) -> Option<String> {
+    serde_json::to_vec(key)
+        .ok()
+        .map(|bytes| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Decodes a cursor made by [`encode_cursor`]; anything else is [`StoreError::InvalidCursor`].
+pub fn decode_cursor<T: DeserializeOwned>(cursor: &str) -> Result<T, StoreError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| StoreError::InvalidCursor)?;
+    serde_json::from_slice(&bytes).map_err(|_| StoreError::InvalidCursor)
+}
+
+/// The stats shard a sandbox's counters go to: spreads 1,000 transitions/s over `shards`
+/// partition keys.
+pub fn stats_shard(sandbox_id: &str, shards: u32) -> u32 {
+    crate::model::projection::pick_for(sandbox_id, 0) % shards.max(1)
+}
+
+/// A cursor position in the admin listing (shared by adapters that page by key).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListCursor {
+    /// Sort-key value of the last row returned.
+    pub after: String,
+    /// Its sandbox id (tie-breaker).
+    pub id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cursors round-trip; garbage and foreign JSON are InvalidCursor, never a panic.
+    #[test]
+    fn cursors_are_opaque_and_checked() {
+        let c = ListCursor {
+            after: "lab-1".into(),
+            id: "1".into(),
+        };
+        let encoded = encode_cursor(&c).unwrap_or_default();
+        assert_eq!(decode_cursor::<ListCursor>(&encoded), Ok(c));
+        assert_eq!(
+            decode_cursor::<ListCursor>("not base64!"),
+            Err(StoreError::InvalidCursor)
+        );
+        let foreign = encode_cursor(&42).unwrap_or_default();
+        assert_eq!(
+            decode_cursor::<ListCursor>(&foreign),
+            Err(StoreError::InvalidCursor)
+        );
+    }
+
+    /// Shards stay in range.
+    #[test]
+    fn shard_in_range() {
+        for i in 0..100 {
+            assert!(stats_shard(&i.to_string(), 8) < 8);
+        }
+        assert_eq!(stats_shard("x", 0), 0);
+    }
+}
