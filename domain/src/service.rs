@@ -108,6 +108,8 @@ struct CandidateCache {
 struct CacheState {
     queues: HashMap<String, (Instant, VecDeque<PoolRow>)>,
     tried: HashMap<String, Instant>,
+    /// Per prefix, the last name read: the next page continues after it.
+    cursors: HashMap<String, String>,
 }
 
 /// How long a queued candidate may wait before it is considered too old to try.
@@ -125,7 +127,7 @@ impl CandidateCache {
     fn pop(&self, prefix: &str) -> Option<PoolRow> {
         let mut state = self.lock();
         let now = Instant::now();
-        let CacheState { queues, tried } = &mut *state;
+        let CacheState { queues, tried, .. } = &mut *state;
         let (filled, queue) = queues.get_mut(prefix)?;
         if now.duration_since(*filled) > CACHE_TTL {
             queue.clear();
@@ -140,6 +142,20 @@ impl CandidateCache {
         None
     }
 
+    /// Puts back a candidate that was taken but not tried against the store (the request turned
+    /// out to be a replay), so it is not excluded for nothing.
+    fn give_back(&self, prefix: &str, row: PoolRow) {
+        let mut state = self.lock();
+        state.tried.remove(&row.sandbox_id);
+        if let Some((_, queue)) = state.queues.get_mut(prefix) {
+            queue.push_front(row);
+        }
+    }
+
+    fn cursor(&self, prefix: &str) -> Option<String> {
+        self.lock().cursors.get(prefix).cloned()
+    }
+
     fn recently_tried(&self) -> usize {
         let mut state = self.lock();
         let now = Instant::now();
@@ -150,6 +166,8 @@ impl CandidateCache {
     }
 
     fn fill(&self, prefix: &str, mut rows: Vec<PoolRow>) {
+        // The last row in index order is where the next page continues.
+        let last_name = rows.last().map(|r| r.name.clone());
         rows.shuffle(&mut rand::rng());
         let mut state = self.lock();
         if state.queues.len() >= CACHE_MAX_ENTRIES {
@@ -158,7 +176,13 @@ impl CandidateCache {
         if state.tried.len() >= CACHE_MAX_ENTRIES {
             state.tried.clear();
         }
-        let CacheState { queues, tried } = &mut *state;
+        if state.cursors.len() >= CACHE_MAX_ENTRIES {
+            state.cursors.clear();
+        }
+        if let Some(last) = last_name {
+            state.cursors.insert(prefix.to_string(), last);
+        }
+        let CacheState { queues, tried, .. } = &mut *state;
         let fresh = rows
             .into_iter()
             .filter(|r| !tried.contains_key(&r.sandbox_id))
@@ -314,11 +338,17 @@ impl Broker {
                     Ok(events) => events,
                     Err(_) => continue,
                 };
-                let grant = claim.decide(ClaimCommand::Grant {
+                let grant = match claim.decide(ClaimCommand::Grant {
                     caller: caller.clone(),
                     idempotency_key: key.clone(),
                     sandbox_id: row.sandbox_id.clone(),
-                })?;
+                }) {
+                    Ok(grant) => grant,
+                    Err(e) => {
+                        self.cache.give_back(prefix.as_deref().unwrap_or(""), row);
+                        return Err(e.into());
+                    }
+                };
                 let sandbox_stream_id = sandbox_stream(&row.sandbox_id);
                 let mut batch = envelopes(&sandbox_stream_id, state.version, &events, meta, now);
                 batch.extend(envelopes(&claim_id, claim.version, &grant, meta, now));
@@ -335,6 +365,8 @@ impl Broker {
                         });
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {
+                        // A concurrent duplicate holds the claim now; this candidate is untouched.
+                        self.cache.give_back(prefix.as_deref().unwrap_or(""), row);
                         continue 'claim;
                     }
                     Err(StoreError::VersionConflict { .. }) => {
@@ -369,6 +401,7 @@ impl Broker {
             let query = CandidateQuery {
                 prefix: prefix.map(str::to_string),
                 start_pick: rand::random(),
+                after_name: prefix.and_then(|_| self.cache.cursor(cache_key)),
                 limit,
             };
             let rows = self.view.candidates(&query).await?;

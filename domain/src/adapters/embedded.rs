@@ -1,1 +1,748 @@
-//! embedded (todo)
+//! The embedded adapter: events, view, stats and checkpoints in one SQLite file (or in memory),
+//! with the same semantics as the DynamoDB adapter — conditional appends keyed by
+//! (stream, version), atomic multi-stream batches, version-conditioned view writes — plus a global
+//! log position that the in-process projector tails.
+//!
+//! One connection behind a mutex serialises writers; blocking work runs on tokio's blocking pool
+//! so request tasks never stall the runtime.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::Notify;
+
+use crate::model::events::EventEnvelope;
+use crate::model::lifecycle::SandboxStatus;
+use crate::model::projection::{PoolRow, PoolStats, StatsDelta};
+use crate::store::{
+    decode_cursor, encode_cursor, stats_shard, CandidateQuery, EventPage, EventStore, ListCursor,
+    ListFilter, PoolView, RowPage, StoreError, ViewStore, MAX_TRANSACTION_ITEMS,
+};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    event_id       TEXT    NOT NULL,
+    occurred_at    TEXT    NOT NULL,
+    actor          TEXT    NOT NULL,
+    request_id     TEXT,
+    correlation_id TEXT,
+    payload        TEXT    NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (occurred_at, event_id);
+CREATE TABLE IF NOT EXISTS pool (
+    sandbox_id   TEXT PRIMARY KEY,
+    status       TEXT    NOT NULL,
+    name         TEXT    NOT NULL,
+    owner        TEXT,
+    allocated_at INTEGER,
+    due_at       INTEGER,
+    pick         INTEGER NOT NULL,
+    version      INTEGER NOT NULL,
+    row          TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pool_by_status_pick ON pool (status, pick);
+CREATE INDEX IF NOT EXISTS pool_by_status_name ON pool (status, name, sandbox_id);
+CREATE INDEX IF NOT EXISTS pool_by_owner ON pool (owner, allocated_at);
+CREATE INDEX IF NOT EXISTS pool_by_status_expiry ON pool (status, due_at, sandbox_id);
+CREATE TABLE IF NOT EXISTS stats (
+    shard  INTEGER NOT NULL,
+    status TEXT    NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (shard, status)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source   TEXT PRIMARY KEY,
+    position TEXT NOT NULL
+);
+";
+
+/// Events, view and stats in one local SQLite database. Cheap to clone (shared connection).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    stats_shards: u32,
+    appended: Notify,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("stats_shards", &self.inner.stats_shards)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("sqlite: {e}"))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub fn open(path: &Path, stats_shards: u32) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path).map_err(db_err)?;
+        Self::init(conn, stats_shards)
+    }
+
+    /// A private in-memory database (tests, benchmarks).
+    pub fn open_in_memory(stats_shards: u32) -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(db_err)?, stats_shards)
+    }
+
+    fn init(conn: Connection, stats_shards: u32) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                stats_shards: stats_shards.max(1),
+                appended: Notify::new(),
+            }),
+        })
+    }
+
+    fn lock(inner: &Inner) -> MutexGuard<'_, Connection> {
+        inner.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, u32) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = Self::lock(&inner);
+            f(&mut conn, inner.stats_shards)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("blocking task: {e}")))?
+    }
+
+    /// Events after global log position `after`, in append order, with their positions: what the
+    /// in-process projector tails.
+    pub async fn read_log(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, EventEnvelope)>, StoreError> {
+        self.with_conn(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT position, {EVENT_COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after as i64, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, event_from_row(r, 1)))
+                })
+                .map_err(db_err)?;
+            rows.map(|r| {
+                let (pos, env) = r.map_err(db_err)?;
+                Ok((pos, env?))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// The newest log position (0 when empty).
+    pub async fn log_head(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn, _| {
+            conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|p| p as u64)
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    /// A future that resolves after the next successful append. Call `enable()` on it before
+    /// reading the log, so an append that lands during the read still wakes the caller.
+    pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.appended.notified()
+    }
+}
+
+const EVENT_COLUMNS: &str = "stream_id, version, event_type, schema_version, event_id, occurred_at, actor, request_id, correlation_id, payload";
+
+fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> Result<EventEnvelope, StoreError> {
+    let get_s = |i: usize| r.get::<_, String>(at + i).map_err(db_err);
+    let event_id = uuid::Uuid::parse_str(&get_s(4)?).map_err(corrupt)?;
+    let occurred_at = DateTime::parse_from_rfc3339(&get_s(5)?)
+        .map_err(corrupt)?
+        .with_timezone(&Utc);
+    let payload = serde_json::from_str(&get_s(9)?).map_err(corrupt)?;
+    Ok(EventEnvelope {
+        stream_id: get_s(0)?,
+        version: r.get::<_, i64>(at + 1).map_err(db_err)? as u64,
+        event_type: get_s(2)?,
+        schema_version: r.get::<_, i64>(at + 3).map_err(db_err)? as u32,
+        event_id,
+        occurred_at,
+        actor: get_s(6)?,
+        request_id: r.get(at + 7).map_err(db_err)?,
+        correlation_id: r.get(at + 8).map_err(db_err)?,
+        payload,
+    })
+}
+
+/// Checks a batch before any write: size limit, and versions consecutive (≥ 1) per stream.
+/// Returns the first version each stream's part of the batch expects to take.
+pub fn validate_batch(events: &[EventEnvelope]) -> Result<Vec<(String, u64)>, StoreError> {
+    if events.len() > MAX_TRANSACTION_ITEMS {
+        return Err(StoreError::TooManyItems(events.len()));
+    }
+    let mut firsts: Vec<(String, u64, u64)> = Vec::new();
+    for e in events {
+        if e.version == 0 {
+            return Err(StoreError::InvalidAppend(format!(
+                "{}: versions start at 1",
+                e.stream_id
+            )));
+        }
+        match firsts.iter_mut().find(|(s, _, _)| *s == e.stream_id) {
+            Some((_, _, last)) if e.version == *last + 1 => *last = e.version,
+            Some(_) => {
+                return Err(StoreError::InvalidAppend(format!(
+                    "{}: versions in a batch must be consecutive",
+                    e.stream_id
+                )))
+            }
+            None => firsts.push((e.stream_id.clone(), e.version, e.version)),
+        }
+    }
+    Ok(firsts.into_iter().map(|(s, first, _)| (s, first)).collect())
+}
+
+fn ms(at: &Option<DateTime<Utc>>) -> Option<i64> {
+    at.map(|t| t.timestamp_millis())
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    async fn load_after(
+        &self,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let stream_id = stream_id.to_string();
+        self.with_conn(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ?1 AND version > ?2 ORDER BY version"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![stream_id, after as i64], |r| Ok(event_from_row(r, 0)))
+                .map_err(db_err)?;
+            rows.map(|r| r.map_err(db_err)?).collect()
+        })
+        .await
+    }
+
+    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
+        let stream_id = stream_id.to_string();
+        self.with_conn(move |conn, _| {
+            conn.query_row(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ?1 ORDER BY version DESC LIMIT 1"
+                ),
+                params![stream_id],
+                |r| Ok(event_from_row(r, 0)),
+            )
+            .optional()
+            .map_err(db_err)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let firsts = validate_batch(&events)?;
+        self.with_conn(move |conn, _| {
+            // IMMEDIATE takes the write lock up front, so the version checks below and the
+            // inserts see the same state: a check that passes cannot be invalidated before commit.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            for (stream_id, first) in &firsts {
+                let current: i64 = tx
+                    .query_row(
+                        "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1",
+                        params![stream_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                if current as u64 + 1 != *first {
+                    // Dropping the transaction rolls back: nothing of the batch is visible.
+                    return Err(StoreError::VersionConflict {
+                        stream_id: stream_id.clone(),
+                    });
+                }
+            }
+            {
+                let mut insert = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                    ))
+                    .map_err(db_err)?;
+                for e in &events {
+                    insert
+                        .execute(params![
+                            e.stream_id,
+                            e.version as i64,
+                            e.event_type,
+                            e.schema_version as i64,
+                            e.event_id.to_string(),
+                            crate::model::events::format_time(&e.occurred_at),
+                            e.actor,
+                            e.request_id,
+                            e.correlation_id,
+                            e.payload.to_string(),
+                        ])
+                        .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await?;
+        self.inner.appended.notify_waiters();
+        Ok(())
+    }
+
+    async fn scan(
+        &self,
+        segment: u32,
+        _segments: u32,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        // One file, one reader: everything is in segment 0.
+        if segment != 0 {
+            return Ok(EventPage::default());
+        }
+        let after: ListCursor = match &cursor {
+            Some(c) => decode_cursor(c)?,
+            None => ListCursor {
+                after: String::new(),
+                id: "0".into(),
+            },
+        };
+        let after_version: i64 = after.id.parse().map_err(|_| StoreError::InvalidCursor)?;
+        self.with_conn(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE (stream_id, version) > (?1, ?2) ORDER BY stream_id, version LIMIT ?3"
+                ))
+                .map_err(db_err)?;
+            let events = stmt
+                .query_map(params![after.after, after_version, limit as i64], |r| {
+                    Ok(event_from_row(r, 0))
+                })
+                .map_err(db_err)?
+                .map(|r| r.map_err(db_err)?)
+                .collect::<Result<Vec<_>, _>>()?;
+            let cursor = if events.len() == limit {
+                events.last().and_then(|e| {
+                    encode_cursor(&ListCursor {
+                        after: e.stream_id.clone(),
+                        id: e.version.to_string(),
+                    })
+                })
+            } else {
+                None
+            };
+            Ok(EventPage { events, cursor })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err)
+        })
+        .await
+    }
+}
+
+fn row_from_json(raw: String) -> Result<PoolRow, StoreError> {
+    serde_json::from_str(&raw).map_err(corrupt)
+}
+
+fn query_rows(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<PoolRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let raws = stmt
+        .query_map(params, |r| r.get::<_, String>(0))
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    raws.into_iter().map(row_from_json).collect()
+}
+
+/// Upper bound of the names starting with `prefix` (UTF-8 byte order: nothing that starts with
+/// `prefix` sorts at or above `prefix` followed by U+10FFFF).
+fn prefix_end(prefix: &str) -> String {
+    format!("{prefix}\u{10FFFF}")
+}
+
+#[async_trait]
+impl PoolView for EmbeddedStore {
+    async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
+        self.load_row(sandbox_id).await
+    }
+
+    async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
+        let query = query.clone();
+        self.with_conn(move |conn, _| {
+            let available = SandboxStatus::Available.as_str();
+            let limit = query.limit as i64;
+            match &query.prefix {
+                None => {
+                    let start = query.start_pick as i64;
+                    let mut rows = query_rows(
+                        conn,
+                        "SELECT row FROM pool WHERE status = ?1 AND pick >= ?2 ORDER BY pick LIMIT ?3",
+                        &[&available, &start, &limit],
+                    )?;
+                    if rows.len() < query.limit {
+                        let rest = limit - rows.len() as i64;
+                        rows.extend(query_rows(
+                            conn,
+                            "SELECT row FROM pool WHERE status = ?1 AND pick < ?2 ORDER BY pick LIMIT ?3",
+                            &[&available, &start, &rest],
+                        )?);
+                    }
+                    Ok(rows)
+                }
+                Some(prefix) => {
+                    let end = prefix_end(prefix);
+                    let after = query.after_name.clone().unwrap_or_default();
+                    let mut rows = query_rows(
+                        conn,
+                        "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name < ?3 AND name > ?4 ORDER BY name LIMIT ?5",
+                        &[&available, prefix, &end, &after, &limit],
+                    )?;
+                    if rows.len() < query.limit && !after.is_empty() {
+                        let rest = limit - rows.len() as i64;
+                        rows.extend(query_rows(
+                            conn,
+                            "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name <= ?3 ORDER BY name LIMIT ?4",
+                            &[&available, prefix, &after, &rest],
+                        )?);
+                    }
+                    Ok(rows)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RowPage, StoreError> {
+        let after = cursor.map(decode_cursor::<ListCursor>).transpose()?;
+        let filter = filter.clone();
+        self.with_conn(move |conn, _| {
+            let mut sql = String::from("SELECT row FROM pool WHERE 1 = 1");
+            let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+            if let Some(status) = filter.status {
+                args.push(Box::new(status.as_str().to_string()));
+                sql.push_str(&format!(" AND status = ?{}", args.len()));
+            }
+            if let Some(owner) = &filter.owner {
+                args.push(Box::new(owner.clone()));
+                sql.push_str(&format!(" AND owner = ?{}", args.len()));
+            }
+            if let Some(prefix) = &filter.prefix {
+                args.push(Box::new(prefix.clone()));
+                sql.push_str(&format!(" AND name >= ?{}", args.len()));
+                args.push(Box::new(prefix_end(prefix)));
+                sql.push_str(&format!(" AND name < ?{}", args.len()));
+            }
+            if let Some(after) = &after {
+                args.push(Box::new(after.after.clone()));
+                let a = args.len();
+                args.push(Box::new(after.id.clone()));
+                sql.push_str(&format!(" AND (name, sandbox_id) > (?{a}, ?{})", args.len()));
+            }
+            args.push(Box::new(limit as i64));
+            sql.push_str(&format!(" ORDER BY name, sandbox_id LIMIT ?{}", args.len()));
+            let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+            let rows = query_rows(conn, &sql, &refs)?;
+            let cursor = if rows.len() == limit {
+                rows.last().and_then(|r| {
+                    encode_cursor(&ListCursor {
+                        after: r.name.clone(),
+                        id: r.sandbox_id.clone(),
+                    })
+                })
+            } else {
+                None
+            };
+            Ok(RowPage { rows, cursor })
+        })
+        .await
+    }
+
+    async fn due(
+        &self,
+        status: SandboxStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RowPage, StoreError> {
+        let after = cursor.map(decode_cursor::<ListCursor>).transpose()?;
+        let (after_due, after_id) = match &after {
+            Some(c) => (
+                c.after.parse::<i64>().map_err(|_| StoreError::InvalidCursor)?,
+                c.id.clone(),
+            ),
+            None => (i64::MIN, String::new()),
+        };
+        let before_ms = before.timestamp_millis();
+        self.with_conn(move |conn, _| {
+            let rows = query_rows(
+                conn,
+                "SELECT row FROM pool WHERE status = ?1 AND due_at <= ?2 AND (due_at, sandbox_id) > (?3, ?4) ORDER BY due_at, sandbox_id LIMIT ?5",
+                &[&status.as_str(), &before_ms, &after_due, &after_id, &(limit as i64)],
+            )?;
+            let cursor = if rows.len() == limit {
+                rows.last().and_then(|r| {
+                    encode_cursor(&ListCursor {
+                        after: ms(&r.due_at).unwrap_or_default().to_string(),
+                        id: r.sandbox_id.clone(),
+                    })
+                })
+            } else {
+                None
+            };
+            Ok(RowPage { rows, cursor })
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<PoolStats, StoreError> {
+        self.with_conn(|conn, _| {
+            let mut stmt = conn
+                .prepare_cached("SELECT status, SUM(count) FROM stats GROUP BY status")
+                .map_err(db_err)?;
+            let mut stats = PoolStats::default();
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db_err)?;
+            for row in rows {
+                let (status, count) = row.map_err(db_err)?;
+                let status: SandboxStatus = status.parse().map_err(corrupt)?;
+                stats.by_status[status.index()] += count;
+            }
+            Ok(stats)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ViewStore for EmbeddedStore {
+    async fn load_row(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
+        let sandbox_id = sandbox_id.to_string();
+        self.with_conn(move |conn, _| {
+            conn.query_row(
+                "SELECT row FROM pool WHERE sandbox_id = ?1",
+                params![sandbox_id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db_err)?
+            .map(row_from_json)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn write_row(
+        &self,
+        expected_version: Option<u64>,
+        row: &PoolRow,
+        delta: &StatsDelta,
+    ) -> Result<(), StoreError> {
+        let row = row.clone();
+        let delta = *delta;
+        self.with_conn(move |conn, shards| {
+            let json = serde_json::to_string(&row).map_err(corrupt)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let current: Option<i64> = tx
+                .query_row(
+                    "SELECT version FROM pool WHERE sandbox_id = ?1",
+                    params![row.sandbox_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if current.map(|v| v as u64) != expected_version {
+                return Err(StoreError::VersionConflict {
+                    stream_id: row.sandbox_id.clone(),
+                });
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO pool (sandbox_id, status, name, owner, allocated_at, due_at, pick, version, row)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    row.sandbox_id,
+                    row.status.as_str(),
+                    row.name,
+                    row.owner,
+                    ms(&row.allocated_at),
+                    ms(&row.due_at),
+                    row.pick as i64,
+                    row.version as i64,
+                    json
+                ],
+            )
+            .map_err(db_err)?;
+            let shard = stats_shard(&row.sandbox_id, shards) as i64;
+            for status in SandboxStatus::ALL {
+                let d = delta.0[status.index()];
+                if d != 0 {
+                    tx.execute(
+                        "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
+                        params![shard, status.as_str(), d],
+                    )
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
+        let source = source.to_string();
+        self.with_conn(move |conn, _| {
+            conn.query_row(
+                "SELECT position FROM checkpoints WHERE source = ?1",
+                params![source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn save_checkpoint(&self, source: &str, position: &str) -> Result<(), StoreError> {
+        let (source, position) = (source.to_string(), position.to_string());
+        self.with_conn(move |conn, _| {
+            conn.execute(
+                "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                params![source, position],
+            )
+            .map(|_| ())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            conn.execute_batch("DELETE FROM pool; DELETE FROM stats; DELETE FROM checkpoints;")
+                .map_err(db_err)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::events::{Actor, CommandMeta};
+    use crate::model::events::SyncEvent;
+
+    fn env(stream: &str, version: u64) -> EventEnvelope {
+        let meta = CommandMeta {
+            actor: Actor::Admin,
+            request_id: None,
+            correlation_id: None,
+        };
+        EventEnvelope::new(
+            stream,
+            version,
+            &SyncEvent::ListingRecorded {
+                listed: 1,
+                missing: vec![],
+            },
+            &meta,
+            Utc::now(),
+        )
+    }
+
+    /// Batches with gaps, zero versions or over 100 items are refused before touching storage.
+    #[test]
+    fn batch_validation() {
+        assert!(validate_batch(&[env("a", 1), env("a", 2), env("b", 4)]).is_ok());
+        assert!(matches!(
+            validate_batch(&[env("a", 1), env("a", 3)]),
+            Err(StoreError::InvalidAppend(_))
+        ));
+        assert!(matches!(
+            validate_batch(&[env("a", 0)]),
+            Err(StoreError::InvalidAppend(_))
+        ));
+        let many: Vec<_> = (1..=101).map(|v| env("a", v)).collect();
+        assert_eq!(validate_batch(&many), Err(StoreError::TooManyItems(101)));
+    }
+
+    /// The log tail sees appends in order with increasing positions.
+    #[tokio::test]
+    async fn log_positions_increase() -> Result<(), StoreError> {
+        let store = EmbeddedStore::open_in_memory(2)?;
+        store.append(vec![env("sync#csp", 1)]).await?;
+        store.append(vec![env("sync#csp", 2)]).await?;
+        let log = store.read_log(0, 10).await?;
+        assert_eq!(log.len(), 2);
+        assert!(log[0].0 < log[1].0);
+        assert_eq!(store.read_log(log[0].0, 10).await?.len(), 1);
+        assert_eq!(store.log_head().await?, log[1].0);
+        Ok(())
+    }
+}

@@ -1,3 +1,4 @@
 //! Implementations of the storage ports.
 
+pub mod dynamo;
 pub mod embedded;

@@ -112,8 +112,12 @@ pub struct RowPage {
 pub struct CandidateQuery {
     /// Only names starting with this (exact `begins_with`), if any.
     pub prefix: Option<String>,
-    /// Random start on the `pick` axis; the query wraps around below it.
+    /// Random start on the `pick` axis (no prefix); the query wraps around below it.
     pub start_pick: u32,
+    /// With a prefix: continue after this name (the last one the caller saw), wrapping to the
+    /// start of the prefix's range — so successive pages walk the whole range instead of
+    /// re-reading its first rows.
+    pub after_name: Option<String>,
     /// How many rows at most.
     pub limit: usize,
 }
@@ -125,8 +129,8 @@ pub trait PoolView: Send + Sync + 'static {
     async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError>;
 
     /// Available rows for allocation: without a prefix, from `start_pick` upwards on the
-    /// `by-status-pick` index, wrapping to the bottom; with a prefix, from the `by-status-name`
-    /// index's `begins_with(prefix)` range starting at a position derived from `start_pick`.
+    /// `by-status-pick` index, wrapping to the bottom; with a prefix, the `by-status-name` index's
+    /// range of names starting with `prefix`, after `after_name` and wrapping to its start.
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError>;
 
     /// The admin listing, paged with an opaque cursor.

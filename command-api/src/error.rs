@@ -1,0 +1,266 @@
+//! One error type for every failure the API answers, rendered as the contract's envelope
+//! `{"detail":{"code","message","request_id",…}}`. Handlers return `Result<_, ApiError>`; the
+//! edge middleware stamps the request id so the body's `request_id` equals `X-Request-ID`, and
+//! turns any other error response (unknown route, wrong method, timeout, oversized body) into the
+//! same envelope.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use domain::store::StoreError;
+use domain::{BrokerError, DomainError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The error envelope's inner object.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable code, e.g. `NOT_SANDBOX_OWNER`.
+    pub code: String,
+    /// Human-readable message (never names another caller, never leaks a 5xx cause).
+    pub message: String,
+    /// Equals the `X-Request-ID` response header.
+    pub request_id: String,
+    /// Seconds to wait (409 no sandboxes, 429, 503).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// Per-field problems of a validation error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldProblem>>,
+}
+
+/// One problem in a validation error.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FieldProblem {
+    /// Where: `header`, `query`, `path`.
+    pub location: String,
+    /// Which field.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The error envelope every error response carries.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub detail: ErrorDetail,
+}
+
+/// An API failure.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Contract code.
+    pub code: &'static str,
+    /// Message for the client.
+    pub message: String,
+    /// Seconds to wait, where it applies.
+    pub retry_after: Option<u64>,
+    /// Field problems, for validation errors.
+    pub details: Option<Vec<FieldProblem>>,
+    /// The cause of a 5xx, logged (with the request id) and never returned.
+    pub cause: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            details: None,
+            cause: None,
+        }
+    }
+
+    /// 400 VALIDATION_ERROR for one field.
+    pub fn validation(location: &str, field: &str, problem: impl Into<String>) -> Self {
+        let problem = problem.into();
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "VALIDATION_ERROR",
+            format!("invalid {location} parameter '{field}': {problem}"),
+        );
+        e.details = Some(vec![FieldProblem {
+            location: location.into(),
+            field: field.into(),
+            problem,
+        }]);
+        e
+    }
+
+    /// 400 MISSING_SANDBOX_ID.
+    pub fn missing_sandbox_id() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "MISSING_SANDBOX_ID",
+            "Either X-Instruqt-Sandbox-ID or X-Track-ID header is required",
+        )
+    }
+
+    /// 401 UNAUTHORIZED.
+    pub fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+    }
+
+    /// 403 FORBIDDEN.
+    pub fn forbidden(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message)
+    }
+
+    /// 403 NOT_SANDBOX_OWNER (never names the owner).
+    pub fn not_owner(sandbox_id: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "NOT_SANDBOX_OWNER",
+            format!("Sandbox {sandbox_id} is not allocated to this caller"),
+        )
+    }
+
+    /// 404 SANDBOX_NOT_FOUND.
+    pub fn sandbox_not_found(sandbox_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "SANDBOX_NOT_FOUND",
+            format!("Sandbox {sandbox_id} not found"),
+        )
+    }
+
+    /// 409 NO_SANDBOXES_AVAILABLE.
+    pub fn no_sandboxes(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::CONFLICT,
+            "NO_SANDBOXES_AVAILABLE",
+            "No sandboxes available in pool",
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 409 INVALID_STATE: the sandbox's status does not allow the operation.
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "INVALID_STATE", message)
+    }
+
+    /// 429 RATE_LIMIT_EXCEEDED.
+    pub fn rate_limited(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            "Rate limit exceeded",
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 503 SERVICE_UNAVAILABLE.
+    pub fn unavailable(cause: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVICE_UNAVAILABLE",
+            "The store is unavailable; retry later",
+        );
+        e.retry_after = Some(5);
+        e.cause = Some(cause.into());
+        e
+    }
+
+    /// 500 INTERNAL_ERROR; the cause is logged, never returned.
+    pub fn internal(cause: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            "An unexpected error occurred",
+        );
+        e.cause = Some(cause.into());
+        e
+    }
+
+    /// The envelope for an error response produced outside a handler (router, layers).
+    pub fn from_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::NOT_FOUND => Self::new(status, "NOT_FOUND", "No such route"),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                Self::new(status, "METHOD_NOT_ALLOWED", "Method not allowed on this route")
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::new(status, "PAYLOAD_TOO_LARGE", "Request body too large")
+            }
+            StatusCode::REQUEST_TIMEOUT => Self::new(status, "REQUEST_TIMEOUT", "Request timed out"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                Self::new(status, "VALIDATION_ERROR", "Unsupported media type")
+            }
+            s if s.is_server_error() => Self::internal(format!("status {s} without detail")),
+            s => Self::new(
+                s,
+                "VALIDATION_ERROR",
+                s.canonical_reason().unwrap_or("Bad request").to_string(),
+            ),
+        }
+    }
+
+    /// The body with `request_id` filled in.
+    pub fn body(&self, request_id: &str) -> ErrorBody {
+        ErrorBody {
+            detail: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                request_id: request_id.to_string(),
+                retry_after: self.retry_after,
+                details: self.details.clone(),
+            },
+        }
+    }
+
+    /// Renders the full response (status, `Retry-After`, JSON envelope).
+    pub fn render(&self, request_id: &str) -> Response {
+        let mut response = (self.status, axum::Json(self.body(request_id))).into_response();
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert("retry-after", v);
+            }
+        }
+        response.extensions_mut().insert(self.clone());
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// Rendered without the request id; the edge middleware re-renders with it.
+    fn into_response(self) -> Response {
+        self.render("")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InvalidCursor => ApiError::validation("query", "cursor", "invalid cursor"),
+            StoreError::Unavailable(cause) => ApiError::unavailable(cause),
+            // A conflict that survived the command's retries: the caller may simply retry.
+            StoreError::VersionConflict { stream_id } => {
+                ApiError::unavailable(format!("persistent version conflict on {stream_id}"))
+            }
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// Maps a broker error for an operation on `sandbox_id`.
+    pub fn from_broker(e: BrokerError, sandbox_id: &str) -> Self {
+        match e {
+            BrokerError::Domain(DomainError::NotFound) => ApiError::sandbox_not_found(sandbox_id),
+            BrokerError::Domain(DomainError::NotOwner) => ApiError::not_owner(sandbox_id),
+            BrokerError::Domain(d @ DomainError::InvalidTransition { .. }) => {
+                ApiError::invalid_state(d.to_string())
+            }
+            BrokerError::Domain(d) => ApiError::invalid_state(d.to_string()),
+            BrokerError::Store(s) => s.into(),
+            BrokerError::NoSandboxAvailable { retry_after_s } => ApiError::no_sandboxes(retry_after_s),
+            BrokerError::InvalidInput(id) => ApiError::validation("header", "id", id.to_string()),
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Admin endpoints: listing, stats, history, job runs, quarantine retry, bulk removal.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use domain::model::sandbox::SandboxCommand;
+use domain::store::ListFilter;
+use domain::{Actor, CommandMeta, EventEnvelope, PoolRow, SandboxStatus};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::edge::RequestId;
+use crate::error::{ApiError, ErrorBody};
+use crate::routes::sandboxes::path_id;
+use crate::state::SharedState;
+
+/// A sandbox as operators see it (from the view).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminSandbox {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// CSP name.
+    pub name: String,
+    /// CSP account path.
+    pub external_id: String,
+    /// Status.
+    pub status: String,
+    /// Current or most recent owner.
+    pub allocated_to_track: Option<String>,
+    /// Epoch seconds.
+    pub allocated_at: Option<i64>,
+    /// Epoch seconds.
+    pub expires_at: Option<i64>,
+    /// Lab slug.
+    pub track_name: Option<String>,
+    /// Salesforce account id.
+    pub sfdc_account_id: Option<String>,
+    /// Epoch seconds.
+    pub deletion_requested_at: Option<i64>,
+    /// Failed delete attempts.
+    pub deletion_attempts: u32,
+    /// Last delete error.
+    pub last_error: Option<String>,
+    /// Last event version applied.
+    pub version: u64,
+}
+
+impl From<PoolRow> for AdminSandbox {
+    fn from(r: PoolRow) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id,
+            name: r.name,
+            external_id: r.external_id,
+            status: r.status.as_str().to_string(),
+            allocated_to_track: r.owner,
+            allocated_at: r.allocated_at.map(|t| t.timestamp()),
+            expires_at: r.expires_at.map(|t| t.timestamp()),
+            track_name: r.track_name,
+            sfdc_account_id: r.sfdc_account_id,
+            deletion_requested_at: r.deletion_requested_at.map(|t| t.timestamp()),
+            deletion_attempts: r.attempts,
+            last_error: r.last_error,
+            version: r.version,
+        }
+    }
+}
+
+/// A page of the listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListResponse {
+    /// The rows.
+    pub sandboxes: Vec<AdminSandbox>,
+    /// Rows on this page.
+    pub count: usize,
+    /// Cursor of the next page, `null` at the end.
+    pub cursor: Option<String>,
+}
+
+/// Pool counts (O(1): the stats shards).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsResponse {
+    /// Every sandbox ever registered.
+    pub total: i64,
+    /// Allocatable.
+    pub available: i64,
+    /// Held by students.
+    pub allocated: i64,
+    /// Waiting for CSP deletion.
+    pub pending_deletion: i64,
+    /// Missing from CSP.
+    pub stale: i64,
+    /// Quarantined.
+    pub deletion_failed: i64,
+    /// Gone.
+    pub deleted: i64,
+    /// Lag of the in-process projector, ms (`null` when the projector runs elsewhere).
+    pub projector_lag_ms: Option<i64>,
+}
+
+/// A sandbox's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryResponse {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// Its events in version order, envelopes included.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<EventEnvelope>,
+}
+
+/// The admin routes (auth is layered on by the caller).
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/admin/sandboxes", get(list_sandboxes))
+        .route("/admin/stats", get(get_stats))
+        .route("/admin/sandboxes/{sandbox_id}/history", get(get_history))
+        .route("/admin/sandboxes/{sandbox_id}/retry-deletion", post(retry_deletion))
+        .route("/admin/sync", post(run_sync))
+        .route("/admin/cleanup", post(run_cleanup))
+        .route("/admin/auto-expire", post(run_auto_expire))
+        .route("/admin/auto-delete-stale", post(run_delete_stale))
+        .route("/admin/bulk-delete", post(bulk_delete))
+}
+
+fn admin_meta(request_id: &RequestId) -> CommandMeta {
+    CommandMeta {
+        actor: Actor::Admin,
+        request_id: Some(request_id.0.clone()),
+        correlation_id: None,
+    }
+}
+
+/// Only the known query parameters, each a plain string (anything else is a 400).
+fn query_params(
+    raw: &HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
+    match raw.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::validation("query", unknown, "unknown parameter")),
+        None => Ok(()),
+    }
+}
+
+fn parse_status(raw: Option<&String>) -> Result<Option<SandboxStatus>, ApiError> {
+    raw.map(|s| {
+        s.parse::<SandboxStatus>()
+            .map_err(|e| ApiError::validation("query", "status", e))
+    })
+    .transpose()
+}
+
+fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, ApiError> {
+    match raw.map(|s| s.trim()) {
+        None | Some("") => Ok(None),
+        Some(v) if v.len() > domain::model::ids::MAX_ID_BYTES => {
+            Err(ApiError::validation("query", field, "too long"))
+        }
+        Some(v) => Ok(Some(v.to_string())),
+    }
+}
+
+/// List sandboxes from the view, paged.
+#[utoipa::path(
+    get, path = "/v1/admin/sandboxes", tag = "Admin", security(("bearer" = [])),
+    params(
+        ("status" = Option<String>, Query, description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
+        ("owner" = Option<String>, Query, description = "Current or most recent owner"),
+        ("prefix" = Option<String>, Query, description = "Name prefix"),
+        ("limit" = Option<u32>, Query, description = "1–100, default 50"),
+        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = ListResponse),
+        (status = 400, description = "Bad parameter or cursor", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_sandboxes(
+    State(state): State<SharedState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<ListResponse>, ApiError> {
+    query_params(&q, &["status", "owner", "prefix", "limit", "cursor"])?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => return Err(ApiError::validation("query", "limit", "must be an integer from 1 to 100")),
+        },
+    };
+    let filter = ListFilter {
+        status: parse_status(q.get("status"))?,
+        owner: bounded_text(q.get("owner"), "owner")?,
+        prefix: bounded_text(q.get("prefix"), "prefix")?,
+    };
+    let cursor = bounded_text(q.get("cursor"), "cursor")?;
+    let page = state
+        .broker
+        .view()
+        .list(&filter, limit, cursor.as_deref())
+        .await?;
+    let sandboxes: Vec<AdminSandbox> = page.rows.into_iter().map(AdminSandbox::from).collect();
+    Ok(Json(ListResponse {
+        count: sandboxes.len(),
+        sandboxes,
+        cursor: page.cursor,
+    }))
+}
+
+/// Pool counts by status from the stats shards, plus the projector lag.
+#[utoipa::path(
+    get, path = "/v1/admin/stats", tag = "Admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Counts", body = StatsResponse),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsResponse>, ApiError> {
+    let stats = state.broker.view().stats().await?;
+    Ok(Json(StatsResponse {
+        total: stats.total(),
+        available: stats.get(SandboxStatus::Available),
+        allocated: stats.get(SandboxStatus::Allocated),
+        pending_deletion: stats.get(SandboxStatus::PendingDeletion),
+        stale: stats.get(SandboxStatus::Stale),
+        deletion_failed: stats.get(SandboxStatus::DeletionFailed),
+        deleted: stats.get(SandboxStatus::Deleted),
+        projector_lag_ms: state.projector_metrics.as_ref().map(|m| m.last_lag_ms()),
+    }))
+}
+
+/// A sandbox's events in version order.
+#[utoipa::path(
+    get, path = "/v1/admin/sandboxes/{sandbox_id}/history", tag = "Admin", security(("bearer" = [])),
+    params(("sandbox_id" = String, Path, description = "Broker id")),
+    responses(
+        (status = 200, description = "History", body = HistoryResponse),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_history(
+    State(state): State<SharedState>,
+    Path(sandbox_id): Path<String>,
+) -> Result<Json<HistoryResponse>, ApiError> {
+    let sandbox_id = path_id(&sandbox_id)?;
+    let events = state
+        .broker
+        .history(&sandbox_id)
+        .await
+        .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
+    Ok(Json(HistoryResponse { sandbox_id, events }))
+}
+
+/// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.
+#[utoipa::path(
+    post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
+    params(("sandbox_id" = String, Path, description = "Broker id")),
+    responses(
+        (status = 200, description = "Re-queued", body = AdminSandbox),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "Not quarantined", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn retry_deletion(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(sandbox_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox = state
+        .broker
+        .execute(&sandbox_id, SandboxCommand::RetryDeletion, &admin_meta(&request_id))
+        .await
+        .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
+    Ok(Json(serde_json::json!({
+        "sandbox_id": sandbox.sandbox_id,
+        "status": sandbox.status.map(|s| s.as_str()),
+        "version": sandbox.version,
+    })))
+}
+
+fn job_error(e: jobs::JobError) -> ApiError {
+    match e {
+        jobs::JobError::Store(s) => s.into(),
+        jobs::JobError::InvalidRequest(message) => ApiError::validation("query", "status", message),
+        jobs::JobError::Domain(d) => ApiError::invalid_state(d.to_string()),
+        // CSP listing failed or was cut short: nothing was marked stale; retry later.
+        other => ApiError::unavailable(other.to_string()),
+    }
+}
+
+/// Sync the pool with the CSP account list.
+#[utoipa::path(
+    post, path = "/v1/admin/sync", tag = "Admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Summary", body = Object),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "CSP or store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn run_sync(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let summary = state.jobs.sync().await.map_err(job_error)?;
+    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Delete the CSP accounts of pending sandboxes (retries, quarantine).
+#[utoipa::path(
+    post, path = "/v1/admin/cleanup", tag = "Admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Summary", body = Object),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "CSP or store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn run_cleanup(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let summary = state.jobs.cleanup().await.map_err(job_error)?;
+    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// End allocations past their lab window plus grace.
+#[utoipa::path(
+    post, path = "/v1/admin/auto-expire", tag = "Admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Summary", body = Object),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn run_auto_expire(
+    State(state): State<SharedState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let summary = state.jobs.auto_expire().await.map_err(job_error)?;
+    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Retire sandboxes stale for longer than the grace period (store only; CSP untouched).
+#[utoipa::path(
+    post, path = "/v1/admin/auto-delete-stale", tag = "Admin", security(("bearer" = [])),
+    params(("grace_period_hours" = Option<u32>, Query, description = "0–8760, default STALE_GRACE_HOURS")),
+    responses(
+        (status = 200, description = "Summary", body = Object),
+        (status = 400, description = "Bad grace period", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn run_delete_stale(
+    State(state): State<SharedState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    query_params(&q, &["grace_period_hours"])?;
+    let grace = match q.get("grace_period_hours") {
+        None => None,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(h) if (0..=8760).contains(&h) => Some(chrono::Duration::hours(h)),
+            _ => {
+                return Err(ApiError::validation(
+                    "query",
+                    "grace_period_hours",
+                    "must be an integer from 0 to 8760",
+                ))
+            }
+        },
+    };
+    let summary = state.jobs.delete_stale(grace).await.map_err(job_error)?;
+    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Retire every sandbox of one explicit status from the pool (store only). Never `allocated`.
+#[utoipa::path(
+    post, path = "/v1/admin/bulk-delete", tag = "Admin", security(("bearer" = [])),
+    params(("status" = String, Query, description = "available|stale|pending_deletion|deletion_failed (required; never allocated)")),
+    responses(
+        (status = 200, description = "Summary", body = Object),
+        (status = 400, description = "Missing, unknown or refused status", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn bulk_delete(
+    State(state): State<SharedState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    query_params(&q, &["status"])?;
+    let Some(status) = parse_status(q.get("status"))? else {
+        return Err(ApiError::validation("query", "status", "an explicit status is required"));
+    };
+    if matches!(status, SandboxStatus::Allocated | SandboxStatus::Deleted) {
+        return Err(ApiError::validation(
+            "query",
+            "status",
+            "bulk delete never touches allocated (or already deleted) sandboxes",
+        ));
+    }
+    let summary = state.jobs.bulk_delete(status).await.map_err(job_error)?;
+    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+}

@@ -1,0 +1,264 @@
+//! Track endpoints: allocate, get, mark-for-deletion (the contract of CONTRACT.md that existing
+//! track scripts use).
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use domain::model::sandbox::Sandbox;
+use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::{header_text, Caller};
+use crate::edge::RequestId;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::SharedState;
+
+/// Body of a successful allocation (201 new, 200 replay).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AllocateResponse {
+    /// Broker id of the sandbox.
+    pub sandbox_id: String,
+    /// CSP account name.
+    pub name: String,
+    /// CSP account path (`identity/accounts/<uuid>`).
+    pub external_id: String,
+    /// Epoch seconds.
+    pub allocated_at: i64,
+    /// Epoch seconds: end of the lab window.
+    pub expires_at: i64,
+    /// Salesforce account id.
+    pub sfdc_account_id: Option<String>,
+}
+
+/// A sandbox as its owner sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxResponse {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// CSP name.
+    pub name: String,
+    /// CSP account path.
+    pub external_id: String,
+    /// Status.
+    pub status: String,
+    /// The owner (always the caller here).
+    pub allocated_to_track: Option<String>,
+    /// Epoch seconds.
+    pub allocated_at: Option<i64>,
+    /// Epoch seconds.
+    pub expires_at: Option<i64>,
+    /// Lab slug.
+    pub track_name: Option<String>,
+    /// Salesforce account id.
+    pub sfdc_account_id: Option<String>,
+}
+
+/// Body of a (repeated) mark-for-deletion.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MarkResponse {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// Always `pending_deletion`: the allocation has ended.
+    pub status: String,
+    /// Epoch seconds: when the allocation ended (the first mark, or expiry).
+    pub deletion_requested_at: i64,
+}
+
+impl From<&Sandbox> for SandboxResponse {
+    fn from(s: &Sandbox) -> Self {
+        Self {
+            sandbox_id: s.sandbox_id.clone(),
+            name: s.name.clone(),
+            external_id: s.external_id.clone(),
+            status: s.status.map(|st| st.as_str().to_string()).unwrap_or_default(),
+            allocated_to_track: s.owner.clone(),
+            allocated_at: s.allocated_at.map(|t| t.timestamp()),
+            expires_at: s.expires_at.map(|t| t.timestamp()),
+            track_name: s.track_name.clone(),
+            sfdc_account_id: s.sfdc_account_id.clone(),
+        }
+    }
+}
+
+/// The track routes (auth is layered on by the caller of this function).
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/allocate", post(allocate_sandbox))
+        .route("/sandboxes/{sandbox_id}", get(get_sandbox))
+        .route(
+            "/sandboxes/{sandbox_id}/mark-for-deletion",
+            post(mark_for_deletion),
+        )
+}
+
+fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
+    CommandMeta {
+        actor: Actor::Track(caller.to_string()),
+        request_id: Some(request_id.0.clone()),
+        correlation_id: None,
+    }
+}
+
+/// Checks a path id the same way header ids are checked (400, never a 5xx or a key too long).
+pub fn path_id(raw: &str) -> Result<String, ApiError> {
+    domain::model::ids::validate_id("sandbox_id", raw)
+        .map_err(|e| ApiError::validation("path", "sandbox_id", e.to_string()))
+}
+
+/// Allocate a sandbox to the calling student.
+#[utoipa::path(
+    post, path = "/v1/allocate", tag = "Sandboxes",
+    security(("bearer" = [])),
+    params(
+        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred)"),
+        ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id"),
+        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics)"),
+        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller"),
+    ),
+    responses(
+        (status = 201, description = "Allocated", body = AllocateResponse),
+        (status = 200, description = "Idempotent replay of the live allocation", body = AllocateResponse),
+        (status = 400, description = "Missing or invalid header", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Wrong token", body = ErrorBody),
+        (status = 409, description = "No sandboxes available", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn allocate_sandbox(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
+    let started = Instant::now();
+    let bounded = |name: &'static str| -> Result<Option<String>, ApiError> {
+        match header_text(&headers, name)? {
+            Some(v) if v.is_empty() => Ok(None),
+            Some(v) => domain::model::ids::validate_id(name, &v)
+                .map(Some)
+                .map_err(|e| ApiError::validation("header", name, e.to_string())),
+            None => Ok(None),
+        }
+    };
+    let request = AllocateRequest {
+        caller: caller.0.clone(),
+        idempotency_key: bounded("idempotency-key")?,
+        track_name: bounded("x-instruqt-track-id")?,
+        name_prefix: bounded("x-sandbox-name-prefix")?,
+    };
+    let result = state
+        .broker
+        .allocate(&request, &meta(&caller.0, &request_id))
+        .await;
+    let outcome = match &result {
+        Ok(a) if a.replayed => "idempotent",
+        Ok(_) => "success",
+        Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
+        Err(_) => "error",
+    };
+    state.metrics.allocate.with_label_values(&[outcome]).inc();
+    state
+        .metrics
+        .allocation_latency
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
+    let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    state.metrics.conflicts.inc_by(allocation.conflicts as u64);
+    if allocation.replayed {
+        state.metrics.idempotent_hits.inc();
+    }
+    let s = &allocation.sandbox;
+    let body = AllocateResponse {
+        sandbox_id: s.sandbox_id.clone(),
+        name: s.name.clone(),
+        external_id: s.external_id.clone(),
+        allocated_at: s.allocated_at.map_or(0, |t| t.timestamp()),
+        expires_at: s.expires_at.map_or(0, |t| t.timestamp()),
+        sfdc_account_id: s.sfdc_account_id.clone(),
+    };
+    let status = if allocation.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(body)))
+}
+
+/// The caller's live allocation (strongly consistent).
+#[utoipa::path(
+    get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
+    security(("bearer" = [])),
+    params(("sandbox_id" = String, Path, description = "Broker id")),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxResponse),
+        (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not this caller's live allocation", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_sandbox(
+    State(state): State<SharedState>,
+    Path(sandbox_id): Path<String>,
+    caller: Caller,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox = state
+        .broker
+        .get_sandbox(&sandbox_id, &caller.0)
+        .await
+        .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
+    Ok(Json(SandboxResponse::from(&sandbox)))
+}
+
+/// End the caller's allocation; the cleanup job deletes the CSP account.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
+    security(("bearer" = [])),
+    params(("sandbox_id" = String, Path, description = "Broker id")),
+    responses(
+        (status = 200, description = "Marked (or already ended; same body)", body = MarkResponse),
+        (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "Not this caller's allocation", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn mark_for_deletion(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(sandbox_id): Path<String>,
+    caller: Caller,
+) -> Result<Json<MarkResponse>, ApiError> {
+    let sandbox_id = path_id(&sandbox_id)?;
+    let result = state
+        .broker
+        .mark_for_deletion(&sandbox_id, &caller.0, &meta(&caller.0, &request_id))
+        .await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(BrokerError::Domain(domain::DomainError::NotFound)) => "not_found",
+        Err(BrokerError::Domain(domain::DomainError::NotOwner)) => "not_owner",
+        Err(_) => "error",
+    };
+    state.metrics.marked.with_label_values(&[outcome]).inc();
+    let sandbox = result.map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
+    Ok(Json(MarkResponse {
+        sandbox_id: sandbox.sandbox_id.clone(),
+        status: "pending_deletion".into(),
+        deletion_requested_at: sandbox
+            .deletion_requested_at
+            .map_or(0, |t| t.timestamp()),
+    }))
+}

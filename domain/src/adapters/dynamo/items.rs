@@ -1,0 +1,564 @@
+//! Item shapes of the DynamoDB tables: events and pool rows to and from attribute maps, the
+//! DynamoDB-JSON stream images the projector receives, and the opaque pagination cursors built
+//! from `LastEvaluatedKey`s.
+//!
+//! Every time in a pool row is stored as epoch milliseconds (`N`), so range conditions on the
+//! indexes are numeric; optional attributes are omitted rather than stored empty, which keeps the
+//! `by-owner` and `by-status-expiry` indexes sparse.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::events::{format_time, EventEnvelope};
+use crate::model::lifecycle::SandboxStatus;
+use crate::model::projection::PoolRow;
+use crate::store::{decode_cursor, encode_cursor, StoreError};
+
+/// One DynamoDB item (or key): attribute name → value.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// Attribute names of the event table.
+pub(crate) mod event_attr {
+    pub const STREAM_ID: &str = "stream_id";
+    pub const VERSION: &str = "version";
+    pub const EVENT_TYPE: &str = "event_type";
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    pub const EVENT_ID: &str = "event_id";
+    pub const OCCURRED_AT: &str = "occurred_at";
+    pub const ACTOR: &str = "actor";
+    pub const REQUEST_ID: &str = "request_id";
+    pub const CORRELATION_ID: &str = "correlation_id";
+    pub const PAYLOAD: &str = "payload";
+    pub const TIME_BUCKET: &str = "time_bucket";
+    pub const OCCURRED_KEY: &str = "occurred_key";
+}
+
+/// Attribute names of the pool table (and its indexes).
+pub(crate) mod pool_attr {
+    pub const SANDBOX_ID: &str = "sandbox_id";
+    pub const STATUS: &str = "status";
+    pub const NAME: &str = "name";
+    pub const EXTERNAL_ID: &str = "external_id";
+    pub const SFDC_ACCOUNT_ID: &str = "sfdc_account_id";
+    pub const OWNER: &str = "owner";
+    pub const TRACK_NAME: &str = "track_name";
+    pub const ALLOCATED_AT: &str = "allocated_at";
+    pub const EXPIRES_AT: &str = "expires_at";
+    pub const DELETION_REQUESTED_AT: &str = "deletion_requested_at";
+    pub const ATTEMPTS: &str = "attempts";
+    pub const LAST_ERROR: &str = "last_error";
+    pub const DUE_AT: &str = "due_at";
+    pub const PICK: &str = "pick";
+    pub const VERSION: &str = "version";
+    pub const UPDATED_AT: &str = "updated_at";
+}
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {detail}"))
+}
+
+fn get_s<'a>(item: &'a Item, name: &str) -> Result<&'a str, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Ok(v),
+        Some(_) => Err(corrupt(name, "expected a string (S)")),
+        None => Err(corrupt(name, "missing")),
+    }
+}
+
+fn get_opt_s(item: &Item, name: &str) -> Result<Option<String>, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Ok(Some(v.clone())),
+        Some(AttributeValue::Null(_)) | None => Ok(None),
+        Some(_) => Err(corrupt(name, "expected a string (S)")),
+    }
+}
+
+fn get_opt_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<Option<T>, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().map(Some).map_err(|e| corrupt(name, e)),
+        Some(AttributeValue::Null(_)) | None => Ok(None),
+        Some(_) => Err(corrupt(name, "expected a number (N)")),
+    }
+}
+
+fn get_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    get_opt_n(item, name)?.ok_or_else(|| corrupt(name, "missing"))
+}
+
+fn millis(at: &DateTime<Utc>) -> AttributeValue {
+    n(at.timestamp_millis())
+}
+
+fn time_from_millis(name: &str, ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| corrupt(name, "time out of range"))
+}
+
+fn get_opt_time(item: &Item, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    get_opt_n::<i64>(item, name)?
+        .map(|ms| time_from_millis(name, ms))
+        .transpose()
+}
+
+/// The `by-time` index's hash key: the hour an event occurred in, `YYYY-MM-DDTHH` (UTC). An
+/// auditor reads one hour's events with a single query instead of scanning the table.
+pub fn time_bucket(at: &DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H").to_string()
+}
+
+/// The event item written for `envelope`: the envelope's fields, the payload as JSON text, and
+/// the `by-time` index keys (`time_bucket`, `occurred_key` = `{occurred_at}#{event_id}`, unique
+/// and time-ordered within the hour).
+pub fn envelope_to_item(envelope: &EventEnvelope) -> Item {
+    use event_attr::*;
+    let occurred_at = format_time(&envelope.occurred_at);
+    let mut item = Item::with_capacity(12);
+    item.insert(STREAM_ID.into(), s(&envelope.stream_id));
+    item.insert(VERSION.into(), n(envelope.version));
+    item.insert(EVENT_TYPE.into(), s(&envelope.event_type));
+    item.insert(SCHEMA_VERSION.into(), n(envelope.schema_version));
+    item.insert(EVENT_ID.into(), s(envelope.event_id.to_string()));
+    item.insert(
+        OCCURRED_KEY.into(),
+        s(format!("{occurred_at}#{}", envelope.event_id)),
+    );
+    item.insert(TIME_BUCKET.into(), s(time_bucket(&envelope.occurred_at)));
+    item.insert(OCCURRED_AT.into(), s(occurred_at));
+    item.insert(ACTOR.into(), s(&envelope.actor));
+    if let Some(request_id) = &envelope.request_id {
+        item.insert(REQUEST_ID.into(), s(request_id));
+    }
+    if let Some(correlation_id) = &envelope.correlation_id {
+        item.insert(CORRELATION_ID.into(), s(correlation_id));
+    }
+    item.insert(PAYLOAD.into(), s(envelope.payload.to_string()));
+    item
+}
+
+/// Reads an event item (from the table, or a stream image converted to attribute values) back
+/// into its envelope; a missing or mistyped attribute is [`StoreError::Corrupt`].
+pub fn envelope_from_item(item: &Item) -> Result<EventEnvelope, StoreError> {
+    use event_attr::*;
+    let event_id = get_s(item, EVENT_ID)?;
+    let occurred_at = get_s(item, OCCURRED_AT)?;
+    let payload = get_s(item, PAYLOAD)?;
+    Ok(EventEnvelope {
+        stream_id: get_s(item, STREAM_ID)?.to_string(),
+        version: get_n(item, VERSION)?,
+        event_type: get_s(item, EVENT_TYPE)?.to_string(),
+        schema_version: get_n(item, SCHEMA_VERSION)?,
+        event_id: uuid::Uuid::parse_str(event_id).map_err(|e| corrupt(EVENT_ID, e))?,
+        occurred_at: DateTime::parse_from_rfc3339(occurred_at)
+            .map_err(|e| corrupt(OCCURRED_AT, e))?
+            .with_timezone(&Utc),
+        actor: get_s(item, ACTOR)?.to_string(),
+        request_id: get_opt_s(item, REQUEST_ID)?,
+        correlation_id: get_opt_s(item, CORRELATION_ID)?,
+        payload: serde_json::from_str(payload).map_err(|e| corrupt(PAYLOAD, e))?,
+    })
+}
+
+/// Converts one attribute of a DynamoDB JSON image (`{"S": "…"}`, `{"N": "3"}`, …) to an
+/// attribute value. Only the scalar types the broker's items use are accepted.
+fn attribute_from_json(
+    name: &str,
+    value: &serde_json::Value,
+) -> Result<AttributeValue, StoreError> {
+    let typed = value
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.iter().next())
+        .ok_or_else(|| corrupt(name, "expected a one-key DynamoDB JSON value"))?;
+    match typed {
+        (t, serde_json::Value::String(v)) if t == "S" => Ok(AttributeValue::S(v.clone())),
+        (t, serde_json::Value::String(v)) if t == "N" => Ok(AttributeValue::N(v.clone())),
+        // Some encoders write numbers unquoted; accept them as the same number.
+        (t, serde_json::Value::Number(v)) if t == "N" => Ok(AttributeValue::N(v.to_string())),
+        (t, serde_json::Value::Bool(v)) if t == "BOOL" => Ok(AttributeValue::Bool(*v)),
+        (t, serde_json::Value::Bool(v)) if t == "NULL" => Ok(AttributeValue::Null(*v)),
+        (t, _) => Err(corrupt(
+            name,
+            format!("unsupported DynamoDB JSON type '{t}'"),
+        )),
+    }
+}
+
+/// Reads an event from a DynamoDB JSON image — the `NewImage` of a DynamoDB Streams record or of
+/// a Lambda stream event, e.g. `{"stream_id":{"S":"sandbox#1"},"version":{"N":"3"},…}`.
+pub fn envelope_from_json_image(image: &serde_json::Value) -> Result<EventEnvelope, StoreError> {
+    let map = image
+        .as_object()
+        .ok_or_else(|| corrupt("image", "expected a JSON object"))?;
+    let item = map
+        .iter()
+        .map(|(name, value)| Ok((name.clone(), attribute_from_json(name, value)?)))
+        .collect::<Result<Item, StoreError>>()?;
+    envelope_from_item(&item)
+}
+
+/// The pool item of a row. Optional strings and times are omitted when `None` (sparse indexes);
+/// an empty `name` is omitted too, because DynamoDB refuses an empty string as an index key (such
+/// a row is then absent from `by-status-name`, and reads back with an empty name).
+pub fn row_to_item(row: &PoolRow) -> Item {
+    use pool_attr::*;
+    let mut item = Item::with_capacity(16);
+    item.insert(SANDBOX_ID.into(), s(&row.sandbox_id));
+    item.insert(STATUS.into(), s(row.status.as_str()));
+    if !row.name.is_empty() {
+        item.insert(NAME.into(), s(&row.name));
+    }
+    item.insert(EXTERNAL_ID.into(), s(&row.external_id));
+    let optional_strings = [
+        (SFDC_ACCOUNT_ID, &row.sfdc_account_id),
+        (OWNER, &row.owner),
+        (TRACK_NAME, &row.track_name),
+        (LAST_ERROR, &row.last_error),
+    ];
+    for (name, value) in optional_strings {
+        if let Some(value) = value {
+            item.insert(name.into(), s(value));
+        }
+    }
+    let optional_times = [
+        (ALLOCATED_AT, &row.allocated_at),
+        (EXPIRES_AT, &row.expires_at),
+        (DELETION_REQUESTED_AT, &row.deletion_requested_at),
+        (DUE_AT, &row.due_at),
+    ];
+    for (name, value) in optional_times {
+        if let Some(at) = value {
+            item.insert(name.into(), millis(at));
+        }
+    }
+    item.insert(ATTEMPTS.into(), n(row.attempts));
+    item.insert(PICK.into(), n(row.pick));
+    item.insert(VERSION.into(), n(row.version));
+    item.insert(UPDATED_AT.into(), millis(&row.updated_at));
+    item
+}
+
+/// Reads a pool item back into its row (times at millisecond precision).
+pub fn row_from_item(item: &Item) -> Result<PoolRow, StoreError> {
+    use pool_attr::*;
+    let status: SandboxStatus = get_s(item, STATUS)?
+        .parse()
+        .map_err(|e: String| corrupt(STATUS, e))?;
+    Ok(PoolRow {
+        sandbox_id: get_s(item, SANDBOX_ID)?.to_string(),
+        status,
+        name: get_opt_s(item, NAME)?.unwrap_or_default(),
+        external_id: get_s(item, EXTERNAL_ID)?.to_string(),
+        sfdc_account_id: get_opt_s(item, SFDC_ACCOUNT_ID)?,
+        owner: get_opt_s(item, OWNER)?,
+        track_name: get_opt_s(item, TRACK_NAME)?,
+        allocated_at: get_opt_time(item, ALLOCATED_AT)?,
+        expires_at: get_opt_time(item, EXPIRES_AT)?,
+        deletion_requested_at: get_opt_time(item, DELETION_REQUESTED_AT)?,
+        attempts: get_n(item, ATTEMPTS)?,
+        last_error: get_opt_s(item, LAST_ERROR)?,
+        due_at: get_opt_time(item, DUE_AT)?,
+        pick: get_n(item, PICK)?,
+        version: get_n(item, VERSION)?,
+        updated_at: time_from_millis(UPDATED_AT, get_n(item, UPDATED_AT)?)?,
+    })
+}
+
+/// The DynamoDB type of a key attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyType {
+    /// String.
+    S,
+    /// Number.
+    N,
+}
+
+/// The attributes a `LastEvaluatedKey` has for one table or index: the index's own keys plus the
+/// table's primary key (which is what DynamoDB returns for a GSI).
+pub(crate) type KeyShape = [(&'static str, KeyType)];
+
+/// Event table key.
+pub(crate) const EVENTS_KEY: &KeyShape = &[
+    (event_attr::STREAM_ID, KeyType::S),
+    (event_attr::VERSION, KeyType::N),
+];
+/// Pool table key (a plain scan).
+pub(crate) const POOL_KEY: &KeyShape = &[(pool_attr::SANDBOX_ID, KeyType::S)];
+/// `by-status-pick` key.
+pub(crate) const BY_STATUS_PICK_KEY: &KeyShape = &[
+    (pool_attr::STATUS, KeyType::S),
+    (pool_attr::PICK, KeyType::N),
+    (pool_attr::SANDBOX_ID, KeyType::S),
+];
+/// `by-status-name` key.
+pub(crate) const BY_STATUS_NAME_KEY: &KeyShape = &[
+    (pool_attr::STATUS, KeyType::S),
+    (pool_attr::NAME, KeyType::S),
+    (pool_attr::SANDBOX_ID, KeyType::S),
+];
+/// `by-owner` key.
+pub(crate) const BY_OWNER_KEY: &KeyShape = &[
+    (pool_attr::OWNER, KeyType::S),
+    (pool_attr::ALLOCATED_AT, KeyType::N),
+    (pool_attr::SANDBOX_ID, KeyType::S),
+];
+/// `by-status-expiry` key.
+pub(crate) const BY_STATUS_EXPIRY_KEY: &KeyShape = &[
+    (pool_attr::STATUS, KeyType::S),
+    (pool_attr::DUE_AT, KeyType::N),
+    (pool_attr::SANDBOX_ID, KeyType::S),
+];
+
+/// One key attribute as a cursor carries it, e.g. `{"S":"lab-1"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum CursorValue {
+    S(String),
+    N(String),
+}
+
+/// Longest cursor accepted: a real one is a few hundred bytes; anything much longer is forged
+/// and is refused before it is decoded.
+const MAX_CURSOR_LEN: usize = 8 * 1024;
+/// DynamoDB's limit on a key attribute's size (the partition key's; sort keys allow 1,024).
+const MAX_KEY_BYTES: usize = 2048;
+
+/// Encodes a `LastEvaluatedKey` as an opaque cursor (a JSON map of typed key attributes).
+pub(crate) fn cursor_from_key(key: &Item) -> Result<String, StoreError> {
+    let map = key
+        .iter()
+        .map(|(name, value)| match value {
+            AttributeValue::S(v) => Ok((name.clone(), CursorValue::S(v.clone()))),
+            AttributeValue::N(v) => Ok((name.clone(), CursorValue::N(v.clone()))),
+            _ => Err(corrupt(name, "key attribute is neither S nor N")),
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    encode_cursor(&map).ok_or_else(|| corrupt("cursor", "cannot encode"))
+}
+
+/// Decodes a cursor into an `ExclusiveStartKey` for a query of `shape`. Anything that is not
+/// exactly such a key — other attribute names, wrong types, a non-numeric number, an empty or
+/// oversized string — is [`StoreError::InvalidCursor`], so a forged cursor never reaches DynamoDB
+/// (whose validation error would otherwise surface as a server error).
+pub(crate) fn key_from_cursor(cursor: &str, shape: &KeyShape) -> Result<Item, StoreError> {
+    if cursor.len() > MAX_CURSOR_LEN {
+        return Err(StoreError::InvalidCursor);
+    }
+    let map: BTreeMap<String, CursorValue> = decode_cursor(cursor)?;
+    if map.len() != shape.len() {
+        return Err(StoreError::InvalidCursor);
+    }
+    let mut key = Item::with_capacity(shape.len());
+    for (name, kind) in shape {
+        let value = match (map.get(*name), kind) {
+            (Some(CursorValue::S(v)), KeyType::S) if !v.is_empty() && v.len() <= MAX_KEY_BYTES => {
+                AttributeValue::S(v.clone())
+            }
+            (Some(CursorValue::N(v)), KeyType::N) if v.parse::<i128>().is_ok() => {
+                AttributeValue::N(v.clone())
+            }
+            _ => return Err(StoreError::InvalidCursor),
+        };
+        key.insert((*name).to_string(), value);
+    }
+    Ok(key)
+}
+
+/// The key attributes of `item` for a query of `shape`: a cursor that resumes right after it.
+pub(crate) fn key_of(item: &Item, shape: &KeyShape) -> Result<Item, StoreError> {
+    shape
+        .iter()
+        .map(|(name, _)| {
+            item.get(*name)
+                .map(|v| ((*name).to_string(), v.clone()))
+                .ok_or_else(|| corrupt(name, "key attribute missing from an index item"))
+        })
+        .collect()
+}
+
+/// The string value of a key attribute, if it is one.
+pub(crate) fn key_s<'a>(key: &'a Item, name: &str) -> Option<&'a str> {
+    match key.get(name) {
+        Some(AttributeValue::S(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The numeric value of a key attribute, if it is one.
+pub(crate) fn key_n(key: &Item, name: &str) -> Option<i128> {
+    match key.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::events::{truncate_to_millis, Actor, CommandMeta, SandboxEvent};
+
+    fn envelope() -> EventEnvelope {
+        let meta = CommandMeta {
+            actor: Actor::Track("stü#1/✓".into()),
+            request_id: Some("req-ü".into()),
+            correlation_id: Some("corr-1".into()),
+        };
+        EventEnvelope::new(
+            "sandbox#ü-1",
+            7,
+            &SandboxEvent::DeletionRequested {
+                caller: "stü".into(),
+                requested_at: truncate_to_millis(Utc::now()),
+            },
+            &meta,
+            Utc::now(),
+        )
+    }
+
+    fn row() -> PoolRow {
+        let at = truncate_to_millis(Utc::now());
+        PoolRow {
+            sandbox_id: "s-1".into(),
+            status: SandboxStatus::PendingDeletion,
+            name: "lab-ü".into(),
+            external_id: "identity/accounts/1".into(),
+            sfdc_account_id: Some("sf".into()),
+            owner: Some("stu".into()),
+            track_name: Some("track".into()),
+            allocated_at: Some(at),
+            expires_at: Some(at + chrono::Duration::hours(48)),
+            deletion_requested_at: Some(at),
+            attempts: 3,
+            last_error: Some("boom".into()),
+            due_at: Some(at),
+            pick: u32::MAX,
+            version: 9,
+            updated_at: at,
+        }
+    }
+
+    /// An envelope survives item conversion exactly, and the item has the documented shape.
+    #[test]
+    fn envelope_round_trips_through_an_item() -> Result<(), StoreError> {
+        let env = envelope();
+        let item = envelope_to_item(&env);
+        assert_eq!(envelope_from_item(&item)?, env);
+        let occurred = format_time(&env.occurred_at);
+        assert_eq!(key_s(&item, "occurred_at"), Some(occurred.as_str()));
+        assert_eq!(key_s(&item, "time_bucket"), Some(&occurred[..13]));
+        assert_eq!(
+            key_s(&item, "occurred_key").map(str::to_string),
+            Some(format!("{occurred}#{}", env.event_id))
+        );
+        assert_eq!(key_n(&item, "version"), Some(7));
+        let mut bare = env.clone();
+        bare.request_id = None;
+        bare.correlation_id = None;
+        let item = envelope_to_item(&bare);
+        assert!(!item.contains_key("request_id") && !item.contains_key("correlation_id"));
+        assert_eq!(envelope_from_item(&item)?, bare);
+        Ok(())
+    }
+
+    /// A stream image in DynamoDB JSON decodes to the same envelope; garbage is Corrupt.
+    #[test]
+    fn json_image_decodes() -> Result<(), StoreError> {
+        let env = envelope();
+        let image: serde_json::Map<String, serde_json::Value> = envelope_to_item(&env)
+            .into_iter()
+            .map(|(k, v)| {
+                let typed = match v {
+                    AttributeValue::S(s) => serde_json::json!({ "S": s }),
+                    AttributeValue::N(n) => serde_json::json!({ "N": n }),
+                    _ => serde_json::Value::Null,
+                };
+                (k, typed)
+            })
+            .collect();
+        assert_eq!(
+            envelope_from_json_image(&serde_json::Value::Object(image))?,
+            env
+        );
+        let broken = serde_json::json!({"stream_id": {"S": "x"}, "version": {"S": "1"}});
+        assert!(matches!(
+            envelope_from_json_image(&broken),
+            Err(StoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    /// A row survives item conversion exactly, with `None`s omitted (sparse indexes).
+    #[test]
+    fn row_round_trips_through_an_item() -> Result<(), StoreError> {
+        let full = row();
+        assert_eq!(row_from_item(&row_to_item(&full))?, full);
+        let sparse = PoolRow {
+            name: String::new(),
+            sfdc_account_id: None,
+            owner: None,
+            track_name: None,
+            allocated_at: None,
+            expires_at: None,
+            deletion_requested_at: None,
+            last_error: None,
+            due_at: None,
+            ..full
+        };
+        let item = row_to_item(&sparse);
+        for absent in ["name", "owner", "allocated_at", "due_at", "last_error"] {
+            assert!(!item.contains_key(absent), "{absent} should be omitted");
+        }
+        assert_eq!(row_from_item(&item)?, sparse);
+        Ok(())
+    }
+
+    /// Cursors round-trip for their own shape only; forged ones are InvalidCursor.
+    #[test]
+    fn cursors_are_checked_against_the_index_shape() -> Result<(), StoreError> {
+        let item = row_to_item(&row());
+        let key = key_of(&item, BY_STATUS_NAME_KEY)?;
+        let cursor = cursor_from_key(&key)?;
+        assert_eq!(key_from_cursor(&cursor, BY_STATUS_NAME_KEY)?, key);
+        for wrong in [BY_OWNER_KEY, BY_STATUS_PICK_KEY, POOL_KEY, EVENTS_KEY] {
+            assert_eq!(
+                key_from_cursor(&cursor, wrong),
+                Err(StoreError::InvalidCursor)
+            );
+        }
+        let forged = [
+            encode_cursor(
+                &serde_json::json!({"status": {"S": "available"}, "name": {"N": "x"}, "sandbox_id": {"S": "1"}}),
+            ),
+            encode_cursor(
+                &serde_json::json!({"status": {"S": ""}, "name": {"S": "x"}, "sandbox_id": {"S": "1"}}),
+            ),
+            encode_cursor(
+                &serde_json::json!({"status": {"B": "AA=="}, "name": {"S": "x"}, "sandbox_id": {"S": "1"}}),
+            ),
+            encode_cursor(&serde_json::json!([1, 2, 3])),
+            Some("%%%".to_string()),
+            Some("A".repeat(MAX_CURSOR_LEN + 1)),
+        ];
+        for cursor in forged.into_iter().flatten() {
+            assert_eq!(
+                key_from_cursor(&cursor, BY_STATUS_NAME_KEY),
+                Err(StoreError::InvalidCursor)
+            );
+        }
+        Ok(())
+    }
+}

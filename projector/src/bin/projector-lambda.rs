@@ -1,0 +1,33 @@
+//! `projector-lambda`: the projector as an AWS Lambda function on the events table's stream
+//! (built with `cargo lambda build --release -p projector --bin projector-lambda`; the handler is
+//! [`projector::lambda`]). Configuration from the environment: `TABLE_PREFIX`, `DDB_ENDPOINT_URL`,
+//! `AWS_REGION`, `STATS_SHARDS`, `DDB_MAX_RETRIES`.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use projector::cli::{init_tracing, StoreArgs};
+use projector::{Projector, ProjectorMetrics};
+
+/// The function's settings (environment only in practice; flags work for local runs).
+#[derive(Debug, Parser)]
+#[command(name = "projector-lambda", about = "Sandbox Broker projector Lambda handler")]
+struct LambdaConfig {
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    // JSON lines always: CloudWatch metric filters read $.target, $.message and $.lag_ms.
+    init_tracing(true);
+    let config = LambdaConfig::parse();
+    let store = config.store.dynamo(&config.store.table_prefix).await?;
+    // Lambda has no scrape endpoint: the lag reaches CloudWatch through the per-batch log line.
+    let projector = Projector::new(
+        Arc::new(store.clone()),
+        Arc::new(store),
+        ProjectorMetrics::unregistered(),
+    );
+    projector::lambda::run(projector).await
+}

@@ -1,0 +1,239 @@
+//! Starts the real service on 127.0.0.1 port 0 (real HTTP, the real router and middleware), over
+//! either store adapter, with a manual clock and the in-process projector.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use command_api::config::{Config, StoreKind};
+use command_api::startup::{self, Service};
+use command_api::state::SharedState;
+use domain::model::sandbox::SandboxCommand;
+use domain::{Actor, CommandMeta, ManualClock, PoolStats};
+use tokio::sync::oneshot;
+
+/// Track token of test apps.
+pub const TRACK_TOKEN: &str = "test-track-token";
+/// Admin token of test apps.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Which store a test app runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh embedded SQLite file in the temp dir.
+    Embedded,
+    /// Fresh tables on DynamoDB Local (started on demand).
+    Dynamo,
+}
+
+/// A running test service.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// A client with sane timeouts.
+    pub client: reqwest::Client,
+    /// The clock the service reads.
+    pub clock: ManualClock,
+    /// Handler state (broker, view, jobs).
+    pub state: SharedState,
+    /// The backend in use.
+    pub backend: Backend,
+    service: Option<Service>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Options for [`spawn_app_with`].
+pub struct AppOptions {
+    /// Backend.
+    pub backend: Backend,
+    /// Rate limit (rps, burst).
+    pub rate_limit: (f64, f64),
+    /// Applies further settings to the config.
+    pub configure: Box<dyn FnOnce(&mut Config) + Send>,
+}
+
+impl AppOptions {
+    /// Defaults for `backend`: generous rate limit, no demo seed, no job loops.
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            rate_limit: (100_000.0, 100_000.0),
+            configure: Box::new(|_| {}),
+        }
+    }
+}
+
+/// A service on `backend` with default test options.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(AppOptions::new(backend)).await
+}
+
+/// A service with explicit options.
+pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+    let mut config = Config::defaults();
+    config.api_token = Some(TRACK_TOKEN.into());
+    config.admin_token = Some(ADMIN_TOKEN.into());
+    config.seed_demo_pool = false;
+    config.run_jobs = Some(false);
+    config.run_projector = Some(true);
+    config.log_format = "text".into();
+    config.rate_limit_rps = options.rate_limit.0;
+    config.rate_limit_burst = options.rate_limit.1;
+    match options.backend {
+        Backend::Embedded => {
+            config.store = StoreKind::Embedded;
+            config.embedded_path = std::env::temp_dir()
+                .join(format!("broker-test-{}", uuid::Uuid::new_v4()))
+                .join("broker.db");
+        }
+        Backend::Dynamo => {
+            config.store = StoreKind::Dynamodb;
+            config.ddb_endpoint_url = Some(crate::ddb_local::endpoint().await);
+            config.table_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+            config.ensure_tables = true;
+        }
+    }
+    (options.configure)(&mut config);
+    let clock = ManualClock::new(chrono::Utc::now());
+    let service = startup::build_with(&config, Arc::new(clock.clone()), test_jobs_config())
+        .await
+        .unwrap_or_else(|e| panic!("test service did not start: {e:#}"));
+    let state = service.state.clone();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local addr: {e}"));
+    let app = command_api::app(state.clone(), Duration::from_secs(30));
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = command_api::run(app, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    TestApp {
+        url: format!("http://{addr}"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_default(),
+        clock,
+        state,
+        backend: options.backend,
+        service: Some(service),
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+/// Jobs settings for tests: mock CSP unless a test points it at the fake CSP.
+pub fn test_jobs_config() -> jobs::JobsConfig {
+    let mut config = jobs::JobsConfig::default();
+    config.csp.mode = jobs::CspMode::Mock;
+    config
+}
+
+impl TestApp {
+    /// Registers `n` sandboxes named `{prefix}-{i:04}` (ids `{prefix}-id-{i}`) and waits until
+    /// the view shows them.
+    pub async fn seed(&self, prefix: &str, n: usize) {
+        let meta = CommandMeta {
+            actor: Actor::Admin,
+            request_id: None,
+            correlation_id: Some("test-seed".into()),
+        };
+        let broker = self.state.broker.clone();
+        let before = self.stats().await.total();
+        futures::stream::iter(0..n)
+            .for_each_concurrent(16, |i| {
+                let broker = broker.clone();
+                let meta = meta.clone();
+                async move {
+                    let id = format!("{prefix}-id-{i}");
+                    broker
+                        .execute(
+                            &id,
+                            SandboxCommand::Register {
+                                sandbox_id: id.clone(),
+                                name: format!("{prefix}-{i:04}"),
+                                external_id: format!("identity/accounts/{}", uuid::Uuid::new_v4()),
+                                sfdc_account_id: Some(format!("sfdc-{i}")),
+                                csp_created_at: None,
+                            },
+                            &meta,
+                        )
+                        .await
+                        .unwrap_or_else(|e| panic!("register {id}: {e}"));
+                }
+            })
+            .await;
+        let want = before + n as i64;
+        self.wait_until(|s| s.total() >= want).await;
+    }
+
+    /// The view's stats.
+    pub async fn stats(&self) -> PoolStats {
+        self.state
+            .broker
+            .view()
+            .stats()
+            .await
+            .unwrap_or_else(|e| panic!("stats: {e}"))
+    }
+
+    /// Waits (bounded, 30 s) until the projected stats satisfy `done`.
+    pub async fn wait_until(&self, done: impl Fn(&PoolStats) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = self.stats().await;
+            if done(&stats) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("view did not converge: {stats:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// POST /v1/allocate as `caller` (X-Instruqt-Sandbox-ID).
+    pub fn allocate(&self, caller: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/allocate", self.url))
+            .bearer_auth(TRACK_TOKEN)
+            .header("X-Instruqt-Sandbox-ID", caller)
+    }
+
+    /// A track-token request.
+    pub fn track(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(TRACK_TOKEN)
+    }
+
+    /// An admin-token request.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Stops the server (draining) and the background tasks.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        if let Some(service) = self.service.take() {
+            service.stop().await;
+        }
+    }
+}
+
+use futures::StreamExt;
