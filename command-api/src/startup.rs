@@ -51,10 +51,17 @@ pub fn init_tracing(format: &str) {
     };
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The adapters a configuration selects: the ports, plus the concrete store where a source
+/// needs it (the embedded log tail, the DynamoDB stream).
+struct Stores {
+    events: Arc<dyn EventStore>,
+    view: Arc<dyn ViewStore>,
+    embedded: Option<EmbeddedStore>,
+    dynamo: Option<domain::adapters::dynamo::DynamoStore>,
 }
 
 /// Builds everything the configuration asks for and starts the background tasks; job settings
@@ -81,16 +88,21 @@ pub async fn build_with(
         bail!("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set outside the embedded dev mode (or ALLOW_DEV_TOKENS=true for local DynamoDB)");
     }
     let registry = Registry::new();
-    let (events, view, embedded, dynamo): (
-        Arc<dyn EventStore>,
-        Arc<dyn ViewStore>,
-        Option<EmbeddedStore>,
-        Option<domain::adapters::dynamo::DynamoStore>,
-    ) = match config.store {
+    let Stores {
+        events,
+        view,
+        embedded,
+        dynamo,
+    } = match config.store {
             StoreKind::Embedded => {
                 let store = EmbeddedStore::open(&config.embedded_path, config.stats_shards)
                     .with_context(|| format!("open {}", config.embedded_path.display()))?;
-                (Arc::new(store.clone()), Arc::new(store.clone()), Some(store), None)
+                Stores {
+                    events: Arc::new(store.clone()),
+                    view: Arc::new(store.clone()),
+                    embedded: Some(store),
+                    dynamo: None,
+                }
             }
             StoreKind::Dynamodb => {
                 let store = domain::adapters::dynamo::DynamoStore::connect(
@@ -108,7 +120,12 @@ pub async fn build_with(
                     store.ensure_tables().await.context("create tables")?;
                 }
                 let shared = Arc::new(store.clone());
-                (shared.clone(), shared, None, Some(store))
+                Stores {
+                    events: shared.clone(),
+                    view: shared,
+                    embedded: None,
+                    dynamo: Some(store),
+                }
             }
         };
     // Trait upcasting: the broker only reads the view.

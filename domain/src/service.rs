@@ -270,7 +270,11 @@ impl Broker {
 
     /// The caller's live allocation of `sandbox_id`, read from the sandbox's own events (strong):
     /// `NotFound` if it never existed, `NotOwner` if it is not this caller's live allocation.
-    pub async fn get_sandbox(&self, sandbox_id: &str, caller: &str) -> Result<Sandbox, BrokerError> {
+    pub async fn get_sandbox(
+        &self,
+        sandbox_id: &str,
+        caller: &str,
+    ) -> Result<Sandbox, BrokerError> {
         let sandbox = self.load_sandbox(sandbox_id).await?.sandbox;
         if sandbox.status.is_none() {
             return Err(DomainError::NotFound.into());
@@ -476,7 +480,9 @@ impl Broker {
                     }
                     return Ok(sandbox);
                 }
-                Err(StoreError::VersionConflict { .. }) if attempt < self.config.command_retries => {
+                Err(StoreError::VersionConflict { .. })
+                    if attempt < self.config.command_retries =>
+                {
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -495,9 +501,9 @@ impl Broker {
 }
 
 fn decode(envelope: &EventEnvelope) -> Result<BrokerEvent, StoreError> {
-    envelope
-        .decode()
-        .map_err(|e| StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version)))
+    envelope.decode().map_err(|e| {
+        StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version))
+    })
 }
 
 /// Wraps decided events as envelopes at the versions following `current_version`.

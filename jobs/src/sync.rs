@@ -161,6 +161,13 @@ impl Jobs {
             return Ok(None);
         }
 
+        if accounts.is_empty() && known.values().any(|s| *s == SandboxStatus::Available) {
+            // A complete yet empty listing while the pool holds available sandboxes is far more
+            // likely a CSP fault or a token with the wrong scope than every account vanishing at
+            // once: record nothing, so it can never count towards marking the pool stale.
+            tracing::warn!(target: "job", job = "sync", "CSP listed no sandbox accounts; nothing marked stale");
+            return Ok(None);
+        }
         let listed: HashSet<&str> = accounts.iter().map(|a| a.sandbox_id.as_str()).collect();
         let mut missing: Vec<String> = known
             .iter()

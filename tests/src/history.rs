@@ -54,7 +54,11 @@ impl AllocationAudit {
                 Ok(BrokerEvent::Claim(ClaimEvent::ClaimGranted {
                     caller, sandbox_id, ..
                 })) => {
-                    audit.live_claims.entry(caller).or_default().insert(sandbox_id);
+                    audit
+                        .live_claims
+                        .entry(caller)
+                        .or_default()
+                        .insert(sandbox_id);
                 }
                 Ok(BrokerEvent::Claim(ClaimEvent::ClaimReleased { sandbox_id, .. })) => {
                     for held in audit.live_claims.values_mut() {

@@ -23,7 +23,11 @@ async fn run(backend: Backend) {
             let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
             let status = resp.status();
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            (caller, status, body["sandbox_id"].as_str().map(str::to_string))
+            (
+                caller,
+                status,
+                body["sandbox_id"].as_str().map(str::to_string),
+            )
         }
     });
     let results = futures::future::join_all(requests).await;
@@ -47,7 +51,11 @@ async fn run(backend: Backend) {
     // Every sandbox went to exactly one caller, and the pool was used up.
     let handed_out: BTreeSet<&String> = got.values().flatten().collect();
     assert_eq!(handed_out.len(), 400, "statuses: {by_status:?}");
-    assert_eq!(by_status.get(&201).copied().unwrap_or(0), 400, "statuses: {by_status:?}");
+    assert_eq!(
+        by_status.get(&201).copied().unwrap_or(0),
+        400,
+        "statuses: {by_status:?}"
+    );
     assert_eq!(
         by_status.get(&409).copied().unwrap_or(0) + by_status.get(&200).copied().unwrap_or(0),
         100,
@@ -57,8 +65,16 @@ async fn run(backend: Backend) {
     // The history is the proof: replay it.
     let events = all_events(app.state.broker.events().as_ref()).await;
     let audit = AllocationAudit::replay(&events);
-    assert!(audit.double_allocations().is_empty(), "allocated twice: {:?}", audit.double_allocations());
-    assert!(audit.callers_holding_two().is_empty(), "callers with two: {:?}", audit.callers_holding_two());
+    assert!(
+        audit.double_allocations().is_empty(),
+        "allocated twice: {:?}",
+        audit.double_allocations()
+    );
+    assert!(
+        audit.callers_holding_two().is_empty(),
+        "callers with two: {:?}",
+        audit.callers_holding_two()
+    );
     assert_eq!(audit.allocations.len(), 400);
     println!("{backend:?}: statuses {by_status:?}");
     app.stop().await;

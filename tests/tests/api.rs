@@ -17,16 +17,27 @@ fn code(body: &Value) -> &str {
 }
 
 /// Asserts the error envelope: code, message, and request_id equal to the X-Request-ID header.
-fn assert_envelope(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &Value, want: StatusCode, want_code: &str) {
+fn assert_envelope(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &Value,
+    want: StatusCode,
+    want_code: &str,
+) {
     assert_eq!(status, want, "body: {body}");
     assert_eq!(code(body), want_code, "body: {body}");
-    assert!(body["detail"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["detail"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     let header_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("missing");
     assert_eq!(body["detail"]["request_id"].as_str(), Some(header_id));
-    assert_eq!(headers.get("x-content-type-options").map(|v| v.as_bytes()), Some(&b"nosniff"[..]));
+    assert_eq!(
+        headers.get("x-content-type-options").map(|v| v.as_bytes()),
+        Some(&b"nosniff"[..])
+    );
 }
 
 /// A new allocation is 201 with the reference fields; the same caller replays it as 200 with the
@@ -35,19 +46,51 @@ fn assert_envelope(status: StatusCode, headers: &reqwest::header::HeaderMap, bod
 async fn allocate_replay_and_caller_scoped_idempotency() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 5).await;
-    let (s1, _, b1) = json(app.allocate("stu-1").header("Idempotency-Key", "k").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s1, _, b1) = json(
+        app.allocate("stu-1")
+            .header("Idempotency-Key", "k")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s1, StatusCode::CREATED, "{b1}");
-    for field in ["sandbox_id", "name", "external_id", "allocated_at", "expires_at", "sfdc_account_id"] {
+    for field in [
+        "sandbox_id",
+        "name",
+        "external_id",
+        "allocated_at",
+        "expires_at",
+        "sfdc_account_id",
+    ] {
         assert!(b1.get(field).is_some(), "missing {field}: {b1}");
     }
-    let lab_secs = b1["expires_at"].as_i64().unwrap_or(0) - b1["allocated_at"].as_i64().unwrap_or(0);
+    let lab_secs =
+        b1["expires_at"].as_i64().unwrap_or(0) - b1["allocated_at"].as_i64().unwrap_or(0);
     assert_eq!(lab_secs, 48 * 3600, "one lab duration drives expires_at");
-    let (s2, _, b2) = json(app.allocate("stu-1").header("Idempotency-Key", "k").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s2, _, b2) = json(
+        app.allocate("stu-1")
+            .header("Idempotency-Key", "k")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s2, StatusCode::OK);
     assert_eq!(b1, b2, "a replay returns the same body");
-    let (s3, _, b3) = json(app.allocate("stu-2").header("Idempotency-Key", "k").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s3, _, b3) = json(
+        app.allocate("stu-2")
+            .header("Idempotency-Key", "k")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s3, StatusCode::CREATED);
-    assert_ne!(b3["sandbox_id"], b1["sandbox_id"], "keys are scoped to the caller");
+    assert_ne!(
+        b3["sandbox_id"], b1["sandbox_id"],
+        "keys are scoped to the caller"
+    );
     app.stop().await;
 }
 
@@ -57,7 +100,13 @@ async fn allocate_replay_and_caller_scoped_idempotency() {
 async fn get_sandbox_ownership() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 2).await;
-    let (_, _, alloc) = json(app.allocate("owner-1").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (_, _, alloc) = json(
+        app.allocate("owner-1")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
     let get = |caller: &str| {
         app.track(Method::GET, &format!("/v1/sandboxes/{id}"))
@@ -70,7 +119,10 @@ async fn get_sandbox_ownership() {
     assert_eq!(b["allocated_to_track"], "owner-1");
     let (s, h, b) = json(get("intruder").await.unwrap_or_else(|e| panic!("{e}"))).await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
-    assert!(!b.to_string().contains("owner-1"), "never names the owner: {b}");
+    assert!(
+        !b.to_string().contains("owner-1"),
+        "never names the owner: {b}"
+    );
     let (s, h, b) = json(
         app.track(Method::GET, "/v1/sandboxes/does-not-exist")
             .header("X-Instruqt-Sandbox-ID", "owner-1")
@@ -89,12 +141,21 @@ async fn get_sandbox_ownership() {
 async fn mark_for_deletion_lifecycle() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 3).await;
-    let (_, _, alloc) = json(app.allocate("stu").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (_, _, alloc) = json(
+        app.allocate("stu")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
     let mark = |caller: &str| {
-        app.track(Method::POST, &format!("/v1/sandboxes/{id}/mark-for-deletion"))
-            .header("X-Instruqt-Sandbox-ID", caller)
-            .send()
+        app.track(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", caller)
+        .send()
     };
     let (s, h, b) = json(mark("other").await.unwrap_or_else(|e| panic!("{e}"))).await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
@@ -105,18 +166,31 @@ async fn mark_for_deletion_lifecycle() {
     let (s, _, again) = json(mark("stu").await.unwrap_or_else(|e| panic!("{e}"))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(first, again, "a repeat returns the original body");
-    let (s, _, next) = json(app.allocate("stu").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    assert_eq!(s, StatusCode::CREATED, "the released claim allows a new allocation: {next}");
+    let (s, _, next) = json(
+        app.allocate("stu")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "the released claim allows a new allocation: {next}"
+    );
     assert_ne!(next["sandbox_id"], alloc["sandbox_id"]);
     // Past the lab window, the owner's late cleanup still succeeds.
     let late_id = next["sandbox_id"].as_str().unwrap_or_default().to_string();
     app.clock.advance(chrono::Duration::hours(72));
     let (s, _, b) = json(
-        app.track(Method::POST, &format!("/v1/sandboxes/{late_id}/mark-for-deletion"))
-            .header("X-Instruqt-Sandbox-ID", "stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
+        app.track(
+            Method::POST,
+            &format!("/v1/sandboxes/{late_id}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "stu")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}")),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{b}");
@@ -139,17 +213,45 @@ async fn exhausted_pool_and_prefixes() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab-adv", 2).await;
     app.seed("other", 2).await;
-    let (s, h, b) = json(app.allocate("p1").header("X-Sandbox-Name-Prefix", "zzz").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.allocate("p1")
+            .header("X-Sandbox-Name-Prefix", "zzz")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::CONFLICT, "NO_SANDBOXES_AVAILABLE");
     assert_eq!(b["detail"]["retry_after"], 30);
     assert_eq!(h.get("retry-after").map(|v| v.as_bytes()), Some(&b"30"[..]));
     for caller in ["p2", "p3"] {
-        let (s, _, b) = json(app.allocate(caller).header("X-Sandbox-Name-Prefix", " lab-adv ").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+        let (s, _, b) = json(
+            app.allocate(caller)
+                .header("X-Sandbox-Name-Prefix", " lab-adv ")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED);
-        assert!(b["name"].as_str().unwrap_or("").starts_with("lab-adv"), "{b}");
+        assert!(
+            b["name"].as_str().unwrap_or("").starts_with("lab-adv"),
+            "{b}"
+        );
     }
-    let (s, _, _) = json(app.allocate("p4").header("X-Sandbox-Name-Prefix", "lab-adv").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    assert_eq!(s, StatusCode::CONFLICT, "the prefix is exhausted even though others remain");
+    let (s, _, _) = json(
+        app.allocate("p4")
+            .header("X-Sandbox-Name-Prefix", "lab-adv")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "the prefix is exhausted even though others remain"
+    );
     app.stop().await;
 }
 
@@ -160,26 +262,103 @@ async fn auth_and_caller_headers() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 2).await;
     let url = format!("{}/v1/allocate", app.url);
-    let (s, h, b) = json(app.client.post(&url).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    assert_eq!(h.get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]));
-    let (s, h, b) = json(app.client.post(&url).header("Authorization", format!("Token {TRACK_TOKEN}")).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    assert_eq!(
+        h.get("www-authenticate").map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .header("Authorization", format!("Token {TRACK_TOKEN}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    let (s, h, b) = json(app.client.post(&url).bearer_auth("wrong").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    let (s, h, b) = json(app.client.post(&url).bearer_auth(ADMIN_TOKEN).header("X-Track-ID", "x").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .header("X-Track-ID", "x")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "FORBIDDEN");
-    let (s, h, b) = json(app.client.post(&url).bearer_auth(TRACK_TOKEN).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .bearer_auth(TRACK_TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "MISSING_SANDBOX_ID");
-    let (s, h, b) = json(app.client.post(&url).bearer_auth(TRACK_TOKEN).header("X-Instruqt-Sandbox-ID", "   ").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .post(&url)
+            .bearer_auth(TRACK_TOKEN)
+            .header("X-Instruqt-Sandbox-ID", "   ")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "MISSING_SANDBOX_ID");
     // A whitespace sandbox id falls back to a valid X-Track-ID (the reference answered 400).
-    let (s, _, b) = json(app.client.post(&url).bearer_auth(TRACK_TOKEN).header("X-Instruqt-Sandbox-ID", "  ").header("X-Track-ID", "legacy").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = json(
+        app.client
+            .post(&url)
+            .bearer_auth(TRACK_TOKEN)
+            .header("X-Instruqt-Sandbox-ID", "  ")
+            .header("X-Track-ID", "legacy")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     let admin = format!("{}/v1/admin/stats", app.url);
-    let (s, h, b) = json(app.client.get(&admin).bearer_auth(TRACK_TOKEN).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .get(&admin)
+            .bearer_auth(TRACK_TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "FORBIDDEN");
-    let (s, h, b) = json(app.client.get(&admin).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .get(&admin)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     app.stop().await;
 }
@@ -191,32 +370,127 @@ async fn bad_input_is_a_4xx_envelope() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 3).await;
     let long = "x".repeat(300);
-    let (s, h, b) = json(app.allocate(&long).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.allocate(&long)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h, b) = json(app.allocate("stu").header("Idempotency-Key", long.as_str()).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.allocate("stu")
+            .header("Idempotency-Key", long.as_str())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let invalid_utf8 = reqwest::header::HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap_or(reqwest::header::HeaderValue::from_static("x"));
-    let (s, h, b) = json(app.client.post(format!("{}/v1/allocate", app.url)).bearer_auth(TRACK_TOKEN).header("X-Instruqt-Sandbox-ID", invalid_utf8).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let invalid_utf8 = reqwest::header::HeaderValue::from_bytes(&[0xff, 0xfe, b'a'])
+        .unwrap_or(reqwest::header::HeaderValue::from_static("x"));
+    let (s, h, b) = json(
+        app.client
+            .post(format!("{}/v1/allocate", app.url))
+            .bearer_auth(TRACK_TOKEN)
+            .header("X-Instruqt-Sandbox-ID", invalid_utf8)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     // Unicode, '#' and '/' in a caller id are just characters.
     for caller in ["stüdent-✓", "a#b", "a/b"] {
-        let (s, _, b) = json(app.allocate(caller).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+        let (s, _, b) = json(
+            app.allocate(caller)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED, "{caller}: {b}");
     }
-    for path in ["/v1/sandboxes/a%23b", "/v1/sandboxes/a%2Fb", &format!("/v1/sandboxes/{long}")] {
-        let (s, h, b) = json(app.track(Method::GET, path).header("X-Track-ID", "stu").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    for path in [
+        "/v1/sandboxes/a%23b",
+        "/v1/sandboxes/a%2Fb",
+        &format!("/v1/sandboxes/{long}"),
+    ] {
+        let (s, h, b) = json(
+            app.track(Method::GET, path)
+                .header("X-Track-ID", "stu")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
         assert!(s.is_client_error(), "{path}: {s} {b}");
-        assert!(code(&b) == "SANDBOX_NOT_FOUND" || code(&b) == "VALIDATION_ERROR" || code(&b) == "NOT_FOUND", "{b}");
-        assert_eq!(b["detail"]["request_id"].as_str(), h.get("x-request-id").and_then(|v| v.to_str().ok()));
+        assert!(
+            code(&b) == "SANDBOX_NOT_FOUND"
+                || code(&b) == "VALIDATION_ERROR"
+                || code(&b) == "NOT_FOUND",
+            "{b}"
+        );
+        assert_eq!(
+            b["detail"]["request_id"].as_str(),
+            h.get("x-request-id").and_then(|v| v.to_str().ok())
+        );
     }
-    let (s, h, b) = json(app.client.get(format!("{}/v1/nope", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.client
+            .get(format!("{}/v1/nope", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "NOT_FOUND");
-    let (s, h, b) = json(app.track(Method::GET, "/v1/allocate").header("X-Track-ID", "x").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    assert_envelope(s, &h, &b, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
-    let (s, h, b) = json(app.allocate("big").body(vec![b'x'; 200_000]).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    assert_envelope(s, &h, &b, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
-    for query in ["cursor=garbage", "cursor=eyJ4IjoxfQ", "limit=0", "limit=101", "limit=abc", "status=bogus", "nope=1"] {
-        let (s, h, b) = json(app.admin(Method::GET, &format!("/v1/admin/sandboxes?{query}")).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = json(
+        app.track(Method::GET, "/v1/allocate")
+            .header("X-Track-ID", "x")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_envelope(
+        s,
+        &h,
+        &b,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+    );
+    let (s, h, b) = json(
+        app.allocate("big")
+            .body(vec![b'x'; 200_000])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_envelope(
+        s,
+        &h,
+        &b,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+    );
+    for query in [
+        "cursor=garbage",
+        "cursor=eyJ4IjoxfQ",
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "status=bogus",
+        "nope=1",
+    ] {
+        let (s, h, b) = json(
+            app.admin(Method::GET, &format!("/v1/admin/sandboxes?{query}"))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
         assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     }
     app.stop().await;
@@ -227,22 +501,60 @@ async fn bad_input_is_a_4xx_envelope() {
 #[tokio::test]
 async fn headers_on_every_response() {
     let app = spawn_app(Backend::Embedded).await;
-    let resp = app.client.get(format!("{}/healthz", app.url)).header("X-Request-ID", "trace-123").send().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(resp.headers().get("x-request-id").map(|v| v.as_bytes()), Some(&b"trace-123"[..]));
-    let resp = app.client.get(format!("{}/v1/admin/stats", app.url)).header("Origin", "https://lab.example").send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = app
+        .client
+        .get(format!("{}/healthz", app.url))
+        .header("X-Request-ID", "trace-123")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        resp.headers().get("x-request-id").map(|v| v.as_bytes()),
+        Some(&b"trace-123"[..])
+    );
+    let resp = app
+        .client
+        .get(format!("{}/v1/admin/stats", app.url))
+        .header("Origin", "https://lab.example")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    for h in ["x-frame-options", "strict-transport-security", "referrer-policy", "content-security-policy", "access-control-allow-origin", "access-control-expose-headers"] {
+    for h in [
+        "x-frame-options",
+        "strict-transport-security",
+        "referrer-policy",
+        "content-security-policy",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+    ] {
         assert!(resp.headers().contains_key(h), "missing {h}");
     }
-    let resp = app.client.request(Method::OPTIONS, format!("{}/v1/allocate", app.url))
+    let resp = app
+        .client
+        .request(Method::OPTIONS, format!("{}/v1/allocate", app.url))
         .header("Origin", "https://lab.example")
         .header("Access-Control-Request-Method", "POST")
-        .header("Access-Control-Request-Headers", "authorization, x-instruqt-sandbox-id")
-        .send().await.unwrap_or_else(|e| panic!("{e}"));
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, x-instruqt-sandbox-id",
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(resp.status().is_success());
-    let allow = resp.headers().get("access-control-allow-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let allow = resp
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     assert!(allow.contains("x-instruqt-sandbox-id") && allow.contains("idempotency-key"));
-    assert!(resp.headers().get("access-control-expose-headers").and_then(|v| v.to_str().ok()).unwrap_or("").contains("retry-after"));
+    assert!(resp
+        .headers()
+        .get("access-control-expose-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .contains("retry-after"));
     assert!(resp.headers().contains_key("x-request-id"));
     assert!(resp.headers().contains_key("x-content-type-options"));
     app.stop().await;
@@ -256,21 +568,56 @@ async fn rate_limit_per_caller() {
     let app = spawn_app_with(options).await;
     let mut statuses = vec![];
     for _ in 0..5 {
-        let resp = app.track(Method::GET, "/v1/sandboxes/x").header("X-Track-ID", "busy").send().await.unwrap_or_else(|e| panic!("{e}"));
+        let resp = app
+            .track(Method::GET, "/v1/sandboxes/x")
+            .header("X-Track-ID", "busy")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(resp.headers().contains_key("x-ratelimit-limit"));
         statuses.push(resp.status());
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             let (s, h, b) = json(resp).await;
-            assert_envelope(s, &h, &b, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED");
+            assert_envelope(
+                s,
+                &h,
+                &b,
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMIT_EXCEEDED",
+            );
             assert!(h.contains_key("retry-after"));
-            assert_eq!(h.get("x-ratelimit-remaining").map(|v| v.as_bytes()), Some(&b"0"[..]));
+            assert_eq!(
+                h.get("x-ratelimit-remaining").map(|v| v.as_bytes()),
+                Some(&b"0"[..])
+            );
         }
     }
-    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 2, "{statuses:?}");
-    let other = app.track(Method::GET, "/v1/sandboxes/x").header("X-Track-ID", "calm").send().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_ne!(other.status(), StatusCode::TOO_MANY_REQUESTS, "buckets are per caller");
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count(),
+        2,
+        "{statuses:?}"
+    );
+    let other = app
+        .track(Method::GET, "/v1/sandboxes/x")
+        .header("X-Track-ID", "calm")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        other.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "buckets are per caller"
+    );
     for _ in 0..10 {
-        let r = app.client.get(format!("{}/healthz", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"));
+        let r = app
+            .client
+            .get(format!("{}/healthz", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status(), StatusCode::OK);
     }
     app.stop().await;
@@ -282,8 +629,15 @@ async fn rate_limit_per_caller() {
 async fn admin_listing_stats_history_bulk() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 7).await;
-    let (_, _, alloc) = json(app.allocate("stu").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1).await;
+    let (_, _, alloc) = json(
+        app.allocate("stu")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
+        .await;
     let mut seen = std::collections::BTreeSet::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
@@ -292,11 +646,20 @@ async fn admin_listing_stats_history_bulk() {
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
-        let (s, _, b) = json(app.admin(Method::GET, &path).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+        let (s, _, b) = json(
+            app.admin(Method::GET, &path)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await;
         assert_eq!(s, StatusCode::OK, "{b}");
         pages += 1;
         for row in b["sandboxes"].as_array().cloned().unwrap_or_default() {
-            assert!(seen.insert(row["sandbox_id"].as_str().unwrap_or_default().to_string()), "row twice");
+            assert!(
+                seen.insert(row["sandbox_id"].as_str().unwrap_or_default().to_string()),
+                "row twice"
+            );
         }
         cursor = b["cursor"].as_str().map(str::to_string);
         if cursor.is_none() {
@@ -305,31 +668,98 @@ async fn admin_listing_stats_history_bulk() {
         assert!(pages < 10);
     }
     assert_eq!(seen.len(), 7);
-    let (_, _, b) = json(app.admin(Method::GET, "/v1/admin/sandboxes?status=allocated").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (_, _, b) = json(
+        app.admin(Method::GET, "/v1/admin/sandboxes?status=allocated")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(b["count"], 1);
-    let (_, _, b) = json(app.admin(Method::GET, "/v1/admin/sandboxes?owner=stu").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (_, _, b) = json(
+        app.admin(Method::GET, "/v1/admin/sandboxes?owner=stu")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(b["sandboxes"][0]["sandbox_id"], alloc["sandbox_id"]);
-    let (s, _, stats) = json(app.admin(Method::GET, "/v1/admin/stats").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, stats) = json(
+        app.admin(Method::GET, "/v1/admin/stats")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((stats["total"].as_i64(), stats["available"].as_i64(), stats["allocated"].as_i64()), (Some(7), Some(6), Some(1)), "{stats}");
+    assert_eq!(
+        (
+            stats["total"].as_i64(),
+            stats["available"].as_i64(),
+            stats["allocated"].as_i64()
+        ),
+        (Some(7), Some(6), Some(1)),
+        "{stats}"
+    );
     assert!(stats.get("projector_lag_ms").is_some());
     let id = alloc["sandbox_id"].as_str().unwrap_or_default();
-    let (s, _, h) = json(app.admin(Method::GET, &format!("/v1/admin/sandboxes/{id}/history")).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, h) = json(
+        app.admin(Method::GET, &format!("/v1/admin/sandboxes/{id}/history"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
-    let types: Vec<&str> = h["events"].as_array().map(|a| a.iter().filter_map(|e| e["event_type"].as_str()).collect()).unwrap_or_default();
+    let types: Vec<&str> = h["events"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["event_type"].as_str()).collect())
+        .unwrap_or_default();
     assert_eq!(types, ["SandboxRegistered", "SandboxAllocated"]);
     assert_eq!(h["events"][1]["actor"], "track:stu");
     assert_eq!(h["events"][1]["version"], 2);
-    let (s, h2, b) = json(app.admin(Method::POST, "/v1/admin/bulk-delete?status=allocated").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h2, b) = json(
+        app.admin(Method::POST, "/v1/admin/bulk-delete?status=allocated")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h2, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h2, b) = json(app.admin(Method::POST, "/v1/admin/bulk-delete").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h2, b) = json(
+        app.admin(Method::POST, "/v1/admin/bulk-delete")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h2, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h2, b) = json(app.admin(Method::POST, &format!("/v1/admin/sandboxes/{id}/retry-deletion")).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h2, b) = json(
+        app.admin(
+            Method::POST,
+            &format!("/v1/admin/sandboxes/{id}/retry-deletion"),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_envelope(s, &h2, &b, StatusCode::CONFLICT, "INVALID_STATE");
-    let (s, _, b) = json(app.admin(Method::POST, "/v1/admin/bulk-delete?status=available").send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = json(
+        app.admin(Method::POST, "/v1/admin/bulk-delete?status=available")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    app.wait_until(|s| s.get(domain::SandboxStatus::Available) == 0).await;
-    assert_eq!(app.stats().await.get(domain::SandboxStatus::Allocated), 1, "bulk delete left the allocation alone");
+    app.wait_until(|s| s.get(domain::SandboxStatus::Available) == 0)
+        .await;
+    assert_eq!(
+        app.stats().await.get(domain::SandboxStatus::Allocated),
+        1,
+        "bulk delete left the allocation alone"
+    );
     app.stop().await;
 }
 
@@ -337,23 +767,72 @@ async fn admin_listing_stats_history_bulk() {
 #[tokio::test]
 async fn operations_endpoints() {
     let app = spawn_app(Backend::Embedded).await;
-    let (s, _, b) = json(app.client.get(format!("{}/healthz", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = json(
+        app.client
+            .get(format!("{}/healthz", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!((s, b["status"].as_str()), (StatusCode::OK, Some("healthy")));
-    let (s, _, b) = json(app.client.get(format!("{}/readyz", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
-    assert_eq!((s, b["status"].as_str()), (StatusCode::OK, Some("ready")), "{b}");
-    let resp = app.client.get(format!("{}/metrics", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(resp.headers().get("content-type").map(|v| v.as_bytes()), Some(&b"text/plain; version=0.0.4; charset=utf-8"[..]));
+    let (s, _, b) = json(
+        app.client
+            .get(format!("{}/readyz", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+    assert_eq!(
+        (s, b["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "{b}"
+    );
+    let resp = app
+        .client
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        resp.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"text/plain; version=0.0.4; charset=utf-8"[..])
+    );
     let text = resp.text().await.unwrap_or_default();
-    for name in ["broker_pool", "broker_request_latency_seconds", "broker_projector_lag_seconds"] {
+    for name in [
+        "broker_pool",
+        "broker_request_latency_seconds",
+        "broker_projector_lag_seconds",
+    ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
-    let (s, _, b) = json(app.client.get(format!("{}/", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = json(
+        app.client
+            .get(format!("{}/", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!((s, b["docs"].as_str()), (StatusCode::OK, Some("/v1/docs")));
-    let (s, _, b) = json(app.client.get(format!("{}/v1/openapi.json", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = json(
+        app.client
+            .get(format!("{}/v1/openapi.json", app.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert!(b["paths"]["/v1/allocate"]["post"].is_object());
     assert!(b["components"]["schemas"]["ErrorBody"].is_object());
-    let resp = app.client.get(format!("{}/v1/docs/", app.url)).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = app
+        .client
+        .get(format!("{}/v1/docs/", app.url))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status(), StatusCode::OK);
     let html = resp.text().await.unwrap_or_default();
     assert!(html.contains("swagger"), "docs page is Swagger UI");

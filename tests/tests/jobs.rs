@@ -365,6 +365,27 @@ async fn stale_needs_two_consecutive_misses_and_restores() {
     assert_eq!(kinds, vec!["registered", "stale", "restored"]);
 }
 
+/// A complete but empty listing (a CSP fault or a token of the wrong scope) while the pool has
+/// available sandboxes marks nothing stale, however often it repeats.
+#[tokio::test]
+async fn empty_listing_marks_nothing_stale() {
+    let w = World::new().await;
+    let accounts = w.registered(3).await;
+    let jobs = w.jobs();
+    w.csp.set_accounts(Vec::new());
+    for _ in 0..3 {
+        let run = jobs.sync().await.expect("sync");
+        assert_eq!((run.listed, run.marked_stale), (0, 0));
+        w.catch_up().await;
+    }
+    for account in &accounts {
+        assert_eq!(
+            w.status(&account.sandbox_id()).await,
+            Some(SandboxStatus::Available)
+        );
+    }
+}
+
 /// Listings that fail mid-way (500, malformed JSON, timeout) or never end (hard page cap) mark
 /// nothing stale and do not count as a "miss"; the next two complete listings do.
 #[tokio::test]

@@ -511,6 +511,7 @@ async fn candidates_wrap_around_and_filter_by_prefix(p: Ports) -> TestResult {
     let query = |start_pick, limit, prefix: Option<&str>| CandidateQuery {
         prefix: prefix.map(str::to_string),
         start_pick,
+        after_name: None,
         limit,
     };
     let rows = p.view.candidates(&query(650, 6, None)).await?;

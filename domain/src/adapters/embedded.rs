@@ -388,10 +388,8 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with_conn(|conn, _| {
-            conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err)
-        })
-        .await
+        self.with_conn(|conn, _| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+            .await
     }
 }
 
@@ -500,7 +498,10 @@ impl PoolView for EmbeddedStore {
                 args.push(Box::new(after.after.clone()));
                 let a = args.len();
                 args.push(Box::new(after.id.clone()));
-                sql.push_str(&format!(" AND (name, sandbox_id) > (?{a}, ?{})", args.len()));
+                sql.push_str(&format!(
+                    " AND (name, sandbox_id) > (?{a}, ?{})",
+                    args.len()
+                ));
             }
             args.push(Box::new(limit as i64));
             sql.push_str(&format!(" ORDER BY name, sandbox_id LIMIT ?{}", args.len()));
@@ -531,7 +532,9 @@ impl PoolView for EmbeddedStore {
         let after = cursor.map(decode_cursor::<ListCursor>).transpose()?;
         let (after_due, after_id) = match &after {
             Some(c) => (
-                c.after.parse::<i64>().map_err(|_| StoreError::InvalidCursor)?,
+                c.after
+                    .parse::<i64>()
+                    .map_err(|_| StoreError::InvalidCursor)?,
                 c.id.clone(),
             ),
             None => (i64::MIN, String::new()),
@@ -695,8 +698,8 @@ impl ViewStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::events::{Actor, CommandMeta};
     use crate::model::events::SyncEvent;
+    use crate::model::events::{Actor, CommandMeta};
 
     fn env(stream: &str, version: u64) -> EventEnvelope {
         let meta = CommandMeta {

@@ -328,11 +328,17 @@ impl EventEnvelope {
             source,
         };
         if self.stream_id.starts_with(SANDBOX_STREAM_PREFIX) {
-            serde_json::from_value(payload).map(BrokerEvent::Sandbox).map_err(err)
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Sandbox)
+                .map_err(err)
         } else if self.stream_id.starts_with(CLAIM_STREAM_PREFIX) {
-            serde_json::from_value(payload).map(BrokerEvent::Claim).map_err(err)
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Claim)
+                .map_err(err)
         } else if self.stream_id == SYNC_STREAM_ID {
-            serde_json::from_value(payload).map(BrokerEvent::Sync).map_err(err)
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Sync)
+                .map_err(err)
         } else {
             Err(DecodeError::UnknownStream(self.stream_id.clone()))
         }
@@ -424,7 +430,10 @@ mod tests {
         );
         assert!(matches!(env.decode(), Ok(BrokerEvent::Claim(_))));
         env.schema_version = 99;
-        assert!(matches!(env.decode(), Err(DecodeError::FutureSchema { .. })));
+        assert!(matches!(
+            env.decode(),
+            Err(DecodeError::FutureSchema { .. })
+        ));
     }
 
     /// Actors render as the envelope's `actor` strings.

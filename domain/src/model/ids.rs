@@ -91,7 +91,10 @@ mod tests {
     #[test]
     fn ids_are_validated() {
         assert_eq!(validate_id("caller", "  x/y#z ").as_deref(), Ok("x/y#z"));
-        assert!(matches!(validate_id("caller", "   "), Err(IdError::Empty { .. })));
+        assert!(matches!(
+            validate_id("caller", "   "),
+            Err(IdError::Empty { .. })
+        ));
         assert!(matches!(
             validate_id("caller", &"x".repeat(MAX_ID_BYTES + 1)),
             Err(IdError::TooLong { .. })

@@ -181,7 +181,11 @@ mod tests {
     fn lifecycle_invariants() {
         for t in Transition::ALL {
             assert_eq!(next_status(Some(Deleted), t), None, "deleted is terminal");
-            assert_ne!(next_status(Some(Allocated), t), Some(Available), "single use");
+            assert_ne!(
+                next_status(Some(Allocated), t),
+                Some(Available),
+                "single use"
+            );
         }
         assert_eq!(next_status(Some(Allocated), Retire), None);
         assert_eq!(next_status(Some(Allocated), MarkStale), None);

@@ -242,7 +242,10 @@ mod tests {
 
     fn step(row: Option<PoolRow>, version: u64, event: SandboxEvent) -> (PoolRow, StatsDelta) {
         let (row, delta) = project(row, &env(version, &event), &event);
-        (row.unwrap_or_else(|| panic!("event {version} did not apply")), delta)
+        (
+            row.unwrap_or_else(|| panic!("event {version} did not apply")),
+            delta,
+        )
     }
 
     /// A full life (register → allocate → mark → fail → quarantine → retry → delete) moves exactly
@@ -308,8 +311,18 @@ mod tests {
             },
         );
         assert_eq!(d, StatsDelta([0, 0, -1, 0, 1, 0]));
-        let (row, _) = step(Some(row), 6, SandboxEvent::DeletionRetried { requested_at: now });
-        let (row, d) = step(Some(row), 7, SandboxEvent::SandboxDeleted { csp_status: Some(204) });
+        let (row, _) = step(
+            Some(row),
+            6,
+            SandboxEvent::DeletionRetried { requested_at: now },
+        );
+        let (row, d) = step(
+            Some(row),
+            7,
+            SandboxEvent::SandboxDeleted {
+                csp_status: Some(204),
+            },
+        );
         assert_eq!(d, StatsDelta([0, 0, -1, 0, 0, 1]));
         assert_eq!(row.status, SandboxStatus::Deleted);
         assert_eq!(row.version, 7);
@@ -322,7 +335,10 @@ mod tests {
         let event = SandboxEvent::SandboxMarkedStale {
             marked_at: Utc::now(),
         };
-        assert_eq!(project(None, &env(2, &event), &event), (None, StatsDelta::default()));
+        assert_eq!(
+            project(None, &env(2, &event), &event),
+            (None, StatsDelta::default())
+        );
         assert_eq!(pick_for("a", 1), pick_for("a", 1));
         assert_ne!(pick_for("a", 1), pick_for("a", 2));
     }

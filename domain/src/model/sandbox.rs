@@ -539,7 +539,12 @@ mod tests {
             sandbox.fold(&events[0]);
         }
         let events = sandbox
-            .decide(SandboxCommand::FailDeletion { error: "500".into() }, t0())
+            .decide(
+                SandboxCommand::FailDeletion {
+                    error: "500".into(),
+                },
+                t0(),
+            )
             .unwrap_or_default();
         assert!(matches!(
             events.as_slice(),

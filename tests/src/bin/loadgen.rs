@@ -81,7 +81,10 @@ async fn level(
                 let status = client
                     .post(format!("{url}/v1/allocate"))
                     .bearer_auth(&token)
-                    .header("X-Instruqt-Sandbox-ID", format!("load-{run_id}-{concurrency}-{i}"))
+                    .header(
+                        "X-Instruqt-Sandbox-ID",
+                        format!("load-{run_id}-{concurrency}-{i}"),
+                    )
                     .header("X-Instruqt-Track-ID", "loadgen")
                     .header("X-Sandbox-Name-Prefix", &prefix)
                     .send()
@@ -133,9 +136,22 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses |\n|---|---|---|---|---|---|---|---|"
     );
-    let mode = if args.url.is_some() { "external".to_string() } else { args.backend.clone() };
+    let mode = if args.url.is_some() {
+        "external".to_string()
+    } else {
+        args.backend.clone()
+    };
     for &c in &args.concurrency {
-        let r = level(&client, &url, &token, &args.prefix, c, args.requests, &run_id).await;
+        let r = level(
+            &client,
+            &url,
+            &token,
+            &args.prefix,
+            c,
+            args.requests,
+            &run_id,
+        )
+        .await;
         let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
         println!(
             "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} |",

@@ -983,21 +983,46 @@ impl PoolView for DynamoStore {
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
         let available = SandboxStatus::Available.as_str();
         if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
-            // `begins_with` on the sort key is exact: every row of the prefix, and only those.
-            let by_name = RowQuery {
+            // The names starting with `prefix` are exactly the sort-key range [prefix,
+            // prefix + U+10FFFF] (UTF-8 byte order). Continue after the caller's last name and
+            // wrap to the start of the range, so successive pages walk the whole prefix.
+            let end = format!("{prefix}\u{10FFFF}");
+            let by_name = |lo: String, hi: String| RowQuery {
                 what: "Query(by-status-name)",
                 index: Some(tables::INDEX_BY_STATUS_NAME),
                 shape: BY_STATUS_NAME_KEY,
-                key_condition: Some("#st = :st AND begins_with(#name, :prefix)".into()),
+                key_condition: Some("#st = :st AND #name BETWEEN :lo AND :hi".into()),
                 filter: None,
                 names: names(&[("#st", pool_attr::STATUS), ("#name", pool_attr::NAME)]),
                 values: HashMap::from([
                     (":st".to_string(), s(available)),
-                    (":prefix".to_string(), s(prefix)),
+                    (":lo".to_string(), s(&lo)),
+                    (":hi".to_string(), s(&hi)),
                 ]),
                 consistent: false,
             };
-            return Ok(self.rows(&by_name, query.limit, None).await?.0);
+            let after = query
+                .after_name
+                .as_deref()
+                .filter(|a| a.starts_with(prefix));
+            // The smallest string greater than `after` is `after` followed by NUL.
+            let start = after.map_or_else(|| prefix.to_string(), |a| format!("{a}\u{0}"));
+            let (mut rows, _) = self
+                .rows(&by_name(start, end), query.limit, None)
+                .await?;
+            if let Some(after) = after {
+                if rows.len() < query.limit {
+                    let (wrapped, _) = self
+                        .rows(
+                            &by_name(prefix.to_string(), after.to_string()),
+                            query.limit - rows.len(),
+                            None,
+                        )
+                        .await?;
+                    rows.extend(wrapped);
+                }
+            }
+            return Ok(rows);
         }
         // From the random start upwards, then wrap around below it: concurrent allocators start
         // at different places of the pool instead of all fighting over its first K rows.

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# OpenAPI contract fuzzing of the command API with schemathesis (PyPI), as CI runs it:
+#
+#   scripts/schemathesis.sh
+#
+# 1. installs a pinned schemathesis into its own venv (.venv/schemathesis; never the global
+#    interpreter), reusing the venv when it already holds that version;
+# 2. builds the API (`cargo build -p command-api`, debug) and starts it in embedded mode on a free
+#    127.0.0.1 port (BIND_ADDR=127.0.0.1:0, the port read from its banner) with a fresh temporary
+#    store, explicit per-run tokens and the demo pool seeded; waits for /healthz (bounded);
+# 3. runs schemathesis against /v1/openapi.json twice — with the track token (+ an
+#    X-Instruqt-Sandbox-ID, so track endpoints get past the caller check) and with the admin
+#    token — checking: no 5xx, documented status code, documented content type, body matches the
+#    documented schema. Examples per operation are bounded, and so is each run's wall time;
+# 4. stops the server (trap on EXIT) and exits non-zero if either run found a failure.
+#
+# Traffic goes to 127.0.0.1 only (proxy variables are dropped for the runs); pip reaches PyPI only.
+# Reports (JUnit XML) and the server log are kept in target/schemathesis/.
+#
+# Settings (environment):
+#   SCHEMATHESIS_VERSION       pinned version                       (default: 4.32.5)
+#   SCHEMATHESIS_VENV          venv directory                       (default: <repo>/.venv/schemathesis)
+#   SCHEMATHESIS_MAX_EXAMPLES  generated cases per operation        (default: 50)
+#   SCHEMATHESIS_SEED          hypothesis seed (fixed: reproducible) (default: 1729)
+#   SCHEMATHESIS_RUN_TIMEOUT   wall-time bound per run, seconds     (default: 600)
+#   SCHEMATHESIS_START_TIMEOUT wait for /healthz, seconds            (default: 120)
+#   PYTHON                     interpreter that creates the venv    (default: python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
+VENV="${SCHEMATHESIS_VENV:-$ROOT/.venv/schemathesis}"
+MAX_EXAMPLES="${SCHEMATHESIS_MAX_EXAMPLES:-50}"
+SEED="${SCHEMATHESIS_SEED:-1729}"
+RUN_TIMEOUT="${SCHEMATHESIS_RUN_TIMEOUT:-600}"
+START_TIMEOUT="${SCHEMATHESIS_START_TIMEOUT:-120}"
+PYTHON="${PYTHON:-python3}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="$TARGET_DIR/schemathesis"
+CHECKS="not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+
+log() { echo "schemathesis.sh: $*" >&2; }
+die() {
+    log "$*"
+    exit 1
+}
+
+# --- 1. schemathesis in its own venv -------------------------------------------------------------
+ST="$VENV/bin/schemathesis"
+if ! "$ST" --version 2>/dev/null | grep -qx "schemathesis, version $VERSION"; then
+    log "installing schemathesis==$VERSION into $VENV"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "cannot create a venv with $PYTHON (Debian: apt-get install python3-venv)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "schemathesis==$VERSION"
+fi
+"$ST" --version
+
+# --- 2. build and start the API ------------------------------------------------------------------
+(cd "$ROOT" && cargo build -q -p command-api)
+BIN="$TARGET_DIR/debug/command-api"
+[ -x "$BIN" ] || die "no binary at $BIN"
+
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+SERVER_LOG="$OUT/server.log"
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+random_token() { "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+TRACK_TOKEN="fuzz-track-$(random_token)"
+ADMIN_TOKEN="fuzz-admin-$(random_token)"
+
+# The rate limit is raised so that results do not depend on how fast this machine is (429 is
+# documented on every rate-limited route all the same).
+env STORE=embedded EMBEDDED_PATH="$WORK/broker.db" BIND_ADDR=127.0.0.1:0 \
+    BROKER_API_TOKEN="$TRACK_TOKEN" BROKER_ADMIN_TOKEN="$ADMIN_TOKEN" \
+    SEED_DEMO_POOL=true RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 LOG_FORMAT=json \
+    "$BIN" >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+PORT=""
+deadline=$(($(date +%s) + START_TIMEOUT))
+until [ -n "$PORT" ] && "$VENV/bin/python" - "http://127.0.0.1:$PORT/healthz" <<'PY' 2>/dev/null
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with opener.open(sys.argv[1], timeout=2) as r:
+    sys.exit(0 if r.status == 200 else 1)
+PY
+do
+    kill -0 "$SERVER_PID" 2>/dev/null || { tail -n 40 "$SERVER_LOG" >&2; die "the API exited during start-up"; }
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -n 40 "$SERVER_LOG" >&2; die "no healthy API after ${START_TIMEOUT}s"; }
+    [ -n "$PORT" ] || PORT="$(sed -n 's#^Sandbox Broker listening on http://127\.0\.0\.1:\([0-9][0-9]*\)$#\1#p' "$SERVER_LOG" | head -n 1)"
+    sleep 0.5
+done
+BASE="http://127.0.0.1:$PORT"
+log "API up at $BASE (pid $SERVER_PID, store $WORK/broker.db)"
+
+# --- 3. the two runs -----------------------------------------------------------------------------
+# One run: NAME, then extra headers. Exits with schemathesis' status (124 when the time bound hit).
+fuzz() {
+    local name="$1"
+    shift
+    local started rc
+    started=$(date +%s)
+    log "run '$name': max $MAX_EXAMPLES examples per operation, seed $SEED, at most ${RUN_TIMEOUT}s"
+    set +e
+    (cd "$WORK" && env -u HTTP_PROXY -u http_proxy -u HTTPS_PROXY -u https_proxy -u ALL_PROXY -u all_proxy \
+        -u SCHEMATHESIS_HOOKS NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost \
+        timeout --kill-after=10 "$RUN_TIMEOUT" \
+        "$ST" run "$BASE/v1/openapi.json" --url "$BASE" \
+        --checks "$CHECKS" \
+        --max-examples "$MAX_EXAMPLES" --seed "$SEED" \
+        --generation-database none --continue-on-failure \
+        --workers 1 --request-timeout 35 --no-color \
+        --report junit --report-junit-path "$OUT/$name.junit.xml" \
+        "$@")
+    rc=$?
+    set -e
+    [ "$rc" -ne 124 ] || log "run '$name' hit the ${RUN_TIMEOUT}s bound"
+    log "run '$name': exit $rc after $(($(date +%s) - started))s"
+    return "$rc"
+}
+
+status=0
+fuzz track -H "Authorization: Bearer $TRACK_TOKEN" -H "X-Instruqt-Sandbox-ID: schemathesis-student" || status=1
+fuzz admin -H "Authorization: Bearer $ADMIN_TOKEN" || status=1
+
+# --- 4. verdict ----------------------------------------------------------------------------------
+if grep -q '"status":5[0-9][0-9]' "$SERVER_LOG"; then
+    log "5xx responses in the server log:"
+    grep '"status":5[0-9][0-9]' "$SERVER_LOG" | tail -n 20 >&2
+fi
+if [ "$status" -ne 0 ]; then
+    log "FAILED (reports and server log in $OUT)"
+    exit 1
+fi
+log "passed: both runs clean"
