@@ -22,6 +22,7 @@
 #   SCHEMATHESIS_VENV          venv directory                       (default: <repo>/.venv/schemathesis)
 #   SCHEMATHESIS_MAX_EXAMPLES  generated cases per operation        (default: 50)
 #   SCHEMATHESIS_SEED          hypothesis seed (fixed: reproducible) (default: 1729)
+#   SCHEMATHESIS_CHECKS        comma-separated checks               (default: the four above)
 #   SCHEMATHESIS_RUN_TIMEOUT   wall-time bound per run, seconds     (default: 600)
 #   SCHEMATHESIS_START_TIMEOUT wait for /healthz, seconds            (default: 120)
 #   PYTHON                     interpreter that creates the venv    (default: python3)
@@ -37,7 +38,7 @@ START_TIMEOUT="${SCHEMATHESIS_START_TIMEOUT:-120}"
 PYTHON="${PYTHON:-python3}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="$TARGET_DIR/schemathesis"
-CHECKS="not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+CHECKS="${SCHEMATHESIS_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance}"
 
 log() { echo "schemathesis.sh: $*" >&2; }
 die() {
@@ -80,7 +81,7 @@ ADMIN_TOKEN="fuzz-admin-$(random_token)"
 
 # The rate limit is raised so that results do not depend on how fast this machine is (429 is
 # documented on every rate-limited route all the same).
-env STORE=embedded EMBEDDED_PATH="$WORK/broker.db" BIND_ADDR=127.0.0.1:0 \
+env STORE=embedded CSP_MODE=mock EMBEDDED_PATH="$WORK/broker.db" BIND_ADDR=127.0.0.1:0 \
     BROKER_API_TOKEN="$TRACK_TOKEN" BROKER_ADMIN_TOKEN="$ADMIN_TOKEN" \
     SEED_DEMO_POOL=true RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 LOG_FORMAT=json \
     "$BIN" >"$SERVER_LOG" 2>&1 &
@@ -129,9 +130,14 @@ fuzz() {
     return "$rc"
 }
 
+# Each run covers every operation: the other token's endpoints must answer a documented 403 (so
+# schemathesis' "authentication failed: N operations returned only 401/403" warning is expected).
 status=0
 fuzz track -H "Authorization: Bearer $TRACK_TOKEN" -H "X-Instruqt-Sandbox-ID: schemathesis-student" || status=1
-fuzz admin -H "Authorization: Bearer $ADMIN_TOKEN" || status=1
+# The server-sent-events stream never ends by design (heartbeats keep the read alive), so with the
+# admin token it is left out: a request/response fuzzer would only wait on it until the time bound.
+# With the track token it answers 403 at once and stays in.
+fuzz admin -H "Authorization: Bearer $ADMIN_TOKEN" --exclude-path /v1/admin/events/stream || status=1
 
 # --- 4. verdict ----------------------------------------------------------------------------------
 if grep -q '"status":5[0-9][0-9]' "$SERVER_LOG"; then

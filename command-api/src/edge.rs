@@ -26,7 +26,7 @@ use crate::state::SharedState;
 pub struct RequestId(pub String);
 
 /// Paths the rate limit does not apply to (probes and scrapes).
-const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 const ALLOWED_HEADERS: &str = "authorization, content-type, x-track-id, x-instruqt-sandbox-id, x-instruqt-track-id, x-sandbox-name-prefix, idempotency-key, x-request-id, last-event-id";
 const EXPOSED_HEADERS: &str = "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, retry-after";
@@ -102,7 +102,9 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .unwrap_or_else(|| "unmatched".into());
     let preflight = method == Method::OPTIONS
         && origin.is_some()
-        && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
 
     let mut decision = None;
     let mut response = if preflight {
@@ -150,12 +152,28 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
     set(headers, "x-request-id", &request_id);
     set(headers, "x-content-type-options", "nosniff");
     set(headers, "x-frame-options", "DENY");
-    set(headers, "strict-transport-security", "max-age=31536000; includeSubDomains");
+    set(
+        headers,
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains",
+    );
     set(headers, "referrer-policy", "no-referrer");
-    set(headers, "permissions-policy", "geolocation=(), microphone=(), camera=()");
-    set(headers, "content-security-policy", content_security_policy(&path, &state.base_path));
+    set(
+        headers,
+        "permissions-policy",
+        "geolocation=(), microphone=(), camera=()",
+    );
+    set(
+        headers,
+        "content-security-policy",
+        content_security_policy(&path, &state.base_path),
+    );
     if let Some(d) = decision {
-        set(headers, "x-ratelimit-limit", &state.limiter.limit().to_string());
+        set(
+            headers,
+            "x-ratelimit-limit",
+            &state.limiter.limit().to_string(),
+        );
         set(headers, "x-ratelimit-remaining", &d.remaining.to_string());
         if !d.allowed {
             set(headers, "retry-after", &d.retry_after.to_string());
@@ -173,7 +191,11 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
             set(headers, "vary", "Origin");
         }
         if preflight {
-            set(headers, "access-control-allow-methods", "GET, POST, OPTIONS");
+            set(
+                headers,
+                "access-control-allow-methods",
+                "GET, POST, OPTIONS",
+            );
             set(headers, "access-control-allow-headers", ALLOWED_HEADERS);
             set(headers, "access-control-max-age", "3600");
         }
@@ -207,10 +229,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123_x.y"));
         assert_eq!(sane_request_id(&h).as_deref(), Some("abc-123_x.y"));
-        h.insert("x-request-id", HeaderValue::from_static("bad id with spaces"));
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("bad id with spaces"),
+        );
         assert_eq!(sane_request_id(&h), None);
         let long = "a".repeat(200);
-        h.insert("x-request-id", HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x")));
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static("x")),
+        );
         assert_eq!(sane_request_id(&h), None);
     }
 }

@@ -48,12 +48,16 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let track = routes::sandboxes::router()
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
+        .merge(routes::events::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
-    let docs = SwaggerUi::new(format!("{base}/docs"))
-        .url(format!("{base}/openapi.json"), openapi::ApiDoc::openapi());
+    let docs = SwaggerUi::new(format!("{base}/docs")).url(
+        format!("{base}/openapi.json"),
+        openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
+    );
     Router::new()
         .nest(&base, track.merge(admin))
         .merge(routes::ops::router())
+        .merge(routes::dashboard::router())
         .merge(docs)
         .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))

@@ -1,6 +1,8 @@
 //! The OpenAPI 3 document, generated from the handlers' annotations.
 
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
@@ -19,8 +21,9 @@ use crate::routes::{admin, ops, sandboxes};
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
-        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::HistoryResponse)),
-    modifiers(&BearerAuth),
+        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::HistoryResponse,
+        admin::RetryDeletionResponse)),
+    modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),
         (name = "Admin", description = "Operators (admin token)"),
@@ -38,5 +41,87 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Documents the error responses the outer layers can give on every operation, whatever its
+/// handler does: 408 (request timeout), 413 (body over the limit), 500 (panic guard) and, except
+/// on the probes and the scrape the rate limit exempts, 429. Each is the [`ErrorBody`] envelope;
+/// a status an operation already documents is left as it is. Other `OpenApi` documents merged
+/// into [`ApiDoc`] apply it too (`modifiers(&EdgeResponses)`): modifiers run before a merge.
+pub struct EdgeResponses;
+
+impl EdgeResponses {
+    const ALWAYS: [(&'static str, &'static str); 3] = [
+        ("408", "Request timed out"),
+        ("413", "Request body too large"),
+        (
+            "500",
+            "Unexpected error (the cause is logged with the request id)",
+        ),
+    ];
+    const RATE_LIMITED: (&'static str, &'static str) = ("429", "Rate limited");
+
+    fn add(operation: &mut Operation, status: &str, description: &str) {
+        let responses = &mut operation.responses.responses;
+        if !responses.contains_key(status) {
+            let content = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/json", content)
+                .build();
+            responses.insert(status.to_string(), response.into());
+        }
+    }
+}
+
+impl Modify for EdgeResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let rate_limited = !crate::edge::EXEMPT.contains(&path.as_str());
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, description) in Self::ALWAYS {
+                    Self::add(operation, status, description);
+                }
+                if rate_limited {
+                    let (status, description) = Self::RATE_LIMITED;
+                    Self::add(operation, status, description);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every operation documents the edge's error statuses; the probes are not rate limited.
+    #[test]
+    fn every_operation_documents_the_edge_errors() {
+        let doc = ApiDoc::openapi();
+        assert!(!doc.paths.paths.is_empty());
+        for (path, item) in &doc.paths.paths {
+            for operation in [&item.get, &item.post].into_iter().flatten() {
+                let documented = |s: &str| operation.responses.responses.contains_key(s);
+                for status in ["408", "413", "500"] {
+                    assert!(documented(status), "{path}: {status} undocumented");
+                }
+                let exempt = crate::edge::EXEMPT.contains(&path.as_str());
+                assert_eq!(documented("429"), !exempt, "{path}: 429");
+            }
+        }
     }
 }

@@ -72,7 +72,10 @@ pub async fn build(config: &Config, clock: SharedClock) -> anyhow::Result<Servic
         // The embedded dev mode talks to the mock CSP unless told otherwise.
         jobs_config.csp.mode = jobs::CspMode::Mock;
     }
-    build_with(config, clock, jobs_config).await
+    let service = build_with(config, clock, jobs_config).await?;
+    // Live streams never end by themselves: close them as shutdown begins, so the drain can end.
+    service.state.feed.close_on(shutdown_signal());
+    Ok(service)
 }
 
 /// [`build`] with explicit job settings (tests point them at a fake CSP).
@@ -145,6 +148,13 @@ pub async fn build_with(
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let (feed, feed_tail) = crate::routes::events::start_live_feed(
+        embedded.as_ref(),
+        dynamo.as_ref(),
+        clock.clone(),
+        stopped(stop_rx.clone()),
+    )?;
+    tasks.push(feed_tail);
 
     let projector_metrics = if config.runs_projector() {
         let metrics = ProjectorMetrics::new(&registry)?;
@@ -224,6 +234,7 @@ pub async fn build_with(
             .collect(),
         ready_max_lag_ms: config.ready_max_lag_ms,
         base_path: config.api_base_path.trim_end_matches('/').to_string(),
+        feed,
     });
     Ok(Service {
         state,

@@ -33,6 +33,8 @@ pub struct AppState {
     pub ready_max_lag_ms: i64,
     /// The versioned API's base path (e.g. `/v1`).
     pub base_path: String,
+    /// The audit feed and its live broadcast (`routes::events`).
+    pub feed: crate::routes::events::EventsFeed,
 }
 
 /// The state handle handlers receive.

@@ -12,8 +12,11 @@
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
 //! - [`adapters`] — `embedded` (SQLite file) and `dynamo` (aws-sdk-dynamodb) implementations of
 //!   the ports; the model never imports them.
+//! - [`audit`] — the auditor's side: the time-ordered `EventFeed` port, paged audit queries,
+//!   point-in-time state, a caller's allocations, pool replay at an instant, the live-feed tail.
 
 pub mod adapters;
+pub mod audit;
 pub mod clock;
 pub mod model;
 pub mod service;

@@ -47,13 +47,29 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// `embedded` or `dynamodb`.
-    #[arg(long, env = "STORE", value_enum, default_value = "embedded", global = true)]
+    #[arg(
+        long,
+        env = "STORE",
+        value_enum,
+        default_value = "embedded",
+        global = true
+    )]
     pub store: StoreKind,
     /// The embedded store's file.
-    #[arg(long, env = "EMBEDDED_PATH", default_value = "data/broker.db", global = true)]
+    #[arg(
+        long,
+        env = "EMBEDDED_PATH",
+        default_value = "data/broker.db",
+        global = true
+    )]
     pub embedded_path: PathBuf,
     /// Table-name prefix: `{prefix}-events|pool|stats|checkpoints`.
-    #[arg(long, env = "TABLE_PREFIX", default_value = "sandbox-broker", global = true)]
+    #[arg(
+        long,
+        env = "TABLE_PREFIX",
+        default_value = "sandbox-broker",
+        global = true
+    )]
     pub table_prefix: String,
     /// DynamoDB endpoint (DynamoDB Local); unset = AWS.
     #[arg(long, env = "DDB_ENDPOINT_URL", global = true)]
@@ -97,7 +113,11 @@ impl StoreArgs {
 
 /// The `projector` binary's arguments.
 #[derive(Debug, Parser)]
-#[command(name = "projector", about = "Sandbox Broker projector: event stream → pool view", version)]
+#[command(
+    name = "projector",
+    about = "Sandbox Broker projector: event stream → pool view",
+    version
+)]
 pub struct Cli {
     /// Store settings (environment or flags; accepted after the subcommand too).
     #[command(flatten)]
@@ -372,8 +392,11 @@ async fn poll(
         }
         StoreKind::Embedded => {
             let embedded = store.embedded(&store.embedded_path)?;
-            let projector =
-                Projector::new(Arc::new(embedded.clone()), Arc::new(embedded.clone()), metrics);
+            let projector = Projector::new(
+                Arc::new(embedded.clone()),
+                Arc::new(embedded.clone()),
+                metrics,
+            );
             crate::embedded::run(projector, embedded, stopped(stop_rx)).await;
         }
     }
@@ -441,7 +464,10 @@ async fn rebuild(store: &StoreArgs, args: &RebuildArgs) -> anyhow::Result<()> {
             (Arc::new(live), Arc::new(target))
         }
     };
-    eprintln!("rebuild: replaying every event into {} ({} segments)", args.into, options.segments);
+    eprintln!(
+        "rebuild: replaying every event into {} ({} segments)",
+        args.into, options.segments
+    );
     let ticker = ProgressTicker::start("rebuild", Arc::clone(&progress), options.segments);
     let summary = rebuild_into(events, target, &options, progress).await?;
     drop(ticker);
@@ -533,7 +559,11 @@ async fn capture(store: &StoreArgs, args: &CaptureArgs) -> anyhow::Result<()> {
     } else {
         std::fs::write(&args.out, text + "\n")
             .with_context(|| format!("writing {}", args.out.display()))?;
-        eprintln!("capture: {} records → {}", records.len(), args.out.display());
+        eprintln!(
+            "capture: {} records → {}",
+            records.len(),
+            args.out.display()
+        );
     }
     Ok(())
 }
@@ -545,13 +575,22 @@ mod tests {
     /// Store settings parse from flags placed after the subcommand, with the API's defaults.
     #[test]
     fn parses_global_store_flags() -> Result<(), clap::Error> {
-        let cli = Cli::try_parse_from(["projector", "verify", "--store", "dynamodb", "--table-prefix", "x"])?;
+        let cli = Cli::try_parse_from([
+            "projector",
+            "verify",
+            "--store",
+            "dynamodb",
+            "--table-prefix",
+            "x",
+        ])?;
         assert_eq!(cli.store.store, StoreKind::Dynamodb);
         assert_eq!(cli.store.table_prefix, "x");
         assert!(matches!(cli.command, Command::Verify(_)));
         let cli = Cli::try_parse_from(["projector", "rebuild", "--into", "y"])?;
         assert_eq!(cli.store.stats_shards, 8);
-        assert!(matches!(cli.command, Command::Rebuild(RebuildArgs { ref into, .. }) if into == "y"));
+        assert!(
+            matches!(cli.command, Command::Rebuild(RebuildArgs { ref into, .. }) if into == "y")
+        );
         Ok(())
     }
 

@@ -41,7 +41,13 @@ impl DynamoStreams {
             .table_name(store.events_table())
             .send()
             .await
-            .map_err(|e| StreamError::Other(format!("describe {}: {}", store.events_table(), sdk_message(&e))))?;
+            .map_err(|e| {
+                StreamError::Other(format!(
+                    "describe {}: {}",
+                    store.events_table(),
+                    sdk_message(&e)
+                ))
+            })?;
         let arn = table
             .table()
             .and_then(|t| t.latest_stream_arn())
@@ -91,7 +97,10 @@ impl DynamoStreams {
                     return Ok(out);
                 }
                 // An open shard never ends: stop at its first empty page (caught up).
-                iterator = page.next_shard_iterator().filter(|_| !empty).map(str::to_string);
+                iterator = page
+                    .next_shard_iterator()
+                    .filter(|_| !empty)
+                    .map(str::to_string);
             }
         }
         Ok(out)
@@ -148,9 +157,9 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
         "ExpiredIteratorException" => StreamError::ExpiredIterator,
         "TrimmedDataAccessException" => StreamError::Trimmed,
         "ResourceNotFoundException" => StreamError::NotFound,
-        "LimitExceededException" | "ThrottlingException" | "ProvisionedThroughputExceededException" => {
-            StreamError::Throttled(sdk_message(err))
-        }
+        "LimitExceededException"
+        | "ThrottlingException"
+        | "ProvisionedThroughputExceededException" => StreamError::Throttled(sdk_message(err)),
         _ => StreamError::Other(sdk_message(err)),
     }
 }
@@ -196,7 +205,9 @@ impl StreamApi for DynamoStreams {
             .stream_arn(&self.stream_arn)
             .shard_id(shard_id);
         let request = match start {
-            IteratorStart::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            IteratorStart::TrimHorizon => {
+                request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+            }
             IteratorStart::AfterSequence(seq) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                 .sequence_number(seq),
@@ -272,9 +283,8 @@ fn convert_value(value: &StreamValue) -> DdbValue {
 pub fn value_json(value: &StreamValue) -> serde_json::Value {
     use base64::Engine;
     use serde_json::json;
-    let b64 = |b: &aws_smithy_types::Blob| {
-        base64::engine::general_purpose::STANDARD.encode(b.as_ref())
-    };
+    let b64 =
+        |b: &aws_smithy_types::Blob| base64::engine::general_purpose::STANDARD.encode(b.as_ref());
     match value {
         StreamValue::S(s) => json!({ "S": s }),
         StreamValue::N(n) => json!({ "N": n }),

@@ -92,8 +92,8 @@ pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome
 
 /// Decodes and applies one record; `Err` carries why it cannot be applied (now or ever).
 async fn apply_record(projector: &Projector, raw: &Value) -> Result<ApplyOutcome, String> {
-    let record: EventRecord =
-        serde_json::from_value(raw.clone()).map_err(|e| format!("not a DynamoDB stream record: {e}"))?;
+    let record: EventRecord = serde_json::from_value(raw.clone())
+        .map_err(|e| format!("not a DynamoDB stream record: {e}"))?;
     if record.event_name != "INSERT" {
         // Event items are only ever inserted; a MODIFY/REMOVE is a manual change, and the event
         // table stays the truth (`projector verify` would show its effect).
@@ -294,13 +294,23 @@ mod tests {
     async fn malformed_payloads_do_not_panic() -> Result<(), Box<dyn std::error::Error>> {
         let store = EmbeddedStore::open_in_memory(2)?;
         let p = projector(&store);
-        let response = handle_event(&p, json!({"Records": [{"dynamodb": {"SequenceNumber": "9"}}]})).await;
+        let response = handle_event(
+            &p,
+            json!({"Records": [{"dynamodb": {"SequenceNumber": "9"}}]}),
+        )
+        .await;
         assert_eq!(
             response.batch_item_failures[0].item_identifier.as_deref(),
             Some("9")
         );
-        assert!(handle_event(&p, json!({"hello": 1})).await.batch_item_failures.is_empty());
-        assert!(handle_event(&p, json!("x")).await.batch_item_failures.is_empty());
+        assert!(handle_event(&p, json!({"hello": 1}))
+            .await
+            .batch_item_failures
+            .is_empty());
+        assert!(handle_event(&p, json!("x"))
+            .await
+            .batch_item_failures
+            .is_empty());
         Ok(())
     }
 
@@ -308,7 +318,10 @@ mod tests {
     #[test]
     fn keys_render() {
         let keys = json!({"version": {"N": "3"}, "stream_id": {"S": "sandbox#1"}});
-        assert_eq!(describe_json_keys(Some(&keys)), "stream_id=sandbox#1,version=3");
+        assert_eq!(
+            describe_json_keys(Some(&keys)),
+            "stream_id=sandbox#1,version=3"
+        );
         assert_eq!(describe_json_keys(None), "?");
     }
 }

@@ -112,7 +112,9 @@ impl Projector {
                 outcome
             }
         };
-        let lag_ms = (Utc::now() - envelope.occurred_at).num_milliseconds().max(0);
+        let lag_ms = (Utc::now() - envelope.occurred_at)
+            .num_milliseconds()
+            .max(0);
         self.metrics.observe_lag(lag_ms);
         Ok(outcome)
     }

@@ -49,7 +49,10 @@ impl ProjectorMetrics {
             "Lag of the most recently applied event, milliseconds",
         )?;
         let events = IntCounterVec::new(
-            Opts::new("broker_projector_events_total", "Events seen by the projector"),
+            Opts::new(
+                "broker_projector_events_total",
+                "Events seen by the projector",
+            ),
             &["outcome"],
         )?;
         let repairs = IntCounter::new(

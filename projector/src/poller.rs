@@ -460,6 +460,8 @@ async fn poll_shard(
             None => match acquire_iterator(api, shard_id, state).await {
                 Ok(Some(it)) => it,
                 Ok(None) => {
+                    // A closed shard with nothing after our position (or gone): done for good.
+                    finish_shard(projector, shard_id, state).await?;
                     result.ended = true;
                     return Ok(result);
                 }
@@ -560,10 +562,7 @@ async fn acquire_iterator(
             api.shard_iterator(shard_id, &IteratorStart::TrimHorizon)
                 .await?
         }
-        Err(StreamError::NotFound) => {
-            state.finished = true;
-            return Ok(None);
-        }
+        Err(StreamError::NotFound) => return Ok(None),
         Err(e) => return Err(e),
     };
     state.iterator = Some(iterator.clone());
@@ -709,7 +708,13 @@ mod tests {
     }
 
     impl FakeStream {
-        fn add_shard(&self, id: &str, parent: Option<&str>, records: Vec<StreamRecord>, closed: bool) {
+        fn add_shard(
+            &self,
+            id: &str,
+            parent: Option<&str>,
+            records: Vec<StreamRecord>,
+            closed: bool,
+        ) {
             self.shards.lock().unwrap().push((
                 ShardInfo {
                     shard_id: id.into(),
@@ -724,7 +729,13 @@ mod tests {
     #[async_trait]
     impl StreamApi for Arc<FakeStream> {
         async fn list_shards(&self) -> Result<Vec<ShardInfo>, StreamError> {
-            Ok(self.shards.lock().unwrap().iter().map(|s| s.0.clone()).collect())
+            Ok(self
+                .shards
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| s.0.clone())
+                .collect())
         }
 
         async fn shard_iterator(
@@ -750,7 +761,11 @@ mod tests {
             Ok(format!("{shard_id}:{index}"))
         }
 
-        async fn get_records(&self, iterator: &str, limit: i32) -> Result<RecordBatch, StreamError> {
+        async fn get_records(
+            &self,
+            iterator: &str,
+            limit: i32,
+        ) -> Result<RecordBatch, StreamError> {
             if let Some(e) = self.fail_next_get.lock().unwrap().pop() {
                 return Err(e);
             }
@@ -803,8 +818,14 @@ mod tests {
         let reads = fake.reads.lock().unwrap().clone();
         let first_child = reads.iter().position(|s| s == "child").unwrap();
         assert!(reads[..first_child].iter().all(|s| s == "parent"));
-        assert_eq!(store.checkpoint("parent").await?.as_deref(), Some(SHARD_END));
-        assert_eq!(store.checkpoint("child").await?, Some(format!("{:021}", 10)));
+        assert_eq!(
+            store.checkpoint("parent").await?.as_deref(),
+            Some(SHARD_END)
+        );
+        assert_eq!(
+            store.checkpoint("child").await?,
+            Some(format!("{:021}", 10))
+        );
         assert_eq!(store.stats().await?.total(), 3);
         Ok(())
     }
@@ -820,7 +841,10 @@ mod tests {
         fake.add_shard("s2", Some("s1"), vec![record(5, &registered("b"))], false);
         poller.drain(5).await?;
         assert_eq!(store.stats().await?.total(), 2);
-        assert_eq!(poller.shards(), vec![("s1".into(), true), ("s2".into(), false)]);
+        assert_eq!(
+            poller.shards(),
+            vec![("s1".into(), true), ("s2".into(), false)]
+        );
         Ok(())
     }
 
@@ -829,12 +853,17 @@ mod tests {
     async fn recovers_from_expired_iterator() -> Result<(), Box<dyn std::error::Error>> {
         let store = EmbeddedStore::open_in_memory(2)?;
         let fake = Arc::new(FakeStream::default());
-        let recs: Vec<_> = (1..=5).map(|i| record(i, &registered(&i.to_string()))).collect();
+        let recs: Vec<_> = (1..=5)
+            .map(|i| record(i, &registered(&i.to_string())))
+            .collect();
         fake.add_shard("s", None, recs, false);
         let mut poller = StreamPoller::new(fake.clone(), projector(&store), config());
         let stop = AtomicBool::new(false);
         poller.poll_round(&stop).await?;
-        fake.fail_next_get.lock().unwrap().push(StreamError::ExpiredIterator);
+        fake.fail_next_get
+            .lock()
+            .unwrap()
+            .push(StreamError::ExpiredIterator);
         poller.drain(10).await?;
         assert_eq!(store.stats().await?.total(), 5);
         Ok(())
@@ -847,11 +876,17 @@ mod tests {
         store.save_checkpoint("s", "000000000000000000099").await?;
         let fake = Arc::new(FakeStream::default());
         fake.add_shard("s", None, vec![record(100, &registered("x"))], false);
-        fake.fail_next_iterator.lock().unwrap().push(StreamError::Trimmed);
+        fake.fail_next_iterator
+            .lock()
+            .unwrap()
+            .push(StreamError::Trimmed);
         let mut poller = StreamPoller::new(fake.clone(), projector(&store), config());
         poller.drain(5).await?;
         assert_eq!(store.stats().await?.total(), 1);
-        fake.fail_next_get.lock().unwrap().push(StreamError::Trimmed);
+        fake.fail_next_get
+            .lock()
+            .unwrap()
+            .push(StreamError::Trimmed);
         poller.drain(5).await?;
         assert_eq!(store.stats().await?.total(), 1);
         Ok(())
@@ -867,7 +902,11 @@ mod tests {
         fake.add_shard(
             "s",
             None,
-            vec![record(1, &registered("a")), bad, record(3, &registered("c"))],
+            vec![
+                record(1, &registered("a")),
+                bad,
+                record(3, &registered("c")),
+            ],
             false,
         );
         let mut poller = StreamPoller::new(fake.clone(), projector(&store), config());
@@ -883,7 +922,9 @@ mod tests {
     async fn resumes_from_checkpoint() -> Result<(), Box<dyn std::error::Error>> {
         let store = EmbeddedStore::open_in_memory(2)?;
         let fake = Arc::new(FakeStream::default());
-        let recs: Vec<_> = (1..=4).map(|i| record(i, &registered(&i.to_string()))).collect();
+        let recs: Vec<_> = (1..=4)
+            .map(|i| record(i, &registered(&i.to_string())))
+            .collect();
         fake.add_shard("s", None, recs, false);
         let stop = AtomicBool::new(false);
         let mut first = StreamPoller::new(fake.clone(), projector(&store), config());

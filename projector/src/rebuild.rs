@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::model::events::BrokerEvent;
+use domain::model::events::{truncate_to_millis, BrokerEvent};
 use domain::model::ids::sandbox_stream;
 use domain::model::projection::project;
 use domain::store::{ApplyOutcome, EventStore, ListFilter, PoolView, StoreError, ViewStore};
@@ -321,16 +321,18 @@ pub async fn verify(
     options: &RebuildOptions,
     progress: Arc<RebuildProgress>,
 ) -> Result<DriftReport, StoreError> {
-    let rebuild = rebuild_into(Arc::clone(&events), Arc::clone(&scratch), options, progress).await?;
+    let rebuild =
+        rebuild_into(Arc::clone(&events), Arc::clone(&scratch), options, progress).await?;
     let expected = all_rows(scratch.as_ref(), options.list_page).await?;
     let live_rows = all_rows(live.as_ref(), options.list_page).await?;
     let expected_stats = scratch.stats().await?;
     let live_stats = live.stats().await?;
 
-    let ids: std::collections::BTreeSet<&String> = expected.keys().chain(live_rows.keys()).collect();
+    let ids: std::collections::BTreeSet<&String> =
+        expected.keys().chain(live_rows.keys()).collect();
     let suspects: Vec<&String> = ids
         .into_iter()
-        .filter(|id| live_rows.get(*id) != expected.get(*id))
+        .filter(|id| live_rows.get(*id).map(normalize_row) != expected.get(*id).map(normalize_row))
         .collect();
     let mut differences = Vec::new();
     if !suspects.is_empty() {
@@ -388,6 +390,21 @@ pub async fn all_rows(
     }
 }
 
+/// A row at the view's precision: times to the millisecond. The DynamoDB view stores times as
+/// epoch milliseconds (numeric index keys) while payload times carry nanoseconds, so a replay
+/// into the embedded store and the live DynamoDB view agree only at this precision.
+pub fn normalize_row(row: &PoolRow) -> PoolRow {
+    let ms = |t: &Option<chrono::DateTime<chrono::Utc>>| t.map(truncate_to_millis);
+    PoolRow {
+        allocated_at: ms(&row.allocated_at),
+        expires_at: ms(&row.expires_at),
+        deletion_requested_at: ms(&row.deletion_requested_at),
+        due_at: ms(&row.due_at),
+        updated_at: truncate_to_millis(row.updated_at),
+        ..row.clone()
+    }
+}
+
 /// Folds one sandbox stream with the pure projection: the row the view should hold for it.
 pub fn fold_stream(events: &[EventEnvelope]) -> Result<Option<PoolRow>, StoreError> {
     let mut row = None;
@@ -417,7 +434,8 @@ async fn recheck(
 ) -> Result<Option<Drift>, StoreError> {
     let stream = events.load(&sandbox_stream(sandbox_id)).await?;
     let expected = fold_stream(&stream)?;
-    let current = live.get(sandbox_id).await?;
+    let current = live.get(sandbox_id).await?.map(|r| normalize_row(&r));
+    let expected = expected.map(|r| normalize_row(&r));
     if current == expected {
         return Ok(None);
     }

@@ -178,6 +178,13 @@ async fn wait_until_ready(url: &str, child: &mut Child) -> Result<(), String> {
         }
         match store.client().list_tables().limit(1).send().await {
             Ok(_) => return Ok(()),
+            // It answered, but refused: waiting longer will not help; say why.
+            Err(e @ aws_sdk_dynamodb::error::SdkError::ServiceError(_)) => {
+                return Err(format!(
+                    "it answers but refuses ListTables: {}",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                ))
+            }
             Err(e) => last_error = aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -99,6 +99,17 @@ pub struct StatsResponse {
     pub projector_lag_ms: Option<i64>,
 }
 
+/// Body of a successful retry-deletion: the sandbox is queued for cleanup again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryDeletionResponse {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// Status after the command (`pending_deletion`).
+    pub status: String,
+    /// Version of the sandbox's last event.
+    pub version: u64,
+}
+
 /// A sandbox's history.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HistoryResponse {
@@ -115,7 +126,10 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/sandboxes", get(list_sandboxes))
         .route("/admin/stats", get(get_stats))
         .route("/admin/sandboxes/{sandbox_id}/history", get(get_history))
-        .route("/admin/sandboxes/{sandbox_id}/retry-deletion", post(retry_deletion))
+        .route(
+            "/admin/sandboxes/{sandbox_id}/retry-deletion",
+            post(retry_deletion),
+        )
         .route("/admin/sync", post(run_sync))
         .route("/admin/cleanup", post(run_cleanup))
         .route("/admin/auto-expire", post(run_auto_expire))
@@ -132,10 +146,7 @@ fn admin_meta(request_id: &RequestId) -> CommandMeta {
 }
 
 /// Only the known query parameters, each a plain string (anything else is a 400).
-fn query_params(
-    raw: &HashMap<String, String>,
-    allowed: &[&str],
-) -> Result<(), ApiError> {
+fn query_params(raw: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     match raw.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(unknown) => Err(ApiError::validation("query", unknown, "unknown parameter")),
         None => Ok(()),
@@ -164,10 +175,11 @@ fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, Api
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes", tag = "Admin", security(("bearer" = [])),
     params(
-        ("status" = Option<String>, Query, description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
+        ("status" = Option<String>, Query, pattern = "^(available|allocated|pending_deletion|stale|deletion_failed|deleted)$",
+            description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
         ("owner" = Option<String>, Query, description = "Current or most recent owner"),
         ("prefix" = Option<String>, Query, description = "Name prefix"),
-        ("limit" = Option<u32>, Query, description = "1–100, default 50"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 50"),
         ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
     ),
     responses(
@@ -188,7 +200,13 @@ pub async fn list_sandboxes(
         None => 50,
         Some(raw) => match raw.parse::<usize>() {
             Ok(n) if (1..=100).contains(&n) => n,
-            _ => return Err(ApiError::validation("query", "limit", "must be an integer from 1 to 100")),
+            _ => {
+                return Err(ApiError::validation(
+                    "query",
+                    "limit",
+                    "must be an integer from 1 to 100",
+                ))
+            }
         },
     };
     let filter = ListFilter {
@@ -267,7 +285,7 @@ pub async fn get_history(
     post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
     params(("sandbox_id" = String, Path, description = "Broker id")),
     responses(
-        (status = 200, description = "Re-queued", body = AdminSandbox),
+        (status = 200, description = "Re-queued", body = RetryDeletionResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
@@ -281,18 +299,25 @@ pub async fn retry_deletion(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Path(sandbox_id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<RetryDeletionResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
     let sandbox = state
         .broker
-        .execute(&sandbox_id, SandboxCommand::RetryDeletion, &admin_meta(&request_id))
+        .execute(
+            &sandbox_id,
+            SandboxCommand::RetryDeletion,
+            &admin_meta(&request_id),
+        )
         .await
         .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
-    Ok(Json(serde_json::json!({
-        "sandbox_id": sandbox.sandbox_id,
-        "status": sandbox.status.map(|s| s.as_str()),
-        "version": sandbox.version,
-    })))
+    Ok(Json(RetryDeletionResponse {
+        status: sandbox
+            .status
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        sandbox_id: sandbox.sandbox_id,
+        version: sandbox.version,
+    }))
 }
 
 fn job_error(e: jobs::JobError) -> ApiError {
@@ -316,9 +341,13 @@ fn job_error(e: jobs::JobError) -> ApiError {
         (status = 503, description = "CSP or store unavailable", body = ErrorBody),
     )
 )]
-pub async fn run_sync(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn run_sync(
+    State(state): State<SharedState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let summary = state.jobs.sync().await.map_err(job_error)?;
-    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
 }
 
 /// Delete the CSP accounts of pending sandboxes (retries, quarantine).
@@ -332,9 +361,13 @@ pub async fn run_sync(State(state): State<SharedState>) -> Result<Json<serde_jso
         (status = 503, description = "CSP or store unavailable", body = ErrorBody),
     )
 )]
-pub async fn run_cleanup(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn run_cleanup(
+    State(state): State<SharedState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let summary = state.jobs.cleanup().await.map_err(job_error)?;
-    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
 }
 
 /// End allocations past their lab window plus grace.
@@ -352,13 +385,16 @@ pub async fn run_auto_expire(
     State(state): State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let summary = state.jobs.auto_expire().await.map_err(job_error)?;
-    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
 }
 
 /// Retire sandboxes stale for longer than the grace period (store only; CSP untouched).
 #[utoipa::path(
     post, path = "/v1/admin/auto-delete-stale", tag = "Admin", security(("bearer" = [])),
-    params(("grace_period_hours" = Option<u32>, Query, description = "0–8760, default STALE_GRACE_HOURS")),
+    params(("grace_period_hours" = Option<u32>, Query, minimum = 0, maximum = 8760,
+        description = "0–8760, default STALE_GRACE_HOURS")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 400, description = "Bad grace period", body = ErrorBody),
@@ -387,13 +423,16 @@ pub async fn run_delete_stale(
         },
     };
     let summary = state.jobs.delete_stale(grace).await.map_err(job_error)?;
-    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
 }
 
 /// Retire every sandbox of one explicit status from the pool (store only). Never `allocated`.
 #[utoipa::path(
     post, path = "/v1/admin/bulk-delete", tag = "Admin", security(("bearer" = [])),
-    params(("status" = String, Query, description = "available|stale|pending_deletion|deletion_failed (required; never allocated)")),
+    params(("status" = String, Query, pattern = "^(available|stale|pending_deletion|deletion_failed)$",
+        description = "available|stale|pending_deletion|deletion_failed (required; never allocated)")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 400, description = "Missing, unknown or refused status", body = ErrorBody),
@@ -409,7 +448,11 @@ pub async fn bulk_delete(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     query_params(&q, &["status"])?;
     let Some(status) = parse_status(q.get("status"))? else {
-        return Err(ApiError::validation("query", "status", "an explicit status is required"));
+        return Err(ApiError::validation(
+            "query",
+            "status",
+            "an explicit status is required",
+        ));
     };
     if matches!(status, SandboxStatus::Allocated | SandboxStatus::Deleted) {
         return Err(ApiError::validation(
@@ -419,5 +462,7 @@ pub async fn bulk_delete(
         ));
     }
     let summary = state.jobs.bulk_delete(status).await.map_err(job_error)?;
-    Ok(Json(serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
 }

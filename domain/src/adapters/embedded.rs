@@ -22,6 +22,9 @@ use crate::store::{
     ListFilter, PoolView, RowPage, StoreError, ViewStore, MAX_TRANSACTION_ITEMS,
 };
 
+#[path = "embedded_feed.rs"]
+mod feed; // EventFeed (audit): the events_by_time index
+
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;

@@ -11,7 +11,10 @@ use projector::{Projector, ProjectorMetrics};
 
 /// The function's settings (environment only in practice; flags work for local runs).
 #[derive(Debug, Parser)]
-#[command(name = "projector-lambda", about = "Sandbox Broker projector Lambda handler")]
+#[command(
+    name = "projector-lambda",
+    about = "Sandbox Broker projector Lambda handler"
+)]
 struct LambdaConfig {
     #[command(flatten)]
     store: StoreArgs,

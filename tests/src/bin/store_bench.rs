@@ -150,7 +150,10 @@ async fn contended(
             let mut written = 0;
             while written < share {
                 let t = Instant::now();
-                let next = store.load_latest(&stream).await?.map_or(1, |e| e.version + 1);
+                let next = store
+                    .load_latest(&stream)
+                    .await?
+                    .map_or(1, |e| e.version + 1);
                 let outcome = store.append(vec![event(&stream, next, writer)]).await;
                 latency.saturating_record(t.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
                 match outcome {
@@ -197,8 +200,15 @@ async fn bench_adapter(
         .enumerate()
     {
         let case_run = format!("{run}-{i}");
-        let f = throughput(store.clone(), adapter, &case_run, writers, args.appends, two_streams)
-            .await?;
+        let f = throughput(
+            store.clone(),
+            adapter,
+            &case_run,
+            writers,
+            args.appends,
+            two_streams,
+        )
+        .await?;
         print_row(&f);
         figures.push(f);
     }
@@ -218,7 +228,15 @@ async fn bench_adapter(
 fn print_header() {
     println!(
         "{:<9} {:<22} {:>7} {:>7} {:>8} {:>10} {:>8} {:>8} {:>9}",
-        "adapter", "case", "writers", "appends", "seconds", "appends/s", "p50 ms", "p99 ms", "conflicts"
+        "adapter",
+        "case",
+        "writers",
+        "appends",
+        "seconds",
+        "appends/s",
+        "p50 ms",
+        "p99 ms",
+        "conflicts"
     );
 }
 
@@ -246,7 +264,8 @@ async fn main() -> anyhow::Result<()> {
     for adapter in &args.adapters {
         match adapter.as_str() {
             "embedded" => {
-                let dir = std::env::temp_dir().join(format!("store-bench-{}", uuid::Uuid::new_v4()));
+                let dir =
+                    std::env::temp_dir().join(format!("store-bench-{}", uuid::Uuid::new_v4()));
                 let store = EmbeddedStore::open(&dir.join("bench.db"), 8)?;
                 let outcome = bench_adapter(Arc::new(store), "embedded", &args).await;
                 let _ = std::fs::remove_dir_all(&dir);

@@ -14,6 +14,7 @@
 //! - `tables` — the table definitions (also the terraform drift-check JSON) and `ensure_tables`;
 //! - `retry` — error classification and full-jitter backoff.
 
+mod feed; // EventFeed (audit): the by-time GSI
 mod items;
 mod retry;
 mod tables;
@@ -133,9 +134,10 @@ pub async fn load_sdk_config(config: &DynamoConfig) -> Result<SdkConfig, StoreEr
     if let Some(url) = &config.endpoint_url {
         loader = loader.endpoint_url(url);
         if !credentials_in_environment() {
+            // DynamoDB Local accepts only letters and digits in an access key id.
             loader = loader.credentials_provider(Credentials::new(
-                "dynamodb-local",
-                "dynamodb-local",
+                "dynamodblocal",
+                "dynamodblocal",
                 None,
                 None,
                 "sandbox-broker-dev",
@@ -1007,9 +1009,7 @@ impl PoolView for DynamoStore {
                 .filter(|a| a.starts_with(prefix));
             // The smallest string greater than `after` is `after` followed by NUL.
             let start = after.map_or_else(|| prefix.to_string(), |a| format!("{a}\u{0}"));
-            let (mut rows, _) = self
-                .rows(&by_name(start, end), query.limit, None)
-                .await?;
+            let (mut rows, _) = self.rows(&by_name(start, end), query.limit, None).await?;
             if let Some(after) = after {
                 if rows.len() < query.limit {
                     let (wrapped, _) = self

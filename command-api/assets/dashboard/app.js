@@ -1,0 +1,362 @@
+// Sandbox Broker dashboard. Plain JavaScript, no dependencies, served from the broker itself.
+//
+// Sources (all admin API, bearer token from sessionStorage):
+//   pool chart + counts + projector lag  <- GET {base}/admin/stats (every 5 s, and after live events)
+//   allocations per minute (last hour)   <- GET {base}/admin/events?type=SandboxAllocated&since=…
+//                                           then kept current from the live stream
+//   live events table                    <- GET {base}/admin/events/stream, read with fetch() so the
+//                                           token goes in the Authorization header (EventSource
+//                                           cannot set headers); resumed with Last-Event-ID
+//   quarantined sandboxes + retry        <- GET {base}/admin/sandboxes?status=deletion_failed,
+//                                           POST {base}/admin/sandboxes/{id}/retry-deletion
+"use strict";
+
+(function () {
+  const BASE = document.querySelector('meta[name="api-base"]').getAttribute("content") || "/v1";
+  const TOKEN_KEY = "sandbox-broker.admin-token";
+  const STATUSES = ["available", "allocated", "pending_deletion", "stale", "deletion_failed", "deleted"];
+  const FEED_ROWS = 50;
+  const STATS_EVERY_MS = 5000;
+  const QUARANTINE_EVERY_MS = 15000;
+  const RECONNECT_MS = 2000;
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+  let token = sessionStorage.getItem(TOKEN_KEY) || "";
+  let stream = null; // AbortController of the live stream
+  let timers = [];
+  let lastEventId = null;
+  let serverOffsetMs = 0; // server clock - browser clock
+  const allocationKeys = new Set();
+  const allocationTimes = []; // ms epoch of each allocation seen in the last hour
+  let statsPending = null;
+
+  // ---- helpers -------------------------------------------------------------------------------
+
+  function showError(message) {
+    const el = $("error");
+    el.textContent = message;
+    el.hidden = !message;
+  }
+
+  function setConn(text, cls) {
+    const el = $("conn");
+    el.textContent = text;
+    el.className = "pill " + (cls || "");
+  }
+
+  async function api(path, options) {
+    const opts = Object.assign({}, options || {});
+    opts.headers = Object.assign({ Authorization: "Bearer " + token }, opts.headers || {});
+    const resp = await fetch(BASE + path, opts);
+    if (resp.status === 401 || resp.status === 403) {
+      logout("The admin token was refused (" + resp.status + ").");
+      throw new Error("unauthorized");
+    }
+    if (!resp.ok) {
+      let detail = "";
+      try {
+        detail = (await resp.json()).detail.message;
+      } catch (_) {
+        /* not JSON */
+      }
+      throw new Error(resp.status + " " + detail);
+    }
+    return resp.json();
+  }
+
+  function el(tag, attrs, text) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function serverNow() {
+    return Date.now() + serverOffsetMs;
+  }
+
+  function hhmmss(iso) {
+    const t = new Date(iso);
+    return isNaN(t) ? iso : t.toISOString().slice(11, 19);
+  }
+
+  // ---- pool chart, counts, lag -----------------------------------------------------------------
+
+  function drawPool(stats) {
+    const width = 360, height = 170, top = 16, bottom = 34, left = 8;
+    const max = Math.max(1, ...STATUSES.map((s) => stats[s] || 0));
+    const slot = (width - left) / STATUSES.length;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, "data-total": stats.total });
+    root.appendChild(svg("line", { x1: 0, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
+    STATUSES.forEach((status, i) => {
+      const value = stats[status] || 0;
+      const h = Math.round(((height - top - bottom) * value) / max);
+      const x = left + i * slot + slot * 0.15;
+      const w = slot * 0.7;
+      const bar = svg("rect", {
+        x, y: height - bottom - h, width: w, height: h, class: "bar-" + status, "data-status": status, "data-value": value,
+      });
+      bar.appendChild(svg("title", {}, `${status}: ${value}`));
+      root.appendChild(bar);
+      root.appendChild(svg("text", { x: x + w / 2, y: height - bottom - h - 4, "text-anchor": "middle", class: "value" }, value));
+      root.appendChild(svg("text", { x: x + w / 2, y: height - bottom + 14, "text-anchor": "middle" }, status.replace("_", " ").replace("deletion", "del.")));
+    });
+    $("pool-chart").replaceChildren(root);
+  }
+
+  async function refreshStats() {
+    const stats = await api("/admin/stats");
+    for (const s of STATUSES) $("count-" + s).textContent = String(stats[s]);
+    $("count-total").textContent = String(stats.total);
+    drawPool(stats);
+    const lag = stats.projector_lag_ms;
+    $("lag").textContent = lag === null || lag === undefined ? "external" : lag + " ms";
+    $("lag").setAttribute("data-lag-ms", lag === null || lag === undefined ? "" : String(lag));
+    $("updated").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+    document.body.setAttribute("data-stats-loaded", "true");
+  }
+
+  function statsSoon() {
+    if (statsPending) return;
+    statsPending = setTimeout(() => {
+      statsPending = null;
+      refreshStats().catch((e) => showError("stats: " + e.message));
+    }, 300);
+  }
+
+  // ---- allocations per minute ------------------------------------------------------------------
+
+  function countAllocation(key, occurredAt) {
+    if (allocationKeys.has(key)) return;
+    allocationKeys.add(key);
+    allocationTimes.push(new Date(occurredAt).getTime());
+  }
+
+  function drawAllocations() {
+    const now = serverNow();
+    const hourAgo = now - 60 * 60 * 1000;
+    const bins = new Array(60).fill(0);
+    let total = 0;
+    for (const t of allocationTimes) {
+      if (t <= hourAgo || t > now + 60000) continue;
+      const idx = Math.min(59, Math.floor((t - hourAgo) / 60000));
+      bins[idx] += 1;
+      total += 1;
+    }
+    const width = 360, height = 170, top = 16, bottom = 24, left = 24;
+    const max = Math.max(1, ...bins);
+    const slot = (width - left) / 60;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, "data-total": total });
+    root.appendChild(svg("line", { x1: left, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
+    root.appendChild(svg("text", { x: left - 4, y: top + 4, "text-anchor": "end" }, max));
+    root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, 0));
+    bins.forEach((count, i) => {
+      if (!count) return;
+      const h = Math.max(1, Math.round(((height - top - bottom) * count) / max));
+      const bar = svg("rect", { x: left + i * slot + 0.5, y: height - bottom - h, width: Math.max(1, slot - 1), height: h, class: "bar-alloc", "data-minute": i - 59, "data-value": count });
+      bar.appendChild(svg("title", {}, `${59 - i} min ago: ${count}`));
+      root.appendChild(bar);
+    });
+    for (const [i, label] of [[0, "-60m"], [30, "-30m"], [59, "now"]]) {
+      const anchor = i === 0 ? "start" : i === 59 ? "end" : "middle";
+      root.appendChild(svg("text", { x: left + (i === 59 ? 60 : i) * slot, y: height - 6, "text-anchor": anchor }, label));
+    }
+    $("alloc-chart").replaceChildren(root);
+    $("alloc-total").textContent = String(total);
+    $("alloc-total").setAttribute("data-total", String(total));
+    $("alloc-current").textContent = String(bins[59]);
+    $("alloc-current").setAttribute("data-count", String(bins[59]));
+  }
+
+  async function loadAllocations() {
+    const since = new Date(serverNow() - 61 * 60 * 1000).toISOString();
+    let cursor = null;
+    for (let page = 0; page < 20; page++) {
+      let path = "/admin/events?type=SandboxAllocated&limit=500&since=" + encodeURIComponent(since);
+      if (cursor) path += "&cursor=" + encodeURIComponent(cursor);
+      const body = await api(path);
+      if (body.now) serverOffsetMs = new Date(body.now).getTime() - Date.now();
+      for (const e of body.events) countAllocation(e.key, e.occurred_at);
+      cursor = body.cursor;
+      if (!cursor) break;
+    }
+    drawAllocations();
+  }
+
+  // ---- quarantine ------------------------------------------------------------------------------
+
+  async function refreshQuarantine() {
+    const body = await api("/admin/sandboxes?status=deletion_failed&limit=100");
+    const tbody = $("quarantine").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const s of body.sandboxes) {
+      const tr = el("tr", { "data-sandbox": s.sandbox_id });
+      tr.appendChild(el("td", {}, s.sandbox_id));
+      tr.appendChild(el("td", {}, s.name));
+      tr.appendChild(el("td", {}, String(s.deletion_attempts)));
+      tr.appendChild(el("td", {}, s.last_error || ""));
+      const cell = el("td");
+      const button = el("button", { type: "button" }, "Retry deletion");
+      button.addEventListener("click", () => retry(s.sandbox_id, button));
+      cell.appendChild(button);
+      tr.appendChild(cell);
+      tbody.appendChild(tr);
+    }
+    $("quarantine-empty").hidden = body.sandboxes.length > 0;
+  }
+
+  async function retry(id, button) {
+    button.disabled = true;
+    try {
+      await api("/admin/sandboxes/" + encodeURIComponent(id) + "/retry-deletion", { method: "POST" });
+      showError("");
+    } catch (e) {
+      showError("retry " + id + ": " + e.message);
+    }
+    await refreshQuarantine().catch(() => {});
+    statsSoon();
+  }
+
+  // ---- live feed ---------------------------------------------------------------------------------
+
+  function onEvent(id, data) {
+    lastEventId = id;
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch (_) {
+      return;
+    }
+    const tbody = $("feed").querySelector("tbody");
+    const tr = el("tr", { class: "fresh", "data-type": event.event_type, "data-stream": event.stream_id, "data-key": id });
+    tr.appendChild(el("td", {}, hhmmss(event.occurred_at)));
+    tr.appendChild(el("td", { class: "type" }, event.event_type));
+    tr.appendChild(el("td", {}, event.stream_id));
+    tr.appendChild(el("td", {}, event.actor));
+    tbody.insertBefore(tr, tbody.firstChild);
+    while (tbody.children.length > FEED_ROWS) tbody.removeChild(tbody.lastChild);
+    if (event.event_type === "SandboxAllocated") {
+      countAllocation(event.key || id, event.occurred_at);
+      drawAllocations();
+    }
+    if (event.stream_id && event.stream_id.startsWith("sandbox#")) statsSoon();
+    if (event.event_type === "DeletionFailed" || event.event_type === "DeletionRetried") {
+      refreshQuarantine().catch(() => {});
+    }
+  }
+
+  // Parses a text/event-stream body: frames end with a blank line; `id:` and `data:` fields,
+  // `:` comments (heartbeats) ignored.
+  async function readStream(body) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let id = null;
+        const data = [];
+        for (const line of frame.split("\n")) {
+          if (line.startsWith(":")) continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let v = colon < 0 ? "" : line.slice(colon + 1);
+          if (v.startsWith(" ")) v = v.slice(1);
+          if (field === "id") id = v;
+          else if (field === "data") data.push(v);
+        }
+        if (id !== null && data.length) onEvent(id, data.join("\n"));
+      }
+    }
+  }
+
+  async function connectStream() {
+    const controller = new AbortController();
+    stream = controller;
+    // First connection: replay the last 10 minutes so the table is not empty; afterwards resume
+    // after the last event received.
+    const resumeFrom = lastEventId || new Date(serverNow() - 10 * 60 * 1000).toISOString();
+    try {
+      const resp = await fetch(BASE + "/admin/events/stream", {
+        headers: { Authorization: "Bearer " + token, "Last-Event-ID": resumeFrom, Accept: "text/event-stream" },
+        signal: controller.signal,
+        cache: "no-store",
+      });
+      if (resp.status === 401 || resp.status === 403) {
+        logout("The admin token was refused (" + resp.status + ").");
+        return;
+      }
+      if (!resp.ok || !resp.body) throw new Error("stream answered " + resp.status);
+      setConn("live", "live");
+      document.body.setAttribute("data-stream", "live");
+      await readStream(resp.body);
+    } catch (e) {
+      if (controller.signal.aborted) return;
+    }
+    if (stream !== controller || controller.signal.aborted) return;
+    setConn("reconnecting…", "down");
+    document.body.setAttribute("data-stream", "down");
+    setTimeout(() => {
+      if (stream === controller) connectStream();
+    }, RECONNECT_MS);
+  }
+
+  // ---- session -----------------------------------------------------------------------------------
+
+  async function start() {
+    $("login").hidden = true;
+    $("session").hidden = false;
+    $("main").hidden = false;
+    setConn("connecting…");
+    showError("");
+    try {
+      await refreshStats();
+      await loadAllocations();
+      await refreshQuarantine();
+    } catch (e) {
+      if (e.message !== "unauthorized") showError("loading: " + e.message);
+      if (!token) return;
+    }
+    connectStream();
+    timers.push(setInterval(() => refreshStats().catch((e) => showError("stats: " + e.message)), STATS_EVERY_MS));
+    timers.push(setInterval(() => refreshQuarantine().catch(() => {}), QUARANTINE_EVERY_MS));
+    timers.push(setInterval(drawAllocations, 30000));
+  }
+
+  function logout(message) {
+    token = "";
+    sessionStorage.removeItem(TOKEN_KEY);
+    if (stream) stream.abort();
+    stream = null;
+    timers.forEach(clearInterval);
+    timers = [];
+    $("login").hidden = false;
+    $("session").hidden = true;
+    $("main").hidden = true;
+    showError(message || "");
+  }
+
+  $("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    token = $("token").value.trim();
+    $("token").value = "";
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    start();
+  });
+  $("logout").addEventListener("click", () => logout(""));
+  if (token) start();
+})();

@@ -1,0 +1,295 @@
+//! `broker-audit`: the auditor's command line, against either store (`STORE=embedded` with
+//! `EMBEDDED_PATH`, or `STORE=dynamodb` with `TABLE_PREFIX`, `DDB_ENDPOINT_URL`, `AWS_REGION`;
+//! the same settings as the projector's, see `projector::cli::StoreArgs`).
+//!
+//! | command | what |
+//! |---|---|
+//! | `export [--since T] [--until T] [--type X] [--caller C] [--sandbox-id S]` | every event in the range as NDJSON envelopes on stdout, in time order, page by page (constant memory); progress on stderr |
+//! | `replay --at T [--json]` | the whole pool as it was at T: every sandbox stream folded up to T with the projection; counts by status |
+//! | `verify [--json]` | the projector's verify: replay into a scratch view and compare with the live one; exit 1 on drift |
+//!
+//! Exit codes: 0 success, 1 drift (`verify`), 2 an error.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilter};
+use domain::model::events::format_time;
+use domain::store::EventStore;
+use domain::SandboxStatus;
+use projector::cli::{init_tracing, verify_live, ReplayArgs, StoreArgs, StoreKind, VerifyArgs};
+
+/// Exit code of `verify` on drift.
+const EXIT_DRIFT: u8 = 1;
+/// Exit code of any failure.
+const EXIT_ERROR: u8 = 2;
+/// How often export prints progress on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The `broker-audit` arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "broker-audit",
+    about = "Sandbox Broker audit: export, replay at an instant, verify",
+    version
+)]
+struct Cli {
+    /// Store settings (environment or flags; accepted after the subcommand too).
+    #[command(flatten)]
+    store: StoreArgs,
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write every event in a time range as NDJSON envelopes to stdout.
+    Export(ExportArgs),
+    /// Rebuild the whole pool's state at an instant and print the counts by status.
+    Replay(ReplayAtArgs),
+    /// Replay every event into a scratch view and compare with the live view (exit 1 on drift).
+    Verify(VerifyCmd),
+}
+
+/// `broker-audit export`.
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Inclusive lower bound on occurred_at (RFC 3339); default: the first event.
+    #[arg(long, value_parser = parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 minutes.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<DateTime<Utc>>,
+    /// Only this event type.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Only events of this caller (actor `track:<caller>` or named in the payload).
+    #[arg(long)]
+    caller: Option<String>,
+    /// Only events of this sandbox.
+    #[arg(long)]
+    sandbox_id: Option<String>,
+    /// Events per page read from the store.
+    #[arg(long, default_value_t = 500)]
+    page_size: usize,
+}
+
+/// `broker-audit replay`.
+#[derive(Debug, Args)]
+struct ReplayAtArgs {
+    /// The instant (RFC 3339): events with occurred_at <= it are folded.
+    #[arg(long, value_parser = parse_time)]
+    at: DateTime<Utc>,
+    /// Print the counts as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Parallel scan segments.
+    #[arg(long, default_value_t = 4)]
+    segments: u32,
+    /// Events per scan page.
+    #[arg(long, default_value_t = 500)]
+    page_size: usize,
+}
+
+/// `broker-audit verify`.
+#[derive(Debug, Args)]
+struct VerifyCmd {
+    /// Print the whole report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Replay tunables.
+    #[command(flatten)]
+    replay: ReplayArgs,
+}
+
+fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(raw.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-01-31T12:00:00Z"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing(false);
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("broker-audit: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// The event store and its time-ordered feed, from the store settings.
+async fn open(store: &StoreArgs) -> anyhow::Result<(Arc<dyn EventStore>, Arc<dyn EventFeed>)> {
+    Ok(match store.store {
+        StoreKind::Embedded => {
+            let embedded = store.embedded(&store.embedded_path)?;
+            (Arc::new(embedded.clone()), Arc::new(embedded))
+        }
+        StoreKind::Dynamodb => {
+            let dynamo = store.dynamo(&store.table_prefix).await?;
+            (Arc::new(dynamo.clone()), Arc::new(dynamo))
+        }
+    })
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Export(args) => {
+            let (_, feed) = open(&cli.store).await?;
+            export(feed.as_ref(), &args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay(args) => {
+            let (events, _) = open(&cli.store).await?;
+            replay(events, &args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let report = verify_live(
+                &cli.store,
+                &VerifyArgs {
+                    scratch_prefix: None,
+                    json: args.json,
+                    replay: args.replay,
+                },
+            )
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for difference in &report.differences {
+                    println!("DRIFT {difference}");
+                }
+                println!(
+                    "verify: {} events replayed; {} live rows, {} expected; {} difference(s)",
+                    report.rebuild.events_read,
+                    report.live_rows,
+                    report.expected_rows,
+                    report.differences.len()
+                );
+            }
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DRIFT)
+            })
+        }
+    }
+}
+
+/// Streams the range page by page: one page in memory at a time, flushed before the next read.
+async fn export(feed: &dyn EventFeed, args: &ExportArgs) -> anyhow::Result<()> {
+    let mut query = AuditQuery {
+        since: args.since,
+        until: args.until,
+        filter: FeedFilter {
+            event_type: args.event_type.clone(),
+            caller: args.caller.clone(),
+            sandbox_id: args.sandbox_id.clone(),
+        },
+        cursor: None,
+    };
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut written: u64 = 0;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    loop {
+        let page = audit_page(feed, &query, args.page_size.max(1), Utc::now())
+            .await
+            .context("reading the event feed")?;
+        for event in &page.events {
+            serde_json::to_writer(&mut out, event)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush().context("writing to stdout")?;
+        written += page.events.len() as u64;
+        let done = page.cursor.is_none();
+        if done || last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            eprintln!(
+                "export: {written} events{}",
+                page.events
+                    .last()
+                    .map(|e| format!(", up to {}", format_time(&e.occurred_at)))
+                    .unwrap_or_default()
+            );
+        }
+        if done {
+            break;
+        }
+        query.cursor = page.cursor;
+    }
+    eprintln!(
+        "export: done, {written} events in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+async fn replay(events: Arc<dyn EventStore>, args: &ReplayAtArgs) -> anyhow::Result<()> {
+    eprintln!(
+        "replay: folding every sandbox stream up to {}",
+        format_time(&args.at)
+    );
+    let started = Instant::now();
+    let pool = replay_pool_at(events, Some(args.at), args.segments, args.page_size)
+        .await
+        .context("replaying the event table")?;
+    eprintln!(
+        "replay: {} events read, {} applied in {} ms",
+        pool.events_read,
+        pool.events_applied,
+        started.elapsed().as_millis()
+    );
+    let mut counts = serde_json::Map::new();
+    counts.insert("at".into(), format_time(&args.at).into());
+    for status in SandboxStatus::ALL {
+        counts.insert(status.as_str().into(), pool.stats.get(status).into());
+    }
+    counts.insert("total".into(), pool.stats.total().into());
+    if args.json {
+        println!("{}", serde_json::Value::Object(counts));
+    } else {
+        println!("pool at {}:", format_time(&args.at));
+        for status in SandboxStatus::ALL {
+            println!("  {:<17} {}", status.as_str(), pool.stats.get(status));
+        }
+        println!("  {:<17} {}", "total", pool.stats.total());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command line is consistent and parses the store flags after a subcommand.
+    #[test]
+    fn cli_parses() -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "broker-audit",
+            "replay",
+            "--at",
+            "2026-01-01T00:00:00Z",
+            "--store",
+            "dynamodb",
+        ])?;
+        assert!(matches!(cli.command, Command::Replay(_)));
+        assert_eq!(cli.store.store, StoreKind::Dynamodb);
+        assert!(Cli::try_parse_from(["broker-audit", "replay", "--at", "noon"]).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+// Loads the broker's dashboard in headless Chromium (Debian's, never a downloaded browser) and
+// checks it as an operator would see it. Run by scripts/browser-test.sh, which starts the API.
+//
+// Environment: BASE_URL (http://127.0.0.1:PORT), ADMIN_TOKEN, TRACK_TOKEN, SCREENSHOT (png path),
+// CHROMIUM (default /usr/bin/chromium), API_BASE (default /v1).
+// Exit code: 0 when every check passed, 1 otherwise. Every wait is bounded.
+
+import { execFileSync } from "node:child_process";
+import { chromium } from "playwright-core";
+
+const BASE_URL = mustEnv("BASE_URL");
+const ADMIN_TOKEN = mustEnv("ADMIN_TOKEN");
+const TRACK_TOKEN = mustEnv("TRACK_TOKEN");
+const SCREENSHOT = process.env.SCREENSHOT || "artifacts/dashboard.png";
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const API = BASE_URL + (process.env.API_BASE || "/v1");
+const STATUSES = ["available", "allocated", "pending_deletion", "stale", "deletion_failed", "deleted", "total"];
+const WAIT_MS = 20000;
+
+let failures = 0;
+function mustEnv(name) {
+  const v = process.env[name];
+  if (!v) {
+    console.error(`dashboard.mjs: ${name} is not set`);
+    process.exit(1);
+  }
+  return v;
+}
+function check(ok, what, detail) {
+  if (ok) console.log(`ok - ${what}`);
+  else {
+    failures += 1;
+    console.log(`not ok - ${what}${detail ? ": " + detail : ""}`);
+  }
+  return ok;
+}
+
+async function stats() {
+  const resp = await fetch(API + "/admin/stats", { headers: { Authorization: "Bearer " + ADMIN_TOKEN } });
+  if (!resp.ok) throw new Error("stats answered " + resp.status);
+  return resp.json();
+}
+
+async function shownCounts(page) {
+  const counts = {};
+  for (const s of STATUSES) counts[s] = (await page.textContent("#count-" + s)).trim();
+  return counts;
+}
+
+// Polls until the page shows exactly the API's figures (the page refreshes them every 5 s and
+// after live events), bounded.
+async function countsMatch(page, label) {
+  const deadline = Date.now() + WAIT_MS;
+  let shown, truth;
+  while (Date.now() < deadline) {
+    truth = await stats();
+    shown = await shownCounts(page);
+    if (STATUSES.every((s) => shown[s] === String(truth[s]))) break;
+    await page.waitForTimeout(250);
+  }
+  const same = STATUSES.every((s) => shown[s] === String(truth[s]));
+  check(same, `${label}: pool counts on the page equal /v1/admin/stats`, JSON.stringify({ shown, truth }));
+  const bars = await page.$$eval("#pool-chart rect", (rects) =>
+    Object.fromEntries(rects.map((r) => [r.getAttribute("data-status"), r.getAttribute("data-value")])),
+  );
+  check(
+    STATUSES.filter((s) => s !== "total").every((s) => bars[s] === String(truth[s])),
+    `${label}: the pool chart's bars carry the same numbers`,
+    JSON.stringify(bars),
+  );
+  return truth;
+}
+
+function allocate(caller) {
+  // curl, as a track script would call the broker.
+  const out = execFileSync(
+    "curl",
+    [
+      "-sS", "--max-time", "10", "-X", "POST", API + "/allocate",
+      "-H", "Authorization: Bearer " + TRACK_TOKEN,
+      "-H", "X-Instruqt-Sandbox-ID: " + caller,
+      "-w", "\n%{http_code}",
+    ],
+    { encoding: "utf8" },
+  );
+  const [body, status] = [out.slice(0, out.lastIndexOf("\n")), out.slice(out.lastIndexOf("\n") + 1)];
+  check(status === "201", "allocation with the track token (curl) is 201", `${status} ${body}`);
+  return JSON.parse(body).sandbox_id;
+}
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  headless: true,
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+  ],
+});
+const problems = [];
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 1000 } });
+  const page = await context.newPage();
+  page.on("console", (msg) => {
+    if (msg.type() === "error") problems.push("console: " + msg.text());
+  });
+  page.on("pageerror", (err) => problems.push("page error: " + err.message));
+  page.on("request", (req) => {
+    if (!req.url().startsWith(BASE_URL)) problems.push("request outside the broker: " + req.url());
+  });
+
+  const resp = await page.goto(BASE_URL + "/dashboard", { waitUntil: "load", timeout: WAIT_MS });
+  check(resp && resp.status() === 200, "GET /dashboard is 200");
+  const csp = (resp && resp.headers()["content-security-policy"]) || "";
+  check(csp.includes("script-src 'self'") && csp.includes("connect-src 'self'"), "the page has the dashboard CSP", csp);
+  check(await page.isVisible("#login"), "the page asks for the admin token");
+
+  await page.fill("#token", ADMIN_TOKEN);
+  await page.click("#login button[type=submit]");
+  await page.waitForSelector("body[data-stats-loaded=true]", { timeout: WAIT_MS });
+  await page.waitForSelector("body[data-stream=live]", { timeout: WAIT_MS });
+  check(true, "the dashboard loaded its figures and connected the live stream");
+  const stored = await page.evaluate(() => Object.keys(sessionStorage).length === 1 && Object.keys(localStorage).length === 0);
+  check(stored, "the token is kept in sessionStorage only");
+
+  const before = await countsMatch(page, "before the allocation");
+  const lag = (await page.textContent("#lag")).trim();
+  check(/^\d+ ms$/.test(lag) || lag === "external", "projector lag is shown", lag);
+  const beforeTotal = Number(await page.getAttribute("#alloc-total", "data-total"));
+
+  const caller = "browser-test-" + Date.now();
+  const sandboxId = allocate(caller);
+  const row = `#feed tbody tr[data-type="SandboxAllocated"][data-stream="sandbox#${sandboxId}"]`;
+  try {
+    await page.waitForSelector(row, { timeout: WAIT_MS });
+    check(true, "the live table shows the new allocation");
+  } catch (e) {
+    check(false, "the live table shows the new allocation", e.message);
+  }
+  try {
+    await page.waitForFunction(
+      (n) => Number(document.getElementById("alloc-total").getAttribute("data-total")) >= n,
+      beforeTotal + 1,
+      { timeout: WAIT_MS },
+    );
+    check(true, "the allocations-per-minute chart counted it");
+  } catch (e) {
+    check(false, "the allocations-per-minute chart counted it", e.message);
+  }
+  check((await page.$$("#alloc-chart rect.bar-alloc")).length > 0, "the allocations chart draws a bar");
+  const after = await countsMatch(page, "after the allocation");
+  check(after.allocated === before.allocated + 1, "the API itself counts one more allocated sandbox", `${before.allocated} -> ${after.allocated}`);
+  check(
+    (await page.$$("#quarantine-empty:not([hidden]), #quarantine tbody tr")).length > 0,
+    "the quarantine section is rendered (a table row or 'None.')",
+  );
+
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+  check(true, `screenshot written to ${SCREENSHOT}`);
+  check(problems.length === 0, "no console errors, CSP violations or outside requests", problems.join(" | "));
+} catch (e) {
+  check(false, "the browser run completed", e.stack || String(e));
+} finally {
+  await browser.close();
+}
+console.log(failures === 0 ? "browser test: all checks passed" : `browser test: ${failures} check(s) failed`);
+process.exit(failures === 0 ? 0 : 1);
