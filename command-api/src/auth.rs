@@ -31,7 +31,9 @@ pub fn role_of(state: &SharedState, headers: &HeaderMap) -> Result<Role, ApiErro
         return Err(ApiError::unauthorized("Missing Authorization header"));
     };
     let Some(token) = raw.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-        return Err(ApiError::unauthorized("Invalid authorization header format"));
+        return Err(ApiError::unauthorized(
+            "Invalid authorization header format",
+        ));
     };
     let token = token.trim();
     if equal(token, &state.track_token) {

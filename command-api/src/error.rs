@@ -182,13 +182,17 @@ impl ApiError {
     pub fn from_status(status: StatusCode) -> Self {
         match status {
             StatusCode::NOT_FOUND => Self::new(status, "NOT_FOUND", "No such route"),
-            StatusCode::METHOD_NOT_ALLOWED => {
-                Self::new(status, "METHOD_NOT_ALLOWED", "Method not allowed on this route")
-            }
+            StatusCode::METHOD_NOT_ALLOWED => Self::new(
+                status,
+                "METHOD_NOT_ALLOWED",
+                "Method not allowed on this route",
+            ),
             StatusCode::PAYLOAD_TOO_LARGE => {
                 Self::new(status, "PAYLOAD_TOO_LARGE", "Request body too large")
             }
-            StatusCode::REQUEST_TIMEOUT => Self::new(status, "REQUEST_TIMEOUT", "Request timed out"),
+            StatusCode::REQUEST_TIMEOUT => {
+                Self::new(status, "REQUEST_TIMEOUT", "Request timed out")
+            }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 Self::new(status, "VALIDATION_ERROR", "Unsupported media type")
             }
@@ -259,7 +263,9 @@ impl ApiError {
             }
             BrokerError::Domain(d) => ApiError::invalid_state(d.to_string()),
             BrokerError::Store(s) => s.into(),
-            BrokerError::NoSandboxAvailable { retry_after_s } => ApiError::no_sandboxes(retry_after_s),
+            BrokerError::NoSandboxAvailable { retry_after_s } => {
+                ApiError::no_sandboxes(retry_after_s)
+            }
             BrokerError::InvalidInput(id) => ApiError::validation("header", "id", id.to_string()),
         }
     }

@@ -60,7 +60,9 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::dashboard::router())
         .merge(docs)
         .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_BODY_BYTES,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,

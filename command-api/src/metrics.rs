@@ -43,17 +43,25 @@ impl ApiMetrics {
             "Candidates lost to concurrent allocators",
         )?;
         let marked = IntCounterVec::new(
-            Opts::new("broker_deletion_marked_total", "Mark-for-deletion calls by outcome"),
+            Opts::new(
+                "broker_deletion_marked_total",
+                "Mark-for-deletion calls by outcome",
+            ),
             &["outcome"],
         )?;
         let allocation_latency = HistogramVec::new(
-            HistogramOpts::new("broker_allocation_latency_seconds", "Allocation latency")
-                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]),
+            HistogramOpts::new("broker_allocation_latency_seconds", "Allocation latency").buckets(
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                ],
+            ),
             &["outcome"],
         )?;
         let request_latency = HistogramVec::new(
             HistogramOpts::new("broker_request_latency_seconds", "Request latency by route")
-                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0]),
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                ]),
             &["method", "endpoint", "status"],
         )?;
         let rate_limited = IntCounter::new(
@@ -92,7 +100,10 @@ impl ApiMetrics {
 /// Renders a registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut buf = Vec::new();
-    if TextEncoder::new().encode(&registry.gather(), &mut buf).is_err() {
+    if TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .is_err()
+    {
         return String::new();
     }
     String::from_utf8(buf).unwrap_or_default()

@@ -47,7 +47,11 @@ pub fn init_tracing(format: &str) {
     let _ = if format == "text" {
         builder.try_init()
     } else {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     };
 }
 
@@ -97,40 +101,40 @@ pub async fn build_with(
         embedded,
         dynamo,
     } = match config.store {
-            StoreKind::Embedded => {
-                let store = EmbeddedStore::open(&config.embedded_path, config.stats_shards)
-                    .with_context(|| format!("open {}", config.embedded_path.display()))?;
-                Stores {
-                    events: Arc::new(store.clone()),
-                    view: Arc::new(store.clone()),
-                    embedded: Some(store),
-                    dynamo: None,
-                }
+        StoreKind::Embedded => {
+            let store = EmbeddedStore::open(&config.embedded_path, config.stats_shards)
+                .with_context(|| format!("open {}", config.embedded_path.display()))?;
+            Stores {
+                events: Arc::new(store.clone()),
+                view: Arc::new(store.clone()),
+                embedded: Some(store),
+                dynamo: None,
             }
-            StoreKind::Dynamodb => {
-                let store = domain::adapters::dynamo::DynamoStore::connect(
-                    domain::adapters::dynamo::DynamoConfig {
-                        table_prefix: config.table_prefix.clone(),
-                        endpoint_url: config.ddb_endpoint_url.clone(),
-                        region: config.aws_region.clone(),
-                        stats_shards: config.stats_shards,
-                        max_retries: 6,
-                    },
-                )
-                .await
-                .context("connect to DynamoDB")?;
-                if config.ensure_tables {
-                    store.ensure_tables().await.context("create tables")?;
-                }
-                let shared = Arc::new(store.clone());
-                Stores {
-                    events: shared.clone(),
-                    view: shared,
-                    embedded: None,
-                    dynamo: Some(store),
-                }
+        }
+        StoreKind::Dynamodb => {
+            let store = domain::adapters::dynamo::DynamoStore::connect(
+                domain::adapters::dynamo::DynamoConfig {
+                    table_prefix: config.table_prefix.clone(),
+                    endpoint_url: config.ddb_endpoint_url.clone(),
+                    region: config.aws_region.clone(),
+                    stats_shards: config.stats_shards,
+                    max_retries: 6,
+                },
+            )
+            .await
+            .context("connect to DynamoDB")?;
+            if config.ensure_tables {
+                store.ensure_tables().await.context("create tables")?;
             }
-        };
+            let shared = Arc::new(store.clone());
+            Stores {
+                events: shared.clone(),
+                view: shared,
+                embedded: None,
+                dynamo: Some(store),
+            }
+        }
+    };
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
     let broker = Arc::new(Broker::new(
@@ -210,7 +214,10 @@ pub async fn build_with(
         }
     }
     if config.runs_jobs() {
-        tasks.push(tokio::spawn(jobs::worker::run(jobs.clone(), stopped(stop_rx.clone()))));
+        tasks.push(tokio::spawn(jobs::worker::run(
+            jobs.clone(),
+            stopped(stop_rx.clone()),
+        )));
     }
 
     let state = Arc::new(AppState {
@@ -272,12 +279,18 @@ pub fn print_banner(config: &Config, addr: SocketAddr) {
     let base = config.api_base_path.trim_end_matches('/');
     println!("Sandbox Broker listening on http://{addr}");
     println!("  API docs:  http://{addr}{base}/docs");
-    println!("  store:     {:?}{}", config.store, match config.store {
-        StoreKind::Embedded => format!(" ({})", config.embedded_path.display()),
-        StoreKind::Dynamodb => format!(" (tables {}-*)", config.table_prefix),
-    });
+    println!(
+        "  store:     {:?}{}",
+        config.store,
+        match config.store {
+            StoreKind::Embedded => format!(" ({})", config.embedded_path.display()),
+            StoreKind::Dynamodb => format!(" (tables {}-*)", config.table_prefix),
+        }
+    );
     if config.uses_dev_tokens() {
-        println!("  DEV-ONLY tokens (set BROKER_API_TOKEN / BROKER_ADMIN_TOKEN for anything real):");
+        println!(
+            "  DEV-ONLY tokens (set BROKER_API_TOKEN / BROKER_ADMIN_TOKEN for anything real):"
+        );
         println!("    track: {}", config.track_token());
         println!("    admin: {}", config.admin_token());
     }

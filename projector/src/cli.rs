@@ -164,6 +164,9 @@ pub struct PollArgs {
     /// Shard-list refresh period, ms.
     #[arg(long, env = "POLL_DISCOVER_EVERY_MS", default_value_t = 10_000)]
     pub discover_every_ms: u64,
+    /// Event streams of one batch applied concurrently (each stream stays in order).
+    #[arg(long, env = "POLL_APPLY_CONCURRENCY", default_value_t = 16)]
+    pub apply_concurrency: usize,
     /// Create missing tables first (DynamoDB Local and dev).
     #[arg(long, env = "ENSURE_TABLES", default_value_t = false)]
     pub ensure_tables: bool,
@@ -177,6 +180,7 @@ impl PollArgs {
             idle_min: Duration::from_millis(self.idle_min_ms.max(1)),
             idle_max: Duration::from_millis(self.idle_max_ms.max(self.idle_min_ms.max(1))),
             discover_every: Duration::from_millis(self.discover_every_ms.max(100)),
+            apply_concurrency: self.apply_concurrency.max(1),
             ..PollerConfig::default()
         }
     }

@@ -2,9 +2,10 @@
 //! §7), used by `projector poll` (DynamoDB Local, or AWS without the Lambda mapping).
 //!
 //! One round: (re)discover shards when due, then for every *ready* shard — open or closed, whose
-//! parent is fully applied or no longer listed — fetch one `GetRecords` batch and apply it record
-//! by record through [`Projector::apply`], then save the shard's checkpoint (the last sequence
-//! number applied). Shards are polled concurrently; records of one shard strictly in order.
+//! parent is fully applied or no longer listed — fetch one `GetRecords` batch and apply it
+//! through [`Projector::apply`], then save the shard's checkpoint (the last sequence number below
+//! which everything is applied). Shards are polled concurrently; inside a batch, each event
+//! stream's records are applied strictly in order and different streams concurrently.
 //!
 //! Why lineage matters: after a split, a partition key's older records are in the parent shard and
 //! its newer ones in a child. Reading a child first would make every row look like it has a gap;
@@ -140,6 +141,9 @@ pub struct PollerConfig {
     pub discover_every: Duration,
     /// Longest pause after failing rounds (default 5 s).
     pub error_backoff_max: Duration,
+    /// Event streams of one batch applied concurrently (`POLL_APPLY_CONCURRENCY`, default 16;
+    /// 1 = one record at a time). One stream's records are always applied in order.
+    pub apply_concurrency: usize,
 }
 
 impl Default for PollerConfig {
@@ -150,6 +154,7 @@ impl Default for PollerConfig {
             idle_max: Duration::from_millis(1000),
             discover_every: Duration::from_secs(10),
             error_backoff_max: Duration::from_secs(5),
+            apply_concurrency: 16,
         }
     }
 }
@@ -496,36 +501,28 @@ async fn poll_shard(
     };
     result.records = batch.records.len();
     state.age_ms = 0;
-    let mut stopped_early = false;
-    for record in &batch.records {
-        if stop.load(Ordering::Relaxed) {
-            stopped_early = true;
-            break;
+    let statuses = apply_records(projector, shard_id, &batch.records, config, stop).await;
+    // The shard's position may only move over a prefix in which every record is done (applied,
+    // redundant or poison): the first record failed or not attempted bounds it, and everything
+    // from there is read again (records of other streams after it that did apply come back as
+    // duplicates and are skipped).
+    let done = statuses
+        .iter()
+        .position(|s| matches!(s, RecordStatus::Failed | RecordStatus::NotAttempted))
+        .unwrap_or(statuses.len());
+    for status in &statuses {
+        match status {
+            RecordStatus::Applied => result.applied += 1,
+            RecordStatus::Poison => result.poison += 1,
+            RecordStatus::Failed => result.failed = true,
+            RecordStatus::Other | RecordStatus::NotAttempted => {}
         }
-        match apply_record(projector, shard_id, record).await {
-            Ok(Some(ApplyOutcome::Applied)) => result.applied += 1,
-            Ok(_) => {}
-            Err(RecordFailure::Poison(reason)) => {
-                result.poison += 1;
-                projector
-                    .metrics()
-                    .events
-                    .with_label_values(&["poison"])
-                    .inc();
-                tracing::error!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
-                    keys = %describe_keys(&record.keys), error = %reason, "skipping poison stream record");
-            }
-            Err(RecordFailure::Retry(e)) => {
-                tracing::warn!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
-                    keys = %describe_keys(&record.keys), error = %e, "apply failed; will retry from this record");
-                result.failed = true;
-                stopped_early = true;
-                break;
-            }
-        }
-        state.position = Some(record.sequence_number.clone());
+    }
+    let stopped_early = done < batch.records.len();
+    if let Some(last) = done.checked_sub(1).and_then(|i| batch.records.get(i)) {
+        state.position = Some(last.sequence_number.clone());
         state.from_horizon = false;
-        if let Some(at) = record.created_at {
+        if let Some(at) = last.created_at {
             state.age_ms = (Utc::now() - at).num_milliseconds().max(0);
         }
     }
@@ -541,6 +538,96 @@ async fn poll_shard(
         result.ended = true;
     }
     Ok(result)
+}
+
+/// What happened to one record of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordStatus {
+    /// It changed the view.
+    Applied,
+    /// Already applied, not a view event, or not an insert: nothing to do.
+    Other,
+    /// Can never apply: logged, counted and skipped.
+    Poison,
+    /// Failed for now (retried from here).
+    Failed,
+    /// Not tried: an earlier record of its stream failed, or shutdown was requested.
+    NotAttempted,
+}
+
+/// Applies a batch: records of one event stream strictly in order, different streams
+/// concurrently (`apply_concurrency` at a time) — DynamoDB writes are latency-bound, and streams
+/// are independent, so this multiplies throughput without changing any stream's order. Returns
+/// each record's status, by index.
+async fn apply_records(
+    projector: &Projector,
+    shard_id: &str,
+    records: &[StreamRecord],
+    config: &PollerConfig,
+    stop: &AtomicBool,
+) -> Vec<RecordStatus> {
+    use futures::StreamExt;
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+    for (index, record) in records.iter().enumerate() {
+        // Event items are keyed by stream_id; a record without one forms its own group.
+        let key = match record.keys.get("stream_id") {
+            Some(AttributeValue::S(stream)) => stream.clone(),
+            _ => format!("#record-{index}"),
+        };
+        groups
+            .entry(key.clone())
+            .or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            })
+            .push(index);
+    }
+    let group_runs = order
+        .into_iter()
+        .filter_map(|key| groups.remove(&key))
+        .map(|indices| async move {
+            let mut out = Vec::with_capacity(indices.len());
+            let mut blocked = false;
+            for index in indices {
+                let record = &records[index];
+                if blocked || stop.load(Ordering::Relaxed) {
+                    out.push((index, RecordStatus::NotAttempted));
+                    continue;
+                }
+                let status = match apply_record(projector, shard_id, record).await {
+                    Ok(Some(ApplyOutcome::Applied)) => RecordStatus::Applied,
+                    Ok(_) => RecordStatus::Other,
+                    Err(RecordFailure::Poison(reason)) => {
+                        projector
+                            .metrics()
+                            .events
+                            .with_label_values(&["poison"])
+                            .inc();
+                        tracing::error!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
+                            keys = %describe_keys(&record.keys), error = %reason, "skipping poison stream record");
+                        RecordStatus::Poison
+                    }
+                    Err(RecordFailure::Retry(e)) => {
+                        tracing::warn!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
+                            keys = %describe_keys(&record.keys), error = %e, "apply failed; will retry from this record");
+                        blocked = true;
+                        RecordStatus::Failed
+                    }
+                };
+                out.push((index, status));
+            }
+            out
+        });
+    let mut statuses = vec![RecordStatus::NotAttempted; records.len()];
+    let results: Vec<Vec<(usize, RecordStatus)>> = futures::stream::iter(group_runs)
+        .buffer_unordered(config.apply_concurrency.max(1))
+        .collect()
+        .await;
+    for (index, status) in results.into_iter().flatten() {
+        statuses[index] = status;
+    }
+    statuses
 }
 
 /// A new iterator for a shard from its position (or the horizon). `Ok(None)`: the shard is gone.

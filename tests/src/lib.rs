@@ -8,7 +8,7 @@
 //! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
 
-pub mod ddb_local;
 pub mod app;
-pub mod history;
+pub mod ddb_local;
 pub mod fake_csp;
+pub mod history;

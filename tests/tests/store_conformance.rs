@@ -480,7 +480,7 @@ async fn stats_sum_over_shards(p: Ports) -> TestResult {
 }
 
 /// Candidates run from the random start upwards and wrap below it, available rows only; a prefix
-/// returns exactly the available rows whose names start with it.
+/// returns exactly the available rows whose names start with it, and pages on from `after_name`.
 async fn candidates_wrap_around_and_filter_by_prefix(p: Ports) -> TestResult {
     let add = |id: String, name: String, status, pick| {
         let view = p.view.clone();
@@ -530,6 +530,17 @@ async fn candidates_wrap_around_and_filter_by_prefix(p: Ports) -> TestResult {
         2
     );
     assert_eq!(p.view.candidates(&query(0, 5, Some("nope"))).await?, vec![]);
+    // With `after_name`, a prefix page continues after that name and wraps to the range's start
+    // (the allocated `lab-a-99` is never a candidate).
+    let after = |after: &str, limit| CandidateQuery {
+        after_name: Some(after.to_string()),
+        ..query(0, limit, Some("lab-a"))
+    };
+    let names = |rows: &[PoolRow]| rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    let rows = p.view.candidates(&after("lab-a-04", 2)).await?;
+    assert_eq!(names(&rows), ["lab-a-06", "lab-a-08"]);
+    let rows = p.view.candidates(&after("lab-a-08", 3)).await?;
+    assert_eq!(names(&rows), ["lab-a-10", "lab-a-02", "lab-a-04"]);
     Ok(())
 }
 

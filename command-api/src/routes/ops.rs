@@ -85,10 +85,17 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
                 .with_label_values(&[status.as_str()])
                 .set(stats.get(status));
         }
-        state.metrics.pool.with_label_values(&["total"]).set(stats.total());
+        state
+            .metrics
+            .pool
+            .with_label_values(&["total"])
+            .set(stats.total());
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::metrics::render(&state.registry),
     )
         .into_response()

@@ -74,7 +74,10 @@ impl From<&Sandbox> for SandboxResponse {
             sandbox_id: s.sandbox_id.clone(),
             name: s.name.clone(),
             external_id: s.external_id.clone(),
-            status: s.status.map(|st| st.as_str().to_string()).unwrap_or_default(),
+            status: s
+                .status
+                .map(|st| st.as_str().to_string())
+                .unwrap_or_default(),
             allocated_to_track: s.owner.clone(),
             allocated_at: s.allocated_at.map(|t| t.timestamp()),
             expires_at: s.expires_at.map(|t| t.timestamp()),
@@ -257,8 +260,6 @@ pub async fn mark_for_deletion(
     Ok(Json(MarkResponse {
         sandbox_id: sandbox.sandbox_id.clone(),
         status: "pending_deletion".into(),
-        deletion_requested_at: sandbox
-            .deletion_requested_at
-            .map_or(0, |t| t.timestamp()),
+        deletion_requested_at: sandbox.deletion_requested_at.map_or(0, |t| t.timestamp()),
     }))
 }
