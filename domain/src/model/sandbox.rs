@@ -6,7 +6,7 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use super::error::DomainError;
-use super::events::SandboxEvent;
+use super::events::{truncate_to_millis, SandboxEvent};
 use super::lifecycle::{next_status, SandboxStatus, Transition};
 use crate::clock::SharedClock;
 
@@ -171,6 +171,9 @@ impl Sandbox {
     ) -> Result<Vec<SandboxEvent>, DomainError> {
         use SandboxCommand as C;
         use SandboxEvent as E;
+        // Stored times have millisecond precision (envelopes and view rows alike), so payload
+        // times are cut to it too: a replay then reproduces every row exactly on every adapter.
+        let now = truncate_to_millis(now);
         let event = match command {
             C::Register {
                 sandbox_id,
@@ -249,7 +252,7 @@ impl Sandbox {
                 E::DeletionAttemptFailed {
                     attempt: self.attempts + 1,
                     error,
-                    next_attempt_at,
+                    next_attempt_at: truncate_to_millis(next_attempt_at),
                 }
             }
             C::FailDeletion { error } => {
