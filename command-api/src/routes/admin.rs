@@ -320,6 +320,16 @@ pub async fn retry_deletion(
     }))
 }
 
+/// A job run's summary as the response body, or its error mapped to the envelope.
+fn job_summary<S: Serialize>(
+    result: Result<S, jobs::JobError>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let summary = result.map_err(job_error)?;
+    serde_json::to_value(summary)
+        .map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 fn job_error(e: jobs::JobError) -> ApiError {
     match e {
         jobs::JobError::Store(s) => s.into(),
@@ -344,10 +354,7 @@ fn job_error(e: jobs::JobError) -> ApiError {
 pub async fn run_sync(
     State(state): State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let summary = state.jobs.sync().await.map_err(job_error)?;
-    Ok(Json(
-        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
-    ))
+    job_summary(state.jobs.sync().await)
 }
 
 /// Delete the CSP accounts of pending sandboxes (retries, quarantine).
@@ -364,10 +371,7 @@ pub async fn run_sync(
 pub async fn run_cleanup(
     State(state): State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let summary = state.jobs.cleanup().await.map_err(job_error)?;
-    Ok(Json(
-        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
-    ))
+    job_summary(state.jobs.cleanup().await)
 }
 
 /// End allocations past their lab window plus grace.
@@ -384,10 +388,7 @@ pub async fn run_cleanup(
 pub async fn run_auto_expire(
     State(state): State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let summary = state.jobs.auto_expire().await.map_err(job_error)?;
-    Ok(Json(
-        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
-    ))
+    job_summary(state.jobs.auto_expire().await)
 }
 
 /// Retire sandboxes stale for longer than the grace period (store only; CSP untouched).
@@ -422,10 +423,7 @@ pub async fn run_delete_stale(
             }
         },
     };
-    let summary = state.jobs.delete_stale(grace).await.map_err(job_error)?;
-    Ok(Json(
-        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
-    ))
+    job_summary(state.jobs.delete_stale(grace).await)
 }
 
 /// Retire every sandbox of one explicit status from the pool (store only). Never `allocated`.
@@ -461,8 +459,5 @@ pub async fn bulk_delete(
             "bulk delete never touches allocated (or already deleted) sandboxes",
         ));
     }
-    let summary = state.jobs.bulk_delete(status).await.map_err(job_error)?;
-    Ok(Json(
-        serde_json::to_value(summary).map_err(|e| ApiError::internal(e.to_string()))?,
-    ))
+    job_summary(state.jobs.bulk_delete(status).await)
 }
