@@ -34,11 +34,11 @@ use tests::ddb_local;
 // ---------------------------------------------------------------------------------------------
 
 /// Appends go to the store under test and are also applied, synchronously, to an in-memory
-/// helper view that the broker reads its allocation candidates from — so generating events never
+/// candidate view that the broker reads its allocation candidates from — so generating events never
 /// depends on the projector being tested (which these tests stop, crash and reorder).
 struct TeeEvents {
     inner: Arc<dyn EventStore>,
-    helper: EmbeddedStore,
+    candidate_view: EmbeddedStore,
 }
 
 #[async_trait]
@@ -58,7 +58,7 @@ impl EventStore for TeeEvents {
     async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
         self.inner.append(events.clone()).await?;
         for event in &events {
-            apply_event(&self.helper, event).await?;
+            apply_event(&self.candidate_view, event).await?;
         }
         Ok(())
     }
@@ -80,14 +80,15 @@ impl EventStore for TeeEvents {
 
 /// A broker appending to `events`, choosing candidates from a private, always-current view.
 fn broker_over(events: Arc<dyn EventStore>) -> Broker {
-    let helper = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("helper view: {e}"));
+    let candidate_view =
+        EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("candidate view: {e}"));
     let tee = Arc::new(TeeEvents {
         inner: events,
-        helper: helper.clone(),
+        candidate_view: candidate_view.clone(),
     });
     Broker::new(
         tee,
-        Arc::new(helper),
+        Arc::new(candidate_view),
         Arc::new(SystemClock),
         BrokerConfig::default(),
     )

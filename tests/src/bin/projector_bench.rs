@@ -100,7 +100,7 @@ struct Args {
 /// broker picks allocation candidates — so the load never waits for the projector measured.
 struct TeeEvents {
     inner: Arc<dyn EventStore>,
-    helper: EmbeddedStore,
+    candidate_view: EmbeddedStore,
 }
 
 #[async_trait]
@@ -120,7 +120,7 @@ impl EventStore for TeeEvents {
     async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
         self.inner.append(events.clone()).await?;
         for event in &events {
-            apply_event(&self.helper, event).await?;
+            apply_event(&self.candidate_view, event).await?;
         }
         Ok(())
     }
@@ -180,15 +180,15 @@ struct Driver {
 
 impl Driver {
     fn new(events: Arc<dyn EventStore>) -> anyhow::Result<Self> {
-        let helper = EmbeddedStore::open_in_memory(4)?;
+        let candidate_view = EmbeddedStore::open_in_memory(4)?;
         let tee = Arc::new(TeeEvents {
             inner: events,
-            helper: helper.clone(),
+            candidate_view: candidate_view.clone(),
         });
         Ok(Self {
             broker: Broker::new(
                 tee,
-                Arc::new(helper),
+                Arc::new(candidate_view),
                 Arc::new(SystemClock),
                 BrokerConfig::default(),
             ),
