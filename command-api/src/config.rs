@@ -55,6 +55,9 @@ pub struct Config {
     /// Table-name prefix: `{prefix}-events|pool|stats|checkpoints`.
     #[arg(long, env = "TABLE_PREFIX", default_value = "sandbox-broker")]
     pub table_prefix: String,
+    /// Jittered retries of throttled, conflicting or 5xx DynamoDB calls before `Unavailable`.
+    #[arg(long, env = "DDB_MAX_RETRIES", default_value_t = 6)]
+    pub ddb_max_retries: u32,
     /// Stats shard count.
     #[arg(long, env = "STATS_SHARDS", default_value_t = 8)]
     pub stats_shards: u32,

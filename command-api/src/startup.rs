@@ -118,7 +118,7 @@ pub async fn build_with(
                     endpoint_url: config.ddb_endpoint_url.clone(),
                     region: config.aws_region.clone(),
                     stats_shards: config.stats_shards,
-                    max_retries: 6,
+                    max_retries: config.ddb_max_retries,
                 },
             )
             .await
