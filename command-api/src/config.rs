@@ -73,9 +73,21 @@ pub struct Config {
     /// Allocation candidates per view query.
     #[arg(long, env = "K_CANDIDATES", default_value_t = 15)]
     pub k_candidates: usize,
-    /// Candidate pages tried before 409.
+    /// Random-offset candidate pages read before a full sweep of the view's available range.
     #[arg(long, env = "ALLOCATE_ROUNDS", default_value_t = 3)]
     pub allocate_rounds: usize,
+    /// Bound on full sweeps of the available range per allocation request.
+    #[arg(long, env = "ALLOCATE_MAX_SWEEPS", default_value_t = 16)]
+    pub allocate_max_sweeps: usize,
+    /// Bound on view rows one sweep reads before answering 409.
+    #[arg(long, env = "ALLOCATE_MAX_SWEEP_ROWS", default_value_t = 20_000)]
+    pub allocate_max_sweep_rows: usize,
+    /// Allocation requests worked on at once per instance; the rest queue in order.
+    #[arg(long, env = "ALLOCATE_CONCURRENCY", default_value_t = 64)]
+    pub allocate_concurrency: usize,
+    /// Re-project a sandbox's view row at once when a command finds it behind its stream.
+    #[arg(long, env = "READ_REPAIR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub read_repair: bool,
     /// Sustained requests per second per caller key.
     #[arg(long, env = "RATE_LIMIT_RPS", default_value_t = 50.0)]
     pub rate_limit_rps: f64,

@@ -137,7 +137,7 @@ pub async fn build_with(
     };
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
-    let broker = Arc::new(Broker::new(
+    let mut broker = Broker::new(
         events.clone(),
         pool_view,
         clock.clone(),
@@ -146,9 +146,16 @@ pub async fn build_with(
             expiry_grace: chrono::Duration::minutes(config.grace_period_minutes),
             k_candidates: config.k_candidates.max(1),
             allocate_rounds: config.allocate_rounds.max(1),
+            max_sweeps: config.allocate_max_sweeps.max(1),
+            max_sweep_rows: config.allocate_max_sweep_rows.max(100),
+            allocate_concurrency: config.allocate_concurrency.max(1),
             ..BrokerConfig::default()
         },
-    ));
+    );
+    if config.read_repair {
+        broker = broker.with_read_repair(view.clone());
+    }
+    let broker = Arc::new(broker);
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

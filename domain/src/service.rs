@@ -2,7 +2,8 @@
 //! appends with version checks, and runs the allocation algorithm of DESIGN.md §6. It knows the
 //! ports only, never an adapter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration as StdDuration, Instant};
 
@@ -20,7 +21,10 @@ use crate::model::ids::{claim_stream, sandbox_stream, validate_id, IdError};
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::PoolRow;
 use crate::model::sandbox::{Sandbox, SandboxCommand};
-use crate::store::{CandidateQuery, EventStore, PoolView, StoreError};
+use crate::store::{
+    repair_row, CandidateQuery, EventStore, ListFilter, PoolView, RepairOutcome, StoreError,
+    ViewStore,
+};
 
 /// Tunables of the command side (each one is a documented environment setting of the API).
 #[derive(Debug, Clone)]
@@ -31,8 +35,20 @@ pub struct BrokerConfig {
     pub expiry_grace: Duration,
     /// Candidates fetched per view query (`K_CANDIDATES`, 15).
     pub k_candidates: usize,
-    /// Fresh candidate pages tried before answering "none available" (`ALLOCATE_ROUNDS`, 3).
+    /// Random-offset candidate pages read before the allocator sweeps the whole available range
+    /// of the view (`ALLOCATE_ROUNDS`, 3). Pages that bring nothing usable do not lead to a 409:
+    /// only a complete sweep that finds nothing untried does.
     pub allocate_rounds: usize,
+    /// Bound on full sweeps per request (`ALLOCATE_MAX_SWEEPS`, 16): each sweep that found
+    /// candidates which concurrent requests then took first starts another.
+    pub max_sweeps: usize,
+    /// Bound on view rows one sweep reads (`ALLOCATE_MAX_SWEEP_ROWS`, 20,000): a view that shows
+    /// more stale rows than this is answered with a 409 instead of a longer scan.
+    pub max_sweep_rows: usize,
+    /// Allocation requests worked on at once in this process (`ALLOCATE_CONCURRENCY`, 64); the
+    /// rest wait their turn in order. Bounds the transactions one instance has in flight, so a
+    /// burst queues here instead of timing out in the store.
+    pub allocate_concurrency: usize,
     /// Reloads of a single-aggregate command after a version conflict (5).
     pub command_retries: usize,
     /// `retry_after` of a 409 NO_SANDBOXES_AVAILABLE, seconds (30).
@@ -46,6 +62,9 @@ impl Default for BrokerConfig {
             expiry_grace: Duration::minutes(30),
             k_candidates: 15,
             allocate_rounds: 3,
+            max_sweeps: 16,
+            max_sweep_rows: 20_000,
+            allocate_concurrency: 64,
             command_retries: 5,
             no_sandbox_retry_after_s: 30,
         }
@@ -96,99 +115,195 @@ pub struct Allocation {
     pub conflicts: u32,
 }
 
-/// Remembers, per name prefix, a shuffled queue of candidates and the ids this process recently
-/// tried, so concurrent requests in one process take distinct candidates and do not retry a
-/// sandbox the (lagging) view still shows as available.
+/// What the allocator of this process knows beyond the (lagging) view: per name prefix a
+/// shuffled queue of candidates, the candidates a request is trying right now, and the sandboxes
+/// known to be taken at a version the view may still show as available.
+///
+/// * **In flight**: a candidate popped by one request is invisible to the others until that
+///   request's conditional write has decided, so concurrent requests in one process never
+///   compete for the same row.
+/// * **Taken**: a sandbox this process allocated, or whose conditional write it lost, is taken
+///   at the row version it was tried at. A view row at that version (or older) is stale and is
+///   skipped; a newer row (the view caught up and the sandbox became available again) is not.
+///   This is what keeps a stale view from turning into 409s: a request never spends its budget
+///   on a sandbox the process already knows to be gone.
 #[derive(Debug, Default)]
-struct CandidateCache {
-    inner: Mutex<CacheState>,
+struct Candidates {
+    inner: Mutex<CandidateState>,
+    /// Woken whenever an in-flight candidate is decided (taken or given back).
+    decided: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
-struct CacheState {
+struct CandidateState {
     queues: HashMap<String, (Instant, VecDeque<PoolRow>)>,
-    tried: HashMap<String, Instant>,
+    in_flight: HashSet<String>,
+    /// Sandbox id → the highest row version known not to be allocatable any more.
+    taken: HashMap<String, u64>,
+    /// Insertion order of `taken`, for bounded memory (oldest forgotten first).
+    taken_order: VecDeque<String>,
+    /// When each of the recent takes happened (sizes candidate pages under a burst).
+    recent_takes: VecDeque<Instant>,
     /// Per prefix, the last name read: the next page continues after it.
     cursors: HashMap<String, String>,
 }
 
 /// How long a queued candidate may wait before it is considered too old to try.
-const CACHE_TTL: StdDuration = StdDuration::from_secs(2);
-/// How long a tried candidate stays excluded (covers the projector's normal lag).
-const TRIED_TTL: StdDuration = StdDuration::from_secs(10);
-/// Bound on remembered prefixes and tried ids (memory stays bounded under any traffic).
-const CACHE_MAX_ENTRIES: usize = 10_000;
+const QUEUE_TTL: StdDuration = StdDuration::from_secs(2);
+/// The window over which recent takes widen the next candidate page.
+const RECENT_WINDOW: StdDuration = StdDuration::from_secs(10);
+/// Bound on remembered prefixes and cursors.
+const MAX_PREFIXES: usize = 10_000;
+/// Bound on remembered taken sandboxes (about 100 bytes each). Forgetting one costs at most one
+/// conflicting write, after which it is remembered again.
+const MAX_TAKEN: usize = 200_000;
+/// Largest candidate page.
+const MAX_PAGE: usize = 200;
 
-impl CandidateCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+/// Why [`Candidates::fill`] found nothing to queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// At least one usable candidate was queued.
+    Queued,
+    /// Every row was known taken.
+    AllTaken,
+    /// Some rows are being tried by other requests right now (and may be given back).
+    OnlyInFlight,
+}
+
+impl CandidateState {
+    fn usable(&self, row: &PoolRow) -> bool {
+        row.status == SandboxStatus::Available
+            && !self.in_flight.contains(&row.sandbox_id)
+            && self
+                .taken
+                .get(&row.sandbox_id)
+                .is_none_or(|&version| row.version > version)
+    }
+}
+
+impl Candidates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CandidateState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The next queued candidate for `prefix` nobody else is trying, marked in flight.
     fn pop(&self, prefix: &str) -> Option<PoolRow> {
         let mut state = self.lock();
-        let now = Instant::now();
-        let CacheState { queues, tried, .. } = &mut *state;
-        let (filled, queue) = queues.get_mut(prefix)?;
-        if now.duration_since(*filled) > CACHE_TTL {
-            queue.clear();
+        let (filled, mut queue) = state.queues.remove(prefix)?;
+        if filled.elapsed() > QUEUE_TTL {
             return None;
         }
+        let mut found = None;
         while let Some(row) = queue.pop_front() {
-            if !tried.contains_key(&row.sandbox_id) {
-                tried.insert(row.sandbox_id.clone(), now);
-                return Some(row);
+            if state.usable(&row) {
+                found = Some(row);
+                break;
             }
         }
-        None
+        if let Some(row) = &found {
+            state.in_flight.insert(row.sandbox_id.clone());
+        }
+        if !queue.is_empty() {
+            state.queues.insert(prefix.to_string(), (filled, queue));
+        }
+        found
     }
 
-    /// Puts back a candidate that was taken but not tried against the store (the request turned
-    /// out to be a replay), so it is not excluded for nothing.
-    fn give_back(&self, prefix: &str, row: PoolRow) {
+    /// Queues the usable rows of a fresh page for `prefix`, shuffled.
+    fn fill(&self, prefix: &str, mut rows: Vec<PoolRow>, last_name: Option<String>) -> Fill {
+        rows.shuffle(&mut rand::rng());
         let mut state = self.lock();
-        state.tried.remove(&row.sandbox_id);
-        if let Some((_, queue)) = state.queues.get_mut(prefix) {
-            queue.push_front(row);
+        if state.queues.len() >= MAX_PREFIXES {
+            state.queues.clear();
         }
+        if state.cursors.len() >= MAX_PREFIXES {
+            state.cursors.clear();
+        }
+        if let Some(last) = last_name {
+            state.cursors.insert(prefix.to_string(), last);
+        }
+        let in_flight = rows.iter().any(|r| state.in_flight.contains(&r.sandbox_id));
+        let fresh: VecDeque<PoolRow> = rows.into_iter().filter(|r| state.usable(r)).collect();
+        if fresh.is_empty() {
+            return if in_flight {
+                Fill::OnlyInFlight
+            } else {
+                Fill::AllTaken
+            };
+        }
+        state
+            .queues
+            .insert(prefix.to_string(), (Instant::now(), fresh));
+        Fill::Queued
+    }
+
+    /// The candidate's conditional write decided that it is gone (this request took it, or
+    /// another writer had): remember it as taken at the version it was tried at.
+    fn taken(&self, row: &PoolRow) {
+        {
+            let mut state = self.lock();
+            state.in_flight.remove(&row.sandbox_id);
+            let now = Instant::now();
+            state.recent_takes.push_back(now);
+            while state
+                .recent_takes
+                .front()
+                .is_some_and(|at| now.duration_since(*at) > RECENT_WINDOW)
+            {
+                state.recent_takes.pop_front();
+            }
+            let previous = state.taken.insert(row.sandbox_id.clone(), row.version);
+            if previous.is_none() {
+                state.taken_order.push_back(row.sandbox_id.clone());
+            }
+            while state.taken.len() > MAX_TAKEN {
+                match state.taken_order.pop_front() {
+                    Some(oldest) => {
+                        state.taken.remove(&oldest);
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.decided.notify_waiters();
+    }
+
+    /// Puts back a candidate that was taken from the queue but not written (the request turned
+    /// out to be a replay), so the next request can use it.
+    fn give_back(&self, prefix: &str, row: PoolRow) {
+        {
+            let mut state = self.lock();
+            state.in_flight.remove(&row.sandbox_id);
+            match state.queues.get_mut(prefix) {
+                Some((_, queue)) => queue.push_front(row),
+                None => {
+                    state
+                        .queues
+                        .insert(prefix.to_string(), (Instant::now(), VecDeque::from([row])));
+                }
+            }
+        }
+        self.decided.notify_waiters();
     }
 
     fn cursor(&self, prefix: &str) -> Option<String> {
         self.lock().cursors.get(prefix).cloned()
     }
 
-    fn recently_tried(&self) -> usize {
-        let mut state = self.lock();
-        let now = Instant::now();
-        state
-            .tried
-            .retain(|_, at| now.duration_since(*at) < TRIED_TTL);
-        state.tried.len()
+    /// Sandboxes taken in the last few seconds: rows the view may still show as available.
+    fn recently_taken(&self) -> usize {
+        self.lock().recent_takes.len()
     }
+}
 
-    fn fill(&self, prefix: &str, mut rows: Vec<PoolRow>) {
-        // The last row in index order is where the next page continues.
-        let last_name = rows.last().map(|r| r.name.clone());
-        rows.shuffle(&mut rand::rng());
-        let mut state = self.lock();
-        if state.queues.len() >= CACHE_MAX_ENTRIES {
-            state.queues.clear();
-        }
-        if state.tried.len() >= CACHE_MAX_ENTRIES {
-            state.tried.clear();
-        }
-        if state.cursors.len() >= CACHE_MAX_ENTRIES {
-            state.cursors.clear();
-        }
-        if let Some(last) = last_name {
-            state.cursors.insert(prefix.to_string(), last);
-        }
-        let CacheState { queues, tried, .. } = &mut *state;
-        let fresh = rows
-            .into_iter()
-            .filter(|r| !tried.contains_key(&r.sandbox_id))
-            .collect::<VecDeque<_>>();
-        queues.insert(prefix.to_string(), (Instant::now(), fresh));
-    }
+/// Where one allocation request is in its search for a candidate.
+#[derive(Debug, Default)]
+struct Search {
+    /// Random-offset pages read.
+    random_pages: usize,
+    /// Full sweeps of the view's available range.
+    sweeps: usize,
 }
 
 /// The broker's command side.
@@ -197,8 +312,19 @@ pub struct Broker {
     view: Arc<dyn PoolView>,
     clock: SharedClock,
     config: BrokerConfig,
-    cache: CandidateCache,
+    candidates: Candidates,
+    /// Admission to the allocation path (`allocate_concurrency` permits).
+    allocating: tokio::sync::Semaphore,
+    /// Where read repair writes, when this process may write the view (`READ_REPAIR`).
+    repair: Option<Arc<dyn ViewStore>>,
+    /// Sandboxes being repaired now (one repair per sandbox at a time).
+    repairing: Arc<Mutex<HashSet<String>>>,
+    /// Rows read repair brought up to date.
+    repaired_rows: Arc<AtomicU64>,
 }
+
+/// Bound on concurrent background repairs: beyond it, the projector is left to catch up.
+const MAX_CONCURRENT_REPAIRS: usize = 64;
 
 /// A sandbox stream folded to its state, with its events.
 #[derive(Debug, Clone)]
@@ -217,13 +343,79 @@ impl Broker {
         clock: SharedClock,
         config: BrokerConfig,
     ) -> Self {
+        let allocating = tokio::sync::Semaphore::new(config.allocate_concurrency.max(1));
         Self {
             events,
             view,
             clock,
             config,
-            cache: CandidateCache::default(),
+            candidates: Candidates::default(),
+            allocating,
+            repair: None,
+            repairing: Arc::default(),
+            repaired_rows: Arc::default(),
         }
+    }
+
+    /// Enables read repair: whenever a strong load shows a sandbox ahead of its view row, the
+    /// row is re-projected from the sandbox's stream at once, through the projector's own
+    /// version-conditioned apply (docs/adr/0010-lag-proof-allocation.md).
+    pub fn with_read_repair(mut self, view: Arc<dyn ViewStore>) -> Self {
+        self.repair = Some(view);
+        self
+    }
+
+    /// Rows brought up to date by read repair since start.
+    pub fn repaired_rows(&self) -> u64 {
+        self.repaired_rows.load(Ordering::Relaxed)
+    }
+
+    /// Re-projects one sandbox now (read repair) and waits for it; `None` when read repair is off.
+    pub async fn repair_view(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Option<RepairOutcome>, BrokerError> {
+        let Some(view) = &self.repair else {
+            return Ok(None);
+        };
+        let outcome = repair_row(self.events.as_ref(), view.as_ref(), sandbox_id).await?;
+        self.repaired_rows
+            .fetch_add(outcome.applied.min(1), Ordering::Relaxed);
+        Ok(Some(outcome))
+    }
+
+    /// Starts a background repair of `sandbox_id`'s row, unless one is already running or too
+    /// many are (the hot path never waits for it).
+    pub fn spawn_repair(&self, sandbox_id: &str) {
+        let Some(view) = self.repair.clone() else {
+            return;
+        };
+        {
+            let mut running = self.repairing.lock().unwrap_or_else(|p| p.into_inner());
+            if running.len() >= MAX_CONCURRENT_REPAIRS || !running.insert(sandbox_id.to_string()) {
+                return;
+            }
+        }
+        let events = self.events.clone();
+        let repairing = self.repairing.clone();
+        let repaired = self.repaired_rows.clone();
+        let sandbox_id = sandbox_id.to_string();
+        tokio::spawn(async move {
+            match repair_row(events.as_ref(), view.as_ref(), &sandbox_id).await {
+                Ok(outcome) if outcome.applied > 0 => {
+                    repaired.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target: "read_repair", sandbox_id, applied = outcome.applied, "view row repaired");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(target: "read_repair", sandbox_id, error = %e, "read repair failed; the projector will catch up");
+                }
+            }
+            repairing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&sandbox_id);
+        });
     }
 
     /// The configuration in force.
@@ -307,22 +499,46 @@ impl Broker {
             .map(|p| validate_id("X-Sandbox-Name-Prefix", p))
             .transpose()?;
         let claim_id = claim_stream(&caller, &key);
+        let cache_key = prefix.as_deref().unwrap_or("");
+        // Waiting for a permit is fair (FIFO); the semaphore is never closed.
+        let _permit = self
+            .allocating
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("allocation admission closed".into()))?;
         let mut conflicts = 0u32;
-        let mut rounds = 0usize;
+        let mut search = Search::default();
+        let mut claim_reads = 0usize;
         // Each pass starts from a strong read of the claim, so a duplicate request that lost the
         // claim race comes back here and returns the winner's sandbox.
         'claim: loop {
+            claim_reads += 1;
             let claim = self.load_claim(&claim_id).await?;
             if let Some(held) = &claim.active {
                 let sandbox = self.load_sandbox(held).await?.sandbox;
-                return Ok(Allocation {
-                    sandbox,
-                    replayed: true,
-                    conflicts,
-                });
+                // The claim was read before the sandbox: a mark-for-deletion or expiry may have
+                // ended the allocation (and released the claim in the same transaction) in
+                // between. Only a sandbox still allocated under this very claim is a replay;
+                // otherwise read the claim again, which now shows it released.
+                if sandbox.status == Some(SandboxStatus::Allocated)
+                    && sandbox.claim_stream.as_deref() == Some(claim_id.as_str())
+                {
+                    return Ok(Allocation {
+                        sandbox,
+                        replayed: true,
+                        conflicts,
+                    });
+                }
+                if claim_reads > self.config.command_retries {
+                    return Err(StoreError::Unavailable(format!(
+                        "claim {claim_id} kept changing while it was read"
+                    ))
+                    .into());
+                }
+                continue 'claim;
             }
             loop {
-                let Some(row) = self.next_candidate(prefix.as_deref(), &mut rounds).await? else {
+                let Some(row) = self.next_candidate(prefix.as_deref(), &mut search).await? else {
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
                     });
@@ -340,7 +556,10 @@ impl Broker {
                     now,
                 ) {
                     Ok(events) => events,
-                    Err(_) => continue,
+                    Err(_) => {
+                        self.candidates.taken(&row);
+                        continue;
+                    }
                 };
                 let grant = match claim.decide(ClaimCommand::Grant {
                     caller: caller.clone(),
@@ -349,7 +568,7 @@ impl Broker {
                 }) {
                     Ok(grant) => grant,
                     Err(e) => {
-                        self.cache.give_back(prefix.as_deref().unwrap_or(""), row);
+                        self.candidates.give_back(cache_key, row);
                         return Err(e.into());
                     }
                 };
@@ -358,6 +577,7 @@ impl Broker {
                 batch.extend(envelopes(&claim_id, claim.version, &grant, meta, now));
                 match self.events.append(batch).await {
                     Ok(()) => {
+                        self.candidates.taken(&row);
                         let mut sandbox = state;
                         for event in &events {
                             sandbox.fold(event);
@@ -370,54 +590,116 @@ impl Broker {
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {
                         // A concurrent duplicate holds the claim now; this candidate is untouched.
-                        self.cache.give_back(prefix.as_deref().unwrap_or(""), row);
+                        self.candidates.give_back(cache_key, row);
                         continue 'claim;
                     }
                     Err(StoreError::VersionConflict { .. }) => {
-                        // Someone else took (or changed) this sandbox: try the next candidate
-                        // at once, no sleeping on the hot path.
+                        // Someone else took (or changed) this sandbox: the view row is stale.
+                        // Remember it as taken so no request of this process tries it again,
+                        // repair its row in the background, and try the next candidate at once
+                        // (no sleeping on the hot path).
                         conflicts += 1;
+                        self.candidates.taken(&row);
+                        self.spawn_repair(&row.sandbox_id);
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        // Unknown outcome (throttled, unreachable): the write may have landed.
+                        // Remembering the row as taken is safe either way; a retry of the
+                        // request finds its claim if it did.
+                        self.candidates.taken(&row);
+                        return Err(e.into());
+                    }
                 }
             }
         }
     }
 
+    /// The next candidate for this request: from the process's queue, else a random-offset page
+    /// of the view, else a full sweep of the view's available range. `None` (a 409) only when a
+    /// complete sweep finds nothing this process does not already know to be taken.
     async fn next_candidate(
         &self,
         prefix: Option<&str>,
-        rounds: &mut usize,
+        search: &mut Search,
     ) -> Result<Option<PoolRow>, BrokerError> {
         let cache_key = prefix.unwrap_or("");
         loop {
-            if let Some(row) = self.cache.pop(cache_key) {
+            if let Some(row) = self.candidates.pop(cache_key) {
                 return Ok(Some(row));
             }
-            if *rounds >= self.config.allocate_rounds {
+            if search.random_pages < self.config.allocate_rounds {
+                search.random_pages += 1;
+                // Ask for enough rows that the ones this process took a moment ago (and the
+                // view may still show as available) cannot crowd out fresh candidates; bounded,
+                // so an allocation's reads stay O(K) whatever the pool size.
+                let limit = (self.config.k_candidates + self.candidates.recently_taken())
+                    .clamp(1, MAX_PAGE);
+                let query = CandidateQuery {
+                    prefix: prefix.map(str::to_string),
+                    start_pick: rand::random(),
+                    after_name: prefix.and_then(|_| self.candidates.cursor(cache_key)),
+                    limit,
+                };
+                let rows = self.view.candidates(&query).await?;
+                let last_name = rows.last().map(|r| r.name.clone());
+                if self.candidates.fill(cache_key, rows, last_name) == Fill::Queued {
+                    continue;
+                }
+                // A page with nothing usable proves nothing about the rest of the pool: sweep.
+                search.random_pages = self.config.allocate_rounds;
+            }
+            if search.sweeps >= self.config.max_sweeps {
+                tracing::warn!(target: "allocate", sweeps = search.sweeps, "candidate sweeps exhausted");
                 return Ok(None);
             }
-            *rounds += 1;
-            // Ask for enough rows that the ones this process tried a moment ago (and the view
-            // may still show as available) cannot crowd out fresh candidates; bounded, so an
-            // allocation's reads stay O(K) whatever the pool size.
-            let limit = (self.config.k_candidates + self.cache.recently_tried()).min(200);
-            let query = CandidateQuery {
-                prefix: prefix.map(str::to_string),
-                start_pick: rand::random(),
-                after_name: prefix.and_then(|_| self.cache.cursor(cache_key)),
-                limit,
-            };
-            let rows = self.view.candidates(&query).await?;
-            let available: Vec<PoolRow> = rows
-                .into_iter()
-                .filter(|r| r.status == SandboxStatus::Available)
-                .collect();
-            if available.is_empty() && *rounds > 1 {
-                return Ok(None);
+            search.sweeps += 1;
+            match self.sweep(prefix).await? {
+                Fill::Queued => continue,
+                Fill::OnlyInFlight => {
+                    // The only candidates left are being tried by other requests; one that turns
+                    // out to be a replay gives its candidate back. Wait for a decision (bounded).
+                    let decided = self.candidates.decided.notified();
+                    let _ = tokio::time::timeout(StdDuration::from_millis(50), decided).await;
+                }
+                Fill::AllTaken => return Ok(None),
             }
-            self.cache.fill(cache_key, available);
         }
+    }
+
+    /// Reads the view's whole available range (for the prefix) page by page until a page has a
+    /// usable candidate. Cost is proportional to the rows the view wrongly shows as available,
+    /// which the projector keeps small; bounded by `max_sweep_rows`.
+    async fn sweep(&self, prefix: Option<&str>) -> Result<Fill, BrokerError> {
+        let cache_key = prefix.unwrap_or("");
+        let filter = ListFilter {
+            status: Some(SandboxStatus::Available),
+            owner: None,
+            prefix: prefix.map(str::to_string),
+        };
+        let mut cursor: Option<String> = None;
+        let mut read = 0usize;
+        let mut in_flight = false;
+        loop {
+            let page = self.view.list(&filter, 100, cursor.as_deref()).await?;
+            read += page.rows.len();
+            match self.candidates.fill(cache_key, page.rows, None) {
+                Fill::Queued => return Ok(Fill::Queued),
+                Fill::OnlyInFlight => in_flight = true,
+                Fill::AllTaken => {}
+            }
+            cursor = page.cursor;
+            if cursor.is_none() || read >= self.config.max_sweep_rows {
+                break;
+            }
+        }
+        if read >= self.config.max_sweep_rows {
+            tracing::warn!(target: "allocate", read, "sweep bound reached; the view lags far behind");
+        }
+        Ok(if in_flight {
+            Fill::OnlyInFlight
+        } else {
+            Fill::AllTaken
+        })
     }
 
     /// The owner ends the allocation: `DeletionRequested` and `ClaimReleased` in one

@@ -143,19 +143,27 @@ impl TestApp {
     /// Registers `n` sandboxes named `{prefix}-{i:04}` (ids `{prefix}-id-{i}`) and waits until
     /// the view shows them.
     pub async fn seed(&self, prefix: &str, n: usize) {
+        let before = self.stats().await.total();
+        self.register(prefix, n).await;
+        let want = before + n as i64;
+        self.wait_until(|s| s.total() >= want).await;
+    }
+
+    /// Registers `n` sandboxes named `{prefix}-{i:04}` (ids `{prefix}-id-{i}`) in the event
+    /// store only; returns their ids. The view shows them once a projector (or a repair) ran.
+    pub async fn register(&self, prefix: &str, n: usize) -> Vec<String> {
         let meta = CommandMeta {
             actor: Actor::Admin,
             request_id: None,
             correlation_id: Some("test-seed".into()),
         };
         let broker = self.state.broker.clone();
-        let before = self.stats().await.total();
-        futures::stream::iter(0..n)
-            .for_each_concurrent(16, |i| {
+        let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-id-{i}")).collect();
+        futures::stream::iter(ids.clone().into_iter().enumerate())
+            .for_each_concurrent(16, |(i, id)| {
                 let broker = broker.clone();
                 let meta = meta.clone();
                 async move {
-                    let id = format!("{prefix}-id-{i}");
                     broker
                         .execute(
                             &id,
@@ -173,8 +181,25 @@ impl TestApp {
                 }
             })
             .await;
-        let want = before + n as i64;
-        self.wait_until(|s| s.total() >= want).await;
+        ids
+    }
+
+    /// Brings the view rows of `ids` up to their streams by read repair (no projector needed);
+    /// panics when the app runs without read repair.
+    pub async fn repair(&self, ids: &[String]) {
+        let broker = self.state.broker.clone();
+        futures::stream::iter(ids.iter().cloned())
+            .for_each_concurrent(16, |id| {
+                let broker = broker.clone();
+                async move {
+                    let outcome = broker
+                        .repair_view(&id)
+                        .await
+                        .unwrap_or_else(|e| panic!("repair {id}: {e}"));
+                    assert!(outcome.is_some(), "read repair is off in this app");
+                }
+            })
+            .await;
     }
 
     /// The view's stats.

@@ -12,6 +12,10 @@ use crate::model::ids::sandbox_id_of;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
 
+pub mod repair;
+
+pub use repair::{repair_row, RepairOutcome};
+
 /// DynamoDB's limit on items in one `TransactWriteItems`; the embedded store enforces the same.
 pub const MAX_TRANSACTION_ITEMS: usize = 100;
 
