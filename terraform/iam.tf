@@ -2,9 +2,9 @@
 #
 #   component            | events table                          | pool / stats (view)     | checkpoints
 #   ---------------------+---------------------------------------+-------------------------+-------------
-#   API task             | append (PutItem, ConditionCheckItem), | read                    | read (lag)
-#                        | read one aggregate (GetItem, Query)   |                         |
-#   jobs task            | append, read                          | read                    | -
+#   API task             | append (PutItem, ConditionCheckItem), | read; read repair       | read (lag)
+#                        | read one aggregate (GetItem, Query)   | (conditional Put + ADD) |
+#   jobs task            | append, read                          | read; read repair       | -
 #   projector Lambda     | stream read; GetItem/Query (catch-up) | WRITE (only writer)     | write
 #   ops task (rebuild)   | full read incl. Scan                  | WRITE (it is the        | write
 #                        |                                       | projector, run by hand) |
@@ -14,8 +14,9 @@
 # conditional cannot be expressed in IAM; what IAM can enforce is that the
 # events table is append-only: no role may UpdateItem, DeleteItem or
 # BatchWriteItem on it, and that denial is explicit so a broader policy
-# attached later cannot undo it. Likewise the API and the jobs are explicitly
-# denied any write to the view tables.
+# attached later cannot undo it. The API and the jobs may write the view only
+# through read repair (conditional row put + stats ADD, docs/adr/0010); deletes,
+# batch writes and checkpoint writes stay explicitly denied to them.
 
 locals {
   events_arns    = [aws_dynamodb_table.events.arn, "${aws_dynamodb_table.events.arn}/index/*"]
@@ -47,6 +48,9 @@ locals {
     "dynamodb:PartiQLUpdate",
     "dynamodb:PartiQLDelete",
   ]
+
+  # What read repair needs on the view (conditional row put, stats-shard ADD).
+  view_repair_actions = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"]
 
   # Use of the customer-managed key (tables, stream, secrets, queue, Lambda
   # environment). Empty when AWS-managed keys are used.
@@ -198,11 +202,27 @@ data "aws_iam_policy_document" "api" {
     resources = local.events_arns
   }
 
+  # Read repair (docs/adr/0010): a row found behind its stream is re-projected through the
+  # projector's version-conditioned apply — a conditional Put of the row plus an ADD on its
+  # stats shard, in one transaction. Nothing else: no deletes, no checkpoints.
   statement {
-    sid       = "OnlyTheProjectorWritesTheView"
+    sid       = "ReadRepairOfTheView"
+    actions   = local.view_repair_actions
+    resources = local.view_arns
+  }
+
+  statement {
+    sid       = "OnlyTheProjectorRewritesTheView"
+    effect    = "Deny"
+    actions   = setsubtract(local.view_write_actions, local.view_repair_actions)
+    resources = local.view_arns
+  }
+
+  statement {
+    sid       = "OnlyTheProjectorMovesCheckpoints"
     effect    = "Deny"
     actions   = local.view_write_actions
-    resources = concat(local.view_arns, [aws_dynamodb_table.checkpoints.arn])
+    resources = [aws_dynamodb_table.checkpoints.arn]
   }
 
   dynamic "statement" {
@@ -263,11 +283,27 @@ data "aws_iam_policy_document" "jobs" {
     resources = local.events_arns
   }
 
+  # Read repair (docs/adr/0010): a row found behind its stream is re-projected through the
+  # projector's version-conditioned apply — a conditional Put of the row plus an ADD on its
+  # stats shard, in one transaction. Nothing else: no deletes, no checkpoints.
   statement {
-    sid       = "OnlyTheProjectorWritesTheView"
+    sid       = "ReadRepairOfTheView"
+    actions   = local.view_repair_actions
+    resources = local.view_arns
+  }
+
+  statement {
+    sid       = "OnlyTheProjectorRewritesTheView"
+    effect    = "Deny"
+    actions   = setsubtract(local.view_write_actions, local.view_repair_actions)
+    resources = local.view_arns
+  }
+
+  statement {
+    sid       = "OnlyTheProjectorMovesCheckpoints"
     effect    = "Deny"
     actions   = local.view_write_actions
-    resources = concat(local.view_arns, [aws_dynamodb_table.checkpoints.arn])
+    resources = [aws_dynamodb_table.checkpoints.arn]
   }
 
   dynamic "statement" {

@@ -365,6 +365,11 @@ impl Broker {
         self
     }
 
+    /// The view read repair writes to, when it is on.
+    pub fn repair_store(&self) -> Option<Arc<dyn ViewStore>> {
+        self.repair.clone()
+    }
+
     /// Rows brought up to date by read repair since start.
     pub fn repaired_rows(&self) -> u64 {
         self.repaired_rows.load(Ordering::Relaxed)

@@ -228,7 +228,16 @@ impl Jobs {
                         if self.is_stopping() {
                             return None;
                         }
-                        Some(self.broker.execute(&row.sandbox_id, command, meta).await)
+                        let result = self.broker.execute(&row.sandbox_id, command, meta).await;
+                        if matches!(&result, Err(e) if is_refusal(e)) {
+                            // The row promised a state the strong load did not find: the view
+                            // is behind this sandbox's stream. Bring the row up to date now
+                            // (read repair), so the next sweep of any job sees the truth.
+                            if let Err(e) = self.broker.repair_view(&row.sandbox_id).await {
+                                tracing::warn!(target: "job", sandbox_id = %row.sandbox_id, error = %e, "read repair failed");
+                            }
+                        }
+                        Some(result)
                     }
                 })
                 .buffer_unordered(self.config.store_concurrency)

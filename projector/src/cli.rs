@@ -235,6 +235,10 @@ pub struct VerifyArgs {
     /// Print the whole report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Fix every difference found (rows behind their stream, corrupted rows, counters), then
+    /// verify again; exit 0 when the view is clean afterwards.
+    #[arg(long)]
+    pub repair: bool,
     /// Replay tunables.
     #[command(flatten)]
     pub replay: ReplayArgs,
@@ -339,8 +343,33 @@ async fn dispatch(
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
-            let report = verify_live(&store, &args).await?;
+            let mut report = verify_live(&store, &args).await?;
             print_report(&report, args.json)?;
+            if args.repair && !report.is_clean() {
+                let (events, live) = live_view(&store).await?;
+                let summary = crate::repair::repair_drift(events, live, &report).await?;
+                tracing::info!(
+                    target: "projector",
+                    rows_repaired = summary.rows_repaired(),
+                    rows_caught_up = summary.rows_caught_up,
+                    rows_rewritten = summary.rows_rewritten,
+                    counters_corrected = summary.counters_corrected,
+                    left = summary.left.len(),
+                    "view repaired"
+                );
+                println!(
+                    "repair: {} row(s) caught up, {} rewritten, {} counter(s) corrected, {} left",
+                    summary.rows_caught_up,
+                    summary.rows_rewritten,
+                    summary.counters_corrected,
+                    summary.left.len()
+                );
+                for left in &summary.left {
+                    println!("LEFT {left}");
+                }
+                report = verify_live(&store, &args).await?;
+                print_report(&report, args.json)?;
+            }
             Ok(if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
@@ -489,6 +518,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     }
+}
+
+/// The configured event store and live view, for `verify --repair`.
+async fn live_view(store: &StoreArgs) -> anyhow::Result<(Arc<dyn EventStore>, Arc<dyn ViewStore>)> {
+    Ok(match store.store {
+        StoreKind::Dynamodb => {
+            let live = store.dynamo(&store.table_prefix).await?;
+            (Arc::new(live.clone()), Arc::new(live))
+        }
+        StoreKind::Embedded => {
+            let live = store.embedded(&store.embedded_path)?;
+            (Arc::new(live.clone()), Arc::new(live))
+        }
+    })
 }
 
 /// `projector verify` against the configured live view.

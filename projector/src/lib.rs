@@ -19,6 +19,8 @@
 //! - [`lambda`] — the Lambda handler: in-order apply, `batchItemFailures`, poison records.
 //! - [`rebuild`] — `rebuild_into` (parallel-scan replay into a fresh view) and `verify` (a
 //!   `DriftReport` comparing a replay with the live view).
+//! - [`repair`] — `verify --repair`: fixes every difference a drift report lists (rows behind
+//!   their stream, corrupted rows, counters) through version-conditioned writes.
 //! - [`serve`] — the tiny `/metrics` HTTP server of `projector poll`.
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it.
@@ -30,6 +32,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod poller;
 pub mod rebuild;
+pub mod repair;
 pub mod serve;
 
 use std::sync::Arc;

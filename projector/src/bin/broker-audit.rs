@@ -160,6 +160,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 &VerifyArgs {
                     scratch_prefix: None,
                     json: args.json,
+                    repair: false,
                     replay: args.replay,
                 },
             )
