@@ -497,7 +497,10 @@ data "aws_iam_policy_document" "scheduler" {
   statement {
     sid       = "RunJobsTask"
     actions   = ["ecs:RunTask"]
-    resources = ["arn:${local.partition}:ecs:${var.aws_region}:${local.account_id}:task-definition/${aws_ecs_task_definition.jobs.family}:*"]
+    resources = [
+      "arn:${local.partition}:ecs:${var.aws_region}:${local.account_id}:task-definition/${aws_ecs_task_definition.jobs.family}:*",
+      "arn:${local.partition}:ecs:${var.aws_region}:${local.account_id}:task-definition/${aws_ecs_task_definition.ops.family}:*",
+    ]
 
     condition {
       test     = "ArnEquals"
@@ -522,7 +525,7 @@ data "aws_iam_policy_document" "scheduler" {
   statement {
     sid       = "PassJobsRoles"
     actions   = ["iam:PassRole"]
-    resources = [aws_iam_role.jobs.arn, aws_iam_role.execution["jobs"].arn]
+    resources = [aws_iam_role.jobs.arn, aws_iam_role.execution["jobs"].arn, aws_iam_role.ops.arn, aws_iam_role.execution["ops"].arn]
 
     condition {
       test     = "StringEquals"

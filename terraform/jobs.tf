@@ -161,3 +161,64 @@ resource "aws_cloudwatch_event_target" "api_deployment_failed" {
   rule = aws_cloudwatch_event_rule.api_deployment_failed.name
   arn  = aws_sns_topic.alarms.arn
 }
+
+# The view heals itself on a schedule: `projector verify --repair` (ops task)
+# replays the events, fixes every row the stream lost or a bug corrupted
+# (docs/adr/0010-lag-proof-allocation.md), and logs "view repaired" with the
+# number of rows it changed — counted by a metric filter with an alarm.
+resource "aws_scheduler_schedule" "view_repair" {
+  #checkov:skip=CKV_AWS_297:The payload is a command line only (no data, no secrets), as for the job schedules.
+  count = var.view_repair_schedule == "" ? 0 : 1
+
+  name        = "${var.name_prefix}-view-repair"
+  group_name  = aws_scheduler_schedule_group.jobs.name
+  description = "Runs `projector verify --repair` as an ECS task"
+  state       = var.jobs_enabled ? "ENABLED" : "DISABLED"
+
+  schedule_expression          = var.view_repair_schedule
+  schedule_expression_timezone = var.job_schedule_timezone
+
+  flexible_time_window {
+    mode = "OFF"
+  }
+
+  target {
+    arn      = aws_ecs_cluster.main.arn
+    role_arn = aws_iam_role.scheduler.arn
+
+    ecs_parameters {
+      task_definition_arn     = aws_ecs_task_definition.ops.arn
+      launch_type             = "FARGATE"
+      task_count              = 1
+      enable_ecs_managed_tags = true
+      propagate_tags          = "TASK_DEFINITION"
+      tags = {
+        Job = "view-repair"
+      }
+
+      network_configuration {
+        subnets          = aws_subnet.private[*].id
+        security_groups  = [aws_security_group.tasks.id]
+        assign_public_ip = false
+      }
+    }
+
+    input = jsonencode({
+      containerOverrides = [
+        {
+          name    = "ops"
+          command = ["/usr/local/bin/projector", "verify", "--repair"]
+        }
+      ]
+    })
+
+    retry_policy {
+      maximum_event_age_in_seconds = 600
+      maximum_retry_attempts       = 3
+    }
+
+    dead_letter_config {
+      arn = aws_sqs_queue.scheduler_dlq.arn
+    }
+  }
+}

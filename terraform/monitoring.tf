@@ -321,6 +321,36 @@ resource "aws_cloudwatch_metric_alarm" "projector_lag" {
   ok_actions          = local.alarm_actions
 }
 
+# Rows the scheduled `projector verify --repair` had to fix: each one is a
+# record the stream source lost or a row something corrupted.
+resource "aws_cloudwatch_log_metric_filter" "view_rows_repaired" {
+  name           = "${var.name_prefix}-view-rows-repaired"
+  log_group_name = aws_cloudwatch_log_group.ops.name
+  pattern        = "{ $.target = \"projector\" && $.message = \"view repaired\" && $.rows_repaired >= 0 }"
+
+  metric_transformation {
+    name      = "ViewRowsRepaired"
+    namespace = var.metrics_namespace
+    value     = "$.rows_repaired"
+    unit      = "Count"
+  }
+}
+
+resource "aws_cloudwatch_metric_alarm" "view_rows_repaired" {
+  alarm_name          = "${var.name_prefix}-view-rows-repaired"
+  alarm_description   = "The scheduled verify --repair fixed view rows: the projector lost or mis-applied records. Read the ops log for the rows (DRIFT lines) and the projector's errors/DLQ."
+  namespace           = var.metrics_namespace
+  metric_name         = "ViewRowsRepaired"
+  statistic           = "Sum"
+  period              = 3600
+  evaluation_periods  = 1
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+  ok_actions          = local.alarm_actions
+}
+
 resource "aws_cloudwatch_metric_alarm" "projector_iterator_age" {
   alarm_name          = "${var.name_prefix}-projector-iterator-age"
   alarm_description   = "The projector is falling behind the events stream (IteratorAge). If it approaches 24 h, records expire from the stream."

@@ -7,12 +7,14 @@
 #      not apply; Lambda retries from that record, not the whole batch.
 #   2. bisect_batch_on_function_error: on a crash/timeout the batch is split
 #      in two and retried, isolating a poison record quickly.
-#   3. maximum_retry_attempts / maximum_record_age_in_seconds bound the
-#      retries so one bad record cannot stall its shard forever.
+#   3. Retries are bounded by record age (maximum_record_age_in_seconds, one
+#      day by default), not by a small count: an outage or throttling burst of
+#      any length under a day loses nothing (maximum_retry_attempts = -1).
 #   4. on_failure destination: what is given up on is recorded (shard,
 #      sequence-number range) in an SQS queue; an alarm fires on its depth.
-#      Recovery: fix, then `projector rebuild` or replay the range
-#      (docs/deploy-aws.md, "Projector failures").
+#   5. Nothing given up on stays lost: the scheduled `projector verify --repair`
+#      (jobs.tf) re-projects every row that is behind its stream, from the
+#      events table — which holds every event the DLQ message points at.
 
 resource "aws_lambda_function" "projector" {
   #checkov:skip=CKV_AWS_116:A DLQ on the function only covers asynchronous invocations; stream invocations are synchronous and their failures go to the event source mapping's on-failure destination (aws_sqs_queue.projector_failures).

@@ -366,6 +366,17 @@ variable "job_schedules" {
   }
 }
 
+variable "view_repair_schedule" {
+  description = "Schedule of `projector verify --repair` (the view heals rows the stream lost); empty to disable."
+  type        = string
+  default     = "rate(1 hour)"
+
+  validation {
+    condition     = var.view_repair_schedule == "" || can(regex("^(rate\\([1-9][0-9]* (minute|minutes|hour|hours|day|days)\\)|cron\\(.+\\))$", var.view_repair_schedule))
+    error_message = "view_repair_schedule must be empty, rate(<n> minutes|hours|days) or cron(<expression>)."
+  }
+}
+
 variable "job_schedule_timezone" {
   description = "Time zone for cron() job schedules (IANA name)."
   type        = string
@@ -466,13 +477,13 @@ variable "projector_parallelization_factor" {
 }
 
 variable "projector_max_retry_attempts" {
-  description = "Bounded retries of a failing batch (after bisection) before its records go to the on-failure queue."
+  description = "Retries of a failing batch (after bisection) before its records go to the on-failure queue; -1 (default) retries until the record is projector_max_record_age_seconds old, so a transient failure (throttling, an outage) never discards a record after a handful of tries."
   type        = number
-  default     = 10
+  default     = -1
 
   validation {
-    condition     = var.projector_max_retry_attempts >= 0 && var.projector_max_retry_attempts <= 10000
-    error_message = "projector_max_retry_attempts must be between 0 and 10000."
+    condition     = var.projector_max_retry_attempts >= -1 && var.projector_max_retry_attempts <= 10000
+    error_message = "projector_max_retry_attempts must be -1 (bounded by record age) or between 0 and 10000."
   }
 }
 
