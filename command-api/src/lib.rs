@@ -13,6 +13,7 @@
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — bounded per-caller token buckets.
 //! - [`metrics`] — Prometheus series (reference names kept).
+//! - [`store_metrics`] — `broker_store_requests_total`: DynamoDB requests by operation and table.
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod store_metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -227,6 +227,13 @@ pub async fn build_with(
         )));
     }
 
+    let store_requests = match &dynamo {
+        Some(store) => Some(crate::store_metrics::StoreRequestMetrics::new(
+            &registry,
+            store.request_counts(),
+        )?),
+        None => None,
+    };
     let state = Arc::new(AppState {
         broker,
         jobs,
@@ -248,6 +255,7 @@ pub async fn build_with(
             .collect(),
         ready_max_lag_ms: config.ready_max_lag_ms,
         base_path: config.api_base_path.trim_end_matches('/').to_string(),
+        store_requests,
         feed,
     });
     Ok(Service {

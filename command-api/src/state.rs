@@ -33,6 +33,8 @@ pub struct AppState {
     pub ready_max_lag_ms: i64,
     /// The versioned API's base path (e.g. `/v1`).
     pub base_path: String,
+    /// DynamoDB requests sent by this process (`None` on the embedded store).
+    pub store_requests: Option<crate::store_metrics::StoreRequestMetrics>,
     /// The audit feed and its live broadcast (`routes::events`).
     pub feed: crate::routes::events::EventsFeed,
 }

@@ -182,7 +182,11 @@ async fn run_tail(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     tokio::pin!(shutdown);
-    let mut tail = FeedTail::after(format_time(&(clock.now() - chrono::Duration::seconds(1))));
+    // The tail reads the store only while somebody listens: an idle instance makes no feed
+    // requests. It (re)starts a second before the first subscriber was noticed — within one
+    // interval of its subscription — so the subscriber misses nothing recorded after it
+    // subscribed (a resuming subscriber replays the gap from the feed itself).
+    let mut tail: Option<FeedTail> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TAIL_INTERVAL) => {}
@@ -191,6 +195,13 @@ async fn run_tail(
                 return;
             }
         }
+        if events.live.receiver_count() == 0 {
+            tail = None;
+            continue;
+        }
+        let tail = tail.get_or_insert_with(|| {
+            FeedTail::after(format_time(&(clock.now() - chrono::Duration::seconds(1))))
+        });
         match tail
             .poll(events.feed.as_ref(), clock.now(), TAIL_MAX_PAGES)
             .await

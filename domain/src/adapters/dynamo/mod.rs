@@ -21,6 +21,7 @@ mod tables;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -60,6 +61,7 @@ use items::{
     BY_OWNER_KEY, BY_STATUS_EXPIRY_KEY, BY_STATUS_NAME_KEY, BY_STATUS_PICK_KEY, EVENTS_KEY,
     POOL_KEY,
 };
+pub use retry::RequestCounts;
 use retry::{classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
 
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
@@ -173,6 +175,7 @@ pub struct DynamoStore {
     table_prefix: String,
     stats_shards: u32,
     max_retries: u32,
+    requests: Arc<RequestCounts>,
 }
 
 impl std::fmt::Debug for DynamoStore {
@@ -304,7 +307,18 @@ impl DynamoStore {
             table_prefix: prefix.clone(),
             stats_shards: config.stats_shards.max(1),
             max_retries: config.max_retries,
+            requests: Arc::default(),
         }
+    }
+
+    /// The requests this store (and its clones) sent, per call name.
+    pub fn request_counts(&self) -> Arc<RequestCounts> {
+        Arc::clone(&self.requests)
+    }
+
+    /// A counted retry budget for one logical call.
+    fn retry(&self, what: &'static str) -> Retry {
+        Retry::counted(what, self.max_retries, Arc::clone(&self.requests))
     }
 
     /// The DynamoDB client (for tools and tests that need a raw call).
@@ -360,7 +374,7 @@ impl DynamoStore {
         Fut: Future<Output = Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let mut retry = Retry::new(what, self.max_retries);
+        let mut retry = self.retry(what);
         loop {
             match request().await {
                 Ok(out) => return Ok(out),
@@ -441,7 +455,7 @@ impl DynamoStore {
                     .map_err(build_error)
             })
             .transpose()?;
-        let mut retry = Retry::new("CreateTable", self.max_retries);
+        let mut retry = self.retry("CreateTable");
         loop {
             let result = self
                 .client
@@ -493,7 +507,7 @@ impl DynamoStore {
     /// One event: a conditional `PutItem`.
     async fn put_event(&self, envelope: &EventEnvelope) -> Result<(), StoreError> {
         let item = envelope_to_item(envelope);
-        let mut retry = Retry::new("PutItem(event)", self.max_retries);
+        let mut retry = self.retry("PutItem(event)");
         loop {
             // `attribute_not_exists(stream_id)` is evaluated on the item with this exact
             // (stream_id, version) key: it holds iff that version of the stream is still free.
@@ -547,7 +561,7 @@ impl DynamoStore {
                     .map_err(build_error)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut retry = Retry::new("TransactWriteItems(events)", self.max_retries);
+        let mut retry = self.retry("TransactWriteItems(events)");
         loop {
             let result = self
                 .client
@@ -798,7 +812,7 @@ impl DynamoStore {
                             .map_err(build_error)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut retry = Retry::new("BatchWriteItem(clear)", self.max_retries);
+                let mut retry = self.retry("BatchWriteItem(clear)");
                 while !requests.is_empty() {
                     let out = self
                         .call("BatchWriteItem(clear)", refused, || {
@@ -1178,7 +1192,7 @@ impl PoolView for DynamoStore {
         let mut stats = PoolStats::default();
         for chunk in keys.chunks(BATCH_GET_KEYS) {
             let mut pending = chunk.to_vec();
-            let mut retry = Retry::new("BatchGetItem(stats)", self.max_retries);
+            let mut retry = self.retry("BatchGetItem(stats)");
             while !pending.is_empty() {
                 let request = KeysAndAttributes::builder()
                     .set_keys(Some(pending.clone()))
@@ -1259,7 +1273,7 @@ impl ViewStore for DynamoStore {
         if delta.is_zero() {
             // Nothing to count: a single conditional PutItem is just as atomic, at half the
             // write cost of a transaction.
-            let mut retry = Retry::new("PutItem(pool)", self.max_retries);
+            let mut retry = self.retry("PutItem(pool)");
             loop {
                 let result = self
                     .client
@@ -1318,7 +1332,7 @@ impl ViewStore for DynamoStore {
             TransactWriteItem::builder().put(put).build(),
             TransactWriteItem::builder().update(update).build(),
         ];
-        let mut retry = Retry::new("TransactWriteItems(pool+stats)", self.max_retries);
+        let mut retry = self.retry("TransactWriteItems(pool+stats)");
         loop {
             let result = self
                 .client

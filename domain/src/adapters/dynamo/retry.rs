@@ -5,6 +5,8 @@
 //! A transient failure never becomes a version conflict: after the retry budget it is
 //! [`StoreError::Unavailable`] (503 with `Retry-After` at the API), which is what it is.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -105,6 +107,44 @@ pub(crate) struct Retry {
     what: &'static str,
     attempt: u32,
     max_retries: u32,
+    requests: Option<Arc<RequestCounts>>,
+}
+
+/// Requests this store sent to DynamoDB, per call name (`Query(by-time)`, `TransactWriteItems(events)`, …),
+/// every attempt counted: the cost of an operation is a number anybody can read
+/// (`broker_store_requests_total`).
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl RequestCounts {
+    fn count(&self, what: &'static str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry(what).or_default() += 1;
+    }
+
+    /// Every call name with its request count, as `(operation, target, count)`: the
+    /// operation is the DynamoDB API name, the target the table or index it went to.
+    pub fn snapshot(&self) -> Vec<(String, String, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .map(|(what, n)| {
+                let (op, target) = match what.split_once('(') {
+                    Some((op, rest)) => (op, rest.trim_end_matches(')')),
+                    None => (*what, ""),
+                };
+                (op.to_string(), target.to_string(), *n)
+            })
+            .collect()
+    }
+
+    /// All requests so far.
+    pub fn total(&self) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.values().sum()
+    }
 }
 
 impl Retry {
@@ -114,6 +154,20 @@ impl Retry {
             what,
             attempt: 0,
             max_retries,
+            requests: None,
+        }
+    }
+
+    /// A budget whose every attempt is counted in `requests` (the first one at once).
+    pub(crate) fn counted(
+        what: &'static str,
+        max_retries: u32,
+        requests: Arc<RequestCounts>,
+    ) -> Self {
+        requests.count(what);
+        Self {
+            requests: Some(requests),
+            ..Self::new(what, max_retries)
         }
     }
 
@@ -140,6 +194,9 @@ impl Retry {
                 tracing::debug!(call = self.what, attempt = self.attempt + 1, ?delay, %message, "retrying");
                 self.attempt += 1;
                 tokio::time::sleep(delay).await;
+                if let Some(requests) = &self.requests {
+                    requests.count(self.what);
+                }
                 Ok(())
             }
         }
