@@ -134,14 +134,23 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     println!(
-        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses |\n|---|---|---|---|---|---|---|---|"
+        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 |\n|---|---|---|---|---|---|---|---|---|"
     );
+    // DynamoDB requests of the spawned service (API and its in-process projector share one
+    // store, so this is everything but the stream reads).
+    let store_requests = || {
+        spawned
+            .as_ref()
+            .and_then(|app| app.state.store_requests.as_ref())
+            .map(|m| m.total())
+    };
     let mode = if args.url.is_some() {
         "external".to_string()
     } else {
         args.backend.clone()
     };
     for &c in &args.concurrency {
+        let requests_before = store_requests();
         let r = level(
             &client,
             &url,
@@ -153,8 +162,15 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
+        let created = r.statuses.get(&201).copied().unwrap_or(0).max(1);
+        let per_allocation = match (requests_before, store_requests()) {
+            (Some(before), Some(after)) => {
+                format!("{:.2}", (after - before) as f64 / created as f64)
+            }
+            _ => "–".to_string(),
+        };
         println!(
-            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} |",
+            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} |",
             r.concurrency,
             args.requests,
             args.requests as f64 / r.elapsed.as_secs_f64(),
