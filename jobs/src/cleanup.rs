@@ -7,9 +7,13 @@
 //!
 //! * CSP says gone (200/204/404) → `CompleteDeletion`.
 //! * CSP failed → `RecordDeletionAttemptFailed` with `next_attempt_at = now + base·2^failures`
-//!   (capped); the sandbox leaves the due index until then. The failure that spends the budget
-//!   (`DELETION_RETRY_MAX_ATTEMPTS`) → `FailDeletion`: quarantined, listed for operators, out of
-//!   every automatic job until an admin `RetryDeletion`.
+//!   (capped); the sandbox leaves the due index until then. Each failure is classified
+//!   (ADR 0007): a **transient** one (5xx, timeout, connection error, garbled answer) says the
+//!   service was unwell, not that the account cannot be deleted, so it is retried until
+//!   `DELETION_RETRY_WINDOW_HOURS` have passed since the first failure; a **refusal** (a 4xx
+//!   other than 404/429) counts toward `DELETION_RETRY_MAX_ATTEMPTS`. The failure that spends
+//!   the window or the budget → `FailDeletion`: quarantined, listed for operators, out of every
+//!   automatic job until an admin `RetryDeletion`.
 //! * Circuit open, CSP rate limiting, or CSP rejecting our token (401) → **deferred**: nothing is
 //!   recorded against the sandbox and the run stops taking new items (the reference failed every
 //!   remaining sandbox, §12 B8).
@@ -197,21 +201,34 @@ impl Jobs {
                     return Ok((Cleaned::Skipped, Some(pre_delete)));
                 }
                 let failures = sandbox.attempts + 1;
+                let transient = e.is_transient();
                 let error = e.to_string();
-                let (command, cleaned) = if failures >= self.config.deletion_max_attempts {
-                    (SandboxCommand::FailDeletion { error }, Cleaned::Quarantined)
+                let now = self.broker.clock().now();
+                let spent = if transient {
+                    // The window runs from the first failure of this run of failures (a
+                    // sandbox that waited long for cleanup is not penalised for the wait).
+                    let since = sandbox.failing_since.unwrap_or(now);
+                    now - since >= chrono_duration(self.config.deletion_retry_window)
                 } else {
-                    let next_attempt_at =
-                        self.broker.clock().now() + self.deletion_backoff(sandbox.attempts);
+                    sandbox.refusals + 1 >= self.config.deletion_max_attempts
+                };
+                let (command, cleaned) = if spent {
+                    (
+                        SandboxCommand::FailDeletion { error, transient },
+                        Cleaned::Quarantined,
+                    )
+                } else {
+                    let next_attempt_at = now + self.deletion_backoff(sandbox.attempts);
                     (
                         SandboxCommand::RecordDeletionAttemptFailed {
                             error,
                             next_attempt_at,
+                            transient,
                         },
                         Cleaned::Failed,
                     )
                 };
-                tracing::info!(target: "job", job = "cleanup", sandbox_id = id, attempt = failures, error = %e, "CSP delete failed");
+                tracing::info!(target: "job", job = "cleanup", sandbox_id = id, attempt = failures, transient, error = %e, "CSP delete failed");
                 match self.broker.execute(id, command, &run.meta).await {
                     Ok(_) => cleaned,
                     Err(e) if is_refusal(&e) => Cleaned::Skipped,

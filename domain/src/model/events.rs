@@ -71,7 +71,7 @@ pub enum SandboxEvent {
         /// When.
         restored_at: DateTime<Utc>,
     },
-    /// A CSP delete failed transiently; retried after `next_attempt_at`.
+    /// A CSP delete failed; retried after `next_attempt_at`.
     DeletionAttemptFailed {
         /// 1 for the first failure.
         attempt: u32,
@@ -79,13 +79,27 @@ pub enum SandboxEvent {
         error: String,
         /// Earliest time of the next attempt (exponential backoff).
         next_attempt_at: DateTime<Utc>,
+        /// True for a failure that says nothing about the account (5xx, timeout, connection
+        /// error): it is retried within the retry window instead of spending the attempt budget.
+        /// Events written before the distinction existed read as `false`, which is what they
+        /// counted as then.
+        #[serde(default)]
+        transient: bool,
+        /// When the current run of failures began (the start of the retry window); absent in
+        /// events written before the window existed.
+        #[serde(default)]
+        failing_since: Option<DateTime<Utc>>,
     },
-    /// The retry budget is spent: quarantined until an operator retries.
+    /// The retry budget or the retry window is spent: quarantined until an operator retries.
     DeletionFailed {
         /// Attempts made.
         attempts: u32,
         /// The last error.
         last_error: String,
+        /// True when the retry window of transient failures ran out (rather than the budget of
+        /// refusals); `false` in events written before the distinction existed.
+        #[serde(default)]
+        transient: bool,
     },
     /// An operator re-queued a quarantined sandbox.
     DeletionRetried {

@@ -60,17 +60,21 @@ pub enum SandboxCommand {
     MarkStale,
     /// Sync: listed again.
     Restore,
-    /// Cleanup: a transient CSP delete failure.
+    /// Cleanup: a CSP delete failed and will be retried.
     RecordDeletionAttemptFailed {
         /// What failed.
         error: String,
         /// Earliest retry.
         next_attempt_at: DateTime<Utc>,
+        /// Whether the failure was transient (5xx, timeout, connection error).
+        transient: bool,
     },
-    /// Cleanup: the retry budget is spent.
+    /// Cleanup: the retry budget (refusals) or the retry window (transient failures) is spent.
     FailDeletion {
         /// The last error.
         error: String,
+        /// Whether the last failure was transient (the window ran out).
+        transient: bool,
     },
     /// Operator: re-queue a quarantined sandbox.
     RetryDeletion,
@@ -119,8 +123,14 @@ pub struct Sandbox {
     pub deletion_requested_at: Option<DateTime<Utc>>,
     /// Whether the allocation ended by expiry rather than by the owner.
     pub expired: bool,
-    /// Failed CSP delete attempts since the last (re)queue.
+    /// Failed CSP delete attempts since the last (re)queue, transient or not.
     pub attempts: u32,
+    /// Of those, the refusals (non-transient failures): what `DELETION_RETRY_MAX_ATTEMPTS` counts.
+    #[serde(default)]
+    pub refusals: u32,
+    /// When the current run of failed attempts began: the retry window is measured from here.
+    #[serde(default)]
+    pub failing_since: Option<DateTime<Utc>>,
     /// The last delete error.
     pub last_error: Option<String>,
     /// Earliest next delete attempt.
@@ -247,19 +257,23 @@ impl Sandbox {
             C::RecordDeletionAttemptFailed {
                 error,
                 next_attempt_at,
+                transient,
             } => {
                 self.check(Transition::RecordAttemptFailed)?;
                 E::DeletionAttemptFailed {
                     attempt: self.attempts + 1,
                     error,
                     next_attempt_at: truncate_to_millis(next_attempt_at),
+                    transient,
+                    failing_since: Some(self.failing_since.unwrap_or(now)),
                 }
             }
-            C::FailDeletion { error } => {
+            C::FailDeletion { error, transient } => {
                 self.check(Transition::FailDeletion)?;
                 E::DeletionFailed {
                     attempts: self.attempts + 1,
                     last_error: error,
+                    transient,
                 }
             }
             C::RetryDeletion => {
@@ -328,14 +342,21 @@ impl Sandbox {
                 attempt,
                 error,
                 next_attempt_at,
+                transient,
+                failing_since,
             } => {
                 self.attempts = *attempt;
+                if !transient {
+                    self.refusals += 1;
+                }
                 self.last_error = Some(error.clone());
                 self.next_attempt_at = Some(*next_attempt_at);
+                self.failing_since = *failing_since;
             }
             E::DeletionFailed {
                 attempts,
                 last_error,
+                ..
             } => {
                 self.attempts = *attempts;
                 self.last_error = Some(last_error.clone());
@@ -343,6 +364,8 @@ impl Sandbox {
             }
             E::DeletionRetried { .. } => {
                 self.attempts = 0;
+                self.refusals = 0;
+                self.failing_since = None;
                 self.next_attempt_at = None;
             }
             E::SandboxDeleted { .. } | E::SandboxRetired { .. } => {
@@ -518,6 +541,44 @@ mod tests {
         }
     }
 
+    /// Transient failures count as attempts but not as refusals, and every failure of one run
+    /// carries the time the run began; an old event without the new fields reads as a refusal.
+    #[test]
+    fn transient_failures_keep_the_window_start() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        sandbox.fold(&allocated());
+        sandbox.fold(&SandboxEvent::AllocationExpired { expired_at: t0() });
+        for minutes in [0, 5] {
+            let events = sandbox
+                .decide(
+                    SandboxCommand::RecordDeletionAttemptFailed {
+                        error: "500".into(),
+                        next_attempt_at: t0(),
+                        transient: true,
+                    },
+                    t0() + Duration::minutes(minutes),
+                )
+                .unwrap_or_default();
+            assert!(matches!(
+                events.as_slice(),
+                [SandboxEvent::DeletionAttemptFailed { failing_since: Some(at), transient: true, .. }]
+                    if *at == t0()
+            ));
+            sandbox.fold(&events[0]);
+        }
+        assert_eq!((sandbox.attempts, sandbox.refusals), (2, 0));
+        let old: SandboxEvent = serde_json::from_value(serde_json::json!({
+            "type": "DeletionAttemptFailed",
+            "attempt": 3,
+            "error": "HTTP 500",
+            "next_attempt_at": "2027-01-15T08:00:00Z",
+        }))
+        .unwrap_or_else(|e| panic!("old payload: {e}"));
+        sandbox.fold(&old);
+        assert_eq!((sandbox.attempts, sandbox.refusals), (3, 1));
+    }
+
     /// Failed delete attempts count up, quarantine keeps the count, an operator retry resets it.
     #[test]
     fn deletion_retry_budget() {
@@ -529,8 +590,9 @@ mod tests {
             let events = sandbox
                 .decide(
                     SandboxCommand::RecordDeletionAttemptFailed {
-                        error: "500".into(),
+                        error: "403".into(),
                         next_attempt_at: t0(),
+                        transient: false,
                     },
                     t0(),
                 )
@@ -544,7 +606,8 @@ mod tests {
         let events = sandbox
             .decide(
                 SandboxCommand::FailDeletion {
-                    error: "500".into(),
+                    error: "403".into(),
+                    transient: false,
                 },
                 t0(),
             )
