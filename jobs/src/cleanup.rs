@@ -18,9 +18,13 @@
 //!   recorded against the sandbox and the run stops taking new items (the reference failed every
 //!   remaining sandbox, §12 B8).
 //!
-//! Deletion is at-least-once: two workers can both send a DELETE for one account (CSP answers
-//! the second with 404, which counts as gone), but only one `SandboxDeleted` is ever appended —
-//! the other worker's `CompleteDeletion` is refused on its strong load.
+//! Before the CSP call the worker leases the deletion (`DeletionLeased`, `DELETION_LEASE_SEC`),
+//! a version-checked append: of two workers that picked the same sandbox, one gets the lease and
+//! the other skips it, so the CSP normally sees one DELETE per sandbox. The lease lapses by
+//! itself, so a worker that dies mid-item only delays that sandbox. Deletion stays at-least-once
+//! at heart (a lease that lapses while its holder is still waiting on CSP lets a second DELETE
+//! through; CSP answers it with 404, which counts as gone), but only one `SandboxDeleted` is
+//! ever appended — the other worker's `CompleteDeletion` is refused on its strong load.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -158,11 +162,26 @@ impl Jobs {
         let loaded = self.broker.load_sandbox(id).await?;
         let sandbox = loaded.sandbox;
         let due = sandbox.next_attempt_at.is_none_or(|at| at <= run.now);
-        if sandbox.status != Some(SandboxStatus::PendingDeletion) || !due {
-            // The view lagged: already deleted, retired, quarantined, or failed again by another
-            // worker a moment ago. Nothing to do; no CSP call.
+        let now = self.broker.clock().now();
+        if sandbox.status != Some(SandboxStatus::PendingDeletion)
+            || !due
+            || sandbox.leased_to_other(&self.worker_id, now).is_some()
+        {
+            // The view lagged: already deleted, retired, quarantined, failed again or being
+            // deleted by another worker right now. Nothing to do; no CSP call.
             return Ok((Cleaned::Skipped, None));
         }
+        let lease = SandboxCommand::LeaseDeletion {
+            worker: self.worker_id.clone(),
+            until: now + chrono_duration(self.config.deletion_lease),
+        };
+        // On a version conflict the command re-decides on the new state: if another worker's
+        // lease (or result) got there first, it is refused and we skip without calling CSP.
+        let sandbox = match self.broker.execute(id, lease, &run.meta).await {
+            Ok(leased) => leased,
+            Err(e) if is_refusal(&e) => return Ok((Cleaned::Skipped, None)),
+            Err(e) => return Err(e.into()),
+        };
         let pre_delete = self.pre_delete.before_delete(&sandbox).await;
         if let PreDeleteOutcome::Failed { error } = &pre_delete {
             tracing::warn!(target: "job", job = "cleanup", sandbox_id = id, error = %error, "NIOSXaaS pre-delete failed; deleting the CSP account anyway");

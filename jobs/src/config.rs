@@ -146,6 +146,9 @@ pub struct JobsConfig {
     /// `DELETION_RETRY_WINDOW_HOURS` (24): how long transient CSP failures (5xx, timeouts,
     /// connection errors) are retried, from the first failure, before quarantine.
     pub deletion_retry_window: Duration,
+    /// `DELETION_LEASE_SEC` (300): how long a cleanup worker holds a sandbox's deletion before
+    /// its CSP call, so that other workers leave it alone; must outlast one item's work.
+    pub deletion_lease: Duration,
     /// `DELETION_BACKOFF_BASE_SEC` (60): the wait after the first failed delete; doubles each time.
     pub deletion_backoff_base: Duration,
     /// `DELETION_BACKOFF_MAX_SEC` (3600): the cap of that wait.
@@ -174,6 +177,7 @@ impl Default for JobsConfig {
             csp: CspConfig::default(),
             deletion_max_attempts: 5,
             deletion_retry_window: Duration::from_secs(24 * 3600),
+            deletion_lease: Duration::from_secs(300),
             deletion_backoff_base: Duration::from_secs(60),
             deletion_backoff_max: Duration::from_secs(3600),
             cleanup_concurrency: 4,
@@ -265,6 +269,7 @@ impl JobsConfig {
                 3600.0,
                 d.deletion_retry_window,
             )?,
+            deletion_lease: env.secs("DELETION_LEASE_SEC", d.deletion_lease)?,
             deletion_backoff_base: env
                 .secs("DELETION_BACKOFF_BASE_SEC", d.deletion_backoff_base)?,
             deletion_backoff_max: env.secs("DELETION_BACKOFF_MAX_SEC", d.deletion_backoff_max)?,
@@ -439,6 +444,7 @@ mod tests {
         assert_eq!(c.csp.breaker_open_for, Duration::from_secs(60));
         assert_eq!(c.deletion_max_attempts, 5);
         assert_eq!(c.deletion_retry_window, Duration::from_secs(24 * 3600));
+        assert_eq!(c.deletion_lease, Duration::from_secs(300));
         assert_eq!(c.deletion_backoff_base, Duration::from_secs(60));
         assert_eq!(c.deletion_backoff_max, Duration::from_secs(3600));
         assert_eq!(c.cleanup_concurrency, 4);

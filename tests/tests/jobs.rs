@@ -12,7 +12,7 @@ use prometheus::Registry;
 
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::events::SandboxEvent;
-use domain::model::sandbox::Sandbox;
+use domain::model::sandbox::{Sandbox, SandboxCommand};
 use domain::store::ListFilter;
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, DomainError, EventStore,
@@ -1097,6 +1097,71 @@ async fn two_workers_delete_each_sandbox_exactly_once() {
         "two workers: {deletes} DELETE calls for 30 sandboxes (a deleted {}, b deleted {}, skipped {} + {})",
         ra.deleted, rb.deleted, ra.skipped_conflicts, rb.skipped_conflicts
     );
+}
+
+/// With the deletion lease, two workers racing over the same 30 pending sandboxes send exactly
+/// one CSP DELETE per sandbox (no faults, no lapsed lease): the loser of each race skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_gives_one_delete_per_sandbox_across_two_workers() {
+    let w = World::new().await;
+    let accounts = w.pending(30).await;
+    w.csp
+        .fail_all_deletes(Fault::Delay(Duration::from_millis(10)));
+    let a = w.jobs();
+    let b = w.jobs();
+    let (ra, rb) = tokio::join!(a.cleanup(), b.cleanup());
+    let (ra, rb) = (ra.expect("worker a"), rb.expect("worker b"));
+    w.catch_up().await;
+
+    assert_eq!(ra.deleted + rb.deleted, 30, "a: {ra:?}\nb: {rb:?}");
+    assert_eq!(w.csp.total_delete_calls(), 30);
+    for account in &accounts {
+        let id = account.sandbox_id();
+        assert_eq!(w.csp.delete_calls(account), 1, "{id}");
+        assert_eq!(w.count_events(&id, "SandboxDeleted").await, 1, "{id}");
+        assert_eq!(w.count_events(&id, "DeletionLeased").await, 1, "{id}");
+    }
+    assert_eq!(w.view_count(SandboxStatus::Deleted).await, 30);
+    assert_eq!(w.view_count(SandboxStatus::PendingDeletion).await, 0);
+}
+
+/// A worker that leased a deletion and died holds the sandbox only until the lease lapses: a
+/// live worker skips it (no DELETE) meanwhile, then deletes it once DELETION_LEASE_SEC have passed.
+#[tokio::test]
+async fn lapsed_lease_of_a_crashed_worker_is_retried() {
+    let w = World::new().await;
+    let accounts = w.pending(2).await;
+    let crashed = &accounts[0];
+    let id = crashed.sandbox_id();
+    let meta = CommandMeta::job("cleanup", "crashed-run");
+    let leased = w
+        .broker
+        .execute(
+            &id,
+            SandboxCommand::LeaseDeletion {
+                worker: "worker-that-crashed".into(),
+                until: t0() + chrono::Duration::seconds(300),
+            },
+            &meta,
+        )
+        .await
+        .expect("lease");
+    assert_eq!(leased.status, Some(SandboxStatus::PendingDeletion));
+    w.catch_up().await;
+    assert_eq!(w.view_count(SandboxStatus::PendingDeletion).await, 2);
+    let jobs = w.jobs();
+
+    let first = jobs.cleanup().await.expect("cleanup");
+    assert_eq!((first.deleted, first.skipped_conflicts), (1, 1));
+    assert_eq!(w.csp.delete_calls(crashed), 0, "a live lease is respected");
+    w.catch_up().await;
+
+    w.clock.advance(chrono::Duration::seconds(301));
+    let second = jobs.cleanup().await.expect("cleanup");
+    assert_eq!(second.deleted, 1);
+    assert_eq!(w.csp.delete_calls(crashed), 1);
+    assert_eq!(w.status(&id).await, Some(SandboxStatus::Deleted));
+    assert_eq!(w.count_events(&id, "DeletionLeased").await, 2);
 }
 
 /// Bulk delete retires every sandbox of an explicit status (store only) and refuses `allocated`.

@@ -101,6 +101,15 @@ pub enum SandboxEvent {
         #[serde(default)]
         transient: bool,
     },
+    /// A cleanup worker holds the deletion until `until`: other workers leave the sandbox alone
+    /// meanwhile, so the CSP normally sees one DELETE. Neither the status nor the view's due time
+    /// changes; an expired lease is simply ignored, so a crashed worker's sandbox is retried.
+    DeletionLeased {
+        /// The worker holding the lease.
+        worker: String,
+        /// When the lease lapses.
+        until: DateTime<Utc>,
+    },
     /// An operator re-queued a quarantined sandbox.
     DeletionRetried {
         /// When.

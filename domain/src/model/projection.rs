@@ -219,6 +219,9 @@ pub fn project(
             row.status = SandboxStatus::Deleted;
             row.due_at = None;
         }
+        // The row stays due: a worker that finds it leased skips it on its strong load, and a
+        // lapsed lease (a crashed worker) needs no view change to be picked up again.
+        E::DeletionLeased { .. } => {}
     }
     row.version = envelope.version;
     row.pick = pick_for(&row.sandbox_id, row.version);

@@ -78,6 +78,14 @@ pub enum SandboxCommand {
     },
     /// Operator: re-queue a quarantined sandbox.
     RetryDeletion,
+    /// Cleanup: hold the deletion until `until` before calling CSP, so that concurrent workers
+    /// leave it alone. Refused while another worker's lease is live; a worker may renew its own.
+    LeaseDeletion {
+        /// The worker asking.
+        worker: String,
+        /// When the lease lapses.
+        until: DateTime<Utc>,
+    },
     /// Cleanup: CSP confirmed the account is gone.
     CompleteDeletion {
         /// The CSP status code.
@@ -135,6 +143,12 @@ pub struct Sandbox {
     pub last_error: Option<String>,
     /// Earliest next delete attempt.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The cleanup worker holding the deletion lease, if any (live only until `lease_until`).
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    /// When that lease lapses.
+    #[serde(default)]
+    pub lease_until: Option<DateTime<Utc>>,
     /// Events applied (= the stream's version).
     pub version: u64,
 }
@@ -143,6 +157,18 @@ impl Sandbox {
     /// True when `caller` holds this sandbox right now.
     pub fn is_live_allocation_of(&self, caller: &str) -> bool {
         self.status == Some(SandboxStatus::Allocated) && self.owner.as_deref() == Some(caller)
+    }
+
+    /// The holder of a deletion lease that is still live at `now`, unless it is `worker`.
+    pub fn leased_to_other(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+    ) -> Option<(&str, DateTime<Utc>)> {
+        match (self.lease_holder.as_deref(), self.lease_until) {
+            (Some(holder), Some(until)) if holder != worker && until > now => Some((holder, until)),
+            _ => None,
+        }
     }
 
     fn check(&self, transition: Transition) -> Result<(), DomainError> {
@@ -170,6 +196,7 @@ impl Sandbox {
             SandboxEvent::DeletionRetried { .. } => Transition::RetryDeletion,
             SandboxEvent::SandboxDeleted { .. } => Transition::CompleteDeletion,
             SandboxEvent::SandboxRetired { .. } => Transition::Retire,
+            SandboxEvent::DeletionLeased { .. } => Transition::LeaseDeletion,
         }
     }
 
@@ -280,6 +307,19 @@ impl Sandbox {
                 self.check(Transition::RetryDeletion)?;
                 E::DeletionRetried { requested_at: now }
             }
+            C::LeaseDeletion { worker, until } => {
+                self.check(Transition::LeaseDeletion)?;
+                if let Some((holder, until)) = self.leased_to_other(&worker, now) {
+                    return Err(DomainError::DeletionLeased {
+                        holder: holder.to_string(),
+                        until,
+                    });
+                }
+                E::DeletionLeased {
+                    worker,
+                    until: truncate_to_millis(until),
+                }
+            }
             C::CompleteDeletion { csp_status } => {
                 self.check(Transition::CompleteDeletion)?;
                 E::SandboxDeleted { csp_status }
@@ -371,6 +411,15 @@ impl Sandbox {
             E::SandboxDeleted { .. } | E::SandboxRetired { .. } => {
                 self.next_attempt_at = None;
             }
+            E::DeletionLeased { worker, until } => {
+                self.lease_holder = Some(worker.clone());
+                self.lease_until = Some(*until);
+            }
+        }
+        // Whatever the holder (or an operator) records next ends the lease.
+        if !matches!(event, E::DeletionLeased { .. }) {
+            self.lease_holder = None;
+            self.lease_until = None;
         }
     }
 }
@@ -577,6 +626,44 @@ mod tests {
         .unwrap_or_else(|e| panic!("old payload: {e}"));
         sandbox.fold(&old);
         assert_eq!((sandbox.attempts, sandbox.refusals), (3, 1));
+    }
+
+    /// A deletion lease keeps the status, refuses another worker while live, lets its holder
+    /// renew, lapses on its own, and ends with whatever is recorded next.
+    #[test]
+    fn deletion_lease() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        let lease = |worker: &str, until| SandboxCommand::LeaseDeletion {
+            worker: worker.into(),
+            until,
+        };
+        assert!(matches!(
+            sandbox.decide(lease("a", t0()), t0()),
+            Err(DomainError::InvalidTransition { .. })
+        ));
+        sandbox.fold(&allocated());
+        sandbox.fold(&SandboxEvent::AllocationExpired { expired_at: t0() });
+        let until = t0() + Duration::minutes(5);
+        let events = sandbox.decide(lease("a", until), t0()).unwrap_or_default();
+        sandbox.fold(&events[0]);
+        assert_eq!(sandbox.status, Some(SandboxStatus::PendingDeletion));
+        assert_eq!(
+            sandbox.decide(lease("b", until), t0() + Duration::minutes(1)),
+            Err(DomainError::DeletionLeased {
+                holder: "a".into(),
+                until
+            })
+        );
+        assert!(sandbox.decide(lease("a", until), t0()).is_ok(), "renewal");
+        assert!(
+            sandbox.decide(lease("b", until), until).is_ok(),
+            "a lapsed lease is ignored"
+        );
+        sandbox.fold(&SandboxEvent::SandboxDeleted {
+            csp_status: Some(204),
+        });
+        assert_eq!((sandbox.lease_holder, sandbox.lease_until), (None, None));
     }
 
     /// Failed delete attempts count up, quarantine keeps the count, an operator retry resets it.
