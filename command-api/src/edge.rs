@@ -79,6 +79,8 @@ fn content_security_policy(path: &str, base: &str) -> &'static str {
 /// The edge middleware (see the module docs).
 pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    // Counted down on drop, so a request cancelled mid-way (client gone) is not counted forever.
+    let _in_flight = InFlight::enter(&state.metrics.in_flight);
     let request_id =
         sane_request_id(req.headers()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(request_id.clone()));
@@ -217,6 +219,22 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         tracing::info!(target: "access", method = %method, path = %path, route = %route, status, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
     }
     response
+}
+
+/// One request inside the service, for `broker_requests_in_flight` (what a drain waits on).
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]

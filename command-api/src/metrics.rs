@@ -2,8 +2,8 @@
 //! …) so existing dashboards keep working; new ones cover what it lacked.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Series written by request handlers.
@@ -25,6 +25,8 @@ pub struct ApiMetrics {
     pub rate_limited: IntCounter,
     /// `broker_pool{status}`, refreshed from the stats shards at scrape time.
     pub pool: IntGaugeVec,
+    /// `broker_requests_in_flight`: requests being served right now (a shutdown drains it to 0).
+    pub in_flight: IntGauge,
 }
 
 impl ApiMetrics {
@@ -72,6 +74,10 @@ impl ApiMetrics {
             Opts::new("broker_pool", "Sandboxes by status (from the stats shards)"),
             &["status"],
         )?;
+        let in_flight = IntGauge::new(
+            "broker_requests_in_flight",
+            "Requests being served right now",
+        )?;
         for c in [
             Box::new(allocate.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(idempotent_hits.clone()),
@@ -81,6 +87,7 @@ impl ApiMetrics {
             Box::new(request_latency.clone()),
             Box::new(rate_limited.clone()),
             Box::new(pool.clone()),
+            Box::new(in_flight.clone()),
         ] {
             registry.register(c)?;
         }
@@ -93,6 +100,7 @@ impl ApiMetrics {
             request_latency,
             rate_limited,
             pool,
+            in_flight,
         })
     }
 }

@@ -7,16 +7,24 @@
 //!
 //! * CSP says gone (200/204/404) → `CompleteDeletion`.
 //! * CSP failed → `RecordDeletionAttemptFailed` with `next_attempt_at = now + base·2^failures`
-//!   (capped); the sandbox leaves the due index until then. The failure that spends the budget
-//!   (`DELETION_RETRY_MAX_ATTEMPTS`) → `FailDeletion`: quarantined, listed for operators, out of
-//!   every automatic job until an admin `RetryDeletion`.
+//!   (capped); the sandbox leaves the due index until then. Each failure is classified
+//!   (ADR 0007): a **transient** one (5xx, timeout, connection error, garbled answer) says the
+//!   service was unwell, not that the account cannot be deleted, so it is retried until
+//!   `DELETION_RETRY_WINDOW_HOURS` have passed since the first failure; a **refusal** (a 4xx
+//!   other than 404/429) counts toward `DELETION_RETRY_MAX_ATTEMPTS`. The failure that spends
+//!   the window or the budget → `FailDeletion`: quarantined, listed for operators, out of every
+//!   automatic job until an admin `RetryDeletion`.
 //! * Circuit open, CSP rate limiting, or CSP rejecting our token (401) → **deferred**: nothing is
 //!   recorded against the sandbox and the run stops taking new items (the reference failed every
 //!   remaining sandbox, §12 B8).
 //!
-//! Deletion is at-least-once: two workers can both send a DELETE for one account (CSP answers
-//! the second with 404, which counts as gone), but only one `SandboxDeleted` is ever appended —
-//! the other worker's `CompleteDeletion` is refused on its strong load.
+//! Before the CSP call the worker leases the deletion (`DeletionLeased`, `DELETION_LEASE_SEC`),
+//! a version-checked append: of two workers that picked the same sandbox, one gets the lease and
+//! the other skips it, so the CSP normally sees one DELETE per sandbox. The lease lapses by
+//! itself, so a worker that dies mid-item only delays that sandbox. Deletion stays at-least-once
+//! at heart (a lease that lapses while its holder is still waiting on CSP lets a second DELETE
+//! through; CSP answers it with 404, which counts as gone), but only one `SandboxDeleted` is
+//! ever appended — the other worker's `CompleteDeletion` is refused on its strong load.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -154,11 +162,26 @@ impl Jobs {
         let loaded = self.broker.load_sandbox(id).await?;
         let sandbox = loaded.sandbox;
         let due = sandbox.next_attempt_at.is_none_or(|at| at <= run.now);
-        if sandbox.status != Some(SandboxStatus::PendingDeletion) || !due {
-            // The view lagged: already deleted, retired, quarantined, or failed again by another
-            // worker a moment ago. Nothing to do; no CSP call.
+        let now = self.broker.clock().now();
+        if sandbox.status != Some(SandboxStatus::PendingDeletion)
+            || !due
+            || sandbox.leased_to_other(&self.worker_id, now).is_some()
+        {
+            // The view lagged: already deleted, retired, quarantined, failed again or being
+            // deleted by another worker right now. Nothing to do; no CSP call.
             return Ok((Cleaned::Skipped, None));
         }
+        let lease = SandboxCommand::LeaseDeletion {
+            worker: self.worker_id.clone(),
+            until: now + chrono_duration(self.config.deletion_lease),
+        };
+        // On a version conflict the command re-decides on the new state: if another worker's
+        // lease (or result) got there first, it is refused and we skip without calling CSP.
+        let sandbox = match self.broker.execute(id, lease, &run.meta).await {
+            Ok(leased) => leased,
+            Err(e) if is_refusal(&e) => return Ok((Cleaned::Skipped, None)),
+            Err(e) => return Err(e.into()),
+        };
         let pre_delete = self.pre_delete.before_delete(&sandbox).await;
         if let PreDeleteOutcome::Failed { error } = &pre_delete {
             tracing::warn!(target: "job", job = "cleanup", sandbox_id = id, error = %error, "NIOSXaaS pre-delete failed; deleting the CSP account anyway");
@@ -197,21 +220,34 @@ impl Jobs {
                     return Ok((Cleaned::Skipped, Some(pre_delete)));
                 }
                 let failures = sandbox.attempts + 1;
+                let transient = e.is_transient();
                 let error = e.to_string();
-                let (command, cleaned) = if failures >= self.config.deletion_max_attempts {
-                    (SandboxCommand::FailDeletion { error }, Cleaned::Quarantined)
+                let now = self.broker.clock().now();
+                let spent = if transient {
+                    // The window runs from the first failure of this run of failures (a
+                    // sandbox that waited long for cleanup is not penalised for the wait).
+                    let since = sandbox.failing_since.unwrap_or(now);
+                    now - since >= chrono_duration(self.config.deletion_retry_window)
                 } else {
-                    let next_attempt_at =
-                        self.broker.clock().now() + self.deletion_backoff(sandbox.attempts);
+                    sandbox.refusals + 1 >= self.config.deletion_max_attempts
+                };
+                let (command, cleaned) = if spent {
+                    (
+                        SandboxCommand::FailDeletion { error, transient },
+                        Cleaned::Quarantined,
+                    )
+                } else {
+                    let next_attempt_at = now + self.deletion_backoff(sandbox.attempts);
                     (
                         SandboxCommand::RecordDeletionAttemptFailed {
                             error,
                             next_attempt_at,
+                            transient,
                         },
                         Cleaned::Failed,
                     )
                 };
-                tracing::info!(target: "job", job = "cleanup", sandbox_id = id, attempt = failures, error = %e, "CSP delete failed");
+                tracing::info!(target: "job", job = "cleanup", sandbox_id = id, attempt = failures, transient, error = %e, "CSP delete failed");
                 match self.broker.execute(id, command, &run.meta).await {
                     Ok(_) => cleaned,
                     Err(e) if is_refusal(&e) => Cleaned::Skipped,

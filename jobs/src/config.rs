@@ -141,8 +141,14 @@ impl Default for WorkerConfig {
 pub struct JobsConfig {
     /// The CSP client.
     pub csp: CspConfig,
-    /// `DELETION_RETRY_MAX_ATTEMPTS` (5): failed CSP deletes before quarantine.
+    /// `DELETION_RETRY_MAX_ATTEMPTS` (5): CSP refusals (4xx other than 404/429) before quarantine.
     pub deletion_max_attempts: u32,
+    /// `DELETION_RETRY_WINDOW_HOURS` (24): how long transient CSP failures (5xx, timeouts,
+    /// connection errors) are retried, from the first failure, before quarantine.
+    pub deletion_retry_window: Duration,
+    /// `DELETION_LEASE_SEC` (300): how long a cleanup worker holds a sandbox's deletion before
+    /// its CSP call, so that other workers leave it alone; must outlast one item's work.
+    pub deletion_lease: Duration,
     /// `DELETION_BACKOFF_BASE_SEC` (60): the wait after the first failed delete; doubles each time.
     pub deletion_backoff_base: Duration,
     /// `DELETION_BACKOFF_MAX_SEC` (3600): the cap of that wait.
@@ -170,6 +176,8 @@ impl Default for JobsConfig {
         Self {
             csp: CspConfig::default(),
             deletion_max_attempts: 5,
+            deletion_retry_window: Duration::from_secs(24 * 3600),
+            deletion_lease: Duration::from_secs(300),
             deletion_backoff_base: Duration::from_secs(60),
             deletion_backoff_max: Duration::from_secs(3600),
             cleanup_concurrency: 4,
@@ -256,6 +264,12 @@ impl JobsConfig {
             csp,
             deletion_max_attempts: env
                 .int("DELETION_RETRY_MAX_ATTEMPTS", d.deletion_max_attempts)?,
+            deletion_retry_window: env.scaled(
+                "DELETION_RETRY_WINDOW_HOURS",
+                3600.0,
+                d.deletion_retry_window,
+            )?,
+            deletion_lease: env.secs("DELETION_LEASE_SEC", d.deletion_lease)?,
             deletion_backoff_base: env
                 .secs("DELETION_BACKOFF_BASE_SEC", d.deletion_backoff_base)?,
             deletion_backoff_max: env.secs("DELETION_BACKOFF_MAX_SEC", d.deletion_backoff_max)?,
@@ -429,6 +443,8 @@ mod tests {
         assert_eq!(c.csp.breaker_threshold, 5);
         assert_eq!(c.csp.breaker_open_for, Duration::from_secs(60));
         assert_eq!(c.deletion_max_attempts, 5);
+        assert_eq!(c.deletion_retry_window, Duration::from_secs(24 * 3600));
+        assert_eq!(c.deletion_lease, Duration::from_secs(300));
         assert_eq!(c.deletion_backoff_base, Duration::from_secs(60));
         assert_eq!(c.deletion_backoff_max, Duration::from_secs(3600));
         assert_eq!(c.cleanup_concurrency, 4);
@@ -467,8 +483,10 @@ mod tests {
             ("GRACE_PERIOD_MINUTES", "1"),
             ("CSP_BASE_URL", "http://127.0.0.1:9/v2/"),
             ("NIOSXAAS_ENABLED", "true"),
+            ("DELETION_RETRY_WINDOW_HOURS", "0.5"),
         ])?;
         assert_eq!(c.csp.read_timeout, Duration::from_millis(200));
+        assert_eq!(c.deletion_retry_window, Duration::from_secs(1800));
         assert_eq!(c.stale_grace, Duration::from_secs(7200));
         assert_eq!(c.expiry_grace, Duration::from_secs(60));
         assert_eq!(c.csp.base_url, "http://127.0.0.1:9/v2");

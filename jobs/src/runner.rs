@@ -29,6 +29,9 @@ pub struct Jobs {
     pub(crate) config: JobsConfig,
     pub(crate) metrics: JobsMetrics,
     pub(crate) pre_delete: Arc<dyn PreDeleteHook>,
+    /// Names this instance in deletion leases: unique per process, so two workers never mistake
+    /// each other's lease for their own.
+    pub(crate) worker_id: String,
     stop: watch::Sender<bool>,
 }
 
@@ -79,6 +82,7 @@ impl Jobs {
             config,
             metrics,
             pre_delete,
+            worker_id: format!("worker-{}", uuid::Uuid::now_v7()),
             stop: watch::Sender::new(false),
         }
     }

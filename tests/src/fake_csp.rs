@@ -32,6 +32,9 @@ pub enum Fault {
     RetryAfter(u64),
     /// Wait this long, then answer normally (beyond the client's read timeout = a timeout).
     Delay(Duration),
+    /// This status with an HTML error page as the body (what a load balancer in front of CSP
+    /// answers during an incident).
+    Html(u16),
     /// `200` with a body that is not JSON.
     MalformedJson,
 }
@@ -414,6 +417,14 @@ async fn apply(fault: Option<Fault>) -> Option<Response> {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             Some((status, format!("injected failure {code}")).into_response())
         }
+        Fault::Html(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let page = format!(
+                "<!DOCTYPE html><html><head><title>{code} Internal Server Error</title></head>\
+                 <body><h1>{code}</h1><p>The server encountered an error.</p></body></html>"
+            );
+            Some((status, [("content-type", "text/html")], page).into_response())
+        }
         Fault::RetryAfter(secs) => Some(
             (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -515,7 +526,10 @@ async fn delete_account(
                 fails.then_some(Fault::Status(500))
             });
         shared.1.notify_waiters();
-        let failing = matches!(fault, Some(Fault::Status(_) | Fault::MalformedJson));
+        let failing = matches!(
+            fault,
+            Some(Fault::Status(_) | Fault::Html(_) | Fault::MalformedJson)
+        );
         if failing {
             *s.streaks.entry(uuid.clone()).or_insert(0) += 1;
             *s.delete_failures.entry(uuid.clone()).or_insert(0) += 1;

@@ -31,6 +31,14 @@ pub enum DomainError {
         /// When it becomes expirable.
         due: DateTime<Utc>,
     },
+    /// Another cleanup worker holds a live lease on this sandbox's deletion.
+    #[error("deletion leased by {holder} until {until}")]
+    DeletionLeased {
+        /// The worker holding the lease.
+        holder: String,
+        /// When it lapses.
+        until: DateTime<Utc>,
+    },
     /// The (caller, key) claim already holds a live allocation.
     #[error("claim already holds sandbox {sandbox_id}")]
     ClaimTaken {

@@ -71,7 +71,7 @@ pub enum SandboxEvent {
         /// When.
         restored_at: DateTime<Utc>,
     },
-    /// A CSP delete failed transiently; retried after `next_attempt_at`.
+    /// A CSP delete failed; retried after `next_attempt_at`.
     DeletionAttemptFailed {
         /// 1 for the first failure.
         attempt: u32,
@@ -79,13 +79,36 @@ pub enum SandboxEvent {
         error: String,
         /// Earliest time of the next attempt (exponential backoff).
         next_attempt_at: DateTime<Utc>,
+        /// True for a failure that says nothing about the account (5xx, timeout, connection
+        /// error): it is retried within the retry window instead of spending the attempt budget.
+        /// Events written before the distinction existed read as `false`, which is what they
+        /// counted as then.
+        #[serde(default)]
+        transient: bool,
+        /// When the current run of failures began (the start of the retry window); absent in
+        /// events written before the window existed.
+        #[serde(default)]
+        failing_since: Option<DateTime<Utc>>,
     },
-    /// The retry budget is spent: quarantined until an operator retries.
+    /// The retry budget or the retry window is spent: quarantined until an operator retries.
     DeletionFailed {
         /// Attempts made.
         attempts: u32,
         /// The last error.
         last_error: String,
+        /// True when the retry window of transient failures ran out (rather than the budget of
+        /// refusals); `false` in events written before the distinction existed.
+        #[serde(default)]
+        transient: bool,
+    },
+    /// A cleanup worker holds the deletion until `until`: other workers leave the sandbox alone
+    /// meanwhile, so the CSP normally sees one DELETE. Neither the status nor the view's due time
+    /// changes; an expired lease is simply ignored, so a crashed worker's sandbox is retried.
+    DeletionLeased {
+        /// The worker holding the lease.
+        worker: String,
+        /// When the lease lapses.
+        until: DateTime<Utc>,
     },
     /// An operator re-queued a quarantined sandbox.
     DeletionRetried {

@@ -100,11 +100,13 @@ pub enum Transition {
     CompleteDeletion,
     /// `SandboxRetired`
     Retire,
+    /// `DeletionLeased`
+    LeaseDeletion,
 }
 
 impl Transition {
     /// Every transition kind.
-    pub const ALL: [Transition; 11] = [
+    pub const ALL: [Transition; 12] = [
         Transition::Register,
         Transition::Allocate,
         Transition::RequestDeletion,
@@ -116,6 +118,7 @@ impl Transition {
         Transition::RetryDeletion,
         Transition::CompleteDeletion,
         Transition::Retire,
+        Transition::LeaseDeletion,
     ];
 }
 
@@ -141,6 +144,8 @@ pub const TRANSITIONS: &[(Option<SandboxStatus>, Transition, SandboxStatus)] = &
     (Some(Available), Retire, Deleted),
     (Some(DeletionFailed), Retire, Deleted),
     (Some(PendingDeletion), Retire, Deleted),
+    // A cleanup worker's short claim on the deletion: the status stays where it is.
+    (Some(PendingDeletion), LeaseDeletion, PendingDeletion),
 ];
 
 /// The status after `transition` from `from`, or `None` if the table forbids it.

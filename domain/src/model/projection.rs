@@ -194,6 +194,7 @@ pub fn project(
             attempt,
             error,
             next_attempt_at,
+            ..
         } => {
             row.attempts = *attempt;
             row.last_error = Some(error.clone());
@@ -202,6 +203,7 @@ pub fn project(
         E::DeletionFailed {
             attempts,
             last_error,
+            ..
         } => {
             row.status = SandboxStatus::DeletionFailed;
             row.attempts = *attempts;
@@ -217,6 +219,9 @@ pub fn project(
             row.status = SandboxStatus::Deleted;
             row.due_at = None;
         }
+        // The row stays due: a worker that finds it leased skips it on its strong load, and a
+        // lapsed lease (a crashed worker) needs no view change to be picked up again.
+        E::DeletionLeased { .. } => {}
     }
     row.version = envelope.version;
     row.pick = pick_for(&row.sandbox_id, row.version);
@@ -298,6 +303,8 @@ mod tests {
                 attempt: 1,
                 error: "boom".into(),
                 next_attempt_at: now,
+                transient: true,
+                failing_since: Some(now),
             },
         );
         assert!(d.is_zero());
@@ -308,6 +315,7 @@ mod tests {
             SandboxEvent::DeletionFailed {
                 attempts: 2,
                 last_error: "boom".into(),
+                transient: true,
             },
         );
         assert_eq!(d, StatsDelta([0, 0, -1, 0, 1, 0]));

@@ -60,20 +60,32 @@ pub enum SandboxCommand {
     MarkStale,
     /// Sync: listed again.
     Restore,
-    /// Cleanup: a transient CSP delete failure.
+    /// Cleanup: a CSP delete failed and will be retried.
     RecordDeletionAttemptFailed {
         /// What failed.
         error: String,
         /// Earliest retry.
         next_attempt_at: DateTime<Utc>,
+        /// Whether the failure was transient (5xx, timeout, connection error).
+        transient: bool,
     },
-    /// Cleanup: the retry budget is spent.
+    /// Cleanup: the retry budget (refusals) or the retry window (transient failures) is spent.
     FailDeletion {
         /// The last error.
         error: String,
+        /// Whether the last failure was transient (the window ran out).
+        transient: bool,
     },
     /// Operator: re-queue a quarantined sandbox.
     RetryDeletion,
+    /// Cleanup: hold the deletion until `until` before calling CSP, so that concurrent workers
+    /// leave it alone. Refused while another worker's lease is live; a worker may renew its own.
+    LeaseDeletion {
+        /// The worker asking.
+        worker: String,
+        /// When the lease lapses.
+        until: DateTime<Utc>,
+    },
     /// Cleanup: CSP confirmed the account is gone.
     CompleteDeletion {
         /// The CSP status code.
@@ -119,12 +131,24 @@ pub struct Sandbox {
     pub deletion_requested_at: Option<DateTime<Utc>>,
     /// Whether the allocation ended by expiry rather than by the owner.
     pub expired: bool,
-    /// Failed CSP delete attempts since the last (re)queue.
+    /// Failed CSP delete attempts since the last (re)queue, transient or not.
     pub attempts: u32,
+    /// Of those, the refusals (non-transient failures): what `DELETION_RETRY_MAX_ATTEMPTS` counts.
+    #[serde(default)]
+    pub refusals: u32,
+    /// When the current run of failed attempts began: the retry window is measured from here.
+    #[serde(default)]
+    pub failing_since: Option<DateTime<Utc>>,
     /// The last delete error.
     pub last_error: Option<String>,
     /// Earliest next delete attempt.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The cleanup worker holding the deletion lease, if any (live only until `lease_until`).
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    /// When that lease lapses.
+    #[serde(default)]
+    pub lease_until: Option<DateTime<Utc>>,
     /// Events applied (= the stream's version).
     pub version: u64,
 }
@@ -133,6 +157,18 @@ impl Sandbox {
     /// True when `caller` holds this sandbox right now.
     pub fn is_live_allocation_of(&self, caller: &str) -> bool {
         self.status == Some(SandboxStatus::Allocated) && self.owner.as_deref() == Some(caller)
+    }
+
+    /// The holder of a deletion lease that is still live at `now`, unless it is `worker`.
+    pub fn leased_to_other(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+    ) -> Option<(&str, DateTime<Utc>)> {
+        match (self.lease_holder.as_deref(), self.lease_until) {
+            (Some(holder), Some(until)) if holder != worker && until > now => Some((holder, until)),
+            _ => None,
+        }
     }
 
     fn check(&self, transition: Transition) -> Result<(), DomainError> {
@@ -160,6 +196,7 @@ impl Sandbox {
             SandboxEvent::DeletionRetried { .. } => Transition::RetryDeletion,
             SandboxEvent::SandboxDeleted { .. } => Transition::CompleteDeletion,
             SandboxEvent::SandboxRetired { .. } => Transition::Retire,
+            SandboxEvent::DeletionLeased { .. } => Transition::LeaseDeletion,
         }
     }
 
@@ -247,24 +284,41 @@ impl Sandbox {
             C::RecordDeletionAttemptFailed {
                 error,
                 next_attempt_at,
+                transient,
             } => {
                 self.check(Transition::RecordAttemptFailed)?;
                 E::DeletionAttemptFailed {
                     attempt: self.attempts + 1,
                     error,
                     next_attempt_at: truncate_to_millis(next_attempt_at),
+                    transient,
+                    failing_since: Some(self.failing_since.unwrap_or(now)),
                 }
             }
-            C::FailDeletion { error } => {
+            C::FailDeletion { error, transient } => {
                 self.check(Transition::FailDeletion)?;
                 E::DeletionFailed {
                     attempts: self.attempts + 1,
                     last_error: error,
+                    transient,
                 }
             }
             C::RetryDeletion => {
                 self.check(Transition::RetryDeletion)?;
                 E::DeletionRetried { requested_at: now }
+            }
+            C::LeaseDeletion { worker, until } => {
+                self.check(Transition::LeaseDeletion)?;
+                if let Some((holder, until)) = self.leased_to_other(&worker, now) {
+                    return Err(DomainError::DeletionLeased {
+                        holder: holder.to_string(),
+                        until,
+                    });
+                }
+                E::DeletionLeased {
+                    worker,
+                    until: truncate_to_millis(until),
+                }
             }
             C::CompleteDeletion { csp_status } => {
                 self.check(Transition::CompleteDeletion)?;
@@ -328,14 +382,21 @@ impl Sandbox {
                 attempt,
                 error,
                 next_attempt_at,
+                transient,
+                failing_since,
             } => {
                 self.attempts = *attempt;
+                if !transient {
+                    self.refusals += 1;
+                }
                 self.last_error = Some(error.clone());
                 self.next_attempt_at = Some(*next_attempt_at);
+                self.failing_since = *failing_since;
             }
             E::DeletionFailed {
                 attempts,
                 last_error,
+                ..
             } => {
                 self.attempts = *attempts;
                 self.last_error = Some(last_error.clone());
@@ -343,11 +404,22 @@ impl Sandbox {
             }
             E::DeletionRetried { .. } => {
                 self.attempts = 0;
+                self.refusals = 0;
+                self.failing_since = None;
                 self.next_attempt_at = None;
             }
             E::SandboxDeleted { .. } | E::SandboxRetired { .. } => {
                 self.next_attempt_at = None;
             }
+            E::DeletionLeased { worker, until } => {
+                self.lease_holder = Some(worker.clone());
+                self.lease_until = Some(*until);
+            }
+        }
+        // Whatever the holder (or an operator) records next ends the lease.
+        if !matches!(event, E::DeletionLeased { .. }) {
+            self.lease_holder = None;
+            self.lease_until = None;
         }
     }
 }
@@ -518,6 +590,82 @@ mod tests {
         }
     }
 
+    /// Transient failures count as attempts but not as refusals, and every failure of one run
+    /// carries the time the run began; an old event without the new fields reads as a refusal.
+    #[test]
+    fn transient_failures_keep_the_window_start() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        sandbox.fold(&allocated());
+        sandbox.fold(&SandboxEvent::AllocationExpired { expired_at: t0() });
+        for minutes in [0, 5] {
+            let events = sandbox
+                .decide(
+                    SandboxCommand::RecordDeletionAttemptFailed {
+                        error: "500".into(),
+                        next_attempt_at: t0(),
+                        transient: true,
+                    },
+                    t0() + Duration::minutes(minutes),
+                )
+                .unwrap_or_default();
+            assert!(matches!(
+                events.as_slice(),
+                [SandboxEvent::DeletionAttemptFailed { failing_since: Some(at), transient: true, .. }]
+                    if *at == t0()
+            ));
+            sandbox.fold(&events[0]);
+        }
+        assert_eq!((sandbox.attempts, sandbox.refusals), (2, 0));
+        let old: SandboxEvent = serde_json::from_value(serde_json::json!({
+            "type": "DeletionAttemptFailed",
+            "attempt": 3,
+            "error": "HTTP 500",
+            "next_attempt_at": "2027-01-15T08:00:00Z",
+        }))
+        .unwrap_or_else(|e| panic!("old payload: {e}"));
+        sandbox.fold(&old);
+        assert_eq!((sandbox.attempts, sandbox.refusals), (3, 1));
+    }
+
+    /// A deletion lease keeps the status, refuses another worker while live, lets its holder
+    /// renew, lapses on its own, and ends with whatever is recorded next.
+    #[test]
+    fn deletion_lease() {
+        let mut sandbox = Sandbox::default();
+        sandbox.fold(&registered());
+        let lease = |worker: &str, until| SandboxCommand::LeaseDeletion {
+            worker: worker.into(),
+            until,
+        };
+        assert!(matches!(
+            sandbox.decide(lease("a", t0()), t0()),
+            Err(DomainError::InvalidTransition { .. })
+        ));
+        sandbox.fold(&allocated());
+        sandbox.fold(&SandboxEvent::AllocationExpired { expired_at: t0() });
+        let until = t0() + Duration::minutes(5);
+        let events = sandbox.decide(lease("a", until), t0()).unwrap_or_default();
+        sandbox.fold(&events[0]);
+        assert_eq!(sandbox.status, Some(SandboxStatus::PendingDeletion));
+        assert_eq!(
+            sandbox.decide(lease("b", until), t0() + Duration::minutes(1)),
+            Err(DomainError::DeletionLeased {
+                holder: "a".into(),
+                until
+            })
+        );
+        assert!(sandbox.decide(lease("a", until), t0()).is_ok(), "renewal");
+        assert!(
+            sandbox.decide(lease("b", until), until).is_ok(),
+            "a lapsed lease is ignored"
+        );
+        sandbox.fold(&SandboxEvent::SandboxDeleted {
+            csp_status: Some(204),
+        });
+        assert_eq!((sandbox.lease_holder, sandbox.lease_until), (None, None));
+    }
+
     /// Failed delete attempts count up, quarantine keeps the count, an operator retry resets it.
     #[test]
     fn deletion_retry_budget() {
@@ -529,8 +677,9 @@ mod tests {
             let events = sandbox
                 .decide(
                     SandboxCommand::RecordDeletionAttemptFailed {
-                        error: "500".into(),
+                        error: "403".into(),
                         next_attempt_at: t0(),
+                        transient: false,
                     },
                     t0(),
                 )
@@ -544,7 +693,8 @@ mod tests {
         let events = sandbox
             .decide(
                 SandboxCommand::FailDeletion {
-                    error: "500".into(),
+                    error: "403".into(),
+                    transient: false,
                 },
                 t0(),
             )

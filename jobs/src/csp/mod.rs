@@ -119,6 +119,26 @@ impl CspError {
         )
     }
 
+    /// Failures that say nothing about the account itself — the service was unwell or
+    /// unreachable (5xx, timeouts, connection errors, a garbled answer, rate limiting) — so a
+    /// later attempt may well succeed: cleanup retries them for `DELETION_RETRY_WINDOW_HOURS`
+    /// instead of spending the attempt budget. Anything else (a 4xx refusal other than 404/429,
+    /// a request we cannot even build) is a refusal that counts toward
+    /// `DELETION_RETRY_MAX_ATTEMPTS`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CspError::CircuitOpen { .. }
+            | CspError::RateLimited { .. }
+            | CspError::Timeout(_)
+            | CspError::Transport(_)
+            | CspError::Malformed(_) => true,
+            CspError::Status { status, .. } => matches!(status, 408 | 429 | 500..),
+            CspError::Unauthorized
+            | CspError::TooManyPages { .. }
+            | CspError::InvalidRequest(_) => false,
+        }
+    }
+
     /// Errors that say the CSP service is unwell, and so count toward opening the circuit.
     pub fn counts_against_circuit(&self) -> bool {
         match self {

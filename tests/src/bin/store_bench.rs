@@ -1,6 +1,7 @@
 //! Append throughput and latency of the event-store adapters (a benchmark that prints figures, not
-//! a test). For each adapter — embedded (a temporary SQLite file) and DynamoDB (DynamoDB Local via
-//! `tests::ddb_local`, or `DDB_ENDPOINT_URL`) — it runs:
+//! a test). For each adapter — embedded (a temporary SQLite file, once with `synchronous = FULL`,
+//! the default, and once with `NORMAL`) and DynamoDB (DynamoDB Local via `tests::ddb_local`, or
+//! `DDB_ENDPOINT_URL`) — it runs:
 //! * single-event appends and two-stream transactional appends, with 1 and 64 concurrent writers,
 //!   each writer on its own streams so the figures measure throughput, not contention;
 //! * a short contended run: every writer appends to one stream (load latest, append next, retry on
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::EmbeddedStore;
+use domain::adapters::embedded::{Durability, EmbeddedStore};
 use domain::model::events::truncate_to_millis;
 use domain::store::{EventStore, StoreError};
 use domain::EventEnvelope;
@@ -264,12 +265,19 @@ async fn main() -> anyhow::Result<()> {
     for adapter in &args.adapters {
         match adapter.as_str() {
             "embedded" => {
-                let dir =
-                    std::env::temp_dir().join(format!("store-bench-{}", uuid::Uuid::new_v4()));
-                let store = EmbeddedStore::open(&dir.join("bench.db"), 8)?;
-                let outcome = bench_adapter(Arc::new(store), "embedded", &args).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                outcome?;
+                // Both durability settings, each on a fresh file: FULL is the default,
+                // NORMAL is what the store used before group commit.
+                for (durability, name) in [
+                    (Durability::Full, "embedded FULL"),
+                    (Durability::Normal, "embedded NORMAL"),
+                ] {
+                    let dir =
+                        std::env::temp_dir().join(format!("store-bench-{}", uuid::Uuid::new_v4()));
+                    let store = EmbeddedStore::open_with(&dir.join("bench.db"), 8, durability)?;
+                    let outcome = bench_adapter(Arc::new(store), name, &args).await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    outcome?;
+                }
             }
             "dynamodb" => {
                 let store = tests::ddb_local::fresh_store(8).await;
