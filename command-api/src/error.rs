@@ -155,6 +155,17 @@ impl ApiError {
         e
     }
 
+    /// 503 OVERLOADED: too many requests in progress; shed before any work is done.
+    pub fn overloaded() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "OVERLOADED",
+            "The service is at capacity; retry shortly",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
     /// 503 SERVICE_UNAVAILABLE.
     pub fn unavailable(cause: impl Into<String>) -> Self {
         let mut e = Self::new(

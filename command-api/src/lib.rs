@@ -7,16 +7,20 @@
 //! - [`config`] — environment settings and their defaults.
 //! - [`startup`] — builds adapters, broker, jobs and projector from the config; background tasks.
 //! - [`edge`] — the outermost middleware: request id, error envelope, security headers, CORS,
-//!   rate limit, access log, latency metrics, panic guard.
-//! - [`auth`] — bearer tokens (constant time), the `Caller` extractor.
+//!   load shedding, the per-address limit of unauthenticated requests, access log, latency
+//!   metrics, panic guard.
+//! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
+//!   the `Caller` extractor.
+//! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`.
 //! - [`error`] — `ApiError` and the contract's error envelope.
-//! - [`rate_limit`] — bounded per-caller token buckets.
+//! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod edge;
 pub mod error;
 pub mod metrics;

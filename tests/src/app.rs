@@ -13,9 +13,9 @@ use domain::{Actor, CommandMeta, ManualClock, PoolStats};
 use tokio::sync::oneshot;
 
 /// Track token of test apps.
-pub const TRACK_TOKEN: &str = "test-track-token";
+pub const TRACK_TOKEN: &str = "test-track-token-0123456789abcdefghij";
 /// Admin token of test apps.
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdefghij";
 
 /// Which store a test app runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.log_format = "text".into();
     config.rate_limit_rps = options.rate_limit.0;
     config.rate_limit_burst = options.rate_limit.1;
+    // Tests that want the per-address limit of unauthenticated requests set it in `configure`.
+    config.unauth_rate_limit_rps = 100_000.0;
+    config.unauth_rate_limit_burst = 100_000.0;
     match options.backend {
         Backend::Embedded => {
             config.store = StoreKind::Embedded;
