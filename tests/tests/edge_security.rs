@@ -311,3 +311,81 @@ fn config_debug_hides_tokens() {
     let printed = format!("{config:?}");
     assert!(!printed.contains(&secret), "{printed}");
 }
+
+/// A client that never finishes its request headers is disconnected after the header-read
+/// timeout instead of holding the connection open.
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|c| c.header_read_timeout_sec = 1);
+    let app = spawn_app_with(options).await;
+    let address = app.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: broker\r\nX-Slow: ")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection was still open 15 s after partial headers"
+    );
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        buf.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    app.stop().await;
+}
+
+/// Beyond MAX_CONCURRENT_REQUESTS, requests are shed at once with 503 in the error envelope,
+/// while the probes still answer.
+#[tokio::test]
+async fn load_is_shed_with_503() {
+    let csp = tests::fake_csp::FakeCsp::start().await;
+    csp.pause_lists();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.jobs.csp.mode = jobs::CspMode::Real;
+    options.jobs.csp.base_url = csp.base_url();
+    options.jobs.csp.api_token = csp.token();
+    options.jobs.csp.read_timeout = std::time::Duration::from_secs(60);
+    options.jobs.csp.rate_limit_rps = 0.0;
+    options.configure = Box::new(|c| c.max_concurrent_requests = 1);
+    let app = spawn_app_with(options).await;
+    let busy = tokio::spawn(app.admin(Method::POST, "/v1/admin/sync").send());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while csp.list_calls() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sync never reached the CSP"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (status, headers, body) = send(app.admin(Method::GET, "/v1/admin/stats")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(code(&body), "OVERLOADED");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(
+        body["detail"]["request_id"].as_str(),
+        headers.get("x-request-id").and_then(|v| v.to_str().ok())
+    );
+    let (status, _, _) = send(app.client.get(format!("{}/healthz", app.url))).await;
+    assert_eq!(status, StatusCode::OK, "probes are not shed");
+    csp.resume_lists();
+    let finished = busy
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(finished.status(), StatusCode::OK);
+    let (status, _, _) = send(app.admin(Method::GET, "/v1/admin/stats")).await;
+    assert_eq!(status, StatusCode::OK, "capacity is back");
+    app.stop().await;
+}
