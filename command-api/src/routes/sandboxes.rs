@@ -211,11 +211,11 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
     post, path = "/v1/allocate", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred)"),
-        ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id"),
-        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics)"),
-        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller"),
+        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
     ),
     responses(
@@ -323,7 +323,7 @@ pub async fn allocate_sandbox(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id"),
+        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
     ),
     responses(
@@ -361,7 +361,7 @@ pub async fn get_sandbox(
     post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id"),
+        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
     ),
     responses(
