@@ -45,6 +45,16 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// How the access log names the principal: `shared-track`, `track:<name>` or `admin` (so
+    /// operators can see which requests still use the shared token).
+    pub fn label(&self) -> String {
+        match self {
+            Principal::SharedTrack => "shared-track".to_string(),
+            Principal::Track(c) => format!("track:{}", c.track),
+            Principal::Admin => "admin".to_string(),
+        }
+    }
+
     /// The role the principal plays.
     pub fn role(&self) -> Role {
         match self {
@@ -196,11 +206,17 @@ async fn admit(
     if !decision.allowed {
         return refused(decision, None);
     }
+    let label = AuthenticatedAs(principal.label());
     req.extensions_mut().insert(principal);
     let mut response = next.run(req).await;
     response.extensions_mut().insert(decision);
+    response.extensions_mut().insert(label);
     response
 }
+
+/// The principal's log label, carried on the response for the access log.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthenticatedAs(pub(crate) String);
 
 /// Marks a request the edge has already charged to its address (it carried no credential).
 #[derive(Debug, Clone, Copy)]

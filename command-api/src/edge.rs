@@ -161,6 +161,10 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
     if let Some(d) = response.extensions().get::<Decision>() {
         decision = Some(*d);
     }
+    let principal = response
+        .extensions()
+        .get::<crate::auth::AuthenticatedAs>()
+        .map(|p| p.0.clone());
     if decision.is_some_and(|d| !d.allowed) {
         state.metrics.rate_limited.inc();
     }
@@ -246,11 +250,11 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .observe(latency.as_secs_f64());
     let latency_ms = latency.as_millis() as u64;
     if status >= 500 {
-        tracing::error!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::error!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     } else if status >= 400 {
-        tracing::warn!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::warn!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     } else {
-        tracing::info!(target: "access", method = %method, path = %path, route = %route, status, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::info!(target: "access", method = %method, path = %path, route = %route, status, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     }
     response
 }
