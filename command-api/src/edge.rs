@@ -30,7 +30,7 @@ pub struct RequestId(pub String);
 /// Paths the rate limit does not apply to (probes and scrapes).
 pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-const ALLOWED_HEADERS: &str = "authorization, content-type, x-track-id, x-instruqt-sandbox-id, x-instruqt-track-id, x-sandbox-name-prefix, idempotency-key, x-request-id, last-event-id";
+const ALLOWED_HEADERS: &str = "authorization, content-type, x-track-id, x-instruqt-sandbox-id, x-instruqt-track-id, x-sandbox-name-prefix, x-caller-signature, idempotency-key, x-request-id, last-event-id";
 const EXPOSED_HEADERS: &str = "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, retry-after";
 
 /// Accepts an incoming request id only if it is short and plain, so it is safe to log and echo.

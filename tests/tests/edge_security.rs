@@ -165,7 +165,7 @@ async fn admin_bucket_is_separate() {
     app.stop().await;
 }
 
-/// Helper for tests that only need a default app on the embedded store.
+/// A service with default test options on the embedded store.
 async fn default_app() -> TestApp {
     spawn_app(Backend::Embedded).await
 }
