@@ -147,7 +147,8 @@ async fn forwarded_address_selects_the_bucket() {
     app.stop().await;
 }
 
-/// The admin token's bucket is its own: track traffic does not consume it.
+/// The admin token's bucket is its own: track traffic naming the same caller id does not
+/// consume it.
 #[tokio::test]
 async fn admin_bucket_is_separate() {
     let mut options = AppOptions::new(Backend::Embedded);
@@ -160,7 +161,11 @@ async fn admin_bucket_is_separate() {
         )
         .await;
     }
-    let (status, _, body) = send(app.admin(Method::GET, "/v1/admin/stats")).await;
+    let (status, _, body) = send(
+        app.admin(Method::GET, "/v1/admin/stats")
+            .header("X-Track-ID", "a"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
 }
