@@ -210,3 +210,43 @@ async fn shared_token_can_be_disabled() {
     );
     app.stop().await;
 }
+
+/// Credentials load from `TRACK_CREDENTIALS_FILE`; a file with a weak token stops start-up.
+#[tokio::test]
+async fn credentials_file_is_loaded_and_checked() {
+    let dir = std::env::temp_dir().join(format!("broker-creds-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let good = dir.join("good.json");
+    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"]}]});
+    std::fs::write(&good, doc.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let mut options = AppOptions::new(Backend::Embedded);
+    let path = good.clone();
+    options.configure = Box::new(move |c| c.track_credentials_file = Some(path));
+    let app = spawn_app_with(options).await;
+    app.seed("alpha", 1).await;
+    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "f1")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    app.stop().await;
+
+    let weak = dir.join("weak.json");
+    let doc =
+        json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"]}]});
+    std::fs::write(&weak, doc.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = command_api::config::Config::defaults();
+    config.api_token = Some(tests::app::TRACK_TOKEN.into());
+    config.admin_token = Some(tests::app::ADMIN_TOKEN.into());
+    config.embedded_path = dir.join("broker.db");
+    config.track_credentials_file = Some(weak);
+    let started = command_api::startup::build_with(
+        &config,
+        std::sync::Arc::new(domain::ManualClock::new(chrono::Utc::now())),
+        tests::app::test_jobs_config(),
+    )
+    .await;
+    let error = started.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(error.contains("at least 32"), "{error}");
+    assert!(
+        !error.contains("short"),
+        "the error echoes the token: {error}"
+    );
+}
