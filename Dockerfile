@@ -52,13 +52,15 @@ LABEL org.opencontainers.image.title="sandbox-broker" \
 COPY --from=build /out/bin/ /usr/local/bin/
 
 # A writable data directory owned by the runtime user, for the embedded mode
-# (`docker run -p 8080:8080 <image>` starts the one-process demo with its
-# local store). In AWS the store is DynamoDB and the task's root filesystem is
+# (`docker run -p 8080:8080 -e BROKER_API_TOKEN=... -e BROKER_ADMIN_TOKEN=... <image>`
+# starts the one-process demo with its local store). In AWS the store is DynamoDB and the task's root filesystem is
 # mounted read-only.
 WORKDIR /app
 COPY --from=build --chown=65532:65532 /out/data /app/data
 
-# Inside a container the server must listen on all interfaces.
+# Inside a container the server must listen on all interfaces. On a non-loopback
+# address the server refuses to start with the built-in dev tokens: set
+# BROKER_API_TOKEN and BROKER_ADMIN_TOKEN (at least 32 characters, distinct).
 ENV BIND_ADDR=0.0.0.0:8080
 
 EXPOSE 8080

@@ -1,13 +1,27 @@
-//! Bearer-token checks (constant time) and the caller-id extractor.
+//! Bearer-token checks (constant time), the caller-id extractor, and the rate limit, which runs
+//! here — after the token has been checked — so that a bucket is always chosen by a credential
+//! the request has proven, never by a header it merely names.
+//!
+//! * A valid track credential is limited per (credential, caller); the admin token has its own
+//!   bucket.
+//! * A request without a valid credential for the route is charged to a small bucket of its
+//!   client address (see [`client_address`]), so guessing tokens or flooding with bad ones is
+//!   throttled without touching anyone's authenticated bucket.
 
-use axum::extract::{FromRequestParts, Request, State};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
+use crate::credentials::TrackCredential;
 use crate::error::ApiError;
+use crate::rate_limit::Decision;
 use crate::state::SharedState;
 
 /// Which token a request presented.
@@ -19,30 +33,82 @@ pub enum Role {
     Admin,
 }
 
+/// Who a request authenticated as (in the request extensions of track routes).
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// The shared track token: any track, any caller (kept for existing scripts).
+    SharedTrack,
+    /// A per-track credential: only its prefixes and its own sandboxes.
+    Track(Arc<TrackCredential>),
+    /// The operators' token.
+    Admin,
+}
+
+impl Principal {
+    /// How the access log names the principal: `shared-track`, `track:<name>` or `admin` (so
+    /// operators can see which requests still use the shared token).
+    pub fn label(&self) -> String {
+        match self {
+            Principal::SharedTrack => "shared-track".to_string(),
+            Principal::Track(c) => format!("track:{}", c.track),
+            Principal::Admin => "admin".to_string(),
+        }
+    }
+
+    /// The role the principal plays.
+    pub fn role(&self) -> Role {
+        match self {
+            Principal::SharedTrack | Principal::Track(_) => Role::Track,
+            Principal::Admin => Role::Admin,
+        }
+    }
+}
+
 fn equal(a: &str, b: &str) -> bool {
     // `ct_eq` on equal-length slices is constant-time; a length mismatch returns early, which
     // reveals only the length of the configured token.
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
-/// Resolves the bearer token of a request to a role (401 when absent, malformed or unknown).
-pub fn role_of(state: &SharedState, headers: &HeaderMap) -> Result<Role, ApiError> {
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer_token(raw: &HeaderValue) -> Option<&str> {
+    let value = raw.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Resolves the bearer token of a request to a principal (401 when absent, malformed or unknown).
+pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(raw) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized("Missing Authorization header"));
     };
-    let Some(token) = raw.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+    let Some(token) = bearer_token(raw) else {
         return Err(ApiError::unauthorized(
             "Invalid authorization header format",
         ));
     };
-    let token = token.trim();
-    if equal(token, &state.track_token) {
-        Ok(Role::Track)
-    } else if equal(token, &state.admin_token) {
-        Ok(Role::Admin)
+    // Every comparison runs whatever matches, so timing does not reveal which token it was.
+    let shared = state.shared_track_token_enabled & equal(token, &state.track_token);
+    let admin = equal(token, &state.admin_token);
+    let credential = state.credentials.find(token);
+    if let Some(credential) = credential {
+        Ok(Principal::Track(credential))
+    } else if shared {
+        Ok(Principal::SharedTrack)
+    } else if admin {
+        Ok(Principal::Admin)
     } else {
         Err(ApiError::unauthorized("Invalid bearer token"))
     }
+}
+
+/// Resolves the bearer token of a request to a role (401 when absent, malformed or unknown).
+pub fn role_of(state: &SharedState, headers: &HeaderMap) -> Result<Role, ApiError> {
+    authenticate(state, headers).map(|p| p.role())
 }
 
 fn with_challenge(e: ApiError) -> Response {
@@ -55,21 +121,129 @@ fn with_challenge(e: ApiError) -> Response {
     response
 }
 
-/// Route layer of the track endpoints: the track token only.
-pub async fn require_track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    match role_of(&state, req.headers()) {
-        Ok(Role::Track) => next.run(req).await,
-        Ok(Role::Admin) => with_challenge(ApiError::forbidden("Track token required")),
-        Err(e) => with_challenge(e),
+/// The client's address: with `hops` trusted proxies in front, the address the outermost
+/// trusted proxy saw (the `hops`-th `X-Forwarded-For` entry from the right — entries further
+/// left are whatever the client wrote); otherwise, or when the header is short or malformed,
+/// the peer address.
+pub fn client_address(req_headers: &HeaderMap, peer: Option<IpAddr>, hops: usize) -> String {
+    if hops > 0 {
+        let entries: Vec<&str> = req_headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        if entries.len() >= hops {
+            if let Ok(ip) = entries[entries.len() - hops].parse::<IpAddr>() {
+                return ip.to_string();
+            }
+        }
+    }
+    peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string())
+}
+
+fn peer_ip(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+}
+
+/// The client address of a request under the configured proxy hops.
+pub(crate) fn address_of(state: &SharedState, req: &Request) -> String {
+    client_address(req.headers(), peer_ip(req), state.trusted_proxy_hops)
+}
+
+/// Charges one request without a valid credential to its client address's bucket.
+pub(crate) fn check_address(state: &SharedState, address: &str) -> Decision {
+    state
+        .address_limiter
+        .check(&format!("addr:{address}"), Instant::now())
+}
+
+/// The caller a track request names, bounded, for the rate-limit key only (the handlers
+/// validate it properly).
+fn named_caller(headers: &HeaderMap) -> String {
+    for name in ["x-instruqt-sandbox-id", "x-track-id"] {
+        if let Some(v) = headers.get(name) {
+            let bytes = v.as_bytes();
+            if !bytes.iter().all(u8::is_ascii_whitespace) {
+                let n = bytes.len().min(256);
+                return String::from_utf8_lossy(&bytes[..n]).trim().to_string();
+            }
+        }
+    }
+    String::new()
+}
+
+fn principal_key(principal: &Principal, headers: &HeaderMap) -> String {
+    match principal {
+        // One bucket per student of a track; track names are plain ids, so `:` cannot collide.
+        Principal::SharedTrack => format!("track::{}", named_caller(headers)),
+        Principal::Track(c) => format!("track:{}:{}", c.track, named_caller(headers)),
+        Principal::Admin => "admin".to_string(),
     }
 }
 
-/// Route layer of the admin endpoints: the admin token only (the track token gets 403).
+fn refused(decision: Decision, error: Option<ApiError>) -> Response {
+    let mut response = match error {
+        Some(e) if decision.allowed => with_challenge(e),
+        _ => ApiError::rate_limited(decision.retry_after).into_response(),
+    };
+    response.extensions_mut().insert(decision);
+    response
+}
+
+async fn admit(
+    state: &SharedState,
+    principal: Principal,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let decision = state
+        .limiter
+        .check(&principal_key(&principal, req.headers()), Instant::now());
+    if !decision.allowed {
+        return refused(decision, None);
+    }
+    let label = AuthenticatedAs(principal.label());
+    req.extensions_mut().insert(principal);
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(decision);
+    response.extensions_mut().insert(label);
+    response
+}
+
+/// The principal's log label, carried on the response for the access log.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthenticatedAs(pub(crate) String);
+
+/// Marks a request the edge has already charged to its address (it carried no credential).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddressCharged;
+
+fn deny(state: &SharedState, req: &Request, error: ApiError) -> Response {
+    if req.extensions().get::<AddressCharged>().is_some() {
+        return with_challenge(error);
+    }
+    refused(check_address(state, &address_of(state, req)), Some(error))
+}
+
+/// Route layer of the track endpoints: the shared track token or a per-track credential.
+pub async fn require_track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    match authenticate(&state, req.headers()) {
+        Ok(p @ (Principal::SharedTrack | Principal::Track(_))) => admit(&state, p, req, next).await,
+        Ok(Principal::Admin) => deny(&state, &req, ApiError::forbidden("Track token required")),
+        Err(e) => deny(&state, &req, e),
+    }
+}
+
+/// Route layer of the admin endpoints: the admin token only (a track token gets 403).
 pub async fn require_admin(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    match role_of(&state, req.headers()) {
-        Ok(Role::Admin) => next.run(req).await,
-        Ok(Role::Track) => with_challenge(ApiError::forbidden("Admin access required")),
-        Err(e) => with_challenge(e),
+    match authenticate(&state, req.headers()) {
+        Ok(Principal::Admin) => admit(&state, Principal::Admin, req, next).await,
+        Ok(_) => deny(&state, &req, ApiError::forbidden("Admin access required")),
+        Err(e) => deny(&state, &req, e),
     }
 }
 
@@ -108,6 +282,36 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bearer scheme is matched case-insensitively; other schemes and empty tokens are not.
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for (raw, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Token abc", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ] {
+            assert_eq!(bearer_token(&HeaderValue::from_static(raw)), want, "{raw}");
+        }
+    }
+
+    /// With trusted proxies, the address is the hop the outermost trusted proxy appended.
+    #[test]
+    fn client_address_uses_trusted_hops_only() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.1"),
+        );
+        let peer = Some(IpAddr::from([10, 0, 0, 2]));
+        assert_eq!(client_address(&h, peer, 0), "10.0.0.2");
+        assert_eq!(client_address(&h, peer, 1), "10.0.0.1");
+        assert_eq!(client_address(&h, peer, 2), "1.2.3.4");
+        assert_eq!(client_address(&h, peer, 5), "10.0.0.2");
+    }
 
     /// Token comparison matches exactly, never on prefixes.
     #[test]

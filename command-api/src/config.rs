@@ -1,8 +1,10 @@
 //! Configuration from the environment (reference names kept). Every setting has a documented
 //! default in the README's configuration table.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use clap::{Parser, ValueEnum};
 
@@ -21,6 +23,46 @@ pub const DEV_TRACK_TOKEN: &str = "dev-track-token-NOT-FOR-PRODUCTION";
 /// See [`DEV_TRACK_TOKEN`].
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token-NOT-FOR-PRODUCTION";
 
+/// Shortest bearer token accepted outside the dev mode (about 190 bits of base64 entropy).
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// A setting that must never reach a log line: `Debug` prints `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret text, for the one place that compares or uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
 /// The API's settings.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "command-api", about = "Sandbox Broker REST API", version)]
@@ -30,10 +72,19 @@ pub struct Config {
     pub bind_addr: SocketAddr,
     /// Bearer token of track scripts.
     #[arg(long, env = "BROKER_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     /// Bearer token of operators.
     #[arg(long, env = "BROKER_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    /// Accept the shared track token (`BROKER_API_TOKEN`); off once every track has its own.
+    #[arg(long, env = "SHARED_TRACK_TOKEN_ENABLED", default_value_t = true)]
+    pub shared_track_token_enabled: bool,
+    /// Per-track credentials file (JSON, see the README).
+    #[arg(long, env = "TRACK_CREDENTIALS_FILE")]
+    pub track_credentials_file: Option<PathBuf>,
+    /// Per-track credentials as JSON text (e.g. injected from Secrets Manager).
+    #[arg(long, env = "TRACK_CREDENTIALS_JSON", hide_env_values = true)]
+    pub track_credentials_json: Option<Secret>,
     /// Allow the built-in dev tokens with a non-embedded store.
     #[arg(long, env = "ALLOW_DEV_TOKENS", default_value_t = false)]
     pub allow_dev_tokens: bool,
@@ -97,6 +148,27 @@ pub struct Config {
     /// Most caller keys tracked at once (memory bound).
     #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value_t = 100_000)]
     pub rate_limit_max_keys: usize,
+    /// Sustained requests per second per client address without a valid credential.
+    #[arg(long, env = "UNAUTH_RATE_LIMIT_RPS", default_value_t = 2.0)]
+    pub unauth_rate_limit_rps: f64,
+    /// Burst per client address without a valid credential.
+    #[arg(long, env = "UNAUTH_RATE_LIMIT_BURST", default_value_t = 30.0)]
+    pub unauth_rate_limit_burst: f64,
+    /// Proxies in front of the service that append to `X-Forwarded-For` (0 = use the peer address).
+    #[arg(long, env = "TRUSTED_PROXY_HOPS", default_value_t = 0)]
+    pub trusted_proxy_hops: usize,
+    /// Requests handled at once; beyond it requests are shed with 503.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// Open connections accepted at once; further connections wait in the kernel's backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a client has to send the request headers.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SEC", default_value_t = 10)]
+    pub header_read_timeout_sec: u64,
+    /// How long a `/readyz` store check is reused, ms.
+    #[arg(long, env = "READY_CACHE_MS", default_value_t = 1_000)]
+    pub ready_cache_ms: u64,
     /// Run the stream projector inside this process (default: on for embedded, off for DynamoDB).
     #[arg(long, env = "RUN_PROJECTOR")]
     pub run_projector: Option<bool>,
@@ -134,12 +206,49 @@ impl Config {
 
     /// The track token, or the dev token when unset.
     pub fn track_token(&self) -> &str {
-        self.api_token.as_deref().unwrap_or(DEV_TRACK_TOKEN)
+        self.api_token
+            .as_ref()
+            .map_or(DEV_TRACK_TOKEN, Secret::expose)
     }
 
     /// The admin token, or the dev token when unset.
     pub fn admin_token(&self) -> &str {
-        self.admin_token.as_deref().unwrap_or(DEV_ADMIN_TOKEN)
+        self.admin_token
+            .as_ref()
+            .map_or(DEV_ADMIN_TOKEN, Secret::expose)
+    }
+
+    /// Refuses token settings that would let a stranger in: the dev tokens anywhere but on a
+    /// loopback address (and, with DynamoDB, without `ALLOW_DEV_TOKENS`), and configured tokens
+    /// that are short or shared between the two roles.
+    pub fn check_tokens(&self) -> Result<(), String> {
+        if self.uses_dev_tokens() {
+            if !self.bind_addr.ip().is_loopback() {
+                return Err(format!(
+                    "BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set to listen on {} (the dev tokens are only for loopback addresses)",
+                    self.bind_addr
+                ));
+            }
+            if self.store != StoreKind::Embedded && !self.allow_dev_tokens {
+                return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set outside the embedded dev mode (or ALLOW_DEV_TOKENS=true for local DynamoDB)".into());
+            }
+        }
+        for (name, token) in [
+            ("BROKER_API_TOKEN", &self.api_token),
+            ("BROKER_ADMIN_TOKEN", &self.admin_token),
+        ] {
+            if let Some(token) = token {
+                if token.expose().trim().chars().count() < MIN_TOKEN_CHARS {
+                    return Err(format!(
+                        "{name} must be at least {MIN_TOKEN_CHARS} characters"
+                    ));
+                }
+            }
+        }
+        if self.track_token() == self.admin_token() {
+            return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must differ".into());
+        }
+        Ok(())
     }
 
     /// True when either token is the built-in dev default.

@@ -4,21 +4,23 @@
 //! * an `X-Request-ID` (the caller's, if sane) that equals the `request_id` of any error body;
 //! * every error rendered in the one envelope;
 //! * security headers and CORS headers;
-//! * the per-caller rate limit with `X-RateLimit-*` headers;
+//! * load shedding: beyond `MAX_CONCURRENT_REQUESTS` handlers at once, 503 at once;
+//! * the per-address rate limit of requests without credentials (authenticated requests are
+//!   limited per principal in [`crate::auth`], after the token check), `X-RateLimit-*` headers;
 //! * one JSON access-log line and the request-latency histogram.
 
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::FutureExt;
 
 use crate::error::ApiError;
+use crate::rate_limit::Decision;
 use crate::state::SharedState;
 
 /// The request id of the current request (in request extensions).
@@ -28,7 +30,7 @@ pub struct RequestId(pub String);
 /// Paths the rate limit does not apply to (probes and scrapes).
 pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-const ALLOWED_HEADERS: &str = "authorization, content-type, x-track-id, x-instruqt-sandbox-id, x-instruqt-track-id, x-sandbox-name-prefix, idempotency-key, x-request-id, last-event-id";
+const ALLOWED_HEADERS: &str = "authorization, content-type, x-track-id, x-instruqt-sandbox-id, x-instruqt-track-id, x-sandbox-name-prefix, x-caller-signature, idempotency-key, x-request-id, last-event-id";
 const EXPOSED_HEADERS: &str = "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, retry-after";
 
 /// Accepts an incoming request id only if it is short and plain, so it is safe to log and echo.
@@ -41,19 +43,19 @@ fn sane_request_id(headers: &HeaderMap) -> Option<String> {
     ok.then(|| v.to_string())
 }
 
-fn rate_key(req: &Request) -> String {
-    for name in ["x-instruqt-sandbox-id", "x-track-id"] {
-        if let Some(v) = req.headers().get(name) {
-            let bytes = v.as_bytes();
-            if !bytes.iter().all(u8::is_ascii_whitespace) {
-                let n = bytes.len().min(256);
-                return format!("caller:{}", String::from_utf8_lossy(&bytes[..n]).trim());
-            }
-        }
-    }
-    match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
-        None => "ip:unknown".into(),
+/// Methods the latency metric names; anything else is `other`, so clients cannot mint series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
     }
 }
 
@@ -73,6 +75,14 @@ fn content_security_policy(path: &str, base: &str) -> &'static str {
         "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
     } else {
         "default-src 'none'; frame-ancestors 'none'"
+    }
+}
+
+/// Runs the inner service, turning a panic into a 500.
+async fn run_guarded(next: Next, req: Request, request_id: &str) -> Response {
+    match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => ApiError::internal("handler panicked").render(request_id),
     }
 }
 
@@ -108,29 +118,63 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
 
+    let exempt = EXEMPT.contains(&path.as_str());
+    let has_credentials = req.headers().contains_key(header::AUTHORIZATION);
+    let address = crate::auth::address_of(&state, &req);
     let mut decision = None;
     let mut response = if preflight {
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NO_CONTENT;
         r
-    } else {
-        let verdict = (!EXEMPT.contains(&path.as_str()))
-            .then(|| state.limiter.check(&rate_key(&req), Instant::now()));
-        decision = verdict;
-        match verdict {
-            Some(d) if !d.allowed => {
-                state.metrics.rate_limited.inc();
+    } else if exempt {
+        run_guarded(next, req, &request_id).await
+    } else if let Ok(_permit) = state.in_flight.clone().try_acquire_owned() {
+        // The permit lives until the handler has produced its response (a stream's body is
+        // not counted), so the limit bounds work in progress, not open streams.
+        if has_credentials {
+            // The auth layer of the route charges the principal's bucket (or, for a bad
+            // credential, the address's); a route without auth is charged below.
+            let response = run_guarded(next, req, &request_id).await;
+            match response.extensions().get::<Decision>() {
+                Some(_) => response,
+                None => {
+                    let d = crate::auth::check_address(&state, &address);
+                    decision = Some(d);
+                    if d.allowed {
+                        response
+                    } else {
+                        ApiError::rate_limited(d.retry_after).render(&request_id)
+                    }
+                }
+            }
+        } else {
+            let d = crate::auth::check_address(&state, &address);
+            decision = Some(d);
+            if d.allowed {
+                req.extensions_mut().insert(crate::auth::AddressCharged);
+                run_guarded(next, req, &request_id).await
+            } else {
                 ApiError::rate_limited(d.retry_after).render(&request_id)
             }
-            _ => match AssertUnwindSafe(next.run(req)).catch_unwind().await {
-                Ok(r) => r,
-                Err(_) => ApiError::internal("handler panicked").render(&request_id),
-            },
         }
+    } else {
+        ApiError::overloaded().render(&request_id)
     };
+    if let Some(d) = response.extensions().get::<Decision>() {
+        decision = Some(*d);
+    }
+    let principal = response
+        .extensions()
+        .get::<crate::auth::AuthenticatedAs>()
+        .map(|p| p.0.clone());
+    if decision.is_some_and(|d| !d.allowed) {
+        state.metrics.rate_limited.inc();
+    }
     let status = response.status();
     let mut error_code = None;
-    if status.is_client_error() || status.is_server_error() {
+    // Probes answer in their own format (a not-ready `/readyz` is a 503 with its checks).
+    let readiness_body = path == "/readyz" && status == StatusCode::SERVICE_UNAVAILABLE;
+    if (status.is_client_error() || status.is_server_error()) && !readiness_body {
         let error = response
             .extensions()
             .get::<ApiError>()
@@ -171,11 +215,7 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         content_security_policy(&path, &state.base_path),
     );
     if let Some(d) = decision {
-        set(
-            headers,
-            "x-ratelimit-limit",
-            &state.limiter.limit().to_string(),
-        );
+        set(headers, "x-ratelimit-limit", &d.limit.to_string());
         set(headers, "x-ratelimit-remaining", &d.remaining.to_string());
         if !d.allowed {
             set(headers, "retry-after", &d.retry_after.to_string());
@@ -208,15 +248,15 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
     state
         .metrics
         .request_latency
-        .with_label_values(&[method.as_str(), &route, &status.to_string()])
+        .with_label_values(&[method_label(&method), &route, &status.to_string()])
         .observe(latency.as_secs_f64());
     let latency_ms = latency.as_millis() as u64;
     if status >= 500 {
-        tracing::error!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::error!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     } else if status >= 400 {
-        tracing::warn!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::warn!(target: "access", method = %method, path = %path, route = %route, status, code = error_code, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     } else {
-        tracing::info!(target: "access", method = %method, path = %path, route = %route, status, latency_ms, request_id = %request_id, caller = caller.as_deref(), "request");
+        tracing::info!(target: "access", method = %method, path = %path, route = %route, status, latency_ms, request_id = %request_id, caller = caller.as_deref(), principal = principal.as_deref(), "request");
     }
     response
 }

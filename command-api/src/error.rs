@@ -119,6 +119,40 @@ impl ApiError {
         )
     }
 
+    /// 403 PREFIX_NOT_ALLOWED: a per-track credential asked for names outside its prefixes.
+    pub fn prefix_not_allowed(prefix: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "PREFIX_NOT_ALLOWED",
+            format!("This track may not allocate sandboxes named {prefix}*"),
+        )
+    }
+
+    /// 400 NAME_PREFIX_REQUIRED: the credential has several prefixes and none was chosen.
+    pub fn name_prefix_required() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_PREFIX_REQUIRED",
+            "X-Sandbox-Name-Prefix is required: this track's credential allows several prefixes",
+        )
+    }
+
+    /// 403 INVALID_CALLER_SIGNATURE: `X-Caller-Signature` missing (where required) or wrong.
+    pub fn invalid_caller_signature(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE", message)
+    }
+
+    /// 409 TRACK_ALLOCATION_LIMIT: the track holds its maximum of live allocations.
+    pub fn track_allocation_limit(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::CONFLICT,
+            "TRACK_ALLOCATION_LIMIT",
+            "This track holds its maximum number of live allocations",
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
     /// 404 SANDBOX_NOT_FOUND.
     pub fn sandbox_not_found(sandbox_id: &str) -> Self {
         Self::new(
@@ -152,6 +186,17 @@ impl ApiError {
             "Rate limit exceeded",
         );
         e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 503 OVERLOADED: too many requests in progress; shed before any work is done.
+    pub fn overloaded() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "OVERLOADED",
+            "The service is at capacity; retry shortly",
+        );
+        e.retry_after = Some(1);
         e
     }
 

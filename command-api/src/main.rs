@@ -21,7 +21,13 @@ async fn main() -> anyhow::Result<()> {
         service.state.clone(),
         std::time::Duration::from_secs(config.request_timeout_sec),
     );
-    command_api::run(app, listener, startup::shutdown_signal()).await?;
+    command_api::run_with(
+        app,
+        listener,
+        startup::shutdown_signal(),
+        command_api::ListenerLimits::from_config(&config),
+    )
+    .await?;
     service.stop().await;
     Ok(())
 }

@@ -46,7 +46,7 @@ impl Modify for BearerAuth {
 
 /// Documents the error responses the outer layers can give on every operation, whatever its
 /// handler does: 408 (request timeout), 413 (body over the limit), 500 (panic guard) and, except
-/// on the probes and the scrape the rate limit exempts, 429. Each is the [`ErrorBody`] envelope;
+/// on the probes and the scrape that rate limit and load shedding exempt, 429 and 503. Each is the [`ErrorBody`] envelope;
 /// a status an operation already documents is left as it is. Other `OpenApi` documents merged
 /// into [`ApiDoc`] apply it too (`modifiers(&EdgeResponses)`): modifiers run before a merge.
 pub struct EdgeResponses;
@@ -61,6 +61,10 @@ impl EdgeResponses {
         ),
     ];
     const RATE_LIMITED: (&'static str, &'static str) = ("429", "Rate limited");
+    const OVERLOADED: (&'static str, &'static str) = (
+        "503",
+        "`OVERLOADED`: too many requests in progress, shed before any work",
+    );
 
     fn add(operation: &mut Operation, status: &str, description: &str) {
         let responses = &mut operation.responses.responses;
@@ -96,8 +100,9 @@ impl Modify for EdgeResponses {
                     Self::add(operation, status, description);
                 }
                 if rate_limited {
-                    let (status, description) = Self::RATE_LIMITED;
-                    Self::add(operation, status, description);
+                    for (status, description) in [Self::RATE_LIMITED, Self::OVERLOADED] {
+                        Self::add(operation, status, description);
+                    }
                 }
             }
         }
@@ -121,7 +126,25 @@ mod tests {
                 }
                 let exempt = crate::edge::EXEMPT.contains(&path.as_str());
                 assert_eq!(documented("429"), !exempt, "{path}: 429");
+                if !exempt {
+                    assert!(documented("503"), "{path}: 503 undocumented");
+                }
             }
         }
+    }
+
+    /// The track operations state the id constraints the server enforces (length, no control
+    /// characters), so schema-valid requests are not rejected as malformed.
+    #[test]
+    fn track_ids_state_their_constraints() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        let params = &doc["paths"]["/v1/sandboxes/{sandbox_id}"]["get"]["parameters"];
+        let id = params
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "sandbox_id"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(id["schema"]["maxLength"], 256, "{id}");
+        assert!(id["schema"]["pattern"].is_string(), "{id}");
     }
 }

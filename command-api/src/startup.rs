@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, StoreKind};
+use crate::credentials::TrackCredentials;
 use crate::metrics::ApiMetrics;
 use crate::rate_limit::RateLimiter;
 use crate::state::{AppState, SharedState};
@@ -91,8 +92,17 @@ pub async fn build_with(
     if !config.api_base_path.starts_with('/') || config.api_base_path.len() < 2 {
         bail!("API_BASE_PATH must start with '/' and not be '/' alone");
     }
-    if config.store != StoreKind::Embedded && config.uses_dev_tokens() && !config.allow_dev_tokens {
-        bail!("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set outside the embedded dev mode (or ALLOW_DEV_TOKENS=true for local DynamoDB)");
+    if let Err(problem) = config.check_tokens() {
+        bail!(problem);
+    }
+    let credentials = TrackCredentials::load(
+        config.track_credentials_file.as_deref(),
+        config.track_credentials_json.as_ref(),
+        &[config.track_token(), config.admin_token()],
+    )
+    .context("track credentials")?;
+    if !credentials.is_empty() {
+        tracing::info!(target: "startup", tracks = credentials.len(), shared_token = config.shared_track_token_enabled, "per-track credentials loaded");
     }
     let registry = Registry::new();
     let Stores {
@@ -245,6 +255,20 @@ pub async fn build_with(
             config.rate_limit_burst,
             config.rate_limit_max_keys,
         ),
+        address_limiter: RateLimiter::new(
+            config.unauth_rate_limit_rps,
+            config.unauth_rate_limit_burst,
+            config.rate_limit_max_keys,
+        ),
+        trusted_proxy_hops: config.trusted_proxy_hops,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_requests.max(1),
+        )),
+        readiness: crate::routes::ops::ReadinessCache::new(Duration::from_millis(
+            config.ready_cache_ms,
+        )),
+        credentials,
+        shared_track_token_enabled: config.shared_track_token_enabled,
         track_token: config.track_token().to_string(),
         admin_token: config.admin_token().to_string(),
         cors_origins: config
@@ -306,7 +330,12 @@ pub fn print_banner(config: &Config, addr: SocketAddr) {
         println!(
             "  DEV-ONLY tokens (set BROKER_API_TOKEN / BROKER_ADMIN_TOKEN for anything real):"
         );
-        println!("    track: {}", config.track_token());
-        println!("    admin: {}", config.admin_token());
+        // Only the built-in ones: a configured token is never printed.
+        if config.api_token.is_none() {
+            println!("    track: {}", config.track_token());
+        }
+        if config.admin_token.is_none() {
+            println!("    admin: {}", config.admin_token());
+        }
     }
 }

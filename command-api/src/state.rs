@@ -6,6 +6,7 @@ use domain::Broker;
 use projector::ProjectorMetrics;
 use prometheus::Registry;
 
+use crate::credentials::TrackCredentials;
 use crate::metrics::ApiMetrics;
 use crate::rate_limit::RateLimiter;
 
@@ -21,8 +22,20 @@ pub struct AppState {
     pub metrics: ApiMetrics,
     /// The in-process projector's metrics, when it runs here.
     pub projector_metrics: Option<ProjectorMetrics>,
-    /// Per-caller rate limit.
+    /// Rate limit per authenticated principal (credential + caller; admin).
     pub limiter: RateLimiter,
+    /// Rate limit per client address, for requests without a valid credential.
+    pub address_limiter: RateLimiter,
+    /// Proxies that append to `X-Forwarded-For` (0 = the peer is the client).
+    pub trusted_proxy_hops: usize,
+    /// Requests handled at once; the edge sheds the rest with 503.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The last `/readyz` store check, reused for a short while.
+    pub readiness: crate::routes::ops::ReadinessCache,
+    /// Per-track credentials.
+    pub credentials: TrackCredentials,
+    /// Whether the shared track token is accepted.
+    pub shared_track_token_enabled: bool,
     /// Track bearer token.
     pub track_token: String,
     /// Admin bearer token.

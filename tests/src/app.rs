@@ -13,9 +13,9 @@ use domain::{Actor, CommandMeta, ManualClock, PoolStats};
 use tokio::sync::oneshot;
 
 /// Track token of test apps.
-pub const TRACK_TOKEN: &str = "test-track-token";
+pub const TRACK_TOKEN: &str = "test-track-token-0123456789abcdefghij";
 /// Admin token of test apps.
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdefghij";
 
 /// Which store a test app runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct AppOptions {
     pub rate_limit: (f64, f64),
     /// Applies further settings to the config.
     pub configure: Box<dyn FnOnce(&mut Config) + Send>,
+    /// Job settings (default: the mock CSP; tests point them at the fake CSP).
+    pub jobs: jobs::JobsConfig,
 }
 
 impl AppOptions {
@@ -60,6 +62,7 @@ impl AppOptions {
             backend,
             rate_limit: (100_000.0, 100_000.0),
             configure: Box::new(|_| {}),
+            jobs: test_jobs_config(),
         }
     }
 }
@@ -80,6 +83,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.log_format = "text".into();
     config.rate_limit_rps = options.rate_limit.0;
     config.rate_limit_burst = options.rate_limit.1;
+    // Tests that want the per-address limit of unauthenticated requests set it in `configure`.
+    config.unauth_rate_limit_rps = 100_000.0;
+    config.unauth_rate_limit_burst = 100_000.0;
     match options.backend {
         Backend::Embedded => {
             config.store = StoreKind::Embedded;
@@ -96,7 +102,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     }
     (options.configure)(&mut config);
     let clock = ManualClock::new(chrono::Utc::now());
-    let service = startup::build_with(&config, Arc::new(clock.clone()), test_jobs_config())
+    let service = startup::build_with(&config, Arc::new(clock.clone()), options.jobs)
         .await
         .unwrap_or_else(|e| panic!("test service did not start: {e:#}"));
     let state = service.state.clone();
@@ -110,10 +116,16 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     // busy cores can take longer than the production default of 30 s per request.
     let app = command_api::app(state.clone(), Duration::from_secs(180));
     let (tx, rx) = oneshot::channel::<()>();
+    let limits = command_api::ListenerLimits::from_config(&config);
     let server = tokio::spawn(async move {
-        let _ = command_api::run(app, listener, async {
-            let _ = rx.await;
-        })
+        let _ = command_api::run_with(
+            app,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+            limits,
+        )
         .await;
     });
     TestApp {

@@ -1,6 +1,7 @@
 //! A fake CSP API over real HTTP (axum on 127.0.0.1, port 0) whose behaviour a test scripts:
 //! the account list and its paging, and faults — HTTP errors, `429 Retry-After`, delays beyond
-//! the client's read timeout, malformed JSON, per-account or rate-based delete failures. It
+//! the client's read timeout, malformed JSON, oversized bodies, redirects, trickled bodies,
+//! per-account or rate-based delete failures. It
 //! records every request, so tests can count the DELETEs each account received.
 //!
 //! It serves the two routes the jobs use, under `/v2` like the real base URL:
@@ -37,6 +38,13 @@ pub enum Fault {
     Html(u16),
     /// `200` with a body that is not JSON.
     MalformedJson,
+    /// `200` with a JSON body of about this many bytes (for body-size caps).
+    HugeBody(usize),
+    /// `302 Found` to this URL.
+    Redirect(String),
+    /// `200` whose body arrives one byte every `Duration`, this many times: each read is quick,
+    /// the whole exchange is not (for total-time limits).
+    Trickle(Duration, u32),
 }
 
 /// One account as CSP lists it.
@@ -445,6 +453,33 @@ async fn apply(fault: Option<Fault>) -> Option<Response> {
             )
                 .into_response(),
         ),
+        Fault::HugeBody(bytes) => Some(
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                format!("{{\"results\": [], \"pad\": \"{}\"}}", "x".repeat(bytes)),
+            )
+                .into_response(),
+        ),
+        Fault::Redirect(to) => {
+            Some((StatusCode::FOUND, [("location", to)], "elsewhere").into_response())
+        }
+        Fault::Trickle(every, count) => {
+            let bytes = futures::stream::unfold(0u32, move |sent| async move {
+                if sent >= count {
+                    return None;
+                }
+                tokio::time::sleep(every).await;
+                Some((Ok::<_, std::io::Error>(vec![b' ']), sent + 1))
+            });
+            Some(
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from_stream(bytes))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+            )
+        }
     }
 }
 

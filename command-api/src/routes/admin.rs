@@ -177,8 +177,8 @@ fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, Api
     params(
         ("status" = Option<String>, Query, pattern = "^(available|allocated|pending_deletion|stale|deletion_failed|deleted)$",
             description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
-        ("owner" = Option<String>, Query, description = "Current or most recent owner"),
-        ("prefix" = Option<String>, Query, description = "Name prefix"),
+        ("owner" = Option<String>, Query, max_length = 256, description = "Current or most recent owner; at most 256 bytes"),
+        ("prefix" = Option<String>, Query, max_length = 256, description = "Name prefix; at most 256 bytes"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 50"),
         ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
     ),
@@ -256,7 +256,7 @@ pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsRes
 /// A sandbox's events in version order.
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}/history", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id")),
+    params(("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "History", body = HistoryResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -283,7 +283,7 @@ pub async fn get_history(
 /// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.
 #[utoipa::path(
     post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id")),
+    params(("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "Re-queued", body = RetryDeletionResponse),
         (status = 400, description = "Bad id", body = ErrorBody),

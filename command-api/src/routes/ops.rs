@@ -36,35 +36,69 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "healthy", "timestamp": chrono::Utc::now().timestamp()}))
 }
 
-/// Readiness: the store answers and the in-process projector is not too far behind.
+/// The last store check of `/readyz`, reused for `ttl`: probes and anonymous clients can hit
+/// `/readyz` as often as they like without each hit reaching the store. The lock is held across
+/// the check, so concurrent hits after expiry wait for one check instead of each making one.
+#[derive(Debug)]
+pub struct ReadinessCache {
+    ttl: std::time::Duration,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl ReadinessCache {
+    /// A cache keeping a result for `ttl`.
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the store answered, from a check at most `ttl` old.
+    async fn store_ok(&self, state: &SharedState) -> bool {
+        let mut last = self.last.lock().await;
+        if let Some((at, ok)) = *last {
+            if at.elapsed() < self.ttl {
+                return ok;
+            }
+        }
+        let ok = match state.broker.events().ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                // The cause can name accounts, roles and endpoints: the log only, never the body.
+                tracing::warn!(target: "readiness", error = %e, "store check failed");
+                false
+            }
+        };
+        *last = Some((std::time::Instant::now(), ok));
+        ok
+    }
+}
+
+/// Readiness: the store answers and the in-process projector is not too far behind. The body
+/// says only which check failed; the cause is logged.
 #[utoipa::path(get, path = "/readyz", tag = "Observability", responses(
     (status = 200, description = "Ready", body = Object),
-    (status = 503, description = "Not ready; `checks` names the reason", body = Object)))]
+    (status = 503, description = "Not ready; `checks` names the failing check (`unavailable`, `lagging`), never its cause", body = Object)))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let mut ready = true;
-    let store = match state.broker.events().ping().await {
-        Ok(()) => "ok".to_string(),
-        Err(e) => {
-            ready = false;
-            format!("error: {e}")
-        }
-    };
+    let store_ok = state.readiness.store_ok(&state).await;
     let projector = match &state.projector_metrics {
         Some(m) => {
             let lag = m.last_lag_ms();
             if lag > state.ready_max_lag_ms {
-                ready = false;
-                format!("lagging: {lag} ms > {} ms", state.ready_max_lag_ms)
+                tracing::warn!(target: "readiness", lag_ms = lag, max_ms = state.ready_max_lag_ms, "projector lagging");
+                "lagging"
             } else {
-                format!("ok ({lag} ms)")
+                "ok"
             }
         }
-        None => "external".to_string(),
+        None => "external",
     };
+    let ready = store_ok && projector != "lagging";
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "timestamp": chrono::Utc::now().timestamp(),
-        "checks": {"store": store, "projector": projector},
+        "checks": {"store": if store_ok { "ok" } else { "unavailable" }, "projector": projector},
     });
     let status = if ready {
         StatusCode::OK

@@ -8,11 +8,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
-use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
+use domain::store::ListFilter;
+use domain::{Actor, AllocateRequest, BrokerError, CommandMeta, SandboxStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::auth::{header_text, Caller};
+use crate::auth::{header_text, Caller, Principal};
+use crate::credentials::{SignatureCheck, TrackCredential};
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::SharedState;
@@ -106,6 +108,98 @@ fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
     }
 }
 
+/// With a per-track credential, the caller id must carry the track's signature when the
+/// credential says so (and a signature that is sent is always checked).
+fn check_caller(
+    credential: &TrackCredential,
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let signature = header_text(headers, "x-caller-signature")?;
+    match credential.check_signature(&caller.0, signature.as_deref()) {
+        SignatureCheck::Accepted => Ok(()),
+        SignatureCheck::Missing => Err(ApiError::invalid_caller_signature(
+            "X-Caller-Signature is required for this track",
+        )),
+        SignatureCheck::Invalid => Err(ApiError::invalid_caller_signature(
+            "X-Caller-Signature does not match the caller id",
+        )),
+    }
+}
+
+/// With a per-track credential, a sandbox is visible only if its track allocated it: the
+/// strong read's `track_name` is the credential's track, stamped at allocation.
+async fn check_track_owns(
+    state: &SharedState,
+    credential: &TrackCredential,
+    sandbox_id: &str,
+) -> Result<(), ApiError> {
+    let sandbox = state
+        .broker
+        .load_sandbox(sandbox_id)
+        .await
+        .map_err(|e| ApiError::from_broker(e, sandbox_id))?
+        .sandbox;
+    if sandbox.status.is_none() {
+        return Err(ApiError::sandbox_not_found(sandbox_id));
+    }
+    if sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
+        return Err(ApiError::not_owner(sandbox_id));
+    }
+    Ok(())
+}
+
+/// Whether the track already holds its maximum of live allocations, counted from the view
+/// over its prefixes (eventually consistent, so a burst can overshoot by a few; the cap guards
+/// the pool against one track, it is not an exact quota). A caller that already holds a live
+/// allocation is never refused, so its idempotent replay still answers.
+async fn at_track_limit(
+    state: &SharedState,
+    credential: &TrackCredential,
+    caller: &str,
+) -> Result<bool, ApiError> {
+    let Some(max) = credential.max_concurrent_allocations else {
+        return Ok(false);
+    };
+    let view = state.broker.view();
+    let mut live = 0usize;
+    for prefix in &credential.name_prefixes {
+        let filter = ListFilter {
+            status: Some(SandboxStatus::Allocated),
+            owner: None,
+            prefix: Some(prefix.clone()),
+        };
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = view.list(&filter, 500, cursor.as_deref()).await?;
+            live += page
+                .rows
+                .iter()
+                .filter(|r| r.track_name.as_deref() == Some(credential.track.as_str()))
+                .count();
+            if live >= max as usize {
+                break;
+            }
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        if live >= max as usize {
+            break;
+        }
+    }
+    if live < max as usize {
+        return Ok(false);
+    }
+    let own = ListFilter {
+        status: Some(SandboxStatus::Allocated),
+        owner: Some(caller.to_string()),
+        prefix: None,
+    };
+    Ok(view.list(&own, 1, None).await?.rows.is_empty())
+}
+
 /// Checks a path id the same way header ids are checked (400, never a 5xx or a key too long).
 pub fn path_id(raw: &str) -> Result<String, ApiError> {
     domain::model::ids::validate_id("sandbox_id", raw)
@@ -117,19 +211,20 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
     post, path = "/v1/allocate", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred)"),
-        ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id"),
-        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics)"),
-        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller"),
+        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
     ),
     responses(
         (status = 201, description = "Allocated", body = AllocateResponse),
         (status = 200, description = "Idempotent replay of the live allocation", body = AllocateResponse),
-        (status = 400, description = "Missing or invalid header", body = ErrorBody),
+        (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "Wrong token", body = ErrorBody),
-        (status = 409, description = "No sandboxes available", body = ErrorBody),
+        (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
+        (status = 409, description = "No sandboxes available; `TRACK_ALLOCATION_LIMIT` when the track holds its maximum", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     )
@@ -137,6 +232,7 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
 pub async fn allocate_sandbox(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
@@ -150,12 +246,34 @@ pub async fn allocate_sandbox(
             None => Ok(None),
         }
     };
-    let request = AllocateRequest {
+    let mut request = AllocateRequest {
         caller: caller.0.clone(),
         idempotency_key: bounded("idempotency-key")?,
         track_name: bounded("x-instruqt-track-id")?,
         name_prefix: bounded("x-sandbox-name-prefix")?,
     };
+    let credential = match &principal {
+        Principal::Track(credential) => Some(credential.clone()),
+        _ => None,
+    };
+    if let Some(credential) = &credential {
+        check_caller(credential, &caller, &headers)?;
+        request.name_prefix = match request.name_prefix.take() {
+            Some(prefix) if credential.allows_prefix(&prefix) => Some(prefix),
+            Some(prefix) => return Err(ApiError::prefix_not_allowed(&prefix)),
+            None => match credential.name_prefixes.as_slice() {
+                [only] => Some(only.clone()),
+                _ => return Err(ApiError::name_prefix_required()),
+            },
+        };
+        // The credential, not a header, names the track: ownership checks rely on it.
+        request.track_name = Some(credential.track.clone());
+        if at_track_limit(&state, credential, &caller.0).await? {
+            return Err(ApiError::track_allocation_limit(
+                state.broker.config().no_sandbox_retry_after_s,
+            ));
+        }
+    }
     let result = state
         .broker
         .allocate(&request, &meta(&caller.0, &request_id))
@@ -173,6 +291,12 @@ pub async fn allocate_sandbox(
         .with_label_values(&[outcome])
         .observe(started.elapsed().as_secs_f64());
     let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    if let Some(credential) = &credential {
+        // A replay can return a claim made through another credential for the same caller id.
+        if allocation.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
+            return Err(ApiError::not_owner(&allocation.sandbox.sandbox_id));
+        }
+    }
     state.metrics.conflicts.inc_by(allocation.conflicts as u64);
     if allocation.replayed {
         state.metrics.idempotent_hits.inc();
@@ -198,12 +322,15 @@ pub async fn allocate_sandbox(
 #[utoipa::path(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id")),
+    params(
+        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+    ),
     responses(
         (status = 200, description = "The sandbox", body = SandboxResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "Not this caller's live allocation", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -211,10 +338,16 @@ pub async fn allocate_sandbox(
 )]
 pub async fn get_sandbox(
     State(state): State<SharedState>,
+    Extension(principal): Extension<Principal>,
     Path(sandbox_id): Path<String>,
     caller: Caller,
+    headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
+    if let Principal::Track(credential) = &principal {
+        check_caller(credential, &caller, &headers)?;
+        check_track_owns(&state, credential, &sandbox_id).await?;
+    }
     let sandbox = state
         .broker
         .get_sandbox(&sandbox_id, &caller.0)
@@ -227,12 +360,15 @@ pub async fn get_sandbox(
 #[utoipa::path(
     post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
     security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id")),
+    params(
+        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+    ),
     responses(
         (status = 200, description = "Marked (or already ended; same body)", body = MarkResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "Not this caller's allocation", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -241,10 +377,16 @@ pub async fn get_sandbox(
 pub async fn mark_for_deletion(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
     Path(sandbox_id): Path<String>,
     caller: Caller,
+    headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
+    if let Principal::Track(credential) = &principal {
+        check_caller(credential, &caller, &headers)?;
+        check_track_owns(&state, credential, &sandbox_id).await?;
+    }
     let result = state
         .broker
         .mark_for_deletion(&sandbox_id, &caller.0, &meta(&caller.0, &request_id))

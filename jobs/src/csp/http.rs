@@ -24,6 +24,15 @@ use crate::metrics::CspMetrics;
 const ERROR_BODY_CHARS: usize = 200;
 /// The wait assumed when a `429` carries no usable `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` believed: a larger value is clamped to this, so no arithmetic on
+/// instants can overflow and a hostile or broken server cannot park the client for years.
+const RETRY_AFTER_CEILING: Duration = Duration::from_secs(3600);
+/// The largest response body read; a listing page of 100 accounts is a few tens of KiB.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// The whole exchange (connect, send, every byte of the body) must finish within this many read
+/// timeouts plus the connect timeout: the read timeout alone lets a trickling server keep a
+/// request open forever.
+const TOTAL_TIMEOUT_READS: u32 = 2;
 
 /// The HTTP client of the CSP API.
 #[derive(Debug)]
@@ -57,6 +66,11 @@ impl HttpCsp {
                 "{base} is not an http(s) URL"
             )));
         }
+        if !transport_allowed(&accounts_url) {
+            return Err(CspError::InvalidRequest(format!(
+                "{base}: CSP_BASE_URL must be https (plain http only to a loopback test server)"
+            )));
+        }
         let mut auth =
             HeaderValue::from_str(&format!("Token {}", config.api_token)).map_err(|_| {
                 CspError::InvalidRequest("CSP_API_TOKEN is not a valid header value".into())
@@ -69,6 +83,9 @@ impl HttpCsp {
             .default_headers(headers)
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
+            .timeout(config.connect_timeout + config.read_timeout * TOTAL_TIMEOUT_READS)
+            // A redirect could carry the token's requests to another host; CSP never redirects.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("sandbox-broker-jobs/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CspError::Transport(format!("building the HTTP client: {e}")))?;
@@ -160,11 +177,11 @@ impl HttpCsp {
                     retry_after_s: wait.as_secs().max(1),
                 });
             }
-            let body = match response.bytes().await {
+            let body = match read_capped(response, MAX_RESPONSE_BYTES).await {
                 Ok(body) => body,
                 Err(e) => {
                     permit.failure();
-                    return Err(self.count(op, transport_error(&e)));
+                    return Err(self.count(op, e));
                 }
             };
             let result = accept(status, &body);
@@ -284,14 +301,50 @@ fn transport_error(e: &reqwest::Error) -> CspError {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// Plain http is allowed only to a loopback host (the fake CSP of tests, a local mock).
+fn transport_allowed(url: &Url) -> bool {
+    match url.scheme() {
+        "https" => true,
+        "http" => match url.host_str() {
+            Some(host) => {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                bare.eq_ignore_ascii_case("localhost")
+                    || bare
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Reads a body of at most `cap` bytes; a longer one is refused without being buffered.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, CspError> {
+    let too_large = || CspError::Malformed(format!("response body larger than {cap} bytes"));
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` as seconds or an HTTP date, clamped to [`RETRY_AFTER_CEILING`].
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let raw = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = raw.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(raw).ok()?;
-    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+    let wait = if let Ok(secs) = raw.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(raw).ok()?;
+        (at.with_timezone(&Utc) - Utc::now()).to_std().ok()?
+    };
+    Some(wait.min(RETRY_AFTER_CEILING))
 }
 
 /// Spaces requests at least `1 / rps` apart (a leaky bucket without burst), shared by every task
@@ -332,7 +385,11 @@ impl RateLimiter {
     /// No request starts before `wait` from now.
     fn hold_for(&self, wait: Duration) {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + wait;
+        let now = Instant::now();
+        // `checked_add`: an instant far in the future overflows; the ceiling is the latest slot.
+        let until = now
+            .checked_add(wait.min(RETRY_AFTER_CEILING))
+            .unwrap_or(now);
         *next = Some(next.map_or(until, |n| n.max(until)));
     }
 }
@@ -355,6 +412,28 @@ mod tests {
         assert!(retry_after(&h).is_some_and(|d| d > Duration::from_secs(20)));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("10000000000000000000"),
+        );
+        assert_eq!(retry_after(&h), Some(RETRY_AFTER_CEILING));
+    }
+
+    /// Plain http only to loopback hosts; https anywhere.
+    #[test]
+    fn http_only_to_loopback() {
+        for (url, ok) in [
+            ("https://csp.example.com/v2", true),
+            ("http://127.0.0.1:9/v2", true),
+            ("http://[::1]:9/v2", true),
+            ("http://localhost:9/v2", true),
+            ("http://csp.example.com/v2", false),
+            ("http://10.0.0.1/v2", false),
+            ("ftp://127.0.0.1/v2", false),
+        ] {
+            let parsed = Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(transport_allowed(&parsed), ok, "{url}");
+        }
     }
 
     /// The limiter spaces slots by the interval and `hold_for` pushes them out.

@@ -1,0 +1,336 @@
+//! Per-track credentials: a bearer token that names its track, the sandbox name prefixes the
+//! track may allocate from, an optional cap on its live allocations, and an optional secret with
+//! which the track signs each caller id (`X-Caller-Signature`), so that one student cannot act
+//! as another even though every student of the track runs the same script.
+//!
+//! Loaded once at start-up from `TRACK_CREDENTIALS_FILE` or `TRACK_CREDENTIALS_JSON` (the same
+//! JSON a Secrets Manager secret holds):
+//!
+//! ```json
+//! {"tracks": [{"track": "aws-lab", "token": "<at least 32 characters>",
+//!              "name_prefixes": ["aws-lab-"], "max_concurrent_allocations": 200,
+//!              "caller_secret": "<at least 32 characters>", "require_caller_signature": true}]}
+//! ```
+
+use std::sync::Arc;
+
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::{Secret, MIN_TOKEN_CHARS};
+
+type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
+
+/// Why a credentials document was refused at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not the expected JSON (the message names the field, never a token).
+    #[error("invalid track credentials JSON: {0}")]
+    Json(String),
+    /// A credential breaks a rule (weak token, duplicate, no prefix, …).
+    #[error("track credential {track:?}: {problem}")]
+    Invalid {
+        /// The track it belongs to.
+        track: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    tracks: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    track: String,
+    token: String,
+    name_prefixes: Vec<String>,
+    #[serde(default)]
+    max_concurrent_allocations: Option<u32>,
+    #[serde(default)]
+    caller_secret: Option<String>,
+    #[serde(default)]
+    require_caller_signature: bool,
+}
+
+/// One track's credential.
+#[derive(Debug)]
+pub struct TrackCredential {
+    /// The track's name; sandboxes it allocates carry it as `track_name`.
+    pub track: String,
+    token: Secret,
+    /// Sandbox names the track may allocate start with one of these.
+    pub name_prefixes: Vec<String>,
+    /// Most sandboxes of these prefixes allocated at once (best effort: read from the view).
+    pub max_concurrent_allocations: Option<u32>,
+    caller_secret: Option<Secret>,
+    /// Whether every request must carry a valid `X-Caller-Signature`.
+    pub require_caller_signature: bool,
+}
+
+/// What a caller signature check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureCheck {
+    /// Valid, or not required and not sent.
+    Accepted,
+    /// Required but absent.
+    Missing,
+    /// Present but not the HMAC of the caller id.
+    Invalid,
+}
+
+impl TrackCredential {
+    /// Whether `name_prefix` (the `X-Sandbox-Name-Prefix` a request asked for) lies inside one
+    /// of the track's prefixes.
+    pub fn allows_prefix(&self, name_prefix: &str) -> bool {
+        self.name_prefixes
+            .iter()
+            .any(|p| name_prefix.starts_with(p.as_str()))
+    }
+
+    /// Checks `signature` (hex HMAC-SHA256 of `caller` with the track's secret). A signature
+    /// sent to a track that has a secret is always checked, even when not required, so a wrong
+    /// one never passes silently.
+    pub fn check_signature(&self, caller: &str, signature: Option<&str>) -> SignatureCheck {
+        let Some(secret) = &self.caller_secret else {
+            return SignatureCheck::Accepted;
+        };
+        let Some(signature) = signature.filter(|s| !s.is_empty()) else {
+            return if self.require_caller_signature {
+                SignatureCheck::Missing
+            } else {
+                SignatureCheck::Accepted
+            };
+        };
+        let Ok(sent) = hex::decode(signature) else {
+            return SignatureCheck::Invalid;
+        };
+        let Ok(mut mac) = HmacSha256::new_from_slice(secret.expose().as_bytes()) else {
+            return SignatureCheck::Invalid;
+        };
+        mac.update(caller.as_bytes());
+        // `verify_slice` compares in constant time.
+        if mac.verify_slice(&sent).is_ok() {
+            SignatureCheck::Accepted
+        } else {
+            SignatureCheck::Invalid
+        }
+    }
+}
+
+/// Hex HMAC-SHA256 of `caller` with `secret`: what a track script sends as `X-Caller-Signature`.
+pub fn caller_signature(secret: &str, caller: &str) -> String {
+    let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        // HMAC accepts keys of any length; this arm is unreachable.
+        Err(_) => return String::new(),
+    };
+    mac.update(caller.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Every per-track credential, looked up by token.
+#[derive(Debug, Default, Clone)]
+pub struct TrackCredentials {
+    credentials: Vec<Arc<TrackCredential>>,
+}
+
+impl TrackCredentials {
+    /// Parses and checks a credentials document; `reserved` are tokens no track may reuse
+    /// (the shared track token and the admin token).
+    pub fn parse(json: &str, reserved: &[&str]) -> Result<Self, CredentialsError> {
+        // serde's messages name the field and position, never the value.
+        let document: Document =
+            serde_json::from_str(json).map_err(|e| CredentialsError::Json(e.to_string()))?;
+        let mut credentials: Vec<Arc<TrackCredential>> = Vec::new();
+        for entry in document.tracks {
+            let invalid = |problem: &str| CredentialsError::Invalid {
+                track: entry.track.clone(),
+                problem: problem.to_string(),
+            };
+            if domain::model::ids::validate_id("track", &entry.track).is_err() {
+                return Err(invalid("the track name must be a plain id"));
+            }
+            if entry.token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(invalid(&format!(
+                    "the token must be at least {MIN_TOKEN_CHARS} characters"
+                )));
+            }
+            if reserved.contains(&entry.token.as_str())
+                || credentials
+                    .iter()
+                    .any(|c| c.token.expose() == entry.token || c.track == entry.track)
+            {
+                return Err(invalid(
+                    "the token and the track name must be unique (and differ from the shared tokens)",
+                ));
+            }
+            if entry.name_prefixes.is_empty()
+                || entry
+                    .name_prefixes
+                    .iter()
+                    .any(|p| domain::model::ids::validate_id("prefix", p).is_err())
+            {
+                return Err(invalid("name_prefixes must list at least one plain prefix"));
+            }
+            if let Some(secret) = &entry.caller_secret {
+                if secret.chars().count() < MIN_TOKEN_CHARS {
+                    return Err(invalid(&format!(
+                        "caller_secret must be at least {MIN_TOKEN_CHARS} characters"
+                    )));
+                }
+            } else if entry.require_caller_signature {
+                return Err(invalid("require_caller_signature needs a caller_secret"));
+            }
+            credentials.push(Arc::new(TrackCredential {
+                track: entry.track,
+                token: Secret::from(entry.token),
+                name_prefixes: entry.name_prefixes,
+                max_concurrent_allocations: entry.max_concurrent_allocations,
+                caller_secret: entry.caller_secret.map(Secret::from),
+                require_caller_signature: entry.require_caller_signature,
+            }));
+        }
+        Ok(Self { credentials })
+    }
+
+    /// Reads the file, else the JSON text, else none.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        json: Option<&Secret>,
+        reserved: &[&str],
+    ) -> Result<Self, CredentialsError> {
+        match (file, json) {
+            (Some(path), _) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                Self::parse(&text, reserved)
+            }
+            (None, Some(json)) => Self::parse(json.expose(), reserved),
+            (None, None) => Ok(Self::default()),
+        }
+    }
+
+    /// How many tracks have their own credential.
+    pub fn len(&self) -> usize {
+        self.credentials.len()
+    }
+
+    /// Whether no track has its own credential.
+    pub fn is_empty(&self) -> bool {
+        self.credentials.is_empty()
+    }
+
+    /// The credential whose token is `token`. Every credential is compared (in constant time
+    /// per comparison), so the time taken does not say which one matched.
+    pub fn find(&self, token: &str) -> Option<Arc<TrackCredential>> {
+        let mut found = None;
+        for credential in &self.credentials {
+            let expected = credential.token.expose().as_bytes();
+            if expected.len() == token.len() && bool::from(expected.ct_eq(token.as_bytes())) {
+                found = Some(credential.clone());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "tok-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const SECRET: &str = "sec-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn one(extra: &str) -> Result<TrackCredentials, CredentialsError> {
+        TrackCredentials::parse(
+            &format!(
+                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]{extra}}}]}}"#
+            ),
+            &[],
+        )
+    }
+
+    /// Weak tokens, missing prefixes and a required signature without a secret are refused.
+    #[test]
+    fn weak_documents_are_refused() {
+        assert!(one("").is_ok());
+        assert!(TrackCredentials::parse(
+            r#"{"tracks":[{"track":"lab","token":"short","name_prefixes":["lab-"]}]}"#,
+            &[]
+        )
+        .is_err());
+        assert!(TrackCredentials::parse(
+            &format!(r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":[]}}]}}"#),
+            &[]
+        )
+        .is_err());
+        assert!(one(r#","require_caller_signature":true"#).is_err());
+        assert!(TrackCredentials::parse(
+            &format!(
+                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]}}]}}"#
+            ),
+            &[TOKEN]
+        )
+        .is_err());
+    }
+
+    /// Errors about a document never echo its tokens.
+    #[test]
+    fn errors_do_not_echo_tokens() {
+        let err = TrackCredentials::parse(
+            &format!(r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"],"oops":1}}]}}"#),
+            &[],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(!err.is_empty());
+        assert!(!err.contains(TOKEN), "{err}");
+    }
+
+    /// A signature is the HMAC of the caller id: another caller's signature does not fit.
+    #[test]
+    fn signatures_bind_the_caller() {
+        let creds = one(&format!(
+            r#","caller_secret":"{SECRET}","require_caller_signature":true"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let credential = creds.find(TOKEN).unwrap_or_else(|| panic!("not found"));
+        let alice = caller_signature(SECRET, "alice");
+        assert_eq!(
+            credential.check_signature("alice", Some(&alice)),
+            SignatureCheck::Accepted
+        );
+        assert_eq!(
+            credential.check_signature("bob", Some(&alice)),
+            SignatureCheck::Invalid
+        );
+        assert_eq!(
+            credential.check_signature("bob", None),
+            SignatureCheck::Missing
+        );
+        assert_eq!(
+            credential.check_signature("bob", Some("zz")),
+            SignatureCheck::Invalid
+        );
+        assert!(credential.allows_prefix("lab-eu"));
+        assert!(!credential.allows_prefix("other-"));
+    }
+}
