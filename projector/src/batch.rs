@@ -197,8 +197,11 @@ impl Projector {
             let now = Utc::now();
             let from = change.row.version + 1 - plan.applied as u64;
             for delivered in events.events.range(from..=change.row.version) {
-                self.metrics
-                    .observe_lag((now - delivered.1.envelope.occurred_at).num_milliseconds().max(0));
+                self.metrics.observe_lag(
+                    (now - delivered.1.envelope.occurred_at)
+                        .num_milliseconds()
+                        .max(0),
+                );
             }
         }
         if let Some((version, reason)) = &plan.stuck_at {

@@ -384,7 +384,15 @@ mod tests {
         let plan = plan_sandbox(None, events);
         assert_eq!(plan.gap_after, Some(0));
         assert!(plan.change.is_none());
-        let added = events.merge(vec![registered("a"), stale("a", 2), restored("a", 3), stale("a", 4)], 3);
+        let added = events.merge(
+            vec![
+                registered("a"),
+                stale("a", 2),
+                restored("a", 3),
+                stale("a", 4),
+            ],
+            3,
+        );
         assert_eq!(added, Ok(2));
         let plan = plan_sandbox(None, events);
         assert_eq!(plan.applied, 3);
@@ -439,7 +447,13 @@ mod tests {
             assert_eq!(counted, chunk.rows.len() as i64);
         }
         let alone = chunk_changes(Vec::new(), Some(checkpoint.clone()), limits);
-        assert_eq!(alone, vec![ViewChunk { rows: vec![], checkpoint: Some(checkpoint) }]);
+        assert_eq!(
+            alone,
+            vec![ViewChunk {
+                rows: vec![],
+                checkpoint: Some(checkpoint)
+            }]
+        );
         assert!(chunk_changes(Vec::new(), None, limits).is_empty());
     }
 }
