@@ -220,14 +220,17 @@ pub fn plan_sandbox(row: Option<&PoolRow>, events: &SandboxEvents) -> SandboxPla
         skipped: events.events.range(..=row_version).count(),
         ..SandboxPlan::default()
     };
-    let mut expected = row_version + 1;
-    for version in events.events.range(expected..).map(|(v, _)| *v) {
-        if version != expected {
-            plan.gap_after = Some(row_version);
-            plan.skipped = 0;
-            return plan;
-        }
-        expected += 1;
+    // The versions after the row's must run on from it without a hole.
+    let contiguous = events
+        .events
+        .range(row_version + 1..)
+        .map(|(v, _)| *v)
+        .zip(row_version + 1..)
+        .all(|(version, expected)| version == expected);
+    if !contiguous {
+        plan.gap_after = Some(row_version);
+        plan.skipped = 0;
+        return plan;
     }
     let mut current = row.cloned();
     let mut delta = StatsDelta::default();
