@@ -1,6 +1,6 @@
 //! The AWS Lambda source (`projector-lambda`): the event source mapping hands the function a
-//! batch of stream records; the handler applies them in order through [`Projector::apply`] and
-//! reports partial batch failures (`ReportBatchItemFailures`, terraform/projector.tf).
+//! batch of stream records; the handler applies them as one batch through
+//! [`Projector::apply_batch`] and reports partial batch failures (`ReportBatchItemFailures`, terraform/projector.tf).
 //!
 //! Contract with Lambda: `batchItemFailures` names the *first* record that was not applied; Lambda
 //! checkpoints everything before it and retries from it (so the rest of the batch is retried too,
@@ -17,7 +17,7 @@ use aws_lambda_events::event::dynamodb::EventRecord;
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodbstreams::types::Record;
 use domain::adapters::dynamo::envelope_from_json_image;
-use domain::store::ApplyOutcome;
+use domain::EventEnvelope;
 use serde_json::{json, Value};
 
 use crate::dynamo_streams::item_json;
@@ -48,7 +48,9 @@ pub async fn handle_event(projector: &Projector, payload: Value) -> DynamoDbEven
     response
 }
 
-/// The handler's work, without the response wrapping (unit tests look at the counts).
+/// The handler's work, without the response wrapping (unit tests look at the counts). The
+/// records up to the first undecodable one are applied as one batch ([`Projector::apply_batch`]:
+/// rows loaded together, rows + summed stats in as few transactions as the item limit allows).
 pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome {
     let Some(records) = payload.get("Records").and_then(Value::as_array) else {
         tracing::error!(target: "projector", "invocation payload has no Records array; nothing to apply");
@@ -58,27 +60,55 @@ pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome
         records: records.len(),
         ..BatchOutcome::default()
     };
-    for raw in records {
-        match apply_record(projector, raw).await {
-            Ok(ApplyOutcome::Applied) => outcome.applied += 1,
-            Ok(_) => outcome.skipped += 1,
+    let mut envelopes = Vec::with_capacity(records.len());
+    let mut record_of = Vec::with_capacity(records.len());
+    // (index of the first record not applied, why)
+    let mut first_failure: Option<(usize, String)> = None;
+    for (index, raw) in records.iter().enumerate() {
+        match decode_record(raw) {
+            Ok(Some(envelope)) => {
+                envelopes.push(envelope);
+                record_of.push(index);
+            }
+            Ok(None) => outcome.skipped += 1,
             Err(reason) => {
-                let sequence_number = raw
-                    .pointer("/dynamodb/SequenceNumber")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                tracing::error!(target: "projector",
-                    sequence_number = %sequence_number,
-                    keys = %describe_json_keys(raw.pointer("/dynamodb/Keys")),
-                    error = %reason,
-                    "stream record not applied; reporting it as the batch's first failure");
-                // An empty identifier makes Lambda retry the whole batch: the right thing for a
-                // record so malformed that it has no sequence number.
-                outcome.failed_at = Some(sequence_number);
+                // Nothing after it is attempted: Lambda retries from this record anyway.
+                first_failure = Some((index, reason));
                 break;
             }
         }
+    }
+    match projector.apply_batch(&envelopes, None).await {
+        Ok(report) => {
+            outcome.applied = report.applied;
+            outcome.skipped += report.duplicates + report.ignored;
+            if let Some((index, reason)) = report.poison.first() {
+                let index = record_of.get(*index).copied().unwrap_or(0);
+                if first_failure.as_ref().is_none_or(|(at, _)| index < *at) {
+                    first_failure = Some((index, reason.clone()));
+                }
+            }
+        }
+        Err(e) => {
+            // Chunks that committed are skipped as duplicates when Lambda retries the batch.
+            first_failure = Some((0, e.to_string()));
+        }
+    }
+    if let Some((index, reason)) = first_failure {
+        let raw = records.get(index).unwrap_or(&Value::Null);
+        let sequence_number = raw
+            .pointer("/dynamodb/SequenceNumber")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        tracing::error!(target: "projector",
+            sequence_number = %sequence_number,
+            keys = %describe_json_keys(raw.pointer("/dynamodb/Keys")),
+            error = %reason,
+            "stream record not applied; reporting it as the batch's first failure");
+        // An empty identifier makes Lambda retry the whole batch: the right thing for a
+        // record so malformed that it has no sequence number.
+        outcome.failed_at = Some(sequence_number);
     }
     tracing::info!(target: "projector",
         records = outcome.records,
@@ -90,19 +120,20 @@ pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome
     outcome
 }
 
-/// Decodes and applies one record; `Err` carries why it cannot be applied (now or ever).
-async fn apply_record(projector: &Projector, raw: &Value) -> Result<ApplyOutcome, String> {
+/// Decodes one record: `Ok(None)` for anything but an insert, `Err` with why it can never apply.
+fn decode_record(raw: &Value) -> Result<Option<EventEnvelope>, String> {
     let record: EventRecord = serde_json::from_value(raw.clone())
         .map_err(|e| format!("not a DynamoDB stream record: {e}"))?;
     if record.event_name != "INSERT" {
         // Event items are only ever inserted; a MODIFY/REMOVE is a manual change, and the event
         // table stays the truth (`projector verify` would show its effect).
-        return Ok(ApplyOutcome::Ignored);
+        return Ok(None);
     }
     let image = serde_json::to_value(&record.change.new_image)
         .map_err(|e| format!("NewImage is not DynamoDB JSON: {e}"))?;
-    let envelope = envelope_from_json_image(&image).map_err(|e| e.to_string())?;
-    projector.apply(&envelope).await.map_err(|e| e.to_string())
+    envelope_from_json_image(&image)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// `name=value` pairs of a DynamoDB JSON key, for logs.

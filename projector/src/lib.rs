@@ -1,14 +1,18 @@
-//! Sandbox Broker's projector: the only writer of the read side. It feeds every event of the event
-//! table, from whichever source delivers it, through `domain::store::apply_event` (the pure
-//! `project` function plus a version-conditioned row + stats write), repairs gaps by reading the
+//! Sandbox Broker's projector: the only writer of the read side. It applies every event of the
+//! event table, from whichever source delivers it, a delivered batch at a time
+//! ([`Projector::apply_batch`]: one consistent load of the batch's rows, the pure `project`
+//! function folded per sandbox, version-conditioned row writes with the stats summed per shard
+//! and the checkpoint in as few atomic writes as the store allows), repairs gaps by reading the
 //! missing events back from the event table, and measures how far the view lags.
 //!
-//! Three thin sources feed the same [`Projector::apply`]: the DynamoDB Streams poller, the AWS
-//! Lambda handler and the embedded log tail. Rebuild and verify replay the event table through it
-//! too, so every path produces the same view from the same events.
+//! Three thin sources feed the same [`Projector::apply_batch`]: the DynamoDB Streams poller, the
+//! AWS Lambda handler and the embedded log tail. Rebuild and verify replay the event table through
+//! it too, so every path produces the same view from the same events. [`Projector::apply`], one
+//! event per write, remains for callers that hold a single event.
 //!
 //! # Layout
-//! - [`Projector`] (this file) — apply with read repair; lag metrics.
+//! - [`Projector`] (this file) — single-event apply with read repair; lag metrics.
+//! - [`batch`] — the batched apply and its [`batch::BatchReport`] (ADR 0011).
 //! - [`metrics`] — Prometheus series of the projector (lag histogram and gauge, outcomes,
 //!   stream iterator age).
 //! - [`embedded`] — tails the embedded store's log in-process, checkpointing its position.
@@ -25,6 +29,7 @@
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it.
 
+pub mod batch;
 pub mod cli;
 pub mod dynamo_streams;
 pub mod embedded;
@@ -49,7 +54,11 @@ pub struct Projector {
     events: Arc<dyn EventStore>,
     view: Arc<dyn ViewStore>,
     metrics: ProjectorMetrics,
+    write_concurrency: usize,
 }
+
+/// Chunks of one batch written at once unless a source says otherwise.
+pub const DEFAULT_WRITE_CONCURRENCY: usize = 4;
 
 impl std::fmt::Debug for Projector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,7 +77,15 @@ impl Projector {
             events,
             view,
             metrics,
+            write_concurrency: DEFAULT_WRITE_CONCURRENCY,
         }
+    }
+
+    /// The same projector writing up to `chunks` chunks of one batch at once (DynamoDB writes
+    /// are latency-bound; the chunk with the checkpoint is always written last, alone).
+    pub fn with_write_concurrency(mut self, chunks: usize) -> Self {
+        self.write_concurrency = chunks.max(1);
+        self
     }
 
     /// The view it writes.

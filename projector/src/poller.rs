@@ -2,10 +2,11 @@
 //! §7), used by `projector poll` (DynamoDB Local, or AWS without the Lambda mapping).
 //!
 //! One round: (re)discover shards when due, then for every *ready* shard — open or closed, whose
-//! parent is fully applied or no longer listed — fetch one `GetRecords` batch and apply it
-//! through [`Projector::apply`], then save the shard's checkpoint (the last sequence number below
-//! which everything is applied). Shards are polled concurrently; inside a batch, each event
-//! stream's records are applied strictly in order and different streams concurrently.
+//! parent is fully applied or no longer listed — fetch one `GetRecords` batch and apply it whole
+//! through [`Projector::apply_batch`]: the batch's rows loaded with `BatchGetItem`, each
+//! sandbox's events folded, and the rows, summed stats and the shard's checkpoint (the batch's
+//! last sequence number) written in as few `TransactWriteItems` as the 100-item limit allows.
+//! Shards are polled concurrently.
 //!
 //! Why lineage matters: after a split, a partition key's older records are in the parent shard and
 //! its newer ones in a child. Reading a child first would make every row look like it has a gap;
@@ -21,12 +22,12 @@
 //! - a record that cannot be decoded or applied for good (`StoreError::Corrupt`) is logged with its
 //!   keys, counted as `outcome="poison"`, and skipped — a poller that stopped on it would stall
 //!   its whole shard; the row catches up through read repair at that stream's next event;
-//! - any other apply failure (throttling, network) stops the shard's batch at that record; the
-//!   next round re-reads from the last applied record after a backoff.
+//! - any other failure (throttling, network) fails the batch; the next round re-reads it from the
+//!   shard's checkpoint after a backoff, and what of it had committed is skipped as duplicates.
 //!
-//! Checkpoints are written after each applied batch (and after the partial batch a shutdown
-//! interrupts), and `SHARD_END` marks a closed shard read to its end. Applying is idempotent, so
-//! a crash between apply and checkpoint only re-applies (skips) a batch.
+//! The checkpoint commits in the batch's last transaction (and `SHARD_END` marks a closed shard
+//! read to its end), so a crash between two transactions of a batch re-reads the batch and
+//! applies only what had not committed (ADR 0011).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 use domain::adapters::dynamo::envelope_from_item;
-use domain::store::{ApplyOutcome, StoreError};
+use domain::store::batch::Checkpoint;
+use domain::EventEnvelope;
 use thiserror::Error;
 
 use crate::Projector;
@@ -141,8 +143,9 @@ pub struct PollerConfig {
     pub discover_every: Duration,
     /// Longest pause after failing rounds (default 5 s).
     pub error_backoff_max: Duration,
-    /// Event streams of one batch applied concurrently (`POLL_APPLY_CONCURRENCY`, default 16;
-    /// 1 = one record at a time). One stream's records are always applied in order.
+    /// Transactions of one batch written concurrently (`POLL_APPLY_CONCURRENCY`, default 16;
+    /// 1 = one at a time). They hold disjoint rows; the one carrying the checkpoint is always
+    /// written last, after all others committed.
     pub apply_concurrency: usize,
 }
 
@@ -211,6 +214,7 @@ impl<S: StreamApi> StreamPoller<S> {
     /// A poller applying `api`'s records through `projector`; checkpoints go to the projector's
     /// view store.
     pub fn new(api: S, projector: Projector, config: PollerConfig) -> Self {
+        let projector = projector.with_write_concurrency(config.apply_concurrency);
         Self {
             api,
             projector,
@@ -501,23 +505,17 @@ async fn poll_shard(
     };
     result.records = batch.records.len();
     state.age_ms = 0;
-    let statuses = apply_records(projector, shard_id, &batch.records, config, stop).await;
-    // The shard's position may only move over a prefix in which every record is done (applied,
-    // redundant or poison): the first record failed or not attempted bounds it, and everything
-    // from there is read again (records of other streams after it that did apply come back as
-    // duplicates and are skipped).
-    let done = statuses
-        .iter()
-        .position(|s| matches!(s, RecordStatus::Failed | RecordStatus::NotAttempted))
-        .unwrap_or(statuses.len());
-    for status in &statuses {
-        match status {
-            RecordStatus::Applied => result.applied += 1,
-            RecordStatus::Poison => result.poison += 1,
-            RecordStatus::Failed => result.failed = true,
-            RecordStatus::Other | RecordStatus::NotAttempted => {}
-        }
-    }
+    let applied = apply_records(projector, shard_id, &batch.records, stop).await;
+    // The shard's position moves over the whole batch or not at all: a failed batch is read
+    // again from the last checkpoint, and whatever of it did commit comes back as duplicates.
+    let done = if applied.failed || applied.not_attempted {
+        0
+    } else {
+        batch.records.len()
+    };
+    result.applied += applied.applied;
+    result.poison += applied.poison;
+    result.failed |= applied.failed;
     let stopped_early = done < batch.records.len();
     if let Some(last) = done.checked_sub(1).and_then(|i| batch.records.get(i)) {
         state.position = Some(last.sequence_number.clone());
@@ -525,6 +523,10 @@ async fn poll_shard(
         if let Some(at) = last.created_at {
             state.age_ms = (Utc::now() - at).num_milliseconds().max(0);
         }
+    }
+    if applied.checkpointed && done > 0 {
+        // The batch's last write already saved this position.
+        state.saved = state.position.clone();
     }
     save_position(projector, shard_id, state).await?;
     if stopped_early {
@@ -540,94 +542,82 @@ async fn poll_shard(
     Ok(result)
 }
 
-/// What happened to one record of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RecordStatus {
-    /// It changed the view.
-    Applied,
-    /// Already applied, not a view event, or not an insert: nothing to do.
-    Other,
-    /// Can never apply: logged, counted and skipped.
-    Poison,
-    /// Failed for now (retried from here).
-    Failed,
-    /// Not tried: an earlier record of its stream failed, or shutdown was requested.
-    NotAttempted,
+/// What applying one shard batch did.
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchApplied {
+    /// Events that changed the view.
+    applied: usize,
+    /// Records skipped as undecodable or unappliable.
+    poison: usize,
+    /// The batch failed for now (retried from the shard's position).
+    failed: bool,
+    /// Shutdown came first: nothing was tried.
+    not_attempted: bool,
+    /// The shard's checkpoint advanced to the batch's last record in the batch's last write.
+    checkpointed: bool,
 }
 
-/// Applies a batch: records of one event stream strictly in order, different streams
-/// concurrently (`apply_concurrency` at a time) — DynamoDB writes are latency-bound, and streams
-/// are independent, so this multiplies throughput without changing any stream's order. Returns
-/// each record's status, by index.
+/// Applies a shard batch through [`Projector::apply_batch`]: the records' rows loaded together,
+/// each sandbox's events folded, and the rows, summed stats and the shard checkpoint written in as
+/// few transactions as the 100-item limit allows. Records that can never apply are logged,
+/// counted and passed; any other failure fails the whole batch, which is then read again.
 async fn apply_records(
     projector: &Projector,
     shard_id: &str,
     records: &[StreamRecord],
-    config: &PollerConfig,
     stop: &AtomicBool,
-) -> Vec<RecordStatus> {
-    use futures::StreamExt;
-    let mut order: Vec<String> = Vec::new();
-    let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+) -> BatchApplied {
+    let mut out = BatchApplied::default();
+    if stop.load(Ordering::Relaxed) || records.is_empty() {
+        out.not_attempted = !records.is_empty();
+        return out;
+    }
+    let poison = |record: &StreamRecord, reason: &str| {
+        projector
+            .metrics()
+            .events
+            .with_label_values(&["poison"])
+            .inc();
+        tracing::error!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
+            keys = %describe_keys(&record.keys), error = %reason, "skipping poison stream record");
+    };
+    let mut envelopes = Vec::with_capacity(records.len());
+    let mut record_of = Vec::with_capacity(records.len());
     for (index, record) in records.iter().enumerate() {
-        // Event items are keyed by stream_id; a record without one forms its own group.
-        let key = match record.keys.get("stream_id") {
-            Some(AttributeValue::S(stream)) => stream.clone(),
-            _ => format!("#record-{index}"),
-        };
-        groups
-            .entry(key.clone())
-            .or_insert_with(|| {
-                order.push(key);
-                Vec::new()
-            })
-            .push(index);
-    }
-    let group_runs = order
-        .into_iter()
-        .filter_map(|key| groups.remove(&key))
-        .map(|indices| async move {
-            let mut out = Vec::with_capacity(indices.len());
-            let mut blocked = false;
-            for index in indices {
-                let record = &records[index];
-                if blocked || stop.load(Ordering::Relaxed) {
-                    out.push((index, RecordStatus::NotAttempted));
-                    continue;
-                }
-                let status = match apply_record(projector, shard_id, record).await {
-                    Ok(Some(ApplyOutcome::Applied)) => RecordStatus::Applied,
-                    Ok(_) => RecordStatus::Other,
-                    Err(RecordFailure::Poison(reason)) => {
-                        projector
-                            .metrics()
-                            .events
-                            .with_label_values(&["poison"])
-                            .inc();
-                        tracing::error!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
-                            keys = %describe_keys(&record.keys), error = %reason, "skipping poison stream record");
-                        RecordStatus::Poison
-                    }
-                    Err(RecordFailure::Retry(e)) => {
-                        tracing::warn!(target: "projector", shard = %shard_id, sequence_number = %record.sequence_number,
-                            keys = %describe_keys(&record.keys), error = %e, "apply failed; will retry from this record");
-                        blocked = true;
-                        RecordStatus::Failed
-                    }
-                };
-                out.push((index, status));
+        match decode_record(record) {
+            Ok(None) => {}
+            Ok(Some(envelope)) => {
+                envelopes.push(envelope);
+                record_of.push(index);
             }
-            out
-        });
-    let mut statuses = vec![RecordStatus::NotAttempted; records.len()];
-    let results: Vec<Vec<(usize, RecordStatus)>> = futures::stream::iter(group_runs)
-        .buffer_unordered(config.apply_concurrency.max(1))
-        .collect()
-        .await;
-    for (index, status) in results.into_iter().flatten() {
-        statuses[index] = status;
+            Err(reason) => {
+                poison(record, &reason);
+                out.poison += 1;
+            }
+        }
     }
-    statuses
+    let checkpoint = records.last().map(|last| Checkpoint {
+        source: shard_id.to_string(),
+        position: last.sequence_number.clone(),
+    });
+    match projector.apply_batch(&envelopes, checkpoint).await {
+        Ok(report) => {
+            out.applied = report.applied;
+            out.checkpointed = true;
+            for (index, reason) in &report.poison {
+                if let Some(record) = record_of.get(*index).and_then(|i| records.get(*i)) {
+                    poison(record, reason);
+                }
+                out.poison += 1;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(target: "projector", shard = %shard_id, records = records.len(), error = %e,
+                "applying the batch failed; will retry from the last checkpoint");
+            out.failed = true;
+        }
+    }
+    out
 }
 
 /// A new iterator for a shard from its position (or the horizon). `Ok(None)`: the shard is gone.
@@ -691,19 +681,9 @@ async fn finish_shard(
     Ok(())
 }
 
-enum RecordFailure {
-    /// Can never succeed: skip it.
-    Poison(String),
-    /// May succeed later: stop and retry from this record.
-    Retry(StoreError),
-}
-
-/// Decodes and applies one record. `Ok(None)`: not an event insert (nothing to do).
-async fn apply_record(
-    projector: &Projector,
-    _shard_id: &str,
-    record: &StreamRecord,
-) -> Result<Option<ApplyOutcome>, RecordFailure> {
+/// Decodes one record. `Ok(None)`: not an event insert (nothing to do); `Err`: it can never
+/// apply (why).
+fn decode_record(record: &StreamRecord) -> Result<Option<EventEnvelope>, String> {
     if record.event_name.as_deref().is_some_and(|n| n != "INSERT") {
         // Event items are never modified or deleted by the broker; a MODIFY/REMOVE is an
         // operator's manual change, and the event table (not its stream) stays the truth.
@@ -712,13 +692,10 @@ async fn apply_record(
     let image = record
         .new_image
         .as_ref()
-        .ok_or_else(|| RecordFailure::Poison("record has no NewImage".into()))?;
-    let envelope = envelope_from_item(image).map_err(|e| RecordFailure::Poison(e.to_string()))?;
-    match projector.apply(&envelope).await {
-        Ok(outcome) => Ok(Some(outcome)),
-        Err(StoreError::Corrupt(reason)) => Err(RecordFailure::Poison(reason)),
-        Err(e) => Err(RecordFailure::Retry(e)),
-    }
+        .ok_or_else(|| "record has no NewImage".to_string())?;
+    envelope_from_item(image)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// `name=value` pairs of a record's key, for logs (scalar values only; keys are S or N).

@@ -3,9 +3,9 @@
 //!
 //! Replay reads the events with a paged *parallel* scan ([`EventStore::scan`]): every stream lies
 //! in exactly one scan segment and arrives there in version order, so each segment is applied by
-//! its own task, and inside a page different streams are applied concurrently while one stream's
-//! events stay strictly in order. Applying goes through the same [`Projector::apply`] as every
-//! live source, so a rebuilt view is the view the projector would have written.
+//! its own task, one page at a time. A page goes through the same [`Projector::apply_batch`] as
+//! every live source (its transactions written concurrently, its stats summed per shard), so a
+//! rebuilt view is the view the projector would have written.
 //!
 //! Verification compares row by row (every row of both views, paged through
 //! [`PoolView::list`]) and the stats (summed shards), and also checks the live view against
@@ -13,7 +13,7 @@
 //! against a fresh fold of its own stream, so a row that merely lagged behind an append during the
 //! comparison is not reported as drift.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 use domain::model::events::{truncate_to_millis, BrokerEvent};
 use domain::model::ids::sandbox_stream;
 use domain::model::projection::project;
-use domain::store::{ApplyOutcome, EventStore, ListFilter, PoolView, StoreError, ViewStore};
+use domain::store::{EventStore, ListFilter, PoolView, StoreError, ViewStore};
 use domain::{EventEnvelope, PoolRow, PoolStats, SandboxStatus};
-use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::{Projector, ProjectorMetrics};
@@ -39,8 +38,8 @@ pub struct RebuildOptions {
     pub segments: u32,
     /// Events per scan page (`--page-size`, default 500).
     pub page_size: usize,
-    /// Streams of one page applied concurrently (`--concurrency`, default 16): DynamoDB writes are
-    /// latency-bound, so a single in-order writer would take hours on a large table.
+    /// Transactions of one page written concurrently (`--concurrency`, default 16): DynamoDB
+    /// writes are latency-bound, so a single in-order writer would take hours on a large table.
     pub concurrency: usize,
     /// Rows per page when reading views for comparison (default 500).
     pub list_page: usize,
@@ -104,7 +103,8 @@ pub async fn rebuild_into(
 ) -> Result<RebuildSummary, StoreError> {
     let started = Instant::now();
     target.clear().await?;
-    let projector = Projector::new(events, target, ProjectorMetrics::unregistered());
+    let projector = Projector::new(events, target, ProjectorMetrics::unregistered())
+        .with_write_concurrency(options.concurrency);
     let segments = options.segments.max(1);
     let tasks = (0..segments).map(|segment| {
         replay_segment(
@@ -143,39 +143,12 @@ async fn replay_segment(
         progress
             .events_read
             .fetch_add(page.events.len() as u64, Ordering::Relaxed);
-        // Group by stream, keeping each stream's events in scan (= version) order. A stream cut
-        // by a page boundary continues on the next page, which starts only after this whole page
-        // is applied, so its order holds across pages too.
-        let mut order: Vec<String> = Vec::new();
-        let mut by_stream: HashMap<String, Vec<EventEnvelope>> = HashMap::new();
-        for event in page.events {
-            by_stream
-                .entry(event.stream_id.clone())
-                .or_insert_with(|| {
-                    order.push(event.stream_id.clone());
-                    Vec::new()
-                })
-                .push(event);
-        }
-        let groups = order
-            .into_iter()
-            .filter_map(|stream| by_stream.remove(&stream));
-        futures::stream::iter(groups)
-            .map(|group| {
-                let projector = projector.clone();
-                let progress = Arc::clone(&progress);
-                async move {
-                    for event in &group {
-                        if projector.apply(event).await? == ApplyOutcome::Applied {
-                            progress.applied.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok::<(), StoreError>(())
-                }
-            })
-            .buffer_unordered(options.concurrency.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
+        // One page is one batch: a stream cut by a page boundary continues on the next page,
+        // which starts only after this whole page is written, so its order holds across pages.
+        let report = projector.apply_batch(&page.events, None).await?;
+        progress
+            .applied
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
         cursor = page.cursor;
         if cursor.is_none() {
             progress.segments_done.fetch_add(1, Ordering::Relaxed);

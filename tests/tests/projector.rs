@@ -433,10 +433,10 @@ async fn duplicate_records_are_applied_once() {
     assert_converged(&verify_view(&store, &store).await, &store, 20).await;
 }
 
-/// Records delivered out of order (a stream's later versions before its earlier ones) are
-/// repaired from the event table: repairs happen, and the view ends exact.
+/// Records delivered out of order within a batch (a stream's later versions before its earlier
+/// ones) are sorted by version before planning: the view ends exact without a repair read.
 #[tokio::test]
-async fn out_of_order_records_are_repaired() {
+async fn out_of_order_records_are_sorted() {
     let store = ddb_local::fresh_store(4).await;
     Driver::new(Arc::new(store.clone()))
         .run_all(&workload(20))
@@ -450,9 +450,10 @@ async fn out_of_order_records_are_repaired() {
         },
     );
     drain_until_converged(&mut poller, &store).await;
-    assert!(
-        poller.projector().metrics().repairs.get() > 0,
-        "gaps were repaired"
+    assert_eq!(
+        poller.projector().metrics().repairs.get(),
+        0,
+        "a reversed batch needs no repair"
     );
     assert_converged(&verify_view(&store, &store).await, &store, 20).await;
 }
@@ -679,7 +680,8 @@ async fn lambda_handler_matches_poller() {
     assert_eq!(lambda_view.stats().await.ok(), Some(stats_of(&by_lambda)));
 }
 
-/// A batch redelivered whole, and a batch in reverse order, change nothing / are repaired.
+/// A batch in reverse order applies exactly (sorted, no repair needed); redelivered whole, it
+/// changes nothing.
 #[tokio::test]
 async fn lambda_redelivery_and_reordering() {
     let store = ddb_local::fresh_store(4).await;
@@ -697,7 +699,7 @@ async fn lambda_redelivery_and_reordering() {
     let event = projector::lambda::lambda_event(&records, streams.stream_arn(), "us-east-1");
     let first = projector::lambda::apply_batch(&p, &event).await;
     assert_eq!(first.failed_at, None);
-    assert!(p.metrics().repairs.get() > 0);
+    assert_eq!(p.metrics().repairs.get(), 0);
     let again = projector::lambda::apply_batch(&p, &event).await;
     assert_eq!((again.applied, again.failed_at), (0, None));
     assert_converged(&verify_view(&store, &view).await, &view, 20).await;
@@ -915,4 +917,328 @@ async fn embedded_rebuild_and_cli_verify() {
         code,
         std::process::ExitCode::from(projector::cli::EXIT_DRIFT)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched apply: exactly once under redelivery, overlap, a crash between the transactions of one
+// batch, and two projectors applying the same batch — on both stores.
+// ---------------------------------------------------------------------------------------------
+
+/// Sandbox events of `workload(40)`: 40 registrations, 20 allocations, 10 deletions.
+const BATCH_SANDBOXES: usize = 40;
+const BATCH_SANDBOX_EVENTS: usize = 40 + 20 + 10;
+
+/// A store that is both the event table and the view (both adapters are).
+trait BothSides: EventStore + ViewStore + Clone {}
+impl<T: EventStore + ViewStore + Clone> BothSides for T {}
+
+/// Every event of `events` (all scan segments), shuffled with a fixed seed: one stream's
+/// versions arrive in any order, as an at-least-once source may deliver them.
+async fn shuffled_events(events: &dyn EventStore, seed: u64) -> Vec<EventEnvelope> {
+    let mut all = Vec::new();
+    for segment in 0..4 {
+        let mut cursor = None;
+        loop {
+            let page = events
+                .scan(segment, 4, cursor, 500)
+                .await
+                .unwrap_or_else(|e| panic!("scan: {e}"));
+            all.extend(page.events);
+            cursor = page.cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.random_range(0..=i));
+    }
+    all
+}
+
+fn checkpoint_at(position: &str) -> Option<domain::store::batch::Checkpoint> {
+    Some(domain::store::batch::Checkpoint {
+        source: "batch-test".into(),
+        position: position.into(),
+    })
+}
+
+/// Events folded into the view's rows so far (a row's version counts its applied events).
+async fn events_in_view(view: &dyn PoolView) -> usize {
+    all_rows(view, 200)
+        .await
+        .unwrap_or_else(|e| panic!("rows: {e}"))
+        .values()
+        .map(|r| r.version as usize)
+        .sum()
+}
+
+/// A view that writes in chunks of at most `max_items` items and fails the `fail_at`-th chunk
+/// as a crash would (nothing of it written, the error transient), so one batch takes several
+/// transactions and the failure lands between two of them.
+#[derive(Clone)]
+struct CrashingView<S> {
+    inner: S,
+    max_items: usize,
+    fail_at: usize,
+    chunks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S> CrashingView<S> {
+    fn new(inner: S, max_items: usize, fail_at: usize) -> Self {
+        Self {
+            inner,
+            max_items,
+            fail_at,
+            chunks: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: BothSides> PoolView for CrashingView<S> {
+    async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
+        self.inner.get(sandbox_id).await
+    }
+    async fn candidates(
+        &self,
+        query: &domain::store::CandidateQuery,
+    ) -> Result<Vec<PoolRow>, StoreError> {
+        self.inner.candidates(query).await
+    }
+    async fn list(
+        &self,
+        filter: &domain::store::ListFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<domain::store::RowPage, StoreError> {
+        self.inner.list(filter, limit, cursor).await
+    }
+    async fn due(
+        &self,
+        status: SandboxStatus,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<domain::store::RowPage, StoreError> {
+        self.inner.due(status, before, limit, cursor).await
+    }
+    async fn stats(&self) -> Result<PoolStats, StoreError> {
+        self.inner.stats().await
+    }
+}
+
+#[async_trait]
+impl<S: BothSides> ViewStore for CrashingView<S> {
+    async fn load_row(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
+        self.inner.load_row(sandbox_id).await
+    }
+    async fn write_row(
+        &self,
+        expected_version: Option<u64>,
+        row: &PoolRow,
+        delta: &domain::StatsDelta,
+    ) -> Result<(), StoreError> {
+        self.inner.write_row(expected_version, row, delta).await
+    }
+    fn batch_limits(&self) -> domain::store::batch::BatchLimits {
+        domain::store::batch::BatchLimits {
+            max_items: self.max_items,
+            ..self.inner.batch_limits()
+        }
+    }
+    async fn load_rows(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, PoolRow>, StoreError> {
+        self.inner.load_rows(sandbox_ids).await
+    }
+    async fn write_chunk(&self, chunk: &domain::store::batch::ViewChunk) -> Result<(), StoreError> {
+        if self.chunks.fetch_add(1, Ordering::SeqCst) == self.fail_at {
+            return Err(StoreError::Unavailable("injected crash".into()));
+        }
+        self.inner.write_chunk(chunk).await
+    }
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
+        self.inner.checkpoint(source).await
+    }
+    async fn save_checkpoint(&self, source: &str, position: &str) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(source, position).await
+    }
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.inner.clear().await
+    }
+}
+
+/// Duplicate and overlapping batches (shuffled, so overlaps also start past gaps) apply every
+/// sandbox event exactly once; the checkpoint moves with each batch.
+async fn duplicate_and_overlapping_batches<S: BothSides>(store: S) {
+    Driver::new(Arc::new(store.clone()))
+        .run_all(&workload(BATCH_SANDBOXES))
+        .await;
+    let events = shuffled_events(&store, 0xba7c).await;
+    assert_eq!(events.len(), 100);
+    let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
+    let apply = |batch: &[EventEnvelope], position: &str| {
+        let (p, batch, position) = (p.clone(), batch.to_vec(), position.to_string());
+        async move {
+            p.apply_batch(&batch, checkpoint_at(&position))
+                .await
+                .unwrap_or_else(|e| panic!("apply: {e}"))
+        }
+    };
+    let first = apply(&events[..60], "1").await;
+    let overlapping = apply(&events[40..], "2").await;
+    let duplicate = apply(&events, "3").await;
+    assert_eq!(
+        first.applied + overlapping.applied,
+        BATCH_SANDBOX_EVENTS,
+        "every sandbox event applied once across the overlapping batches"
+    );
+    assert_eq!(
+        (duplicate.applied, duplicate.duplicates),
+        (0, BATCH_SANDBOX_EVENTS)
+    );
+    assert_eq!(
+        duplicate.writes, 1,
+        "a duplicate batch writes only its checkpoint"
+    );
+    assert_eq!(
+        store
+            .checkpoint("batch-test")
+            .await
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("3")
+    );
+    assert_converged(&verify_view(&store, &store).await, &store, BATCH_SANDBOXES).await;
+}
+
+/// A crash after the first transaction of a batch leaves whole chunks (rows with their counters)
+/// and the old checkpoint; redelivering the batch applies exactly the rest.
+async fn crash_between_transactions<S: BothSides>(store: S) {
+    Driver::new(Arc::new(store.clone()))
+        .run_all(&workload(BATCH_SANDBOXES))
+        .await;
+    let events = shuffled_events(&store, 0xc4a5).await;
+    let crashing = CrashingView::new(store.clone(), 12, 1);
+    let p = projector_on(Arc::new(store.clone()), Arc::new(crashing)).with_write_concurrency(1);
+    let crashed = p.apply_batch(&events, checkpoint_at("1")).await;
+    assert!(
+        matches!(crashed, Err(StoreError::Unavailable(_))),
+        "{crashed:?}"
+    );
+    let applied_before = events_in_view(&store).await;
+    assert!(
+        applied_before > 0 && applied_before < BATCH_SANDBOX_EVENTS,
+        "the crash fell between two transactions ({applied_before} events applied)"
+    );
+    assert_eq!(store.checkpoint("batch-test").await.ok().flatten(), None);
+    let rows = all_rows(&store, 200).await.unwrap_or_default();
+    assert_eq!(
+        store.stats().await.ok(),
+        Some(stats_of(&rows)),
+        "counters moved with rows"
+    );
+
+    let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
+    let redelivered = p
+        .apply_batch(&events, checkpoint_at("1"))
+        .await
+        .unwrap_or_else(|e| panic!("redelivery: {e}"));
+    assert_eq!(redelivered.applied, BATCH_SANDBOX_EVENTS - applied_before);
+    assert_eq!(redelivered.duplicates, applied_before);
+    assert_eq!(
+        store
+            .checkpoint("batch-test")
+            .await
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("1")
+    );
+    assert_converged(&verify_view(&store, &store).await, &store, BATCH_SANDBOXES).await;
+}
+
+/// Two projectors applying the same batch at once (one in small chunks, so their writes
+/// interleave) apply every sandbox event exactly once between them.
+async fn concurrent_projectors<S: BothSides>(store: S) {
+    Driver::new(Arc::new(store.clone()))
+        .run_all(&workload(BATCH_SANDBOXES))
+        .await;
+    let events = shuffled_events(&store, 0x2b2).await;
+    let one = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
+    let two = projector_on(
+        Arc::new(store.clone()),
+        Arc::new(CrashingView::new(store.clone(), 8, usize::MAX)),
+    );
+    let (a, b) = tokio::join!(
+        one.apply_batch(&events, checkpoint_at("9")),
+        two.apply_batch(&events, checkpoint_at("9"))
+    );
+    let (a, b) = (
+        a.unwrap_or_else(|e| panic!("first projector: {e}")),
+        b.unwrap_or_else(|e| panic!("second projector: {e}")),
+    );
+    assert_eq!(
+        a.applied + b.applied,
+        BATCH_SANDBOX_EVENTS,
+        "exactly once between them ({} conflicts re-planned)",
+        a.conflicts + b.conflicts
+    );
+    assert_eq!(
+        store
+            .checkpoint("batch-test")
+            .await
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("9")
+    );
+    assert_converged(&verify_view(&store, &store).await, &store, BATCH_SANDBOXES).await;
+}
+
+/// Embedded: duplicate and overlapping batches apply each event once.
+#[tokio::test]
+async fn batch_duplicates_and_overlaps_embedded() {
+    duplicate_and_overlapping_batches(
+        EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+}
+
+/// DynamoDB Local: duplicate and overlapping batches apply each event once.
+#[tokio::test]
+async fn batch_duplicates_and_overlaps_dynamodb() {
+    duplicate_and_overlapping_batches(ddb_local::fresh_store(4).await).await;
+}
+
+/// Embedded: a crash between two transactions of a batch loses and doubles nothing.
+#[tokio::test]
+async fn batch_crash_between_transactions_embedded() {
+    crash_between_transactions(
+        EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+}
+
+/// DynamoDB Local: a crash between two transactions of a batch loses and doubles nothing.
+#[tokio::test]
+async fn batch_crash_between_transactions_dynamodb() {
+    crash_between_transactions(ddb_local::fresh_store(4).await).await;
+}
+
+/// Embedded: two projectors on the same batch apply each event once between them.
+#[tokio::test]
+async fn batch_concurrent_projectors_embedded() {
+    concurrent_projectors(EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")))
+        .await;
+}
+
+/// DynamoDB Local: two projectors on the same batch apply each event once between them.
+#[tokio::test]
+async fn batch_concurrent_projectors_dynamodb() {
+    concurrent_projectors(ddb_local::fresh_store(4).await).await;
 }

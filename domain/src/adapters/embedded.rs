@@ -11,6 +11,7 @@
 //! `synchronous = FULL` ([`Durability::Full`]: a commit answered is a commit that survives a
 //! power loss) keep the throughput `NORMAL` had (ADR 0008).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +24,7 @@ use tokio::sync::Notify;
 use crate::model::events::EventEnvelope;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{PoolRow, PoolStats, StatsDelta};
+use crate::store::batch::{BatchLimits, ViewChunk};
 use crate::store::{
     decode_cursor, encode_cursor, stats_shard, CandidateQuery, EventPage, EventStore, ListCursor,
     ListFilter, PoolView, RowPage, StoreError, ViewStore, MAX_TRANSACTION_ITEMS,
@@ -528,6 +530,9 @@ impl EventStore for EmbeddedStore {
     }
 }
 
+/// Sandbox ids per `IN (…)` query of `load_rows`.
+const LOAD_ROWS_PER_QUERY: usize = 500;
+
 fn row_from_json(raw: String) -> Result<PoolRow, StoreError> {
     serde_json::from_str(&raw).map_err(corrupt)
 }
@@ -784,6 +789,111 @@ impl ViewStore for EmbeddedStore {
                         "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
                          ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
                         params![shard, status.as_str(), d],
+                    )
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        // One SQLite transaction has no item limit: a whole delivered batch is one write.
+        BatchLimits {
+            max_items: usize::MAX,
+            stats_shards: self.inner.stats_shards,
+        }
+    }
+
+    async fn load_rows(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        let ids = sandbox_ids.to_vec();
+        self.with_conn(move |conn, _| {
+            let mut rows = HashMap::with_capacity(ids.len());
+            // SQLite binds at most 32,766 parameters; stay far below with a fixed statement shape
+            // so the prepared-statement cache hits.
+            for part in ids.chunks(LOAD_ROWS_PER_QUERY) {
+                let marks = vec!["?"; part.len()].join(",");
+                let sql = format!("SELECT row FROM pool WHERE sandbox_id IN ({marks})");
+                let args: Vec<&dyn rusqlite::ToSql> =
+                    part.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
+                for row in query_rows(conn, &sql, &args)? {
+                    rows.insert(row.sandbox_id.clone(), row);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn write_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
+        let chunk = chunk.clone();
+        self.with_conn(move |conn, shards| {
+            let stats = chunk.stats_by_shard(shards);
+            // IMMEDIATE: the version checks and the writes see one state, and the whole chunk
+            // (rows, summed stats, checkpoint) commits or rolls back together.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            {
+                let mut version_of = tx
+                    .prepare_cached("SELECT version FROM pool WHERE sandbox_id = ?1")
+                    .map_err(db_err)?;
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO pool (sandbox_id, status, name, owner, allocated_at, due_at, pick, version, row)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )
+                    .map_err(db_err)?;
+                for change in &chunk.rows {
+                    let row = &change.row;
+                    let current: Option<i64> = version_of
+                        .query_row(params![row.sandbox_id], |r| r.get(0))
+                        .optional()
+                        .map_err(db_err)?;
+                    if current.map(|v| v as u64) != change.expected_version {
+                        // Dropping the transaction rolls back everything of the chunk.
+                        return Err(StoreError::VersionConflict {
+                            stream_id: row.sandbox_id.clone(),
+                        });
+                    }
+                    let json = serde_json::to_string(row).map_err(corrupt)?;
+                    put.execute(params![
+                        row.sandbox_id,
+                        row.status.as_str(),
+                        row.name,
+                        row.owner,
+                        ms(&row.allocated_at),
+                        ms(&row.due_at),
+                        row.pick as i64,
+                        row.version as i64,
+                        json
+                    ])
+                    .map_err(db_err)?;
+                }
+                let mut add = tx
+                    .prepare_cached(
+                        "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
+                    )
+                    .map_err(db_err)?;
+                for (shard, delta) in &stats {
+                    for status in SandboxStatus::ALL {
+                        let d = delta.0[status.index()];
+                        if d != 0 {
+                            add.execute(params![*shard as i64, status.as_str(), d])
+                                .map_err(db_err)?;
+                        }
+                    }
+                }
+                if let Some(checkpoint) = &chunk.checkpoint {
+                    tx.execute(
+                        "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
+                         ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                        params![checkpoint.source, checkpoint.position],
                     )
                     .map_err(db_err)?;
                 }

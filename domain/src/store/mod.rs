@@ -1,6 +1,10 @@
 //! Storage ports. The model never sees an adapter: commands talk to an [`EventStore`], reads go
 //! through a [`PoolView`], and only the projector writes through a [`ViewStore`].
 
+pub mod batch;
+
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -11,6 +15,7 @@ use crate::model::events::EventEnvelope;
 use crate::model::ids::sandbox_id_of;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
+use batch::{BatchLimits, ViewChunk};
 
 pub mod repair;
 
@@ -173,6 +178,58 @@ pub trait ViewStore: PoolView {
         row: &PoolRow,
         delta: &StatsDelta,
     ) -> Result<(), StoreError>;
+
+    /// How this view takes batched writes ([`ViewStore::write_chunk`]): the item limit of one
+    /// atomic write and the number of stats shards.
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_items: MAX_TRANSACTION_ITEMS,
+            stats_shards: 1,
+        }
+    }
+
+    /// Rows of several sandboxes, strongly consistent; sandboxes without a row are absent.
+    async fn load_rows(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        let mut rows = HashMap::with_capacity(sandbox_ids.len());
+        for id in sandbox_ids {
+            if let Some(row) = self.load_row(id).await? {
+                rows.insert(id.clone(), row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Writes a chunk of a planned batch: every row on condition that the stored row is still at
+    /// its `expected_version`, the rows' stats deltas summed per shard, and the checkpoint.
+    /// Adapters make it one atomic write; a failed row condition is a
+    /// [`StoreError::VersionConflict`], after which the caller reloads the chunk's rows and plans
+    /// them again. This default writes row by row (each row with its own delta, atomically), then
+    /// the checkpoint: slower, but a conflict or crash half-way still leaves every row and its
+    /// counters in step, which is all the re-plan needs.
+    async fn write_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
+        let mut conflict = None;
+        for change in &chunk.rows {
+            match self
+                .write_row(change.expected_version, &change.row, &change.delta)
+                .await
+            {
+                Ok(()) => {}
+                Err(e @ StoreError::VersionConflict { .. }) => conflict = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(conflict) = conflict {
+            return Err(conflict);
+        }
+        if let Some(checkpoint) = &chunk.checkpoint {
+            self.save_checkpoint(&checkpoint.source, &checkpoint.position)
+                .await?;
+        }
+        Ok(())
+    }
 
     /// The saved position of a projector source (e.g. a stream shard).
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError>;

@@ -11,13 +11,17 @@
 //!
 //! Bounded: at most `--events` steady-load events and `--max-seconds` per phase.
 //!
-//!   cargo run --release -p tests --bin projector_bench -- [--source all|embedded|dynamodb]
+//!   cargo run --release -p tests --bin projector_bench -- [--source all|embedded|embedded-per-event|dynamodb]
+//!
+//! Every source applies delivered batches (`Projector::apply_batch`); `embedded-per-event` runs
+//! the embedded tail through the single-event `Projector::apply` instead — one transaction per
+//! event, the path all sources took before batching — so one run prints before and after.
 //!
 //! `--seed-only` instead appends `--sandboxes` sandboxes' worth of events to existing tables
 //! (`TABLE_PREFIX`, `DDB_ENDPOINT_URL`; created if missing) and exits — scripts/lambda-local.sh
 //! uses it to give the stream something to capture.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,7 @@ use clap::{Parser, ValueEnum};
 use domain::adapters::dynamo::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
+use domain::store::batch::{BatchLimits, ViewChunk};
 use domain::store::{
     apply_event, CandidateQuery, EventPage, EventStore, ListFilter, PoolView, RowPage, StoreError,
     ViewStore,
@@ -43,10 +48,13 @@ use projector::{Projector, ProjectorMetrics};
 /// Which sources to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Source {
-    /// Both.
+    /// Every source, and the per-event embedded path for comparison.
     All,
-    /// The embedded log tail (SQLite file in the temp dir).
+    /// The embedded log tail (SQLite file in the temp dir), batched apply.
     Embedded,
+    /// The embedded log tail applying one event per transaction (`Projector::apply`), the
+    /// path every source used before batched apply: the "before" of the comparison.
+    EmbeddedPerEvent,
     /// The Streams poller on DynamoDB Local.
     Dynamodb,
 }
@@ -332,6 +340,29 @@ impl ViewStore for LagView {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+    fn batch_limits(&self) -> BatchLimits {
+        self.inner.batch_limits()
+    }
+    async fn load_rows(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        self.inner.load_rows(sandbox_ids).await
+    }
+    async fn write_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
+        self.inner.write_chunk(chunk).await?;
+        let now = Utc::now();
+        let mut histogram = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        for change in &chunk.rows {
+            let lag = (now - change.row.updated_at).num_milliseconds().max(1) as u64;
+            let _ = histogram.record(lag.min(3_600_000));
+            // One row write may fold several events of its sandbox: count the events.
+            let events = change.row.version - change.expected_version.unwrap_or(0);
+            self.writes
+                .fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
         self.inner.checkpoint(source).await
     }
@@ -399,6 +430,61 @@ impl Harness for EmbeddedHarness {
                 let _ = rx.await;
             },
         ));
+        Ok(Running { stop, task })
+    }
+}
+
+/// The embedded log tailed one event per transaction, as every source did before batched apply.
+struct PerEventHarness {
+    store: EmbeddedStore,
+    view: LagView,
+}
+
+#[async_trait]
+impl Harness for PerEventHarness {
+    fn name(&self) -> &'static str {
+        "embedded 1/event"
+    }
+    fn events(&self) -> Arc<dyn EventStore> {
+        Arc::new(self.store.clone())
+    }
+    fn view(&self) -> &LagView {
+        &self.view
+    }
+    async fn start(&self) -> anyhow::Result<Running> {
+        let projector = Projector::new(
+            self.events(),
+            Arc::new(self.view.clone()),
+            ProjectorMetrics::unregistered(),
+        );
+        let store = self.store.clone();
+        let (stop, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            const SOURCE: &str = "bench-per-event";
+            let mut position: u64 = match store.checkpoint(SOURCE).await {
+                Ok(p) => p.and_then(|p| p.parse().ok()).unwrap_or(0),
+                Err(_) => 0,
+            };
+            loop {
+                let batch = match store.read_log(position, 500).await {
+                    Ok(batch) => batch,
+                    Err(_) => return,
+                };
+                if batch.is_empty() {
+                    tokio::select! {
+                        _ = &mut rx => return,
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
+                    }
+                }
+                for (pos, envelope) in &batch {
+                    if projector.apply(envelope).await.is_err() {
+                        return;
+                    }
+                    position = *pos;
+                }
+                let _ = store.save_checkpoint(SOURCE, &position.to_string()).await;
+            }
+        });
         Ok(Running { stop, task })
     }
 }
@@ -620,6 +706,17 @@ async fn main() -> anyhow::Result<()> {
             store,
         };
         eprintln!("projector_bench: measuring the embedded tail …");
+        rows.push(measure(&harness, &args).await?);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if matches!(args.source, Source::All | Source::EmbeddedPerEvent) {
+        let dir = std::env::temp_dir().join(format!("projector-bench-{}", uuid::Uuid::new_v4()));
+        let store = EmbeddedStore::open(&dir.join("broker.db"), 8)?;
+        let harness = PerEventHarness {
+            view: LagView::new(Arc::new(store.clone()))?,
+            store,
+        };
+        eprintln!("projector_bench: measuring the embedded tail, one event per transaction …");
         rows.push(measure(&harness, &args).await?);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -12,12 +12,14 @@
 //! # Layout
 //! - `items` — events and pool rows as items, stream images, cursors;
 //! - `tables` — the table definitions (also the terraform drift-check JSON) and `ensure_tables`;
-//! - `retry` — error classification and full-jitter backoff.
+//! - `retry` — error classification and full-jitter backoff;
+//! - `view_batch` — the projector's batched row loads and chunked transactional writes.
 
 mod feed; // EventFeed (audit): the by-time GSI
 mod items;
 mod retry;
 mod tables;
+mod view_batch; // batched projector writes: BatchGetItem loads, chunked TransactWriteItems
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +47,7 @@ use chrono::{DateTime, Utc};
 use crate::model::events::EventEnvelope;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{PoolRow, PoolStats, StatsDelta};
+use crate::store::batch::{BatchLimits, ViewChunk};
 use crate::store::{
     stats_shard, CandidateQuery, EventPage, EventStore, ListFilter, PoolView, RowPage, StoreError,
     ViewStore, MAX_TRANSACTION_ITEMS,
@@ -1372,6 +1375,24 @@ impl ViewStore for DynamoStore {
             }
             retry.after(classify(&err, refused)).await?;
         }
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_items: MAX_TRANSACTION_ITEMS,
+            stats_shards: self.stats_shards,
+        }
+    }
+
+    async fn load_rows(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        self.batch_load_rows(sandbox_ids).await
+    }
+
+    async fn write_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
+        self.transact_chunk(chunk).await
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
