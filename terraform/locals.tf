@@ -69,6 +69,12 @@ locals {
     RATE_LIMIT_BURST     = tostring(var.rate_limit_burst)
     READY_MAX_LAG_MS     = tostring(var.ready_max_lag_ms)
     CORS_ALLOWED_ORIGINS = join(",", var.cors_allowed_origins)
+    # The ALB appends the client address to X-Forwarded-For: one trusted hop,
+    # so unauthenticated rate limits key on the client, not on the ALB.
+    TRUSTED_PROXY_HOPS = "1"
+    # Read repair writes the view through the projector's conditional apply
+    # (IAM: ReadRepairOfTheView in iam.tf).
+    READ_REPAIR = "true"
     # In AWS the projector is the Lambda and the jobs are scheduled tasks:
     # the API process must not run either in-process.
     RUN_PROJECTOR = "false"
