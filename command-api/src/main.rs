@@ -1,14 +1,14 @@
 //! `command-api`: tracing → config → adapters → serve.
 
 use anyhow::Context;
-use clap::Parser;
 use command_api::config::Config;
 use command_api::startup;
+use runtime::LogFormat;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    startup::init_tracing(&config.log_format);
+    let config: Config = runtime::parse_settings();
+    runtime::init_tracing(config.log.format_or(LogFormat::Json));
     let service = startup::build(&config, std::sync::Arc::new(domain::SystemClock))
         .await
         .context("start-up failed")?;
@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         service.state.clone(),
         std::time::Duration::from_secs(config.request_timeout_sec),
     );
-    command_api::run(app, listener, startup::shutdown_signal()).await?;
+    command_api::run(app, listener, runtime::shutdown_signal()).await?;
     service.stop().await;
     Ok(())
 }

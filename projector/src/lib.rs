@@ -19,9 +19,9 @@
 //! - [`lambda`] — the Lambda handler: in-order apply, `batchItemFailures`, poison records.
 //! - [`rebuild`] — `rebuild_into` (parallel-scan replay into a fresh view) and `verify` (a
 //!   `DriftReport` comparing a replay with the live view).
-//! - [`serve`] — the tiny `/metrics` HTTP server of `projector poll`.
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
-//!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it.
+//!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
+//!   settings, logs, signals and the `/metrics` server come from the shared `runtime` crate.
 
 pub mod cli;
 pub mod dynamo_streams;
@@ -30,7 +30,6 @@ pub mod lambda;
 pub mod metrics;
 pub mod poller;
 pub mod rebuild;
-pub mod serve;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! `broker-audit`: the auditor's command line, against either store (`STORE=embedded` with
 //! `EMBEDDED_PATH`, or `STORE=dynamodb` with `TABLE_PREFIX`, `DDB_ENDPOINT_URL`, `AWS_REGION`;
-//! the same settings as the projector's, see `projector::cli::StoreArgs`).
+//! the same settings as every binary's, see `runtime::StoreArgs`).
 //!
 //! | command | what |
 //! |---|---|
@@ -22,7 +22,8 @@ use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilte
 use domain::model::events::format_time;
 use domain::store::EventStore;
 use domain::SandboxStatus;
-use projector::cli::{init_tracing, verify_live, ReplayArgs, StoreArgs, StoreKind, VerifyArgs};
+use projector::cli::{verify_live, ReplayArgs, VerifyArgs};
+use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
 /// Exit code of `verify` on drift.
 const EXIT_DRIFT: u8 = 1;
@@ -42,6 +43,9 @@ struct Cli {
     /// Store settings (environment or flags; accepted after the subcommand too).
     #[command(flatten)]
     store: StoreArgs,
+    /// Log settings.
+    #[command(flatten)]
+    log: LogArgs,
     /// What to do.
     #[command(subcommand)]
     command: Command,
@@ -117,8 +121,8 @@ fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing(false);
-    let cli = Cli::parse();
+    let cli: Cli = runtime::parse_settings();
+    runtime::init_tracing(cli.log.format_or(LogFormat::Text));
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
