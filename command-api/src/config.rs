@@ -112,6 +112,6 @@ impl Config {
 
     /// A configuration with every default (tests override fields).
     pub fn defaults() -> Self {
-        Self::parse_from(["command-api"])
+        runtime::try_parse_settings_from(["command-api"]).unwrap_or_else(|e| e.exit())
     }
 }

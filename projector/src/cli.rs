@@ -35,6 +35,15 @@ pub const EXIT_DRIFT: u8 = 1;
 /// Exit code of any failure.
 pub const EXIT_ERROR: u8 = 2;
 
+/// The exit code a verify report calls for: success when clean, [`EXIT_DRIFT`] otherwise.
+pub fn verify_exit_code(report: &DriftReport) -> ExitCode {
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DRIFT)
+    }
+}
+
 /// The `projector` binary's arguments.
 #[derive(Debug, Parser)]
 #[command(
@@ -218,11 +227,7 @@ async fn dispatch(
         Command::Verify(args) => {
             let report = verify_live(&store, &args).await?;
             print_report(&report, args.json)?;
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_DRIFT)
-            })
+            Ok(verify_exit_code(&report))
         }
         Command::Capture(args) => {
             capture(&store, &args).await?;
@@ -387,7 +392,9 @@ pub async fn verify_live(store: &StoreArgs, args: &VerifyArgs) -> anyhow::Result
     Ok(report)
 }
 
-fn print_report(report: &DriftReport, json: bool) -> anyhow::Result<()> {
+/// Prints a verify report on stdout: pretty JSON, or one `DRIFT` line per difference and a
+/// summary line (shared by `projector verify` and `broker-audit verify`).
+pub fn print_report(report: &DriftReport, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());

@@ -22,13 +22,11 @@ use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilte
 use domain::model::events::format_time;
 use domain::store::EventStore;
 use domain::SandboxStatus;
-use projector::cli::{verify_live, ReplayArgs, VerifyArgs};
+use projector::cli::{
+    print_report, verify_exit_code, verify_live, ReplayArgs, VerifyArgs, EXIT_ERROR,
+};
 use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
-/// Exit code of `verify` on drift.
-const EXIT_DRIFT: u8 = 1;
-/// Exit code of any failure.
-const EXIT_ERROR: u8 = 2;
 /// How often export prints progress on stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -168,25 +166,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for difference in &report.differences {
-                    println!("DRIFT {difference}");
-                }
-                println!(
-                    "verify: {} events replayed; {} live rows, {} expected; {} difference(s)",
-                    report.rebuild.events_read,
-                    report.live_rows,
-                    report.expected_rows,
-                    report.differences.len()
-                );
-            }
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_DRIFT)
-            })
+            print_report(&report, args.json)?;
+            Ok(verify_exit_code(&report))
         }
     }
 }
