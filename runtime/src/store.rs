@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
-use domain::adapters::dynamo::{table_definitions, DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
+use domain::adapters::dynamo::{
+    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES,
+};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, ViewStore};
 
@@ -105,7 +107,7 @@ impl StoreArgs {
     pub async fn dynamo(&self, prefix: &str) -> anyhow::Result<DynamoStore> {
         DynamoStore::connect(self.dynamo_config(prefix))
             .await
-            .with_context(|| format!("connecting to DynamoDB tables {prefix}-*"))
+            .with_context(|| format!("connecting to DynamoDB tables {}", table_name(prefix, "*")))
     }
 
     /// Opens the embedded store at `path`.
