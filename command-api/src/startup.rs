@@ -1,5 +1,6 @@
 //! Wiring: from a [`Config`] to a running set of adapters, broker, jobs and (in-process)
-//! projector. Binaries stay thin: `main` calls [`build`] and serves `crate::app`.
+//! projector. Store opening, logs and signals come from the shared `runtime` crate; this is the one
+//! place that wires the embedded projector tail. `main` calls [`build`] and serves `crate::app`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
