@@ -1,21 +1,17 @@
 //! Configuration from the environment (reference names kept). Every setting has a documented
-//! default in the README's configuration table.
+//! default in the README's configuration table. The store, log and job settings are the shared
+//! ones (`runtime::StoreArgs`, `runtime::LogArgs`, `jobs::JobsArgs`), flattened in, so the API
+//! and the other binaries read each name with one type.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use clap::{Parser, ValueEnum};
-
-/// Which store backs the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StoreKind {
-    /// One local SQLite file; projector and jobs in-process.
-    Embedded,
-    /// DynamoDB (AWS or DynamoDB Local).
-    Dynamodb,
-}
+use clap::Parser;
+use jobs::JobsArgs;
+pub use runtime::StoreKind;
+use runtime::{LogArgs, StoreArgs};
 
 /// Tokens used when none are configured. Obviously dev-only; printed as such at start-up, and
 /// refused with `STORE=dynamodb` unless `ALLOW_DEV_TOKENS=true`.
@@ -91,36 +87,18 @@ pub struct Config {
     /// Base path of the versioned API.
     #[arg(long, env = "API_BASE_PATH", default_value = "/v1")]
     pub api_base_path: String,
-    /// `embedded` or `dynamodb`.
-    #[arg(long, env = "STORE", value_enum, default_value = "embedded")]
-    pub store: StoreKind,
-    /// The embedded store's file.
-    #[arg(long, env = "EMBEDDED_PATH", default_value = "data/broker.db")]
-    pub embedded_path: PathBuf,
-    /// DynamoDB endpoint (DynamoDB Local); unset = AWS.
-    #[arg(long, env = "DDB_ENDPOINT_URL")]
-    pub ddb_endpoint_url: Option<String>,
-    /// AWS region (else the standard chain).
-    #[arg(long, env = "AWS_REGION")]
-    pub aws_region: Option<String>,
-    /// Table-name prefix: `{prefix}-events|pool|stats|checkpoints`.
-    #[arg(long, env = "TABLE_PREFIX", default_value = "sandbox-broker")]
-    pub table_prefix: String,
-    /// Jittered retries of throttled, conflicting or 5xx DynamoDB calls before `Unavailable`.
-    #[arg(long, env = "DDB_MAX_RETRIES", default_value_t = 6)]
-    pub ddb_max_retries: u32,
-    /// Stats shard count.
-    #[arg(long, env = "STATS_SHARDS", default_value_t = 8)]
-    pub stats_shards: u32,
-    /// Create missing DynamoDB tables at start-up (dev and DynamoDB Local).
-    #[arg(long, env = "ENSURE_TABLES", default_value_t = false)]
-    pub ensure_tables: bool,
+    /// Store selection and options.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Job settings (the in-process jobs and the admin job endpoints).
+    #[command(flatten)]
+    pub jobs: JobsArgs,
+    /// Log format.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Lab window, hours: `expires_at`, the mark window and expiry.
     #[arg(long, env = "LAB_DURATION_HOURS", default_value_t = 48)]
     pub lab_duration_hours: i64,
-    /// Extra minutes after `expires_at` before auto-expiry.
-    #[arg(long, env = "GRACE_PERIOD_MINUTES", default_value_t = 30)]
-    pub grace_period_minutes: i64,
     /// Allocation candidates per view query.
     #[arg(long, env = "K_CANDIDATES", default_value_t = 15)]
     pub k_candidates: usize,
@@ -187,21 +165,19 @@ pub struct Config {
     /// Seed the embedded store with a demo pool on first start (sync from the mock CSP).
     #[arg(long, env = "SEED_DEMO_POOL", default_value_t = true)]
     pub seed_demo_pool: bool,
-    /// `json` or `text` logs.
-    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
-    pub log_format: String,
 }
 
 impl Config {
     /// Whether the projector runs in this process.
     pub fn runs_projector(&self) -> bool {
         self.run_projector
-            .unwrap_or(self.store == StoreKind::Embedded)
+            .unwrap_or(self.store.store == StoreKind::Embedded)
     }
 
     /// Whether the job loops run in this process.
     pub fn runs_jobs(&self) -> bool {
-        self.run_jobs.unwrap_or(self.store == StoreKind::Embedded)
+        self.run_jobs
+            .unwrap_or(self.store.store == StoreKind::Embedded)
     }
 
     /// The track token, or the dev token when unset.
@@ -229,7 +205,7 @@ impl Config {
                     self.bind_addr
                 ));
             }
-            if self.store != StoreKind::Embedded && !self.allow_dev_tokens {
+            if self.store.store != StoreKind::Embedded && !self.allow_dev_tokens {
                 return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set outside the embedded dev mode (or ALLOW_DEV_TOKENS=true for local DynamoDB)".into());
             }
         }
@@ -258,6 +234,6 @@ impl Config {
 
     /// A configuration with every default (tests override fields).
     pub fn defaults() -> Self {
-        Self::parse_from(["command-api"])
+        runtime::try_parse_settings_from(["command-api"]).unwrap_or_else(|e| e.exit())
     }
 }

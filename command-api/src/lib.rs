@@ -4,8 +4,10 @@
 //! the job loops, so one command starts everything.
 //!
 //! # Layout
-//! - [`config`] — environment settings and their defaults.
-//! - [`startup`] — builds adapters, broker, jobs and projector from the config; background tasks.
+//! - [`config`] — the API's own settings; the store, log and job settings are flattened in from
+//!   `runtime::StoreArgs`, `runtime::LogArgs` and `jobs::JobsArgs` (shared with the other binaries).
+//! - [`startup`] — opens the stores through `runtime::open_stores`, builds broker and jobs, and
+//!   wires the in-process projector (the embedded log tail or the stream poller); background tasks.
 //! - [`edge`] — the outermost middleware: request id, error envelope, security headers, CORS,
 //!   load shedding, the per-address limit of unauthenticated requests, access log, latency
 //!   metrics, panic guard.

@@ -1,22 +1,36 @@
-//! `command-api`: tracing → config → adapters → serve.
+//! `command-api`: settings → tracing → adapters → serve. A start-up failure is one line on stderr
+//! (the error chain joined with `: `) and exit code 1, not a multi-line report with a backtrace.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use command_api::config::Config;
 use command_api::startup;
+use runtime::LogFormat;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    startup::init_tracing(&config.log_format);
-    let service = startup::build(&config, std::sync::Arc::new(domain::SystemClock))
+async fn main() -> ExitCode {
+    let config: Config = runtime::parse_settings();
+    runtime::init_tracing(config.log.format_or(LogFormat::Json));
+    match serve(&config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(target: "startup", error = format!("{e:#}"), "command-api stopped");
+            eprintln!("command-api: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: &Config) -> anyhow::Result<()> {
+    let service = startup::build(config, std::sync::Arc::new(domain::SystemClock))
         .await
         .context("start-up failed")?;
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind_addr))?;
     let addr = listener.local_addr()?;
-    startup::print_banner(&config, addr);
+    startup::print_banner(config, addr);
     let app = command_api::app(
         service.state.clone(),
         std::time::Duration::from_secs(config.request_timeout_sec),
@@ -24,8 +38,8 @@ async fn main() -> anyhow::Result<()> {
     command_api::run_with(
         app,
         listener,
-        startup::shutdown_signal(),
-        command_api::ListenerLimits::from_config(&config),
+        runtime::shutdown_signal(),
+        command_api::ListenerLimits::from_config(config),
     )
     .await?;
     service.stop().await;

@@ -1,5 +1,6 @@
 //! Wiring: from a [`Config`] to a running set of adapters, broker, jobs and (in-process)
-//! projector. Binaries stay thin: `main` calls [`build`] and serves `crate::app`.
+//! projector. Store opening, logs and signals come from the shared `runtime` crate; this is the one
+//! place that wires the embedded projector tail. `main` calls [`build`] and serves `crate::app`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use domain::adapters::embedded::EmbeddedStore;
-use domain::store::{EventStore, PoolView, ViewStore};
+use domain::store::PoolView;
 use domain::{Broker, BrokerConfig, SharedClock};
 use projector::{Projector, ProjectorMetrics};
 use prometheus::Registry;
-use tokio::sync::watch;
+use runtime::{Stop, Stores};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, StoreKind};
@@ -26,60 +27,31 @@ pub struct Service {
     pub state: SharedState,
     /// The embedded store, when that is the store (tests tail it).
     pub embedded: Option<EmbeddedStore>,
-    stop: watch::Sender<bool>,
+    stop: Stop,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Service {
     /// Signals the background tasks to stop and waits for them (they finish the current item).
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
         }
     }
 }
 
-/// Sets up JSON (default) or text logs, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if format == "text" {
-        builder.try_init()
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    };
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// The adapters a configuration selects: the ports, plus the concrete store where a source
-/// needs it (the embedded log tail, the DynamoDB stream).
-struct Stores {
-    events: Arc<dyn EventStore>,
-    view: Arc<dyn ViewStore>,
-    embedded: Option<EmbeddedStore>,
-    dynamo: Option<domain::adapters::dynamo::DynamoStore>,
-}
-
 /// Builds everything the configuration asks for and starts the background tasks; job settings
 /// come from the environment (the embedded dev mode defaults to the mock CSP).
 pub async fn build(config: &Config, clock: SharedClock) -> anyhow::Result<Service> {
-    let mut jobs_config = jobs::JobsConfig::from_env().context("jobs configuration")?;
-    if config.store == StoreKind::Embedded && std::env::var_os("CSP_MODE").is_none() {
+    let mut jobs_config = config.jobs.config().context("jobs configuration")?;
+    if config.store.store == StoreKind::Embedded && config.jobs.csp_mode.is_none() {
         // The embedded dev mode talks to the mock CSP unless told otherwise.
         jobs_config.csp.mode = jobs::CspMode::Mock;
     }
     let service = build_with(config, clock, jobs_config).await?;
     // Live streams never end by themselves: close them as shutdown begins, so the drain can end.
-    service.state.feed.close_on(shutdown_signal());
+    service.state.feed.close_on(runtime::shutdown_signal());
     Ok(service)
 }
 
@@ -110,41 +82,8 @@ pub async fn build_with(
         view,
         embedded,
         dynamo,
-    } = match config.store {
-        StoreKind::Embedded => {
-            let store = EmbeddedStore::open(&config.embedded_path, config.stats_shards)
-                .with_context(|| format!("open {}", config.embedded_path.display()))?;
-            Stores {
-                events: Arc::new(store.clone()),
-                view: Arc::new(store.clone()),
-                embedded: Some(store),
-                dynamo: None,
-            }
-        }
-        StoreKind::Dynamodb => {
-            let store = domain::adapters::dynamo::DynamoStore::connect(
-                domain::adapters::dynamo::DynamoConfig {
-                    table_prefix: config.table_prefix.clone(),
-                    endpoint_url: config.ddb_endpoint_url.clone(),
-                    region: config.aws_region.clone(),
-                    stats_shards: config.stats_shards,
-                    max_retries: config.ddb_max_retries,
-                },
-            )
-            .await
-            .context("connect to DynamoDB")?;
-            if config.ensure_tables {
-                store.ensure_tables().await.context("create tables")?;
-            }
-            let shared = Arc::new(store.clone());
-            Stores {
-                events: shared.clone(),
-                view: shared,
-                embedded: None,
-                dynamo: Some(store),
-            }
-        }
-    };
+    } = runtime::open_stores(&config.store).await?;
+    let expiry_grace = config.jobs.expiry_grace().context("jobs configuration")?;
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
     let mut broker = Broker::new(
@@ -153,7 +92,7 @@ pub async fn build_with(
         clock.clone(),
         BrokerConfig {
             lab_duration: chrono::Duration::hours(config.lab_duration_hours),
-            expiry_grace: chrono::Duration::minutes(config.grace_period_minutes),
+            expiry_grace: chrono::Duration::from_std(expiry_grace).unwrap_or(chrono::Duration::MAX),
             k_candidates: config.k_candidates.max(1),
             allocate_rounds: config.allocate_rounds.max(1),
             max_sweeps: config.allocate_max_sweeps.max(1),
@@ -167,13 +106,13 @@ pub async fn build_with(
     }
     let broker = Arc::new(broker);
 
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Stop::new();
     let mut tasks = Vec::new();
     let (feed, feed_tail) = crate::routes::events::start_live_feed(
         embedded.as_ref(),
         dynamo.as_ref(),
         clock.clone(),
-        stopped(stop_rx.clone()),
+        stop.stopped(),
     )?;
     tasks.push(feed_tail);
 
@@ -187,7 +126,7 @@ pub async fn build_with(
                 tasks.push(tokio::spawn(projector::embedded::run(
                     projector,
                     store.clone(),
-                    stopped(stop_rx.clone()),
+                    stop.stopped(),
                 )));
             }
             None => {
@@ -206,7 +145,7 @@ pub async fn build_with(
                         ..projector::poller::PollerConfig::default()
                     },
                 );
-                tasks.push(tokio::spawn(poller.run(stopped(stop_rx.clone()))));
+                tasks.push(tokio::spawn(poller.run(stop.stopped())));
             }
         }
         Some(metrics)
@@ -214,7 +153,7 @@ pub async fn build_with(
         None
     };
 
-    jobs_config.expiry_grace = Duration::from_secs(config.grace_period_minutes.max(0) as u64 * 60);
+    jobs_config.expiry_grace = expiry_grace;
     let jobs = Arc::new(
         jobs::Jobs::from_config(broker.clone(), jobs_config, clock.clone(), &registry)
             .context("jobs")?,
@@ -223,7 +162,7 @@ pub async fn build_with(
     if let (Some(store), true) = (&embedded, config.seed_demo_pool) {
         if view.stats().await?.total() == 0 {
             let summary = jobs.sync().await.context("seed the demo pool")?;
-            tracing::info!(target: "startup", synced = ?summary, "seeded the demo pool from the mock CSP");
+            jobs::log_summary!(target: "startup", tracing::Level::INFO, jobs::log_fields::SummaryFields::of(&summary), "seeded the demo pool from the mock CSP");
             if let Some(metrics) = &projector_metrics {
                 let projector = Projector::new(events.clone(), view.clone(), metrics.clone());
                 projector::embedded::catch_up(&projector, store).await?;
@@ -233,7 +172,7 @@ pub async fn build_with(
     if config.runs_jobs() {
         tasks.push(tokio::spawn(jobs::worker::run(
             jobs.clone(),
-            stopped(stop_rx.clone()),
+            stop.stopped(),
         )));
     }
 
@@ -290,29 +229,6 @@ pub async fn build_with(
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!(target: "startup", "shutdown requested; draining");
-}
-
 /// Prints where the service listens and, in dev mode, the dev-only tokens.
 pub fn print_banner(config: &Config, addr: SocketAddr) {
     let base = config.api_base_path.trim_end_matches('/');
@@ -320,10 +236,13 @@ pub fn print_banner(config: &Config, addr: SocketAddr) {
     println!("  API docs:  http://{addr}{base}/docs");
     println!(
         "  store:     {:?}{}",
-        config.store,
-        match config.store {
-            StoreKind::Embedded => format!(" ({})", config.embedded_path.display()),
-            StoreKind::Dynamodb => format!(" (tables {}-*)", config.table_prefix),
+        config.store.store,
+        match config.store.store {
+            StoreKind::Embedded => format!(" ({})", config.store.embedded_path.display()),
+            StoreKind::Dynamodb => format!(
+                " (tables {})",
+                domain::adapters::dynamo::table_name(&config.store.table_prefix, "*")
+            ),
         }
     );
     if config.uses_dev_tokens() {

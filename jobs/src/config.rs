@@ -1,14 +1,18 @@
-//! The jobs' settings: every tunable is an environment variable with a documented default, read
-//! once at start-up by [`JobsConfig::from_env`] (or from any lookup function, for tests).
+//! The jobs' settings: every tunable is an environment variable (or flag) with a documented
+//! default, declared once in [`JobsArgs`] — flattened into the `jobs` binary and the API, so both
+//! read the same names with the same types — and turned into a validated [`JobsConfig`].
 
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, ValueEnum};
 use thiserror::Error;
 
 /// Which CSP the jobs talk to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CspMode {
     /// The real CSP API over HTTPS (the default).
+    #[value(alias = "live")]
     Real,
     /// The in-memory mock (`CSP_MODE=mock`, and only then: an empty token is an error, never a
     /// silent switch to the mock as in the reference's B16).
@@ -217,86 +221,6 @@ pub enum ConfigError {
 }
 
 impl JobsConfig {
-    /// Reads the process environment; unset or empty variables take their defaults.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// Reads settings through `lookup` (the environment, or a map in tests).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let env = Env(&lookup);
-        let d = JobsConfig::default();
-        let mode = match env.get("CSP_MODE").map(|m| m.to_ascii_lowercase()) {
-            None => CspMode::Real,
-            Some(m) if m == "mock" => CspMode::Mock,
-            Some(m) if m == "real" || m == "live" => CspMode::Real,
-            Some(m) => {
-                return Err(ConfigError::Invalid {
-                    name: "CSP_MODE",
-                    value: m,
-                    reason: "expected `mock` or `real`".into(),
-                })
-            }
-        };
-        let csp = CspConfig {
-            mode,
-            base_url: env
-                .get("CSP_BASE_URL")
-                .unwrap_or(d.csp.base_url)
-                .trim_end_matches('/')
-                .to_string(),
-            // Read raw: an all-blank token is as empty as an unset one.
-            api_token: lookup("CSP_API_TOKEN")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            connect_timeout: env.secs("CSP_TIMEOUT_CONNECT_SEC", d.csp.connect_timeout)?,
-            read_timeout: env.secs("CSP_TIMEOUT_READ_SEC", d.csp.read_timeout)?,
-            page_size: env.int("CSP_PAGE_SIZE", d.csp.page_size)?,
-            max_pages: env.int("CSP_MAX_PAGES", d.csp.max_pages)?,
-            rate_limit_rps: env.float("CSP_RATE_LIMIT_RPS", d.csp.rate_limit_rps)?,
-            retry_after_max: env.secs("CSP_RETRY_AFTER_MAX_SEC", d.csp.retry_after_max)?,
-            breaker_threshold: env.int("CIRCUIT_BREAKER_THRESHOLD", d.csp.breaker_threshold)?,
-            breaker_open_for: env.secs("CIRCUIT_BREAKER_TIMEOUT_SEC", d.csp.breaker_open_for)?,
-            mock_accounts: env.int("CSP_MOCK_ACCOUNTS", d.csp.mock_accounts)?,
-        };
-        let config = JobsConfig {
-            csp,
-            deletion_max_attempts: env
-                .int("DELETION_RETRY_MAX_ATTEMPTS", d.deletion_max_attempts)?,
-            deletion_retry_window: env.scaled(
-                "DELETION_RETRY_WINDOW_HOURS",
-                3600.0,
-                d.deletion_retry_window,
-            )?,
-            deletion_lease: env.secs("DELETION_LEASE_SEC", d.deletion_lease)?,
-            deletion_backoff_base: env
-                .secs("DELETION_BACKOFF_BASE_SEC", d.deletion_backoff_base)?,
-            deletion_backoff_max: env.secs("DELETION_BACKOFF_MAX_SEC", d.deletion_backoff_max)?,
-            cleanup_concurrency: env.int("CLEANUP_CONCURRENCY", d.cleanup_concurrency)?,
-            cleanup_per_sandbox_delay: env
-                .secs("CLEANUP_PER_SANDBOX_DELAY_SEC", d.cleanup_per_sandbox_delay)?,
-            expiry_grace: env.scaled("GRACE_PERIOD_MINUTES", 60.0, d.expiry_grace)?,
-            stale_grace: env.scaled("STALE_GRACE_HOURS", 3600.0, d.stale_grace)?,
-            page_size: env.int("JOB_PAGE_SIZE", d.page_size)?,
-            store_concurrency: env.int("SYNC_CONCURRENCY", d.store_concurrency)?,
-            worker: WorkerConfig {
-                sync_interval: env.secs("SYNC_INTERVAL_SEC", d.worker.sync_interval)?,
-                cleanup_interval: env.secs("CLEANUP_INTERVAL_SEC", d.worker.cleanup_interval)?,
-                auto_expiry_interval: env
-                    .secs("AUTO_EXPIRY_INTERVAL_SEC", d.worker.auto_expiry_interval)?,
-                stale_interval: env.secs("STALE_INTERVAL_SEC", d.worker.stale_interval)?,
-                jitter: env.float("JOB_INTERVAL_JITTER", d.worker.jitter)?,
-            },
-            niosxaas: NiosxaasConfig {
-                enabled: env.flag("NIOSXAAS_ENABLED", d.niosxaas.enabled)?,
-                shadow_mode: env.flag("NIOSXAAS_SHADOW_MODE", d.niosxaas.shadow_mode)?,
-            },
-        };
-        config.validate()?;
-        Ok(config)
-    }
-
     /// Range checks that hold in every mode. (The token is checked when the real client is
     /// built, so a process that only reads the config — e.g. the API in mock mode — starts.)
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -338,101 +262,244 @@ impl JobsConfig {
     }
 }
 
-/// Typed reads of optional variables; blank counts as unset.
-struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+/// The jobs' settings as command-line flags and environment variables. Parsing checks types and
+/// ranges, so a bad value stops start-up with clap's message naming the setting;
+/// [`JobsArgs::config`] then applies the cross-setting checks of [`JobsConfig::validate`].
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    /// `mock` (the in-memory CSP) or `real`; unset = `real` (the API's embedded mode: `mock`).
+    #[arg(long, env = "CSP_MODE", value_enum, ignore_case = true)]
+    pub csp_mode: Option<CspMode>,
+    /// CSP API base URL.
+    #[arg(
+        long,
+        env = "CSP_BASE_URL",
+        default_value = "https://csp.infoblox.com/v2"
+    )]
+    pub csp_base_url: String,
+    /// CSP API token (sent as `Authorization: Token …`; required in real mode).
+    #[arg(long, env = "CSP_API_TOKEN", hide_env_values = true)]
+    pub csp_api_token: Option<String>,
+    /// CSP connect timeout, seconds.
+    #[arg(long, env = "CSP_TIMEOUT_CONNECT_SEC", default_value_t = 5.0, value_parser = non_negative)]
+    pub csp_timeout_connect_sec: f64,
+    /// Longest silence while waiting for CSP response bytes, seconds.
+    #[arg(long, env = "CSP_TIMEOUT_READ_SEC", default_value_t = 15.0, value_parser = non_negative)]
+    pub csp_timeout_read_sec: f64,
+    /// `_limit` of each CSP listing page.
+    #[arg(long, env = "CSP_PAGE_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub csp_page_size: u32,
+    /// Hard cap on pages per CSP listing.
+    #[arg(long, env = "CSP_MAX_PAGES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub csp_max_pages: u32,
+    /// Requests per second toward CSP from this process; 0 = unlimited.
+    #[arg(long, env = "CSP_RATE_LIMIT_RPS", default_value_t = 10.0, value_parser = non_negative)]
+    pub csp_rate_limit_rps: f64,
+    /// Longest `429 Retry-After` one CSP call waits out, seconds; longer ones defer the job.
+    #[arg(long, env = "CSP_RETRY_AFTER_MAX_SEC", default_value_t = 30.0, value_parser = non_negative)]
+    pub csp_retry_after_max_sec: f64,
+    /// Consecutive CSP failures that open the circuit.
+    #[arg(long, env = "CIRCUIT_BREAKER_THRESHOLD", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub circuit_breaker_threshold: u32,
+    /// How long the circuit stays open before one probe, seconds.
+    #[arg(long, env = "CIRCUIT_BREAKER_TIMEOUT_SEC", default_value_t = 60.0, value_parser = non_negative)]
+    pub circuit_breaker_timeout_sec: f64,
+    /// Accounts the mock CSP starts with.
+    #[arg(long, env = "CSP_MOCK_ACCOUNTS", default_value_t = 50)]
+    pub csp_mock_accounts: u32,
+    /// CSP refusals of a delete (4xx other than 404/429) before quarantine.
+    #[arg(long, env = "DELETION_RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub deletion_retry_max_attempts: u32,
+    /// Hours transient delete failures (5xx, timeouts, connection errors, 429) are retried,
+    /// from the first failure, before quarantine (fractions allowed).
+    #[arg(long, env = "DELETION_RETRY_WINDOW_HOURS", default_value_t = 24.0, value_parser = non_negative)]
+    pub deletion_retry_window_hours: f64,
+    /// Seconds a cleanup worker leases a sandbox's deletion before calling CSP.
+    #[arg(long, env = "DELETION_LEASE_SEC", default_value_t = 300.0, value_parser = non_negative)]
+    pub deletion_lease_sec: f64,
+    /// Wait after the first failed delete, seconds; doubles each time.
+    #[arg(long, env = "DELETION_BACKOFF_BASE_SEC", default_value_t = 60.0, value_parser = non_negative)]
+    pub deletion_backoff_base_sec: f64,
+    /// Cap of that wait, seconds.
+    #[arg(long, env = "DELETION_BACKOFF_MAX_SEC", default_value_t = 3600.0, value_parser = non_negative)]
+    pub deletion_backoff_max_sec: f64,
+    /// CSP deletes in flight at once per cleanup run.
+    #[arg(long, env = "CLEANUP_CONCURRENCY", default_value_t = 4, value_parser = at_least_one)]
+    pub cleanup_concurrency: usize,
+    /// Pause after each delete, per concurrency slot, seconds.
+    #[arg(long, env = "CLEANUP_PER_SANDBOX_DELAY_SEC", default_value_t = 0.0, value_parser = non_negative)]
+    pub cleanup_per_sandbox_delay_sec: f64,
+    /// Minutes after `expires_at` before auto-expiry ends an allocation (fractions allowed).
+    #[arg(long, env = "GRACE_PERIOD_MINUTES", default_value_t = 30.0, value_parser = non_negative)]
+    pub grace_period_minutes: f64,
+    /// Hours a sandbox stays stale before it is retired (fractions allowed).
+    #[arg(long, env = "STALE_GRACE_HOURS", default_value_t = 24.0, value_parser = non_negative)]
+    pub stale_grace_hours: f64,
+    /// Rows per view query of the jobs (cleanup, expiry, stale, sync, bulk delete).
+    #[arg(long, env = "JOB_PAGE_SIZE", default_value_t = 100, value_parser = at_least_one)]
+    pub job_page_size: usize,
+    /// Store commands in flight at once in the store-only jobs.
+    #[arg(long, env = "SYNC_CONCURRENCY", default_value_t = 8, value_parser = at_least_one)]
+    pub sync_concurrency: usize,
+    /// Worker: sync every this many seconds.
+    #[arg(long, env = "SYNC_INTERVAL_SEC", default_value_t = 600.0, value_parser = non_negative)]
+    pub sync_interval_sec: f64,
+    /// Worker: cleanup every this many seconds.
+    #[arg(long, env = "CLEANUP_INTERVAL_SEC", default_value_t = 300.0, value_parser = non_negative)]
+    pub cleanup_interval_sec: f64,
+    /// Worker: auto-expiry every this many seconds.
+    #[arg(long, env = "AUTO_EXPIRY_INTERVAL_SEC", default_value_t = 300.0, value_parser = non_negative)]
+    pub auto_expiry_interval_sec: f64,
+    /// Worker: stale removal every this many seconds.
+    #[arg(long, env = "STALE_INTERVAL_SEC", default_value_t = 3600.0, value_parser = non_negative)]
+    pub stale_interval_sec: f64,
+    /// Worker: each wait is the interval ± this fraction (0–1), so instances drift apart.
+    #[arg(long, env = "JOB_INTERVAL_JITTER", default_value_t = 0.1, value_parser = fraction)]
+    pub job_interval_jitter: f64,
+    /// Run the NIOSXaaS pre-delete step.
+    #[arg(long, env = "NIOSXAAS_ENABLED", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub niosxaas_enabled: bool,
+    /// NIOSXaaS: count what would be deleted, delete nothing.
+    #[arg(long, env = "NIOSXAAS_SHADOW_MODE", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub niosxaas_shadow_mode: bool,
+}
 
-impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
-    fn get(&self, name: &str) -> Option<String> {
-        (self.0)(name)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
+impl JobsArgs {
+    /// The auto-expiry grace (`GRACE_PERIOD_MINUTES`).
+    pub fn expiry_grace(&self) -> Result<Duration, ConfigError> {
+        scaled("GRACE_PERIOD_MINUTES", self.grace_period_minutes, 60.0)
     }
 
-    fn parse<T: std::str::FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.get(name) {
-            None => Ok(default),
-            Some(value) => value.parse().map_err(|e: T::Err| ConfigError::Invalid {
-                name,
-                reason: e.to_string(),
-                value,
-            }),
-        }
+    /// The validated configuration; CSP mode `real` when `CSP_MODE` is unset.
+    pub fn config(&self) -> Result<JobsConfig, ConfigError> {
+        let secs = |name, value| scaled(name, value, 1.0);
+        let config = JobsConfig {
+            csp: CspConfig {
+                mode: self.csp_mode.unwrap_or(CspMode::Real),
+                base_url: self.csp_base_url.trim().trim_end_matches('/').to_string(),
+                // An all-blank token is as empty as an unset one.
+                api_token: self
+                    .csp_api_token
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+                connect_timeout: secs("CSP_TIMEOUT_CONNECT_SEC", self.csp_timeout_connect_sec)?,
+                read_timeout: secs("CSP_TIMEOUT_READ_SEC", self.csp_timeout_read_sec)?,
+                page_size: self.csp_page_size,
+                max_pages: self.csp_max_pages,
+                rate_limit_rps: self.csp_rate_limit_rps,
+                retry_after_max: secs("CSP_RETRY_AFTER_MAX_SEC", self.csp_retry_after_max_sec)?,
+                breaker_threshold: self.circuit_breaker_threshold,
+                breaker_open_for: secs(
+                    "CIRCUIT_BREAKER_TIMEOUT_SEC",
+                    self.circuit_breaker_timeout_sec,
+                )?,
+                mock_accounts: self.csp_mock_accounts,
+            },
+            deletion_max_attempts: self.deletion_retry_max_attempts,
+            deletion_retry_window: scaled(
+                "DELETION_RETRY_WINDOW_HOURS",
+                self.deletion_retry_window_hours,
+                3600.0,
+            )?,
+            deletion_lease: secs("DELETION_LEASE_SEC", self.deletion_lease_sec)?,
+            deletion_backoff_base: secs(
+                "DELETION_BACKOFF_BASE_SEC",
+                self.deletion_backoff_base_sec,
+            )?,
+            deletion_backoff_max: secs("DELETION_BACKOFF_MAX_SEC", self.deletion_backoff_max_sec)?,
+            cleanup_concurrency: self.cleanup_concurrency,
+            cleanup_per_sandbox_delay: secs(
+                "CLEANUP_PER_SANDBOX_DELAY_SEC",
+                self.cleanup_per_sandbox_delay_sec,
+            )?,
+            expiry_grace: self.expiry_grace()?,
+            stale_grace: scaled("STALE_GRACE_HOURS", self.stale_grace_hours, 3600.0)?,
+            page_size: self.job_page_size,
+            store_concurrency: self.sync_concurrency,
+            worker: WorkerConfig {
+                sync_interval: secs("SYNC_INTERVAL_SEC", self.sync_interval_sec)?,
+                cleanup_interval: secs("CLEANUP_INTERVAL_SEC", self.cleanup_interval_sec)?,
+                auto_expiry_interval: secs(
+                    "AUTO_EXPIRY_INTERVAL_SEC",
+                    self.auto_expiry_interval_sec,
+                )?,
+                stale_interval: secs("STALE_INTERVAL_SEC", self.stale_interval_sec)?,
+                jitter: self.job_interval_jitter,
+            },
+            niosxaas: NiosxaasConfig {
+                enabled: self.niosxaas_enabled,
+                shadow_mode: self.niosxaas_shadow_mode,
+            },
+        };
+        config.validate()?;
+        Ok(config)
     }
+}
 
-    fn int<T: std::str::FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
-    where
-        T::Err: std::fmt::Display,
-    {
-        self.parse(name, default)
-    }
+/// `units` of `unit_s` seconds as a duration; refuses what `Duration` cannot hold.
+fn scaled(name: &'static str, units: f64, unit_s: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(units * unit_s).map_err(|e| ConfigError::Invalid {
+        name,
+        value: units.to_string(),
+        reason: e.to_string(),
+    })
+}
 
-    fn float(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
-        let value = self.parse(name, default)?;
-        if !value.is_finite() || value < 0.0 {
-            return Err(ConfigError::Invalid {
-                name,
-                value: value.to_string(),
-                reason: "must be a finite, non-negative number".into(),
-            });
-        }
+/// A finite number ≥ 0 (durations, rates).
+fn non_negative(raw: &str) -> Result<f64, String> {
+    let value: f64 = raw.trim().parse().map_err(|e| format!("{e}"))?;
+    if value.is_finite() && value >= 0.0 {
         Ok(value)
+    } else {
+        Err("must be a finite, non-negative number".into())
     }
+}
 
-    /// A duration given in `unit_s`-second units (fractions allowed, e.g. `0.2` seconds).
-    fn scaled(
-        &self,
-        name: &'static str,
-        unit_s: f64,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        if self.get(name).is_none() {
-            return Ok(default);
-        }
-        let units = self.float(name, 0.0)?;
-        Duration::try_from_secs_f64(units * unit_s).map_err(|e| ConfigError::Invalid {
-            name,
-            value: units.to_string(),
-            reason: e.to_string(),
-        })
+/// A fraction between 0 and 1.
+fn fraction(raw: &str) -> Result<f64, String> {
+    let value = non_negative(raw)?;
+    if value <= 1.0 {
+        Ok(value)
+    } else {
+        Err("must be between 0 and 1".into())
     }
+}
 
-    fn secs(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        self.scaled(name, 1.0, default)
-    }
-
-    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(name).map(|v| v.to_ascii_lowercase()) {
-            None => Ok(default),
-            Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
-            Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(false),
-            Some(value) => Err(ConfigError::Invalid {
-                name,
-                value,
-                reason: "expected true or false".into(),
-            }),
-        }
+/// A count of at least 1.
+fn at_least_one(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(value) => Ok(value),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use clap::Parser;
 
-    fn from(pairs: &[(&str, &str)]) -> Result<JobsConfig, ConfigError> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        JobsConfig::from_lookup(|name| map.get(name).cloned())
+    #[derive(Debug, Parser)]
+    struct Probe {
+        #[command(flatten)]
+        jobs: JobsArgs,
     }
 
-    /// With nothing set, every default of the table applies and the CSP is real.
+    /// Parses `flags` (`--name value` pairs) the way the binaries do; any error as text.
+    fn from(flags: &[(&str, &str)]) -> Result<JobsConfig, String> {
+        let mut argv = vec!["probe".to_string()];
+        for (name, value) in flags {
+            argv.push(format!("--{name}={value}"));
+        }
+        let probe = Probe::try_parse_from(argv).map_err(|e| e.to_string())?;
+        probe.jobs.config().map_err(|e| e.to_string())
+    }
+
+    /// With nothing set, every default of the settings table applies and the CSP is real.
     #[test]
-    fn defaults() -> Result<(), ConfigError> {
+    fn defaults() -> Result<(), String> {
         let c = from(&[])?;
         assert_eq!(c.csp.mode, CspMode::Real);
         assert_eq!(c.csp.base_url, "https://csp.infoblox.com/v2");
@@ -456,47 +523,57 @@ mod tests {
         assert_eq!(c.worker.auto_expiry_interval, Duration::from_secs(300));
         assert_eq!(c.worker.stale_interval, Duration::from_secs(3600));
         assert_eq!(c.niosxaas, NiosxaasConfig::default());
+        // The parsed defaults and `JobsConfig::default()` are one set of numbers.
+        assert_eq!(format!("{c:?}"), format!("{:?}", JobsConfig::default()));
         Ok(())
     }
 
-    /// Mock mode needs `CSP_MODE=mock`; an empty token leaves the mode real.
+    /// Mock mode needs `CSP_MODE=mock` (any case; `live` means real); an empty token leaves the
+    /// mode real; other modes are refused.
     #[test]
-    fn mock_only_when_asked() -> Result<(), ConfigError> {
-        assert_eq!(from(&[("CSP_API_TOKEN", "")])?.csp.mode, CspMode::Real);
-        assert_eq!(from(&[("CSP_MODE", "MOCK")])?.csp.mode, CspMode::Mock);
-        assert!(matches!(
-            from(&[("CSP_MODE", "fake")]),
-            Err(ConfigError::Invalid {
-                name: "CSP_MODE",
-                ..
-            })
-        ));
+    fn mock_only_when_asked() -> Result<(), String> {
+        assert_eq!(from(&[("csp-api-token", "")])?.csp.mode, CspMode::Real);
+        assert_eq!(from(&[("csp-mode", "MOCK")])?.csp.mode, CspMode::Mock);
+        assert_eq!(from(&[("csp-mode", "live")])?.csp.mode, CspMode::Real);
+        let refused = from(&[("csp-mode", "fake")]).err().unwrap_or_default();
+        assert!(refused.contains("fake"), "{refused}");
         Ok(())
     }
 
-    /// Values are parsed (fractions of seconds included); garbage and zero limits are refused.
+    /// Values are parsed (fractions included, e.g. a 1.5-minute grace); garbage and zero limits
+    /// are refused with a message naming the setting.
     #[test]
-    fn values_parse_and_validate() -> Result<(), ConfigError> {
+    fn values_parse_and_validate() -> Result<(), String> {
         let c = from(&[
-            ("CSP_TIMEOUT_READ_SEC", "0.2"),
-            ("STALE_GRACE_HOURS", "2"),
-            ("GRACE_PERIOD_MINUTES", "1"),
-            ("CSP_BASE_URL", "http://127.0.0.1:9/v2/"),
-            ("NIOSXAAS_ENABLED", "true"),
-            ("DELETION_RETRY_WINDOW_HOURS", "0.5"),
+            ("csp-timeout-read-sec", "0.2"),
+            ("stale-grace-hours", "2"),
+            ("grace-period-minutes", "1.5"),
+            ("csp-base-url", "http://127.0.0.1:9/v2/"),
+            ("niosxaas-enabled", "true"),
+            ("deletion-retry-window-hours", "0.5"),
         ])?;
         assert_eq!(c.csp.read_timeout, Duration::from_millis(200));
         assert_eq!(c.deletion_retry_window, Duration::from_secs(1800));
         assert_eq!(c.stale_grace, Duration::from_secs(7200));
-        assert_eq!(c.expiry_grace, Duration::from_secs(60));
+        assert_eq!(c.expiry_grace, Duration::from_secs(90));
         assert_eq!(c.csp.base_url, "http://127.0.0.1:9/v2");
         assert!(c.niosxaas.enabled && c.niosxaas.shadow_mode);
-        assert!(from(&[("CSP_PAGE_SIZE", "ten")]).is_err());
-        assert!(from(&[("CSP_PAGE_SIZE", "0")]).is_err());
-        assert!(from(&[("CSP_TIMEOUT_READ_SEC", "-1")]).is_err());
+        for (name, value) in [
+            ("csp-page-size", "ten"),
+            ("csp-page-size", "0"),
+            ("csp-timeout-read-sec", "-1"),
+            ("job-interval-jitter", "1.5"),
+            ("cleanup-concurrency", "0"),
+        ] {
+            let refused = from(&[(name, value)]).err().unwrap_or_default();
+            assert!(
+                refused.contains(&format!("--{name}")),
+                "{name}={value}: {refused}"
+            );
+        }
         assert_eq!(
-            from(&[("NIOSXAAS_ENABLED", "1"), ("NIOSXAAS_SHADOW_MODE", "false")]).err(),
-            Some(ConfigError::NiosxaasLiveUnsupported)
+            from(&[("niosxaas-enabled", "1"), ("niosxaas-shadow-mode", "false")]).err(),
+            Some(ConfigError::NiosxaasLiveUnsupported.to_string())
         );
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! runner (`jobs run …`) and the API's admin endpoints.
 //!
 //! # Layout
-//! - [`config`] — [`JobsConfig`]: every environment setting with its default.
+//! - [`config`] — [`JobsArgs`] (every setting as a clap flag with `env` and its default, shared
+//!   with the API) and the validated [`JobsConfig`].
 //! - [`csp`] — the [`CspApi`] port; [`csp::http`] (reqwest/rustls, paging, timeouts, rate limit,
 //!   `429 Retry-After`), [`csp::breaker`] (circuit breaker), [`csp::mock`] (in-memory CSP).
 //! - [`runner`] — [`Jobs`]: construction, stop signal, run-by-kind, the paged command sweep.
@@ -16,10 +17,12 @@
 //! - [`admin`] — retry a quarantined deletion; bulk delete by explicit status.
 //! - [`niosxaas`] — the NIOSXaaS pre-delete hook point (no-op; follow-up documented there).
 //! - [`summary`] — the serialisable run summaries and [`JobKind`].
+//! - [`log_fields`] — summaries as structured log fields ([`log_summary!`]).
 //! - [`metrics`] — Prometheus series (reference names kept) registered into a caller's registry.
 //! - [`error`] — [`JobError`] and [`InitError`].
-//! - [`worker`] — the jittered loops, graceful shutdown, signal handling.
-//! - [`startup`] — the binary's store wiring, embedded catch-up, one-shot and worker runners.
+//! - [`worker`] — the jittered loops and graceful shutdown.
+//! - [`startup`] — the binary's broker over the shared bootstrap (`runtime`), one-shot and worker
+//!   runners.
 
 pub mod admin;
 pub mod cleanup;
@@ -27,6 +30,7 @@ pub mod config;
 pub mod csp;
 pub mod error;
 pub mod expiry;
+pub mod log_fields;
 pub mod metrics;
 pub mod niosxaas;
 pub mod runner;
@@ -35,7 +39,9 @@ pub mod summary;
 pub mod sync;
 pub mod worker;
 
-pub use config::{ConfigError, CspConfig, CspMode, JobsConfig, NiosxaasConfig, WorkerConfig};
+pub use config::{
+    ConfigError, CspConfig, CspMode, JobsArgs, JobsConfig, NiosxaasConfig, WorkerConfig,
+};
 pub use csp::{build_csp, CircuitState, CspAccount, CspApi, CspError, Deleted, Listing};
 pub use error::{InitError, JobError};
 pub use metrics::{CspMetrics, JobsMetrics};

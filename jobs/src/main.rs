@@ -8,10 +8,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use prometheus::Registry;
+use runtime::{LogArgs, LogFormat, StoreArgs};
 
 use domain::{SharedClock, SystemClock};
-use jobs::startup::{self, StoreArgs};
-use jobs::{JobKind, Jobs, JobsConfig};
+use jobs::startup;
+use jobs::{JobKind, Jobs, JobsArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,9 +23,10 @@ use jobs::{JobKind, Jobs, JobsConfig};
 struct Cli {
     #[command(flatten)]
     store: StoreArgs,
-    /// `json` or `text` logs.
-    #[arg(long, env = "LOG_FORMAT", default_value = "json", global = true)]
-    log_format: String,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    jobs: JobsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,8 +70,8 @@ impl From<OneShot> for JobKind {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    let cli: Cli = runtime::parse_settings();
+    runtime::init_tracing(cli.log.format_or(LogFormat::Json));
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -80,8 +82,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = JobsConfig::from_env().context("jobs configuration")?;
-    let stores = startup::open_stores(&cli.store).await?;
+    let config = cli.jobs.config().context("jobs configuration")?;
+    let stores = runtime::open_stores(&cli.store).await?;
     let clock: SharedClock = Arc::new(SystemClock);
     let broker = startup::broker(&stores, clock.clone(), &config);
     let registry = Registry::new();
@@ -90,37 +92,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker { metrics_addr } => {
             startup::run_worker(
                 Arc::new(jobs),
-                stores,
                 registry,
                 metrics_addr,
-                jobs::worker::shutdown_signal(),
+                runtime::shutdown_signal(),
             )
             .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { job, grace_hours } => {
             let grace = grace_hours.map(|h| chrono::Duration::hours(i64::from(h)));
-            let summary = startup::run_once(&jobs, &stores, job.into(), grace).await?;
+            let summary = startup::run_once(&jobs, job.into(), grace).await?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn init_tracing(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second initialisation is impossible here (main runs once); ignoring the error is safe.
-    let _ = if format.eq_ignore_ascii_case("text") {
-        builder.try_init()
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    };
 }

@@ -190,14 +190,14 @@ impl Jobs {
                     .inc_by(count);
             }
         }
-        let counts = to_json(summary).to_string();
+        let fields = crate::log_fields::SummaryFields::of(summary);
         let duration_ms = duration.as_millis() as u64;
         match error {
             None => {
-                tracing::info!(target: "job", job, outcome, duration_ms, counts = %counts, "job finished")
+                crate::log_summary!(target: "job", tracing::Level::INFO, fields, job, outcome, duration_ms, "job finished")
             }
             Some(e) => {
-                tracing::error!(target: "job", job, outcome, duration_ms, counts = %counts, error = %e, "job failed")
+                crate::log_summary!(target: "job", tracing::Level::ERROR, fields, job, outcome, duration_ms, error = %e, "job failed")
             }
         }
     }

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use domain::adapters::dynamo::{table_definitions_json, DynamoConfig, DynamoStore};
+use clap::{Args, Parser, Subcommand};
+use domain::adapters::dynamo::{table_definitions, table_definitions_json};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, PoolView, ViewStore};
 use prometheus::Registry;
-use tokio::sync::watch;
+use runtime::Stop;
+pub use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
 use crate::dynamo_streams::DynamoStreams;
 use crate::poller::{PollerConfig, StreamPoller};
@@ -34,80 +35,12 @@ pub const EXIT_DRIFT: u8 = 1;
 /// Exit code of any failure.
 pub const EXIT_ERROR: u8 = 2;
 
-/// Which store backs the view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StoreKind {
-    /// One local SQLite file.
-    Embedded,
-    /// DynamoDB (AWS or DynamoDB Local).
-    Dynamodb,
-}
-
-/// Where the events and the view live (the same settings and defaults as the API's).
-#[derive(Debug, Clone, Args)]
-pub struct StoreArgs {
-    /// `embedded` or `dynamodb`.
-    #[arg(
-        long,
-        env = "STORE",
-        value_enum,
-        default_value = "embedded",
-        global = true
-    )]
-    pub store: StoreKind,
-    /// The embedded store's file.
-    #[arg(
-        long,
-        env = "EMBEDDED_PATH",
-        default_value = "data/broker.db",
-        global = true
-    )]
-    pub embedded_path: PathBuf,
-    /// Table-name prefix: `{prefix}-events|pool|stats|checkpoints`.
-    #[arg(
-        long,
-        env = "TABLE_PREFIX",
-        default_value = "sandbox-broker",
-        global = true
-    )]
-    pub table_prefix: String,
-    /// DynamoDB endpoint (DynamoDB Local); unset = AWS.
-    #[arg(long, env = "DDB_ENDPOINT_URL", global = true)]
-    pub ddb_endpoint_url: Option<String>,
-    /// AWS region (else the standard chain; `us-east-1` with a local endpoint).
-    #[arg(long, env = "AWS_REGION", global = true)]
-    pub aws_region: Option<String>,
-    /// Stats shard count; must match the API's.
-    #[arg(long, env = "STATS_SHARDS", default_value_t = 8, global = true)]
-    pub stats_shards: u32,
-    /// Retries per DynamoDB call after the first attempt.
-    #[arg(long, env = "DDB_MAX_RETRIES", default_value_t = 6, global = true)]
-    pub max_retries: u32,
-}
-
-impl StoreArgs {
-    /// The DynamoDB settings for tables named `{prefix}-…`.
-    pub fn dynamo_config(&self, prefix: &str) -> DynamoConfig {
-        DynamoConfig {
-            table_prefix: prefix.to_string(),
-            endpoint_url: self.ddb_endpoint_url.clone(),
-            region: self.aws_region.clone(),
-            stats_shards: self.stats_shards,
-            max_retries: self.max_retries,
-        }
-    }
-
-    /// Connects to the DynamoDB tables named `{prefix}-…`.
-    pub async fn dynamo(&self, prefix: &str) -> anyhow::Result<DynamoStore> {
-        DynamoStore::connect(self.dynamo_config(prefix))
-            .await
-            .with_context(|| format!("connecting to DynamoDB tables {prefix}-*"))
-    }
-
-    /// Opens the embedded store at `path`.
-    pub fn embedded(&self, path: &Path) -> anyhow::Result<EmbeddedStore> {
-        EmbeddedStore::open(path, self.stats_shards)
-            .with_context(|| format!("opening {}", path.display()))
+/// The exit code a verify report calls for: success when clean, [`EXIT_DRIFT`] otherwise.
+pub fn verify_exit_code(report: &DriftReport) -> ExitCode {
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DRIFT)
     }
 }
 
@@ -122,6 +55,9 @@ pub struct Cli {
     /// Store settings (environment or flags; accepted after the subcommand too).
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -167,9 +103,6 @@ pub struct PollArgs {
     /// Event streams of one batch applied concurrently (each stream stays in order).
     #[arg(long, env = "POLL_APPLY_CONCURRENCY", default_value_t = 16)]
     pub apply_concurrency: usize,
-    /// Create missing tables first (DynamoDB Local and dev).
-    #[arg(long, env = "ENSURE_TABLES", default_value_t = false)]
-    pub ensure_tables: bool,
 }
 
 impl PollArgs {
@@ -255,53 +188,6 @@ pub struct CaptureArgs {
     pub max: usize,
 }
 
-/// Sets up logging: JSON lines (fields flattened, as the CloudWatch metric filters expect) when
-/// `LOG_FORMAT=json` or `json` is true, else compact text; level from `RUST_LOG` (default info).
-/// Logs go to stderr, so command output on stdout stays machine-readable.
-pub fn init_tracing(json: bool) {
-    let json = json || std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    // A second initialisation (tests) fails harmlessly; keep the first.
-    let _ = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    } else {
-        builder.compact().try_init()
-    };
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
-}
-
 /// Runs a parsed command line; `shutdown` stops `poll`. Returns the process exit code.
 pub async fn run(
     cli: Cli,
@@ -328,8 +214,8 @@ async fn dispatch(
             if json {
                 println!("{definitions}");
             } else {
-                for suffix in ["events", "pool", "stats", "checkpoints"] {
-                    println!("{}-{suffix}", store.table_prefix);
+                for def in table_definitions(&store.table_prefix) {
+                    println!("{}", def.table_name);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -370,11 +256,7 @@ async fn dispatch(
                 report = verify_live(&store, &args).await?;
                 print_report(&report, args.json)?;
             }
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_DRIFT)
-            })
+            Ok(verify_exit_code(&report))
         }
         Command::Capture(args) => {
             capture(&store, &args).await?;
@@ -394,46 +276,29 @@ async fn poll(
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", args.metrics_addr))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which only happens after it sent `true`.
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let server = tokio::spawn(crate::serve::serve_metrics(
-        listener,
-        registry,
-        stopped(stop_rx.clone()),
-    ));
+    let stop = Stop::new();
+    stop.stop_on(shutdown);
+    let server = tokio::spawn(runtime::serve_metrics(listener, registry, stop.stopped()));
     tracing::info!(target: "projector", metrics_addr = %args.metrics_addr, store = ?store.store, "projector poll starting");
-    match store.store {
-        StoreKind::Dynamodb => {
-            let dynamo = store.dynamo(&store.table_prefix).await?;
-            if args.ensure_tables {
-                dynamo.ensure_tables().await.context("creating tables")?;
-            }
+    let stores = runtime::open_stores(store).await?;
+    let projector = Projector::new(stores.events.clone(), stores.view.clone(), metrics);
+    match (stores.dynamo, stores.embedded) {
+        (Some(dynamo), _) => {
             let streams = DynamoStreams::for_store(&dynamo)
                 .await
                 .context("finding the events table's stream")?;
             tracing::info!(target: "projector", stream_arn = %streams.stream_arn(), "polling DynamoDB stream");
-            let projector = Projector::new(Arc::new(dynamo.clone()), Arc::new(dynamo), metrics);
             StreamPoller::new(streams, projector, args.poller_config())
-                .run(stopped(stop_rx))
+                .run(stop.stopped())
                 .await;
         }
-        StoreKind::Embedded => {
-            let embedded = store.embedded(&store.embedded_path)?;
-            let projector = Projector::new(
-                Arc::new(embedded.clone()),
-                Arc::new(embedded.clone()),
-                metrics,
-            );
-            crate::embedded::run(projector, embedded, stopped(stop_rx)).await;
+        (None, Some(embedded)) => {
+            crate::embedded::run(projector, embedded, stop.stopped()).await;
         }
+        (None, None) => bail!("the store opened neither adapter"),
     }
+    // The source stopped on its own (or on the signal): close the metrics server too.
+    stop.stop();
     match server.await {
         Ok(result) => result.context("metrics server")?,
         Err(e) => bail!("metrics server task: {e}"),
@@ -570,7 +435,9 @@ pub async fn verify_live(store: &StoreArgs, args: &VerifyArgs) -> anyhow::Result
     Ok(report)
 }
 
-fn print_report(report: &DriftReport, json: bool) -> anyhow::Result<()> {
+/// Prints a verify report on stdout: pretty JSON, or one `DRIFT` line per difference and a
+/// summary line (shared by `projector verify` and `broker-audit verify`).
+pub fn print_report(report: &DriftReport, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());

@@ -25,9 +25,9 @@
 //!   `DriftReport` comparing a replay with the live view).
 //! - [`repair`] — `verify --repair`: fixes every difference a drift report lists (rows behind
 //!   their stream, corrupted rows, counters) through version-conditioned writes.
-//! - [`serve`] — the tiny `/metrics` HTTP server of `projector poll`.
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
-//!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it.
+//!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
+//!   settings, logs, signals and the `/metrics` server come from the shared `runtime` crate.
 
 pub mod batch;
 pub mod cli;
@@ -38,7 +38,6 @@ pub mod metrics;
 pub mod poller;
 pub mod rebuild;
 pub mod repair;
-pub mod serve;
 
 use std::sync::Arc;
 

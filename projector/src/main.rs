@@ -3,11 +3,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use projector::cli::{init_tracing, run, shutdown_signal, Cli};
+use projector::cli::{run, Cli, LogFormat};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing(false);
-    run(Cli::parse(), shutdown_signal()).await
+    let cli: Cli = runtime::parse_settings();
+    runtime::init_tracing(cli.log.format_or(LogFormat::Text));
+    run(cli, runtime::shutdown_signal()).await
 }

@@ -80,7 +80,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.seed_demo_pool = false;
     config.run_jobs = Some(false);
     config.run_projector = Some(true);
-    config.log_format = "text".into();
+    config.log.log_format = Some(runtime::LogFormat::Text);
     config.rate_limit_rps = options.rate_limit.0;
     config.rate_limit_burst = options.rate_limit.1;
     // Tests that want the per-address limit of unauthenticated requests set it in `configure`.
@@ -88,16 +88,16 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.unauth_rate_limit_burst = 100_000.0;
     match options.backend {
         Backend::Embedded => {
-            config.store = StoreKind::Embedded;
-            config.embedded_path = std::env::temp_dir()
+            config.store.store = StoreKind::Embedded;
+            config.store.embedded_path = std::env::temp_dir()
                 .join(format!("broker-test-{}", uuid::Uuid::new_v4()))
                 .join("broker.db");
         }
         Backend::Dynamo => {
-            config.store = StoreKind::Dynamodb;
-            config.ddb_endpoint_url = Some(crate::ddb_local::endpoint().await);
-            config.table_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-            config.ensure_tables = true;
+            config.store.store = StoreKind::Dynamodb;
+            config.store.ddb_endpoint_url = Some(crate::ddb_local::endpoint().await);
+            config.store.table_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+            config.store.ensure_tables = Some(true);
         }
     }
     (options.configure)(&mut config);

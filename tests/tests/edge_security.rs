@@ -202,10 +202,10 @@ async fn readyz_leaks_nothing() {
     let mut options = AppOptions::new(Backend::Embedded);
     let configured = endpoint.clone();
     options.configure = Box::new(move |c| {
-        c.store = command_api::config::StoreKind::Dynamodb;
-        c.ddb_endpoint_url = Some(configured);
-        c.aws_region = Some("us-east-1".into());
-        c.ddb_max_retries = 0;
+        c.store.store = command_api::config::StoreKind::Dynamodb;
+        c.store.ddb_endpoint_url = Some(configured);
+        c.store.aws_region = Some("us-east-1".into());
+        c.store.ddb_max_retries = 0;
         c.run_projector = Some(false);
     });
     let app = spawn_app_with(options).await;

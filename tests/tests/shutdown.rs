@@ -28,7 +28,7 @@ async fn shutdown_answers_every_request_in_flight_and_loses_nothing() {
     let mut options = AppOptions::new(Backend::Embedded);
     let db = path.clone();
     options.configure = Box::new(move |config| {
-        config.embedded_path = db;
+        config.store.embedded_path = db;
         // One allocation at a time: the 100 requests queue inside the service, so a fast
         // machine cannot answer them all before the stop begins.
         config.allocate_concurrency = 1;

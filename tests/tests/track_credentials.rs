@@ -235,7 +235,7 @@ async fn credentials_file_is_loaded_and_checked() {
     let mut config = command_api::config::Config::defaults();
     config.api_token = Some(tests::app::TRACK_TOKEN.into());
     config.admin_token = Some(tests::app::ADMIN_TOKEN.into());
-    config.embedded_path = dir.join("broker.db");
+    config.store.embedded_path = dir.join("broker.db");
     config.track_credentials_file = Some(weak);
     let started = command_api::startup::build_with(
         &config,

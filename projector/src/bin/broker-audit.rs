@@ -1,6 +1,6 @@
 //! `broker-audit`: the auditor's command line, against either store (`STORE=embedded` with
 //! `EMBEDDED_PATH`, or `STORE=dynamodb` with `TABLE_PREFIX`, `DDB_ENDPOINT_URL`, `AWS_REGION`;
-//! the same settings as the projector's, see `projector::cli::StoreArgs`).
+//! the same settings as every binary's, see `runtime::StoreArgs`).
 //!
 //! | command | what |
 //! |---|---|
@@ -22,12 +22,11 @@ use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilte
 use domain::model::events::format_time;
 use domain::store::EventStore;
 use domain::SandboxStatus;
-use projector::cli::{init_tracing, verify_live, ReplayArgs, StoreArgs, StoreKind, VerifyArgs};
+use projector::cli::{
+    print_report, verify_exit_code, verify_live, ReplayArgs, VerifyArgs, EXIT_ERROR,
+};
+use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
-/// Exit code of `verify` on drift.
-const EXIT_DRIFT: u8 = 1;
-/// Exit code of any failure.
-const EXIT_ERROR: u8 = 2;
 /// How often export prints progress on stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -42,6 +41,9 @@ struct Cli {
     /// Store settings (environment or flags; accepted after the subcommand too).
     #[command(flatten)]
     store: StoreArgs,
+    /// Log settings.
+    #[command(flatten)]
+    log: LogArgs,
     /// What to do.
     #[command(subcommand)]
     command: Command,
@@ -117,8 +119,8 @@ fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing(false);
-    let cli = Cli::parse();
+    let cli: Cli = runtime::parse_settings();
+    runtime::init_tracing(cli.log.format_or(LogFormat::Text));
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -165,25 +167,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for difference in &report.differences {
-                    println!("DRIFT {difference}");
-                }
-                println!(
-                    "verify: {} events replayed; {} live rows, {} expected; {} difference(s)",
-                    report.rebuild.events_read,
-                    report.live_rows,
-                    report.expected_rows,
-                    report.differences.len()
-                );
-            }
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_DRIFT)
-            })
+            print_report(&report, args.json)?;
+            Ok(verify_exit_code(&report))
         }
     }
 }

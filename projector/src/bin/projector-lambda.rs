@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use projector::cli::{init_tracing, StoreArgs};
+use projector::cli::{LogFormat, StoreArgs};
 use projector::{Projector, ProjectorMetrics};
 
 /// The function's settings (environment only in practice; flags work for local runs).
@@ -23,8 +23,8 @@ struct LambdaConfig {
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     // JSON lines always: CloudWatch metric filters read $.target, $.message and $.lag_ms.
-    init_tracing(true);
-    let config = LambdaConfig::parse();
+    runtime::init_tracing(LogFormat::Json);
+    let config: LambdaConfig = runtime::parse_settings();
     let store = config.store.dynamo(&config.store.table_prefix).await?;
     // Lambda has no scrape endpoint: the lag reaches CloudWatch through the per-batch log line.
     let projector = Projector::new(

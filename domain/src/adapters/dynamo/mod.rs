@@ -57,7 +57,9 @@ pub use items::{
     envelope_from_item, envelope_from_json_image, envelope_to_item, row_from_item, row_to_item,
     time_bucket, Item,
 };
-pub use tables::{table_definitions, table_definitions_json, GsiDef, KeyAttribute, TableDef};
+pub use tables::{
+    table_definitions, table_definitions_json, table_name, GsiDef, KeyAttribute, TableDef,
+};
 
 use items::{
     cursor_from_key, event_attr, key_from_cursor, key_n, key_of, key_s, pool_attr, KeyShape,
@@ -303,10 +305,10 @@ impl DynamoStore {
         Self {
             client: Client::from_conf(client_config),
             sdk_config,
-            events: format!("{prefix}-{}", tables::EVENTS),
-            pool: format!("{prefix}-{}", tables::POOL),
-            stats: format!("{prefix}-{}", tables::STATS),
-            checkpoints: format!("{prefix}-{}", tables::CHECKPOINTS),
+            events: tables::table_name(prefix, tables::EVENTS),
+            pool: tables::table_name(prefix, tables::POOL),
+            stats: tables::table_name(prefix, tables::STATS),
+            checkpoints: tables::table_name(prefix, tables::CHECKPOINTS),
             table_prefix: prefix.clone(),
             stats_shards: config.stats_shards.max(1),
             max_retries: config.max_retries,

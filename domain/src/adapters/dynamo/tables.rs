@@ -95,11 +95,22 @@ fn gsi(name: &str, hash: (&str, &str), range: (&str, &str)) -> GsiDef {
     }
 }
 
+/// The full name of table `suffix` under `prefix`: `{prefix}-{suffix}`, joined once, so a prefix
+/// given with its own separator (`acc-`) still names `acc-events`, not `acc--events`.
+pub fn table_name(prefix: &str, suffix: &str) -> String {
+    let prefix = prefix.trim_end_matches('-');
+    if prefix.is_empty() {
+        suffix.to_string()
+    } else {
+        format!("{prefix}-{suffix}")
+    }
+}
+
 /// The broker's tables for `prefix`, sorted by `name_suffix`, each one's indexes sorted by name.
 pub fn table_definitions(prefix: &str) -> Vec<TableDef> {
     let table = |suffix: &str, hash: KeyAttribute, range, stream: Option<&str>, gsis| TableDef {
         name_suffix: suffix.to_string(),
-        table_name: format!("{prefix}-{suffix}"),
+        table_name: table_name(prefix, suffix),
         hash_key: hash,
         range_key: range,
         stream: stream.map(str::to_string),
@@ -171,6 +182,17 @@ pub fn table_definitions_json(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prefix with or without its own trailing dash names the same tables.
+    #[test]
+    fn prefix_and_name_are_joined_once() {
+        assert_eq!(table_name("acc-", EVENTS), "acc-events");
+        assert_eq!(table_name("acc", EVENTS), "acc-events");
+        assert_eq!(
+            table_definitions("acc-")[0].table_name,
+            table_definitions("acc")[0].table_name
+        );
+    }
 
     /// The definitions match the terraform drift-check file (when present), and are sorted.
     #[test]
