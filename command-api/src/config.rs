@@ -114,6 +114,12 @@ pub struct Config {
     /// Allocation requests worked on at once per instance; the rest queue in order.
     #[arg(long, env = "ALLOCATE_CONCURRENCY", default_value_t = 64)]
     pub allocate_concurrency: usize,
+    /// Live event streams (`/v1/admin/events/stream`) open at once per instance.
+    #[arg(long, env = "SSE_MAX_SUBSCRIBERS", default_value_t = 64)]
+    pub sse_max_subscribers: usize,
+    /// Seconds a live event stream stays open before the server ends it (the client resumes).
+    #[arg(long, env = "SSE_MAX_LIFETIME_SEC", default_value_t = 3600)]
+    pub sse_max_lifetime_sec: u64,
     /// Re-project a sandbox's view row at once when a command finds it behind its stream.
     #[arg(long, env = "READ_REPAIR", default_value_t = true, action = clap::ArgAction::Set)]
     pub read_repair: bool,

@@ -200,6 +200,17 @@ impl ApiError {
         e
     }
 
+    /// 503 OVERLOADED: every live-stream slot of this instance is taken (`SSE_MAX_SUBSCRIBERS`).
+    pub fn too_many_streams(max: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "OVERLOADED",
+            format!("{max} live streams are already open on this instance; retry later"),
+        );
+        e.retry_after = Some(5);
+        e
+    }
+
     /// 503 SERVICE_UNAVAILABLE.
     pub fn unavailable(cause: impl Into<String>) -> Self {
         let mut e = Self::new(

@@ -112,6 +112,10 @@ pub async fn build_with(
         embedded.as_ref(),
         dynamo.as_ref(),
         clock.clone(),
+        crate::routes::events::LiveLimits {
+            max_subscribers: config.sse_max_subscribers.max(1),
+            max_lifetime: Duration::from_secs(config.sse_max_lifetime_sec.max(1)),
+        },
         stop.stopped(),
     )?;
     tasks.push(feed_tail);

@@ -114,6 +114,28 @@ pub struct EventsFeed {
     feed: Arc<dyn EventFeed>,
     live: broadcast::Sender<Arc<LiveEvent>>,
     closing: Arc<watch::Sender<bool>>,
+    /// One permit per open stream (`SSE_MAX_SUBSCRIBERS`).
+    subscribers: Arc<tokio::sync::Semaphore>,
+    limits: LiveLimits,
+}
+
+/// Bounds on the live streams of one instance.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveLimits {
+    /// Open streams at once; one more is answered 503 with `Retry-After` (`SSE_MAX_SUBSCRIBERS`).
+    pub max_subscribers: usize,
+    /// A stream ends after this long; the client reconnects with its `Last-Event-ID` and loses
+    /// nothing (`SSE_MAX_LIFETIME_SEC`).
+    pub max_lifetime: Duration,
+}
+
+impl Default for LiveLimits {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 64,
+            max_lifetime: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl std::fmt::Debug for EventsFeed {
@@ -127,12 +149,19 @@ impl std::fmt::Debug for EventsFeed {
 impl EventsFeed {
     /// A feed over `feed` (the tail is started by [`start_live_feed`]).
     pub fn new(feed: Arc<dyn EventFeed>) -> Self {
+        Self::with_limits(feed, LiveLimits::default())
+    }
+
+    /// A feed over `feed` with explicit stream limits.
+    pub fn with_limits(feed: Arc<dyn EventFeed>, limits: LiveLimits) -> Self {
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
         let (closing, _) = watch::channel(false);
         Self {
             feed,
             live,
             closing: Arc::new(closing),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(limits.max_subscribers.max(1))),
+            limits,
         }
     }
 
@@ -163,6 +192,7 @@ pub fn start_live_feed(
     embedded: Option<&EmbeddedStore>,
     dynamo: Option<&DynamoStore>,
     clock: SharedClock,
+    limits: LiveLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(EventsFeed, JoinHandle<()>)> {
     let feed: Arc<dyn EventFeed> = match (embedded, dynamo) {
@@ -170,7 +200,7 @@ pub fn start_live_feed(
         (None, Some(store)) => Arc::new(store.clone()),
         (None, None) => anyhow::bail!("the live feed needs the embedded or the DynamoDB store"),
     };
-    let events = EventsFeed::new(feed);
+    let events = EventsFeed::with_limits(feed, limits);
     let task = tokio::spawn(run_tail(events.clone(), clock, shutdown));
     Ok((events, task))
 }
@@ -515,9 +545,23 @@ pub async fn stream_events(
             }
         }
     };
+    let Ok(permit) = Arc::clone(&state.feed.subscribers).try_acquire_owned() else {
+        return Err(ApiError::too_many_streams(
+            state.feed.limits.max_subscribers,
+        ));
+    };
+    // A resume point before the first event would make a store that reads the history bucket by
+    // bucket (DynamoDB: one query per hour) walk every empty hour back to it: start just before
+    // the first event instead, which replays exactly the same events.
+    let resume = match resume {
+        Some(position) => Some(clamp_to_history(&state, position).await?),
+        None => None,
+    };
     // Subscribe before reading the replay, so nothing recorded in between is lost; what both
     // deliver is sent once (see `Session::next`).
     let session = Session {
+        _permit: permit,
+        ends_at: tokio::time::Instant::now() + state.feed.limits.max_lifetime,
         feed: Arc::clone(state.feed.feed()),
         clock: state.broker.clock().clone(),
         live: state.feed.live.subscribe(),
@@ -533,8 +577,35 @@ pub async fn stream_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat")))
 }
 
+/// `position`, or a position just before the first event when it lies before all history (or the
+/// store is empty: then a minute before now).
+async fn clamp_to_history(state: &SharedState, position: String) -> Result<String, ApiError> {
+    let Some(at) = position_time(&position) else {
+        return Ok(position);
+    };
+    let first = state
+        .feed
+        .feed()
+        .first_event_time()
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let floor = match first {
+        Some(first) => first - chrono::Duration::milliseconds(1),
+        None => state.broker.clock().now() - chrono::Duration::minutes(1),
+    };
+    Ok(if at < floor {
+        format_time(&floor)
+    } else {
+        position
+    })
+}
+
 /// One client's stream: replay (when resuming or after falling behind), then live.
 struct Session {
+    /// Held while the stream is open (the subscriber cap).
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The stream ends here; the client reconnects with its `Last-Event-ID`.
+    ends_at: tokio::time::Instant,
     feed: Arc<dyn EventFeed>,
     clock: SharedClock,
     live: broadcast::Receiver<Arc<LiveEvent>>,
@@ -552,7 +623,7 @@ struct Session {
 impl Session {
     async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
         loop {
-            if *self.closing.borrow() {
+            if *self.closing.borrow() || tokio::time::Instant::now() >= self.ends_at {
                 return None;
             }
             if let Some(item) = self.pending.pop_front() {
@@ -603,6 +674,7 @@ impl Session {
                         return None;
                     }
                 }
+                _ = tokio::time::sleep_until(self.ends_at) => return None,
             }
         }
     }
