@@ -18,7 +18,6 @@
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
-//! - [`store_metrics`] — `broker_store_requests_total`: DynamoDB requests by operation and table.
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 
 pub mod auth;
@@ -32,7 +31,6 @@ pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod state;
-pub mod store_metrics;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -181,7 +181,7 @@ pub async fn build_with(
     }
 
     let store_requests = match &dynamo {
-        Some(store) => Some(crate::store_metrics::StoreRequestMetrics::new(
+        Some(store) => Some(runtime::StoreRequestMetrics::new(
             &registry,
             store.request_counts(),
         )?),

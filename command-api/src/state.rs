@@ -47,7 +47,7 @@ pub struct AppState {
     /// The versioned API's base path (e.g. `/v1`).
     pub base_path: String,
     /// DynamoDB requests sent by this process (`None` on the embedded store).
-    pub store_requests: Option<crate::store_metrics::StoreRequestMetrics>,
+    pub store_requests: Option<runtime::StoreRequestMetrics>,
     /// The audit feed and its live broadcast (`routes::events`).
     pub feed: crate::routes::events::EventsFeed,
 }

@@ -87,6 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let clock: SharedClock = Arc::new(SystemClock);
     let broker = startup::broker(&stores, clock.clone(), &config);
     let registry = Registry::new();
+    runtime::StoreRequestMetrics::for_stores(&registry, &stores).context("store metrics")?;
     let jobs = Jobs::from_config(broker, config, clock, &registry).context("jobs")?;
     match cli.command {
         Command::Worker { metrics_addr } => {

@@ -278,9 +278,14 @@ async fn poll(
         .with_context(|| format!("binding METRICS_ADDR {}", args.metrics_addr))?;
     let stop = Stop::new();
     stop.stop_on(shutdown);
-    let server = tokio::spawn(runtime::serve_metrics(listener, registry, stop.stopped()));
+    let server = tokio::spawn(runtime::serve_metrics(
+        listener,
+        registry.clone(),
+        stop.stopped(),
+    ));
     tracing::info!(target: "projector", metrics_addr = %args.metrics_addr, store = ?store.store, "projector poll starting");
     let stores = runtime::open_stores(store).await?;
+    runtime::StoreRequestMetrics::for_stores(&registry, &stores).context("store metrics")?;
     let projector = Projector::new(stores.events.clone(), stores.view.clone(), metrics);
     match (stores.dynamo, stores.embedded) {
         (Some(dynamo), _) => {

@@ -44,6 +44,23 @@ async fn idle_instance_sends_no_requests_and_the_tail_runs_only_for_subscribers(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The same counts are on /metrics, by operation and table/index.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("broker_store_requests_total{op=\"Query\",target=\"by-time\"}")),
+        "no by-time query count in /metrics"
+    );
+
     drop(stream);
     // The server notices the closed connection when it next writes (an event or a heartbeat);
     // wait for the receiver to go away, then for one quiet window.

@@ -111,9 +111,6 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
 /// Prometheus text exposition. Pool gauges are refreshed from the stats shards (O(1)).
 #[utoipa::path(get, path = "/metrics", tag = "Observability", responses((status = 200, description = "Prometheus text", body = String)))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    if let Some(requests) = &state.store_requests {
-        requests.sync();
-    }
     if let Ok(stats) = state.broker.view().stats().await {
         for status in SandboxStatus::ALL {
             state

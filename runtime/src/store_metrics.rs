@@ -1,11 +1,17 @@
 //! `broker_store_requests_total{op,target}`: every request the DynamoDB adapter sent (retries
 //! included), so the store cost of an allocation, a job run or an idle minute is a number read
-//! off `/metrics`. The adapter counts; this module copies the counts into Prometheus at scrape.
+//! off `/metrics` — in every process that serves one (API, `jobs worker`, `projector poll`).
+//! The adapter counts; the collector copies the counts into the series whenever the registry is
+//! gathered, so no process has to remember to refresh it.
 
 use std::sync::Arc;
 
 use domain::adapters::dynamo::RequestCounts;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, Opts, Registry};
+
+use crate::store::Stores;
 
 /// The store-request series of one process.
 #[derive(Clone, Debug)]
@@ -24,12 +30,25 @@ impl StoreRequestMetrics {
             ),
             &["op", "target"],
         )?;
-        registry.register(Box::new(counter.clone()))?;
-        Ok(Self { counter, source })
+        let metrics = Self { counter, source };
+        registry.register(Box::new(metrics.clone()))?;
+        Ok(metrics)
     }
 
-    /// Brings the series up to the adapter's counts (called before each scrape). Only this
-    /// function writes the series, so each one's value is the count last copied.
+    /// Registers the series when `stores` is DynamoDB (`None` for the embedded store).
+    pub fn for_stores(
+        registry: &Registry,
+        stores: &Stores,
+    ) -> Result<Option<Self>, prometheus::Error> {
+        stores
+            .dynamo
+            .as_ref()
+            .map(|store| Self::new(registry, store.request_counts()))
+            .transpose()
+    }
+
+    /// Brings the series up to the adapter's counts. Only this function writes the series, so
+    /// each one's value is the count last copied.
     pub fn sync(&self) {
         for (op, target, count) in self.source.snapshot() {
             let series = self
@@ -45,5 +64,16 @@ impl StoreRequestMetrics {
     /// All requests so far.
     pub fn total(&self) -> u64 {
         self.source.total()
+    }
+}
+
+impl Collector for StoreRequestMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.counter.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.sync();
+        self.counter.collect()
     }
 }
