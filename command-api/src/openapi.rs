@@ -133,6 +133,26 @@ mod tests {
         }
     }
 
+    /// The audit feed's `type` filter accepts exactly the domain's event types.
+    #[test]
+    fn event_type_filter_lists_every_event_type() {
+        let doc = serde_json::to_value(
+            ApiDoc::openapi().merge_from(crate::routes::events::EventsApi::openapi()),
+        )
+        .unwrap_or_default();
+        let params = doc["paths"]["/v1/admin/events"]["get"]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let pattern = params
+            .iter()
+            .find(|p| p["name"] == "type")
+            .map(|p| p["schema"]["pattern"].clone())
+            .unwrap_or_default();
+        let expected = format!("^({})$", domain::model::events::EVENT_TYPES.join("|"));
+        assert_eq!(pattern, serde_json::Value::String(expected), "{params:?}");
+    }
+
     /// The track operations state the id constraints the server enforces (length, no control
     /// characters), so schema-valid requests are not rejected as malformed.
     #[test]

@@ -58,24 +58,6 @@ const REPLAY_DEDUP_WINDOW_MS: i64 = 60_000;
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 500;
 
-/// Every event type the broker records (the `type` filter accepts exactly these).
-pub const EVENT_TYPES: [&str; 14] = [
-    "SandboxRegistered",
-    "SandboxAllocated",
-    "DeletionRequested",
-    "AllocationExpired",
-    "SandboxMarkedStale",
-    "SandboxRestored",
-    "DeletionAttemptFailed",
-    "DeletionFailed",
-    "DeletionRetried",
-    "SandboxDeleted",
-    "SandboxRetired",
-    "ClaimGranted",
-    "ClaimReleased",
-    "ListingRecorded",
-];
-
 /// One event as the live stream sends it: its feed key (the SSE `id`) and its JSON (the `data`),
 /// serialised once for every subscriber.
 #[derive(Debug)]
@@ -440,7 +422,7 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
     params(
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
         ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min"),
-        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionRetried|SandboxDeleted|SandboxRetired|ClaimGranted|ClaimReleased|ListingRecorded)$", description = "Only this event type"),
+        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|ClaimGranted|ClaimReleased|ListingRecorded)$", description = "Only this event type"),
         ("caller" = Option<String>, Query, description = "Only events whose actor is track:<caller> or whose payload names the caller"),
         ("sandbox_id" = Option<String>, Query, description = "Only this sandbox's events (its stream and the claim events naming it)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
@@ -477,7 +459,7 @@ pub async fn list_events(
     let limit = limit_param(q.get("limit"))?;
     let event_type = match q.get("type").map(|t| t.trim()) {
         None | Some("") => None,
-        Some(t) if EVENT_TYPES.contains(&t) => Some(t.to_string()),
+        Some(t) if domain::model::events::EVENT_TYPES.contains(&t) => Some(t.to_string()),
         Some(_) => return Err(ApiError::validation("query", "type", "unknown event type")),
     };
     let mut query = range_params(&q)?;
@@ -517,6 +499,7 @@ pub async fn list_events(
         (status = 413, description = "Request body too large", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 500, description = "Unexpected error (the cause is logged with the request id)", body = ErrorBody),
+        (status = 503, description = "OVERLOADED: SSE_MAX_SUBSCRIBERS streams are open (retry after `Retry-After`), or the store is unavailable", body = ErrorBody),
     )
 )]
 pub async fn stream_events(

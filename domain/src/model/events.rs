@@ -197,6 +197,27 @@ domain_event!(SandboxEvent);
 domain_event!(ClaimEvent);
 domain_event!(SyncEvent);
 
+/// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
+/// [`ClaimEvent`] and [`SyncEvent`]): what audit filters and schemas accept. A unit test keeps it
+/// equal to the enums.
+pub const EVENT_TYPES: [&str; 15] = [
+    "SandboxRegistered",
+    "SandboxAllocated",
+    "DeletionRequested",
+    "AllocationExpired",
+    "SandboxMarkedStale",
+    "SandboxRestored",
+    "DeletionAttemptFailed",
+    "DeletionFailed",
+    "DeletionLeased",
+    "DeletionRetried",
+    "SandboxDeleted",
+    "SandboxRetired",
+    "ClaimGranted",
+    "ClaimReleased",
+    "ListingRecorded",
+];
+
 /// Any decoded event, by the kind of stream it belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BrokerEvent {
@@ -464,5 +485,35 @@ mod tests {
     fn actors_render() {
         assert_eq!(Actor::Admin.to_string(), "admin");
         assert_eq!(Actor::Job("sync").to_string(), "job:sync");
+    }
+
+    /// `EVENT_TYPES` lists exactly the variants of the three event enums, in declaration order
+    /// (read from this file, so a new variant without a list entry fails here).
+    #[test]
+    fn event_types_list_every_variant() {
+        let source = include_str!("events.rs");
+        let mut variants = Vec::new();
+        for name in ["SandboxEvent", "ClaimEvent", "SyncEvent"] {
+            let start = source
+                .find(&format!("pub enum {name} {{"))
+                .unwrap_or_else(|| panic!("enum {name} not found"));
+            let body = &source[start..];
+            let end = body.find("\n}").unwrap_or(body.len());
+            for line in body[..end].lines().skip(1) {
+                let Some(rest) = line.strip_prefix("    ") else {
+                    continue;
+                };
+                let ident: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric())
+                    .collect();
+                if ident.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                    && !rest.starts_with(' ')
+                {
+                    variants.push(ident);
+                }
+            }
+        }
+        assert_eq!(variants, EVENT_TYPES);
     }
 }
