@@ -67,7 +67,9 @@ use items::{
     POOL_KEY,
 };
 pub use retry::RequestCounts;
-use retry::{classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
+use retry::{
+    cancellation_failure, classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES,
+};
 
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
 pub const DEFAULT_STATS_SHARDS: u32 = 8;
@@ -1360,16 +1362,8 @@ impl ViewStore for DynamoStore {
                         return Err(conflict());
                     }
                     let codes: Vec<&str> = reasons.iter().filter_map(|r| r.code()).collect();
-                    if codes
-                        .iter()
-                        .any(|c| TRANSIENT_CANCELLATION_CODES.contains(c))
-                        || codes.iter().all(|c| *c == "None")
-                    {
-                        retry
-                            .after(Failure::Transient(format!(
-                                "transaction cancelled: {codes:?}"
-                            )))
-                            .await?;
+                    if let Some(failure) = cancellation_failure(&codes) {
+                        retry.after(failure).await?;
                         continue;
                     }
                     return Err(refused(format!("transaction cancelled: {codes:?}")));

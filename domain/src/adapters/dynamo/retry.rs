@@ -44,6 +44,17 @@ pub(crate) const TRANSIENT_CANCELLATION_CODES: &[&str] = &[
     "InternalServerError",
 ];
 
+/// What a cancelled view-write transaction with these reason codes means when no condition
+/// failed: worth retrying whole (a transient reason, or no reason at all — every item `None`,
+/// as a lock timeout is reported), or refused for good (`None`: the caller reports the codes).
+pub(crate) fn cancellation_failure(codes: &[&str]) -> Option<Failure> {
+    let transient = codes
+        .iter()
+        .any(|c| TRANSIENT_CANCELLATION_CODES.contains(c))
+        || codes.iter().all(|c| *c == "None");
+    transient.then(|| Failure::Transient(format!("transaction cancelled: {codes:?}")))
+}
+
 /// What one failed attempt means.
 #[derive(Debug)]
 pub(crate) enum Failure {

@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, Put, TransactWriteItem, Update};
 
 use super::items::{pool_attr, row_from_item, row_to_item, Item};
-use super::retry::{classify, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
+use super::retry::{cancellation_failure, classify, Failure, Retry};
 use super::{
     build_error, n, names, non_empty, refused, s, tables, DynamoStore, BATCH_GET_KEYS,
     CONDITIONAL_CHECK_FAILED,
@@ -169,16 +169,8 @@ impl DynamoStore {
                         });
                     }
                     let codes: Vec<&str> = reasons.iter().filter_map(|r| r.code()).collect();
-                    if codes
-                        .iter()
-                        .any(|c| TRANSIENT_CANCELLATION_CODES.contains(c))
-                        || codes.iter().all(|c| *c == "None")
-                    {
-                        retry
-                            .after(Failure::Transient(format!(
-                                "transaction cancelled: {codes:?}"
-                            )))
-                            .await?;
+                    if let Some(failure) = cancellation_failure(&codes) {
+                        retry.after(failure).await?;
                         continue;
                     }
                     return Err(refused(format!("transaction cancelled: {codes:?}")));
