@@ -20,7 +20,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
@@ -29,7 +28,7 @@ use crate::model::events::{format_time, BrokerEvent, EventEnvelope, SandboxEvent
 use crate::model::ids::{sandbox_id_of, sandbox_stream};
 use crate::model::projection::{project, PoolRow, PoolStats};
 use crate::model::sandbox::Sandbox;
-use crate::store::{decode_cursor, encode_cursor, EventStore, StoreError};
+use crate::store::{decode_cursor, decode_stored, encode_cursor, EventStore, StoreError};
 
 /// How far past the reader's "now" the default upper bound of a feed read lies: absorbs clock
 /// skew between the writers that stamp `occurred_at` and the reader.
@@ -48,87 +47,7 @@ pub const MAX_STORE_CALLS_PER_PAGE: usize = 8;
 /// Longest position accepted from a client (a feed key is 61 bytes).
 const MAX_POSITION_LEN: usize = 128;
 
-/// Which events a feed read returns. Every condition given must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FeedFilter {
-    /// Only this event type (e.g. `SandboxAllocated`).
-    pub event_type: Option<String>,
-    /// Only events whose actor is `track:<caller>` or whose payload's `caller` is this caller.
-    pub caller: Option<String>,
-    /// Only events of this sandbox's stream, or whose payload's `sandbox_id` is this sandbox
-    /// (its claim events).
-    pub sandbox_id: Option<String>,
-}
-
-impl FeedFilter {
-    /// True when the filter has no condition.
-    pub fn is_empty(&self) -> bool {
-        self.event_type.is_none() && self.caller.is_none() && self.sandbox_id.is_none()
-    }
-
-    /// Whether `event` passes. Adapters may push the filter into the store, but must return a
-    /// superset of what passes; the audit functions re-apply this exact predicate.
-    pub fn matches(&self, event: &EventEnvelope) -> bool {
-        let payload_names = |field: &str, value: &str| {
-            event.payload.get(field).and_then(|v| v.as_str()) == Some(value)
-        };
-        if let Some(t) = &self.event_type {
-            if event.event_type != *t {
-                return false;
-            }
-        }
-        if let Some(caller) = &self.caller {
-            let by_actor = event
-                .actor
-                .strip_prefix("track:")
-                .is_some_and(|c| c == caller);
-            if !by_actor && !payload_names("caller", caller) {
-                return false;
-            }
-        }
-        if let Some(id) = &self.sandbox_id {
-            if sandbox_id_of(&event.stream_id) != Some(id.as_str())
-                && !payload_names("sandbox_id", id)
-            {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-/// One read of the feed: the events with `after < key` and `occurred_at < until`, in key order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FeedQuery {
-    /// A position (see the module docs); only keys strictly greater follow.
-    pub after: String,
-    /// Exclusive upper bound on `occurred_at`.
-    pub until: DateTime<Utc>,
-    /// Conditions on the events.
-    pub filter: FeedFilter,
-}
-
-/// A page of the feed.
-#[derive(Debug, Clone, Default)]
-pub struct FeedPage {
-    /// Matching events in key order.
-    pub events: Vec<EventEnvelope>,
-    /// The position to continue after (the last key examined, which may belong to an event the
-    /// filter dropped, or an hour boundary); `None` when the range is exhausted.
-    pub next: Option<String>,
-}
-
-/// The time-ordered feed over every event (a port beside [`EventStore`]).
-#[async_trait]
-pub trait EventFeed: Send + Sync + 'static {
-    /// At most `limit` events of `query`, in key order. May return fewer (a per-call budget of
-    /// store reads was spent) with `next` set; `next: None` means nothing further is in range.
-    async fn feed(&self, query: &FeedQuery, limit: usize) -> Result<FeedPage, StoreError>;
-
-    /// `occurred_at` of the earliest event, `None` for an empty store: where an unbounded read
-    /// starts.
-    async fn first_event_time(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
-}
+pub use crate::store::feed::{EventFeed, FeedFilter, FeedPage, FeedQuery};
 
 /// The feed key of an event: `{occurred_at}#{event_id}` (the DynamoDB `occurred_key`).
 pub fn feed_key(event: &EventEnvelope) -> String {
@@ -324,7 +243,7 @@ pub struct SandboxAt {
 pub fn sandbox_at(events: &[EventEnvelope], at: DateTime<Utc>) -> Result<SandboxAt, StoreError> {
     let mut state = SandboxAt::default();
     for envelope in events.iter().take_while(|e| e.occurred_at <= at) {
-        if let BrokerEvent::Sandbox(event) = decode(envelope)? {
+        if let BrokerEvent::Sandbox(event) = decode_stored(envelope)? {
             state.sandbox.fold(&event);
         }
         state.events_applied += 1;
@@ -336,12 +255,6 @@ pub fn sandbox_at(events: &[EventEnvelope], at: DateTime<Utc>) -> Result<Sandbox
         .clone()
         .filter(|_| state.sandbox.status == Some(crate::SandboxStatus::Allocated));
     Ok(state)
-}
-
-fn decode(envelope: &EventEnvelope) -> Result<BrokerEvent, StoreError> {
-    envelope.decode().map_err(|e| {
-        StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version))
-    })
 }
 
 /// One allocation a caller held, from the history.
@@ -409,7 +322,7 @@ pub async fn caller_allocations(
                 expires_at,
                 ..
             }),
-        ) = (sandbox_id_of(&envelope.stream_id), decode(envelope)?)
+        ) = (sandbox_id_of(&envelope.stream_id), decode_stored(envelope)?)
         else {
             continue;
         };
@@ -462,7 +375,7 @@ async fn allocation_end(
         .load_after(&sandbox_stream(sandbox_id), version)
         .await?
     {
-        match decode(&envelope)? {
+        match decode_stored(&envelope)? {
             BrokerEvent::Sandbox(SandboxEvent::DeletionRequested { requested_at, .. }) => {
                 return Ok(Some((requested_at, "deletion_requested")))
             }
@@ -549,7 +462,7 @@ async fn replay_segment(
                 stopped.insert(sandbox_id.to_string());
                 continue;
             }
-            let BrokerEvent::Sandbox(event) = decode(envelope)? else {
+            let BrokerEvent::Sandbox(event) = decode_stored(envelope)? else {
                 continue;
             };
             let row = part.rows.remove(sandbox_id);
@@ -649,6 +562,8 @@ impl FeedTail {
 
 #[cfg(test)]
 mod tests {
+    use async_trait::async_trait;
+
     use super::*;
     use crate::model::events::{Actor, ClaimEvent, CommandMeta};
     use std::sync::Mutex;

@@ -22,8 +22,8 @@ use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::PoolRow;
 use crate::model::sandbox::{Sandbox, SandboxCommand};
 use crate::store::{
-    repair_row, CandidateQuery, EventStore, ListFilter, PoolView, RepairOutcome, StoreError,
-    ViewStore,
+    decode_stored, repair_row, CandidateQuery, EventStore, ListFilter, PoolView, RepairOutcome,
+    StoreError, ViewStore,
 };
 
 /// Tunables of the command side (each one is a documented environment setting of the API).
@@ -448,7 +448,7 @@ impl Broker {
         let events = self.events.load(&sandbox_stream(sandbox_id)).await?;
         let mut sandbox = Sandbox::default();
         for envelope in &events {
-            if let BrokerEvent::Sandbox(event) = decode(envelope)? {
+            if let BrokerEvent::Sandbox(event) = decode_stored(envelope)? {
                 sandbox.fold(&event);
             }
         }
@@ -458,7 +458,7 @@ impl Broker {
     async fn load_claim(&self, stream_id: &str) -> Result<Claim, BrokerError> {
         let mut claim = Claim::default();
         for envelope in self.events.load(stream_id).await? {
-            if let BrokerEvent::Claim(event) = decode(&envelope)? {
+            if let BrokerEvent::Claim(event) = decode_stored(&envelope)? {
                 claim.fold(&event);
             }
         }
@@ -785,12 +785,6 @@ impl Broker {
         }
         Ok(events)
     }
-}
-
-fn decode(envelope: &EventEnvelope) -> Result<BrokerEvent, StoreError> {
-    envelope.decode().map_err(|e| {
-        StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version))
-    })
 }
 
 /// Wraps decided events as envelopes at the versions following `current_version`.

@@ -76,6 +76,7 @@ conformance!(
     large_stream_loads_completely,
     envelope_is_preserved_exactly,
     oversized_and_malformed_batches_are_refused,
+    empty_stream_id_is_refused,
     scan_visits_every_event_once,
     write_row_is_conditional,
     stats_sum_over_shards,
@@ -334,6 +335,22 @@ async fn oversized_and_malformed_batches_are_refused(p: Ports) -> TestResult {
     let hundred: Vec<_> = (1..=100).map(|v| event(s, v)).collect();
     p.events.append(hundred).await?;
     assert_eq!(p.events.load(s).await?.len(), 100);
+    Ok(())
+}
+
+/// An empty stream id is InvalidAppend on every store (DynamoDB cannot key it; the embedded
+/// store once took it), alone or inside a batch, and the batch's other stream stays untouched.
+async fn empty_stream_id_is_refused(p: Ports) -> TestResult {
+    assert!(matches!(
+        p.events.append(vec![event("", 1)]).await,
+        Err(StoreError::InvalidAppend(_))
+    ));
+    let other = "sandbox#beside-empty";
+    assert!(matches!(
+        p.events.append(vec![event(other, 1), event("", 1)]).await,
+        Err(StoreError::InvalidAppend(_))
+    ));
+    assert_eq!(p.events.load(other).await?, vec![]);
     Ok(())
 }
 

@@ -1,7 +1,17 @@
 //! Storage ports. The model never sees an adapter: commands talk to an [`EventStore`], reads go
-//! through a [`PoolView`], and only the projector writes through a [`ViewStore`].
+//! through a [`PoolView`], and only the projector writes through a [`ViewStore`]; auditors and
+//! the live stream read the time-ordered [`EventFeed`].
+//!
+//! # Layout
+//! - this module — the ports, [`StoreError`], the projector's `apply_event`, cursors;
+//! - `append` — the batch rules every adapter checks before writing ([`validate_append`]);
+//! - `feed` — the [`EventFeed`] port and its query types;
+//! - `batch` — the projector's batch planning into view chunks;
+//! - `repair` — re-projecting one row from its stream.
 
+pub mod append;
 pub mod batch;
+pub mod feed;
 
 use std::collections::HashMap;
 
@@ -11,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::model::events::EventEnvelope;
+use crate::model::events::{BrokerEvent, EventEnvelope};
 use crate::model::ids::sandbox_id_of;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
@@ -19,7 +29,17 @@ use batch::{BatchLimits, ViewChunk};
 
 pub mod repair;
 
+pub use append::validate_append;
+pub use feed::{EventFeed, FeedFilter, FeedPage, FeedQuery};
 pub use repair::{repair_row, RepairOutcome};
+
+/// A stored event decoded into the model; an envelope the model cannot read is
+/// [`StoreError::Corrupt`] naming its stream and version (the one rule for every reader).
+pub fn decode_stored(envelope: &EventEnvelope) -> Result<BrokerEvent, StoreError> {
+    envelope.decode().map_err(|e| {
+        StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version))
+    })
+}
 
 /// DynamoDB's limit on items in one `TransactWriteItems`; the embedded store enforces the same.
 pub const MAX_TRANSACTION_ITEMS: usize = 100;

@@ -56,11 +56,13 @@ pub(crate) mod pool_attr {
     pub const UPDATED_AT: &str = "updated_at";
 }
 
-fn s(value: impl Into<String>) -> AttributeValue {
+/// A string attribute.
+pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }
 
-fn n(value: impl ToString) -> AttributeValue {
+/// A number attribute.
+pub(crate) fn n(value: impl ToString) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 

@@ -2,6 +2,18 @@
 //! serialised for the terraform drift check (`terraform/tables.expected.json`), so the code and
 //! the deployed tables cannot disagree silently.
 
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement,
+    KeyType as SdkKeyType, Projection, ProjectionType, ScalarAttributeType, StreamSpecification,
+    StreamViewType, TableStatus,
+};
+
+use super::retry::classify;
+use super::{build_error, refused, retry, DynamoStore, TABLE_ACTIVE_TIMEOUT};
+use crate::store::StoreError;
+
 use serde::{Deserialize, Serialize};
 
 use super::items::{event_attr, pool_attr};
@@ -177,6 +189,133 @@ pub fn table_definitions(prefix: &str) -> Vec<TableDef> {
 pub fn table_definitions_json(prefix: &str) -> String {
     // Serialising plain strings, tuples, options and vectors cannot fail.
     serde_json::to_string(&table_definitions(prefix)).unwrap_or_default()
+}
+
+impl DynamoStore {
+    /// Creates every missing table (on-demand billing) and waits until all of them and their
+    /// indexes are ACTIVE. Idempotent: an existing table (`ResourceInUseException`) is fine.
+    pub async fn ensure_tables(&self) -> Result<(), StoreError> {
+        let defs = table_definitions(&self.table_prefix);
+        for def in &defs {
+            self.create_table(def).await?;
+        }
+        let deadline = Instant::now() + TABLE_ACTIVE_TIMEOUT;
+        for def in &defs {
+            self.wait_active(&def.table_name, deadline).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_table(&self, def: &TableDef) -> Result<(), StoreError> {
+        let scalar = |kind: &str| {
+            if kind == "N" {
+                ScalarAttributeType::N
+            } else {
+                ScalarAttributeType::S
+            }
+        };
+        let key_element = |name: &str, key_type: SdkKeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(key_type)
+                .build()
+                .map_err(build_error)
+        };
+        let attributes = def
+            .key_attributes()
+            .iter()
+            .map(|(name, kind)| {
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(scalar(kind))
+                    .build()
+                    .map_err(build_error)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut key_schema = vec![key_element(&def.hash_key.0, SdkKeyType::Hash)?];
+        if let Some((range, _)) = &def.range_key {
+            key_schema.push(key_element(range, SdkKeyType::Range)?);
+        }
+        let gsis = def
+            .gsis
+            .iter()
+            .map(|gsi| {
+                GlobalSecondaryIndex::builder()
+                    .index_name(&gsi.name)
+                    .key_schema(key_element(&gsi.hash_key.0, SdkKeyType::Hash)?)
+                    .key_schema(key_element(&gsi.range_key.0, SdkKeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(build_error)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stream = def
+            .stream
+            .as_ref()
+            .map(|view| {
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::from(view.as_str()))
+                    .build()
+                    .map_err(build_error)
+            })
+            .transpose()?;
+        let mut retry = self.retry("CreateTable");
+        loop {
+            let result = self
+                .client
+                .create_table()
+                .table_name(&def.table_name)
+                .billing_mode(BillingMode::PayPerRequest)
+                .set_attribute_definitions(Some(attributes.clone()))
+                .set_key_schema(Some(key_schema.clone()))
+                .set_global_secondary_indexes(non_empty_vec(gsis.clone()))
+                .set_stream_specification(stream.clone())
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(()),
+                // Another process created it first (or it existed): what we wanted.
+                Err(err) if retry::error_code(&err) == Some("ResourceInUseException") => {
+                    return Ok(())
+                }
+                Err(err) => retry.after(classify(&err, refused)).await?,
+            }
+        }
+    }
+
+    async fn wait_active(&self, table: &str, deadline: Instant) -> Result<(), StoreError> {
+        loop {
+            let out = self
+                .call("DescribeTable", refused, || {
+                    self.client.describe_table().table_name(table).send()
+                })
+                .await?;
+            let ready = out.table().is_some_and(|t| {
+                t.table_status() == Some(&TableStatus::Active)
+                    && t.global_secondary_indexes()
+                        .iter()
+                        .all(|i| i.index_status() == Some(&IndexStatus::Active))
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "table {table} is not ACTIVE after {TABLE_ACTIVE_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn non_empty_vec<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{KeysAndAttributes, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem, Update};
 
 use super::items::{pool_attr, row_from_item, row_to_item, Item};
 use super::retry::{cancellation_failure, classify, Failure, Retry};
@@ -16,9 +16,21 @@ use super::{
     CONDITIONAL_CHECK_FAILED,
 };
 use crate::model::lifecycle::SandboxStatus;
-use crate::model::projection::PoolRow;
+use crate::model::projection::{PoolRow, StatsDelta};
 use crate::store::batch::ViewChunk;
 use crate::store::StoreError;
+
+/// A view row put with its version condition, before it becomes a `Put` or a `PutItem`.
+pub(super) struct ConditionalRowPut {
+    /// The row as an item.
+    pub(super) item: Item,
+    /// `attribute_not_exists(#id)` for a new row, `#v = :expected` otherwise.
+    pub(super) condition: &'static str,
+    /// The condition's attribute names.
+    pub(super) names: HashMap<String, String>,
+    /// The condition's values (none for a new row).
+    pub(super) values: HashMap<String, AttributeValue>,
+}
 
 impl DynamoStore {
     /// Rows of `sandbox_ids` with strongly consistent `BatchGetItem`s of up to 100 keys,
@@ -84,51 +96,10 @@ impl DynamoStore {
     pub(super) async fn transact_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
         let mut items = Vec::with_capacity(chunk.items(self.stats_shards));
         for change in &chunk.rows {
-            let (condition, names, values) = match change.expected_version {
-                None => (
-                    "attribute_not_exists(#id)",
-                    names(&[("#id", pool_attr::SANDBOX_ID)]),
-                    HashMap::new(),
-                ),
-                Some(v) => (
-                    "#v = :expected",
-                    names(&[("#v", pool_attr::VERSION)]),
-                    HashMap::from([(":expected".to_string(), n(v))]),
-                ),
-            };
-            let put = Put::builder()
-                .table_name(&self.pool)
-                .set_item(Some(row_to_item(&change.row)))
-                .condition_expression(condition)
-                .set_expression_attribute_names(Some(names))
-                .set_expression_attribute_values(non_empty(values))
-                .build()
-                .map_err(build_error)?;
-            items.push(TransactWriteItem::builder().put(put).build());
+            items.push(self.row_put(change.expected_version, &change.row)?);
         }
-        let rows = items.len();
         for (shard, delta) in chunk.stats_by_shard(self.stats_shards) {
-            let mut adds = Vec::new();
-            let mut update_names = HashMap::new();
-            let mut update_values = HashMap::new();
-            for status in SandboxStatus::ALL {
-                let d = delta.0[status.index()];
-                if d != 0 {
-                    let i = status.index();
-                    adds.push(format!("#c{i} :d{i}"));
-                    update_names.insert(format!("#c{i}"), status.as_str().to_string());
-                    update_values.insert(format!(":d{i}"), n(d));
-                }
-            }
-            let update = Update::builder()
-                .table_name(&self.stats)
-                .key(tables::STATS_KEY, s(format!("stats#{shard}")))
-                .update_expression(format!("ADD {}", adds.join(", ")))
-                .set_expression_attribute_names(Some(update_names))
-                .set_expression_attribute_values(Some(update_values))
-                .build()
-                .map_err(build_error)?;
-            items.push(TransactWriteItem::builder().update(update).build());
+            items.push(self.stats_add(shard, &delta)?);
         }
         if let Some(checkpoint) = &chunk.checkpoint {
             let put = Put::builder()
@@ -142,7 +113,103 @@ impl DynamoStore {
         if items.is_empty() {
             return Ok(());
         }
-        let mut retry = Retry::new("TransactWriteItems(view chunk)", self.max_retries);
+        let conditioned: Vec<&str> = chunk
+            .rows
+            .iter()
+            .map(|change| change.row.sandbox_id.as_str())
+            .collect();
+        self.transact_view("TransactWriteItems(view chunk)", items, &conditioned)
+            .await
+    }
+
+    /// The put of one view row, conditioned on the version the projector read it at (absent for
+    /// a first event): two projectors racing on one row cannot both apply an event.
+    pub(super) fn row_put(
+        &self,
+        expected_version: Option<u64>,
+        row: &PoolRow,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let put = self.row_put_request(expected_version, row);
+        let put = Put::builder()
+            .table_name(&self.pool)
+            .set_item(Some(put.item))
+            .condition_expression(put.condition)
+            .set_expression_attribute_names(Some(put.names))
+            .set_expression_attribute_values(non_empty(put.values))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// The parts of a version-conditioned row put, shared by the transactional put and the
+    /// plain `PutItem` used when there are no stats to move.
+    pub(super) fn row_put_request(
+        &self,
+        expected_version: Option<u64>,
+        row: &PoolRow,
+    ) -> ConditionalRowPut {
+        let (condition, names, values) = match expected_version {
+            None => (
+                "attribute_not_exists(#id)",
+                names(&[("#id", pool_attr::SANDBOX_ID)]),
+                HashMap::new(),
+            ),
+            Some(v) => (
+                "#v = :expected",
+                names(&[("#v", pool_attr::VERSION)]),
+                HashMap::from([(":expected".to_string(), n(v))]),
+            ),
+        };
+        ConditionalRowPut {
+            item: row_to_item(row),
+            condition,
+            names,
+            values,
+        }
+    }
+
+    /// One `ADD` of summed per-status deltas to stats shard `shard`.
+    pub(super) fn stats_add(
+        &self,
+        shard: u32,
+        delta: &StatsDelta,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let mut adds = Vec::new();
+        let mut update_names = HashMap::new();
+        let mut update_values = HashMap::new();
+        for status in SandboxStatus::ALL {
+            let d = delta.0[status.index()];
+            if d != 0 {
+                let i = status.index();
+                adds.push(format!("#c{i} :d{i}"));
+                update_names.insert(format!("#c{i}"), status.as_str().to_string());
+                update_values.insert(format!(":d{i}"), n(d));
+            }
+        }
+        let update = Update::builder()
+            .table_name(&self.stats)
+            .key(tables::STATS_KEY, s(format!("stats#{shard}")))
+            .update_expression(format!("ADD {}", adds.join(", ")))
+            .set_expression_attribute_names(Some(update_names))
+            .set_expression_attribute_values(Some(update_values))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// Sends one view transaction until it commits, the budget is spent or it cannot succeed.
+    /// `items` starts with one version-conditioned row put per entry of `conditioned` (the
+    /// sandbox ids, in order); only those carry conditions, so a `ConditionalCheckFailed` among
+    /// them is another projector having moved that row ([`StoreError::VersionConflict`] naming
+    /// it) and is never retried. Transaction conflicts and throttling are (the whole transaction
+    /// is re-sent, which is safe because nothing of a cancelled transaction was written).
+    pub(super) async fn transact_view(
+        &self,
+        what: &'static str,
+        items: Vec<TransactWriteItem>,
+        conditioned: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut retry = self.retry(what);
         loop {
             let result = self
                 .client
@@ -158,14 +225,13 @@ impl DynamoStore {
                 if let TransactWriteItemsError::TransactionCanceledException(cancelled) = ctx.err()
                 {
                     let reasons = cancelled.cancellation_reasons();
-                    // Only row puts carry conditions; name the first row whose condition failed.
                     if let Some(i) = reasons
                         .iter()
-                        .take(rows)
+                        .take(conditioned.len())
                         .position(|r| r.code() == Some(CONDITIONAL_CHECK_FAILED))
                     {
                         return Err(StoreError::VersionConflict {
-                            stream_id: chunk.rows[i].row.sandbox_id.clone(),
+                            stream_id: conditioned[i].to_string(),
                         });
                     }
                     let codes: Vec<&str> = reasons.iter().filter_map(|r| r.code()).collect();

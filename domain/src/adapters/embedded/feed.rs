@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::OptionalExtension;
 
-use super::{db_err, event_from_row, EmbeddedStore, EVENT_COLUMNS};
+use super::event_store::{event_from_row, EVENT_COLUMNS};
+use super::{db_err, EmbeddedStore};
 use crate::audit::{feed_key, EventFeed, FeedPage, FeedQuery};
 use crate::model::events::format_time;
 use crate::model::ids::SANDBOX_STREAM_PREFIX;
