@@ -14,9 +14,14 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
-//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`.
+//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`, `events` (the
+//!   audit endpoints), `dashboard`.
+//! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
+//!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
+//! - [`readiness`] — the cached store check of `/readyz`.
+//! - [`state`] — `AppState`, what every handler shares (imports no route module).
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 
@@ -25,9 +30,11 @@ pub mod config;
 pub mod credentials;
 pub mod edge;
 pub mod error;
+pub mod live_feed;
 pub mod metrics;
 pub mod openapi;
 pub mod rate_limit;
+pub mod readiness;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use domain::adapters::embedded::EmbeddedStore;
-use domain::store::PoolView;
+use domain::store::{EventFeed, PoolView};
 use domain::{Broker, BrokerConfig, SharedClock};
 use projector::{Projector, ProjectorMetrics};
 use prometheus::Registry;
@@ -108,16 +108,20 @@ pub async fn build_with(
 
     let stop = Stop::new();
     let mut tasks = Vec::new();
-    let (feed, feed_tail) = crate::routes::events::start_live_feed(
-        embedded.as_ref(),
-        dynamo.as_ref(),
+    let event_feed: Arc<dyn EventFeed> = match (&embedded, &dynamo) {
+        (Some(store), _) => Arc::new(store.clone()),
+        (None, Some(store)) => Arc::new(store.clone()),
+        (None, None) => bail!("the live feed needs the embedded or the DynamoDB store"),
+    };
+    let (feed, feed_tail) = crate::live_feed::start_live_feed(
+        event_feed,
         clock.clone(),
-        crate::routes::events::LiveLimits {
+        crate::live_feed::LiveLimits {
             max_subscribers: config.sse_max_subscribers.max(1),
             max_lifetime: Duration::from_secs(config.sse_max_lifetime_sec.max(1)),
         },
         stop.stopped(),
-    )?;
+    );
     tasks.push(feed_tail);
 
     let projector_metrics = if config.runs_projector() {
@@ -207,7 +211,7 @@ pub async fn build_with(
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             config.max_concurrent_requests.max(1),
         )),
-        readiness: crate::routes::ops::ReadinessCache::new(Duration::from_millis(
+        readiness: crate::readiness::ReadinessCache::new(Duration::from_millis(
             config.ready_cache_ms,
         )),
         credentials,

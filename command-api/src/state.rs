@@ -31,7 +31,7 @@ pub struct AppState {
     /// Requests handled at once; the edge sheds the rest with 503.
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The last `/readyz` store check, reused for a short while.
-    pub readiness: crate::routes::ops::ReadinessCache,
+    pub readiness: crate::readiness::ReadinessCache,
     /// Per-track credentials.
     pub credentials: TrackCredentials,
     /// Whether the shared track token is accepted.
@@ -48,8 +48,8 @@ pub struct AppState {
     pub base_path: String,
     /// DynamoDB requests sent by this process (`None` on the embedded store).
     pub store_requests: Option<runtime::StoreRequestMetrics>,
-    /// The audit feed and its live broadcast (`routes::events`).
-    pub feed: crate::routes::events::EventsFeed,
+    /// The audit feed and its live broadcast.
+    pub feed: crate::live_feed::EventsFeed,
 }
 
 /// The state handle handlers receive.

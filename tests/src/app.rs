@@ -10,6 +10,9 @@ use command_api::startup::{self, Service};
 use command_api::state::SharedState;
 use domain::model::sandbox::SandboxCommand;
 use domain::{Actor, CommandMeta, ManualClock, PoolStats};
+use reqwest::header::HeaderMap;
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 /// Track token of test apps.
@@ -261,6 +264,11 @@ impl TestApp {
             .bearer_auth(ADMIN_TOKEN)
     }
 
+    /// GET `path` with the admin token, read whole (see [`Sent::sent_json`]).
+    pub async fn get_json(&self, path: &str) -> JsonReply {
+        self.admin(reqwest::Method::GET, path).sent_json().await
+    }
+
     /// Stops the server (draining) and the background tasks.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -276,3 +284,37 @@ impl TestApp {
 }
 
 use futures::StreamExt;
+
+/// A reply read whole: status, headers, and the body as JSON (`Null` when empty or not JSON).
+pub type JsonReply = (StatusCode, HeaderMap, Value);
+
+/// Sending a request from a test. A request that cannot be sent at all (connection refused,
+/// timeout) fails the test with the transport error; every HTTP status is returned for the test
+/// to assert on.
+pub trait Sent {
+    /// Sends the request.
+    fn sent(self) -> impl std::future::Future<Output = Response> + Send;
+    /// Sends the request and reads the reply whole.
+    fn sent_json(self) -> impl std::future::Future<Output = JsonReply> + Send;
+}
+
+impl Sent for RequestBuilder {
+    async fn sent(self) -> Response {
+        match self.send().await {
+            Ok(response) => response,
+            Err(e) => panic!("sending the request failed: {e}"),
+        }
+    }
+
+    async fn sent_json(self) -> JsonReply {
+        read_json(self.sent().await).await
+    }
+}
+
+/// Reads a reply whole (see [`JsonReply`]).
+pub async fn read_json(response: Response) -> JsonReply {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}

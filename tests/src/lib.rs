@@ -6,9 +6,12 @@
 //!   port once per test process, or uses `DDB_ENDPOINT_URL`; unique table prefixes per test.
 //! - [`history`] — replays the whole event history and checks the allocation invariants.
 //! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
+//! - [`tee_events`] — `TeeEvents`: an event store that keeps a private candidate view current, so
+//!   workloads never wait for the projector under test.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
 
 pub mod app;
 pub mod ddb_local;
 pub mod fake_csp;
 pub mod history;
+pub mod tee_events;

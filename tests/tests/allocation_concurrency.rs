@@ -21,7 +21,7 @@ use domain::{
 };
 use futures::StreamExt;
 use reqwest::StatusCode;
-use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, TestApp};
+use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, Sent, TestApp};
 use tests::history::{all_events, AllocationAudit};
 
 /// Outcome of one allocate request: caller, status, sandbox id (201/200 only).
@@ -33,7 +33,7 @@ async fn burst(app: &TestApp, callers: &[String], concurrency: usize) -> Vec<Ans
         .map(|caller| {
             let req = app.allocate(&caller).header("X-Sandbox-Name-Prefix", "lab");
             async move {
-                let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+                let resp = req.sent().await;
                 let status = resp.status();
                 let body: serde_json::Value = resp.json().await.unwrap_or_default();
                 assert!(
@@ -247,7 +247,7 @@ fn meta() -> CommandMeta {
 /// claim and allocates afresh; it never returns 200 with a sandbox that is no longer the caller's.
 #[tokio::test]
 async fn replay_never_returns_an_ended_allocation() {
-    let store = Arc::new(EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}")));
+    let store = Arc::new(EmbeddedStore::open_in_memory(4).expect("in-memory embedded store"));
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let view: Arc<dyn PoolView> = store.clone();
     let direct = Arc::new(Broker::new(
@@ -271,10 +271,10 @@ async fn replay_never_returns_an_ended_allocation() {
                 &meta(),
             )
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .expect("append the registration");
         repair_row(store.as_ref(), store.as_ref(), &id)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .expect("project the registration");
     }
     let interleaving = Arc::new(EndsAllocationBeforeSandboxRead {
         inner: store.clone(),
@@ -291,14 +291,14 @@ async fn replay_never_returns_an_ended_allocation() {
     let first = broker
         .allocate(&request, &meta())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("first allocation");
     assert!(!first.replayed);
 
     interleaving.armed.store(true, Ordering::SeqCst);
     let second = broker
         .allocate(&request, &meta())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("second allocation");
     assert!(
         !interleaving.armed.load(Ordering::SeqCst),
         "the interleaving was not forced"
@@ -306,7 +306,7 @@ async fn replay_never_returns_an_ended_allocation() {
     let ended = direct
         .load_sandbox(&first.sandbox.sandbox_id)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("load the sandbox")
         .sandbox;
     assert_eq!(ended.status, Some(SandboxStatus::PendingDeletion));
     assert!(

@@ -3,14 +3,9 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, ADMIN_TOKEN, TRACK_TOKEN};
-
-async fn json(resp: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-    (status, headers, body)
-}
+use tests::app::{
+    read_json, spawn_app, spawn_app_with, AppOptions, Backend, Sent, ADMIN_TOKEN, TRACK_TOKEN,
+};
 
 fn code(body: &Value) -> &str {
     body["detail"]["code"].as_str().unwrap_or("")
@@ -46,14 +41,11 @@ fn assert_envelope(
 async fn allocate_replay_and_caller_scoped_idempotency() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 5).await;
-    let (s1, _, b1) = json(
-        app.allocate("stu-1")
-            .header("Idempotency-Key", "k")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s1, _, b1) = app
+        .allocate("stu-1")
+        .header("Idempotency-Key", "k")
+        .sent_json()
+        .await;
     assert_eq!(s1, StatusCode::CREATED, "{b1}");
     for field in [
         "sandbox_id",
@@ -68,24 +60,18 @@ async fn allocate_replay_and_caller_scoped_idempotency() {
     let lab_secs =
         b1["expires_at"].as_i64().unwrap_or(0) - b1["allocated_at"].as_i64().unwrap_or(0);
     assert_eq!(lab_secs, 48 * 3600, "one lab duration drives expires_at");
-    let (s2, _, b2) = json(
-        app.allocate("stu-1")
-            .header("Idempotency-Key", "k")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s2, _, b2) = app
+        .allocate("stu-1")
+        .header("Idempotency-Key", "k")
+        .sent_json()
+        .await;
     assert_eq!(s2, StatusCode::OK);
     assert_eq!(b1, b2, "a replay returns the same body");
-    let (s3, _, b3) = json(
-        app.allocate("stu-2")
-            .header("Idempotency-Key", "k")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s3, _, b3) = app
+        .allocate("stu-2")
+        .header("Idempotency-Key", "k")
+        .sent_json()
+        .await;
     assert_eq!(s3, StatusCode::CREATED);
     assert_ne!(
         b3["sandbox_id"], b1["sandbox_id"],
@@ -100,37 +86,28 @@ async fn allocate_replay_and_caller_scoped_idempotency() {
 async fn get_sandbox_ownership() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 2).await;
-    let (_, _, alloc) = json(
-        app.allocate("owner-1")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (_, _, alloc) = app.allocate("owner-1").sent_json().await;
     let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
     let get = |caller: &str| {
         app.track(Method::GET, &format!("/v1/sandboxes/{id}"))
             .header("X-Instruqt-Sandbox-ID", caller)
-            .send()
+            .sent_json()
     };
-    let (s, _, b) = json(get("owner-1").await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, b) = get("owner-1").await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["status"], "allocated");
     assert_eq!(b["allocated_to_track"], "owner-1");
-    let (s, h, b) = json(get("intruder").await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = get("intruder").await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
     assert!(
         !b.to_string().contains("owner-1"),
         "never names the owner: {b}"
     );
-    let (s, h, b) = json(
-        app.track(Method::GET, "/v1/sandboxes/does-not-exist")
-            .header("X-Instruqt-Sandbox-ID", "owner-1")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .track(Method::GET, "/v1/sandboxes/does-not-exist")
+        .header("X-Instruqt-Sandbox-ID", "owner-1")
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
     app.stop().await;
 }
@@ -141,13 +118,7 @@ async fn get_sandbox_ownership() {
 async fn mark_for_deletion_lifecycle() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 3).await;
-    let (_, _, alloc) = json(
-        app.allocate("stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (_, _, alloc) = app.allocate("stu").sent_json().await;
     let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
     let mark = |caller: &str| {
         app.track(
@@ -155,24 +126,18 @@ async fn mark_for_deletion_lifecycle() {
             &format!("/v1/sandboxes/{id}/mark-for-deletion"),
         )
         .header("X-Instruqt-Sandbox-ID", caller)
-        .send()
+        .sent_json()
     };
-    let (s, h, b) = json(mark("other").await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, h, b) = mark("other").await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
-    let (s, _, first) = json(mark("stu").await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, first) = mark("stu").await;
     assert_eq!(s, StatusCode::OK, "{first}");
     assert_eq!(first["status"], "pending_deletion");
     app.clock.advance(chrono::Duration::seconds(5));
-    let (s, _, again) = json(mark("stu").await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let (s, _, again) = mark("stu").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(first, again, "a repeat returns the original body");
-    let (s, _, next) = json(
-        app.allocate("stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, next) = app.allocate("stu").sent_json().await;
     assert_eq!(
         s,
         StatusCode::CREATED,
@@ -182,26 +147,20 @@ async fn mark_for_deletion_lifecycle() {
     // Past the lab window, the owner's late cleanup still succeeds.
     let late_id = next["sandbox_id"].as_str().unwrap_or_default().to_string();
     app.clock.advance(chrono::Duration::hours(72));
-    let (s, _, b) = json(
-        app.track(
+    let (s, _, b) = app
+        .track(
             Method::POST,
             &format!("/v1/sandboxes/{late_id}/mark-for-deletion"),
         )
         .header("X-Instruqt-Sandbox-ID", "stu")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+        .sent_json()
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    let (s, h, b) = json(
-        app.track(Method::POST, "/v1/sandboxes/nope/mark-for-deletion")
-            .header("X-Instruqt-Sandbox-ID", "stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .track(Method::POST, "/v1/sandboxes/nope/mark-for-deletion")
+        .header("X-Instruqt-Sandbox-ID", "stu")
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
     app.stop().await;
 }
@@ -213,40 +172,31 @@ async fn exhausted_pool_and_prefixes() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab-adv", 2).await;
     app.seed("other", 2).await;
-    let (s, h, b) = json(
-        app.allocate("p1")
-            .header("X-Sandbox-Name-Prefix", "zzz")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .allocate("p1")
+        .header("X-Sandbox-Name-Prefix", "zzz")
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::CONFLICT, "NO_SANDBOXES_AVAILABLE");
     assert_eq!(b["detail"]["retry_after"], 30);
     assert_eq!(h.get("retry-after").map(|v| v.as_bytes()), Some(&b"30"[..]));
     for caller in ["p2", "p3"] {
-        let (s, _, b) = json(
-            app.allocate(caller)
-                .header("X-Sandbox-Name-Prefix", " lab-adv ")
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await;
+        let (s, _, b) = app
+            .allocate(caller)
+            .header("X-Sandbox-Name-Prefix", " lab-adv ")
+            .sent_json()
+            .await;
         assert_eq!(s, StatusCode::CREATED);
         assert!(
             b["name"].as_str().unwrap_or("").starts_with("lab-adv"),
             "{b}"
         );
     }
-    let (s, _, _) = json(
-        app.allocate("p4")
-            .header("X-Sandbox-Name-Prefix", "lab-adv")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, _) = app
+        .allocate("p4")
+        .header("X-Sandbox-Name-Prefix", "lab-adv")
+        .sent_json()
+        .await;
     assert_eq!(
         s,
         StatusCode::CONFLICT,
@@ -262,103 +212,63 @@ async fn auth_and_caller_headers() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 2).await;
     let url = format!("{}/v1/allocate", app.url);
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app.client.post(&url).sent_json().await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     assert_eq!(
         h.get("www-authenticate").map(|v| v.as_bytes()),
         Some(&b"Bearer"[..])
     );
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .header("Authorization", format!("Token {TRACK_TOKEN}"))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .post(&url)
+        .header("Authorization", format!("Token {TRACK_TOKEN}"))
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .bearer_auth("wrong")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app.client.post(&url).bearer_auth("wrong").sent_json().await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .bearer_auth(ADMIN_TOKEN)
-            .header("X-Track-ID", "x")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .post(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .header("X-Track-ID", "x")
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "FORBIDDEN");
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .bearer_auth(TRACK_TOKEN)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .post(&url)
+        .bearer_auth(TRACK_TOKEN)
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "MISSING_SANDBOX_ID");
-    let (s, h, b) = json(
-        app.client
-            .post(&url)
-            .bearer_auth(TRACK_TOKEN)
-            .header("X-Instruqt-Sandbox-ID", "   ")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .post(&url)
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", "   ")
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "MISSING_SANDBOX_ID");
     // A whitespace sandbox id falls back to a valid X-Track-ID (the reference answered 400).
-    let (s, _, b) = json(
-        app.client
-            .post(&url)
-            .bearer_auth(TRACK_TOKEN)
-            .header("X-Instruqt-Sandbox-ID", "  ")
-            .header("X-Track-ID", "legacy")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app
+        .client
+        .post(&url)
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", "  ")
+        .header("X-Track-ID", "legacy")
+        .sent_json()
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     let admin = format!("{}/v1/admin/stats", app.url);
-    let (s, h, b) = json(
-        app.client
-            .get(&admin)
-            .bearer_auth(TRACK_TOKEN)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .get(&admin)
+        .bearer_auth(TRACK_TOKEN)
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "FORBIDDEN");
-    let (s, h, b) = json(
-        app.client
-            .get(&admin)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app.client.get(&admin).sent_json().await;
     assert_envelope(s, &h, &b, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     app.stop().await;
 }
@@ -370,45 +280,27 @@ async fn bad_input_is_a_4xx_envelope() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 3).await;
     let long = "x".repeat(300);
-    let (s, h, b) = json(
-        app.allocate(&long)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app.allocate(&long).sent_json().await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h, b) = json(
-        app.allocate("stu")
-            .header("Idempotency-Key", long.as_str())
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .allocate("stu")
+        .header("Idempotency-Key", long.as_str())
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     let invalid_utf8 = reqwest::header::HeaderValue::from_bytes(&[0xff, 0xfe, b'a'])
         .unwrap_or(reqwest::header::HeaderValue::from_static("x"));
-    let (s, h, b) = json(
-        app.client
-            .post(format!("{}/v1/allocate", app.url))
-            .bearer_auth(TRACK_TOKEN)
-            .header("X-Instruqt-Sandbox-ID", invalid_utf8)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .post(format!("{}/v1/allocate", app.url))
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", invalid_utf8)
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     // Unicode, '#' and '/' in a caller id are just characters.
     for caller in ["stüdent-✓", "a#b", "a/b"] {
-        let (s, _, b) = json(
-            app.allocate(caller)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await;
+        let (s, _, b) = app.allocate(caller).sent_json().await;
         assert_eq!(s, StatusCode::CREATED, "{caller}: {b}");
     }
     for path in [
@@ -416,14 +308,11 @@ async fn bad_input_is_a_4xx_envelope() {
         "/v1/sandboxes/a%2Fb",
         &format!("/v1/sandboxes/{long}"),
     ] {
-        let (s, h, b) = json(
-            app.track(Method::GET, path)
-                .header("X-Track-ID", "stu")
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await;
+        let (s, h, b) = app
+            .track(Method::GET, path)
+            .header("X-Track-ID", "stu")
+            .sent_json()
+            .await;
         assert!(s.is_client_error(), "{path}: {s} {b}");
         assert!(
             code(&b) == "SANDBOX_NOT_FOUND"
@@ -436,23 +325,17 @@ async fn bad_input_is_a_4xx_envelope() {
             h.get("x-request-id").and_then(|v| v.to_str().ok())
         );
     }
-    let (s, h, b) = json(
-        app.client
-            .get(format!("{}/v1/nope", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .client
+        .get(format!("{}/v1/nope", app.url))
+        .sent_json()
+        .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "NOT_FOUND");
-    let (s, h, b) = json(
-        app.track(Method::GET, "/v1/allocate")
-            .header("X-Track-ID", "x")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .track(Method::GET, "/v1/allocate")
+        .header("X-Track-ID", "x")
+        .sent_json()
+        .await;
     assert_envelope(
         s,
         &h,
@@ -460,14 +343,11 @@ async fn bad_input_is_a_4xx_envelope() {
         StatusCode::METHOD_NOT_ALLOWED,
         "METHOD_NOT_ALLOWED",
     );
-    let (s, h, b) = json(
-        app.allocate("big")
-            .body(vec![b'x'; 200_000])
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h, b) = app
+        .allocate("big")
+        .body(vec![b'x'; 200_000])
+        .sent_json()
+        .await;
     assert_envelope(
         s,
         &h,
@@ -484,13 +364,10 @@ async fn bad_input_is_a_4xx_envelope() {
         "status=bogus",
         "nope=1",
     ] {
-        let (s, h, b) = json(
-            app.admin(Method::GET, &format!("/v1/admin/sandboxes?{query}"))
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await;
+        let (s, h, b) = app
+            .admin(Method::GET, &format!("/v1/admin/sandboxes?{query}"))
+            .sent_json()
+            .await;
         assert_envelope(s, &h, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
     }
     app.stop().await;
@@ -505,9 +382,8 @@ async fn headers_on_every_response() {
         .client
         .get(format!("{}/healthz", app.url))
         .header("X-Request-ID", "trace-123")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .sent()
+        .await;
     assert_eq!(
         resp.headers().get("x-request-id").map(|v| v.as_bytes()),
         Some(&b"trace-123"[..])
@@ -516,9 +392,8 @@ async fn headers_on_every_response() {
         .client
         .get(format!("{}/v1/admin/stats", app.url))
         .header("Origin", "https://lab.example")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .sent()
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     for h in [
         "x-frame-options",
@@ -539,9 +414,8 @@ async fn headers_on_every_response() {
             "Access-Control-Request-Headers",
             "authorization, x-instruqt-sandbox-id",
         )
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .sent()
+        .await;
     assert!(resp.status().is_success());
     let allow = resp
         .headers()
@@ -571,13 +445,12 @@ async fn rate_limit_per_caller() {
         let resp = app
             .track(Method::GET, "/v1/sandboxes/x")
             .header("X-Track-ID", "busy")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .sent()
+            .await;
         assert!(resp.headers().contains_key("x-ratelimit-limit"));
         statuses.push(resp.status());
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            let (s, h, b) = json(resp).await;
+            let (s, h, b) = read_json(resp).await;
             assert_envelope(
                 s,
                 &h,
@@ -603,21 +476,15 @@ async fn rate_limit_per_caller() {
     let other = app
         .track(Method::GET, "/v1/sandboxes/x")
         .header("X-Track-ID", "calm")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .sent()
+        .await;
     assert_ne!(
         other.status(),
         StatusCode::TOO_MANY_REQUESTS,
         "buckets are per caller"
     );
     for _ in 0..10 {
-        let r = app
-            .client
-            .get(format!("{}/healthz", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let r = app.client.get(format!("{}/healthz", app.url)).sent().await;
         assert_eq!(r.status(), StatusCode::OK);
     }
     app.stop().await;
@@ -629,13 +496,7 @@ async fn rate_limit_per_caller() {
 async fn admin_listing_stats_history_bulk() {
     let app = spawn_app(Backend::Embedded).await;
     app.seed("lab", 7).await;
-    let (_, _, alloc) = json(
-        app.allocate("stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (_, _, alloc) = app.allocate("stu").sent_json().await;
     app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
         .await;
     let mut seen = std::collections::BTreeSet::new();
@@ -646,13 +507,7 @@ async fn admin_listing_stats_history_bulk() {
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
-        let (s, _, b) = json(
-            app.admin(Method::GET, &path)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await;
+        let (s, _, b) = app.admin(Method::GET, &path).sent_json().await;
         assert_eq!(s, StatusCode::OK, "{b}");
         pages += 1;
         for row in b["sandboxes"].as_array().cloned().unwrap_or_default() {
@@ -668,29 +523,17 @@ async fn admin_listing_stats_history_bulk() {
         assert!(pages < 10);
     }
     assert_eq!(seen.len(), 7);
-    let (_, _, b) = json(
-        app.admin(Method::GET, "/v1/admin/sandboxes?status=allocated")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (_, _, b) = app
+        .admin(Method::GET, "/v1/admin/sandboxes?status=allocated")
+        .sent_json()
+        .await;
     assert_eq!(b["count"], 1);
-    let (_, _, b) = json(
-        app.admin(Method::GET, "/v1/admin/sandboxes?owner=stu")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (_, _, b) = app
+        .admin(Method::GET, "/v1/admin/sandboxes?owner=stu")
+        .sent_json()
+        .await;
     assert_eq!(b["sandboxes"][0]["sandbox_id"], alloc["sandbox_id"]);
-    let (s, _, stats) = json(
-        app.admin(Method::GET, "/v1/admin/stats")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, stats) = app.admin(Method::GET, "/v1/admin/stats").sent_json().await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         (
@@ -703,13 +546,10 @@ async fn admin_listing_stats_history_bulk() {
     );
     assert!(stats.get("projector_lag_ms").is_some());
     let id = alloc["sandbox_id"].as_str().unwrap_or_default();
-    let (s, _, h) = json(
-        app.admin(Method::GET, &format!("/v1/admin/sandboxes/{id}/history"))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, h) = app
+        .admin(Method::GET, &format!("/v1/admin/sandboxes/{id}/history"))
+        .sent_json()
+        .await;
     assert_eq!(s, StatusCode::OK);
     let types: Vec<&str> = h["events"]
         .as_array()
@@ -718,40 +558,28 @@ async fn admin_listing_stats_history_bulk() {
     assert_eq!(types, ["SandboxRegistered", "SandboxAllocated"]);
     assert_eq!(h["events"][1]["actor"], "track:stu");
     assert_eq!(h["events"][1]["version"], 2);
-    let (s, h2, b) = json(
-        app.admin(Method::POST, "/v1/admin/bulk-delete?status=allocated")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h2, b) = app
+        .admin(Method::POST, "/v1/admin/bulk-delete?status=allocated")
+        .sent_json()
+        .await;
     assert_envelope(s, &h2, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h2, b) = json(
-        app.admin(Method::POST, "/v1/admin/bulk-delete")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, h2, b) = app
+        .admin(Method::POST, "/v1/admin/bulk-delete")
+        .sent_json()
+        .await;
     assert_envelope(s, &h2, &b, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
-    let (s, h2, b) = json(
-        app.admin(
+    let (s, h2, b) = app
+        .admin(
             Method::POST,
             &format!("/v1/admin/sandboxes/{id}/retry-deletion"),
         )
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+        .sent_json()
+        .await;
     assert_envelope(s, &h2, &b, StatusCode::CONFLICT, "INVALID_STATE");
-    let (s, _, b) = json(
-        app.admin(Method::POST, "/v1/admin/bulk-delete?status=available")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app
+        .admin(Method::POST, "/v1/admin/bulk-delete?status=available")
+        .sent_json()
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     app.wait_until(|s| s.get(domain::SandboxStatus::Available) == 0)
         .await;
@@ -767,34 +595,23 @@ async fn admin_listing_stats_history_bulk() {
 #[tokio::test]
 async fn operations_endpoints() {
     let app = spawn_app(Backend::Embedded).await;
-    let (s, _, b) = json(
-        app.client
-            .get(format!("{}/healthz", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app
+        .client
+        .get(format!("{}/healthz", app.url))
+        .sent_json()
+        .await;
     assert_eq!((s, b["status"].as_str()), (StatusCode::OK, Some("healthy")));
-    let (s, _, b) = json(
-        app.client
-            .get(format!("{}/readyz", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app
+        .client
+        .get(format!("{}/readyz", app.url))
+        .sent_json()
+        .await;
     assert_eq!(
         (s, b["status"].as_str()),
         (StatusCode::OK, Some("ready")),
         "{b}"
     );
-    let resp = app
-        .client
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = app.client.get(format!("{}/metrics", app.url)).sent().await;
     assert_eq!(
         resp.headers().get("content-type").map(|v| v.as_bytes()),
         Some(&b"text/plain; version=0.0.4; charset=utf-8"[..])
@@ -807,32 +624,17 @@ async fn operations_endpoints() {
     ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
-    let (s, _, b) = json(
-        app.client
-            .get(format!("{}/", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app.client.get(format!("{}/", app.url)).sent_json().await;
     assert_eq!((s, b["docs"].as_str()), (StatusCode::OK, Some("/v1/docs")));
-    let (s, _, b) = json(
-        app.client
-            .get(format!("{}/v1/openapi.json", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    let (s, _, b) = app
+        .client
+        .get(format!("{}/v1/openapi.json", app.url))
+        .sent_json()
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert!(b["paths"]["/v1/allocate"]["post"].is_object());
     assert!(b["components"]["schemas"]["ErrorBody"].is_object());
-    let resp = app
-        .client
-        .get(format!("{}/v1/docs/", app.url))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = app.client.get(format!("{}/v1/docs/", app.url)).sent().await;
     assert_eq!(resp.status(), StatusCode::OK);
     let html = resp.text().await.unwrap_or_default();
     assert!(html.contains("swagger"), "docs page is Swagger UI");

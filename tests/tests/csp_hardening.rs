@@ -24,7 +24,7 @@ fn config(csp: &FakeCsp) -> CspConfig {
 
 fn client(config: &CspConfig) -> Result<HttpCsp, CspError> {
     let registry = prometheus::Registry::new();
-    let metrics = CspMetrics::new(&registry).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = CspMetrics::new(&registry).expect("CSP metrics");
     HttpCsp::new(
         config,
         Arc::new(domain::ManualClock::new(chrono::Utc::now())),
@@ -38,7 +38,7 @@ async fn huge_retry_after_does_not_panic() {
     let csp = FakeCsp::start().await;
     csp.set_accounts([FakeAccount::sandbox(1)]);
     csp.queue_list_faults([Fault::RetryAfter(10_000_000_000_000_000_000)]);
-    let client = client(&config(&csp)).unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&config(&csp)).expect("CSP client");
     let listing = tokio::time::timeout(Duration::from_secs(30), client.list_sandboxes())
         .await
         .unwrap_or_else(|_| panic!("the client waited out an absurd Retry-After"));
@@ -54,7 +54,7 @@ async fn huge_retry_after_does_not_panic() {
 async fn oversized_body_is_refused() {
     let csp = FakeCsp::start().await;
     csp.queue_list_faults([Fault::HugeBody(MAX_RESPONSE_BYTES + 1)]);
-    let client = client(&config(&csp)).unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&config(&csp)).expect("CSP client");
     let listing = client.list_sandboxes().await;
     assert!(
         matches!(&listing.error, Some(CspError::Malformed(m)) if m.contains("larger than")),
@@ -72,7 +72,7 @@ async fn redirects_are_not_followed() {
         "{}/current_user/accounts",
         elsewhere.base_url()
     ))]);
-    let client = client(&config(&csp)).unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&config(&csp)).expect("CSP client");
     let listing = client.list_sandboxes().await;
     assert!(
         matches!(listing.error, Some(CspError::Status { status: 302, .. })),
@@ -87,7 +87,7 @@ async fn redirects_are_not_followed() {
 async fn trickling_body_hits_the_total_timeout() {
     let csp = FakeCsp::start().await;
     csp.queue_list_faults([Fault::Trickle(Duration::from_millis(300), 100)]);
-    let client = client(&config(&csp)).unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&config(&csp)).expect("CSP client");
     let started = Instant::now();
     let listing = tokio::time::timeout(Duration::from_secs(20), client.list_sandboxes())
         .await

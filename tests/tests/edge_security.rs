@@ -4,10 +4,10 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, TestApp, TRACK_TOKEN};
+use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, Sent, TestApp, TRACK_TOKEN};
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let resp = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = request.sent().await;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.json::<Value>().await.unwrap_or(Value::Null);
@@ -193,11 +193,8 @@ async fn bearer_scheme_any_case() {
 /// `/readyz` with an unreachable store says only `unavailable`: no endpoint, no SDK error text.
 #[tokio::test]
 async fn readyz_leaks_nothing() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let endpoint = format!(
-        "http://{}",
-        dead.local_addr().unwrap_or_else(|e| panic!("{e}"))
-    );
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let endpoint = format!("http://{}", dead.local_addr().expect("its address"));
     drop(dead);
     let mut options = AppOptions::new(Backend::Embedded);
     let configured = endpoint.clone();
@@ -212,12 +209,7 @@ async fn readyz_leaks_nothing() {
         c.run_projector = Some(false);
     });
     let app = spawn_app_with(options).await;
-    let resp = app
-        .client
-        .get(format!("{}/readyz", app.url))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = app.client.get(format!("{}/readyz", app.url)).sent().await;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
@@ -244,9 +236,8 @@ async fn extension_methods_do_not_grow_metrics() {
     let scrape = || async {
         app.client
             .get(format!("{}/metrics", app.url))
-            .send()
+            .sent()
             .await
-            .unwrap_or_else(|e| panic!("{e}"))
             .text()
             .await
             .unwrap_or_default()
@@ -254,12 +245,11 @@ async fn extension_methods_do_not_grow_metrics() {
     let before = latency_series(&scrape().await);
     for i in 0..500 {
         let method =
-            Method::from_bytes(format!("XMETHOD{i}").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            Method::from_bytes(format!("XMETHOD{i}").as_bytes()).expect("a valid method token");
         app.client
             .request(method, format!("{}/healthz", app.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .sent()
+            .await;
     }
     let after = scrape().await;
     assert!(
@@ -307,7 +297,7 @@ async fn weak_tokens_are_refused_at_start_up() {
     }
     let mut open = token_config(None, None);
     assert!(open.check_tokens().is_ok(), "dev tokens on loopback");
-    open.bind_addr = "0.0.0.0:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+    open.bind_addr = "0.0.0.0:8080".parse().expect("a socket address");
     assert!(open.check_tokens().is_err(), "dev tokens on all interfaces");
 }
 
@@ -331,11 +321,11 @@ async fn slow_headers_are_cut_off() {
     let address = app.url.trim_start_matches("http://").to_string();
     let mut stream = tokio::net::TcpStream::connect(&address)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("connect to the service");
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: broker\r\nX-Slow: ")
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("send the partial request");
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(
         std::time::Duration::from_secs(15),
@@ -388,10 +378,7 @@ async fn load_is_shed_with_503() {
     let (status, _, _) = send(app.client.get(format!("{}/healthz", app.url))).await;
     assert_eq!(status, StatusCode::OK, "probes are not shed");
     csp.resume_lists();
-    let finished = busy
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let finished = busy.await.expect("the request task").expect("the request");
     assert_eq!(finished.status(), StatusCode::OK);
     let (status, _, _) = send(app.admin(Method::GET, "/v1/admin/stats")).await;
     assert_eq!(status, StatusCode::OK, "capacity is back");

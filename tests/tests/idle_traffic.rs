@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN};
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp, ADMIN_TOKEN};
 
 fn requests(app: &TestApp) -> u64 {
     app.state
@@ -20,7 +20,7 @@ async fn idle_instance_sends_no_requests_and_the_tail_runs_only_for_subscribers(
     let mut options = AppOptions::new(Backend::Dynamo);
     options.configure = Box::new(|config| config.run_projector = Some(false));
     let app = spawn_app_with(options).await;
-    let window = command_api::routes::events::TAIL_INTERVAL * 8;
+    let window = command_api::live_feed::TAIL_INTERVAL * 8;
 
     let before = requests(&app);
     tokio::time::sleep(window).await;
@@ -30,9 +30,8 @@ async fn idle_instance_sends_no_requests_and_the_tail_runs_only_for_subscribers(
         .client
         .get(format!("{}/v1/admin/events/stream", app.url))
         .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .sent()
+        .await;
     assert!(stream.status().is_success());
     let subscribed = requests(&app);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -48,9 +47,8 @@ async fn idle_instance_sends_no_requests_and_the_tail_runs_only_for_subscribers(
     let metrics = app
         .client
         .get(format!("{}/metrics", app.url))
-        .send()
+        .sent()
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
         .text()
         .await
         .unwrap_or_default();

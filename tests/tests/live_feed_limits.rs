@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN};
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp, ADMIN_TOKEN};
 
 async fn open_stream(app: &TestApp, last_event_id: Option<&str>) -> reqwest::Response {
     let mut request = app
@@ -15,7 +15,7 @@ async fn open_stream(app: &TestApp, last_event_id: Option<&str>) -> reqwest::Res
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id);
     }
-    request.send().await.unwrap_or_else(|e| panic!("{e}"))
+    request.sent().await
 }
 
 /// Reads the stream until its text contains `needle` (deadline 60 s); false if it ended first.

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use domain::adapters::dynamo::DynamoStore;
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
-use domain::store::{apply_event, EventPage, EventStore, PoolView, StoreError, ViewStore};
+use domain::store::{EventStore, PoolView, StoreError, ViewStore};
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventEnvelope, PoolRow, PoolStats,
     SandboxStatus, SystemClock,
@@ -28,64 +28,17 @@ use projector::{Projector, ProjectorMetrics};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tests::ddb_local;
+use tests::tee_events::TeeEvents;
 
 // ---------------------------------------------------------------------------------------------
 // Workload: realistic events through the command side.
 // ---------------------------------------------------------------------------------------------
 
-/// Appends go to the store under test and are also applied, synchronously, to an in-memory
-/// candidate view that the broker reads its allocation candidates from — so generating events never
-/// depends on the projector being tested (which these tests stop, crash and reorder).
-struct TeeEvents {
-    inner: Arc<dyn EventStore>,
-    candidate_view: EmbeddedStore,
-}
-
-#[async_trait]
-impl EventStore for TeeEvents {
-    async fn load_after(
-        &self,
-        stream_id: &str,
-        after: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.inner.load_after(stream_id, after).await
-    }
-
-    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
-        self.inner.load_latest(stream_id).await
-    }
-
-    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
-        self.inner.append(events.clone()).await?;
-        for event in &events {
-            apply_event(&self.candidate_view, event).await?;
-        }
-        Ok(())
-    }
-
-    async fn scan(
-        &self,
-        segment: u32,
-        segments: u32,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner.scan(segment, segments, cursor, limit).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-}
-
 /// A broker appending to `events`, choosing candidates from a private, always-current view.
 fn broker_over(events: Arc<dyn EventStore>) -> Broker {
     let candidate_view =
         EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("candidate view: {e}"));
-    let tee = Arc::new(TeeEvents {
-        inner: events,
-        candidate_view: candidate_view.clone(),
-    });
+    let tee = Arc::new(TeeEvents::new(events, candidate_view.clone()));
     Broker::new(
         tee,
         Arc::new(candidate_view),
@@ -593,9 +546,7 @@ async fn verify_reports_drift() {
         fast_poller_config(),
     );
     drain_until_converged(&mut poller, &store).await;
-    let rows = all_rows(&store, 100)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let rows = all_rows(&store, 100).await.expect("read the view rows");
     let Some(row) = rows
         .values()
         .find(|r| r.status == SandboxStatus::Available)
@@ -662,7 +613,7 @@ async fn lambda_handler_matches_poller() {
         .unwrap_or_else(|e| panic!("read stream: {e}"));
     assert_eq!(records.len(), 100, "one stream record per event");
 
-    let lambda_view = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}"));
+    let lambda_view = EmbeddedStore::open_in_memory(4).expect("in-memory embedded store");
     let lambda_projector = projector_on(Arc::new(store.clone()), Arc::new(lambda_view.clone()));
     for chunk in records.chunks(25) {
         let event = projector::lambda::lambda_event(chunk, streams.stream_arn(), "us-east-1");
@@ -689,12 +640,9 @@ async fn lambda_redelivery_and_reordering() {
         .run_all(&workload(20))
         .await;
     let streams = streams_of(&store).await;
-    let mut records = streams
-        .read_all(10_000)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut records = streams.read_all(10_000).await.expect("read the log");
     records.reverse();
-    let view = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}"));
+    let view = EmbeddedStore::open_in_memory(4).expect("in-memory embedded store");
     let p = projector_on(Arc::new(store.clone()), Arc::new(view.clone()));
     let event = projector::lambda::lambda_event(&records, streams.stream_arn(), "us-east-1");
     let first = projector::lambda::apply_batch(&p, &event).await;
@@ -714,10 +662,7 @@ async fn lambda_poison_record_is_a_batch_item_failure() {
         .run_all(&workload(8))
         .await;
     let streams = streams_of(&store).await;
-    let records = streams
-        .read_all(10_000)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let records = streams.read_all(10_000).await.expect("read the log");
     let mut event = projector::lambda::lambda_event(&records, streams.stream_arn(), "us-east-1");
     let poison_at = 3;
     let Some(poison) = event["Records"].get_mut(poison_at) else {
@@ -729,7 +674,7 @@ async fn lambda_poison_record_is_a_batch_item_failure() {
         .to_string();
     poison["dynamodb"]["NewImage"]["payload"] = serde_json::json!({"S": "{not json"});
     poison["dynamodb"]["NewImage"]["version"] = serde_json::json!({"BOOL": true});
-    let view = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}"));
+    let view = EmbeddedStore::open_in_memory(4).expect("in-memory embedded store");
     let p = projector_on(Arc::new(store.clone()), Arc::new(view.clone()));
     let response = projector::lambda::handle_event(&p, event.clone()).await;
     let failures: Vec<_> = response
@@ -754,12 +699,12 @@ async fn captured_fixture_applies() {
         .join("fixtures/dynamodb-local-stream-event.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let event: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture JSON: {e}"));
-    let store = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}"));
+    let store = EmbeddedStore::open_in_memory(4).expect("in-memory embedded store");
     let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
     let outcome = projector::lambda::apply_batch(&p, &event).await;
     assert_eq!(outcome.failed_at, None);
     assert!(outcome.applied > 0);
-    let stats = store.stats().await.unwrap_or_else(|e| panic!("{e}"));
+    let stats = store.stats().await.expect("read the stats");
     assert_eq!(
         stats.total(),
         stats_of(&all_rows(&store, 100).await.unwrap_or_default()).total()
@@ -773,14 +718,14 @@ async fn captured_fixture_applies() {
 /// The embedded tail brings view and stats to the events: zero drift, stats equal rows.
 #[tokio::test]
 async fn embedded_tail_converges() {
-    let store = EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}"));
+    let store = EmbeddedStore::open(&temp_db(), 4).expect("embedded store file");
     Driver::new(Arc::new(store.clone()))
         .run_all(&workload(60))
         .await;
     let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
     let read = projector::embedded::catch_up(&p, &store)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("catch up");
     assert_eq!(read, 150);
     assert_converged(&verify_view(&store, &store).await, &store, 60).await;
 }
@@ -789,7 +734,7 @@ async fn embedded_tail_converges() {
 #[tokio::test]
 async fn embedded_tail_resumes_from_checkpoint() {
     let path = temp_db();
-    let store = EmbeddedStore::open(&path, 4).unwrap_or_else(|e| panic!("{e}"));
+    let store = EmbeddedStore::open(&path, 4).expect("embedded store file");
     let mut driver = Driver::new(Arc::new(store.clone()));
     let steps = workload(20);
     let (first, second) = steps.split_at(steps.len() / 2);
@@ -797,15 +742,15 @@ async fn embedded_tail_resumes_from_checkpoint() {
     let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
     let read = projector::embedded::catch_up(&p, &store)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("catch up");
     assert_eq!(read, events_in(first));
     driver.run_all(second).await;
     // A new process: the same file opened again, a fresh projector.
-    let reopened = EmbeddedStore::open(&path, 4).unwrap_or_else(|e| panic!("{e}"));
+    let reopened = EmbeddedStore::open(&path, 4).expect("embedded store file");
     let fresh = projector_on(Arc::new(reopened.clone()), Arc::new(reopened.clone()));
     let read = projector::embedded::catch_up(&fresh, &reopened)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("catch up");
     assert_eq!(
         read,
         events_in(second),
@@ -826,7 +771,7 @@ async fn embedded_tail_resumes_from_checkpoint() {
 /// each time: zero drift, stats equal the rows by status.
 #[tokio::test]
 async fn embedded_tail_survives_20_aborts_in_2000_events() {
-    let store = EmbeddedStore::open(&temp_db(), 8).unwrap_or_else(|e| panic!("{e}"));
+    let store = EmbeddedStore::open(&temp_db(), 8).expect("embedded store file");
     let steps = workload(800);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xab0);
     let mut abort_at: Vec<usize> = (0..20).map(|_| rng.random_range(0..steps.len())).collect();
@@ -851,7 +796,7 @@ async fn embedded_tail_survives_20_aborts_in_2000_events() {
     let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
     projector::embedded::catch_up(&p, &store)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("catch up");
     assert_converged(&verify_view(&store, &store).await, &store, 800).await;
 }
 
@@ -860,14 +805,14 @@ async fn embedded_tail_survives_20_aborts_in_2000_events() {
 #[tokio::test]
 async fn embedded_rebuild_and_cli_verify() {
     let path = temp_db();
-    let store = EmbeddedStore::open(&path, 4).unwrap_or_else(|e| panic!("{e}"));
+    let store = EmbeddedStore::open(&path, 4).expect("embedded store file");
     Driver::new(Arc::new(store.clone()))
         .run_all(&workload(30))
         .await;
     let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
     projector::embedded::catch_up(&p, &store)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("catch up");
 
     let into = temp_db();
     let args = |cmd: &[&str]| {
@@ -882,7 +827,7 @@ async fn embedded_rebuild_and_cli_verify() {
     )
     .await;
     assert_eq!(code, std::process::ExitCode::SUCCESS);
-    let rebuilt = EmbeddedStore::open(&into, 4).unwrap_or_else(|e| panic!("{e}"));
+    let rebuilt = EmbeddedStore::open(&into, 4).expect("embedded store file");
     assert_eq!(
         all_rows(&rebuilt, 50).await.ok(),
         all_rows(&store, 50).await.ok()
@@ -911,7 +856,7 @@ async fn embedded_rebuild_and_cli_verify() {
     store
         .write_row(Some(row.version), &tampered, &domain::StatsDelta::default())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("write the tampered row");
     let code = projector::cli::run(args(&["verify"]), std::future::pending()).await;
     assert_eq!(
         code,
@@ -1204,7 +1149,7 @@ async fn concurrent_projectors<S: BothSides>(store: S) {
 #[tokio::test]
 async fn batch_duplicates_and_overlaps_embedded() {
     duplicate_and_overlapping_batches(
-        EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")),
+        EmbeddedStore::open(&temp_db(), 4).expect("embedded store file"),
     )
     .await;
 }
@@ -1218,10 +1163,8 @@ async fn batch_duplicates_and_overlaps_dynamodb() {
 /// Embedded: a crash between two transactions of a batch loses and doubles nothing.
 #[tokio::test]
 async fn batch_crash_between_transactions_embedded() {
-    crash_between_transactions(
-        EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
+    crash_between_transactions(EmbeddedStore::open(&temp_db(), 4).expect("embedded store file"))
+        .await;
 }
 
 /// DynamoDB Local: a crash between two transactions of a batch loses and doubles nothing.
@@ -1233,8 +1176,7 @@ async fn batch_crash_between_transactions_dynamodb() {
 /// Embedded: two projectors on the same batch apply each event once between them.
 #[tokio::test]
 async fn batch_concurrent_projectors_embedded() {
-    concurrent_projectors(EmbeddedStore::open(&temp_db(), 4).unwrap_or_else(|e| panic!("{e}")))
-        .await;
+    concurrent_projectors(EmbeddedStore::open(&temp_db(), 4).expect("embedded store file")).await;
 }
 
 /// DynamoDB Local: two projectors on the same batch apply each event once between them.

@@ -15,7 +15,7 @@ use domain::{
 use projector::rebuild::{verify, DriftReport, RebuildOptions, RebuildProgress};
 use projector::repair::repair_drift;
 use reqwest::Method;
-use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
 
 /// An app whose projector never runs: every event after the seed is a "dropped record" for the view.
 async fn app_without_projector(backend: Backend) -> TestApp {
@@ -37,7 +37,7 @@ fn live_view(app: &TestApp) -> Arc<dyn ViewStore> {
 async fn verify_view(app: &TestApp) -> DriftReport {
     let live = live_view(app);
     let live_pool: Arc<dyn PoolView> = live.clone();
-    let scratch = Arc::new(EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}")));
+    let scratch = Arc::new(EmbeddedStore::open_in_memory(4).expect("in-memory embedded store"));
     verify(
         app.state.broker.events().clone(),
         live_pool,
@@ -54,14 +54,14 @@ async fn history_types(app: &TestApp, sandbox_id: &str) -> Vec<String> {
         .broker
         .history(sandbox_id)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("load the history")
         .into_iter()
         .map(|e| e.event_type)
         .collect()
 }
 
 async fn post_json(req: reqwest::RequestBuilder) -> serde_json::Value {
-    let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = req.sent().await;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     assert!(status.is_success(), "{status}: {body}");
@@ -137,12 +137,12 @@ async fn corrupted_row_is_rewritten_by_verify_repair() {
     let mut row = live
         .load_row(&ids[0])
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("load the row")
         .unwrap_or_else(|| panic!("no row"));
     row.status = SandboxStatus::Deleted;
     live.write_row(Some(row.version), &row, &StatsDelta::default())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("write the stale row");
 
     let report = verify_view(&app).await;
     assert!(!report.is_clean());
@@ -169,7 +169,7 @@ fn meta() -> CommandMeta {
 /// view wrongly shows as available, answers 409 for want of any other, and the row converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_touching_a_stale_row_repairs_it() {
-    let store = Arc::new(EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}")));
+    let store = Arc::new(EmbeddedStore::open_in_memory(4).expect("in-memory embedded store"));
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let view: Arc<dyn PoolView> = store.clone();
     let instance = |repair: bool| {
@@ -200,10 +200,10 @@ async fn allocation_touching_a_stale_row_repairs_it() {
             &meta(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("append the registration");
     repair_row(store.as_ref(), store.as_ref(), &id)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .expect("project the registration");
     let request = |caller: &str| AllocateRequest {
         caller: caller.into(),
         ..AllocateRequest::default()
@@ -211,8 +211,8 @@ async fn allocation_touching_a_stale_row_repairs_it() {
     first
         .allocate(&request("student-1"), &meta())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let stale = store.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+        .expect("allocate");
+    let stale = store.get(&id).await.expect("read the row");
     assert_eq!(
         stale.map(|r| r.status),
         Some(SandboxStatus::Available),
@@ -228,7 +228,7 @@ async fn allocation_touching_a_stale_row_repairs_it() {
     // The repair runs in the background; wait for it with a deadline.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let row = store.get(&id).await.unwrap_or_else(|e| panic!("{e}"));
+        let row = store.get(&id).await.expect("read the row");
         if row.as_ref().map(|r| r.status) == Some(SandboxStatus::Allocated) {
             break;
         }

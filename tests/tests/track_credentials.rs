@@ -3,7 +3,7 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
 
 const ALPHA: &str = "alpha-token-0123456789abcdefghijklmnop";
 const BETA: &str = "beta-token-0123456789abcdefghijklmnopq";
@@ -41,7 +41,7 @@ fn as_track(
 }
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let resp = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = request.sent().await;
     let status = resp.status();
     (status, resp.json::<Value>().await.unwrap_or(Value::Null))
 }
@@ -215,10 +215,10 @@ async fn shared_token_can_be_disabled() {
 #[tokio::test]
 async fn credentials_file_is_loaded_and_checked() {
     let dir = std::env::temp_dir().join(format!("broker-creds-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(&dir).expect("create the temp dir");
     let good = dir.join("good.json");
     let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"]}]});
-    std::fs::write(&good, doc.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&good, doc.to_string()).expect("write the credentials file");
     let mut options = AppOptions::new(Backend::Embedded);
     let path = good.clone();
     options.configure = Box::new(move |c| c.track_credentials_file = Some(path));
@@ -231,7 +231,7 @@ async fn credentials_file_is_loaded_and_checked() {
     let weak = dir.join("weak.json");
     let doc =
         json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"]}]});
-    std::fs::write(&weak, doc.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&weak, doc.to_string()).expect("write the credentials file");
     let mut config = command_api::config::Config::defaults();
     config.api_token = Some(tests::app::TRACK_TOKEN.into());
     config.admin_token = Some(tests::app::ADMIN_TOKEN.into());

@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use domain::SandboxStatus;
 use serde_json::json;
 
+pub use crate::readiness::ReadinessCache;
 use crate::state::SharedState;
 
 /// The operations routes.
@@ -36,52 +37,16 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "healthy", "timestamp": chrono::Utc::now().timestamp()}))
 }
 
-/// The last store check of `/readyz`, reused for `ttl`: probes and anonymous clients can hit
-/// `/readyz` as often as they like without each hit reaching the store. The lock is held across
-/// the check, so concurrent hits after expiry wait for one check instead of each making one.
-#[derive(Debug)]
-pub struct ReadinessCache {
-    ttl: std::time::Duration,
-    last: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
-}
-
-impl ReadinessCache {
-    /// A cache keeping a result for `ttl`.
-    pub fn new(ttl: std::time::Duration) -> Self {
-        Self {
-            ttl,
-            last: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// Whether the store answered, from a check at most `ttl` old.
-    async fn store_ok(&self, state: &SharedState) -> bool {
-        let mut last = self.last.lock().await;
-        if let Some((at, ok)) = *last {
-            if at.elapsed() < self.ttl {
-                return ok;
-            }
-        }
-        let ok = match state.broker.events().ping().await {
-            Ok(()) => true,
-            Err(e) => {
-                // The cause can name accounts, roles and endpoints: the log only, never the body.
-                tracing::warn!(target: "readiness", error = %e, "store check failed");
-                false
-            }
-        };
-        *last = Some((std::time::Instant::now(), ok));
-        ok
-    }
-}
-
 /// Readiness: the store answers and the in-process projector is not too far behind. The body
 /// says only which check failed; the cause is logged.
 #[utoipa::path(get, path = "/readyz", tag = "Observability", responses(
     (status = 200, description = "Ready", body = Object),
     (status = 503, description = "Not ready; `checks` names the failing check (`unavailable`, `lagging`), never its cause", body = Object)))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let store_ok = state.readiness.store_ok(&state).await;
+    let store_ok = state
+        .readiness
+        .store_ok(state.broker.events().as_ref())
+        .await;
     let projector = match &state.projector_metrics {
         Some(m) => {
             let lag = m.last_lag_ms();

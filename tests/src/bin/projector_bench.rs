@@ -33,17 +33,17 @@ use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::store::batch::{BatchLimits, ViewChunk};
 use domain::store::{
-    apply_event, CandidateQuery, EventPage, EventStore, ListFilter, PoolView, RowPage, StoreError,
-    ViewStore,
+    CandidateQuery, EventStore, ListFilter, PoolView, RowPage, StoreError, ViewStore,
 };
 use domain::{
-    Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventEnvelope, PoolRow, PoolStats,
-    SandboxStatus, StatsDelta, SystemClock,
+    Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, PoolRow, PoolStats, SandboxStatus,
+    StatsDelta, SystemClock,
 };
 use hdrhistogram::Histogram;
 use projector::dynamo_streams::DynamoStreams;
 use projector::poller::{PollerConfig, StreamPoller};
 use projector::{Projector, ProjectorMetrics};
+use tests::tee_events::TeeEvents;
 
 /// Which sources to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,50 +104,6 @@ struct Args {
 // Workload (the same shape as tests/tests/projector.rs).
 // ---------------------------------------------------------------------------------------------
 
-/// Appends to the store under test and keeps a private in-memory view current, from which the
-/// broker picks allocation candidates — so the load never waits for the projector measured.
-struct TeeEvents {
-    inner: Arc<dyn EventStore>,
-    candidate_view: EmbeddedStore,
-}
-
-#[async_trait]
-impl EventStore for TeeEvents {
-    async fn load_after(
-        &self,
-        stream_id: &str,
-        after: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.inner.load_after(stream_id, after).await
-    }
-
-    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
-        self.inner.load_latest(stream_id).await
-    }
-
-    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
-        self.inner.append(events.clone()).await?;
-        for event in &events {
-            apply_event(&self.candidate_view, event).await?;
-        }
-        Ok(())
-    }
-
-    async fn scan(
-        &self,
-        segment: u32,
-        segments: u32,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner.scan(segment, segments, cursor, limit).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Step {
     Register(usize),
@@ -189,10 +145,7 @@ struct Driver {
 impl Driver {
     fn new(events: Arc<dyn EventStore>) -> anyhow::Result<Self> {
         let candidate_view = EmbeddedStore::open_in_memory(4)?;
-        let tee = Arc::new(TeeEvents {
-            inner: events,
-            candidate_view: candidate_view.clone(),
-        });
+        let tee = Arc::new(TeeEvents::new(events, candidate_view.clone()));
         Ok(Self {
             broker: Broker::new(
                 tee,
