@@ -42,7 +42,8 @@ resource "aws_dynamodb_table" "events" {
     type = "S"
   }
 
-  # Global time-ordered reads (audit, replay by time range).
+  # Global time-ordered reads (audit, replay by time range). With
+  # VIEW_INDEX_SHARDS > 1, time_bucket is "<hour>#<k>" (ADR 0014).
   global_secondary_index {
     name            = "by-time"
     hash_key        = "time_bucket"
@@ -103,8 +104,13 @@ resource "aws_dynamodb_table" "pool" {
   }
 
   attribute {
-    name = "due_at"
-    type = "N"
+    name = "due_shard"
+    type = "S"
+  }
+
+  attribute {
+    name = "due_key"
+    type = "S"
   }
 
   # Allocation candidates: a random `pick` spreads concurrent allocations.
@@ -131,11 +137,13 @@ resource "aws_dynamodb_table" "pool" {
     projection_type = "ALL"
   }
 
-  # Expiry and cleanup query "status = X and due_at < now" instead of scanning.
+  # Expiry and cleanup query "due_shard = status#k and due_key < now" on each of
+  # the VIEW_INDEX_SHARDS shards instead of scanning; the status is write-sharded
+  # so no single partition takes every allocated row (ADR 0014).
   global_secondary_index {
-    name            = "by-status-expiry"
-    hash_key        = "status"
-    range_key       = "due_at"
+    name            = "by-due"
+    hash_key        = "due_shard"
+    range_key       = "due_key"
     projection_type = "ALL"
   }
 

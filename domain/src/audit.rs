@@ -2,8 +2,9 @@
 //! state of one sandbox, a caller's allocations, a replay of the whole pool at a past instant, and
 //! the tail that feeds the API's live stream.
 //!
-//! The feed is one more port, [`EventFeed`], kept apart from [`EventStore`] because only auditors,
-//! exports and the live stream need it. Both adapters order it the same way, by the **feed key**
+//! The feed is one more port, [`EventFeed`] (defined in `crate::store::feed`, re-exported here),
+//! kept apart from [`EventStore`] because only auditors, exports and the live stream need it.
+//! Both adapters order it the same way, by the **feed key**
 //! `{occurred_at}#{event_id}` (RFC 3339 with milliseconds, so the text order is the time order):
 //! the embedded store walks its `events_by_time (occurred_at, event_id)` index, DynamoDB its
 //! `by-time` GSI hour by hour (hash `time_bucket` = `YYYY-MM-DDTHH`, range `occurred_key`). A

@@ -7,12 +7,13 @@
 //! - [`model`] — pure model, no I/O: [`model::ids`] (stream ids), [`model::events`] (events,
 //!   envelope, upcasting), [`model::lifecycle`] (the transition table), [`model::sandbox`] and
 //!   [`model::claim`] (cqrs-es aggregates), [`model::projection`] (`project`, `PoolRow`, stats).
-//! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, and the projector's
-//!   idempotent `apply_event`.
+//! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, `EventFeed`; the append rules
+//!   every adapter checks (`validate_append`), and the projector's idempotent `apply_event`.
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
 //! - [`adapters`] — `embedded` (SQLite file) and `dynamo` (aws-sdk-dynamodb) implementations of
-//!   the ports; the model never imports them.
-//! - [`audit`] — the auditor's side: the time-ordered `EventFeed` port, paged audit queries,
+//!   the ports, each split into the same rooms (`event_store`, `pool_view`, `view_store`, `feed`,
+//!   `tables`); the model never imports them.
+//! - [`audit`] — the auditor's side over the `EventFeed` port: paged audit queries,
 //!   point-in-time state, a caller's allocations, pool replay at an instant, the live-feed tail.
 
 pub mod adapters;

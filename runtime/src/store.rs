@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use domain::adapters::dynamo::{
-    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES,
+    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS,
+    DEFAULT_MAX_RETRIES,
 };
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, ViewStore};
@@ -64,6 +65,11 @@ pub struct StoreArgs {
     /// Stats shard count; every process on the same tables must use the same value.
     #[arg(long, env = "STATS_SHARDS", default_value_t = 8, global = true)]
     pub stats_shards: u32,
+    /// Write shards of the hot DynamoDB index keys (`by-time`: an hour's events; `by-due`: a
+    /// status's due rows), so none takes every write; every process on the same tables must use
+    /// the same value (readers query each shard).
+    #[arg(long, env = "VIEW_INDEX_SHARDS", default_value_t = DEFAULT_INDEX_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64), global = true)]
+    pub view_index_shards: u32,
     /// Create missing DynamoDB tables at start-up (default: yes with `DDB_ENDPOINT_URL`, no
     /// against AWS, where terraform owns the tables).
     #[arg(long, env = "ENSURE_TABLES", value_parser = BoolishValueParser::new(), global = true)]
@@ -81,6 +87,7 @@ impl StoreArgs {
             aws_region: None,
             ddb_max_retries: DEFAULT_MAX_RETRIES,
             stats_shards: 8,
+            view_index_shards: DEFAULT_INDEX_SHARDS,
             ensure_tables: None,
         }
     }
@@ -100,6 +107,7 @@ impl StoreArgs {
             region: self.aws_region.clone(),
             stats_shards: self.stats_shards,
             max_retries: self.ddb_max_retries,
+            index_shards: self.view_index_shards,
         }
     }
 

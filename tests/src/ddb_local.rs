@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use domain::adapters::dynamo::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
+use domain::adapters::dynamo::{
+    DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES,
+};
 use tokio::sync::OnceCell;
 
 /// How long DynamoDB Local may take to answer after it was started (Java start-up on a busy
@@ -52,6 +54,8 @@ pub async fn fresh_config(stats_shards: u32) -> DynamoConfig {
         region: Some("us-east-1".into()),
         stats_shards,
         max_retries: DEFAULT_MAX_RETRIES,
+        // More than one shard, so every DynamoDB test reads merged shards (ADR 0014).
+        index_shards: DEFAULT_INDEX_SHARDS,
     }
 }
 

@@ -962,9 +962,14 @@ async fn dynamodb_items_have_the_documented_shape() -> TestResult {
         .item
         .expect("the event item");
     let occurred = domain::model::events::format_time(&e.occurred_at);
+    // The hour, write-sharded by the stream (ADR 0014).
     assert_eq!(
         item.get("time_bucket"),
-        Some(&AttributeValue::S(occurred[..13].to_string()))
+        Some(&AttributeValue::S(format!(
+            "{}#{}",
+            &occurred[..13],
+            dynamo::index_shard(&e.stream_id, store.index_shards())
+        )))
     );
     assert_eq!(
         item.get("occurred_key"),
@@ -1010,6 +1015,8 @@ async fn dynamodb_items_have_the_documented_shape() -> TestResult {
         "owner",
         "allocated_at",
         "due_at",
+        "due_shard",
+        "due_key",
         "sfdc_account_id",
         "last_error",
     ] {

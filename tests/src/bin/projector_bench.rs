@@ -600,6 +600,7 @@ async fn dynamo_store(args: &Args, prefix: &str) -> anyhow::Result<DynamoStore> 
         region: Some("us-east-1".into()),
         stats_shards: 8,
         max_retries: DEFAULT_MAX_RETRIES,
+        ..DynamoConfig::default()
     })
     .await?;
     store.ensure_tables().await?;

@@ -12,8 +12,8 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::items::{
-    cursor_from_key, envelope_from_item, envelope_to_item, event_attr, key_from_cursor, key_s,
-    Item, EVENTS_KEY,
+    cursor_from_key, envelope_from_item, envelope_to_sharded_item, event_attr, key_from_cursor,
+    key_s, Item, EVENTS_KEY,
 };
 use super::retry::{classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
 use super::{
@@ -32,7 +32,7 @@ fn is_own_event(old: Option<&Item>, envelope: &EventEnvelope) -> bool {
 impl DynamoStore {
     /// One event: a conditional `PutItem`.
     async fn put_event(&self, envelope: &EventEnvelope) -> Result<(), StoreError> {
-        let item = envelope_to_item(envelope);
+        let item = envelope_to_sharded_item(envelope, self.index_shards);
         let mut retry = self.retry("PutItem(event)");
         loop {
             // `attribute_not_exists(stream_id)` is evaluated on the item with this exact
@@ -76,7 +76,7 @@ impl DynamoStore {
             .map(|e| {
                 Put::builder()
                     .table_name(&self.events)
-                    .set_item(Some(envelope_to_item(e)))
+                    .set_item(Some(envelope_to_sharded_item(e, self.index_shards)))
                     .condition_expression("attribute_not_exists(#sid)")
                     .expression_attribute_names("#sid", event_attr::STREAM_ID)
                     .return_values_on_condition_check_failure(
@@ -338,6 +338,8 @@ impl EventStore for DynamoStore {
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
+
+    use super::super::items::envelope_to_item;
 
     use super::*;
     use crate::model::events::{Actor, CommandMeta, SyncEvent};

@@ -1,13 +1,18 @@
 //! [`EventFeed`] for DynamoDB: the `by-time` GSI (hash `time_bucket` = the hour `YYYY-MM-DDTHH`,
-//! range `occurred_key` = `{occurred_at}#{event_id}`), read hour by hour from the position's hour
-//! to the hour of `until`, following pages inside an hour.
+//! write-sharded as `{hour}#{k}` when `VIEW_INDEX_SHARDS` > 1; range `occurred_key` =
+//! `{occurred_at}#{event_id}`), read hour by hour from the position's hour to the hour of `until`,
+//! following pages inside an hour.
 //!
-//! Each read is `time_bucket = :hour AND occurred_key BETWEEN :after AND :until`: the position and
-//! the bound are both strings of the key's order (see `crate::audit`), so one key condition does
-//! the range; the key equal to the position (the event a cursor ended on) is skipped here. The
-//! continuation is the last key examined, never an `ExclusiveStartKey`, so cursors are the same
-//! positions the embedded store uses. A call spends at most [`MAX_QUERIES_PER_CALL`] queries —
-//! hours without events cost one empty query each — and then returns what it has with `next`.
+//! Each read is `time_bucket = :partition AND occurred_key BETWEEN :after AND :until`, sent to
+//! every partition of the hour at once (its shards, plus the bare hour that holds events written
+//! before sharding) and merged by key: each partition is in key order, so the merge is exact up to
+//! the lowest key at which a partition stopped early, and the next round continues from there.
+//! The position and the bound are both strings of the key's order (see `crate::audit`), so one key
+//! condition does the range; the key equal to the position (the event a cursor ended on) is
+//! skipped here. The continuation is the last key examined, never an `ExclusiveStartKey`, so
+//! cursors are the same positions the embedded store uses, whatever the shard count. A call
+//! spends at most [`MAX_QUERIES_PER_CALL`] rounds — hours without events cost one empty round each
+//! — and then returns what it has with `next`.
 //!
 //! Filters are pushed down only where DynamoDB can evaluate a superset exactly: the event type,
 //! and caller / sandbox ids made of plain characters (whose JSON text is the value itself, so
@@ -28,7 +33,8 @@ use crate::model::events::format_time;
 use crate::model::ids::SANDBOX_STREAM_PREFIX;
 use crate::store::StoreError;
 
-/// Queries one feed call may send (one per empty hour, one per page inside an hour).
+/// Rounds of queries one feed call may send (a round is one query per partition of an hour, sent
+/// together: one round per empty hour, one per page inside an hour).
 pub const MAX_QUERIES_PER_CALL: usize = 48;
 /// Segments of the one-time scan that finds the first event.
 const FIRST_EVENT_SCAN_SEGMENTS: i32 = 4;
@@ -116,29 +122,55 @@ impl EventFeed for DynamoStore {
             } else {
                 remaining + 1
             };
-            let mut values = values.clone();
-            values.insert(":b".into(), s(hour_bucket(&hour)));
-            values.insert(":lo".into(), s(&after));
-            values.insert(":hi".into(), s(&until_key));
-            let out = self
-                .call("Query(by-time)", refused, || {
-                    self.client
-                        .query()
-                        .table_name(&self.events)
-                        .index_name(tables::INDEX_BY_TIME)
-                        .key_condition_expression("#b = :b AND #k BETWEEN :lo AND :hi")
-                        .set_filter_expression(filter_expression.clone())
-                        .set_expression_attribute_names(non_empty(names.clone()))
-                        .set_expression_attribute_values(non_empty(values.clone()))
-                        .limit(limit_i32(page_limit))
-                        .send()
-                })
-                .await?;
-            for item in out.items() {
-                let key = key_s(item, event_attr::OCCURRED_KEY)
-                    .ok_or_else(|| StoreError::Corrupt("by-time item without occurred_key".into()))?
-                    .to_string();
-                if key == after {
+            let bucket = hour_bucket(&hour);
+            let reads = self.hour_partitions(&bucket).into_iter().map(|partition| {
+                let mut values = values.clone();
+                values.insert(":b".into(), s(partition));
+                values.insert(":lo".into(), s(&after));
+                values.insert(":hi".into(), s(&until_key));
+                let names = names.clone();
+                let filter_expression = filter_expression.clone();
+                async move {
+                    self.call("Query(by-time)", refused, || {
+                        self.client
+                            .query()
+                            .table_name(&self.events)
+                            .index_name(tables::INDEX_BY_TIME)
+                            .key_condition_expression("#b = :b AND #k BETWEEN :lo AND :hi")
+                            .set_filter_expression(filter_expression.clone())
+                            .set_expression_attribute_names(non_empty(names.clone()))
+                            .set_expression_attribute_values(non_empty(values.clone()))
+                            .limit(limit_i32(page_limit))
+                            .send()
+                    })
+                    .await
+                }
+            });
+            let outs = futures::future::try_join_all(reads).await?;
+            // Each partition is in key order; merged, the keys are exact up to the lowest key
+            // where a partition stopped early (its later keys are read in the next round).
+            let mut frontier: Option<String> = None;
+            let mut items = Vec::new();
+            for out in &outs {
+                if let Some(last) = out
+                    .last_evaluated_key()
+                    .and_then(|k| key_s(k, event_attr::OCCURRED_KEY))
+                {
+                    frontier = Some(match frontier {
+                        Some(f) if f.as_str() <= last => f,
+                        _ => last.to_string(),
+                    });
+                }
+                for item in out.items() {
+                    let key = key_s(item, event_attr::OCCURRED_KEY).ok_or_else(|| {
+                        StoreError::Corrupt("by-time item without occurred_key".into())
+                    })?;
+                    items.push((key.to_string(), item));
+                }
+            }
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            for (key, item) in items {
+                if key == after || frontier.as_ref().is_some_and(|f| key > *f) {
                     continue;
                 }
                 let event = envelope_from_item(item)?;
@@ -153,12 +185,9 @@ impl EventFeed for DynamoStore {
                 }
                 after = key;
             }
-            match out
-                .last_evaluated_key()
-                .and_then(|k| key_s(k, event_attr::OCCURRED_KEY))
-            {
-                // More in this hour: continue after the last key DynamoDB examined.
-                Some(last) => after = last.to_string(),
+            match frontier {
+                // More in this hour: continue after the last key every partition has covered.
+                Some(last) => after = last,
                 None => {
                     hour += Duration::hours(1);
                     after = hour_bucket(&hour);
@@ -192,6 +221,18 @@ impl EventFeed for DynamoStore {
 }
 
 impl DynamoStore {
+    /// The `by-time` partitions holding hour `bucket`'s events: the hour itself without write
+    /// sharding; with it, every `{hour}#{k}` and also the bare hour, where events written before
+    /// sharding was switched on stay (events are never rewritten; ADR 0014).
+    fn hour_partitions(&self, bucket: &str) -> Vec<String> {
+        let mut partitions: Vec<String> = (0..self.index_shards)
+            .filter(|_| self.index_shards > 1)
+            .map(|k| format!("{bucket}#{k}"))
+            .collect();
+        partitions.push(bucket.to_string());
+        partitions
+    }
+
     /// The earliest `occurred_at` in one scan segment of the events table.
     async fn first_in_segment(&self, segment: i32) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut first: Option<String> = None;

@@ -51,6 +51,10 @@ pub(crate) mod pool_attr {
     pub const ATTEMPTS: &str = "attempts";
     pub const LAST_ERROR: &str = "last_error";
     pub const DUE_AT: &str = "due_at";
+    /// `by-due` hash key: `{status}#{shard}` (only rows with a `due_at`).
+    pub const DUE_SHARD: &str = "due_shard";
+    /// `by-due` range key: `{due_at ms, 13 digits}#{sandbox_id}`, unique and in due order.
+    pub const DUE_KEY: &str = "due_key";
     pub const PICK: &str = "pick";
     pub const VERSION: &str = "version";
     pub const UPDATED_AT: &str = "updated_at";
@@ -118,16 +122,49 @@ fn get_opt_time(item: &Item, name: &str) -> Result<Option<DateTime<Utc>>, StoreE
         .transpose()
 }
 
-/// The `by-time` index's hash key: the hour an event occurred in, `YYYY-MM-DDTHH` (UTC). An
-/// auditor reads one hour's events with a single query instead of scanning the table.
+/// The hour an event occurred in, `YYYY-MM-DDTHH` (UTC): the `by-time` index's hash key when the
+/// index is not sharded, and the prefix of every shard's key when it is.
 pub fn time_bucket(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%dT%H").to_string()
+}
+
+/// The index shard a stream (or sandbox) writes to, out of `shards`: a hash of its id, so every
+/// write of one stream goes to the same shard and the shards fill evenly.
+pub fn index_shard(id: &str, shards: u32) -> u32 {
+    crate::store::stats_shard(id, shards)
+}
+
+/// The `by-time` hash key of an event of `stream_id` in `hour` (a [`time_bucket`]): the hour
+/// itself with one shard, `{hour}#{k}` with more. Write sharding spreads an hour's events over
+/// `shards` partitions, so no single partition takes every write of the hour (ADR 0014).
+pub fn time_bucket_key(hour: &str, stream_id: &str, shards: u32) -> String {
+    if shards <= 1 {
+        hour.to_string()
+    } else {
+        format!("{hour}#{}", index_shard(stream_id, shards))
+    }
+}
+
+/// The `by-due` hash key of a row of `status`: `{status}#{k}`, `k` from the sandbox id.
+pub fn due_shard_key(status: SandboxStatus, sandbox_id: &str, shards: u32) -> String {
+    format!("{}#{}", status.as_str(), index_shard(sandbox_id, shards))
+}
+
+/// The `by-due` range key: the due time in ms, zero-padded to 13 digits so the text order is
+/// the time order, then the sandbox id, so keys are unique and ties have one order everywhere.
+pub fn due_sort_key(due_at_ms: i64, sandbox_id: &str) -> String {
+    format!("{due_at_ms:013}#{sandbox_id}")
 }
 
 /// The event item written for `envelope`: the envelope's fields, the payload as JSON text, and
 /// the `by-time` index keys (`time_bucket`, `occurred_key` = `{occurred_at}#{event_id}`, unique
 /// and time-ordered within the hour).
 pub fn envelope_to_item(envelope: &EventEnvelope) -> Item {
+    envelope_to_sharded_item(envelope, 1)
+}
+
+/// [`envelope_to_item`] with the `by-time` key spread over `shards` (see [`time_bucket_key`]).
+pub fn envelope_to_sharded_item(envelope: &EventEnvelope, shards: u32) -> Item {
     use event_attr::*;
     let occurred_at = format_time(&envelope.occurred_at);
     let mut item = Item::with_capacity(12);
@@ -140,7 +177,14 @@ pub fn envelope_to_item(envelope: &EventEnvelope) -> Item {
         OCCURRED_KEY.into(),
         s(format!("{occurred_at}#{}", envelope.event_id)),
     );
-    item.insert(TIME_BUCKET.into(), s(time_bucket(&envelope.occurred_at)));
+    item.insert(
+        TIME_BUCKET.into(),
+        s(time_bucket_key(
+            &time_bucket(&envelope.occurred_at),
+            &envelope.stream_id,
+            shards,
+        )),
+    );
     item.insert(OCCURRED_AT.into(), s(occurred_at));
     item.insert(ACTOR.into(), s(&envelope.actor));
     if let Some(request_id) = &envelope.request_id {
@@ -218,6 +262,12 @@ pub fn envelope_from_json_image(image: &serde_json::Value) -> Result<EventEnvelo
 /// an empty `name` is omitted too, because DynamoDB refuses an empty string as an index key (such
 /// a row is then absent from `by-status-name`, and reads back with an empty name).
 pub fn row_to_item(row: &PoolRow) -> Item {
+    row_to_sharded_item(row, 1)
+}
+
+/// [`row_to_item`] with the `by-due` keys (`due_shard`, `due_key`) of a row that has a `due_at`,
+/// its hash key spread over `shards` (see [`due_shard_key`]).
+pub fn row_to_sharded_item(row: &PoolRow, shards: u32) -> Item {
     use pool_attr::*;
     let mut item = Item::with_capacity(16);
     item.insert(SANDBOX_ID.into(), s(&row.sandbox_id));
@@ -247,6 +297,16 @@ pub fn row_to_item(row: &PoolRow) -> Item {
         if let Some(at) = value {
             item.insert(name.into(), millis(at));
         }
+    }
+    if let Some(due) = &row.due_at {
+        item.insert(
+            DUE_SHARD.into(),
+            s(due_shard_key(row.status, &row.sandbox_id, shards)),
+        );
+        item.insert(
+            DUE_KEY.into(),
+            s(due_sort_key(due.timestamp_millis(), &row.sandbox_id)),
+        );
     }
     item.insert(ATTEMPTS.into(), n(row.attempts));
     item.insert(PICK.into(), n(row.pick));
@@ -319,11 +379,18 @@ pub(crate) const BY_OWNER_KEY: &KeyShape = &[
     (pool_attr::ALLOCATED_AT, KeyType::N),
     (pool_attr::SANDBOX_ID, KeyType::S),
 ];
-/// `by-status-expiry` key.
-pub(crate) const BY_STATUS_EXPIRY_KEY: &KeyShape = &[
-    (pool_attr::STATUS, KeyType::S),
-    (pool_attr::DUE_AT, KeyType::N),
+
+/// `by-due` key (one shard's rows; `due_key` is unique, so it alone orders them).
+pub(crate) const BY_DUE_KEY: &KeyShape = &[
+    (pool_attr::DUE_SHARD, KeyType::S),
+    (pool_attr::DUE_KEY, KeyType::S),
     (pool_attr::SANDBOX_ID, KeyType::S),
+];
+/// A `due()` cursor: the status (in `due_shard`, unsharded) and the last `due_key` returned —
+/// a position in the merged order of every shard, not one shard's `ExclusiveStartKey`.
+pub(crate) const DUE_CURSOR: &KeyShape = &[
+    (pool_attr::DUE_SHARD, KeyType::S),
+    (pool_attr::DUE_KEY, KeyType::S),
 ];
 
 /// One key attribute as a cursor carries it, e.g. `{"S":"lab-1"}`.

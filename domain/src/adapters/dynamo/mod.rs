@@ -49,8 +49,9 @@ use aws_sdk_dynamodb::Client;
 use crate::store::StoreError;
 
 pub use items::{
-    envelope_from_item, envelope_from_json_image, envelope_to_item, row_from_item, row_to_item,
-    time_bucket, Item,
+    due_shard_key, due_sort_key, envelope_from_item, envelope_from_json_image, envelope_to_item,
+    envelope_to_sharded_item, index_shard, row_from_item, row_to_item, row_to_sharded_item,
+    time_bucket, time_bucket_key, Item,
 };
 use items::{n, s};
 pub use tables::{
@@ -62,6 +63,9 @@ use retry::{classify, Retry};
 
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
 pub const DEFAULT_STATS_SHARDS: u32 = 8;
+/// Default number of write shards of the hot index keys (ADR 0014): an hour's events and a
+/// status's due rows are spread over this many partitions.
+pub const DEFAULT_INDEX_SHARDS: u32 = 8;
 /// Default retry budget per call (after the first attempt).
 pub const DEFAULT_MAX_RETRIES: u32 = 6;
 /// Region used with a local endpoint when none is configured anywhere.
@@ -95,6 +99,9 @@ pub struct DynamoConfig {
     pub stats_shards: u32,
     /// Retries per call after the first attempt (default [`DEFAULT_MAX_RETRIES`]).
     pub max_retries: u32,
+    /// Write shards of the hot index keys, `by-time` and `by-due` (default
+    /// [`DEFAULT_INDEX_SHARDS`]); readers query every shard, so it must match every writer's.
+    pub index_shards: u32,
 }
 
 impl Default for DynamoConfig {
@@ -105,6 +112,7 @@ impl Default for DynamoConfig {
             region: None,
             stats_shards: DEFAULT_STATS_SHARDS,
             max_retries: DEFAULT_MAX_RETRIES,
+            index_shards: DEFAULT_INDEX_SHARDS,
         }
     }
 }
@@ -170,6 +178,7 @@ pub struct DynamoStore {
     checkpoints: String,
     table_prefix: String,
     stats_shards: u32,
+    index_shards: u32,
     max_retries: u32,
     requests: Arc<RequestCounts>,
 }
@@ -179,6 +188,7 @@ impl std::fmt::Debug for DynamoStore {
         f.debug_struct("DynamoStore")
             .field("table_prefix", &self.table_prefix)
             .field("stats_shards", &self.stats_shards)
+            .field("index_shards", &self.index_shards)
             .field("max_retries", &self.max_retries)
             .finish_non_exhaustive()
     }
@@ -242,6 +252,7 @@ impl DynamoStore {
             checkpoints: tables::table_name(prefix, tables::CHECKPOINTS),
             table_prefix: prefix.clone(),
             stats_shards: config.stats_shards.max(1),
+            index_shards: config.index_shards.max(1),
             max_retries: config.max_retries,
             requests: Arc::default(),
         }
@@ -295,6 +306,11 @@ impl DynamoStore {
     /// The number of stats shards.
     pub fn stats_shards(&self) -> u32 {
         self.stats_shards
+    }
+
+    /// The number of write shards of the `by-time` and `by-due` index keys.
+    pub fn index_shards(&self) -> u32 {
+        self.index_shards
     }
 
     /// Sends a request built by `request` until it succeeds, a fatal error occurs or the retry

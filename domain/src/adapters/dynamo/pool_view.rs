@@ -8,8 +8,9 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use chrono::{DateTime, Utc};
 
 use super::items::{
-    cursor_from_key, key_from_cursor, key_n, key_of, key_s, pool_attr, row_from_item, Item,
-    KeyShape, BY_OWNER_KEY, BY_STATUS_EXPIRY_KEY, BY_STATUS_NAME_KEY, BY_STATUS_PICK_KEY, POOL_KEY,
+    cursor_from_key, due_sort_key, key_from_cursor, key_n, key_of, key_s, pool_attr, row_from_item,
+    Item, KeyShape, BY_DUE_KEY, BY_OWNER_KEY, BY_STATUS_NAME_KEY, BY_STATUS_PICK_KEY, DUE_CURSOR,
+    POOL_KEY,
 };
 use super::retry::Failure;
 use super::{
@@ -318,33 +319,76 @@ impl PoolView for DynamoStore {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<RowPage, StoreError> {
-        let before_ms = before.timestamp_millis();
-        let start = cursor
-            .map(|c| key_from_cursor(c, BY_STATUS_EXPIRY_KEY))
-            .transpose()?;
-        if let Some(key) = &start {
-            cursor_in_partition(key, pool_attr::STATUS, status.as_str())?;
-            // The resume point must lie inside the queried range `due_at <= before`.
-            if key_n(key, pool_attr::DUE_AT).is_none_or(|due| due > i128::from(before_ms)) {
-                return Err(StoreError::InvalidCursor);
+        let limit = limit.max(1);
+        // Keys below `{before + 1 ms}` (13 digits, no `#`) are exactly the rows due at or
+        // before `before`; "0" is below every key.
+        let hi = format!("{:013}", before.timestamp_millis().saturating_add(1));
+        let after = match cursor {
+            None => "0".to_string(),
+            Some(c) => {
+                let key = key_from_cursor(c, DUE_CURSOR)?;
+                cursor_in_partition(&key, pool_attr::DUE_SHARD, status.as_str())?;
+                // The resume point must lie inside the queried range.
+                match key_s(&key, pool_attr::DUE_KEY) {
+                    Some(after) if after < hi.as_str() => after.to_string(),
+                    _ => return Err(StoreError::InvalidCursor),
+                }
             }
-        }
-        let query = RowQuery {
-            what: "Query(by-status-expiry)",
-            index: Some(tables::INDEX_BY_STATUS_EXPIRY),
-            shape: BY_STATUS_EXPIRY_KEY,
-            key_condition: Some("#st = :st AND #due <= :before".into()),
-            filter: None,
-            names: names(&[("#st", pool_attr::STATUS), ("#due", pool_attr::DUE_AT)]),
-            values: HashMap::from([
-                (":st".to_string(), s(status.as_str())),
-                (":before".to_string(), n(before_ms)),
-            ]),
-            consistent: false,
         };
-        let (rows, next) = self.rows(&query, limit, start).await?;
-        let cursor = next.as_ref().map(cursor_from_key).transpose()?;
-        Ok(RowPage { rows, cursor })
+        // Each shard is asked for `limit + 1` keys from `after` (the bound is inclusive, and the
+        // key equal to `after` is skipped): then the merged first `limit` rows after `after`
+        // are exact up to the lowest key where a truncated shard stopped (ADR 0014).
+        let shards = (0..self.index_shards).map(|k| {
+            let query = RowQuery {
+                what: "Query(by-due)",
+                index: Some(tables::INDEX_BY_DUE),
+                shape: BY_DUE_KEY,
+                key_condition: Some("#ds = :ds AND #dk BETWEEN :lo AND :hi".into()),
+                filter: None,
+                names: names(&[("#ds", pool_attr::DUE_SHARD), ("#dk", pool_attr::DUE_KEY)]),
+                values: HashMap::from([
+                    (":ds".to_string(), s(format!("{}#{k}", status.as_str()))),
+                    (":lo".to_string(), s(&after)),
+                    (":hi".to_string(), s(&hi)),
+                ]),
+                consistent: false,
+            };
+            async move { self.rows(&query, limit + 1, None).await }
+        });
+        let pages = futures::future::try_join_all(shards).await?;
+        let due_key = |row: &PoolRow| {
+            due_sort_key(
+                row.due_at.map(|t| t.timestamp_millis()).unwrap_or_default(),
+                &row.sandbox_id,
+            )
+        };
+        let mut frontier: Option<String> = None;
+        let mut merged = Vec::new();
+        for (rows, next) in pages {
+            if next.is_some() {
+                if let Some(last) = rows.last().map(due_key) {
+                    frontier = Some(frontier.map_or(last.clone(), |f| f.min(last)));
+                }
+            }
+            merged.extend(rows.into_iter().map(|row| (due_key(&row), row)));
+        }
+        merged.sort_by(|a, b| a.0.cmp(&b.0));
+        merged.retain(|(key, _)| {
+            key.as_str() > after.as_str() && frontier.as_ref().is_none_or(|f| key <= f)
+        });
+        let more = merged.len() > limit || frontier.is_some();
+        merged.truncate(limit);
+        let cursor = match merged.last() {
+            Some((last, _)) if more => Some(cursor_from_key(&HashMap::from([
+                (pool_attr::DUE_SHARD.to_string(), s(status.as_str())),
+                (pool_attr::DUE_KEY.to_string(), s(last)),
+            ]))?),
+            _ => None,
+        };
+        Ok(RowPage {
+            rows: merged.into_iter().map(|(_, row)| row).collect(),
+            cursor,
+        })
     }
 
     async fn stats(&self) -> Result<PoolStats, StoreError> {

@@ -35,8 +35,9 @@ pub const INDEX_BY_STATUS_PICK: &str = "by-status-pick";
 pub const INDEX_BY_STATUS_NAME: &str = "by-status-name";
 /// `by-owner` (pool, sparse): a student's allocations.
 pub const INDEX_BY_OWNER: &str = "by-owner";
-/// `by-status-expiry` (pool, sparse): rows a job must look at by `due_at`.
-pub const INDEX_BY_STATUS_EXPIRY: &str = "by-status-expiry";
+/// `by-due` (pool, sparse): rows a job must look at, by status and `due_at`, the status's
+/// key write-sharded (`due_shard` = `{status}#{k}`, `due_key` = `{due_at ms}#{sandbox_id}`).
+pub const INDEX_BY_DUE: &str = "by-due";
 
 /// Key attribute of the stats table.
 pub const STATS_KEY: &str = "shard";
@@ -162,9 +163,9 @@ pub fn table_definitions(prefix: &str) -> Vec<TableDef> {
                     (pool_attr::ALLOCATED_AT, "N"),
                 ),
                 gsi(
-                    INDEX_BY_STATUS_EXPIRY,
-                    (pool_attr::STATUS, "S"),
-                    (pool_attr::DUE_AT, "N"),
+                    INDEX_BY_DUE,
+                    (pool_attr::DUE_SHARD, "S"),
+                    (pool_attr::DUE_KEY, "S"),
                 ),
             ],
         ),
@@ -352,7 +353,7 @@ mod tests {
         let pool = &defs[2];
         assert_eq!(pool.gsis.len(), 4);
         assert!(pool.gsis.windows(2).all(|w| w[0].name < w[1].name));
-        assert_eq!(pool.key_attributes().len(), 7);
+        assert_eq!(pool.key_attributes().len(), 8);
         assert_eq!(
             ours[1]["gsis"][0]["range_key"],
             serde_json::json!(["occurred_key", "S"])

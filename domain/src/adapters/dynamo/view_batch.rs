@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem, Update};
 
-use super::items::{pool_attr, row_from_item, row_to_item, Item};
+use super::items::{pool_attr, row_from_item, row_to_sharded_item, Item};
 use super::retry::{cancellation_failure, classify, Failure, Retry};
 use super::{
     build_error, n, names, non_empty, refused, s, tables, DynamoStore, BATCH_GET_KEYS,
@@ -161,7 +161,7 @@ impl DynamoStore {
             ),
         };
         ConditionalRowPut {
-            item: row_to_item(row),
+            item: row_to_sharded_item(row, self.index_shards),
             condition,
             names,
             values,
