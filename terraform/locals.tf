@@ -28,11 +28,12 @@ locals {
   # Environment shared by every component that talks to the store. Values are
   # strings because ECS and Lambda only take strings.
   store_env = {
-    STORE        = "dynamodb"
-    TABLE_PREFIX = var.table_prefix
-    STATS_SHARDS = tostring(var.stats_shards)
-    LOG_FORMAT   = "json"
-    RUST_LOG     = var.rust_log
+    STORE             = "dynamodb"
+    TABLE_PREFIX      = var.table_prefix
+    STATS_SHARDS      = tostring(var.stats_shards)
+    VIEW_INDEX_SHARDS = tostring(var.view_index_shards)
+    LOG_FORMAT        = "json"
+    RUST_LOG          = var.rust_log
   }
 
   # Lifecycle policy shared by the API (sets expires_at, checks the mark

@@ -660,6 +660,17 @@ variable "cors_allowed_origins" {
   }
 }
 
+variable "view_index_shards" {
+  description = "VIEW_INDEX_SHARDS: write shards of the hot index keys (by-time hours, by-due statuses). Given to API, projector and jobs alike; readers query every shard, so all must agree. After raising it from 1, run `projector rebuild` once (ADR 0014)."
+  type        = number
+  default     = 8
+
+  validation {
+    condition     = var.view_index_shards >= 1 && var.view_index_shards <= 64
+    error_message = "view_index_shards must be between 1 and 64."
+  }
+}
+
 variable "stats_shards" {
   description = "STATS_SHARDS: number of stats counter items. Given to API, projector and jobs alike; changing it on a populated system requires `projector rebuild`."
   type        = number

@@ -47,7 +47,7 @@ impl std::fmt::Debug for Jobs {
 /// Which rows a sweep walks.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum RowQuery {
-    /// `PoolView::due(status, before)`: the `by-status-expiry` index.
+    /// `PoolView::due(status, before)`: the `by-due` index.
     Due {
         status: SandboxStatus,
         before: chrono::DateTime<chrono::Utc>,

@@ -36,7 +36,7 @@ pub struct PoolRow {
     pub attempts: u32,
     /// Last delete error.
     pub last_error: Option<String>,
-    /// When the status's job should next look at the row (the `by-status-expiry` range key):
+    /// When the status's job should next look at the row (the `by-due` index orders by it):
     /// `expires_at` when allocated, the next attempt when pending deletion, the time it went stale.
     pub due_at: Option<DateTime<Utc>>,
     /// Candidate-selection position, a hash of (sandbox, version): random-looking yet the same on

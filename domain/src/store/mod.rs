@@ -170,7 +170,7 @@ pub trait PoolView: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<RowPage, StoreError>;
 
-    /// Rows of `status` whose `due_at <= before` (the `by-status-expiry` index), oldest first.
+    /// Rows of `status` whose `due_at <= before` (the `by-due` index on DynamoDB), oldest first.
     async fn due(
         &self,
         status: SandboxStatus,

@@ -4,7 +4,7 @@
 //!
 //! Every time in a pool row is stored as epoch milliseconds (`N`), so range conditions on the
 //! indexes are numeric; optional attributes are omitted rather than stored empty, which keeps the
-//! `by-owner` and `by-status-expiry` indexes sparse.
+//! `by-owner` and `by-due` indexes sparse.
 
 use std::collections::{BTreeMap, HashMap};
 
