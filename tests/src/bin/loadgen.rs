@@ -262,6 +262,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut spawned: Option<TestApp> = None;
     let mut ticker = None;
+    let tick_gap_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (url, token, admin_token) = match &args.url {
         Some(url) => (
             url.trim_end_matches('/').to_string(),
@@ -277,13 +279,23 @@ async fn main() -> anyhow::Result<()> {
             // The test app's clock only moves when told to; the projector measures lag against
             // the wall clock, so events (the seed's too) must carry wall-clock times. Ticking
             // every millisecond bounds the error this adds to a lag sample to about that.
+            // An OS thread, not a task: a saturated runtime would delay a task's tick by far
+            // more than the scheduler delays a sleeping thread. The longest gap is printed, as
+            // the bound on how much earlier than the truth an event may be stamped.
             let clock = app.clock.clone();
-            ticker = Some(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                loop {
-                    tick.tick().await;
+            let gap = tick_gap_us.clone();
+            let stop = ticker_stop.clone();
+            ticker = Some(std::thread::spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
                     clock.set(chrono::Utc::now());
+                    let now = Instant::now();
+                    gap.fetch_max(
+                        (now - last).as_micros() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    last = now;
                 }
             }));
             eprintln!("seeding {} sandboxes on {backend:?} …", args.pool);
@@ -317,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
     let mut read_side = Vec::new();
     for &c in &args.concurrency {
         let requests_before = store_requests_by_op(&probe.metrics_text().await);
+        tick_gap_us.store(0, std::sync::atomic::Ordering::Relaxed);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = sample_lag(probe.clone(), stop.clone());
         let bound = match args.duration {
@@ -389,8 +402,16 @@ async fn main() -> anyhow::Result<()> {
             ),
             None => format!("not within {} s", args.converge_timeout),
         };
+        let tick_gap = if ticker.is_some() {
+            format!(
+                "{:.1}",
+                tick_gap_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+            )
+        } else {
+            "–".to_string()
+        };
         read_side.push(format!(
-            "| {mode} | {c} | {:.1} | {} | {} | {} | {} | {caught_up} |",
+            "| {mode} | {c} | {:.1} | {} | {} | {} | {} | {tick_gap} | {caught_up} |",
             r.elapsed.as_secs_f64(),
             lags.len(),
             quantile(&lags, 0.50),
@@ -403,8 +424,9 @@ async fn main() -> anyhow::Result<()> {
             read_side[read_side.len() - 1]
         );
     }
+    ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(ticker) = ticker {
-        ticker.abort();
+        let _ = ticker.join();
     }
     println!(
         "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) |\n|---|---|---|---|---|---|---|---|---|"
@@ -413,7 +435,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{row}");
     }
     println!(
-        "\n| mode | concurrency | run s | lag samples | lag p50 ms | lag p99 ms | lag max ms | stats = 201s after the run |\n|---|---|---|---|---|---|---|---|"
+        "\n| mode | concurrency | run s | lag samples | lag p50 ms | lag p99 ms | lag max ms | clock tick max gap ms | stats = 201s after the run |\n|---|---|---|---|---|---|---|---|---|"
     );
     for row in &read_side {
         println!("{row}");
