@@ -13,7 +13,9 @@
 # Base images are pinned by digest, so a rebuild uses exactly the bytes that were reviewed, even
 # if the tag moves. The tag stays in the line for humans (and for scripts/pin-images.sh, which
 # resolves each tag again and rewrites the digest: `bash scripts/pin-images.sh`). CI checks that
-# every FROM line carries a digest (`bash scripts/pin-images.sh --check`).
+# every FROM line carries a digest (`bash scripts/pin-images.sh --check`). The digests below were
+# taken from public references to these tags, not yet resolved against the registries by this
+# project (its machines cannot reach them); the first pin-images.sh run confirms or replaces them.
 
 # ---------------------------------------------------------------------------
 # Build stage: the full Rust toolchain, discarded afterwards.
