@@ -10,14 +10,19 @@
 # For Graviton/arm64: docker buildx build --platform linux/arm64 -t sandbox-broker:<tag> .
 #                     (and container_architecture = "ARM64" in terraform)
 
-ARG RUST_VERSION=1.95
+# Base images are pinned by digest, so a rebuild uses exactly the bytes that were reviewed, even
+# if the tag moves. The tag stays in the line for humans (and for scripts/pin-images.sh, which
+# resolves each tag again and rewrites the digest: `bash scripts/pin-images.sh`). CI checks that
+# every FROM line carries a digest (`bash scripts/pin-images.sh --check`). The digests below were
+# taken from public references to these tags, not yet resolved against the registries by this
+# project (its machines cannot reach them); the first pin-images.sh run confirms or replaces them.
 
 # ---------------------------------------------------------------------------
 # Build stage: the full Rust toolchain, discarded afterwards.
 # ---------------------------------------------------------------------------
 # The build and runtime stages use the same Debian release (trixie / debian13)
 # so the binaries link against the glibc they run with.
-FROM rust:${RUST_VERSION}-slim-trixie AS build
+FROM rust:1.95-slim-trixie@sha256:28846ec5a6bcfcddb93f403ba7071bd579787852b2f2ac3839965620e8bd9456 AS build
 
 WORKDIR /src
 
@@ -43,7 +48,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 # Runtime stage: distroless (glibc, libgcc, CA certificates, tzdata; no shell,
 # no package manager), running as the unprivileged `nonroot` user (65532).
 # ---------------------------------------------------------------------------
-FROM gcr.io/distroless/cc-debian13:nonroot
+FROM gcr.io/distroless/cc-debian13:nonroot@sha256:54df941ed0d06a1bd95ef5e0ce391fd8d9f94b64782dc9a60062727849ee3f97
 
 LABEL org.opencontainers.image.title="sandbox-broker" \
       org.opencontainers.image.description="Sandbox Broker: command API, jobs runner and projector CLI" \

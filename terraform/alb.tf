@@ -2,8 +2,8 @@
 # TLS 1.2+ policy, invalid headers dropped, health check on /healthz.
 
 resource "aws_lb" "api" {
-  #checkov:skip=CKV2_AWS_28:WAF is optional by design (var.enable_waf, see waf.tf); the broker has its own per-caller rate limiter and bearer-token auth on every route but the health checks.
-  #checkov:skip=CKV2_AWS_76:WAF is optional (var.enable_waf); when enabled, the web ACL includes AWSManagedRulesKnownBadInputsRuleSet, the Log4j rule group (waf.tf). The API is Rust and does not use Log4j.
+  #checkov:skip=CKV2_AWS_28:WAF is on by default (var.enable_waf, see waf.tf) and can be turned off; the broker has its own per-caller rate limiter and bearer-token auth on every route but the health checks.
+  #checkov:skip=CKV2_AWS_76:WAF is on by default (var.enable_waf) and can be turned off; when enabled, the web ACL includes AWSManagedRulesKnownBadInputsRuleSet, the Log4j rule group (waf.tf). The API is Rust and does not use Log4j.
   #checkov:skip=CKV_AWS_91:Access logs are optional (var.alb_access_logs_bucket) because they need a separately managed S3 bucket; the API writes a JSON access-log line per request to CloudWatch regardless.
   name                       = "${var.name_prefix}-api"
   load_balancer_type         = "application"

@@ -178,6 +178,17 @@ variable "alb_ingress_cidrs" {
   }
 }
 
+variable "operator_cidrs" {
+  description = "IPv4 CIDR blocks allowed to reach the operator paths (/v1/admin*, /dashboard*, /v1/docs*) through the ALB; every other source gets 403 there. Empty (the default): operator paths are closed at the ALB (reach them from inside the VPC)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.operator_cidrs : can(cidrnetmask(c))]) && length(var.operator_cidrs) <= 40
+    error_message = "operator_cidrs must be valid IPv4 CIDR blocks, at most 40 (each allow rule takes four; the listener has a rule limit)."
+  }
+}
+
 variable "alb_deletion_protection" {
   description = "Enable deletion protection on the ALB (its DNS name is what the tracks are configured with)."
   type        = bool
@@ -202,9 +213,9 @@ variable "expose_metrics_publicly" {
 }
 
 variable "enable_waf" {
-  description = "Attach an AWS WAF web ACL to the ALB: AWS managed common, known-bad-inputs and IP-reputation rule groups plus a per-IP rate-based rule. Logs go to CloudWatch with the Authorization header redacted."
+  description = "Attach an AWS WAF web ACL to the ALB: AWS managed common, known-bad-inputs and IP-reputation rule groups plus a per-IP rate-based rule. Logs go to CloudWatch with the Authorization header redacted. On by default: the rate rule is the flood guard in front of the broker's own limiter."
   type        = bool
-  default     = false
+  default     = true
 }
 
 variable "waf_rate_limit_per_ip" {

@@ -1,4 +1,4 @@
-# Optional AWS WAF in front of the ALB (var.enable_waf).
+# AWS WAF in front of the ALB, on by default (var.enable_waf = false removes it).
 
 resource "aws_wafv2_web_acl" "api" {
   count = var.enable_waf ? 1 : 0

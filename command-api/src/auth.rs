@@ -266,16 +266,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Both headers are checked even when the first one decides: a malformed id header is a
+        // 400 wherever it appears, as the OpenAPI document states for each of them.
+        let mut caller = None;
         for name in ["x-instruqt-sandbox-id", "x-track-id"] {
             if let Some(value) = header_text(&parts.headers, name)? {
                 if !value.is_empty() {
                     let id = domain::model::ids::validate_id("caller id", &value)
                         .map_err(|e| ApiError::validation("header", name, e.to_string()))?;
-                    return Ok(Caller(id));
+                    caller.get_or_insert(Caller(id));
                 }
             }
         }
-        Err(ApiError::missing_sandbox_id())
+        caller.ok_or_else(ApiError::missing_sandbox_id)
     }
 }
 

@@ -1,13 +1,18 @@
 //! Load generator for `POST /v1/allocate`: drives a service at several concurrency levels and
 //! prints throughput, latency percentiles, the status histogram and the double-allocation check.
+//! Per level it also prints what the read side did: the projector lag sampled during the run
+//! (p50/p99/max), how long after the last answer `/v1/admin/stats` counted every 201 as
+//! allocated, and the store requests per 201 by DynamoDB operation (API and in-process projector,
+//! counted after the view caught up, so the projector's writes for the level are included).
 //!
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- --backend embedded           # spawns the service in-process
+//! cargo run --release -p tests --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
 //! cargo run --release -p tests --bin loadgen -- --backend dynamo             # … on DynamoDB Local
 //! cargo run --release -p tests --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
 //! ```
 //! Traffic goes to 127.0.0.1 only unless `--url` says otherwise; every run is bounded by
-//! `--requests` per level.
+//! `--requests` per level, or by `--duration` seconds when given.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, TRACK_TOKEN};
+use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN, TRACK_TOKEN};
 use tests::history::{all_events, AllocationAudit};
 use tokio::sync::Mutex;
 
@@ -30,18 +35,37 @@ struct Args {
     /// Track token for `--url`.
     #[arg(long, default_value = TRACK_TOKEN)]
     token: String,
+    /// Admin token for `--url` (reads `/v1/admin/stats` to time the view's catch-up).
+    #[arg(long, default_value = ADMIN_TOKEN)]
+    admin_token: String,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
     concurrency: Vec<usize>,
     /// Requests per level.
     #[arg(long, default_value_t = 1000)]
     requests: usize,
+    /// Run each level for this many seconds instead of `--requests` (the pool must be large
+    /// enough, or the tail of the run measures 409s).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// How long to wait after a level for `/v1/admin/stats` to count every 201, seconds.
+    #[arg(long, default_value_t = 120)]
+    converge_timeout: u64,
     /// Pool size seeded in the spawned service.
     #[arg(long, default_value_t = 2500)]
     pool: usize,
     /// Name prefix sent with every request (as the track scripts do).
     #[arg(long, default_value = "lab")]
     prefix: String,
+}
+
+/// When a level stops sending.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// After this many requests.
+    Requests(usize),
+    /// At this instant.
+    Until(Instant),
 }
 
 struct LevelResult {
@@ -57,7 +81,7 @@ async fn level(
     token: &str,
     prefix: &str,
     concurrency: usize,
-    requests: usize,
+    bound: Bound,
     run_id: &str,
 ) -> LevelResult {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -74,7 +98,11 @@ async fn level(
         async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= requests {
+                let done = match bound {
+                    Bound::Requests(requests) => i >= requests,
+                    Bound::Until(until) => Instant::now() >= until,
+                };
+                if done {
                     return;
                 }
                 let t = Instant::now();
@@ -109,76 +137,308 @@ async fn level(
     }
 }
 
+/// Store requests by DynamoDB operation, summed over tables (from `broker_store_requests_total`).
+type OpCounts = BTreeMap<String, f64>;
+
+/// Reads the `op` label and the value of every `broker_store_requests_total` line.
+fn store_requests_by_op(metrics: &str) -> OpCounts {
+    let mut by_op = OpCounts::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("broker_store_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let op = labels
+            .split(',')
+            .find_map(|label| label.strip_prefix("op=\""))
+            .map(|op| op.trim_end_matches('"').to_string());
+        if let (Some(op), Ok(value)) = (op, value.trim().parse::<f64>()) {
+            *by_op.entry(op).or_default() += value;
+        }
+    }
+    by_op
+}
+
+/// The `broker_projector_lag_ms` gauge, if the process runs a projector.
+fn projector_lag_ms(metrics: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("broker_projector_lag_ms "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as i64)
+}
+
+fn subtract(after: &OpCounts, before: &OpCounts) -> OpCounts {
+    after
+        .iter()
+        .map(|(op, n)| (op.clone(), n - before.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect()
+}
+
+/// Where the figures come from: the spawned service's own registry and view (so that measuring
+/// adds no store request), or an external server's `/metrics` and `/v1/admin/stats`.
+#[derive(Clone)]
+struct Probe {
+    client: reqwest::Client,
+    url: String,
+    admin_token: String,
+    spawned: Option<command_api::state::SharedState>,
+}
+
+impl Probe {
+    async fn metrics_text(&self) -> String {
+        match &self.spawned {
+            Some(state) => {
+                let mut text = String::new();
+                let encoder = prometheus::TextEncoder::new();
+                let _ = encoder.encode_utf8(&state.registry.gather(), &mut text);
+                text
+            }
+            None => match self
+                .client
+                .get(format!("{}/metrics", self.url))
+                .send()
+                .await
+            {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            },
+        }
+    }
+
+    async fn lag_ms(&self) -> Option<i64> {
+        match self.spawned.as_ref().map(|s| s.projector_metrics.as_ref()) {
+            Some(Some(metrics)) => Some(metrics.last_lag_ms()),
+            Some(None) => None,
+            None => projector_lag_ms(&self.metrics_text().await),
+        }
+    }
+
+    /// `allocated` from `GET /v1/admin/stats` (what an operator sees).
+    async fn allocated(&self) -> Option<i64> {
+        let response = self
+            .client
+            .get(format!("{}/v1/admin/stats", self.url))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .ok()?;
+        let body: serde_json::Value = response.json().await.ok()?;
+        body.get("allocated").and_then(|v| v.as_i64())
+    }
+}
+
+/// Lag samples taken every 100 ms until `stop` is set.
+fn sample_lag(
+    probe: Probe,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<i64>> {
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            if let Some(lag) = probe.lag_ms().await {
+                samples.push(lag);
+            }
+        }
+        samples
+    })
+}
+
+fn quantile(sorted: &[i64], q: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut spawned: Option<TestApp> = None;
-    let (url, token) = match &args.url {
-        Some(url) => (url.trim_end_matches('/').to_string(), args.token.clone()),
+    let mut ticker = None;
+    let tick_gap_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, token, admin_token) = match &args.url {
+        Some(url) => (
+            url.trim_end_matches('/').to_string(),
+            args.token.clone(),
+            args.admin_token.clone(),
+        ),
         None => {
             let backend = match args.backend.as_str() {
                 "dynamo" | "dynamodb" => Backend::Dynamo,
                 _ => Backend::Embedded,
             };
             let app = spawn_app_with(AppOptions::new(backend)).await;
+            // The test app's clock only moves when told to; the projector measures lag against
+            // the wall clock, so events (the seed's too) must carry wall-clock times. Ticking
+            // every millisecond bounds the error this adds to a lag sample to about that.
+            // An OS thread, not a task: a saturated runtime would delay a task's tick by far
+            // more than the scheduler delays a sleeping thread. The longest gap is printed, as
+            // the bound on how much earlier than the truth an event may be stamped.
+            let clock = app.clock.clone();
+            let gap = tick_gap_us.clone();
+            let stop = ticker_stop.clone();
+            ticker = Some(std::thread::spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    clock.set(chrono::Utc::now());
+                    let now = Instant::now();
+                    gap.fetch_max(
+                        (now - last).as_micros() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    last = now;
+                }
+            }));
             eprintln!("seeding {} sandboxes on {backend:?} …", args.pool);
+            let seeding = Instant::now();
             app.seed(&args.prefix, args.pool).await;
+            eprintln!("seeded in {:.1} s", seeding.elapsed().as_secs_f64());
             let url = app.url.clone();
             spawned = Some(app);
-            (url, TRACK_TOKEN.to_string())
+            (url, TRACK_TOKEN.to_string(), ADMIN_TOKEN.to_string())
         }
     };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(1024)
         .build()?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    println!(
-        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 |\n|---|---|---|---|---|---|---|---|---|"
-    );
-    // DynamoDB requests of the spawned service (API and its in-process projector share one
-    // store, so this is everything but the stream reads).
-    let store_requests = || {
-        spawned
-            .as_ref()
-            .and_then(|app| app.state.store_requests.as_ref())
-            .map(|m| m.total())
+    let probe = Probe {
+        client: client.clone(),
+        url: url.clone(),
+        admin_token,
+        spawned: spawned.as_ref().map(|app| app.state.clone()),
     };
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let mode = if args.url.is_some() {
         "external".to_string()
     } else {
         args.backend.clone()
     };
+    let baseline = probe.allocated().await.unwrap_or(0);
+    let mut created_so_far = 0i64;
+    let mut rows = Vec::new();
+    let mut read_side = Vec::new();
     for &c in &args.concurrency {
-        let requests_before = store_requests();
-        let r = level(
-            &client,
-            &url,
-            &token,
-            &args.prefix,
-            c,
-            args.requests,
-            &run_id,
-        )
-        .await;
-        let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
-        let created = r.statuses.get(&201).copied().unwrap_or(0).max(1);
-        let per_allocation = match (requests_before, store_requests()) {
-            (Some(before), Some(after)) => {
-                format!("{:.2}", (after - before) as f64 / created as f64)
-            }
-            _ => "–".to_string(),
+        let requests_before = store_requests_by_op(&probe.metrics_text().await);
+        tick_gap_us.store(0, std::sync::atomic::Ordering::Relaxed);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = sample_lag(probe.clone(), stop.clone());
+        let bound = match args.duration {
+            Some(secs) => Bound::Until(Instant::now() + Duration::from_secs(secs)),
+            None => Bound::Requests(args.requests),
         };
-        println!(
+        let r = level(&client, &url, &token, &args.prefix, c, bound, &run_id).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut lags = sampler.await.unwrap_or_default();
+        lags.sort_unstable();
+        let sent: usize = r.statuses.values().sum();
+        let created = r.statuses.get(&201).copied().unwrap_or(0);
+        created_so_far += created as i64;
+
+        // How long until the operator's stats count every 201 of this run.
+        let want = baseline + created_so_far;
+        let waiting = Instant::now();
+        let deadline = waiting + Duration::from_secs(args.converge_timeout);
+        let mut stats_reads = 0u32;
+        let converged = loop {
+            stats_reads += 1;
+            let allocated = probe.allocated().await;
+            if allocated.is_some_and(|a| a >= want) {
+                break Some((waiting.elapsed(), allocated.unwrap_or(0)));
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The stats reads of that wait are store requests too: price one read on the now quiet
+        // service and take them out, so the figure is the allocations' own cost.
+        let quiet = store_requests_by_op(&probe.metrics_text().await);
+        const PRICED_READS: u32 = 5;
+        for _ in 0..PRICED_READS {
+            let _ = probe.allocated().await;
+        }
+        let priced = subtract(&store_requests_by_op(&probe.metrics_text().await), &quiet);
+        let spent_waiting: OpCounts = priced
+            .iter()
+            .map(|(op, n)| (op.clone(), n / PRICED_READS as f64 * stats_reads as f64))
+            .collect();
+        let level_requests = subtract(&subtract(&quiet, &requests_before), &spent_waiting);
+
+        let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
+        let per_allocation = if level_requests.is_empty() || created == 0 {
+            "–".to_string()
+        } else {
+            let total: f64 = level_requests.values().sum();
+            let by_op: Vec<String> = level_requests
+                .iter()
+                .map(|(op, n)| format!("{op} {:.2}", n / created as f64))
+                .collect();
+            format!("{:.2} ({})", total / created as f64, by_op.join(", "))
+        };
+        rows.push(format!(
             "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} |",
             r.concurrency,
-            args.requests,
-            args.requests as f64 / r.elapsed.as_secs_f64(),
+            sent,
+            sent as f64 / r.elapsed.as_secs_f64(),
             ms(0.50),
             ms(0.95),
             ms(0.99),
             r.statuses
+        ));
+        let caught_up = match converged {
+            Some((after, allocated)) => format!(
+                "{:.0} ms (allocated {allocated} = {want} expected)",
+                after.as_secs_f64() * 1000.0
+            ),
+            None => format!("not within {} s", args.converge_timeout),
+        };
+        let tick_gap = if ticker.is_some() {
+            format!(
+                "{:.1}",
+                tick_gap_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+            )
+        } else {
+            "–".to_string()
+        };
+        read_side.push(format!(
+            "| {mode} | {c} | {:.1} | {} | {} | {} | {} | {tick_gap} | {caught_up} |",
+            r.elapsed.as_secs_f64(),
+            lags.len(),
+            quantile(&lags, 0.50),
+            quantile(&lags, 0.99),
+            lags.last().copied().unwrap_or(0),
+        ));
+        eprintln!(
+            "{}\n{}",
+            rows[rows.len() - 1],
+            read_side[read_side.len() - 1]
         );
+    }
+    ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(ticker) = ticker {
+        let _ = ticker.join();
+    }
+    println!(
+        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in &rows {
+        println!("{row}");
+    }
+    println!(
+        "\n| mode | concurrency | run s | lag samples | lag p50 ms | lag p99 ms | lag max ms | clock tick max gap ms | stats = 201s after the run |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in &read_side {
+        println!("{row}");
     }
     if let Some(app) = spawned {
         let events = all_events(app.state.broker.events().as_ref()).await;
