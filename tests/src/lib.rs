@@ -6,9 +6,11 @@
 //!   port once per test process, or uses `DDB_ENDPOINT_URL`; unique table prefixes per test.
 //! - [`history`] — replays the whole event history and checks the allocation invariants.
 //! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
+//! - [`chaos`] — the fault-testing harness: killable service processes, a DynamoDB fault proxy.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
 
 pub mod app;
+pub mod chaos;
 pub mod ddb_local;
 pub mod fake_csp;
 pub mod history;
