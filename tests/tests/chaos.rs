@@ -305,6 +305,8 @@ fn api_env(port: u16, run_projector: bool) -> BTreeMap<String, String> {
         ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         ("SEED_DEMO_POOL", "false".into()),
         ("RUN_JOBS", "false".into()),
+        // The API's admin job routes are not used here; the worker talks to the fake CSP.
+        ("CSP_MODE", "mock".into()),
         ("RUN_PROJECTOR", run_projector.to_string()),
         ("RATE_LIMIT_RPS", "100000".into()),
         ("RATE_LIMIT_BURST", "100000".into()),
@@ -314,17 +316,15 @@ fn api_env(port: u16, run_projector: bool) -> BTreeMap<String, String> {
     .collect()
 }
 
-const POOL: u32 = 600;
-
 /// The process-fault scenario on one store: API, projector (DynamoDB only; embedded runs it in
 /// the API) and jobs worker as real processes under the mixed load, SIGKILLed at seeded random
 /// points and restarted; then every invariant from the history.
-async fn process_faults(store: StoreUnderTest, load_secs: u64) -> Vec<SummaryRow> {
+async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec<SummaryRow> {
     let seed = seed(&format!("process faults ({})", store.label()));
     let mut rng = StdRng::seed_from_u64(seed);
     let started = std::time::Instant::now();
     let csp = FakeCsp::start().await;
-    csp.set_accounts((1..=POOL).map(FakeAccount::sandbox));
+    csp.set_accounts((1..=pool).map(FakeAccount::sandbox));
     // Slow enough that a kill often lands while a DELETE is in flight.
     csp.fail_all_deletes(Fault::Delay(Duration::from_millis(40)));
     let port = free_port();
@@ -380,7 +380,7 @@ async fn process_faults(store: StoreUnderTest, load_secs: u64) -> Vec<SummaryRow
         let available = api_stats(&client, &url)
             .await
             .and_then(|s| s["available"].as_i64());
-        if available == Some(i64::from(POOL)) {
+        if available == Some(i64::from(pool)) {
             break;
         }
         assert!(
@@ -391,7 +391,7 @@ async fn process_faults(store: StoreUnderTest, load_secs: u64) -> Vec<SummaryRow
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    println!("  pool of {POOL} synced after {:?}", started.elapsed());
+    println!("  pool of {pool} synced after {:?}", started.elapsed());
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(load::run(
         LoadOptions {
@@ -484,7 +484,7 @@ async fn process_kills_on_embedded_keep_every_promise() {
     let path = std::env::temp_dir()
         .join(format!("broker-chaos-{}", uuid::Uuid::new_v4()))
         .join("broker.db");
-    let rows = process_faults(StoreUnderTest::Embedded(path.clone()), 20).await;
+    let rows = process_faults(StoreUnderTest::Embedded(path.clone()), 600, 20).await;
     print!("{}", render(&rows));
     if let Some(dir) = path.parent() {
         let _ = std::fs::remove_dir_all(dir);
@@ -500,7 +500,7 @@ async fn process_kills_on_dynamodb_keep_every_promise() {
         endpoint: tests::ddb_local::endpoint().await,
         prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
     };
-    let rows = process_faults(store, 25).await;
+    let rows = process_faults(store, 300, 25).await;
     print!("{}", render(&rows));
 }
 
