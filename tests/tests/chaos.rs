@@ -617,10 +617,33 @@ async fn dynamodb_faults_answer_503_and_lose_nothing() {
     print!("{}", render(&rows));
 }
 
+/// Allocates `account`'s sandbox to `caller` (by its exact name) and marks it for deletion, over
+/// HTTP.
+async fn allocate_and_mark(app: &tests::app::TestApp, caller: &str, account: &FakeAccount) {
+    let name = account.name.clone().unwrap_or_default();
+    let response = app
+        .allocate(caller)
+        .header("X-Sandbox-Name-Prefix", &name)
+        .send()
+        .await
+        .expect("allocate");
+    assert_eq!(response.status(), 201);
+    let marked = app
+        .track(
+            reqwest::Method::POST,
+            &format!("/v1/sandboxes/{}/mark-for-deletion", account.sandbox_id()),
+        )
+        .header("X-Instruqt-Sandbox-ID", caller)
+        .send()
+        .await
+        .expect("mark");
+    assert_eq!(marked.status(), 200);
+}
+
 /// The reference incident on a manual clock, through the fake CSP over HTTP and the real jobs:
 /// 16 simulated minutes of bursts of HTTP 500 with HTML bodies (with partial recovery between),
-/// slow DELETEs, a timeout, 429s with `Retry-After`, a refusal budget of only 3 — and an account
-/// CSP refuses for good (403). All 56 incident accounts end deleted, each failure recorded as
+/// slow DELETEs, 429s with `Retry-After`, a refusal budget of only 3 — then an account CSP
+/// refuses for good (403). All 56 incident accounts end deleted, each failure recorded as
 /// transient; only the refusing account is quarantined, after exactly 3 refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
@@ -652,34 +675,15 @@ async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
     jobs.sync().await.expect("sync");
     app.wait_until(|s| s.get(SandboxStatus::Available) == 57)
         .await;
-    for (i, account) in accounts.iter().enumerate() {
-        let caller = format!("student-{i}");
-        let name = account.name.clone().unwrap_or_default();
-        let response = app
-            .allocate(&caller)
-            .header("X-Sandbox-Name-Prefix", &name)
-            .send()
-            .await
-            .expect("allocate");
-        assert_eq!(response.status(), 201);
-        let marked = app
-            .track(
-                reqwest::Method::POST,
-                &format!("/v1/sandboxes/{}/mark-for-deletion", account.sandbox_id()),
-            )
-            .header("X-Instruqt-Sandbox-ID", &caller)
-            .send()
-            .await
-            .expect("mark");
-        assert_eq!(marked.status(), 200);
+    for (i, account) in accounts[..56].iter().enumerate() {
+        allocate_and_mark(&app, &format!("student-{i}"), account).await;
     }
-    app.wait_until(|s| s.get(SandboxStatus::PendingDeletion) == 57)
+    app.wait_until(|s| s.get(SandboxStatus::PendingDeletion) == 56)
         .await;
 
     let (mut bursts, mut slow, mut rate_limited) = (0u64, 0u64, 0u64);
     for minute in 0..16u64 {
         csp.clear_faults();
-        csp.fail_deletes_of(&refusing, Fault::Status(403));
         if rng.random_bool(0.6) {
             csp.fail_all_deletes(Fault::Html(500));
             bursts += 1;
@@ -705,10 +709,13 @@ async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
         jobs.cleanup().await.expect("cleanup during the incident");
         app.clock.advance(chrono::Duration::minutes(1));
     }
-    let refused_during_incident = csp.delete_calls(&refusing);
 
+    // After the incident, a student ends a lab on an account CSP refuses to delete for good.
     csp.clear_faults();
     csp.fail_deletes_of(&refusing, Fault::Status(403));
+    allocate_and_mark(&app, "student-56", &refusing).await;
+    app.wait_until(|s| s.get(SandboxStatus::PendingDeletion) >= 1)
+        .await;
     let mut settled = false;
     for _ in 0..10 {
         jobs.cleanup().await.expect("cleanup after the incident");
@@ -755,18 +762,35 @@ async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
             }
         }
     }
-    let refusals_after = csp.delete_calls(&refusing) - refused_during_incident;
-    checks.check(refusals_after == 3, || {
-        format!("the refusing account saw {refusals_after} refusals, budget 3")
-    });
-    let last = app
+    // Refusals are what the budget counts: exactly 3 recorded, the third one quarantining.
+    let refusing_events: Vec<SandboxEvent> = app
         .state
         .broker
         .history(&refusing.sandbox_id())
         .await
         .expect("history")
-        .last()
-        .and_then(|e| e.sandbox_event().ok().flatten());
+        .iter()
+        .filter_map(|e| e.sandbox_event().ok().flatten())
+        .collect();
+    let refusals = refusing_events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                SandboxEvent::DeletionAttemptFailed {
+                    transient: false,
+                    ..
+                } | SandboxEvent::DeletionFailed {
+                    transient: false,
+                    ..
+                }
+            )
+        })
+        .count() as u64;
+    checks.check(refusals == 3, || {
+        format!("the refusing account recorded {refusals} refusals, budget 3: {refusing_events:?}")
+    });
+    let last = refusing_events.last();
     checks.check(
         matches!(
             last,
@@ -792,10 +816,7 @@ async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
         ("slow DELETEs (100-400 ms)", slow),
         ("429 with Retry-After", rate_limited),
         ("transient failures recorded", transient_failures),
-        (
-            "permanent 403 (quarantined after 3)",
-            u64::from(refusals_after),
-        ),
+        ("permanent 403 (quarantined after 3)", refusals),
     ]
     .into_iter()
     .map(|(fault, injected)| SummaryRow {
