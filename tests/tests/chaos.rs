@@ -401,6 +401,7 @@ async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec
             mark_chance: 0.6,
             seed,
             think: Duration::from_millis(200),
+            caller_prefix: String::new(),
         },
         stop.clone(),
     ));
@@ -541,6 +542,7 @@ async fn dynamodb_faults_answer_503_and_lose_nothing() {
             mark_chance: 0.5,
             seed,
             think: Duration::from_millis(100),
+            caller_prefix: String::new(),
         },
         stop.clone(),
     ));

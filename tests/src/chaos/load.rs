@@ -73,6 +73,8 @@ pub struct LoadOptions {
     pub seed: u64,
     /// A student's pause between two callers (keeps a finite pool from running dry at once).
     pub think: Duration,
+    /// Prefix of the callers' names, so that runs against the same store use fresh callers.
+    pub caller_prefix: String,
 }
 
 enum Answer {
@@ -199,7 +201,7 @@ impl Student {
         while !stop.load(Ordering::SeqCst) {
             tokio::time::sleep(options.think).await;
             n += 1;
-            let caller = format!("student-{index}-{n}");
+            let caller = format!("{}student-{index}-{n}", options.caller_prefix);
             let Some(sandbox_id) = self.allocate_until_answered(&caller, &stop).await else {
                 continue;
             };

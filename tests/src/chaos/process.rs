@@ -19,16 +19,21 @@ pub fn profile_dir() -> PathBuf {
     dir
 }
 
-/// A service binary built next to the running executable (`command-api`, `projector`, `jobs`),
-/// for the benches; panics with the build command when it is missing.
+/// A service binary next to the running executable, for the benches: `name` (`command-api`,
+/// `projector`, `jobs`) or this package's `chaos-<name>` build of it; panics with the build
+/// command when neither is there.
 pub fn sibling_binary(name: &str) -> PathBuf {
-    let path = profile_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the services first (cargo build --release -p command-api -p projector -p jobs)",
-        path.display()
-    );
-    path
+    let dir = profile_dir();
+    [name.to_string(), format!("chaos-{name}")]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} next to {}: build the services first (cargo build --release -p tests --bins)",
+                dir.display()
+            )
+        })
 }
 
 /// A service binary run as a child process with fixed arguments and environment; it can be
