@@ -35,7 +35,7 @@ struct Args {
     /// Concurrent students.
     #[arg(long, default_value_t = 8)]
     students: usize,
-    /// Accounts the fake CSP keeps listed (topped up as deletions remove them).
+    /// Available sandboxes the fake CSP keeps up (it lists new accounts as the pool drains).
     #[arg(long, default_value_t = 1000)]
     pool: u32,
 }
@@ -55,13 +55,16 @@ async fn main() -> anyhow::Result<()> {
     let db = dir.join("broker.db").display().to_string();
     let csp = FakeCsp::start().await;
     let mut next_account = 1u32;
-    let top_up = |csp: &FakeCsp, next: &mut u32| {
-        while csp.account_count() < args.pool as usize {
+    // New accounts appear in CSP as the pool drains (as operators create them): enough to bring
+    // the available count back to the pool size at the next sync.
+    let top_up = |csp: &FakeCsp, next: &mut u32, available: i64| {
+        let missing = (i64::from(args.pool) - available.max(0)).max(0) as u32;
+        for _ in 0..missing {
             csp.add_account(&FakeAccount::sandbox(*next));
             *next += 1;
         }
     };
-    top_up(&csp, &mut next_account);
+    top_up(&csp, &mut next_account, 0);
     csp.fail_all_deletes(Fault::Delay(Duration::from_millis(20)));
 
     let port = free_port();
@@ -88,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
         ("CSP_BASE_URL", csp.base_url()),
         ("CSP_API_TOKEN", csp.token()),
         ("CSP_RATE_LIMIT_RPS", "0".into()),
-        ("SYNC_INTERVAL_SEC", "5".into()),
+        ("SYNC_INTERVAL_SEC", "4".into()),
         ("CLEANUP_INTERVAL_SEC", "2".into()),
         ("AUTO_EXPIRY_INTERVAL_SEC", "10".into()),
         ("STALE_INTERVAL_SEC", "60".into()),
@@ -144,8 +147,12 @@ async fn main() -> anyhow::Result<()> {
         ));
         let until = Instant::now() + Duration::from_secs(60);
         while Instant::now() < until {
-            top_up(&csp, &mut next_account);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Every 5 s, longer than SYNC_INTERVAL_SEC, so the last top-up is registered by now.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let available = admin_stats(&client, &url).await["available"]
+                .as_i64()
+                .unwrap_or(i64::from(args.pool));
+            top_up(&csp, &mut next_account, available);
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let report = run.await.context("load task")?;
