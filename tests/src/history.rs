@@ -89,3 +89,21 @@ impl AllocationAudit {
             .collect()
     }
 }
+
+/// Every sandbox's state folded from its own events (the truth the view and stats must match).
+pub fn sandbox_states(
+    events: &[EventEnvelope],
+) -> BTreeMap<String, domain::model::sandbox::Sandbox> {
+    let mut sorted: Vec<&EventEnvelope> = events.iter().collect();
+    sorted.sort_by(|a, b| (&a.stream_id, a.version).cmp(&(&b.stream_id, b.version)));
+    let mut states: BTreeMap<String, domain::model::sandbox::Sandbox> = BTreeMap::new();
+    for e in sorted {
+        if let Ok(Some(event)) = e.sandbox_event() {
+            let id = domain::model::ids::sandbox_id_of(&e.stream_id)
+                .unwrap_or_default()
+                .to_string();
+            states.entry(id).or_default().fold(&event);
+        }
+    }
+    states
+}
