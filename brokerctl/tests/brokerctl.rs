@@ -356,3 +356,82 @@ fn uuid_like() -> String {
             .as_nanos()
     )
 }
+
+/// `tail` survives the server ending its stream (`SSE_MAX_LIFETIME_SEC`): it reconnects with
+/// `Last-Event-ID` and delivers the events recorded meanwhile, each once, and its state file
+/// holds the last id for the next run.
+#[tokio::test]
+async fn tail_resumes_across_server_ended_streams() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    // One stream at a time: when the test's own probe gets a stream, tail's first one has ended.
+    options.configure = Box::new(|c| {
+        c.sse_max_lifetime_sec = 1;
+        c.sse_max_subscribers = 1;
+    });
+    let app = spawn_app_with(options).await;
+    app.seed("tail", 2).await;
+    let state = std::env::temp_dir().join(format!("brokerctl-tail-{}", uuid_like()));
+    let state_path = state.to_string_lossy().to_string();
+    let url = app.url.clone();
+    let since = "2000-01-01T00:00:00Z".to_string();
+    let tailing = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)],
+            &[
+                "tail",
+                "--since-id",
+                &since,
+                "--count",
+                "4",
+                "--state-file",
+                &state_path,
+            ],
+        )
+        .await
+    });
+    // Two registrations are replayed at once; the next two land after the first stream has ended.
+    wait_for(|| async { state.exists().then_some(()) }).await;
+    wait_for(|| async {
+        let probe = app
+            .admin(Method::GET, "/v1/admin/events/stream")
+            .send()
+            .await
+            .ok()?;
+        // Dropping the probe frees the slot again (at the latest when its 1 s lifetime ends).
+        probe.status().is_success().then_some(())
+    })
+    .await;
+    app.seed("later", 2).await;
+    let output = tokio::time::timeout(Duration::from_secs(60), tailing)
+        .await
+        .unwrap_or_else(|_| panic!("tail did not resume"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    let ids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or(Value::Null))
+        .map(|e| e["stream_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 4, "each event once: {ids:?}");
+    assert_eq!(
+        ids.iter()
+            .filter(|s| s.starts_with("sandbox#later-"))
+            .count(),
+        2,
+        "{ids:?}"
+    );
+    let last = std::fs::read_to_string(&state).unwrap_or_default();
+    let last_key = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|e| e["key"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    assert_eq!(last.trim(), last_key);
+    let _ = std::fs::remove_file(&state);
+    app.stop().await;
+}
