@@ -1,6 +1,6 @@
 //! The Instruqt lifecycle scripts in `clients/instruqt/` (the brokerctl and the curl-only variant)
 //! run against the real service on 127.0.0.1: re-runs are harmless, the lab's file holds the
-//! sandbox, and an empty pool is waited out rather than fatal.
+//! sandbox, and an empty pool or a 429 is waited out rather than fatal.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
-use tests::app::{spawn_app, Backend, TestApp, TRACK_TOKEN};
+use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, TestApp, TRACK_TOKEN};
 
 /// Which pair of scripts.
 #[derive(Clone, Copy, Debug)]
@@ -230,4 +230,31 @@ async fn brokerctl_setup_waits_out_an_empty_pool() {
 #[tokio::test]
 async fn curl_setup_waits_out_an_empty_pool() {
     setup_waits_for_a_free_sandbox(Variant::Curl).await;
+}
+
+async fn rerun_waits_out_the_rate_limit(variant: Variant) {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.rate_limit = (1.0, 1.0);
+    let app = spawn_app_with(options).await;
+    app.seed("rl", 1).await;
+    let lab = Lab::new("limited");
+    ok(&lab.run(&app.url, variant, "setup", 30).await, "setup");
+    // The immediate re-run finds the participant's bucket empty: 429 + Retry-After, then a replay.
+    let rerun = lab.run(&app.url, variant, "setup", 30).await;
+    ok(&rerun, "setup re-run under the rate limit");
+    assert!(String::from_utf8_lossy(&rerun.stderr).contains("429"));
+    assert_eq!(lab.var("SANDBOX_ID"), "rl-id-0");
+    app.stop().await;
+}
+
+/// brokerctl setup treats 429 as a wait (Retry-After), not a failure.
+#[tokio::test]
+async fn brokerctl_setup_waits_out_429() {
+    rerun_waits_out_the_rate_limit(Variant::Brokerctl).await;
+}
+
+/// curl-only setup treats 429 as a wait (Retry-After), not a failure.
+#[tokio::test]
+async fn curl_setup_waits_out_429() {
+    rerun_waits_out_the_rate_limit(Variant::Curl).await;
 }
