@@ -435,3 +435,41 @@ async fn tail_resumes_across_server_ended_streams() {
     let _ = std::fs::remove_file(&state);
     app.stop().await;
 }
+
+/// With a per-track credential that requires caller signatures, `BROKER_CALLER_SECRET` signs the
+/// caller id (allocate, status and release succeed); without it the service refuses (exit 3).
+#[tokio::test]
+async fn per_track_credentials_sign_the_caller() {
+    const TOKEN: &str = "signed-track-token-0123456789abcdefgh";
+    const SECRET: &str = "signed-caller-secret-0123456789abcdef";
+    let credentials = serde_json::json!({"tracks": [{
+        "track": "signed", "token": TOKEN, "name_prefixes": ["signed-"],
+        "caller_secret": SECRET, "require_caller_signature": true
+    }]})
+    .to_string();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |c| c.track_credentials_json = Some(credentials.into()));
+    let app = spawn_app_with(options).await;
+    app.seed("signed", 1).await;
+    let unsigned = brokerctl(
+        &app.url,
+        &[("BROKER_TRACK_TOKEN", TOKEN)],
+        &["allocate", "--caller", "stu"],
+    )
+    .await;
+    assert_eq!(code(&unsigned), 3);
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("INVALID_CALLER_SIGNATURE"));
+    let signed_env = [
+        ("BROKER_TRACK_TOKEN", TOKEN),
+        ("BROKER_CALLER_SECRET", SECRET),
+    ];
+    let allocated = brokerctl(&app.url, &signed_env, &["allocate", "--caller", "stu"]).await;
+    ok(&allocated);
+    let id = json(&allocated)["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ok(&brokerctl(&app.url, &signed_env, &["status", &id, "--caller", "stu"]).await);
+    ok(&brokerctl(&app.url, &signed_env, &["release", &id, "--caller", "stu"]).await);
+    app.stop().await;
+}
