@@ -73,4 +73,26 @@ data "aws_iam_policy_document" "kms" {
       values   = ["arn:${local.partition}:sns:${var.aws_region}:${local.account_id}:${var.name_prefix}-alarms"]
     }
   }
+
+  # EventBridge encrypts the optional events bus (eventbridge.tf) with this key;
+  # scoped to that one bus (its ARN is built from its name, as above).
+  dynamic "statement" {
+    for_each = local.events_bus_create ? [1] : []
+    content {
+      sid       = "EventBridgeEncryptsEventsBus"
+      actions   = ["kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"]
+      resources = ["*"]
+
+      principals {
+        type        = "Service"
+        identifiers = ["events.amazonaws.com"]
+      }
+
+      condition {
+        test     = "StringEquals"
+        variable = "aws:SourceArn"
+        values   = ["arn:${local.partition}:events:${var.aws_region}:${local.account_id}:event-bus/${var.name_prefix}-events"]
+      }
+    }
+  }
 }

@@ -6,7 +6,8 @@
 //! - [`clock`] — the injectable `Clock` (system and manual).
 //! - [`model`] — pure model, no I/O: [`model::ids`] (stream ids), [`model::events`] (events,
 //!   envelope, upcasting), [`model::lifecycle`] (the transition table), [`model::sandbox`] and
-//!   [`model::claim`] (cqrs-es aggregates), [`model::projection`] (`project`, `PoolRow`, stats).
+//!   [`model::claim`] (cqrs-es aggregates), [`model::projection`] (`project`, `PoolRow`, stats),
+//!   `model::schema` (feature `schema`: JSON Schemas of the events and the compatibility check).
 //! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, `EventFeed`; the append rules
 //!   every adapter checks (`validate_append`), and the projector's idempotent `apply_event`.
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.

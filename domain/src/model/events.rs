@@ -16,6 +16,7 @@ use super::ids::{CLAIM_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID};
 pub const CURRENT_SCHEMA_VERSION: u32 = 1;
 
 /// Events of a sandbox stream (`sandbox#{id}`); DESIGN.md §4.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum SandboxEvent {
@@ -128,6 +129,7 @@ pub enum SandboxEvent {
 }
 
 /// Why a claim was released.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseReason {
@@ -138,6 +140,7 @@ pub enum ReleaseReason {
 }
 
 /// Events of a claim stream (`claim#…`): which sandbox a (caller, key) pair holds.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ClaimEvent {
@@ -161,6 +164,7 @@ pub enum ClaimEvent {
 
 /// Events of the sync stream: each complete CSP listing, so that stale-marking can be debounced
 /// across one-shot job runs.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum SyncEvent {
@@ -273,6 +277,7 @@ impl CommandMeta {
 }
 
 /// One stored event: the envelope of DESIGN.md §4 around a JSON payload.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {
     /// `sandbox#…`, `claim#…` or `sync#…`.
@@ -287,6 +292,7 @@ pub struct EventEnvelope {
     pub event_id: Uuid,
     /// When it was recorded (UTC, millisecond precision).
     #[serde(with = "rfc3339_ms")]
+    #[cfg_attr(feature = "schema", schemars(with = "DateTime<Utc>"))]
     pub occurred_at: DateTime<Utc>,
     /// `track:<caller>`, `admin` or `job:<name>`.
     pub actor: String,
@@ -324,8 +330,25 @@ pub enum DecodeError {
     },
 }
 
-/// Brings a stored payload up to [`CURRENT_SCHEMA_VERSION`]. Schema 1 is the only one so far; a
-/// future change adds a step here (old version → new shape) instead of rewriting history.
+/// One step of upcasting: turns a stored payload of `event_type` written at `from_version` into
+/// the shape of `from_version + 1`. Registering one is what allows an incompatible payload change
+/// (the event-contract check in `docs/events/` accepts a break only for an upcasted type).
+#[derive(Debug, Clone, Copy)]
+pub struct Upcaster {
+    /// The event type it applies to.
+    pub event_type: &'static str,
+    /// The schema version it reads.
+    pub from_version: u32,
+    /// The conversion.
+    pub apply: fn(serde_json::Value) -> serde_json::Value,
+}
+
+/// Every registered upcaster, applied in version order by [`upcast`]. None yet: schema 1 is the
+/// only one so far.
+pub const UPCASTERS: &[Upcaster] = &[];
+
+/// Brings a stored payload up to [`CURRENT_SCHEMA_VERSION`] through the [`UPCASTERS`], instead of
+/// rewriting history.
 pub fn upcast(
     event_type: &str,
     schema_version: u32,
@@ -336,6 +359,15 @@ pub fn upcast(
             event_type: event_type.to_string(),
             found: schema_version,
         });
+    }
+    let mut payload = payload;
+    for version in schema_version..CURRENT_SCHEMA_VERSION {
+        for step in UPCASTERS
+            .iter()
+            .filter(|u| u.event_type == event_type && u.from_version == version)
+        {
+            payload = (step.apply)(payload);
+        }
     }
     Ok(payload)
 }

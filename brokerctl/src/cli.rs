@@ -1,0 +1,654 @@
+//! The command line: every setting is a flag and an environment variable, except tokens, which
+//! come only from the environment or a file, so they never appear in a process listing or a
+//! shell history.
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::backoff::{parse_duration, RetryPolicy};
+use crate::client::{Broker, Call, Caller, Reply, Retry, Token};
+use crate::failure::Failure;
+use crate::live_feed::LiveFeed;
+use crate::render::{env_lines, table};
+
+/// Environment variable holding the track token.
+pub const TRACK_TOKEN_ENV: &str = "BROKER_TRACK_TOKEN";
+/// Environment variable holding the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "BROKER_ADMIN_TOKEN";
+/// Environment variable holding a per-track credential's caller secret.
+pub const CALLER_SECRET_ENV: &str = "BROKER_CALLER_SECRET";
+
+/// Fields of a sandbox written as `export` lines, in this order.
+const SANDBOX_ENV_FIELDS: &[&str] = &[
+    "sandbox_id",
+    "name",
+    "external_id",
+    "allocated_at",
+    "expires_at",
+    "sfdc_account_id",
+];
+
+/// `brokerctl`: the Sandbox Broker client for lab scripts and operators.
+#[derive(Debug, Parser)]
+#[command(name = "brokerctl", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings of every command.
+#[derive(Debug, Args)]
+struct Global {
+    /// Base URL of the broker.
+    #[arg(
+        long,
+        env = "BROKER_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// Read the token from this file instead of BROKER_TRACK_TOKEN / BROKER_ADMIN_TOKEN.
+    #[arg(long, env = "BROKER_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Give up retrying after this long (e.g. 90, 90s, 5m).
+    #[arg(long, env = "BROKER_DEADLINE", default_value = "5m", value_parser = parse_duration, global = true)]
+    deadline: Duration,
+    /// Bound on one HTTP request.
+    #[arg(long, env = "BROKER_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    timeout: Duration,
+    /// No retry or progress messages on stderr.
+    #[arg(long, short, env = "BROKER_QUIET", global = true)]
+    quiet: bool,
+}
+
+/// Who a track command acts for.
+#[derive(Debug, Args)]
+struct CallerArgs {
+    /// The student (sent as X-Instruqt-Sandbox-ID); in Instruqt, the participant or sandbox id.
+    #[arg(long, env = "BROKER_CALLER")]
+    caller: String,
+    /// Per-track credentials: file holding the caller secret (else BROKER_CALLER_SECRET).
+    #[arg(long, env = "BROKER_CALLER_SECRET_FILE")]
+    caller_secret_file: Option<PathBuf>,
+}
+
+/// How a track command prints a sandbox.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SandboxFormat {
+    /// The service's JSON.
+    Json,
+    /// `export SANDBOX_…='…'` lines, to `source` from a lab's env file.
+    Env,
+}
+
+/// How an operator command prints.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ViewFormat {
+    /// Aligned columns.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Allocate a sandbox (track token); waits while none is free, up to --deadline.
+    Allocate {
+        #[command(flatten)]
+        caller: CallerArgs,
+        /// Idempotency key (default: the caller); a re-run with the same key gets the same sandbox.
+        #[arg(long, env = "BROKER_IDEMPOTENCY_KEY")]
+        idempotency_key: Option<String>,
+        /// Only sandboxes whose name starts with this.
+        #[arg(long, env = "BROKER_NAME_PREFIX")]
+        prefix: Option<String>,
+        /// Lab slug, for analytics (X-Instruqt-Track-ID).
+        #[arg(long, env = "BROKER_TRACK_ID")]
+        track: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: SandboxFormat,
+        /// Write the output to this file (atomically) instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Show the caller's sandbox (track token).
+    Status {
+        /// Broker id of the sandbox.
+        sandbox_id: String,
+        #[command(flatten)]
+        caller: CallerArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: SandboxFormat,
+    },
+    /// End the caller's allocation (track token); an unknown or already released sandbox is success.
+    Release {
+        /// Broker id of the sandbox.
+        sandbox_id: String,
+        #[command(flatten)]
+        caller: CallerArgs,
+    },
+    /// Pool counts (admin token).
+    Stats {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+    /// Every sandbox matching the filters, all pages (admin token).
+    List {
+        /// available, allocated, pending_deletion, stale, deletion_failed or deleted.
+        #[arg(long)]
+        status: Option<String>,
+        /// Current or most recent owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Name prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Rows per request (1–100).
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+    /// A sandbox's events, envelopes included (admin token).
+    History {
+        /// Broker id of the sandbox.
+        sandbox_id: String,
+    },
+    /// A sandbox's state at an instant: who held it then (admin token).
+    At {
+        /// The instant, RFC 3339 (e.g. 2026-05-01T10:00:00Z).
+        time: String,
+        /// Broker id of the sandbox.
+        sandbox_id: String,
+    },
+    /// Re-queue a quarantined (deletion_failed) sandbox for cleanup (admin token).
+    RetryDeletion {
+        /// Broker id of the sandbox.
+        sandbox_id: String,
+    },
+    /// Run the sync job once, now: register new CSP accounts, mark missing ones stale (admin token).
+    Sync,
+    /// Run the cleanup job once, now: delete the CSP accounts of ended allocations (admin token).
+    Cleanup,
+    /// Run the expiry job once, now: end allocations past their lab window (admin token).
+    AutoExpire,
+    /// The event history as NDJSON, all pages, progress on stderr (admin token).
+    Export {
+        /// From this time, inclusive (RFC 3339; default: the beginning).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time, exclusive (RFC 3339; default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only events of this caller.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only events of this sandbox.
+        #[arg(long)]
+        sandbox_id: Option<String>,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Follow the live event feed as NDJSON, resuming after --since-id (admin token).
+    Tail {
+        /// Start after this event id (the `key` / SSE id) or RFC 3339 time; default: now.
+        #[arg(long, env = "BROKER_SINCE_ID")]
+        since_id: Option<String>,
+        /// Keep the last id here: read at start (when --since-id is not given), written after each event.
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+impl Command {
+    fn is_track(&self) -> bool {
+        matches!(
+            self,
+            Command::Allocate { .. } | Command::Status { .. } | Command::Release { .. }
+        )
+    }
+}
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let global = &cli.global;
+    let token = token(global, cli.command.is_track())?;
+    let broker = Broker::new(&global.url, token.clone(), global.timeout)?;
+    let policy = RetryPolicy::within(global.deadline);
+    let quiet = global.quiet;
+    let on_retry = |why: &str, wait: Duration| {
+        if !quiet {
+            eprintln!("brokerctl: {why}; retrying in {:.1}s", wait.as_secs_f64());
+        }
+    };
+    let send = |call: Call| {
+        let broker = broker.clone();
+        async move {
+            broker
+                .send_with_retries(&call, Retry::Transient, &policy, on_retry)
+                .await
+                .map_err(|gave_up| gave_up.into_failure(false))
+        }
+    };
+    match cli.command {
+        Command::Allocate {
+            caller,
+            idempotency_key,
+            prefix,
+            track,
+            format,
+            output,
+        } => {
+            let mut call = Call::new(Method::POST, "/v1/allocate");
+            call.caller = Some(caller_of(&caller)?);
+            for (name, value) in [
+                ("Idempotency-Key", idempotency_key),
+                ("X-Sandbox-Name-Prefix", prefix),
+                ("X-Instruqt-Track-ID", track),
+            ] {
+                if let Some(value) = value {
+                    call.headers.push((name, value));
+                }
+            }
+            let reply = broker
+                .send_with_retries(&call, Retry::TransientAndNoSandbox, &policy, on_retry)
+                .await
+                .map_err(|gave_up| gave_up.into_failure(true))?;
+            let body = success(reply)?;
+            emit(&sandbox_text(&body, format), output.as_deref())
+        }
+        Command::Status {
+            sandbox_id,
+            caller,
+            format,
+        } => {
+            let mut call = Call::new(
+                Method::GET,
+                format!("/v1/sandboxes/{}", segment(&sandbox_id)),
+            );
+            call.caller = Some(caller_of(&caller)?);
+            let body = success(send(call).await?)?;
+            emit(&sandbox_text(&body, format), None)
+        }
+        Command::Release { sandbox_id, caller } => {
+            let mut call = Call::new(
+                Method::POST,
+                format!("/v1/sandboxes/{}/mark-for-deletion", segment(&sandbox_id)),
+            );
+            call.caller = Some(caller_of(&caller)?);
+            let reply = send(call).await?;
+            // A lab's cleanup runs again after a partial failure, or after the broker expired the
+            // allocation: "already gone" is the outcome it wanted.
+            if reply.status.as_u16() == 404 {
+                if !quiet {
+                    eprintln!("brokerctl: {sandbox_id} is unknown; nothing to release");
+                }
+                return emit(
+                    &format!(
+                        "{}\n",
+                        serde_json::json!({"sandbox_id": sandbox_id, "status": "not_found"})
+                    ),
+                    None,
+                );
+            }
+            let body = success(reply)?;
+            emit(&format!("{body}\n"), None)
+        }
+        Command::Stats { format } => {
+            let body = success(send(Call::new(Method::GET, "/v1/admin/stats")).await?)?;
+            let text = match format {
+                ViewFormat::Json => pretty(&body),
+                ViewFormat::Table => {
+                    let rows: Vec<Value> = body
+                        .as_object()
+                        .map(|map| {
+                            map.iter()
+                                .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    table(&rows, &["field", "value"])
+                }
+            };
+            emit(&text, None)
+        }
+        Command::List {
+            status,
+            owner,
+            prefix,
+            page_size,
+            format,
+        } => {
+            if !(1..=100).contains(&page_size) {
+                return Err(Failure::BadInput("--page-size must be 1–100".into()));
+            }
+            let mut rows = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let call = Call::new(Method::GET, "/v1/admin/sandboxes")
+                    .param("status", status.as_deref())
+                    .param("owner", owner.as_deref())
+                    .param("prefix", prefix.as_deref())
+                    .param("limit", Some(&page_size.to_string()))
+                    .param("cursor", cursor.as_deref());
+                let body = success(send(call).await?)?;
+                if let Some(page) = body["sandboxes"].as_array() {
+                    rows.extend(page.iter().cloned());
+                }
+                match body["cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_string()),
+                    None => break,
+                }
+            }
+            let text = match format {
+                ViewFormat::Json => pretty(&Value::Array(rows)),
+                ViewFormat::Table => table(
+                    &rows,
+                    &[
+                        "sandbox_id",
+                        "name",
+                        "status",
+                        "allocated_to_track",
+                        "track_name",
+                        "expires_at",
+                        "deletion_attempts",
+                    ],
+                ),
+            };
+            emit(&text, None)
+        }
+        Command::History { sandbox_id } => {
+            let path = format!("/v1/admin/sandboxes/{}/history", segment(&sandbox_id));
+            let body = success(send(Call::new(Method::GET, path)).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::At { time, sandbox_id } => {
+            let path = format!("/v1/admin/sandboxes/{}", segment(&sandbox_id));
+            let call = Call::new(Method::GET, path).param("at", Some(&time));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::RetryDeletion { sandbox_id } => {
+            let path = format!(
+                "/v1/admin/sandboxes/{}/retry-deletion",
+                segment(&sandbox_id)
+            );
+            let body = success(send(Call::new(Method::POST, path)).await?)?;
+            emit(&pretty(&body), None)
+        }
+        job @ (Command::Sync | Command::Cleanup | Command::AutoExpire) => {
+            let path = match job {
+                Command::Sync => "/v1/admin/sync",
+                Command::Cleanup => "/v1/admin/cleanup",
+                _ => "/v1/admin/auto-expire",
+            };
+            let body = success(send(Call::new(Method::POST, path)).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::Export {
+            since,
+            until,
+            event_type,
+            caller,
+            sandbox_id,
+            output,
+        } => {
+            let mut sink: Box<dyn Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| local(path, e))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let progress = Progress::new(quiet);
+            let mut cursor: Option<String> = None;
+            // The first page fixes `until`; later pages reuse it so the export is one range even
+            // while new events keep landing.
+            let mut until = until;
+            let mut exported = 0u64;
+            loop {
+                let call = Call::new(Method::GET, "/v1/admin/events")
+                    .param("since", since.as_deref())
+                    .param("until", until.as_deref())
+                    .param("type", event_type.as_deref())
+                    .param("caller", caller.as_deref())
+                    .param("sandbox_id", sandbox_id.as_deref())
+                    .param("limit", Some("500"))
+                    .param("cursor", cursor.as_deref());
+                let body = success(send(call).await?)?;
+                let events = body["events"].as_array().cloned().unwrap_or_default();
+                for event in &events {
+                    writeln!(sink, "{event}").map_err(|e| local_io("write", e))?;
+                }
+                exported += events.len() as u64;
+                if until.is_none() {
+                    until = body["until"].as_str().map(str::to_string);
+                }
+                let reached = events
+                    .last()
+                    .and_then(|e| e["occurred_at"].as_str())
+                    .unwrap_or("");
+                progress.show(exported, reached);
+                match body["cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_string()),
+                    None => break,
+                }
+            }
+            sink.flush().map_err(|e| local_io("write", e))?;
+            progress.done(exported);
+            Ok(())
+        }
+        Command::Tail {
+            since_id,
+            state_file,
+            count,
+        } => {
+            let since = match (since_id, &state_file) {
+                (Some(id), _) => Some(id),
+                (None, Some(path)) if path.exists() => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| local(path, e))?
+                        .trim()
+                        .to_string(),
+                ),
+                _ => None,
+            };
+            // A stream stays open for minutes: no total timeout, only the connect bound.
+            let http = reqwest::Client::builder()
+                .connect_timeout(global.timeout)
+                .build()
+                .map_err(|e| Failure::Unexpected(format!("HTTP client: {e}")))?;
+            let mut feed = LiveFeed::new(Broker::with_client(http, &global.url, token), since);
+            let mut seen = 0u64;
+            let mut stdout = std::io::stdout();
+            let mut failure = None;
+            feed.follow(|event| {
+                let written = writeln!(stdout, "{}", event.data).and_then(|()| stdout.flush());
+                let saved = match (&state_file, &event.id) {
+                    (Some(path), Some(id)) => write_atomically(path, &format!("{id}\n")),
+                    _ => Ok(()),
+                };
+                if let Err(e) = written.map_err(|e| local_io("write", e)).and(saved) {
+                    failure = Some(e);
+                    return ControlFlow::Break(());
+                }
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .await?;
+            failure.map_or(Ok(()), Err)
+        }
+    }
+}
+
+/// The token for the command's audience: `--token-file`, else the audience's variable.
+fn token(global: &Global, track: bool) -> Result<Token, Failure> {
+    if let Some(path) = &global.token_file {
+        return Token::new(&std::fs::read_to_string(path).map_err(|e| local(path, e))?);
+    }
+    let name = if track {
+        TRACK_TOKEN_ENV
+    } else {
+        ADMIN_TOKEN_ENV
+    };
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => Token::new(&value),
+        _ => Err(Failure::Auth(format!(
+            "no token: set {name} or --token-file"
+        ))),
+    }
+}
+
+fn caller_of(args: &CallerArgs) -> Result<Caller, Failure> {
+    if args.caller.trim().is_empty() {
+        return Err(Failure::BadInput("--caller is empty".into()));
+    }
+    let secret = match &args.caller_secret_file {
+        Some(path) => Some(Token::new(
+            &std::fs::read_to_string(path).map_err(|e| local(path, e))?,
+        )?),
+        None => match std::env::var(CALLER_SECRET_ENV) {
+            Ok(value) if !value.trim().is_empty() => Some(Token::new(&value)?),
+            _ => None,
+        },
+    };
+    Ok(Caller {
+        id: args.caller.clone(),
+        secret,
+    })
+}
+
+/// The body of a 2xx reply, or the reply's failure.
+fn success(reply: Reply) -> Result<Value, Failure> {
+    if reply.status.is_success() {
+        Ok(reply.body)
+    } else {
+        Err(reply.failure())
+    }
+}
+
+fn sandbox_text(body: &Value, format: SandboxFormat) -> String {
+    match format {
+        SandboxFormat::Json => format!("{body}\n"),
+        SandboxFormat::Env => env_lines(body, SANDBOX_ENV_FIELDS),
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    )
+}
+
+/// A path segment: ids may contain `/`, `#`, `?` or spaces, which must not change the route.
+fn segment(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for byte in raw.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Prints to stdout, or writes `path` atomically (a lab never reads a half-written file).
+fn emit(text: &str, path: Option<&Path>) -> Result<(), Failure> {
+    match path {
+        Some(path) => write_atomically(path, text),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|e| local_io("write", e))
+        }
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), Failure> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    std::fs::write(&temp, text).map_err(|e| local(&temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| local(path, e))
+}
+
+fn local(path: &Path, e: std::io::Error) -> Failure {
+    Failure::Unexpected(format!("{}: {e}", path.display()))
+}
+
+fn local_io(what: &str, e: std::io::Error) -> Failure {
+    Failure::Unexpected(format!("{what}: {e}"))
+}
+
+/// Export progress on stderr: one rewritten line on a terminal, a line per page otherwise.
+struct Progress {
+    quiet: bool,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, exported: u64, reached: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.terminal {
+            eprint!("\rexported {exported} events (up to {reached})\x1b[K");
+        } else {
+            eprintln!("exported {exported} events (up to {reached})");
+        }
+    }
+
+    fn done(&self, exported: u64) {
+        if !self.quiet {
+            if self.terminal {
+                eprintln!();
+            }
+            eprintln!("export complete: {exported} events");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids with route characters stay one path segment.
+    #[test]
+    fn ids_are_percent_encoded() {
+        assert_eq!(segment("a/b#c d"), "a%2Fb%23c%20d");
+        assert_eq!(segment("lab-id-1"), "lab-id-1");
+    }
+}

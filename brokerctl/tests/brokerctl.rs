@@ -1,0 +1,475 @@
+//! `brokerctl` against the real service on 127.0.0.1 (port 0, embedded store): the built binary is
+//! run as a lab script or an operator would run it, and its output and exit codes are checked.
+
+use std::process::Output;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+use tests::app::{
+    spawn_app, spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN, TRACK_TOKEN,
+};
+
+/// Runs the binary with only the given environment (no BROKER_* leaks in from the caller's).
+async fn brokerctl(app_url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+    command.env_clear().env("BROKER_URL", app_url).args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run brokerctl: {e}"))
+}
+
+async fn track(app: &TestApp, args: &[&str]) -> Output {
+    brokerctl(&app.url, &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)], args).await
+}
+
+async fn admin(app: &TestApp, args: &[&str]) -> Output {
+    brokerctl(&app.url, &[("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)], args).await
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {} / stderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn ok(output: &Output) {
+    assert_eq!(
+        code(output),
+        0,
+        "stdout: {} / stderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Allocate, re-run (same sandbox), status, env output to a file, and release twice plus an
+/// unknown id: all succeed, as a lab's setup and cleanup need when they are re-run.
+#[tokio::test]
+async fn track_commands_are_idempotent_for_lab_scripts() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab", 3).await;
+    let first = track(&app, &["allocate", "--caller", "stu-1", "--prefix", "lab"]).await;
+    ok(&first);
+    let sandbox = json(&first);
+    let id = sandbox["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(sandbox["name"].as_str().unwrap_or("").starts_with("lab-"));
+
+    let dir = std::env::temp_dir().join(format!("brokerctl-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let env_file = dir.join("sandbox.env");
+    let env_path = env_file.to_string_lossy().to_string();
+    let again = track(
+        &app,
+        &[
+            "allocate", "--caller", "stu-1", "--format", "env", "--output", &env_path,
+        ],
+    )
+    .await;
+    ok(&again);
+    let env_text = std::fs::read_to_string(&env_file).unwrap_or_default();
+    assert!(
+        env_text.contains(&format!("export SANDBOX_ID='{id}'\n")),
+        "{env_text}"
+    );
+    assert!(
+        env_text.contains("export SANDBOX_EXPIRES_AT='"),
+        "{env_text}"
+    );
+
+    let status = track(&app, &["status", &id, "--caller", "stu-1"]).await;
+    ok(&status);
+    assert_eq!(json(&status)["status"], "allocated");
+    let stranger = track(&app, &["status", &id, "--caller", "stu-2"]).await;
+    assert_eq!(
+        code(&stranger),
+        3,
+        "another student's sandbox is an auth failure"
+    );
+
+    for _ in 0..2 {
+        let release = track(&app, &["release", &id, "--caller", "stu-1"]).await;
+        ok(&release);
+        assert_eq!(json(&release)["status"], "pending_deletion");
+    }
+    let unknown = track(&app, &["release", "no-such-sandbox", "--caller", "stu-1"]).await;
+    ok(&unknown);
+    assert_eq!(json(&unknown)["status"], "not_found");
+    let _ = std::fs::remove_dir_all(&dir);
+    app.stop().await;
+}
+
+/// Exit codes: no sandbox before the deadline 4, missing or wrong token 3, bad input 2, an
+/// unreachable service 5.
+#[tokio::test]
+async fn exit_codes_tell_scripts_what_happened() {
+    let app = spawn_app(Backend::Embedded).await;
+    let empty = track(&app, &["allocate", "--caller", "stu", "--deadline", "2s"]).await;
+    assert_eq!(
+        code(&empty),
+        4,
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("NO_SANDBOXES_AVAILABLE"));
+
+    let no_token = brokerctl(&app.url, &[], &["allocate", "--caller", "stu"]).await;
+    assert_eq!(code(&no_token), 3);
+    let wrong = brokerctl(
+        &app.url,
+        &[("BROKER_TRACK_TOKEN", "not-the-token-0123456789abcdefghijkl")],
+        &["allocate", "--caller", "stu"],
+    )
+    .await;
+    assert_eq!(code(&wrong), 3);
+    let admin_as_track = admin(&app, &["stats"]).await;
+    ok(&admin_as_track);
+    let track_as_admin =
+        brokerctl(&app.url, &[("BROKER_ADMIN_TOKEN", TRACK_TOKEN)], &["stats"]).await;
+    assert_eq!(code(&track_as_admin), 3);
+
+    let bad_time = admin(&app, &["at", "yesterday", "x"]).await;
+    assert_eq!(code(&bad_time), 2);
+    let bad_flag = admin(&app, &["list", "--page-size", "0"]).await;
+    assert_eq!(code(&bad_flag), 2);
+
+    // A port nobody listens on: bind, read the port, close.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let dead = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    drop(listener);
+    let unreachable = brokerctl(
+        &dead,
+        &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)],
+        &["allocate", "--caller", "stu", "--deadline", "1s"],
+    )
+    .await;
+    assert_eq!(code(&unreachable), 5);
+    app.stop().await;
+}
+
+/// An allocation that starts while the pool is empty waits (409 + Retry-After) and succeeds
+/// once a sandbox is registered, within its deadline.
+#[tokio::test]
+async fn allocate_waits_for_a_sandbox_to_become_available() {
+    let app = spawn_app(Backend::Embedded).await;
+    let url = app.url.clone();
+    let waiting = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)],
+            &["allocate", "--caller", "late", "--deadline", "60s"],
+        )
+        .await
+    });
+    // Seed only once the client has been refused at least once.
+    wait_for(|| async {
+        let body: Value = app
+            .admin(Method::GET, "/metrics")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+            .map(Value::String)?;
+        body.as_str()?
+            .lines()
+            .any(|l| l.contains("no_sandboxes") && !l.starts_with('#') && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    app.seed("fresh", 1).await;
+    let output = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    assert_eq!(json(&output)["sandbox_id"], "fresh-id-0");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("retrying"));
+    app.stop().await;
+}
+
+/// A 429 is waited out (Retry-After honoured), not fatal: the second allocation inside the same
+/// rate-limit bucket still ends in the replay.
+#[tokio::test]
+async fn rate_limit_is_waited_out() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.rate_limit = (1.0, 1.0);
+    let app = spawn_app_with(options).await;
+    app.seed("rl", 1).await;
+    ok(&track(&app, &["allocate", "--caller", "stu"]).await);
+    let second = track(&app, &["allocate", "--caller", "stu", "--deadline", "30s"]).await;
+    ok(&second);
+    assert_eq!(json(&second)["sandbox_id"], "rl-id-0");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("429"));
+    app.stop().await;
+}
+
+/// Operator commands: stats, list through every page with filters, history, state at a time,
+/// retry-deletion refused outside quarantine, job runs, export of the whole history as NDJSON,
+/// and a tail that resumes after a given event id.
+#[tokio::test]
+async fn operator_commands_read_and_act_on_the_pool() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("ops", 5).await;
+    ok(&track(&app, &["allocate", "--caller", "a", "--prefix", "ops"]).await);
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
+        .await;
+
+    let stats = admin(&app, &["stats", "--format", "json"]).await;
+    ok(&stats);
+    assert_eq!(json(&stats)["available"], 4);
+    let table = admin(&app, &["stats"]).await;
+    ok(&table);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("available"));
+
+    let listed = admin(&app, &["list", "--page-size", "2", "--format", "json"]).await;
+    ok(&listed);
+    assert_eq!(
+        json(&listed).as_array().map(Vec::len),
+        Some(5),
+        "every page is read"
+    );
+    let available = admin(
+        &app,
+        &[
+            "list",
+            "--status",
+            "available",
+            "--page-size",
+            "1",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(json(&available).as_array().map(Vec::len), Some(4));
+    let listed_table = admin(&app, &["list", "--owner", "a"]).await;
+    ok(&listed_table);
+    let text = String::from_utf8_lossy(&listed_table.stdout).to_string();
+    assert_eq!(text.lines().count(), 2, "header and one row: {text}");
+
+    let held = json(&listed)
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["status"] == "allocated").cloned())
+        .unwrap_or_default();
+    let id = held["sandbox_id"].as_str().unwrap_or_default().to_string();
+    let history = admin(&app, &["history", &id]).await;
+    ok(&history);
+    let events = json(&history)["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(events.len(), 2, "registered, allocated");
+    let allocated_at = events[1]["occurred_at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let at = admin(&app, &["at", &allocated_at, &id]).await;
+    ok(&at);
+    assert_eq!(json(&at)["holder"], "a");
+    assert_eq!(code(&admin(&app, &["history", "missing"]).await), 6);
+    assert_eq!(code(&admin(&app, &["retry-deletion", &id]).await), 7);
+
+    for job in ["sync", "auto-expire", "cleanup"] {
+        let run = admin(&app, &[job]).await;
+        ok(&run);
+        assert!(json(&run)["duration_ms"].is_number(), "{job}");
+    }
+
+    let exported = admin(&app, &["export"]).await;
+    ok(&exported);
+    let lines: Vec<Value> = String::from_utf8_lossy(&exported.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .collect();
+    assert!(
+        lines.len() >= 7,
+        "5 registrations + allocation + claim: {}",
+        lines.len()
+    );
+    assert!(lines
+        .iter()
+        .all(|e| e["event_type"].is_string() && e["key"].is_string()));
+    assert!(String::from_utf8_lossy(&exported.stderr).contains("export complete"));
+    let only = admin(&app, &["export", "--type", "SandboxAllocated", "--quiet"]).await;
+    ok(&only);
+    assert_eq!(String::from_utf8_lossy(&only.stdout).lines().count(), 1);
+
+    // Resume after the first exported event: the tail replays everything after it.
+    let first_key = lines[0]["key"].as_str().unwrap_or_default().to_string();
+    let tail = tokio::time::timeout(
+        Duration::from_secs(60),
+        admin(&app, &["tail", "--since-id", &first_key, "--count", "3"]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("tail did not deliver 3 events"));
+    ok(&tail);
+    let tailed: Vec<Value> = String::from_utf8_lossy(&tail.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .collect();
+    let expected: Vec<&Value> = lines[1..4].iter().map(|e| &e["key"]).collect();
+    let got: Vec<&Value> = tailed.iter().map(|e| &e["key"]).collect();
+    assert_eq!(got, expected);
+    app.stop().await;
+}
+
+/// Polls `probe` until it yields, for at most 60 s.
+async fn wait_for<F, Fut>(probe: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while probe().await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    )
+}
+
+/// `tail` survives the server ending its stream (`SSE_MAX_LIFETIME_SEC`): it reconnects with
+/// `Last-Event-ID` and delivers the events recorded meanwhile, each once, and its state file
+/// holds the last id for the next run.
+#[tokio::test]
+async fn tail_resumes_across_server_ended_streams() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    // One stream at a time: when the test's own probe gets a stream, tail's first one has ended.
+    options.configure = Box::new(|c| {
+        c.sse_max_lifetime_sec = 1;
+        c.sse_max_subscribers = 1;
+    });
+    let app = spawn_app_with(options).await;
+    app.seed("tail", 2).await;
+    let state = std::env::temp_dir().join(format!("brokerctl-tail-{}", uuid_like()));
+    let state_path = state.to_string_lossy().to_string();
+    let url = app.url.clone();
+    let since = "2000-01-01T00:00:00Z".to_string();
+    let tailing = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_ADMIN_TOKEN", ADMIN_TOKEN)],
+            &[
+                "tail",
+                "--since-id",
+                &since,
+                "--count",
+                "4",
+                "--state-file",
+                &state_path,
+            ],
+        )
+        .await
+    });
+    // Two registrations are replayed at once; the next two land after the first stream has ended.
+    wait_for(|| async { state.exists().then_some(()) }).await;
+    wait_for(|| async {
+        let probe = app
+            .admin(Method::GET, "/v1/admin/events/stream")
+            .send()
+            .await
+            .ok()?;
+        // Dropping the probe frees the slot again (at the latest when its 1 s lifetime ends).
+        probe.status().is_success().then_some(())
+    })
+    .await;
+    app.seed("later", 2).await;
+    let output = tokio::time::timeout(Duration::from_secs(60), tailing)
+        .await
+        .unwrap_or_else(|_| panic!("tail did not resume"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    let ids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or(Value::Null))
+        .map(|e| e["stream_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 4, "each event once: {ids:?}");
+    assert_eq!(
+        ids.iter()
+            .filter(|s| s.starts_with("sandbox#later-"))
+            .count(),
+        2,
+        "{ids:?}"
+    );
+    let last = std::fs::read_to_string(&state).unwrap_or_default();
+    let last_key = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|e| e["key"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    assert_eq!(last.trim(), last_key);
+    let _ = std::fs::remove_file(&state);
+    app.stop().await;
+}
+
+/// With a per-track credential that requires caller signatures, `BROKER_CALLER_SECRET` signs the
+/// caller id (allocate, status and release succeed); without it the service refuses (exit 3).
+#[tokio::test]
+async fn per_track_credentials_sign_the_caller() {
+    const TOKEN: &str = "signed-track-token-0123456789abcdefgh";
+    const SECRET: &str = "signed-caller-secret-0123456789abcdef";
+    let credentials = serde_json::json!({"tracks": [{
+        "track": "signed", "token": TOKEN, "name_prefixes": ["signed-"],
+        "caller_secret": SECRET, "require_caller_signature": true
+    }]})
+    .to_string();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |c| c.track_credentials_json = Some(credentials.into()));
+    let app = spawn_app_with(options).await;
+    app.seed("signed", 1).await;
+    let unsigned = brokerctl(
+        &app.url,
+        &[("BROKER_TRACK_TOKEN", TOKEN)],
+        &["allocate", "--caller", "stu"],
+    )
+    .await;
+    assert_eq!(code(&unsigned), 3);
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("INVALID_CALLER_SIGNATURE"));
+    let signed_env = [
+        ("BROKER_TRACK_TOKEN", TOKEN),
+        ("BROKER_CALLER_SECRET", SECRET),
+    ];
+    let allocated = brokerctl(&app.url, &signed_env, &["allocate", "--caller", "stu"]).await;
+    ok(&allocated);
+    let id = json(&allocated)["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ok(&brokerctl(&app.url, &signed_env, &["status", &id, "--caller", "stu"]).await);
+    ok(&brokerctl(&app.url, &signed_env, &["release", &id, "--caller", "stu"]).await);
+    app.stop().await;
+}
