@@ -171,6 +171,13 @@ pub struct Config {
     /// Seed the embedded store with a demo pool on first start (sync from the mock CSP).
     #[arg(long, env = "SEED_DEMO_POOL", default_value_t = true)]
     pub seed_demo_pool: bool,
+    /// Low-water thresholds of available sandboxes per name prefix group:
+    /// `prefix=count,…`, `default=count` for every other group; empty: no alerts.
+    #[arg(long, env = "POOL_LOW_WATER", default_value = "")]
+    pub pool_low_water: domain::model::pool_prefix::LowWater,
+    /// Seconds between two low-water checks.
+    #[arg(long, env = "POOL_WATCH_INTERVAL_SEC", default_value_t = 60)]
+    pub pool_watch_interval_sec: u64,
 }
 
 impl Config {

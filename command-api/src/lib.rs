@@ -19,6 +19,7 @@
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
+//! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
 
 pub mod auth;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod edge;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod pool_alerts;
 pub mod rate_limit;
 pub mod routes;
 pub mod startup;

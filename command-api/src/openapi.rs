@@ -21,7 +21,7 @@ use crate::routes::{admin, ops, sandboxes};
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
-        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::HistoryResponse,
+        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::PrefixCounts, admin::LowWaterGroup, admin::HistoryResponse,
         admin::RetryDeletionResponse)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(

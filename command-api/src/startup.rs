@@ -187,7 +187,18 @@ pub async fn build_with(
         )?),
         None => None,
     };
+    let pool_alerts = Arc::new(crate::pool_alerts::PoolAlerts::new(
+        config.pool_low_water.clone(),
+        &registry,
+    )?);
+    tasks.push(tokio::spawn(crate::pool_alerts::watch(
+        pool_alerts.clone(),
+        broker.view().clone(),
+        Duration::from_secs(config.pool_watch_interval_sec),
+        stop.stopped(),
+    )));
     let state = Arc::new(AppState {
+        pool_alerts,
         broker,
         jobs,
         metrics: ApiMetrics::new(&registry)?,

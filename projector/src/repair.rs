@@ -60,6 +60,13 @@ pub async fn repair_drift(
                 continue;
             }
             Drift::StatsDiffer { .. } | Drift::StatsVsRows { .. } => continue,
+            // Per-prefix counters move only with their rows; a drift there needs a rebuild.
+            Drift::PrefixStatsDiffer { prefix, .. } => {
+                summary.left.push(format!(
+                    "prefix {prefix:?}: counters differ from the replay; fix with `projector rebuild`"
+                ));
+                continue;
+            }
         };
         repair_one(events.as_ref(), live.as_ref(), sandbox_id, &mut summary).await?;
     }

@@ -1,13 +1,13 @@
 //! Admin endpoints: listing, stats, history, job runs, quarantine retry, bulk removal.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::SandboxCommand;
 use domain::store::ListFilter;
-use domain::{Actor, CommandMeta, EventEnvelope, PoolRow, SandboxStatus};
+use domain::{Actor, CommandMeta, EventEnvelope, PoolRow, PoolStats, SandboxStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -97,6 +97,55 @@ pub struct StatsResponse {
     pub deleted: i64,
     /// Lag of the in-process projector, ms (`null` when the projector runs elsewhere).
     pub projector_lag_ms: Option<i64>,
+    /// The same counts per name prefix group (the name up to its last `-`; `""` for names
+    /// without one), from projected counters.
+    pub by_prefix: BTreeMap<String, PrefixCounts>,
+    /// Prefix groups below their `POOL_LOW_WATER` threshold.
+    pub low_water: Vec<LowWaterGroup>,
+}
+
+/// Counts of one name prefix group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrefixCounts {
+    /// Every sandbox of the group ever registered.
+    pub total: i64,
+    /// Allocatable.
+    pub available: i64,
+    /// Held by students.
+    pub allocated: i64,
+    /// Waiting for CSP deletion.
+    pub pending_deletion: i64,
+    /// Missing from CSP.
+    pub stale: i64,
+    /// Quarantined.
+    pub deletion_failed: i64,
+    /// Gone.
+    pub deleted: i64,
+}
+
+impl From<&PoolStats> for PrefixCounts {
+    fn from(stats: &PoolStats) -> Self {
+        Self {
+            total: stats.total(),
+            available: stats.get(SandboxStatus::Available),
+            allocated: stats.get(SandboxStatus::Allocated),
+            pending_deletion: stats.get(SandboxStatus::PendingDeletion),
+            stale: stats.get(SandboxStatus::Stale),
+            deletion_failed: stats.get(SandboxStatus::DeletionFailed),
+            deleted: stats.get(SandboxStatus::Deleted),
+        }
+    }
+}
+
+/// A prefix group below its low-water threshold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LowWaterGroup {
+    /// The name prefix group.
+    pub prefix: String,
+    /// Its available sandboxes.
+    pub available: i64,
+    /// Its threshold.
+    pub threshold: i64,
 }
 
 /// Body of a successful retry-deletion: the sandbox is queued for cleanup again.
@@ -241,7 +290,23 @@ pub async fn list_sandboxes(
 )]
 pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsResponse>, ApiError> {
     let stats = state.broker.view().stats().await?;
+    let by_prefix = state.broker.view().stats_by_prefix().await?;
+    let low_water = state
+        .pool_alerts
+        .observe(&by_prefix)
+        .into_iter()
+        .map(|g| LowWaterGroup {
+            prefix: g.prefix,
+            available: g.available,
+            threshold: g.threshold,
+        })
+        .collect();
     Ok(Json(StatsResponse {
+        by_prefix: by_prefix
+            .iter()
+            .map(|(prefix, counts)| (prefix.clone(), PrefixCounts::from(counts)))
+            .collect(),
+        low_water,
         total: stats.total(),
         available: stats.get(SandboxStatus::Available),
         allocated: stats.get(SandboxStatus::Allocated),

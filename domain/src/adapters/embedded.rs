@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::model::events::EventEnvelope;
 use crate::model::lifecycle::SandboxStatus;
+use crate::model::pool_prefix::PrefixStats;
 use crate::model::projection::{PoolRow, PoolStats, StatsDelta};
 use crate::store::batch::{BatchLimits, ViewChunk};
 use crate::store::{
@@ -170,13 +171,14 @@ impl EmbeddedStore {
     }
 
     fn init(
-        conn: Connection,
+        mut conn: Connection,
         stats_shards: u32,
         durability: Durability,
     ) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        super::embedded_prefix_stats::install(&mut conn)?;
         conn.pragma_update(None, "synchronous", durability.pragma())
             .map_err(db_err)?;
         let conn = Arc::new(Mutex::new(conn));
@@ -718,6 +720,11 @@ impl PoolView for EmbeddedStore {
             Ok(stats)
         })
         .await
+    }
+
+    async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
+        self.with_conn(|conn, _| super::embedded_prefix_stats::read(conn))
+            .await
     }
 }
 

@@ -2,3 +2,4 @@
 
 pub mod dynamo;
 pub mod embedded;
+mod embedded_prefix_stats; // per-prefix counters kept by triggers on the pool table

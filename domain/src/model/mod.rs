@@ -5,5 +5,6 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod lifecycle;
+pub mod pool_prefix;
 pub mod projection;
 pub mod sandbox;

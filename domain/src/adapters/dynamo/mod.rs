@@ -17,6 +17,7 @@
 
 mod feed; // EventFeed (audit): the by-time GSI
 mod items;
+mod prefix_stats; // per-prefix counters beside the stats shards (ADR 0018)
 mod retry;
 mod tables;
 mod view_batch; // batched projector writes: BatchGetItem loads, chunked TransactWriteItems
@@ -46,8 +47,9 @@ use chrono::{DateTime, Utc};
 
 use crate::model::events::EventEnvelope;
 use crate::model::lifecycle::SandboxStatus;
+use crate::model::pool_prefix::PrefixStats;
 use crate::model::projection::{PoolRow, PoolStats, StatsDelta};
-use crate::store::batch::{BatchLimits, ViewChunk};
+use crate::store::batch::{BatchLimits, RowChange, ViewChunk};
 use crate::store::{
     stats_shard, CandidateQuery, EventPage, EventStore, ListFilter, PoolView, RowPage, StoreError,
     ViewStore, MAX_TRANSACTION_ITEMS,
@@ -1244,6 +1246,10 @@ impl PoolView for DynamoStore {
         }
         Ok(stats)
     }
+
+    async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
+        self.read_prefix_stats().await
+    }
 }
 
 #[async_trait]
@@ -1335,10 +1341,15 @@ impl ViewStore for DynamoStore {
             .set_expression_attribute_values(Some(update_values))
             .build()
             .map_err(build_error)?;
-        let transaction = vec![
+        let mut transaction = vec![
             TransactWriteItem::builder().put(put).build(),
             TransactWriteItem::builder().update(update).build(),
         ];
+        transaction.extend(self.prefix_stats_updates(&[RowChange {
+            expected_version,
+            row: row.clone(),
+            delta: *delta,
+        }])?);
         let mut retry = self.retry("TransactWriteItems(pool+stats)");
         loop {
             let result = self

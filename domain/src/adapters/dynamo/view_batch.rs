@@ -130,6 +130,7 @@ impl DynamoStore {
                 .map_err(build_error)?;
             items.push(TransactWriteItem::builder().update(update).build());
         }
+        items.extend(self.prefix_stats_updates_of(chunk)?);
         if let Some(checkpoint) = &chunk.checkpoint {
             let put = Put::builder()
                 .table_name(&self.checkpoints)
