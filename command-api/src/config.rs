@@ -175,6 +175,10 @@ pub struct Config {
     /// `prefix=count,…`, `default=count` for every other group; empty: no alerts.
     #[arg(long, env = "POOL_LOW_WATER", default_value = "")]
     pub pool_low_water: domain::model::pool_prefix::LowWater,
+    /// Milliseconds between two progress marks of a background admin job; a running job
+    /// silent for ten of them reads as `interrupted`.
+    #[arg(long, env = "ADMIN_JOB_PROGRESS_MS", default_value_t = 2_000)]
+    pub admin_job_progress_ms: u64,
     /// Seconds between two low-water checks.
     #[arg(long, env = "POOL_WATCH_INTERVAL_SEC", default_value_t = 60)]
     pub pool_watch_interval_sec: u64,

@@ -14,13 +14,15 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
-//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`.
+//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `ops`.
+//! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
 
+pub mod admin_jobs;
 pub mod auth;
 pub mod config;
 pub mod credentials;
@@ -57,6 +59,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let track = routes::sandboxes::router()
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
+        .merge(routes::admin_jobs::router())
         .merge(routes::events::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(

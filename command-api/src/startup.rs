@@ -197,7 +197,13 @@ pub async fn build_with(
         Duration::from_secs(config.pool_watch_interval_sec),
         stop.stopped(),
     )));
+    let admin_jobs = crate::admin_jobs::AdminJobs::new(
+        broker.events().clone(),
+        clock.clone(),
+        Duration::from_millis(config.admin_job_progress_ms),
+    );
     let state = Arc::new(AppState {
+        admin_jobs,
         pool_alerts,
         broker,
         jobs,

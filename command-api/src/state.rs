@@ -50,6 +50,8 @@ pub struct AppState {
     pub store_requests: Option<runtime::StoreRequestMetrics>,
     /// The audit feed and its live broadcast (`routes::events`).
     pub feed: crate::routes::events::EventsFeed,
+    /// Background admin jobs (submit, report).
+    pub admin_jobs: crate::admin_jobs::AdminJobs,
     /// Low-water thresholds and per-prefix gauges.
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
 }

@@ -1,6 +1,7 @@
 //! One router per resource, merged in `crate::app`.
 
 pub mod admin;
+pub mod admin_jobs;
 pub mod dashboard;
 pub mod events;
 pub mod ops;

@@ -1,5 +1,6 @@
 //! The pure model: no I/O, no SDK. Aggregates, commands, events, lifecycle, projection.
 
+pub mod admin_job;
 pub mod claim;
 pub mod error;
 pub mod events;
