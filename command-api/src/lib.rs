@@ -16,6 +16,7 @@
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `ops`.
 //! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
+//! - [`webhooks`] — signed notifications to subscribers, delivered at least once from the feed.
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
@@ -35,6 +36,7 @@ pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +62,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::admin_jobs::router())
+        .merge(routes::webhooks::router())
         .merge(routes::events::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(

@@ -52,6 +52,8 @@ pub struct AppState {
     pub feed: crate::routes::events::EventsFeed,
     /// Background admin jobs (submit, report).
     pub admin_jobs: crate::admin_jobs::AdminJobs,
+    /// The webhook subscribers and their delivery state (`None`: none configured).
+    pub webhooks: Option<Arc<crate::webhooks::Dispatcher>>,
     /// Low-water thresholds and per-prefix gauges.
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
 }

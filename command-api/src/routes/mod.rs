@@ -6,3 +6,4 @@ pub mod dashboard;
 pub mod events;
 pub mod ops;
 pub mod sandboxes;
+pub mod webhooks;
