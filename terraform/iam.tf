@@ -2,7 +2,8 @@
 #
 #   component            | events table                          | pool / stats (view)     | checkpoints
 #   ---------------------+---------------------------------------+-------------------------+-------------
-#   API task             | append (PutItem, ConditionCheckItem), | read; read repair       | read (lag)
+#   API task             | append (PutItem, ConditionCheckItem), | read; read repair       | read (lag);
+#                        |                                       |                         | webhooks:* put
 #                        | read one aggregate (GetItem, Query)   | (conditional Put + ADD) |
 #   jobs task            | append, read                          | read; read repair       | -
 #   projector Lambda     | stream read; GetItem/Query (catch-up) | WRITE (only writer)     | write
@@ -218,11 +219,31 @@ data "aws_iam_policy_document" "api" {
     resources = local.view_arns
   }
 
+  # The webhook dispatcher (docs/adr/0018) keeps each subscriber's delivery state under the
+  # checkpoint key `webhooks:<name>`; every other checkpoint stays the projector's.
   statement {
     sid       = "OnlyTheProjectorMovesCheckpoints"
     effect    = "Deny"
     actions   = local.view_write_actions
     resources = [aws_dynamodb_table.checkpoints.arn]
+
+    condition {
+      test     = "ForAnyValue:StringNotLike"
+      variable = "dynamodb:LeadingKeys"
+      values   = ["webhooks:*"]
+    }
+  }
+
+  statement {
+    sid       = "WebhookDeliveryState"
+    actions   = ["dynamodb:PutItem"]
+    resources = [aws_dynamodb_table.checkpoints.arn]
+
+    condition {
+      test     = "ForAllValues:StringLike"
+      variable = "dynamodb:LeadingKeys"
+      values   = ["webhooks:*"]
+    }
   }
 
   dynamic "statement" {
@@ -495,8 +516,8 @@ resource "aws_iam_role" "scheduler" {
 
 data "aws_iam_policy_document" "scheduler" {
   statement {
-    sid       = "RunJobsTask"
-    actions   = ["ecs:RunTask"]
+    sid     = "RunJobsTask"
+    actions = ["ecs:RunTask"]
     resources = [
       "arn:${local.partition}:ecs:${var.aws_region}:${local.account_id}:task-definition/${aws_ecs_task_definition.jobs.family}:*",
       "arn:${local.partition}:ecs:${var.aws_region}:${local.account_id}:task-definition/${aws_ecs_task_definition.ops.family}:*",

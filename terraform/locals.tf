@@ -70,6 +70,7 @@ locals {
     RATE_LIMIT_BURST     = tostring(var.rate_limit_burst)
     READY_MAX_LAG_MS     = tostring(var.ready_max_lag_ms)
     CORS_ALLOWED_ORIGINS = join(",", var.cors_allowed_origins)
+    POOL_LOW_WATER       = var.pool_low_water
     # The ALB appends the client address to X-Forwarded-For: one trusted hop,
     # so unauthenticated rate limits key on the client, not on the ALB.
     TRUSTED_PROXY_HOPS = "1"

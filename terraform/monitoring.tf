@@ -121,6 +121,13 @@ locals {
       pattern   = "{ $.target = \"access\" && $.latency_ms > ${var.slow_request_threshold_ms} }"
       metric    = "SlowRequests"
     }
+    # One line per low prefix group per POOL_WATCH_INTERVAL_SEC while it stays
+    # below POOL_LOW_WATER (docs/adr/0018).
+    pool-low-water = {
+      log_group = aws_cloudwatch_log_group.api.name
+      pattern   = "{ $.target = \"pool\" && $.message = \"pool below low water\" }"
+      metric    = "PoolLowWater"
+    }
     rate-limit-hits = {
       log_group = aws_cloudwatch_log_group.api.name
       pattern   = "{ $.target = \"access\" && $.status = 429 && $.code = \"RATE_LIMIT_EXCEEDED\" }"
@@ -145,6 +152,12 @@ locals {
       log_group = aws_cloudwatch_log_group.jobs.name
       pattern   = "{ $.target = \"csp\" && $.outcome = \"error\" }"
       metric    = "CspErrors"
+    }
+    pool-low-water = {
+      description = "A name prefix group has fewer available sandboxes than its POOL_LOW_WATER threshold: see GET /v1/admin/stats (low_water) and add accounts to that lab's pool before it runs dry."
+      metric      = "PoolLowWater"
+      period      = 300
+      threshold   = 1
     }
     job-failures = {
       log_group = aws_cloudwatch_log_group.jobs.name

@@ -860,3 +860,14 @@ variable "alarm_thresholds" {
     error_message = "Every alarm threshold must be at least 1."
   }
 }
+
+variable "pool_low_water" {
+  description = "POOL_LOW_WATER of the API: available-sandbox thresholds per name prefix group, `prefix=count,...`, `default=count` for every other group; empty disables the pool-low-water alarm's source."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^\\s*$|^\\s*[^=,]+=[0-9]+\\s*(,\\s*[^=,]+=[0-9]+\\s*)*$", var.pool_low_water))
+    error_message = "pool_low_water must be prefix=count pairs separated by commas."
+  }
+}

@@ -171,6 +171,47 @@ pub struct Config {
     /// Seed the embedded store with a demo pool on first start (sync from the mock CSP).
     #[arg(long, env = "SEED_DEMO_POOL", default_value_t = true)]
     pub seed_demo_pool: bool,
+    /// Low-water thresholds of available sandboxes per name prefix group:
+    /// `prefix=count,…`, `default=count` for every other group; empty: no alerts.
+    #[arg(long, env = "POOL_LOW_WATER", default_value = "")]
+    pub pool_low_water: domain::model::pool_prefix::LowWater,
+    /// Milliseconds between two progress marks of a background admin job; a running job
+    /// silent for ten of them reads as `interrupted`.
+    #[arg(long, env = "ADMIN_JOB_PROGRESS_MS", default_value_t = 2_000)]
+    pub admin_job_progress_ms: u64,
+    /// Webhook subscribers file (JSON, see the README).
+    #[arg(long, env = "WEBHOOKS_FILE")]
+    pub webhooks_file: Option<PathBuf>,
+    /// Webhook subscribers as JSON text (instead of the file).
+    #[arg(long, env = "WEBHOOKS_JSON", hide_env_values = true)]
+    pub webhooks_json: Option<Secret>,
+    /// Run the webhook dispatcher in this process (default: when subscribers are configured).
+    #[arg(long, env = "RUN_WEBHOOKS")]
+    pub run_webhooks: Option<bool>,
+    /// First webhook retry delay, ms (doubled per attempt).
+    #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub webhook_retry_base_ms: u64,
+    /// Longest delay between two webhook attempts, seconds.
+    #[arg(long, env = "WEBHOOK_RETRY_CAP_SEC", default_value_t = 300)]
+    pub webhook_retry_cap_sec: u64,
+    /// Attempts before a webhook notification is given up.
+    #[arg(long, env = "WEBHOOK_MAX_ATTEMPTS", default_value_t = 10)]
+    pub webhook_max_attempts: u32,
+    /// Per-request timeout of a webhook delivery, seconds.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_SEC", default_value_t = 10)]
+    pub webhook_timeout_sec: u64,
+    /// Idle poll interval of the webhook dispatcher, ms.
+    #[arg(long, env = "WEBHOOK_POLL_MS", default_value_t = 1_000)]
+    pub webhook_poll_ms: u64,
+    /// Events younger than this wait for the next poll, ms (the time index may lag a little).
+    #[arg(long, env = "WEBHOOK_SETTLE_MS", default_value_t = 2_000)]
+    pub webhook_settle_ms: u64,
+    /// `expiring_soon` webhooks go out this many minutes before `expires_at`.
+    #[arg(long, env = "EXPIRY_WARNING_MINUTES", default_value_t = 30)]
+    pub expiry_warning_minutes: i64,
+    /// Seconds between two low-water checks.
+    #[arg(long, env = "POOL_WATCH_INTERVAL_SEC", default_value_t = 60)]
+    pub pool_watch_interval_sec: u64,
 }
 
 impl Config {

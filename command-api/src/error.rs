@@ -162,6 +162,15 @@ impl ApiError {
         )
     }
 
+    /// 404 JOB_NOT_FOUND: no admin job has this id.
+    pub fn job_not_found(job_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "JOB_NOT_FOUND",
+            format!("Admin job {job_id} not found"),
+        )
+    }
+
     /// 409 NO_SANDBOXES_AVAILABLE.
     pub fn no_sandboxes(retry_after: u64) -> Self {
         let mut e = Self::new(

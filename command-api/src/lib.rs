@@ -14,17 +14,22 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
-//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`, `events` (the
+//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
+//!   `ops`, `events` (the
 //!   audit endpoints), `dashboard`.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
+//! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
+//! - [`webhooks`] — signed notifications to subscribers, delivered at least once from the feed.
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`readiness`] — the cached store check of `/readyz`.
 //! - [`state`] — `AppState`, what every handler shares (imports no route module).
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
+//! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
 
+pub mod admin_jobs;
 pub mod auth;
 pub mod config;
 pub mod credentials;
@@ -33,11 +38,13 @@ pub mod error;
 pub mod live_feed;
 pub mod metrics;
 pub mod openapi;
+pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -62,6 +69,8 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let track = routes::sandboxes::router()
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
+        .merge(routes::admin_jobs::router())
+        .merge(routes::webhooks::router())
         .merge(routes::events::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(

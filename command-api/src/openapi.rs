@@ -6,7 +6,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, ops, sandboxes};
+use crate::routes::{admin, admin_jobs, ops, sandboxes, webhooks};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -16,13 +16,15 @@ use crate::routes::{admin, ops, sandboxes};
         sandboxes::allocate_sandbox, sandboxes::get_sandbox, sandboxes::mark_for_deletion,
         admin::list_sandboxes, admin::get_stats, admin::get_history, admin::retry_deletion,
         admin::run_sync, admin::run_cleanup, admin::run_auto_expire, admin::run_delete_stale,
-        admin::bulk_delete,
+        admin::bulk_delete, admin_jobs::list_jobs, admin_jobs::get_job,
+        webhooks::get_deliveries,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
-        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::HistoryResponse,
-        admin::RetryDeletionResponse)),
+        admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::PrefixCounts, admin::LowWaterGroup, admin::HistoryResponse,
+        admin::RetryDeletionResponse, admin_jobs::AdminJob, admin_jobs::JobAccepted,
+        admin_jobs::JobList, webhooks::DeliveriesResponse, webhooks::SubscriberDeliveries)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

@@ -191,7 +191,60 @@ pub async fn build_with(
         )?),
         None => None,
     };
+    let pool_alerts = Arc::new(crate::pool_alerts::PoolAlerts::new(
+        config.pool_low_water.clone(),
+        &registry,
+    )?);
+    tasks.push(tokio::spawn(crate::pool_alerts::watch(
+        pool_alerts.clone(),
+        broker.view().clone(),
+        Duration::from_secs(config.pool_watch_interval_sec),
+        stop.stopped(),
+    )));
+    let admin_jobs = crate::admin_jobs::AdminJobs::new(
+        broker.events().clone(),
+        clock.clone(),
+        Duration::from_millis(config.admin_job_progress_ms),
+    );
+    let subscribers = crate::webhooks::load_subscribers(
+        config.webhooks_file.as_deref(),
+        config.webhooks_json.as_ref(),
+    )
+    .context("webhook subscribers")?;
+    let webhooks = if subscribers.is_empty() {
+        None
+    } else {
+        let feed: Arc<dyn domain::audit::EventFeed> = match (&embedded, &dynamo) {
+            (Some(store), _) => Arc::new(store.clone()),
+            (None, Some(store)) => Arc::new(store.clone()),
+            (None, None) => bail!("webhooks need the embedded or the DynamoDB store"),
+        };
+        let dispatcher = Arc::new(crate::webhooks::Dispatcher::new(
+            subscribers,
+            crate::webhooks::DeliverySettings {
+                retry_base: Duration::from_millis(config.webhook_retry_base_ms.max(1)),
+                retry_cap: Duration::from_secs(config.webhook_retry_cap_sec.max(1)),
+                max_attempts: config.webhook_max_attempts.max(1),
+                timeout: Duration::from_secs(config.webhook_timeout_sec.max(1)),
+                poll: Duration::from_millis(config.webhook_poll_ms.max(10)),
+                settle: Duration::from_millis(config.webhook_settle_ms),
+                expiry_warning: chrono::Duration::minutes(config.expiry_warning_minutes.max(0)),
+                low_water: config.pool_low_water.clone(),
+            },
+            events.clone(),
+            feed,
+            view.clone(),
+            clock.clone(),
+        )?);
+        if config.run_webhooks.unwrap_or(true) {
+            tasks.push(tokio::spawn(Arc::clone(&dispatcher).run(stop.stopped())));
+        }
+        Some(dispatcher)
+    };
     let state = Arc::new(AppState {
+        webhooks,
+        admin_jobs,
+        pool_alerts,
         broker,
         jobs,
         metrics: ApiMetrics::new(&registry)?,

@@ -50,6 +50,12 @@ pub struct AppState {
     pub store_requests: Option<runtime::StoreRequestMetrics>,
     /// The audit feed and its live broadcast.
     pub feed: crate::live_feed::EventsFeed,
+    /// Background admin jobs (submit, report).
+    pub admin_jobs: crate::admin_jobs::AdminJobs,
+    /// The webhook subscribers and their delivery state (`None`: none configured).
+    pub webhooks: Option<Arc<crate::webhooks::Dispatcher>>,
+    /// Low-water thresholds and per-prefix gauges.
+    pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
 }
 
 /// The state handle handlers receive.

@@ -15,6 +15,17 @@ use crate::summary::{BulkDeleteSummary, JobKind, RunStatus};
 /// The `reason` of a retirement by bulk delete.
 pub const BULK_RETIRE_REASON: &str = "bulk_delete";
 
+/// How far a bulk delete has come (reported after each page).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkProgress {
+    /// Rows looked at.
+    pub checked: u64,
+    /// Sandboxes retired.
+    pub deleted: u64,
+    /// Rows skipped because the sandbox had moved on (the view lagged or a writer won).
+    pub skipped_conflicts: u64,
+}
+
 impl Jobs {
     /// Re-queues a quarantined (`deletion_failed`) sandbox: back to `pending_deletion` with a
     /// fresh retry budget, due at once. Any other status is refused by the model
@@ -55,6 +66,17 @@ impl Jobs {
         status: SandboxStatus,
         meta: &CommandMeta,
     ) -> Result<BulkDeleteSummary, JobError> {
+        self.bulk_delete_observed(status, meta, &|_| {}).await
+    }
+
+    /// [`Jobs::bulk_delete_with_meta`], reporting progress after each page of the sweep (what a
+    /// background admin job records).
+    pub async fn bulk_delete_observed(
+        &self,
+        status: SandboxStatus,
+        meta: &CommandMeta,
+        progress: &(dyn Fn(BulkProgress) + Sync),
+    ) -> Result<BulkDeleteSummary, JobError> {
         let refusal = match status {
             SandboxStatus::Allocated => Some(
                 "allocated sandboxes belong to students; they end by mark-for-deletion or expiry",
@@ -69,9 +91,20 @@ impl Jobs {
         }
         let started = Instant::now();
         let (sweep, error) = split(
-            self.sweep(RowQuery::Status(status), meta, |_| SandboxCommand::Retire {
-                reason: BULK_RETIRE_REASON.into(),
-            })
+            self.sweep_observed(
+                RowQuery::Status(status),
+                meta,
+                |_| SandboxCommand::Retire {
+                    reason: BULK_RETIRE_REASON.into(),
+                },
+                &|sweep| {
+                    progress(BulkProgress {
+                        checked: sweep.checked,
+                        deleted: sweep.applied,
+                        skipped_conflicts: sweep.skipped_conflicts,
+                    })
+                },
+            )
             .await,
         );
         let summary = BulkDeleteSummary {

@@ -212,6 +212,17 @@ impl Jobs {
         meta: &CommandMeta,
         command: impl Fn(&PoolRow) -> SandboxCommand,
     ) -> Result<Sweep, (Sweep, JobError)> {
+        self.sweep_observed(query, meta, command, &|_| {}).await
+    }
+
+    /// [`Jobs::sweep`], calling `progress` after each page (a background admin job records it).
+    pub(crate) async fn sweep_observed(
+        &self,
+        query: RowQuery,
+        meta: &CommandMeta,
+        command: impl Fn(&PoolRow) -> SandboxCommand,
+        progress: &(dyn Fn(&Sweep) + Sync),
+    ) -> Result<Sweep, (Sweep, JobError)> {
         let mut sweep = Sweep::default();
         let mut cursor: Option<String> = None;
         loop {
@@ -256,6 +267,7 @@ impl Jobs {
                     Some(Err(e)) => failure = failure.or(Some(e)),
                 }
             }
+            progress(&sweep);
             if let Some(e) = failure {
                 return Err((sweep, e.into()));
             }

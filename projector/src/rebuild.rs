@@ -202,6 +202,17 @@ pub enum Drift {
         /// Replayed count.
         expected: i64,
     },
+    /// A per-prefix counter differs from the replayed one (ADR 0018).
+    PrefixStatsDiffer {
+        /// The name prefix group.
+        prefix: String,
+        /// The status.
+        status: SandboxStatus,
+        /// Live count.
+        live: i64,
+        /// Replayed count.
+        expected: i64,
+    },
     /// The live stats disagree with the live rows counted by status (counter drift inside the
     /// live view, whatever the events say).
     StatsVsRows {
@@ -245,6 +256,16 @@ impl std::fmt::Display for Drift {
             } => write!(
                 f,
                 "stats {}: live {live} expected {expected}",
+                status.as_str()
+            ),
+            Drift::PrefixStatsDiffer {
+                prefix,
+                status,
+                live,
+                expected,
+            } => write!(
+                f,
+                "stats of prefix {prefix:?} {}: live {live} expected {expected}",
                 status.as_str()
             ),
             Drift::StatsVsRows {
@@ -331,6 +352,28 @@ pub async fn verify(
                 stats: l,
                 rows,
             });
+        }
+    }
+    let live_prefixes = live.stats_by_prefix().await?;
+    let expected_prefixes = scratch.stats_by_prefix().await?;
+    let prefixes: std::collections::BTreeSet<&String> = live_prefixes
+        .keys()
+        .chain(expected_prefixes.keys())
+        .collect();
+    for prefix in prefixes {
+        for status in SandboxStatus::ALL {
+            let count = |stats: &domain::model::pool_prefix::PrefixStats| {
+                stats.get(prefix).map_or(0, |s| s.get(status))
+            };
+            let (l, e) = (count(&live_prefixes), count(&expected_prefixes));
+            if l != e {
+                differences.push(Drift::PrefixStatsDiffer {
+                    prefix: prefix.clone(),
+                    status,
+                    live: l,
+                    expected: e,
+                });
+            }
         }
     }
     Ok(DriftReport {

@@ -107,6 +107,7 @@ impl StoreUnderTest {
                     region: Some("us-east-1".into()),
                     stats_shards: 8,
                     max_retries: DEFAULT_MAX_RETRIES,
+                    ..DynamoConfig::default()
                 })
                 .await
                 .expect("connect to DynamoDB Local"),

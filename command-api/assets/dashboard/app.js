@@ -9,6 +9,15 @@
 //                                           cannot set headers); resumed with Last-Event-ID
 //   quarantined sandboxes + retry        <- GET {base}/admin/sandboxes?status=deletion_failed,
 //                                           POST {base}/admin/sandboxes/{id}/retry-deletion
+//   pool by prefix + low water           <- the same GET {base}/admin/stats (by_prefix, low_water)
+//   projector lag chart                  <- lag samples of those stats polls, kept for 30 minutes
+//   allocation outcomes per minute       <- GET /metrics every 15 s: increments of
+//                                           broker_allocate_total{outcome} (201 success, 200
+//                                           idempotent, 409 no_sandboxes) and
+//                                           broker_rate_limited_total (429), per minute; one API
+//                                           instance's view (behind a load balancer, the one
+//                                           that answered)
+//   admin jobs                           <- GET {base}/admin/jobs (every 5 s)
 "use strict";
 
 (function () {
@@ -20,6 +29,17 @@
   const QUARANTINE_EVERY_MS = 15000;
   const RECONNECT_MS = 2000;
   const SVG = "http://www.w3.org/2000/svg";
+  const OUTCOMES_EVERY_MS = 15000;
+  const LAG_WINDOW_MS = 30 * 60 * 1000;
+  const OUTCOMES = [
+    ["o201", 'broker_allocate_total{outcome="success"}'],
+    ["o200", 'broker_allocate_total{outcome="idempotent"}'],
+    ["o409", 'broker_allocate_total{outcome="no_sandboxes"}'],
+    ["o429", "broker_rate_limited_total"],
+  ];
+  const lagSamples = []; // [ms epoch, lag ms]
+  const outcomeBins = new Map(); // minute (ms epoch) -> {o201, o200, o409, o429}
+  let lastCounters = null;
 
   const $ = (id) => document.getElementById(id);
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -121,7 +141,130 @@
     $("lag").textContent = lag === null || lag === undefined ? "external" : lag + " ms";
     $("lag").setAttribute("data-lag-ms", lag === null || lag === undefined ? "" : String(lag));
     $("updated").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+    if (typeof lag === "number") {
+      lagSamples.push([Date.now(), lag]);
+      while (lagSamples.length && lagSamples[0][0] < Date.now() - LAG_WINDOW_MS) lagSamples.shift();
+      drawLag();
+    }
+    drawPrefixes(stats.by_prefix || {}, stats.low_water || []);
     document.body.setAttribute("data-stats-loaded", "true");
+  }
+
+  function drawPrefixes(byPrefix, lowWater) {
+    const low = new Map(lowWater.map((g) => [g.prefix, g]));
+    const tbody = $("prefixes").querySelector("tbody");
+    tbody.replaceChildren();
+    const names = new Set([...Object.keys(byPrefix), ...low.keys()]);
+    for (const prefix of [...names].sort()) {
+      const counts = byPrefix[prefix] || {};
+      const g = low.get(prefix);
+      const tr = el("tr", { "data-prefix": prefix, class: g ? "low" : "" });
+      tr.appendChild(el("td", {}, prefix === "" ? "(no prefix)" : prefix));
+      for (const s of ["available", "allocated", "pending_deletion", "stale", "deletion_failed"]) {
+        tr.appendChild(el("td", { "data-status": s }, String(counts[s] || 0)));
+      }
+      tr.appendChild(el("td", {}, g ? `below ${g.threshold}` : ""));
+      tbody.appendChild(tr);
+    }
+  }
+
+  function drawLag() {
+    const width = 360, height = 90, top = 10, bottom = 16, left = 40;
+    const now = Date.now();
+    const max = Math.max(100, ...lagSamples.map((p) => p[1]));
+    const x = (t) => left + ((width - left) * (t - (now - LAG_WINDOW_MS))) / LAG_WINDOW_MS;
+    const y = (v) => height - bottom - ((height - top - bottom) * v) / max;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, "data-samples": lagSamples.length });
+    root.appendChild(svg("line", { x1: left, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
+    root.appendChild(svg("text", { x: left - 4, y: top + 4, "text-anchor": "end" }, max + " ms"));
+    root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, "0"));
+    root.appendChild(svg("text", { x: left, y: height - 2, "text-anchor": "start" }, "-30m"));
+    root.appendChild(svg("text", { x: width, y: height - 2, "text-anchor": "end" }, "now"));
+    if (lagSamples.length) {
+      const points = lagSamples.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      root.appendChild(svg("polyline", { points, class: "lag-line" }));
+    }
+    $("lag-chart").replaceChildren(root);
+  }
+
+  // ---- allocation outcomes per minute (from /metrics) ------------------------------------------
+
+  function parseCounters(text) {
+    const values = {};
+    for (const line of text.split("\n")) {
+      for (const [key, series] of OUTCOMES) {
+        if (line.startsWith(series + " ")) values[key] = Number(line.slice(series.length + 1)) || 0;
+      }
+    }
+    return values;
+  }
+
+  async function refreshOutcomes() {
+    const resp = await fetch("/metrics", { cache: "no-store" });
+    if (!resp.ok) throw new Error("metrics answered " + resp.status);
+    const counters = parseCounters(await resp.text());
+    const minute = Math.floor(Date.now() / 60000) * 60000;
+    if (lastCounters) {
+      const bin = outcomeBins.get(minute) || { o201: 0, o200: 0, o409: 0, o429: 0 };
+      for (const [key] of OUTCOMES) {
+        // A restarted instance starts its counters at 0 again: count from there.
+        const d = (counters[key] || 0) - (lastCounters[key] || 0);
+        bin[key] += d >= 0 ? d : counters[key] || 0;
+      }
+      outcomeBins.set(minute, bin);
+    }
+    lastCounters = counters;
+    for (const m of outcomeBins.keys()) if (m < minute - 59 * 60000) outcomeBins.delete(m);
+    drawOutcomes(minute);
+  }
+
+  function drawOutcomes(minute) {
+    const width = 360, height = 170, top = 16, bottom = 24, left = 24;
+    const bins = [];
+    for (let i = 59; i >= 0; i--) bins.push(outcomeBins.get(minute - i * 60000) || { o201: 0, o200: 0, o409: 0, o429: 0 });
+    const totals = bins.map((b) => OUTCOMES.reduce((sum, [k]) => sum + b[k], 0));
+    const max = Math.max(1, ...totals);
+    const slot = (width - left) / 60;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}` });
+    root.appendChild(svg("line", { x1: left, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
+    root.appendChild(svg("text", { x: left - 4, y: top + 4, "text-anchor": "end" }, max));
+    root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, 0));
+    bins.forEach((bin, i) => {
+      let base = height - bottom;
+      for (const [key] of OUTCOMES) {
+        if (!bin[key]) continue;
+        const h = Math.max(1, Math.round(((height - top - bottom) * bin[key]) / max));
+        base -= h;
+        const bar = svg("rect", { x: left + i * slot + 0.5, y: base, width: Math.max(1, slot - 1), height: h, class: "bar-" + key, "data-minute": i - 59, "data-outcome": key, "data-value": bin[key] });
+        bar.appendChild(svg("title", {}, `${59 - i} min ago: ${bin[key]} × ${key.slice(1)}`));
+        root.appendChild(bar);
+      }
+    });
+    for (const [i, label] of [[0, "-60m"], [30, "-30m"], [59, "now"]]) {
+      const anchor = i === 0 ? "start" : i === 59 ? "end" : "middle";
+      root.appendChild(svg("text", { x: left + (i === 59 ? 60 : i) * slot, y: height - 6, "text-anchor": anchor }, label));
+    }
+    $("outcomes-chart").replaceChildren(root);
+  }
+
+  // ---- admin jobs ------------------------------------------------------------------------------
+
+  async function refreshJobs() {
+    const body = await api("/admin/jobs");
+    const tbody = $("admin-jobs").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const job of body.jobs) {
+      const tr = el("tr", { "data-job": job.job_id, "data-state": job.state });
+      tr.appendChild(el("td", {}, job.job_id));
+      tr.appendChild(el("td", {}, job.kind));
+      tr.appendChild(el("td", {}, job.state));
+      tr.appendChild(el("td", {}, job.total === null || job.total === undefined ? String(job.done) : `${job.done} / ${job.total}`));
+      tr.appendChild(el("td", {}, String(job.errors)));
+      tr.appendChild(el("td", {}, job.started_at ? hhmmss(job.started_at) : ""));
+      tr.appendChild(el("td", {}, job.finished_at ? hhmmss(job.finished_at) : ""));
+      tbody.appendChild(tr);
+    }
+    $("admin-jobs-empty").hidden = body.jobs.length > 0;
   }
 
   function statsSoon() {
@@ -326,6 +469,8 @@
       await refreshStats();
       await loadAllocations();
       await refreshQuarantine();
+      await refreshJobs();
+      await refreshOutcomes();
     } catch (e) {
       if (e.message !== "unauthorized") showError("loading: " + e.message);
       if (!token) return;
@@ -334,6 +479,8 @@
     timers.push(setInterval(() => refreshStats().catch((e) => showError("stats: " + e.message)), STATS_EVERY_MS));
     timers.push(setInterval(() => refreshQuarantine().catch(() => {}), QUARANTINE_EVERY_MS));
     timers.push(setInterval(drawAllocations, 30000));
+    timers.push(setInterval(() => refreshJobs().catch(() => {}), STATS_EVERY_MS));
+    timers.push(setInterval(() => refreshOutcomes().catch(() => {}), OUTCOMES_EVERY_MS));
   }
 
   function logout(message) {

@@ -1,18 +1,23 @@
 //! Admin endpoints: listing, stats, history, job runs, quarantine retry, bulk removal.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::SandboxCommand;
 use domain::store::ListFilter;
-use domain::{Actor, CommandMeta, EventEnvelope, PoolRow, SandboxStatus};
+use domain::{Actor, CommandMeta, EventEnvelope, PoolRow, PoolStats, SandboxStatus};
+use futures::FutureExt;
+use jobs::admin::BulkProgress;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::admin_jobs::JobRequest;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
+use crate::routes::admin_jobs::{accept_job, outcome_of};
 use crate::routes::sandboxes::path_id;
 use crate::state::SharedState;
 
@@ -97,6 +102,55 @@ pub struct StatsResponse {
     pub deleted: i64,
     /// Lag of the in-process projector, ms (`null` when the projector runs elsewhere).
     pub projector_lag_ms: Option<i64>,
+    /// The same counts per name prefix group (the name up to its last `-`; `""` for names
+    /// without one), from projected counters.
+    pub by_prefix: BTreeMap<String, PrefixCounts>,
+    /// Prefix groups below their `POOL_LOW_WATER` threshold.
+    pub low_water: Vec<LowWaterGroup>,
+}
+
+/// Counts of one name prefix group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrefixCounts {
+    /// Every sandbox of the group ever registered.
+    pub total: i64,
+    /// Allocatable.
+    pub available: i64,
+    /// Held by students.
+    pub allocated: i64,
+    /// Waiting for CSP deletion.
+    pub pending_deletion: i64,
+    /// Missing from CSP.
+    pub stale: i64,
+    /// Quarantined.
+    pub deletion_failed: i64,
+    /// Gone.
+    pub deleted: i64,
+}
+
+impl From<&PoolStats> for PrefixCounts {
+    fn from(stats: &PoolStats) -> Self {
+        Self {
+            total: stats.total(),
+            available: stats.get(SandboxStatus::Available),
+            allocated: stats.get(SandboxStatus::Allocated),
+            pending_deletion: stats.get(SandboxStatus::PendingDeletion),
+            stale: stats.get(SandboxStatus::Stale),
+            deletion_failed: stats.get(SandboxStatus::DeletionFailed),
+            deleted: stats.get(SandboxStatus::Deleted),
+        }
+    }
+}
+
+/// A prefix group below its low-water threshold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LowWaterGroup {
+    /// The name prefix group.
+    pub prefix: String,
+    /// Its available sandboxes.
+    pub available: i64,
+    /// Its threshold.
+    pub threshold: i64,
 }
 
 /// Body of a successful retry-deletion: the sandbox is queued for cleanup again.
@@ -150,6 +204,20 @@ fn query_params(raw: &HashMap<String, String>, allowed: &[&str]) -> Result<(), A
     match raw.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(unknown) => Err(ApiError::validation("query", unknown, "unknown parameter")),
         None => Ok(()),
+    }
+}
+
+/// `background=true` runs the operation as an admin job (202); `false` or absent keeps the
+/// contract's synchronous summary.
+fn background(q: &HashMap<String, String>) -> Result<bool, ApiError> {
+    match q.get("background").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::validation(
+            "query",
+            "background",
+            "must be true or false",
+        )),
     }
 }
 
@@ -241,7 +309,23 @@ pub async fn list_sandboxes(
 )]
 pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsResponse>, ApiError> {
     let stats = state.broker.view().stats().await?;
+    let by_prefix = state.broker.view().stats_by_prefix().await?;
+    let low_water = state
+        .pool_alerts
+        .observe(&by_prefix)
+        .into_iter()
+        .map(|g| LowWaterGroup {
+            prefix: g.prefix,
+            available: g.available,
+            threshold: g.threshold,
+        })
+        .collect();
     Ok(Json(StatsResponse {
+        by_prefix: by_prefix
+            .iter()
+            .map(|(prefix, counts)| (prefix.clone(), PrefixCounts::from(counts)))
+            .collect(),
+        low_water,
         total: stats.total(),
         available: stats.get(SandboxStatus::Available),
         allocated: stats.get(SandboxStatus::Allocated),
@@ -343,8 +427,11 @@ fn job_error(e: jobs::JobError) -> ApiError {
 /// Sync the pool with the CSP account list.
 #[utoipa::path(
     post, path = "/v1/admin/sync", tag = "Admin", security(("bearer" = [])),
+    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
+        (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -353,15 +440,32 @@ fn job_error(e: jobs::JobError) -> ApiError {
 )]
 pub async fn run_sync(
     State(state): State<SharedState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    job_summary(state.jobs.sync().await)
+    Extension(request_id): Extension<RequestId>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    query_params(&q, &["background"])?;
+    if !background(&q)? {
+        return job_summary(state.jobs.sync().await).map(IntoResponse::into_response);
+    }
+    let request = JobRequest::of_unknown_size("sync", serde_json::json!({}));
+    let jobs = state.jobs.clone();
+    accept_job(
+        &state,
+        request,
+        &admin_meta(&request_id),
+        move |_| async move { outcome_of(jobs.sync().await) },
+    )
+    .await
 }
 
 /// Delete the CSP accounts of pending sandboxes (retries, quarantine).
 #[utoipa::path(
     post, path = "/v1/admin/cleanup", tag = "Admin", security(("bearer" = [])),
+    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
+        (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -370,15 +474,32 @@ pub async fn run_sync(
 )]
 pub async fn run_cleanup(
     State(state): State<SharedState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    job_summary(state.jobs.cleanup().await)
+    Extension(request_id): Extension<RequestId>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    query_params(&q, &["background"])?;
+    if !background(&q)? {
+        return job_summary(state.jobs.cleanup().await).map(IntoResponse::into_response);
+    }
+    let request = JobRequest::of_unknown_size("cleanup", serde_json::json!({}));
+    let jobs = state.jobs.clone();
+    accept_job(
+        &state,
+        request,
+        &admin_meta(&request_id),
+        move |_| async move { outcome_of(jobs.cleanup().await) },
+    )
+    .await
 }
 
 /// End allocations past their lab window plus grace.
 #[utoipa::path(
     post, path = "/v1/admin/auto-expire", tag = "Admin", security(("bearer" = [])),
+    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
+        (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -387,17 +508,33 @@ pub async fn run_cleanup(
 )]
 pub async fn run_auto_expire(
     State(state): State<SharedState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    job_summary(state.jobs.auto_expire().await)
+    Extension(request_id): Extension<RequestId>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    query_params(&q, &["background"])?;
+    if !background(&q)? {
+        return job_summary(state.jobs.auto_expire().await).map(IntoResponse::into_response);
+    }
+    let request = JobRequest::of_unknown_size("auto_expire", serde_json::json!({}));
+    let jobs = state.jobs.clone();
+    accept_job(
+        &state,
+        request,
+        &admin_meta(&request_id),
+        move |_| async move { outcome_of(jobs.auto_expire().await) },
+    )
+    .await
 }
 
 /// Retire sandboxes stale for longer than the grace period (store only; CSP untouched).
 #[utoipa::path(
     post, path = "/v1/admin/auto-delete-stale", tag = "Admin", security(("bearer" = [])),
     params(("grace_period_hours" = Option<u32>, Query, minimum = 0, maximum = 8760,
-        description = "0–8760, default STALE_GRACE_HOURS")),
+        description = "0–8760, default STALE_GRACE_HOURS"),
+        ("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
+        (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
         (status = 400, description = "Bad grace period", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
@@ -407,9 +544,10 @@ pub async fn run_auto_expire(
 )]
 pub async fn run_delete_stale(
     State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    query_params(&q, &["grace_period_hours"])?;
+) -> Result<Response, ApiError> {
+    query_params(&q, &["grace_period_hours", "background"])?;
     let grace = match q.get("grace_period_hours") {
         None => None,
         Some(raw) => match raw.parse::<i64>() {
@@ -423,16 +561,31 @@ pub async fn run_delete_stale(
             }
         },
     };
-    job_summary(state.jobs.delete_stale(grace).await)
+    if !background(&q)? {
+        return job_summary(state.jobs.delete_stale(grace).await).map(IntoResponse::into_response);
+    }
+    let request = JobRequest::of_unknown_size(
+        "auto_delete_stale",
+        serde_json::json!({ "grace_period_hours": q.get("grace_period_hours") }),
+    );
+    let jobs = state.jobs.clone();
+    accept_job(
+        &state,
+        request,
+        &admin_meta(&request_id),
+        move |_| async move { outcome_of(jobs.delete_stale(grace).await) },
+    )
+    .await
 }
 
-/// Retire every sandbox of one explicit status from the pool (store only). Never `allocated`.
+/// Retire every sandbox of one explicit status from the pool (store only), as a background admin
+/// job. Never `allocated`.
 #[utoipa::path(
     post, path = "/v1/admin/bulk-delete", tag = "Admin", security(("bearer" = [])),
     params(("status" = String, Query, pattern = "^(available|stale|pending_deletion|deletion_failed)$",
         description = "available|stale|pending_deletion|deletion_failed (required; never allocated)")),
     responses(
-        (status = 200, description = "Summary", body = Object),
+        (status = 202, description = "Accepted: runs as a background admin job; follow it at `status_url` (also the `Location` header)", body = crate::routes::admin_jobs::JobAccepted),
         (status = 400, description = "Missing, unknown or refused status", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
@@ -442,8 +595,9 @@ pub async fn run_delete_stale(
 )]
 pub async fn bulk_delete(
     State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     query_params(&q, &["status"])?;
     let Some(status) = parse_status(q.get("status"))? else {
         return Err(ApiError::validation(
@@ -459,5 +613,29 @@ pub async fn bulk_delete(
             "bulk delete never touches allocated (or already deleted) sandboxes",
         ));
     }
-    job_summary(state.jobs.bulk_delete(status).await)
+    // The pool's size decides how long this runs (66,000 rows outlast any client timeout): always
+    // a background job, its total taken from the counters.
+    let view = state.broker.view().clone();
+    let request = JobRequest {
+        kind: "bulk_delete",
+        params: serde_json::json!({ "status": status.as_str() }),
+        // The counters say how many rows the sweep will meet (a hint: the view may lag).
+        total: async move {
+            let stats = view.stats().await.ok()?;
+            u64::try_from(stats.get(status)).ok()
+        }
+        .boxed(),
+    };
+    let jobs = state.jobs.clone();
+    let meta = admin_meta(&request_id);
+    let job_meta = meta.clone();
+    accept_job(&state, request, &meta, move |progress| async move {
+        let result = jobs
+            .bulk_delete_observed(status, &job_meta, &|p: BulkProgress| {
+                progress.set(p.deleted, p.skipped_conflicts)
+            })
+            .await;
+        outcome_of(result)
+    })
+    .await
 }

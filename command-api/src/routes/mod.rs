@@ -1,7 +1,9 @@
 //! One router per resource, merged in `crate::app`.
 
 pub mod admin;
+pub mod admin_jobs;
 pub mod dashboard;
 pub mod events;
 pub mod ops;
 pub mod sandboxes;
+pub mod webhooks;

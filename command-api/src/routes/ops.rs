@@ -90,6 +90,9 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
             .with_label_values(&["total"])
             .set(stats.total());
     }
+    if let Ok(by_prefix) = state.broker.view().stats_by_prefix().await {
+        state.pool_alerts.observe(&by_prefix);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::ids::{CLAIM_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID};
+use super::ids::{
+    ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+};
 
 /// The payload schema version written today.
 pub const CURRENT_SCHEMA_VERSION: u32 = 1;
@@ -177,6 +179,52 @@ pub enum SyncEvent {
     },
 }
 
+/// Events of an admin job stream (`adminjob#{job_id}`) and of the job index
+/// (`adminjob#index`): a long operator action run in the background, recorded so that every API
+/// instance can report it (ADR 0018).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum AdminJobEvent {
+    /// On the index stream: a job was submitted (what `GET /v1/admin/jobs` lists).
+    AdminJobListed {
+        /// The job.
+        job_id: String,
+        /// What it does, e.g. `bulk_delete`.
+        kind: String,
+    },
+    /// The job began.
+    AdminJobStarted {
+        /// What it does, e.g. `bulk_delete`.
+        kind: String,
+        /// Its parameters as given (e.g. `{"status": "available"}`).
+        params: serde_json::Value,
+        /// Items expected (from the pool counters at the start), when known.
+        total: Option<u64>,
+        /// The process running it.
+        instance: String,
+    },
+    /// A progress mark, written every few seconds while the job runs.
+    AdminJobProgressed {
+        /// Items handled so far.
+        done: u64,
+        /// Items that failed or were skipped so far.
+        errors: u64,
+    },
+    /// The job ended.
+    AdminJobFinished {
+        /// `completed`, `failed` or `stopped`.
+        outcome: String,
+        /// Items handled.
+        done: u64,
+        /// Items that failed or were skipped.
+        errors: u64,
+        /// Why it failed, if it did.
+        error: Option<String>,
+        /// The operation's own summary.
+        summary: serde_json::Value,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -200,11 +248,12 @@ macro_rules! domain_event {
 domain_event!(SandboxEvent);
 domain_event!(ClaimEvent);
 domain_event!(SyncEvent);
+domain_event!(AdminJobEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
-/// [`ClaimEvent`] and [`SyncEvent`]): what audit filters and schemas accept. A unit test keeps it
+/// [`ClaimEvent`], [`SyncEvent`] and [`AdminJobEvent`]): what audit filters and schemas accept. A unit test keeps it
 /// equal to the enums.
-pub const EVENT_TYPES: [&str; 15] = [
+pub const EVENT_TYPES: [&str; 19] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -220,6 +269,10 @@ pub const EVENT_TYPES: [&str; 15] = [
     "ClaimGranted",
     "ClaimReleased",
     "ListingRecorded",
+    "AdminJobListed",
+    "AdminJobStarted",
+    "AdminJobProgressed",
+    "AdminJobFinished",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -231,6 +284,8 @@ pub enum BrokerEvent {
     Claim(ClaimEvent),
     /// From the sync stream.
     Sync(SyncEvent),
+    /// From an `adminjob#` stream.
+    AdminJob(AdminJobEvent),
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -415,6 +470,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Sync)
                 .map_err(err)
+        } else if self.stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::AdminJob)
+                .map_err(err)
         } else {
             Err(DecodeError::UnknownStream(self.stream_id.clone()))
         }
@@ -519,13 +578,13 @@ mod tests {
         assert_eq!(Actor::Job("sync").to_string(), "job:sync");
     }
 
-    /// `EVENT_TYPES` lists exactly the variants of the three event enums, in declaration order
+    /// `EVENT_TYPES` lists exactly the variants of the four event enums, in declaration order
     /// (read from this file, so a new variant without a list entry fails here).
     #[test]
     fn event_types_list_every_variant() {
         let source = include_str!("events.rs");
         let mut variants = Vec::new();
-        for name in ["SandboxEvent", "ClaimEvent", "SyncEvent"] {
+        for name in ["SandboxEvent", "ClaimEvent", "SyncEvent", "AdminJobEvent"] {
             let start = source
                 .find(&format!("pub enum {name} {{"))
                 .unwrap_or_else(|| panic!("enum {name} not found"));

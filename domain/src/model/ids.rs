@@ -16,6 +16,15 @@ pub const SANDBOX_STREAM_PREFIX: &str = "sandbox#";
 pub const CLAIM_STREAM_PREFIX: &str = "claim#";
 /// The stream recording each complete CSP listing seen by the sync job.
 pub const SYNC_STREAM_ID: &str = "sync#csp";
+/// Prefix of admin job streams (`adminjob#{job_id}`, and the index below).
+pub const ADMIN_JOB_STREAM_PREFIX: &str = "adminjob#";
+/// The stream listing every admin job submitted, one `AdminJobListed` each.
+pub const ADMIN_JOB_INDEX_STREAM: &str = "adminjob#index";
+
+/// The stream of one admin job.
+pub fn admin_job_stream(job_id: &str) -> String {
+    format!("{ADMIN_JOB_STREAM_PREFIX}{job_id}")
+}
 
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

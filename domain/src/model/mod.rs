@@ -1,10 +1,12 @@
 //! The pure model: no I/O, no SDK. Aggregates, commands, events, lifecycle, projection.
 
+pub mod admin_job;
 pub mod claim;
 pub mod error;
 pub mod events;
 pub mod ids;
 pub mod lifecycle;
+pub mod pool_prefix;
 pub mod projection;
 pub mod sandbox;
 #[cfg(feature = "schema")]

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::model::events::{BrokerEvent, EventEnvelope, SandboxEvent};
 use crate::model::ids::sandbox_id_of;
+use crate::model::pool_prefix::pool_prefix;
 use crate::model::projection::{project, PoolRow, StatsDelta};
 use crate::store::stats_shard;
 
@@ -62,9 +63,31 @@ impl ViewChunk {
         sums
     }
 
-    /// Items the write takes: rows, stats shard updates and the checkpoint.
+    /// The rows' deltas summed per (name prefix group, stats shard), zero sums left out: the
+    /// prefix counters ride in the same atomic write as the rows (ADR 0018).
+    pub fn stats_by_prefix_shard(&self, shards: u32) -> BTreeMap<(String, u32), StatsDelta> {
+        let mut sums: BTreeMap<(String, u32), StatsDelta> = BTreeMap::new();
+        for change in &self.rows {
+            let key = (
+                pool_prefix(&change.row.name).to_string(),
+                stats_shard(&change.row.sandbox_id, shards),
+            );
+            let sum = sums.entry(key).or_default();
+            for (total, d) in sum.0.iter_mut().zip(change.delta.0) {
+                *total += d;
+            }
+        }
+        sums.retain(|_, d| !d.is_zero());
+        sums
+    }
+
+    /// Items the write takes: rows, stats shard updates, prefix counter updates and the
+    /// checkpoint.
     pub fn items(&self, shards: u32) -> usize {
-        self.rows.len() + self.stats_by_shard(shards).len() + usize::from(self.checkpoint.is_some())
+        self.rows.len()
+            + self.stats_by_shard(shards).len()
+            + self.stats_by_prefix_shard(shards).len()
+            + usize::from(self.checkpoint.is_some())
     }
 }
 
@@ -260,7 +283,7 @@ pub fn plan_sandbox(row: Option<&PoolRow>, events: &SandboxEvents) -> SandboxPla
 }
 
 /// Packs row changes into chunks of at most `limits.max_items` items (rows + one stats update
-/// per touched shard + the checkpoint), the checkpoint in the last chunk — so the checkpoint
+/// per touched shard + one prefix counter update per touched (prefix, shard) + the checkpoint), the checkpoint in the last chunk — so the checkpoint
 /// commits only with, or after, every row it covers. No changes and a checkpoint: one chunk
 /// with the checkpoint alone.
 pub fn chunk_changes(
@@ -268,23 +291,38 @@ pub fn chunk_changes(
     checkpoint: Option<Checkpoint>,
     limits: BatchLimits,
 ) -> Vec<ViewChunk> {
-    // Room for at least one row, its shard and the checkpoint, whatever the limit says.
-    let max_items = limits.max_items.max(3);
+    // Room for at least one row, its shard, its prefix counter and the checkpoint, whatever
+    // the limit says.
+    let max_items = limits.max_items.max(4);
     let shards = limits.stats_shards.max(1);
     let mut chunks = Vec::new();
     let mut current = ViewChunk::default();
     let mut touched: Vec<u32> = Vec::new();
+    let mut touched_prefixes: Vec<(String, u32)> = Vec::new();
     for change in changes {
         let shard = stats_shard(&change.row.sandbox_id, shards);
-        let new_shard = !change.delta.is_zero() && !touched.contains(&shard);
+        let prefix_shard = (pool_prefix(&change.row.name).to_string(), shard);
+        let counts = !change.delta.is_zero();
+        let new_shard = counts && !touched.contains(&shard);
+        let new_prefix = counts && !touched_prefixes.contains(&prefix_shard);
         // Always keep one item free for the checkpoint, which may join the last chunk.
-        let after = current.rows.len() + touched.len() + 1 + usize::from(new_shard) + 1;
+        let after = current.rows.len()
+            + touched.len()
+            + touched_prefixes.len()
+            + 1
+            + usize::from(new_shard)
+            + usize::from(new_prefix)
+            + 1;
         if after > max_items && !current.rows.is_empty() {
             chunks.push(std::mem::take(&mut current));
             touched.clear();
+            touched_prefixes.clear();
         }
-        if !change.delta.is_zero() && !touched.contains(&shard) {
+        if counts && !touched.contains(&shard) {
             touched.push(shard);
+        }
+        if counts && !touched_prefixes.contains(&prefix_shard) {
+            touched_prefixes.push(prefix_shard);
         }
         current.rows.push(change);
     }
@@ -422,8 +460,8 @@ mod tests {
         assert_eq!(plan.stuck_at.map(|(v, _)| v), Some(1));
     }
 
-    /// Chunks never exceed the item limit (rows + shard updates + checkpoint), every row is in
-    /// exactly one chunk and the checkpoint rides in the last one.
+    /// Chunks never exceed the item limit (rows + shard updates + prefix counter updates +
+    /// checkpoint), every row is in exactly one chunk and the checkpoint rides in the last one.
     #[test]
     fn chunks_respect_the_item_limit() {
         let changes: Vec<RowChange> = (0..250)
@@ -442,12 +480,22 @@ mod tests {
         };
         let chunks = chunk_changes(changes, Some(checkpoint.clone()), limits);
         assert_eq!(chunks.iter().map(|c| c.rows.len()).sum::<usize>(), 250);
-        assert!(chunks.len() <= 3, "{} chunks", chunks.len());
+        // 8 shard updates and 8 (prefix, shard) updates per chunk leave room for 83 rows.
+        assert!(chunks.len() <= 4, "{} chunks", chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             assert!(chunk.items(8) <= 100);
             assert_eq!(chunk.checkpoint.is_some(), i == chunks.len() - 1);
             let counted: i64 = chunk.stats_by_shard(8).values().map(|d| d.0[0]).sum();
             assert_eq!(counted, chunk.rows.len() as i64);
+            let by_prefix: i64 = chunk
+                .stats_by_prefix_shard(8)
+                .iter()
+                .map(|((prefix, _), d)| {
+                    assert_eq!(prefix, "lab");
+                    d.0[0]
+                })
+                .sum();
+            assert_eq!(by_prefix, chunk.rows.len() as i64);
         }
         let alone = chunk_changes(Vec::new(), Some(checkpoint.clone()), limits);
         assert_eq!(

@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::model::events::{BrokerEvent, EventEnvelope};
 use crate::model::ids::sandbox_id_of;
 use crate::model::lifecycle::SandboxStatus;
+use crate::model::pool_prefix::PrefixStats;
 use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
 use batch::{BatchLimits, ViewChunk};
 
@@ -181,6 +182,13 @@ pub trait PoolView: Send + Sync + 'static {
 
     /// Counts by status: the sum of the stats shards, O(shards).
     async fn stats(&self) -> Result<PoolStats, StoreError>;
+
+    /// Counts by status per name prefix group ([`pool_prefix`](crate::model::pool_prefix::pool_prefix)): projected counters kept in the
+    /// same write as the rows, read in O(groups × shards), never a scan of the pool. The default
+    /// (a view without prefix counters, e.g. a test double) reports no groups.
+    async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
+        Ok(PrefixStats::new())
+    }
 }
 
 /// The projector's side of the view.

@@ -268,6 +268,10 @@ impl PoolView for LagView {
     async fn stats(&self) -> Result<PoolStats, StoreError> {
         self.inner.stats().await
     }
+
+    async fn stats_by_prefix(&self) -> Result<domain::model::pool_prefix::PrefixStats, StoreError> {
+        self.inner.stats_by_prefix().await
+    }
 }
 
 #[async_trait]

@@ -28,6 +28,7 @@ mod event_store;
 mod feed;
 mod items;
 mod pool_view;
+mod prefix_stats; // per-prefix counters beside the stats shards (ADR 0018)
 mod retry;
 mod tables;
 mod view_batch;

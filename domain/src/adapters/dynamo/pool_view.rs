@@ -18,6 +18,7 @@ use super::{
     BATCH_GET_KEYS, FILTERED_PAGE_ITEMS,
 };
 use crate::model::lifecycle::SandboxStatus;
+use crate::model::pool_prefix::PrefixStats;
 use crate::model::projection::{PoolRow, PoolStats};
 use crate::store::{CandidateQuery, ListFilter, PoolView, RowPage, StoreError};
 
@@ -442,5 +443,9 @@ impl PoolView for DynamoStore {
             }
         }
         Ok(stats)
+    }
+
+    async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
+        self.read_prefix_stats().await
     }
 }

@@ -101,6 +101,7 @@ impl DynamoStore {
         for (shard, delta) in chunk.stats_by_shard(self.stats_shards) {
             items.push(self.stats_add(shard, &delta)?);
         }
+        items.extend(self.prefix_stats_updates_of(chunk)?);
         if let Some(checkpoint) = &chunk.checkpoint {
             let put = Put::builder()
                 .table_name(&self.checkpoints)

@@ -12,7 +12,7 @@ use super::items::{key_s, pool_attr, Item};
 use super::retry::{classify, Failure};
 use super::{build_error, non_empty, refused, s, tables, DynamoStore, BATCH_WRITE_REQUESTS};
 use crate::model::projection::{PoolRow, StatsDelta};
-use crate::store::batch::{BatchLimits, ViewChunk};
+use crate::store::batch::{BatchLimits, RowChange, ViewChunk};
 use crate::store::{stats_shard, StoreError, ViewStore, MAX_TRANSACTION_ITEMS};
 
 impl DynamoStore {
@@ -126,10 +126,15 @@ impl ViewStore for DynamoStore {
             }
         }
         let shard = stats_shard(&row.sandbox_id, self.stats_shards);
-        let transaction = vec![
+        let mut transaction = vec![
             self.row_put(expected_version, row)?,
             self.stats_add(shard, delta)?,
         ];
+        transaction.extend(self.prefix_stats_updates(&[RowChange {
+            expected_version,
+            row: row.clone(),
+            delta: *delta,
+        }])?);
         self.transact_view(
             "TransactWriteItems(pool+stats)",
             transaction,

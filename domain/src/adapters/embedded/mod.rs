@@ -38,6 +38,7 @@ use crate::store::StoreError;
 mod event_store;
 mod feed;
 mod pool_view;
+mod prefix_stats; // per-prefix counters kept by triggers on the pool table (ADR 0018)
 mod tables;
 mod view_store;
 
@@ -136,13 +137,14 @@ impl EmbeddedStore {
     }
 
     fn init(
-        conn: Connection,
+        mut conn: Connection,
         stats_shards: u32,
         durability: Durability,
     ) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        prefix_stats::install(&mut conn)?;
         conn.pragma_update(None, "synchronous", durability.pragma())
             .map_err(db_err)?;
         let conn = Arc::new(Mutex::new(conn));

@@ -7,6 +7,7 @@ use rusqlite::Connection;
 
 use super::{corrupt, db_err, ms, EmbeddedStore};
 use crate::model::lifecycle::SandboxStatus;
+use crate::model::pool_prefix::PrefixStats;
 use crate::model::projection::{PoolRow, PoolStats};
 use crate::store::{
     decode_cursor, encode_cursor, CandidateQuery, ListCursor, ListFilter, PoolView, RowPage,
@@ -198,5 +199,10 @@ impl PoolView for EmbeddedStore {
             Ok(stats)
         })
         .await
+    }
+
+    async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
+        self.with_conn(|conn, _| super::prefix_stats::read(conn))
+            .await
     }
 }
