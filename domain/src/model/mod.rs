@@ -7,3 +7,5 @@ pub mod ids;
 pub mod lifecycle;
 pub mod projection;
 pub mod sandbox;
+pub mod pool_control;
+pub mod quota;
