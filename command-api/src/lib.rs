@@ -14,7 +14,8 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
-//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `ops`.
+//! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `pool` (drain,
+//!   resume, quotas), `ops`.
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`metrics`] — Prometheus series (reference names kept).
@@ -56,6 +57,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::events::router())
+        .merge(routes::pool::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),

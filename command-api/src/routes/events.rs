@@ -422,7 +422,7 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
     params(
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
         ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min"),
-        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|ClaimGranted|ClaimReleased|ListingRecorded)$", description = "Only this event type"),
+        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type"),
         ("caller" = Option<String>, Query, description = "Only events whose actor is track:<caller> or whose payload names the caller"),
         ("sandbox_id" = Option<String>, Query, description = "Only this sandbox's events (its stream and the claim events naming it)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),

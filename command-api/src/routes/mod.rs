@@ -4,4 +4,5 @@ pub mod admin;
 pub mod dashboard;
 pub mod events;
 pub mod ops;
+pub mod pool;
 pub mod sandboxes;
