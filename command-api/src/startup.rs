@@ -84,11 +84,9 @@ pub async fn build_with(
         dynamo,
     } = runtime::open_stores(&config.store).await?;
     let expiry_grace = config.jobs.expiry_grace().context("jobs configuration")?;
-    let quotas = domain::service::TrackQuotas::parse(
-        &config.track_quotas,
-        config.default_track_quota,
-    )
-    .map_err(|problem| anyhow::anyhow!("TRACK_QUOTAS: {problem}"))?;
+    let quotas =
+        domain::service::TrackQuotas::parse(&config.track_quotas, config.default_track_quota)
+            .map_err(|problem| anyhow::anyhow!("TRACK_QUOTAS: {problem}"))?;
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
     let mut broker = Broker::new(

@@ -90,7 +90,10 @@ mod tests {
         if let Some(event) = &drained {
             state.fold(event);
         }
-        assert!(state.drain(Some("lab".into()), None, now).is_none(), "repeat");
+        assert!(
+            state.drain(Some("lab".into()), None, now).is_none(),
+            "repeat"
+        );
         assert!(state.refusing(Some("lab-adv")).is_some());
         assert!(state.refusing(Some("other")).is_none());
         assert!(state.refusing(None).is_none());

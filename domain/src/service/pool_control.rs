@@ -34,7 +34,10 @@ impl DrainCache {
     fn store(&self, drain: &DrainState) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // Never replace a newer state with an older one read concurrently.
-        if state.as_ref().is_some_and(|(_, d)| d.version > drain.version) {
+        if state
+            .as_ref()
+            .is_some_and(|(_, d)| d.version > drain.version)
+        {
             return;
         }
         *state = Some((Instant::now(), drain.clone()));
