@@ -505,3 +505,77 @@ async fn quota_holds_under_a_burst_and_frees_on_release(backend: Backend) -> Tes
     app.stop().await;
     Ok(())
 }
+
+/// Two API instances on the same DynamoDB tables (each with its own caches and in-process
+/// queues): a burst for one track split across both still gives exactly the quota in 201s — the
+/// quota stream's version check decides between instances — and a drain recorded on one instance
+/// refuses allocations on the other once its drain cache (`DRAIN_CACHE_MS`) has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_two_instances_share_quota_and_drain() -> TestResult {
+    const QUOTA: usize = 4;
+    const DRAIN_CACHE_MS: u64 = 300;
+    let tables = format!("t{}", uuid::Uuid::new_v4().simple());
+    let instance = |projector: bool| {
+        let tables = tables.clone();
+        let mut options = AppOptions::new(Backend::Dynamo);
+        options.configure = Box::new(move |c| {
+            c.store.table_prefix = tables;
+            c.track_quotas = format!("shared={QUOTA}");
+            c.drain_cache_ms = DRAIN_CACHE_MS;
+            c.run_projector = Some(projector);
+        });
+        options
+    };
+    let a = spawn_app_with(instance(true)).await;
+    let b = spawn_app_with(instance(false)).await;
+    a.seed("multi", 4 * QUOTA).await;
+
+    let burst = (0..3 * QUOTA).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let request = allocate_for(app, &format!("multi-{i}"), "shared");
+        async move { reply(request).await }
+    });
+    let mut created = 0;
+    for result in futures::future::join_all(burst).await {
+        let (status, _, body) = result?;
+        match status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert_eq!(code(&body), "QUOTA_EXCEEDED"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(created, QUOTA, "exactly the quota across both instances");
+    assert_eq!(quota_in_use(&b, "shared").await?, Some(QUOTA as u64));
+
+    // B reads the (open) drain state now, so its cache holds "open" when A drains.
+    let (status, _, _) = reply(b.allocate("before-drain")).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    admin_json(&a, Method::POST, "/v1/admin/pool/drain").await?;
+    let (status, _, body) = reply(a.allocate("on-a")).await?;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "MAINTENANCE"),
+        "at once where it was recorded"
+    );
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(DRAIN_CACHE_MS)
+        + Duration::from_secs(10);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (status, _, body) = reply(b.allocate(&format!("on-b-{attempt}"))).await?;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(code(&body), "MAINTENANCE");
+            break;
+        }
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never saw the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.stop().await;
+    a.stop().await;
+    Ok(())
+}
