@@ -26,7 +26,7 @@ pub struct ErrorDetail {
     /// The limit that refused the request (`QUOTA_EXCEEDED`: concurrent allocations of the
     /// track; `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
@@ -62,7 +62,7 @@ pub struct ApiError {
     /// Seconds to wait, where it applies.
     pub retry_after: Option<u64>,
     /// The limit that refused the request, where one did.
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Field problems, for validation errors.
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
@@ -195,14 +195,14 @@ impl ApiError {
             format!("Track {track} holds its quota of {limit} concurrent allocations"),
         );
         e.retry_after = Some(retry_after);
-        e.limit = Some(u64::from(limit));
+        e.limit = Some(limit);
         e
     }
 
     /// 409 EXTENSION_LIMIT_EXCEEDED: the allocation's extension budget would be exceeded.
     pub fn extension_limit(message: String, max_hours: u32) -> Self {
         let mut e = Self::new(StatusCode::CONFLICT, "EXTENSION_LIMIT_EXCEEDED", message);
-        e.limit = Some(u64::from(max_hours));
+        e.limit = Some(max_hours);
         e
     }
 
