@@ -212,6 +212,22 @@ pub struct Config {
     /// Seconds between two low-water checks.
     #[arg(long, env = "POOL_WATCH_INTERVAL_SEC", default_value_t = 60)]
     pub pool_watch_interval_sec: u64,
+    /// Most hours all extensions of one allocation may add (0 turns extension off).
+    #[arg(long, env = "MAX_LAB_EXTENSION_HOURS", default_value_t = 24)]
+    pub max_lab_extension_hours: u32,
+    /// How long an instance trusts the drain state it read, ms: a drain takes effect on every
+    /// other instance within this.
+    #[arg(long, env = "DRAIN_CACHE_MS", default_value_t = 1_000)]
+    pub drain_cache_ms: u64,
+    /// `Retry-After` of a 503 MAINTENANCE, seconds.
+    #[arg(long, env = "MAINTENANCE_RETRY_AFTER_SEC", default_value_t = 60)]
+    pub maintenance_retry_after_sec: u64,
+    /// Concurrent allocations per track name, `trackA=20,trackB=5` (blank: none).
+    #[arg(long, env = "TRACK_QUOTAS", default_value = "")]
+    pub track_quotas: String,
+    /// Concurrent allocations of any track `TRACK_QUOTAS` does not name (unset: unlimited).
+    #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
+    pub default_track_quota: Option<u32>,
 }
 
 impl Config {

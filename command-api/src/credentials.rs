@@ -74,7 +74,8 @@ pub struct TrackCredential {
     token: Secret,
     /// Sandbox names the track may allocate start with one of these.
     pub name_prefixes: Vec<String>,
-    /// Most sandboxes of these prefixes allocated at once (best effort: read from the view).
+    /// Most sandboxes the track holds at once: enforced as the track's quota (the lower of it
+    /// and `TRACK_QUOTAS`/`DEFAULT_TRACK_QUOTA`), in the allocation's own transaction.
     pub max_concurrent_allocations: Option<u32>,
     caller_secret: Option<Secret>,
     /// Whether every request must carry a valid `X-Caller-Signature`.
@@ -235,6 +236,19 @@ impl TrackCredentials {
     /// Whether no track has its own credential.
     pub fn is_empty(&self) -> bool {
         self.credentials.is_empty()
+    }
+
+    /// The track names that have a credential.
+    pub fn tracks(&self) -> impl Iterator<Item = &str> {
+        self.credentials.iter().map(|c| c.track.as_str())
+    }
+
+    /// The maximum of concurrent allocations the credential of `track` sets, if any.
+    pub fn max_concurrent_of(&self, track: &str) -> Option<u32> {
+        self.credentials
+            .iter()
+            .find(|c| c.track == track)
+            .and_then(|c| c.max_concurrent_allocations)
     }
 
     /// The credential whose token is `token`. Every credential is compared (in constant time

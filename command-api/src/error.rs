@@ -23,6 +23,10 @@ pub struct ErrorDetail {
     /// Seconds to wait (409 no sandboxes, 429, 503).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// The limit that refused the request (`QUOTA_EXCEEDED`: concurrent allocations of the
+    /// track; `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
@@ -57,6 +61,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds to wait, where it applies.
     pub retry_after: Option<u64>,
+    /// The limit that refused the request, where one did.
+    pub limit: Option<u32>,
     /// Field problems, for validation errors.
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
@@ -70,6 +76,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            limit: None,
             details: None,
             cause: None,
         }
@@ -142,17 +149,6 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE", message)
     }
 
-    /// 409 TRACK_ALLOCATION_LIMIT: the track holds its maximum of live allocations.
-    pub fn track_allocation_limit(retry_after: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::CONFLICT,
-            "TRACK_ALLOCATION_LIMIT",
-            "This track holds its maximum number of live allocations",
-        );
-        e.retry_after = Some(retry_after);
-        e
-    }
-
     /// 404 SANDBOX_NOT_FOUND.
     pub fn sandbox_not_found(sandbox_id: &str) -> Self {
         Self::new(
@@ -185,6 +181,38 @@ impl ApiError {
     /// 409 INVALID_STATE: the sandbox's status does not allow the operation.
     pub fn invalid_state(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "INVALID_STATE", message)
+    }
+
+    /// 503 MAINTENANCE: allocation is drained (for the prefix or the whole pool).
+    pub fn maintenance(prefix: Option<&str>, retry_after: u64) -> Self {
+        let message = match prefix {
+            Some(prefix) => format!(
+                "Allocation of sandboxes named {prefix}* is paused for maintenance; retry later"
+            ),
+            None => "Allocation is paused for maintenance; retry later".to_string(),
+        };
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "MAINTENANCE", message);
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 429 QUOTA_EXCEEDED: the track holds its quota of concurrent allocations.
+    pub fn quota_exceeded(track: &str, limit: u32, retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "QUOTA_EXCEEDED",
+            format!("Track {track} holds its quota of {limit} concurrent allocations"),
+        );
+        e.retry_after = Some(retry_after);
+        e.limit = Some(limit);
+        e
+    }
+
+    /// 409 EXTENSION_LIMIT_EXCEEDED: the allocation's extension budget would be exceeded.
+    pub fn extension_limit(message: String, max_hours: u32) -> Self {
+        let mut e = Self::new(StatusCode::CONFLICT, "EXTENSION_LIMIT_EXCEEDED", message);
+        e.limit = Some(max_hours);
+        e
     }
 
     /// 429 RATE_LIMIT_EXCEEDED.
@@ -278,6 +306,7 @@ impl ApiError {
                 message: self.message.clone(),
                 request_id: request_id.to_string(),
                 retry_after: self.retry_after,
+                limit: self.limit,
                 details: self.details.clone(),
             },
         }
@@ -326,12 +355,24 @@ impl ApiError {
             BrokerError::Domain(d @ DomainError::InvalidTransition { .. }) => {
                 ApiError::invalid_state(d.to_string())
             }
+            BrokerError::Domain(d @ DomainError::ExtensionLimit { max_hours, .. }) => {
+                ApiError::extension_limit(d.to_string(), max_hours)
+            }
             BrokerError::Domain(d) => ApiError::invalid_state(d.to_string()),
             BrokerError::Store(s) => s.into(),
             BrokerError::NoSandboxAvailable { retry_after_s } => {
                 ApiError::no_sandboxes(retry_after_s)
             }
             BrokerError::InvalidInput(id) => ApiError::validation("header", "id", id.to_string()),
+            BrokerError::Maintenance {
+                prefix,
+                retry_after_s,
+            } => ApiError::maintenance(prefix.as_deref(), retry_after_s),
+            BrokerError::QuotaExceeded {
+                track,
+                limit,
+                retry_after_s,
+            } => ApiError::quota_exceeded(&track, limit, retry_after_s),
         }
     }
 }

@@ -15,8 +15,7 @@
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
-//!   `ops`, `events` (the
-//!   audit endpoints), `dashboard`.
+//!   `pool` (drain, resume, quotas), `ops`, `events` (the audit endpoints), `dashboard`.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
 //! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
@@ -72,6 +71,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::admin_jobs::router())
         .merge(routes::webhooks::router())
         .merge(routes::events::router())
+        .merge(routes::pool::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),

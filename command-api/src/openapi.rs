@@ -6,7 +6,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, admin_jobs, ops, sandboxes, webhooks};
+use crate::routes::{admin, admin_jobs, ops, pool, sandboxes, webhooks};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -14,17 +14,21 @@ use crate::routes::{admin, admin_jobs, ops, sandboxes, webhooks};
     info(title = "Sandbox Broker API", description = "Hands pre-created CSP sandbox accounts to lab students; event-sourced on DynamoDB."),
     paths(
         sandboxes::allocate_sandbox, sandboxes::get_sandbox, sandboxes::mark_for_deletion,
+        sandboxes::extend_lease,
         admin::list_sandboxes, admin::get_stats, admin::get_history, admin::retry_deletion,
         admin::run_sync, admin::run_cleanup, admin::run_auto_expire, admin::run_delete_stale,
         admin::bulk_delete, admin_jobs::list_jobs, admin_jobs::get_job,
         webhooks::get_deliveries,
+        pool::get_pool_control, pool::drain_pool, pool::resume_pool,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
         admin::AdminSandbox, admin::ListResponse, admin::StatsResponse, admin::PrefixCounts, admin::LowWaterGroup, admin::HistoryResponse,
         admin::RetryDeletionResponse, admin_jobs::AdminJob, admin_jobs::JobAccepted,
-        admin_jobs::JobList, webhooks::DeliveriesResponse, webhooks::SubscriberDeliveries)),
+        admin_jobs::JobList, webhooks::DeliveriesResponse, webhooks::SubscriberDeliveries,
+        sandboxes::ExtendRequest, sandboxes::ExtendResponse,
+        pool::PoolControlResponse, pool::DrainView, pool::QuotaView)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

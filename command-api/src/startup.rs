@@ -84,6 +84,9 @@ pub async fn build_with(
         dynamo,
     } = runtime::open_stores(&config.store).await?;
     let expiry_grace = config.jobs.expiry_grace().context("jobs configuration")?;
+    let quotas =
+        domain::service::TrackQuotas::parse(&config.track_quotas, config.default_track_quota)
+            .map_err(|problem| anyhow::anyhow!("TRACK_QUOTAS: {problem}"))?;
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
     let mut broker = Broker::new(
@@ -98,6 +101,10 @@ pub async fn build_with(
             max_sweeps: config.allocate_max_sweeps.max(1),
             max_sweep_rows: config.allocate_max_sweep_rows.max(100),
             allocate_concurrency: config.allocate_concurrency.max(1),
+            max_extension: chrono::Duration::hours(i64::from(config.max_lab_extension_hours)),
+            drain_cache_ttl: Duration::from_millis(config.drain_cache_ms),
+            maintenance_retry_after_s: config.maintenance_retry_after_sec,
+            quotas,
             ..BrokerConfig::default()
         },
     );

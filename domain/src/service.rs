@@ -2,6 +2,11 @@
 //! appends with version checks, and runs the allocation algorithm of DESIGN.md §6. It knows the
 //! ports only, never an adapter.
 
+mod pool_control;
+mod quota;
+
+pub use quota::TrackQuotas;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +22,9 @@ use crate::model::error::DomainError;
 use crate::model::events::{
     BrokerEvent, ClaimEvent, CommandMeta, EventEnvelope, ReleaseReason, SandboxEvent,
 };
-use crate::model::ids::{claim_stream, sandbox_stream, validate_id, IdError};
+use crate::model::ids::{
+    claim_stream, quota_stream, sandbox_stream, validate_id, IdError, QUOTA_STREAM_PREFIX,
+};
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::PoolRow;
 use crate::model::sandbox::{Sandbox, SandboxCommand};
@@ -53,6 +60,16 @@ pub struct BrokerConfig {
     pub command_retries: usize,
     /// `retry_after` of a 409 NO_SANDBOXES_AVAILABLE, seconds (30).
     pub no_sandbox_retry_after_s: u64,
+    /// Most that all extensions of one allocation may add (`MAX_LAB_EXTENSION_HOURS`, 24 h;
+    /// zero turns extension off).
+    pub max_extension: Duration,
+    /// How long an instance trusts the drain state it read (`DRAIN_CACHE_MS`, 1,000 ms): the
+    /// bound on how late a drain takes effect on the other instances.
+    pub drain_cache_ttl: StdDuration,
+    /// `retry_after` of a 503 MAINTENANCE, seconds (`MAINTENANCE_RETRY_AFTER_SEC`, 60).
+    pub maintenance_retry_after_s: u64,
+    /// Concurrent allocations allowed per track name (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`).
+    pub quotas: TrackQuotas,
 }
 
 impl Default for BrokerConfig {
@@ -67,6 +84,10 @@ impl Default for BrokerConfig {
             allocate_concurrency: 64,
             command_retries: 5,
             no_sandbox_retry_after_s: 30,
+            max_extension: Duration::hours(24),
+            drain_cache_ttl: StdDuration::from_millis(1_000),
+            maintenance_retry_after_s: 60,
+            quotas: TrackQuotas::default(),
         }
     }
 }
@@ -89,6 +110,24 @@ pub enum BrokerError {
     /// A caller-supplied identifier was refused.
     #[error(transparent)]
     InvalidInput(#[from] IdError),
+    /// Allocation is drained for maintenance (for this prefix or the whole pool).
+    #[error("allocation is drained for maintenance")]
+    Maintenance {
+        /// The drained prefix that refused the request; `None`: the whole pool.
+        prefix: Option<String>,
+        /// Suggested wait, seconds.
+        retry_after_s: u64,
+    },
+    /// The track holds its maximum of concurrent allocations.
+    #[error("track {track} holds its quota of {limit} concurrent allocations")]
+    QuotaExceeded {
+        /// The track name.
+        track: String,
+        /// The limit in force.
+        limit: u32,
+        /// Suggested wait, seconds.
+        retry_after_s: u64,
+    },
 }
 
 /// An allocation request as the track sends it.
@@ -321,7 +360,15 @@ pub struct Broker {
     repairing: Arc<Mutex<HashSet<String>>>,
     /// Rows read repair brought up to date.
     repaired_rows: Arc<AtomicU64>,
+    /// The drain state as this instance read it last.
+    drain_cache: pool_control::DrainCache,
+    /// Queues this process's quota-bound commands per track.
+    track_locks: quota::TrackLocks,
 }
+
+/// Bound on reloads of a track's quota after another allocation (or release) of the track
+/// committed first; each reload sees a newer count, so this is only reached under a storm.
+const QUOTA_RETRIES: usize = 64;
 
 /// Bound on concurrent background repairs: beyond it, the projector is left to catch up.
 const MAX_CONCURRENT_REPAIRS: usize = 64;
@@ -354,6 +401,8 @@ impl Broker {
             repair: None,
             repairing: Arc::default(),
             repaired_rows: Arc::default(),
+            drain_cache: pool_control::DrainCache::default(),
+            track_locks: quota::TrackLocks::default(),
         }
     }
 
@@ -491,6 +540,20 @@ impl Broker {
         request: &AllocateRequest,
         meta: &CommandMeta,
     ) -> Result<Allocation, BrokerError> {
+        self.allocate_within(request, meta, None).await
+    }
+
+    /// [`Broker::allocate`] with a further cap on the track's concurrent allocations (a per-track
+    /// credential's maximum); the lower of it and the configured quota applies. A quota-bound
+    /// allocation takes a slot in its track's quota stream in the same transaction, so the limit
+    /// holds under any concurrency. A drained pool (or prefix) refuses new allocations; a replay
+    /// of a live allocation is answered before either check.
+    pub async fn allocate_within(
+        &self,
+        request: &AllocateRequest,
+        meta: &CommandMeta,
+        track_limit: Option<u32>,
+    ) -> Result<Allocation, BrokerError> {
         let caller = validate_id("caller id", &request.caller)?;
         let key = match request.idempotency_key.as_deref().map(str::trim) {
             Some(k) if !k.is_empty() => validate_id("Idempotency-Key", k)?,
@@ -504,6 +567,13 @@ impl Broker {
             .map(|p| validate_id("X-Sandbox-Name-Prefix", p))
             .transpose()?;
         let claim_id = claim_stream(&caller, &key);
+        let quota = request.track_name.as_deref().and_then(|track| {
+            let limit = match (self.config.quotas.limit_for(track), track_limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            limit.map(|limit| (track.to_string(), limit))
+        });
         let cache_key = prefix.as_deref().unwrap_or("");
         // Waiting for a permit is fair (FIFO); the semaphore is never closed.
         let _permit = self
@@ -542,7 +612,33 @@ impl Broker {
                 }
                 continue 'claim;
             }
+            if let Some(drain) = self.drain_refusing(prefix.as_deref()).await? {
+                return Err(BrokerError::Maintenance {
+                    prefix: drain.prefix,
+                    retry_after_s: self.config.maintenance_retry_after_s,
+                });
+            }
+            // Held until this pass ends: the track's other requests in this process wait here
+            // instead of racing this one for the quota stream's next version.
+            let _quota_turn = match &quota {
+                Some((track, _)) => Some(self.track_locks.lock(track).await),
+                None => None,
+            };
+            let mut usage = match &quota {
+                Some((track, _)) => Some(quota::load_usage(self.events.as_ref(), track).await?),
+                None => None,
+            };
+            let mut quota_conflicts = 0usize;
             loop {
+                if let (Some((track, limit)), Some(usage)) = (&quota, &usage) {
+                    if usage.in_use() >= *limit as usize {
+                        return Err(BrokerError::QuotaExceeded {
+                            track: track.clone(),
+                            limit: *limit,
+                            retry_after_s: self.config.no_sandbox_retry_after_s,
+                        });
+                    }
+                }
                 let Some(row) = self.next_candidate(prefix.as_deref(), &mut search).await? else {
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
@@ -580,6 +676,24 @@ impl Broker {
                 let sandbox_stream_id = sandbox_stream(&row.sandbox_id);
                 let mut batch = envelopes(&sandbox_stream_id, state.version, &events, meta, now);
                 batch.extend(envelopes(&claim_id, claim.version, &grant, meta, now));
+                let quota_id = quota.as_ref().map(|(track, _)| quota_stream(track));
+                if let (Some((track, limit)), Some(usage), Some(quota_id)) =
+                    (&quota, &usage, &quota_id)
+                {
+                    match usage.take(&row.sandbox_id, *limit) {
+                        Ok(taken) => {
+                            batch.extend(envelopes(quota_id, usage.version, &[taken], meta, now));
+                        }
+                        Err(full) => {
+                            self.candidates.give_back(cache_key, row);
+                            return Err(BrokerError::QuotaExceeded {
+                                track: track.clone(),
+                                limit: full.limit,
+                                retry_after_s: self.config.no_sandbox_retry_after_s,
+                            });
+                        }
+                    }
+                }
                 match self.events.append(batch).await {
                     Ok(()) => {
                         self.candidates.taken(&row);
@@ -597,6 +711,24 @@ impl Broker {
                         // A concurrent duplicate holds the claim now; this candidate is untouched.
                         self.candidates.give_back(cache_key, row);
                         continue 'claim;
+                    }
+                    Err(StoreError::VersionConflict { stream_id })
+                        if quota_id.as_deref() == Some(stream_id.as_str()) =>
+                    {
+                        // Another instance allocated (or released) for this track first: the
+                        // candidate is untouched; read the new count and decide again.
+                        self.candidates.give_back(cache_key, row);
+                        quota_conflicts += 1;
+                        if quota_conflicts > QUOTA_RETRIES {
+                            return Err(StoreError::Unavailable(format!(
+                                "quota of track {} kept changing",
+                                quota.as_ref().map_or("", |(t, _)| t.as_str())
+                            ))
+                            .into());
+                        }
+                        if let Some((track, _)) = &quota {
+                            usage = Some(quota::load_usage(self.events.as_ref(), track).await?);
+                        }
                     }
                     Err(StoreError::VersionConflict { .. }) => {
                         // Someone else took (or changed) this sandbox: the view row is stale.
@@ -738,6 +870,7 @@ impl Broker {
     ) -> Result<Sandbox, BrokerError> {
         let stream_id = sandbox_stream(sandbox_id);
         let mut attempt = 0;
+        let mut quota_conflicts = 0usize;
         loop {
             attempt += 1;
             let mut sandbox = self.load_sandbox(sandbox_id).await?.sandbox;
@@ -760,12 +893,39 @@ impl Broker {
                 })?;
                 batch.extend(envelopes(&claim_id, claim.version, &release, meta, now));
             }
+            // An allocation that took a quota slot gives it back in the same transaction that
+            // ends it, whatever the quota configuration of this process: the quota stream says
+            // whether the sandbox holds a slot.
+            let mut _quota_turn = None;
+            if let (Some(_), Some(track)) = (release_reason, sandbox.track_name.clone()) {
+                _quota_turn = Some(self.track_locks.lock(&track).await);
+                let usage = quota::load_usage(self.events.as_ref(), &track).await?;
+                if let Some(release) = usage.release(sandbox_id) {
+                    batch.extend(envelopes(
+                        &quota_stream(&track),
+                        usage.version,
+                        &[release],
+                        meta,
+                        now,
+                    ));
+                }
+            }
             match self.events.append(batch).await {
                 Ok(()) => {
                     for event in &events {
                         sandbox.fold(event);
                     }
                     return Ok(sandbox);
+                }
+                Err(StoreError::VersionConflict { stream_id })
+                    if stream_id.starts_with(QUOTA_STREAM_PREFIX)
+                        && quota_conflicts < QUOTA_RETRIES =>
+                {
+                    // Only the track's count moved (another allocation or release committed
+                    // first); that does not spend the command's own retry budget.
+                    quota_conflicts += 1;
+                    attempt -= 1;
+                    continue;
                 }
                 Err(StoreError::VersionConflict { .. })
                     if attempt < self.config.command_retries =>
@@ -775,6 +935,35 @@ impl Broker {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The owner extends the lab window by `hours` (`LeaseExtended`), within
+    /// `MAX_LAB_EXTENSION_HOURS` in total per allocation; refused once the window has ended.
+    pub async fn extend_lease(
+        &self,
+        sandbox_id: &str,
+        caller: &str,
+        hours: u32,
+        meta: &CommandMeta,
+    ) -> Result<Sandbox, BrokerError> {
+        self.execute(
+            sandbox_id,
+            SandboxCommand::ExtendLease {
+                caller: caller.to_string(),
+                hours,
+                max_total: self.config.max_extension,
+            },
+            meta,
+        )
+        .await
+    }
+
+    /// The slots a track's allocations hold now (strongly consistent).
+    pub async fn quota_usage(
+        &self,
+        track: &str,
+    ) -> Result<crate::model::quota::QuotaUsage, BrokerError> {
+        quota::load_usage(self.events.as_ref(), track).await
     }
 
     /// The whole history of a sandbox, envelopes included (`NotFound` if it never existed).

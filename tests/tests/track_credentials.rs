@@ -176,7 +176,7 @@ async fn track_allocation_cap_is_enforced() {
     let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c3")).await;
     assert_eq!(
         (status, code(&body)),
-        (StatusCode::CONFLICT, "TRACK_ALLOCATION_LIMIT")
+        (StatusCode::TOO_MANY_REQUESTS, "QUOTA_EXCEEDED")
     );
     let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c1")).await;
     assert_eq!(status, StatusCode::OK, "the replay answers: {body}");

@@ -7,6 +7,8 @@
 //   live events table                    <- GET {base}/admin/events/stream, read with fetch() so the
 //                                           token goes in the Authorization header (EventSource
 //                                           cannot set headers); resumed with Last-Event-ID
+//   allocation open / drained            <- GET {base}/admin/pool (with the stats, and after
+//                                           PoolDrained / PoolResumed events)
 //   quarantined sandboxes + retry        <- GET {base}/admin/sandboxes?status=deletion_failed,
 //                                           POST {base}/admin/sandboxes/{id}/retry-deletion
 //   pool by prefix + low water           <- the same GET {base}/admin/stats (by_prefix, low_water)
@@ -267,6 +269,20 @@
     $("admin-jobs-empty").hidden = body.jobs.length > 0;
   }
 
+  async function refreshControl() {
+    const control = await api("/admin/pool");
+    const whole = control.drains.find((d) => d.prefix === null);
+    $("drain-state").textContent = whole ? "drained (maintenance)" : control.drains.length ? "open, some prefixes drained" : "open";
+    const list = $("drains");
+    list.textContent = "";
+    for (const d of control.drains) {
+      const since = new Date(d.since * 1000).toISOString();
+      const what = d.prefix === null ? "whole pool" : d.prefix + "*";
+      list.appendChild(el("li", { "data-prefix": d.prefix === null ? "" : d.prefix }, what + " since " + since + (d.reason ? " — " + d.reason : "")));
+    }
+    document.body.setAttribute("data-drained", whole ? "true" : "false");
+  }
+
   function statsSoon() {
     if (statsPending) return;
     statsPending = setTimeout(() => {
@@ -391,6 +407,9 @@
       drawAllocations();
     }
     if (event.stream_id && event.stream_id.startsWith("sandbox#")) statsSoon();
+    if (event.event_type === "PoolDrained" || event.event_type === "PoolResumed") {
+      refreshControl().catch(() => {});
+    }
     if (event.event_type === "DeletionFailed" || event.event_type === "DeletionRetried") {
       refreshQuarantine().catch(() => {});
     }
@@ -467,6 +486,7 @@
     showError("");
     try {
       await refreshStats();
+      await refreshControl();
       await loadAllocations();
       await refreshQuarantine();
       await refreshJobs();
@@ -477,6 +497,7 @@
     }
     connectStream();
     timers.push(setInterval(() => refreshStats().catch((e) => showError("stats: " + e.message)), STATS_EVERY_MS));
+    timers.push(setInterval(() => refreshControl().catch(() => {}), STATS_EVERY_MS));
     timers.push(setInterval(() => refreshQuarantine().catch(() => {}), QUARANTINE_EVERY_MS));
     timers.push(setInterval(drawAllocations, 30000));
     timers.push(setInterval(() => refreshJobs().catch(() => {}), STATS_EVERY_MS));

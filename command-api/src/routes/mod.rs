@@ -5,5 +5,6 @@ pub mod admin_jobs;
 pub mod dashboard;
 pub mod events;
 pub mod ops;
+pub mod pool;
 pub mod sandboxes;
 pub mod webhooks;

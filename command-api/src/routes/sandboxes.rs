@@ -1,5 +1,5 @@
 //! Track endpoints: allocate, get, mark-for-deletion (the contract of CONTRACT.md that existing
-//! track scripts use).
+//! track scripts use), and extend.
 
 use std::time::Instant;
 
@@ -8,9 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
-use domain::store::ListFilter;
-use domain::{Actor, AllocateRequest, BrokerError, CommandMeta, SandboxStatus};
-use serde::Serialize;
+use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{header_text, Caller, Principal};
@@ -98,6 +97,7 @@ pub fn router() -> Router<SharedState> {
             "/sandboxes/{sandbox_id}/mark-for-deletion",
             post(mark_for_deletion),
         )
+        .route("/sandboxes/{sandbox_id}/extend", post(extend_lease))
 }
 
 fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
@@ -149,57 +149,6 @@ async fn check_track_owns(
     Ok(())
 }
 
-/// Whether the track already holds its maximum of live allocations, counted from the view
-/// over its prefixes (eventually consistent, so a burst can overshoot by a few; the cap guards
-/// the pool against one track, it is not an exact quota). A caller that already holds a live
-/// allocation is never refused, so its idempotent replay still answers.
-async fn at_track_limit(
-    state: &SharedState,
-    credential: &TrackCredential,
-    caller: &str,
-) -> Result<bool, ApiError> {
-    let Some(max) = credential.max_concurrent_allocations else {
-        return Ok(false);
-    };
-    let view = state.broker.view();
-    let mut live = 0usize;
-    for prefix in &credential.name_prefixes {
-        let filter = ListFilter {
-            status: Some(SandboxStatus::Allocated),
-            owner: None,
-            prefix: Some(prefix.clone()),
-        };
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = view.list(&filter, 500, cursor.as_deref()).await?;
-            live += page
-                .rows
-                .iter()
-                .filter(|r| r.track_name.as_deref() == Some(credential.track.as_str()))
-                .count();
-            if live >= max as usize {
-                break;
-            }
-            match page.cursor {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
-        }
-        if live >= max as usize {
-            break;
-        }
-    }
-    if live < max as usize {
-        return Ok(false);
-    }
-    let own = ListFilter {
-        status: Some(SandboxStatus::Allocated),
-        owner: Some(caller.to_string()),
-        prefix: None,
-    };
-    Ok(view.list(&own, 1, None).await?.rows.is_empty())
-}
-
 /// Checks a path id the same way header ids are checked (400, never a 5xx or a key too long).
 pub fn path_id(raw: &str) -> Result<String, ApiError> {
     domain::model::ids::validate_id("sandbox_id", raw)
@@ -224,9 +173,9 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
-        (status = 409, description = "No sandboxes available; `TRACK_ALLOCATION_LIMIT` when the track holds its maximum", body = ErrorBody),
-        (status = 429, description = "Rate limited", body = ErrorBody),
-        (status = 503, description = "Store unavailable", body = ErrorBody),
+        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`)", body = ErrorBody),
+        (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`, or the per-track credential's maximum): `limit` and `retry_after` in the envelope", body = ErrorBody),
+        (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
     )
 )]
 pub async fn allocate_sandbox(
@@ -268,20 +217,22 @@ pub async fn allocate_sandbox(
         };
         // The credential, not a header, names the track: ownership checks rely on it.
         request.track_name = Some(credential.track.clone());
-        if at_track_limit(&state, credential, &caller.0).await? {
-            return Err(ApiError::track_allocation_limit(
-                state.broker.config().no_sandbox_retry_after_s,
-            ));
-        }
     }
+    // A credential's maximum is enforced as a quota of its track (the lower of it and any
+    // configured quota), in the allocation's own transaction.
+    let track_limit = credential
+        .as_ref()
+        .and_then(|c| c.max_concurrent_allocations);
     let result = state
         .broker
-        .allocate(&request, &meta(&caller.0, &request_id))
+        .allocate_within(&request, &meta(&caller.0, &request_id), track_limit)
         .await;
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
         Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
+        Err(BrokerError::QuotaExceeded { .. }) => "quota_exceeded",
+        Err(BrokerError::Maintenance { .. }) => "maintenance",
         Err(_) => "error",
     };
     state.metrics.allocate.with_label_values(&[outcome]).inc();
@@ -403,5 +354,96 @@ pub async fn mark_for_deletion(
         sandbox_id: sandbox.sandbox_id.clone(),
         status: "pending_deletion".into(),
         deletion_requested_at: sandbox.deletion_requested_at.map_or(0, |t| t.timestamp()),
+    }))
+}
+
+/// Body of an extension.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ExtendRequest {
+    /// Hours to add to the lab window: a whole number from 1 to 8760.
+    #[schema(value_type = i64, minimum = 1, maximum = 8760)]
+    pub hours: serde_json::Value,
+}
+
+/// Body of a successful extension.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExtendResponse {
+    /// Broker id.
+    pub sandbox_id: String,
+    /// Always `allocated`.
+    pub status: String,
+    /// Epoch seconds: the new end of the lab window (expiry and the mark window follow it).
+    pub expires_at: i64,
+    /// Hours added by every extension of this allocation so far.
+    pub extended_hours: i64,
+    /// Hours that may still be added (`MAX_LAB_EXTENSION_HOURS` minus `extended_hours`).
+    pub remaining_extension_hours: i64,
+}
+
+/// Largest single extension accepted (a year): anything longer is a typo, not a lab.
+const MAX_EXTENSION_REQUEST_HOURS: u64 = 8_760;
+
+/// Reads `{"hours": n}`: a JSON object whose `hours` is a whole number from 1 to 8760.
+fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
+    let problem = |p: &str| ApiError::validation("body", "hours", p);
+    let request: ExtendRequest = serde_json::from_slice(body)
+        .map_err(|_| problem("the body must be a JSON object {\"hours\": <whole number>}"))?;
+    match request.hours.as_u64() {
+        Some(n) if (1..=MAX_EXTENSION_REQUEST_HOURS).contains(&n) => {
+            u32::try_from(n).map_err(|_| problem("out of range"))
+        }
+        _ => Err(problem("must be a whole number from 1 to 8760")),
+    }
+}
+
+/// Extend the caller's live allocation by `hours`.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{sandbox_id}/extend", tag = "Sandboxes",
+    security(("bearer" = [])),
+    params(
+        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+    ),
+    request_body(content = ExtendRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Extended: the new `expires_at`", body = ExtendResponse),
+        (status = 400, description = "`VALIDATION_ERROR`: `hours` missing, not a whole number, or outside 1–8760; missing or invalid header or id", body = ErrorBody),
+        (status = 401, description = "Unauthorized", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "`INVALID_STATE`: not allocated, or the lab window has ended; `EXTENSION_LIMIT_EXCEEDED`: the allocation's extensions would add more than `MAX_LAB_EXTENSION_HOURS` (`limit` in the envelope)", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    )
+)]
+pub async fn extend_lease(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
+    Path(sandbox_id): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<ExtendResponse>, ApiError> {
+    let sandbox_id = path_id(&sandbox_id)?;
+    let hours = extension_hours(&body)?;
+    if let Principal::Track(credential) = &principal {
+        check_caller(credential, &caller, &headers)?;
+        check_track_owns(&state, credential, &sandbox_id).await?;
+    }
+    let sandbox = state
+        .broker
+        .extend_lease(&sandbox_id, &caller.0, hours, &meta(&caller.0, &request_id))
+        .await
+        .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
+    let extended_hours = sandbox.extended_s / 3600;
+    Ok(Json(ExtendResponse {
+        sandbox_id: sandbox.sandbox_id.clone(),
+        status: "allocated".into(),
+        expires_at: sandbox.expires_at.map_or(0, |t| t.timestamp()),
+        extended_hours,
+        remaining_extension_hours: (state.broker.config().max_extension.num_hours()
+            - extended_hours)
+            .max(0),
     }))
 }

@@ -39,6 +39,20 @@ pub enum DomainError {
         /// When it lapses.
         until: DateTime<Utc>,
     },
+    /// An extension asked for after the lab window ended.
+    #[error("the lab window ended at {expires_at}; it can no longer be extended")]
+    LeaseExpired {
+        /// When the window ended.
+        expires_at: DateTime<Utc>,
+    },
+    /// An extension beyond the allocation's total extension budget.
+    #[error("extensions of one allocation may add at most {max_hours} h in total; {used_hours} h already added")]
+    ExtensionLimit {
+        /// `MAX_LAB_EXTENSION_HOURS`.
+        max_hours: u32,
+        /// Hours already added to this allocation.
+        used_hours: u32,
+    },
     /// The (caller, key) claim already holds a live allocation.
     #[error("claim already holds sandbox {sandbox_id}")]
     ClaimTaken {

@@ -11,7 +11,8 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::ids::{
-    ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+    ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
+    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
 };
 
 /// The payload schema version written today.
@@ -128,6 +129,21 @@ pub enum SandboxEvent {
         /// Why (e.g. `stale_grace_expired`, `bulk_delete`).
         reason: String,
     },
+    /// The owner extended the lab window: `expires_at`, the mark window and auto-expiry all
+    /// move to the new end.
+    LeaseExtended {
+        /// The owner who asked.
+        caller: String,
+        /// Hours added by this extension.
+        hours: u32,
+        /// The end of the window before this extension.
+        previous_expires_at: DateTime<Utc>,
+        /// The new end of the window.
+        expires_at: DateTime<Utc>,
+        /// Seconds added by every extension of this allocation so far, this one included
+        /// (bounded by `MAX_LAB_EXTENSION_HOURS`).
+        extended_total_s: i64,
+    },
 }
 
 /// Why a claim was released.
@@ -225,6 +241,65 @@ pub enum AdminJobEvent {
     },
 }
 
+/// One drain in force: allocations for the prefix (or, without one, the whole pool) are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainEntry {
+    /// The name prefix drained; `None` drains the whole pool.
+    pub prefix: Option<String>,
+    /// When the drain began.
+    pub since: DateTime<Utc>,
+    /// The operator's note, if any.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Events of the pool-control stream (`pool#control`): operators' drain decisions. Each event
+/// carries the complete drain state after it, so readers need only the latest event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum PoolControlEvent {
+    /// New allocations for `prefix` (or the whole pool) are refused with 503 `MAINTENANCE`.
+    PoolDrained {
+        /// The prefix drained; `None` for the whole pool.
+        prefix: Option<String>,
+        /// The operator's note.
+        reason: Option<String>,
+        /// Every drain in force after this event.
+        drained: Vec<DrainEntry>,
+    },
+    /// Allocations for `prefix` (or the whole pool) are accepted again.
+    PoolResumed {
+        /// The prefix resumed; `None` for the whole-pool drain.
+        prefix: Option<String>,
+        /// Every drain still in force after this event.
+        drained: Vec<DrainEntry>,
+    },
+}
+
+/// Events of a track's quota stream (`quota#<track>`): the live allocations counted against the
+/// track's quota. Every event carries the holders after it, so a reader needs only the latest
+/// event, and the stream's version is what concurrent allocations of the track race on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum QuotaEvent {
+    /// An allocation took a slot; appended in the allocation's own transaction.
+    QuotaSlotTaken {
+        /// The sandbox allocated.
+        sandbox_id: String,
+        /// The quota in force when it was taken.
+        limit: u32,
+        /// Sandboxes holding a slot after this event.
+        holders: Vec<String>,
+    },
+    /// The allocation ended (marked or expired); appended in the same transaction as its end.
+    QuotaSlotReleased {
+        /// The sandbox whose allocation ended.
+        sandbox_id: String,
+        /// Sandboxes holding a slot after this event.
+        holders: Vec<String>,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -249,11 +324,14 @@ domain_event!(SandboxEvent);
 domain_event!(ClaimEvent);
 domain_event!(SyncEvent);
 domain_event!(AdminJobEvent);
+domain_event!(PoolControlEvent);
+domain_event!(QuotaEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
-/// [`ClaimEvent`], [`SyncEvent`] and [`AdminJobEvent`]): what audit filters and schemas accept. A unit test keeps it
-/// equal to the enums.
-pub const EVENT_TYPES: [&str; 19] = [
+/// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`] and
+/// [`QuotaEvent`]): what audit filters
+/// and schemas accept. A unit test keeps it equal to the enums.
+pub const EVENT_TYPES: [&str; 24] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -266,6 +344,7 @@ pub const EVENT_TYPES: [&str; 19] = [
     "DeletionRetried",
     "SandboxDeleted",
     "SandboxRetired",
+    "LeaseExtended",
     "ClaimGranted",
     "ClaimReleased",
     "ListingRecorded",
@@ -273,6 +352,10 @@ pub const EVENT_TYPES: [&str; 19] = [
     "AdminJobStarted",
     "AdminJobProgressed",
     "AdminJobFinished",
+    "PoolDrained",
+    "PoolResumed",
+    "QuotaSlotTaken",
+    "QuotaSlotReleased",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -286,6 +369,10 @@ pub enum BrokerEvent {
     Sync(SyncEvent),
     /// From an `adminjob#` stream.
     AdminJob(AdminJobEvent),
+    /// From the pool-control stream.
+    PoolControl(PoolControlEvent),
+    /// From a `quota#` stream.
+    Quota(QuotaEvent),
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -335,7 +422,7 @@ impl CommandMeta {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {
-    /// `sandbox#…`, `claim#…` or `sync#…`.
+    /// `sandbox#…`, `claim#…`, `sync#…`, `pool#control` or `quota#…`.
     pub stream_id: String,
     /// 1, 2, … within the stream.
     pub version: u64,
@@ -474,6 +561,14 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::AdminJob)
                 .map_err(err)
+        } else if self.stream_id == POOL_CONTROL_STREAM_ID {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::PoolControl)
+                .map_err(err)
+        } else if self.stream_id.starts_with(QUOTA_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Quota)
+                .map_err(err)
         } else {
             Err(DecodeError::UnknownStream(self.stream_id.clone()))
         }
@@ -578,13 +673,20 @@ mod tests {
         assert_eq!(Actor::Job("sync").to_string(), "job:sync");
     }
 
-    /// `EVENT_TYPES` lists exactly the variants of the four event enums, in declaration order
+    /// `EVENT_TYPES` lists exactly the variants of the event enums, in declaration order
     /// (read from this file, so a new variant without a list entry fails here).
     #[test]
     fn event_types_list_every_variant() {
         let source = include_str!("events.rs");
         let mut variants = Vec::new();
-        for name in ["SandboxEvent", "ClaimEvent", "SyncEvent", "AdminJobEvent"] {
+        for name in [
+            "SandboxEvent",
+            "ClaimEvent",
+            "SyncEvent",
+            "AdminJobEvent",
+            "PoolControlEvent",
+            "QuotaEvent",
+        ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))
                 .unwrap_or_else(|| panic!("enum {name} not found"));

@@ -26,6 +26,13 @@ pub fn admin_job_stream(job_id: &str) -> String {
     format!("{ADMIN_JOB_STREAM_PREFIX}{job_id}")
 }
 
+/// The pool-control stream: operators' drain and resume decisions (one stream for the pool, so
+/// every instance reads the whole drain state with one strong read of its latest event).
+pub const POOL_CONTROL_STREAM_ID: &str = "pool#control";
+/// Prefix of per-track quota streams (`quota#<track name>`): the counter whose version every
+/// quota-bound allocation of the track checks in its own transaction.
+pub const QUOTA_STREAM_PREFIX: &str = "quota#";
+
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IdError {
@@ -77,6 +84,11 @@ pub fn sandbox_stream(sandbox_id: &str) -> String {
 /// The stream of the claim a (caller, idempotency key) pair holds.
 pub fn claim_stream(caller: &str, key: &str) -> String {
     format!("{CLAIM_STREAM_PREFIX}{}:{caller}#{key}", caller.len())
+}
+
+/// The quota stream of a track name.
+pub fn quota_stream(track_name: &str) -> String {
+    format!("{QUOTA_STREAM_PREFIX}{track_name}")
 }
 
 /// The sandbox id of a sandbox stream, if it is one.

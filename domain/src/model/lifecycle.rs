@@ -102,11 +102,13 @@ pub enum Transition {
     Retire,
     /// `DeletionLeased`
     LeaseDeletion,
+    /// `LeaseExtended`
+    ExtendLease,
 }
 
 impl Transition {
     /// Every transition kind.
-    pub const ALL: [Transition; 12] = [
+    pub const ALL: [Transition; 13] = [
         Transition::Register,
         Transition::Allocate,
         Transition::RequestDeletion,
@@ -119,6 +121,7 @@ impl Transition {
         Transition::CompleteDeletion,
         Transition::Retire,
         Transition::LeaseDeletion,
+        Transition::ExtendLease,
     ];
 }
 
@@ -146,6 +149,8 @@ pub const TRANSITIONS: &[(Option<SandboxStatus>, Transition, SandboxStatus)] = &
     (Some(PendingDeletion), Retire, Deleted),
     // A cleanup worker's short claim on the deletion: the status stays where it is.
     (Some(PendingDeletion), LeaseDeletion, PendingDeletion),
+    // The owner moves the end of the lab window; the allocation goes on.
+    (Some(Allocated), ExtendLease, Allocated),
 ];
 
 /// The status after `transition` from `from`, or `None` if the table forbids it.

@@ -6,8 +6,10 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod lifecycle;
+pub mod pool_control;
 pub mod pool_prefix;
 pub mod projection;
+pub mod quota;
 pub mod sandbox;
 #[cfg(feature = "schema")]
 pub mod schema;

@@ -172,6 +172,11 @@ pub fn project(
             row.expires_at = Some(*expires_at);
             row.due_at = Some(*expires_at);
         }
+        E::LeaseExtended { expires_at, .. } => {
+            // The expiry index follows the new end, so auto-expiry waits for it.
+            row.expires_at = Some(*expires_at);
+            row.due_at = Some(*expires_at);
+        }
         E::DeletionRequested { requested_at, .. } => {
             row.status = SandboxStatus::PendingDeletion;
             row.deletion_requested_at = Some(*requested_at);

@@ -96,6 +96,15 @@ pub enum SandboxCommand {
         /// Why.
         reason: String,
     },
+    /// The owner extends the lab window by `hours`, within `max_total` over the allocation.
+    ExtendLease {
+        /// Who asks; must be the owner.
+        caller: String,
+        /// Hours to add (at least 1).
+        hours: u32,
+        /// `MAX_LAB_EXTENSION_HOURS`: the most all extensions of one allocation may add.
+        max_total: Duration,
+    },
 }
 
 /// The state folded from a sandbox stream.
@@ -127,6 +136,9 @@ pub struct Sandbox {
     pub expires_at: Option<DateTime<Utc>>,
     /// Lab duration recorded at allocation.
     pub lab_duration_s: Option<i64>,
+    /// Seconds added to the lab window by extensions of the current allocation.
+    #[serde(default)]
+    pub extended_s: i64,
     /// When the allocation ended (marked or expired): the `deletion_requested_at` callers see.
     pub deletion_requested_at: Option<DateTime<Utc>>,
     /// Whether the allocation ended by expiry rather than by the owner.
@@ -197,6 +209,7 @@ impl Sandbox {
             SandboxEvent::SandboxDeleted { .. } => Transition::CompleteDeletion,
             SandboxEvent::SandboxRetired { .. } => Transition::Retire,
             SandboxEvent::DeletionLeased { .. } => Transition::LeaseDeletion,
+            SandboxEvent::LeaseExtended { .. } => Transition::ExtendLease,
         }
     }
 
@@ -328,6 +341,42 @@ impl Sandbox {
                 self.check(Transition::Retire)?;
                 E::SandboxRetired { reason }
             }
+            C::ExtendLease {
+                caller,
+                hours,
+                max_total,
+            } => {
+                if self.status.is_none() {
+                    return Err(DomainError::NotFound);
+                }
+                if self.owner.as_deref() != Some(caller.as_str()) {
+                    return Err(DomainError::NotOwner);
+                }
+                self.check(Transition::ExtendLease)?;
+                let previous = self.expires_at.unwrap_or(now);
+                // The window is over once `expires_at` has passed, even while the expiry job's
+                // grace has not run out: extending then would revive an ended lab.
+                if now >= previous {
+                    return Err(DomainError::LeaseExpired {
+                        expires_at: previous,
+                    });
+                }
+                let added = Duration::hours(i64::from(hours));
+                let total = self.extended_s + added.num_seconds();
+                if total > max_total.num_seconds() {
+                    return Err(DomainError::ExtensionLimit {
+                        max_hours: u32::try_from(max_total.num_hours()).unwrap_or(u32::MAX),
+                        used_hours: u32::try_from(self.extended_s / 3600).unwrap_or(u32::MAX),
+                    });
+                }
+                E::LeaseExtended {
+                    caller,
+                    hours,
+                    previous_expires_at: previous,
+                    expires_at: previous + added,
+                    extended_total_s: total,
+                }
+            }
         };
         Ok(vec![event])
     }
@@ -369,6 +418,15 @@ impl Sandbox {
                 self.allocated_at = Some(*allocated_at);
                 self.expires_at = Some(*expires_at);
                 self.lab_duration_s = Some(*lab_duration_s);
+                self.extended_s = 0;
+            }
+            E::LeaseExtended {
+                expires_at,
+                extended_total_s,
+                ..
+            } => {
+                self.expires_at = Some(*expires_at);
+                self.extended_s = *extended_total_s;
             }
             E::DeletionRequested { requested_at, .. } => {
                 self.deletion_requested_at = Some(*requested_at);
