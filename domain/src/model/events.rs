@@ -198,6 +198,7 @@ pub enum SyncEvent {
 /// Events of an admin job stream (`adminjob#{job_id}`) and of the job index
 /// (`adminjob#index`): a long operator action run in the background, recorded so that every API
 /// instance can report it (ADR 0018).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum AdminJobEvent {
@@ -242,6 +243,7 @@ pub enum AdminJobEvent {
 }
 
 /// One drain in force: allocations for the prefix (or, without one, the whole pool) are refused.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainEntry {
     /// The name prefix drained; `None` drains the whole pool.
@@ -255,6 +257,7 @@ pub struct DrainEntry {
 
 /// Events of the pool-control stream (`pool#control`): operators' drain decisions. Each event
 /// carries the complete drain state after it, so readers need only the latest event.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum PoolControlEvent {
@@ -279,6 +282,7 @@ pub enum PoolControlEvent {
 /// Events of a track's quota stream (`quota#<track>`): the live allocations counted against the
 /// track's quota. Every event carries the holders after it, so a reader needs only the latest
 /// event, and the stream's version is what concurrent allocations of the track race on.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum QuotaEvent {

@@ -11,8 +11,8 @@ use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
 use super::events::{
-    ClaimEvent, EventEnvelope, SandboxEvent, SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES,
-    UPCASTERS,
+    AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, SandboxEvent,
+    SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
 };
 
 /// The JSON Schema dialect of every generated document.
@@ -62,6 +62,9 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         ("sandbox", schema_value::<SandboxEvent>()),
         ("claim", schema_value::<ClaimEvent>()),
         ("sync", schema_value::<SyncEvent>()),
+        ("adminjob", schema_value::<AdminJobEvent>()),
+        ("pool-control", schema_value::<PoolControlEvent>()),
+        ("quota", schema_value::<QuotaEvent>()),
     ] {
         let defs = root.get("$defs").cloned();
         let variants = root
