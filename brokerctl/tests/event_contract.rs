@@ -89,8 +89,8 @@ fn compatibility_check_catches_breaking_changes() {
     doc["properties"]["seat"] = json!({"type": ["string", "null"]});
     doc["properties"]["lab_duration_s"] = json!({"type": ["integer", "null"], "format": "int64"});
     added.insert(
-        "payloads/LeaseExtended.schema.json".into(),
-        json!({"title": "LeaseExtended"}),
+        "payloads/SandboxRenamed.schema.json".into(),
+        json!({"title": "SandboxRenamed"}),
     );
     assert_eq!(
         compatibility_breaks(&baseline, &added),

@@ -99,6 +99,7 @@ async fn dashboard_queries_name_exported_metrics() {
         "jobs/src/metrics.rs",
         "projector/src/metrics.rs",
         "runtime/src/store_metrics.rs",
+        "command-api/src/pool_alerts.rs",
     ] {
         let code = std::fs::read_to_string(repo().join(source))
             .unwrap_or_else(|e| panic!("{source}: {e}"));
