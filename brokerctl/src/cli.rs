@@ -424,6 +424,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // while new events keep landing.
             let mut until = until;
             let mut exported = 0u64;
+            // Where the range starts, for the bar: `--since`, else the first event exported.
+            let mut start = since.clone();
             loop {
                 let call = Call::new(Method::GET, "/v1/admin/events")
                     .param("since", since.as_deref())
@@ -446,7 +448,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .last()
                     .and_then(|e| e["occurred_at"].as_str())
                     .unwrap_or("");
-                progress.show(exported, reached);
+                if start.is_none() && !reached.is_empty() {
+                    start = events
+                        .first()
+                        .and_then(|e| e["occurred_at"].as_str())
+                        .map(str::to_string);
+                }
+                let done = range_fraction(start.as_deref(), reached, until.as_deref());
+                progress.show(exported, reached, done);
                 match body["cursor"].as_str() {
                     Some(next) => cursor = Some(next.to_string()),
                     None => break,
@@ -620,14 +629,15 @@ impl Progress {
         }
     }
 
-    fn show(&self, exported: u64, reached: &str) {
+    fn show(&self, exported: u64, reached: &str, done: Option<f64>) {
         if self.quiet {
             return;
         }
+        let line = progress_line(exported, reached, done);
         if self.terminal {
-            eprint!("\rexported {exported} events (up to {reached})\x1b[K");
+            eprint!("\r{line}\x1b[K");
         } else {
-            eprintln!("exported {exported} events (up to {reached})");
+            eprintln!("{line}");
         }
     }
 
@@ -641,9 +651,61 @@ impl Progress {
     }
 }
 
+/// How far `reached` is through the time range `start..end` (0.0–1.0), when all three are
+/// RFC 3339 times; the export walks the range in time order, so this is its progress.
+fn range_fraction(start: Option<&str>, reached: &str, end: Option<&str>) -> Option<f64> {
+    let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
+    let (start, reached, end) = (at(start?)?, at(reached)?, at(end?)?);
+    let whole = (end - start).num_milliseconds();
+    if whole <= 0 {
+        return None;
+    }
+    let part = (reached - start).num_milliseconds();
+    Some((part as f64 / whole as f64).clamp(0.0, 1.0))
+}
+
+/// One progress line: a 20-cell bar with the share of the time range done (when known), the
+/// events written and the time reached.
+fn progress_line(exported: u64, reached: &str, done: Option<f64>) -> String {
+    const CELLS: usize = 20;
+    match done {
+        Some(done) => {
+            let filled = (done * CELLS as f64).round() as usize;
+            format!(
+                "[{}{}] {:>3.0}% exported {exported} events (up to {reached})",
+                "#".repeat(filled),
+                "-".repeat(CELLS - filled),
+                done * 100.0
+            )
+        }
+        None => format!("exported {exported} events (up to {reached})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bar follows the time reached through the range, and falls back to counts alone
+    /// when a bound is unknown.
+    #[test]
+    fn progress_bar_follows_the_time_range() {
+        let done = range_fraction(
+            Some("2026-05-01T00:00:00Z"),
+            "2026-05-01T06:00:00Z",
+            Some("2026-05-02T00:00:00Z"),
+        );
+        assert_eq!(done, Some(0.25));
+        assert_eq!(
+            progress_line(42, "2026-05-01T06:00:00Z", done),
+            "[#####---------------]  25% exported 42 events (up to 2026-05-01T06:00:00Z)"
+        );
+        assert_eq!(
+            range_fraction(None, "2026-05-01T06:00:00Z", Some("x")),
+            None
+        );
+        assert_eq!(progress_line(7, "t", None), "exported 7 events (up to t)");
+    }
 
     /// Ids with route characters stay one path segment.
     #[test]

@@ -108,3 +108,84 @@ async fn until_must_follow_since_and_the_document_says_so() {
     }
     app.stop().await;
 }
+
+/// The lease and pool routes refuse what their parameters' schemas refuse (an empty prefix, a job
+/// id that is not a UUID) and accept what they allow (`hours` written as `2.0`).
+#[tokio::test]
+async fn lease_and_pool_parameters_follow_their_schemas() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab", 1).await;
+    let admin = |method: reqwest::Method, path: &str| {
+        app.client
+            .request(method, format!("{}{path}", app.url))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    for path in [
+        "/v1/admin/pool/drain?prefix=",
+        "/v1/admin/pool/resume?prefix=%20",
+    ] {
+        let response = admin(reqwest::Method::POST, path)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+    }
+    // Nothing was drained by the refused requests: allocation still works.
+    let allocated = app
+        .client
+        .post(format!("{}/v1/allocate", app.url))
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", "student-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(allocated.status(), StatusCode::CREATED);
+    let sandbox: Value = allocated.json().await.expect("json");
+    let id = sandbox["sandbox_id"]
+        .as_str()
+        .expect("sandbox_id")
+        .to_string();
+    let extended = app
+        .client
+        .post(format!("{}/v1/sandboxes/{id}/extend", app.url))
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", "student-1")
+        .json(&serde_json::json!({"hours": 2.0}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(extended.status(), StatusCode::OK);
+    let half = app
+        .client
+        .post(format!("{}/v1/sandboxes/{id}/extend", app.url))
+        .bearer_auth(TRACK_TOKEN)
+        .header("X-Instruqt-Sandbox-ID", "student-1")
+        .json(&serde_json::json!({"hours": 1.5}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(half.status(), StatusCode::BAD_REQUEST);
+
+    let job = admin(reqwest::Method::GET, "/v1/admin/jobs/not-a-uuid")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(job.status(), StatusCode::BAD_REQUEST);
+    let doc: Value = app
+        .client
+        .get(format!("{}/v1/openapi.json", app.url))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let params = &doc["paths"]["/v1/admin/jobs/{job_id}"]["get"]["parameters"][0]["schema"];
+    assert!(
+        params["pattern"]
+            .as_str()
+            .is_some_and(|p| p.contains("{12}")),
+        "{params}"
+    );
+    app.stop().await;
+}

@@ -202,7 +202,7 @@ pub async fn list_jobs(
 /// One admin job: state, progress, errors, start and end.
 #[utoipa::path(
     get, path = "/v1/admin/jobs/{job_id}", tag = "Admin", security(("bearer" = [])),
-    params(("job_id" = String, Path, description = "The id from the 202 answer", max_length = 64)),
+    params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The id from the 202 answer (a UUID)")),
     responses(
         (status = 200, description = "The job", body = AdminJob),
         (status = 400, description = "Bad id", body = ErrorBody),

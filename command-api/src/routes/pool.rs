@@ -83,8 +83,10 @@ fn query_ids(
     }
     let mut ids = HashMap::new();
     for name in allowed {
-        match raw.get(*name).map(|v| v.trim()) {
-            None | Some("") => {}
+        // A parameter given is checked like any id (an empty or blank one is a 400, as the
+        // document states), so `?prefix=` cannot silently mean "the whole pool".
+        match raw.get(*name) {
+            None => {}
             Some(value) => {
                 let value = domain::model::ids::validate_id(name, value)
                     .map_err(|e| ApiError::validation("query", name, e.to_string()))?;
@@ -143,7 +145,7 @@ fn drain_view(entry: &DrainEntry) -> DrainView {
 /// The pool's control state: drains in force and quota usage (strongly consistent).
 #[utoipa::path(
     get, path = "/v1/admin/pool", tag = "Admin", security(("bearer" = [])),
-    params(("track" = Option<String>, Query, max_length = 256, description = "Also report this track's quota usage")),
+    params(("track" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Also report this track's quota usage")),
     responses(
         (status = 200, description = "Drains and quotas", body = PoolControlResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),
@@ -174,8 +176,8 @@ pub async fn get_pool_control(
 #[utoipa::path(
     post, path = "/v1/admin/pool/drain", tag = "Admin", security(("bearer" = [])),
     params(
-        ("prefix" = Option<String>, Query, max_length = 256, description = "Drain only requests for names with this prefix (at most 256 bytes)"),
-        ("reason" = Option<String>, Query, max_length = 256, description = "Operator's note, kept in the event"),
+        ("prefix" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Drain only requests for names with this prefix (at most 256 bytes)"),
+        ("reason" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Operator's note, kept in the event"),
     ),
     responses(
         (status = 200, description = "Drained (or already drained): the control state", body = PoolControlResponse),
@@ -209,7 +211,7 @@ pub async fn drain_pool(
 /// `PoolResumed`; resuming what is not drained records nothing.
 #[utoipa::path(
     post, path = "/v1/admin/pool/resume", tag = "Admin", security(("bearer" = [])),
-    params(("prefix" = Option<String>, Query, max_length = 256, description = "The drained prefix to resume (at most 256 bytes)")),
+    params(("prefix" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The drained prefix to resume (at most 256 bytes)")),
     responses(
         (status = 200, description = "Resumed (or was not drained): the control state", body = PoolControlResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),

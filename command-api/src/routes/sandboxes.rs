@@ -388,7 +388,15 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     let problem = |p: &str| ApiError::validation("body", "hours", p);
     let request: ExtendRequest = serde_json::from_slice(body)
         .map_err(|_| problem("the body must be a JSON object {\"hours\": <whole number>}"))?;
-    match request.hours.as_u64() {
+    // JSON does not tell 8 from 8.0: a number without a fraction is a whole number.
+    let whole = request.hours.as_u64().or_else(|| {
+        request
+            .hours
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+            .map(|f| f as u64)
+    });
+    match whole {
         Some(n) if (1..=MAX_EXTENSION_REQUEST_HOURS).contains(&n) => {
             u32::try_from(n).map_err(|_| problem("out of range"))
         }
