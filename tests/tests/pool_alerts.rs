@@ -68,7 +68,12 @@ async fn pool_breaks_down_by_prefix(backend: Backend) {
         .as_str()
         .is_some_and(|n| n.starts_with("aws-lab-")));
 
-    let stats = stats_when(&app, |s| s["by_prefix"]["aws-lab"]["allocated"] == 1).await;
+    // The totals and the groups are separate items read one after the other: wait until both
+    // show the allocation, then they must agree field by field.
+    let stats = stats_when(&app, |s| {
+        s["by_prefix"]["aws-lab"]["allocated"] == 1 && s["allocated"] == 1
+    })
+    .await;
     // Every field of the totals is still there, and the groups add up to them.
     for field in [
         "total",
