@@ -38,30 +38,33 @@ pub fn validate_append(events: &[EventEnvelope]) -> Result<Vec<(String, u64)>, S
     Ok(firsts.into_iter().map(|(s, first, _)| (s, first)).collect())
 }
 
+/// A one-event envelope at `version` of `stream`, for the unit tests of the append rules and of
+/// both adapters (one fixture, not one per module).
+#[cfg(test)]
+pub(crate) fn test_envelope(stream: &str, version: u64) -> EventEnvelope {
+    use crate::model::events::{Actor, CommandMeta, SyncEvent};
+    let meta = CommandMeta {
+        actor: Actor::Admin,
+        request_id: None,
+        correlation_id: None,
+    };
+    EventEnvelope::new(
+        stream,
+        version,
+        &SyncEvent::ListingRecorded {
+            listed: 1,
+            missing: vec![],
+        },
+        &meta,
+        chrono::Utc::now(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-
     use super::*;
-    use crate::model::events::{Actor, CommandMeta, SyncEvent};
 
-    fn env(stream: &str, version: u64) -> EventEnvelope {
-        let meta = CommandMeta {
-            actor: Actor::Admin,
-            request_id: None,
-            correlation_id: None,
-        };
-        EventEnvelope::new(
-            stream,
-            version,
-            &SyncEvent::ListingRecorded {
-                listed: 1,
-                missing: vec![],
-            },
-            &meta,
-            Utc::now(),
-        )
-    }
+    use super::test_envelope as env;
 
     /// Batches with gaps, zero versions, empty streams or over 100 items are refused before
     /// anything is sent.

@@ -337,30 +337,12 @@ impl EventStore for DynamoStore {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
 
     use super::super::items::envelope_to_item;
 
     use super::*;
-    use crate::model::events::{Actor, CommandMeta, SyncEvent};
 
-    fn env(stream: &str, version: u64) -> EventEnvelope {
-        let meta = CommandMeta {
-            actor: Actor::Admin,
-            request_id: None,
-            correlation_id: None,
-        };
-        EventEnvelope::new(
-            stream,
-            version,
-            &SyncEvent::ListingRecorded {
-                listed: 1,
-                missing: vec![],
-            },
-            &meta,
-            Utc::now(),
-        )
-    }
+    use crate::store::append::test_envelope as env;
 
     /// Only an item carrying the same event id counts as "our own earlier write".
     #[test]

@@ -240,27 +240,9 @@ fn ms(at: &Option<DateTime<Utc>>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::events::SyncEvent;
-    use crate::model::events::{Actor, CommandMeta};
     use crate::store::EventStore;
 
-    fn env(stream: &str, version: u64) -> EventEnvelope {
-        let meta = CommandMeta {
-            actor: Actor::Admin,
-            request_id: None,
-            correlation_id: None,
-        };
-        EventEnvelope::new(
-            stream,
-            version,
-            &SyncEvent::ListingRecorded {
-                listed: 1,
-                missing: vec![],
-            },
-            &meta,
-            Utc::now(),
-        )
-    }
+    use crate::store::append::test_envelope as env;
 
     /// Appends that arrive together are committed together, yet each decides its own outcome:
     /// of 40 concurrent appends of version 1 to one stream exactly one wins and the rest
