@@ -226,6 +226,9 @@ impl StreamApi for DynamoStreams {
             IteratorStart::AfterSequence(seq) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                 .sequence_number(seq),
+            IteratorStart::AtSequence(seq) => request
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                .sequence_number(seq),
         };
         let out = request.send().await.map_err(|e| classify(&e))?;
         out.shard_iterator()
