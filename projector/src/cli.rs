@@ -29,10 +29,10 @@ pub use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
 use crate::dynamo_streams::DynamoStreams;
 use crate::poller::{PollerConfig, StreamApi, StreamPoller};
+use crate::rebuild::{rebuild_into, verify, DriftReport, RebuildOptions, RebuildProgress};
 use crate::redrive::{
     parse_messages, redrive, ParsedMessages, RedriveOptions, RedriveSummary, StreamOpener,
 };
-use crate::rebuild::{rebuild_into, verify, DriftReport, RebuildOptions, RebuildProgress};
 use crate::{Projector, ProjectorMetrics};
 
 /// Exit code of `verify` when the live view drifted from the events.

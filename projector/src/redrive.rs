@@ -120,9 +120,10 @@ fn collect(value: &Value, parsed: &mut ParsedMessages) {
                     .push("a JSON object without DDBStreamBatchInfo, Body or Messages".into());
             }
         }
-        other => parsed
-            .unreadable
-            .push(format!("not a failure message: {}", truncate(&other.to_string()))),
+        other => parsed.unreadable.push(format!(
+            "not a failure message: {}",
+            truncate(&other.to_string())
+        )),
     }
 }
 
@@ -132,7 +133,8 @@ fn truncate(text: &str) -> String {
 
 fn batch_info(info: &Value) -> Result<FailedBatch, String> {
     let text = |name: &str| info.get(name).and_then(Value::as_str).map(str::to_string);
-    let required = |name: &str| text(name).ok_or_else(|| format!("DDBStreamBatchInfo has no {name}"));
+    let required =
+        |name: &str| text(name).ok_or_else(|| format!("DDBStreamBatchInfo has no {name}"));
     let time = |name: &str| {
         text(name).and_then(|t| DateTime::parse_from_rfc3339(&t).ok().map(|t| t.to_utc()))
     };
@@ -335,8 +337,10 @@ async fn reproject_window(
     options: &RedriveOptions,
     summary: &mut RedriveSummary,
 ) {
-    let (Some(first), Some(last)) = (batch.first_arrival, batch.last_arrival.or(batch.first_arrival))
-    else {
+    let (Some(first), Some(last)) = (
+        batch.first_arrival,
+        batch.last_arrival.or(batch.first_arrival),
+    ) else {
         summary.failures.push(format!(
             "shard {} from {}: the stream no longer holds the batch and the message has no arrival times; run `projector verify --repair`",
             batch.shard_id, batch.start_sequence_number

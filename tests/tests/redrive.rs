@@ -17,10 +17,10 @@ use domain::{
 };
 use projector::cli::redrive_store;
 use projector::dynamo_streams::DynamoStreams;
-use projector::poller::{
-    IteratorStart, PollerConfig, StreamApi, StreamPoller, StreamRecord,
+use projector::poller::{IteratorStart, PollerConfig, StreamApi, StreamPoller, StreamRecord};
+use projector::rebuild::{
+    all_rows, normalize_row, verify, DriftReport, RebuildOptions, RebuildProgress,
 };
-use projector::rebuild::{all_rows, normalize_row, verify, DriftReport, RebuildOptions, RebuildProgress};
 use projector::redrive::{parse_messages, RedriveOptions};
 use projector::{Projector, ProjectorMetrics};
 use serde_json::{json, Value};
@@ -166,7 +166,10 @@ async fn project_everything(store: &DynamoStore) {
     let mut poller = StreamPoller::new(streams, projector, fast_poller_config());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
-        poller.drain(50).await.unwrap_or_else(|e| panic!("poll: {e}"));
+        poller
+            .drain(50)
+            .await
+            .unwrap_or_else(|e| panic!("poll: {e}"));
         if verify_view(store).await.is_clean() {
             return;
         }
@@ -258,7 +261,12 @@ fn sqs_output(
 /// Lambda gave up on). Returns the shard and the missed records.
 async fn view_missing_a_batch(
     store: &DynamoStore,
-) -> (DynamoStreams, String, Vec<StreamRecord>, (DateTime<Utc>, DateTime<Utc>)) {
+) -> (
+    DynamoStreams,
+    String,
+    Vec<StreamRecord>,
+    (DateTime<Utc>, DateTime<Utc>),
+) {
     let workload = Workload::new(Arc::new(store.clone()));
     workload.register(0, 12).await;
     workload.allocate(0, 4).await;
@@ -277,7 +285,10 @@ async fn view_missing_a_batch(
     workload.allocate(4, 10).await;
     let ended = Utc::now();
     let report = verify_view(store).await;
-    assert!(!report.is_clean(), "the view was meant to miss the second batch");
+    assert!(
+        !report.is_clean(),
+        "the view was meant to miss the second batch"
+    );
 
     let shards = shard_records(&streams).await;
     let total: usize = shards.iter().map(|(_, r)| r.len()).sum();
@@ -361,7 +372,11 @@ async fn redrive_falls_back_to_the_event_table_when_the_stream_is_trimmed() {
     };
     let rows = rows_of(&store).await;
     assert_eq!(run(&file).await, std::process::ExitCode::SUCCESS);
-    assert_eq!(rows_of(&store).await, rows, "a second redrive changed the view");
+    assert_eq!(
+        rows_of(&store).await,
+        rows,
+        "a second redrive changed the view"
+    );
 
     let mut no_window: Value = serde_json::from_str(&input).unwrap_or_else(|e| panic!("{e}"));
     let body = no_window["Messages"][0]["Body"]

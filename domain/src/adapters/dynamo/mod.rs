@@ -61,8 +61,8 @@ pub use tables::{
 };
 
 pub use metering::{CapacityMeter, StreamRequestMeter};
-pub use retry::{CapacityKind, RequestCounts};
 use retry::{classify, Retry};
+pub use retry::{CapacityKind, RequestCounts};
 
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
 pub const DEFAULT_STATS_SHARDS: u32 = 8;

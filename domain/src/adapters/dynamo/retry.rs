@@ -164,9 +164,7 @@ impl RequestCounts {
             return;
         }
         let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-        *capacity
-            .entry((op, table.to_string(), kind))
-            .or_default() += units;
+        *capacity.entry((op, table.to_string(), kind)).or_default() += units;
     }
 
     /// Every `(operation, table, kind, units)` consumed so far.
