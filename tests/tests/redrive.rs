@@ -292,7 +292,7 @@ async fn view_missing_a_batch(
 
     let shards = shard_records(&streams).await;
     let total: usize = shards.iter().map(|(_, r)| r.len()).sum();
-    let Some((shard_id, records)) = shards.into_iter().find(|(_, r)| r.len() > 0) else {
+    let Some((shard_id, records)) = shards.into_iter().find(|(_, r)| !r.is_empty()) else {
         panic!("no shard holds records");
     };
     assert_eq!(records.len(), total, "DynamoDB Local writes one shard");
