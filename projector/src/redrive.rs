@@ -271,15 +271,22 @@ async fn read_batch(api: &dyn StreamApi, batch: &FailedBatch) -> Result<ReadBack
         } else {
             empty_pages = 0;
         }
-        let mut past_end = false;
+        let mut done = false;
         for record in page.records {
-            if sequence_cmp(&record.sequence_number, end).is_gt() {
-                past_end = true;
+            let order = sequence_cmp(&record.sequence_number, end);
+            if order.is_gt() {
+                done = true;
                 break;
             }
             records.push(record);
+            if order.is_eq() {
+                // The batch's last record: no need to wait for a later one (an open shard at
+                // its tip has none yet).
+                done = true;
+                break;
+            }
         }
-        if past_end {
+        if done {
             break;
         }
         iterator = page.next_iterator;
@@ -462,6 +469,152 @@ mod tests {
         let bad = parse_messages("{\"hello\": 1}\n[1]\n{not json");
         assert!(bad.batches.is_empty());
         assert_eq!(bad.unreadable.len(), 3, "{:?}", bad.unreadable);
+    }
+
+    /// One shard of scripted records; an iterator is the index of the next record.
+    struct OneShard(Vec<StreamRecord>);
+
+    #[async_trait::async_trait]
+    impl StreamApi for OneShard {
+        async fn list_shards(&self) -> Result<Vec<crate::poller::ShardInfo>, StreamError> {
+            Ok(Vec::new())
+        }
+        async fn shard_iterator(
+            &self,
+            shard_id: &str,
+            start: &IteratorStart,
+        ) -> Result<String, StreamError> {
+            match (shard_id, start) {
+                ("s1", IteratorStart::AtSequence(seq)) => self
+                    .0
+                    .iter()
+                    .position(|r| &r.sequence_number == seq)
+                    .map(|i| i.to_string())
+                    .ok_or(StreamError::Trimmed),
+                _ => Err(StreamError::NotFound),
+            }
+        }
+        async fn get_records(
+            &self,
+            iterator: &str,
+            _limit: i32,
+        ) -> Result<crate::poller::RecordBatch, StreamError> {
+            let from: usize = iterator.parse().map_err(|_| StreamError::ExpiredIterator)?;
+            Ok(crate::poller::RecordBatch {
+                records: self.0.iter().skip(from).cloned().collect(),
+                next_iterator: Some(self.0.len().to_string()),
+            })
+        }
+    }
+
+    struct Opener(Arc<OneShard>);
+
+    impl StreamOpener for Opener {
+        fn open(&self, _stream_arn: Option<&str>) -> Arc<dyn StreamApi> {
+            Arc::clone(&self.0) as Arc<dyn StreamApi>
+        }
+    }
+
+    fn registered(id: &str) -> domain::EventEnvelope {
+        domain::EventEnvelope::new(
+            &format!("sandbox#{id}"),
+            1,
+            &domain::model::events::SandboxEvent::SandboxRegistered {
+                sandbox_id: id.into(),
+                name: format!("lab-{id}"),
+                external_id: format!("identity/accounts/{id}"),
+                sfdc_account_id: None,
+                csp_created_at: None,
+            },
+            &domain::CommandMeta {
+                actor: domain::Actor::Admin,
+                request_id: None,
+                correlation_id: None,
+            },
+            Utc::now(),
+        )
+    }
+
+    fn record(seq: &str, envelope: &domain::EventEnvelope) -> StreamRecord {
+        StreamRecord {
+            sequence_number: seq.into(),
+            event_name: Some("INSERT".into()),
+            created_at: Some(Utc::now()),
+            keys: Default::default(),
+            new_image: Some(domain::adapters::dynamo::envelope_to_item(envelope)),
+        }
+    }
+
+    fn batch(shard: &str, start: &str, end: &str) -> FailedBatch {
+        FailedBatch {
+            shard_id: shard.into(),
+            start_sequence_number: start.into(),
+            end_sequence_number: end.into(),
+            first_arrival: Some(Utc::now()),
+            last_arrival: Some(Utc::now()),
+            batch_size: None,
+            stream_arn: None,
+        }
+    }
+
+    /// A batch the shard still holds is applied from it; one it holds only in part is applied
+    /// as far as it goes and its arrival window re-projected from the event table; one it no
+    /// longer holds at all is re-projected from the event table alone; without arrival times
+    /// that last case is reported as not applied.
+    #[tokio::test]
+    async fn stream_then_event_table() -> Result<(), Box<dyn std::error::Error>> {
+        use domain::adapters::embedded::EmbeddedStore;
+        use domain::store::{EventStore, PoolView};
+        let store = EmbeddedStore::open_in_memory(2)?;
+        let (a, b, c) = (registered("a"), registered("b"), registered("c"));
+        store.append(vec![a.clone()]).await?;
+        store.append(vec![b.clone()]).await?;
+        store.append(vec![c.clone()]).await?;
+        // The shard lost b's record (sequence 2) and holds a's and c's.
+        let shard = Arc::new(OneShard(vec![record("1", &a), record("3", &c)]));
+        let projector = Projector::new(
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            crate::ProjectorMetrics::unregistered(),
+        );
+        let opener = Opener(shard);
+        let options = RedriveOptions::default();
+        let run = |batches: Vec<FailedBatch>| {
+            let parsed = ParsedMessages {
+                batches,
+                unreadable: Vec::new(),
+            };
+            let (projector, store, opener, options) = (&projector, &store, &opener, &options);
+            async move { redrive(projector, store, opener, &parsed, options).await }
+        };
+
+        let whole = run(vec![batch("s1", "1", "1")]).await;
+        assert_eq!((whole.from_stream, whole.records_reapplied), (1, 1));
+        assert!(whole.is_clean(), "{:?}", whole.failures);
+
+        // 1..=2 ends at a record the shard does not have: partial read, then the window.
+        let partial = run(vec![batch("s1", "1", "2")]).await;
+        assert_eq!((partial.from_stream, partial.from_event_table), (0, 1));
+        assert!(partial.is_clean(), "{:?}", partial.failures);
+        assert!(
+            store.get("b").await?.is_some(),
+            "b re-projected from the event table"
+        );
+
+        let gone = run(vec![batch("gone", "7", "9")]).await;
+        assert_eq!(gone.from_event_table, 1);
+        assert!(
+            store.get("c").await?.is_some(),
+            "c re-projected from the event table"
+        );
+        assert_eq!(store.stats().await?.total(), 3);
+
+        let mut no_window = batch("gone", "7", "9");
+        no_window.first_arrival = None;
+        no_window.last_arrival = None;
+        let refused = run(vec![no_window]).await;
+        assert_eq!(refused.failures.len(), 1, "{refused:?}");
+        Ok(())
     }
 
     /// Sequence numbers compare as numbers, not as text.
