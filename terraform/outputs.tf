@@ -44,7 +44,7 @@ output "projector_function_name" {
 }
 
 output "projector_failure_queue_url" {
-  description = "SQS queue receiving the stream records the projector gave up on."
+  description = "SQS queue receiving the stream batches the projector gave up on (re-apply them with `projector redrive`)."
   value       = aws_sqs_queue.projector_failures.url
 }
 

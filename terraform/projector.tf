@@ -10,11 +10,21 @@
 #   3. Retries are bounded by record age (maximum_record_age_in_seconds, one
 #      day by default), not by a small count: an outage or throttling burst of
 #      any length under a day loses nothing (maximum_retry_attempts = -1).
-#   4. on_failure destination: what is given up on is recorded (shard,
-#      sequence-number range) in an SQS queue; an alarm fires on its depth.
-#   5. Nothing given up on stays lost: the scheduled `projector verify --repair`
-#      (jobs.tf) re-projects every row that is behind its stream, from the
-#      events table — which holds every event the DLQ message points at.
+#   4. Inside one invocation the function itself retries a transient store
+#      failure (throttling, 5xx, timeouts) with a capped backoff until two
+#      seconds before its deadline (projector/src/lambda.rs), so a short
+#      throttling burst costs a pause, not a failed batch and a bisection.
+#   5. on_failure destination: what is given up on is recorded (shard,
+#      sequence-number range, arrival times) in an SQS queue; an alarm fires
+#      on its depth.
+#   6. Nothing given up on stays lost. Runbook (README "Operations"):
+#        aws sqs receive-message --queue-url "$(terraform output -raw projector_failure_queue_url)" \
+#          --max-number-of-messages 10 > failed.json
+#        projector redrive failed.json     # exit 0: delete the messages
+#      `projector redrive` reads each batch back from the stream, or, once the
+#      stream has trimmed it, re-projects the sandboxes of its arrival window
+#      from the events table. The scheduled `projector verify --repair`
+#      (jobs.tf) also re-projects every row that is behind its stream.
 
 resource "aws_lambda_function" "projector" {
   #checkov:skip=CKV_AWS_116:A DLQ on the function only covers asynchronous invocations; stream invocations are synchronous and their failures go to the event source mapping's on-failure destination (aws_sqs_queue.projector_failures).

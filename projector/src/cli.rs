@@ -6,9 +6,11 @@
 //! | `tables --json` | the DynamoDB table definitions (CI compares them with terraform) |
 //! | `rebuild --into TARGET` | replay every event into a fresh view: a table prefix (dynamodb) or a file (embedded) |
 //! | `verify` | replay into a scratch view and compare with the live one; exit 1 on drift |
+//! | `redrive [FILE\|-]` | re-apply the batches named by the Lambda's on-failure messages (SQS), from the stream or, once trimmed, from the event table |
 //! | `capture --out FILE` | write the stream's records as the event Lambda would receive (fixtures) |
 //!
-//! Exit codes: 0 success, 1 drift found (`verify`), 2 an error.
+//! Exit codes: 0 success, 1 drift found (`verify`) or something not applied (`redrive`), 2 an
+//! error.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use domain::adapters::dynamo::{table_definitions, table_definitions_json};
+use domain::adapters::dynamo::{table_definitions, table_definitions_json, DynamoStore};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, PoolView, ViewStore};
 use prometheus::Registry;
@@ -26,12 +28,17 @@ use runtime::Stop;
 pub use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
 
 use crate::dynamo_streams::DynamoStreams;
-use crate::poller::{PollerConfig, StreamPoller};
+use crate::poller::{PollerConfig, StreamApi, StreamPoller};
 use crate::rebuild::{rebuild_into, verify, DriftReport, RebuildOptions, RebuildProgress};
+use crate::redrive::{
+    parse_messages, redrive, ParsedMessages, RedriveOptions, RedriveSummary, StreamOpener,
+};
 use crate::{Projector, ProjectorMetrics};
 
 /// Exit code of `verify` when the live view drifted from the events.
 pub const EXIT_DRIFT: u8 = 1;
+/// Exit code of `redrive` when something named in the messages could not be applied.
+pub const EXIT_NOT_APPLIED: u8 = 1;
 /// Exit code of any failure.
 pub const EXIT_ERROR: u8 = 2;
 
@@ -78,8 +85,26 @@ pub enum Command {
     Rebuild(RebuildArgs),
     /// Replay into a scratch view and compare with the live one; exit 1 on drift.
     Verify(VerifyArgs),
+    /// Re-apply the stream batches named by Lambda on-failure (DLQ) messages; exit 1 if
+    /// anything could not be applied.
+    Redrive(RedriveArgs),
     /// Write the stream's records as a Lambda DynamoDB event (test fixtures).
     Capture(CaptureArgs),
+}
+
+/// `projector redrive`.
+#[derive(Debug, Clone, Args)]
+pub struct RedriveArgs {
+    /// The on-failure messages: a file, or `-` for stdin. One message body per line, a JSON
+    /// array, or `aws sqs receive-message` output as it is.
+    #[arg(default_value = "-")]
+    pub input: PathBuf,
+    /// Seconds the event-table fallback reads before the first and after the last arrival.
+    #[arg(long, env = "REDRIVE_WINDOW_MARGIN_SECS", default_value_t = 60)]
+    pub window_margin_secs: u64,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `projector poll`.
@@ -262,7 +287,99 @@ async fn dispatch(
             capture(&store, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Redrive(args) => redrive_command(&store, &args).await,
     }
+}
+
+/// The DynamoDB Streams readers of one store: the events table's stream, or the one a message
+/// names.
+struct StoreStreams {
+    store: DynamoStore,
+    current: Arc<DynamoStreams>,
+}
+
+impl StreamOpener for StoreStreams {
+    fn open(&self, stream_arn: Option<&str>) -> Arc<dyn StreamApi> {
+        match stream_arn {
+            Some(arn) if arn != self.current.stream_arn() => {
+                Arc::new(DynamoStreams::for_arn(&self.store, arn))
+            }
+            _ => Arc::clone(&self.current) as Arc<dyn StreamApi>,
+        }
+    }
+}
+
+/// Redrives `parsed` against `store`: its stream, its event table and its view, through a
+/// projector of its own (what `projector redrive` runs; tests call it directly).
+pub async fn redrive_store(
+    store: &DynamoStore,
+    parsed: &ParsedMessages,
+    options: &RedriveOptions,
+) -> anyhow::Result<RedriveSummary> {
+    let current = DynamoStreams::for_store(store)
+        .await
+        .context("finding the events table's stream")?;
+    let streams = StoreStreams {
+        store: store.clone(),
+        current: Arc::new(current),
+    };
+    let projector = Projector::new(
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+        ProjectorMetrics::unregistered(),
+    );
+    Ok(redrive(&projector, store, &streams, parsed, options).await)
+}
+
+async fn redrive_command(store: &StoreArgs, args: &RedriveArgs) -> anyhow::Result<ExitCode> {
+    if store.store != StoreKind::Dynamodb {
+        bail!("redrive re-applies DynamoDB stream batches: set STORE=dynamodb");
+    }
+    let text = if args.input.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the messages from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.input)
+            .with_context(|| format!("reading {}", args.input.display()))?
+    };
+    let parsed = parse_messages(&text);
+    let dynamo = store.dynamo(&store.table_prefix).await?;
+    let options = RedriveOptions {
+        window_margin: Duration::from_secs(args.window_margin_secs),
+    };
+    let summary = redrive_store(&dynamo, &parsed, &options).await?;
+    tracing::info!(target: "projector",
+        messages = summary.messages,
+        records_reapplied = summary.records_reapplied,
+        streams_repaired = summary.streams_repaired,
+        skipped = summary.skipped,
+        failures = summary.failures.len(),
+        "redrive finished");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for failure in &summary.failures {
+            println!("NOT APPLIED {failure}");
+        }
+        println!(
+            "redrive: {} message(s) ({} from the stream, {} from the event table); {} record(s) read, {} re-applied, {} stream(s) repaired, {} skipped, {} not applied",
+            summary.messages,
+            summary.from_stream,
+            summary.from_event_table,
+            summary.records_read,
+            summary.records_reapplied,
+            summary.streams_repaired,
+            summary.skipped,
+            summary.failures.len()
+        );
+    }
+    Ok(if summary.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_APPLIED)
+    })
 }
 
 /// `projector poll`: the metrics server and the source, both stopped by `shutdown`.

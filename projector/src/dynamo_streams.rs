@@ -57,7 +57,13 @@ impl DynamoStreams {
                     store.events_table()
                 ))
             })?;
-        Ok(Self::new(Client::new(store.sdk_config()), arn))
+        Ok(Self::new(metered_client(store), arn))
+    }
+
+    /// A reader of another stream ARN of the same store's endpoint (a DLQ message names the
+    /// stream it came from, which differs from the current one after a table re-creation).
+    pub fn for_arn(store: &DynamoStore, stream_arn: impl Into<String>) -> Self {
+        Self::new(metered_client(store), stream_arn)
     }
 
     /// The stream's ARN.
@@ -105,6 +111,15 @@ impl DynamoStreams {
         }
         Ok(out)
     }
+}
+
+/// A Streams client with `store`'s endpoint, region and credentials whose every request attempt
+/// is counted in the store's `broker_store_requests_total` (target `stream`).
+pub fn metered_client(store: &DynamoStore) -> Client {
+    let config = aws_sdk_dynamodbstreams::config::Builder::from(store.sdk_config())
+        .interceptor(store.stream_request_meter())
+        .build();
+    Client::from_conf(config)
 }
 
 /// Sorts shards so that every parent comes before its children (a stable topological order; a
@@ -210,6 +225,9 @@ impl StreamApi for DynamoStreams {
             }
             IteratorStart::AfterSequence(seq) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(seq),
+            IteratorStart::AtSequence(seq) => request
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
                 .sequence_number(seq),
         };
         let out = request.send().await.map_err(|e| classify(&e))?;

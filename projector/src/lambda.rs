@@ -9,16 +9,29 @@
 //! the same way: after the mapping's bounded retries and bisection it lands in the on-failure
 //! queue. The handler itself never fails the invocation and never panics, whatever the payload.
 //!
+//! A transient store failure (throttling, a 5xx, a timeout — what the adapter still reports as
+//! `Unavailable` after its own retries) does not fail the batch at once: the handler retries the
+//! whole batch inside the invocation with a capped exponential backoff, for as long as the
+//! invocation's deadline (minus [`DEADLINE_MARGIN`] to answer in time) allows ([`InvocationRetry`]).
+//! Every retry is idempotent (version-conditioned writes), and a retry inside the invocation
+//! costs nothing Lambda would not spend anyway, while a failed invocation costs a whole
+//! re-invocation and counts towards the record's age.
+//!
 //! The payload is taken as raw JSON and each record is parsed on its own, so one malformed record
 //! cannot fail the deserialisation of the whole batch (which Lambda would retry whole, forever
 //! naming no culprit).
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::dynamodb::EventRecord;
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodbstreams::types::Record;
 use domain::adapters::dynamo::envelope_from_json_image;
+use domain::store::StoreError;
 use domain::EventEnvelope;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use crate::dynamo_streams::item_json;
 use crate::Projector;
@@ -34,11 +47,109 @@ pub struct BatchOutcome {
     pub skipped: usize,
     /// Sequence number of the first record not applied, if any.
     pub failed_at: Option<String>,
+    /// Times the batch was tried again after a transient failure, within the invocation.
+    pub retries: u32,
 }
 
-/// Applies one Lambda DynamoDB stream event; returns the partial-batch response.
+/// How long before the invocation's deadline the handler stops retrying: time to log and answer
+/// (a timed-out invocation reports no `batchItemFailures` and is retried whole, bisected).
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+/// First pause before retrying a batch inside the invocation.
+pub const RETRY_BASE: Duration = Duration::from_millis(100);
+/// Longest pause between two tries inside the invocation.
+pub const RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// Retries of transient failures inside one invocation: capped exponential backoff while the
+/// next try still starts before the deadline minus a margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvocationRetry {
+    /// When the invocation ends; `None`: no retries.
+    pub deadline: Option<Instant>,
+    /// Kept free before the deadline.
+    pub margin: Duration,
+    /// First pause.
+    pub base: Duration,
+    /// Longest pause.
+    pub cap: Duration,
+}
+
+impl InvocationRetry {
+    /// No retries: the first failure is reported (callers without a deadline, tests).
+    pub fn none() -> Self {
+        Self {
+            deadline: None,
+            margin: DEADLINE_MARGIN,
+            base: RETRY_BASE,
+            cap: RETRY_CAP,
+        }
+    }
+
+    /// Retries until `deadline` minus [`DEADLINE_MARGIN`].
+    pub fn until(deadline: Instant) -> Self {
+        Self {
+            deadline: Some(deadline),
+            ..Self::none()
+        }
+    }
+
+    /// Retries until the Lambda context's deadline (wall-clock) minus [`DEADLINE_MARGIN`].
+    pub fn until_wall_clock(deadline: SystemTime) -> Self {
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Self::until(Instant::now() + left)
+    }
+
+    /// The pause before try number `retry + 2` (the `retry + 1`-th retry) at `now`, or `None`
+    /// when that try would start after the deadline minus the margin.
+    pub fn next_delay(&self, retry: u32, now: Instant) -> Option<Duration> {
+        let deadline = self.deadline?;
+        let stop_at = deadline.checked_sub(self.margin)?;
+        let delay = self
+            .base
+            .saturating_mul(2u32.saturating_pow(retry.min(16)))
+            .min(self.cap);
+        (now + delay <= stop_at).then_some(delay)
+    }
+
+    /// Runs `attempt` until it succeeds, fails with a non-transient error, or the deadline
+    /// leaves no room for another try; returns the last result and the number of retries.
+    pub async fn run<T, F, Fut>(&self, mut attempt: F) -> (Result<T, StoreError>, u32)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut retries = 0;
+        loop {
+            match attempt().await {
+                Err(StoreError::Unavailable(reason)) => {
+                    let Some(delay) = self.next_delay(retries, Instant::now()) else {
+                        return (Err(StoreError::Unavailable(reason)), retries);
+                    };
+                    tracing::warn!(target: "projector", retry = retries + 1, delay_ms = delay.as_millis() as u64,
+                        error = %reason, "transient store failure; retrying the batch within the invocation");
+                    tokio::time::sleep(delay).await;
+                    retries += 1;
+                }
+                other => return (other, retries),
+            }
+        }
+    }
+}
+
+/// Applies one Lambda DynamoDB stream event without retries; returns the partial-batch response.
 pub async fn handle_event(projector: &Projector, payload: Value) -> DynamoDbEventResponse {
-    let outcome = apply_batch(projector, &payload).await;
+    handle_event_within(projector, payload, &InvocationRetry::none()).await
+}
+
+/// Applies one Lambda DynamoDB stream event, retrying transient failures as `retry` allows;
+/// returns the partial-batch response.
+pub async fn handle_event_within(
+    projector: &Projector,
+    payload: Value,
+    retry: &InvocationRetry,
+) -> DynamoDbEventResponse {
+    let outcome = apply_batch_within(projector, &payload, retry).await;
     let mut response = DynamoDbEventResponse::default();
     if let Some(sequence_number) = outcome.failed_at {
         let mut failure = DynamoDbBatchItemFailure::default();
@@ -51,7 +162,17 @@ pub async fn handle_event(projector: &Projector, payload: Value) -> DynamoDbEven
 /// The handler's work, without the response wrapping (unit tests look at the counts). The
 /// records up to the first undecodable one are applied as one batch ([`Projector::apply_batch`]:
 /// rows loaded together, rows + summed stats in as few transactions as the item limit allows).
+/// No retries: see [`apply_batch_within`].
 pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome {
+    apply_batch_within(projector, payload, &InvocationRetry::none()).await
+}
+
+/// [`apply_batch`], retrying the whole batch after a transient failure as `retry` allows.
+pub async fn apply_batch_within(
+    projector: &Projector,
+    payload: &Value,
+    retry: &InvocationRetry,
+) -> BatchOutcome {
     let Some(records) = payload.get("Records").and_then(Value::as_array) else {
         tracing::error!(target: "projector", "invocation payload has no Records array; nothing to apply");
         return BatchOutcome::default();
@@ -78,7 +199,9 @@ pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome
             }
         }
     }
-    match projector.apply_batch(&envelopes, None).await {
+    let (result, retries) = retry.run(|| projector.apply_batch(&envelopes, None)).await;
+    outcome.retries = retries;
+    match result {
         Ok(report) => {
             outcome.applied = report.applied;
             outcome.skipped += report.duplicates + report.ignored;
@@ -115,6 +238,7 @@ pub async fn apply_batch(projector: &Projector, payload: &Value) -> BatchOutcome
         applied = outcome.applied,
         skipped = outcome.skipped,
         failed = outcome.failed_at.is_some(),
+        retries = outcome.retries,
         lag_ms = projector.metrics().last_lag_ms(),
         "applied");
     outcome
@@ -198,9 +322,10 @@ pub async fn run(projector: Projector) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<Value>| {
             let projector = projector.clone();
+            let retry = InvocationRetry::until_wall_clock(event.context.deadline());
             async move {
                 Ok::<DynamoDbEventResponse, lambda_runtime::Error>(
-                    handle_event(&projector, event.payload).await,
+                    handle_event_within(&projector, event.payload, &retry).await,
                 )
             }
         },
@@ -343,6 +468,80 @@ mod tests {
             .batch_item_failures
             .is_empty());
         Ok(())
+    }
+
+    /// The backoff doubles up to its cap, and no retry is planned that would start after the
+    /// deadline minus the margin (manual instants: nothing sleeps).
+    #[test]
+    fn retry_delays_stop_before_the_deadline() {
+        let start = Instant::now();
+        let retry = InvocationRetry {
+            deadline: Some(start + Duration::from_secs(10)),
+            margin: Duration::from_secs(2),
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+        };
+        assert_eq!(retry.next_delay(0, start), Some(Duration::from_millis(100)));
+        assert_eq!(retry.next_delay(1, start), Some(Duration::from_millis(200)));
+        assert_eq!(retry.next_delay(9, start), Some(Duration::from_secs(1)));
+        // 7.5 s in: a 1 s pause would end at 8.5 s, past 10 s − 2 s.
+        assert_eq!(
+            retry.next_delay(9, start + Duration::from_millis(7_500)),
+            None
+        );
+        assert_eq!(
+            retry.next_delay(0, start + Duration::from_millis(7_900)),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(InvocationRetry::none().next_delay(0, start), None);
+        // A deadline closer than the margin leaves no retry at all.
+        assert_eq!(
+            InvocationRetry::until(start + Duration::from_secs(1)).next_delay(0, start),
+            None
+        );
+    }
+
+    /// Transient failures are retried until the try succeeds; a failure that is not transient
+    /// is returned at once; with a short deadline the retries end before it.
+    #[tokio::test]
+    async fn transient_failures_are_retried_within_the_deadline() {
+        let quick = |deadline: Duration| InvocationRetry {
+            deadline: Some(Instant::now() + deadline),
+            margin: Duration::from_millis(50),
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(10),
+        };
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let (result, retries) = quick(Duration::from_secs(60))
+            .run(|| {
+                let n = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n < 3 {
+                        Err(StoreError::Unavailable("throttled".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!((result, retries), (Ok(3), 3));
+
+        let (result, retries) = quick(Duration::from_secs(60))
+            .run(|| async { Err::<(), _>(StoreError::Corrupt("bad item".into())) })
+            .await;
+        assert_eq!(
+            (result, retries),
+            (Err(StoreError::Corrupt("bad item".into())), 0)
+        );
+
+        let retry = quick(Duration::from_millis(300));
+        let deadline = retry.deadline.unwrap_or_else(Instant::now);
+        let (result, retries) = retry
+            .run(|| async { Err::<(), _>(StoreError::Unavailable("down".into())) })
+            .await;
+        assert!(matches!(result, Err(StoreError::Unavailable(_))));
+        assert!(retries > 1, "retried {retries} times");
+        assert!(Instant::now() < deadline, "retried past the deadline");
     }
 
     /// Keys render as sorted name=value pairs.

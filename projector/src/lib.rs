@@ -25,7 +25,10 @@
 //!   `DriftReport` comparing a replay with the live view).
 //! - [`repair`] — `verify --repair`: fixes every difference a drift report lists (rows behind
 //!   their stream, corrupted rows, counters) through version-conditioned writes.
-//! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `capture`);
+//! - [`redrive`] — `projector redrive`: re-applies the batches the Lambda's on-failure
+//!   destination received, from the stream while it holds them, else from the event table.
+//! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `redrive`,
+//!   `capture`);
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
 //!   settings, logs, signals and the `/metrics` server come from the shared `runtime` crate.
 
@@ -37,6 +40,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod poller;
 pub mod rebuild;
+pub mod redrive;
 pub mod repair;
 
 use std::sync::Arc;

@@ -90,6 +90,8 @@ pub enum IteratorStart {
     TrimHorizon,
     /// Right after the given sequence number (the checkpoint).
     AfterSequence(String),
+    /// At the given sequence number (`projector redrive`: the first record of a failed batch).
+    AtSequence(String),
 }
 
 /// What went wrong talking to the stream.
@@ -683,7 +685,7 @@ async fn finish_shard(
 
 /// Decodes one record. `Ok(None)`: not an event insert (nothing to do); `Err`: it can never
 /// apply (why).
-fn decode_record(record: &StreamRecord) -> Result<Option<EventEnvelope>, String> {
+pub(crate) fn decode_record(record: &StreamRecord) -> Result<Option<EventEnvelope>, String> {
     if record.event_name.as_deref().is_some_and(|n| n != "INSERT") {
         // Event items are never modified or deleted by the broker; a MODIFY/REMOVE is an
         // operator's manual change, and the event table (not its stream) stays the truth.
@@ -821,6 +823,10 @@ mod tests {
                     .iter()
                     .position(|r| &r.sequence_number == seq)
                     .map_or(0, |i| i + 1),
+                IteratorStart::AtSequence(seq) => records
+                    .iter()
+                    .position(|r| &r.sequence_number == seq)
+                    .ok_or(StreamError::Trimmed)?,
             };
             Ok(format!("{shard_id}:{index}"))
         }

@@ -71,6 +71,21 @@ pub async fn repair_drift(
     Ok(summary)
 }
 
+/// Re-projects each of `sandbox_ids` from its own stream, as `repair_drift` does for a drifted
+/// row (`projector redrive` uses it when the stream no longer holds a failed batch): a row behind
+/// is caught up, a row with wrong contents rewritten, and the counters move with the rows.
+pub async fn repair_sandboxes(
+    events: &dyn EventStore,
+    live: &dyn ViewStore,
+    sandbox_ids: &[String],
+) -> Result<RepairSummary, StoreError> {
+    let mut summary = RepairSummary::default();
+    for sandbox_id in sandbox_ids {
+        repair_one(events, live, sandbox_id, &mut summary).await?;
+    }
+    Ok(summary)
+}
+
 async fn repair_one(
     events: &dyn EventStore,
     live: &dyn ViewStore,

@@ -3,13 +3,18 @@
 //! off `/metrics` — in every process that serves one (API, `jobs worker`, `projector poll`).
 //! The adapter counts; the collector copies the counts into the series whenever the registry is
 //! gathered, so no process has to remember to refresh it.
+//!
+//! Beside it, `broker_store_consumed_capacity_units_total{op,target,kind}`: the read and write
+//! capacity units DynamoDB reported for those requests (the adapter asks for
+//! `ReturnConsumedCapacity=TOTAL` on every operation that supports it), so cost per allocation is
+//! also a number in the unit DynamoDB bills and throttles.
 
 use std::sync::Arc;
 
 use domain::adapters::dynamo::RequestCounts;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{CounterVec, IntCounterVec, Opts, Registry};
 
 use crate::store::Stores;
 
@@ -17,6 +22,7 @@ use crate::store::Stores;
 #[derive(Clone, Debug)]
 pub struct StoreRequestMetrics {
     counter: IntCounterVec,
+    capacity: CounterVec,
     source: Arc<RequestCounts>,
 }
 
@@ -30,7 +36,18 @@ impl StoreRequestMetrics {
             ),
             &["op", "target"],
         )?;
-        let metrics = Self { counter, source };
+        let capacity = CounterVec::new(
+            Opts::new(
+                "broker_store_consumed_capacity_units_total",
+                "Capacity units DynamoDB reported as consumed, by API operation, table and kind (read/write)",
+            ),
+            &["op", "target", "kind"],
+        )?;
+        let metrics = Self {
+            counter,
+            capacity,
+            source,
+        };
         registry.register(Box::new(metrics.clone()))?;
         Ok(metrics)
     }
@@ -59,6 +76,15 @@ impl StoreRequestMetrics {
                 series.inc_by(count - copied);
             }
         }
+        for (op, table, kind, units) in self.source.capacity_snapshot() {
+            let series =
+                self.capacity
+                    .with_label_values(&[op.as_str(), table.as_str(), kind.as_str()]);
+            let copied = series.get();
+            if units > copied {
+                series.inc_by(units - copied);
+            }
+        }
     }
 
     /// All requests so far.
@@ -69,11 +95,15 @@ impl StoreRequestMetrics {
 
 impl Collector for StoreRequestMetrics {
     fn desc(&self) -> Vec<&Desc> {
-        self.counter.desc()
+        let mut descs = self.counter.desc();
+        descs.extend(self.capacity.desc());
+        descs
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.sync();
-        self.counter.collect()
+        let mut families = self.counter.collect();
+        families.extend(self.capacity.collect());
+        families
     }
 }

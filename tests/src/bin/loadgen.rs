@@ -3,7 +3,9 @@
 //! Per level it also prints what the read side did: the projector lag sampled during the run
 //! (p50/p99/max), how long after the last answer `/v1/admin/stats` counted every 201 as
 //! allocated, and the store requests per 201 by DynamoDB operation (API and in-process projector,
-//! counted after the view caught up, so the projector's writes for the level are included).
+//! counted after the view caught up, so the projector's writes for the level are included), and
+//! the read and write capacity units DynamoDB reported for them per 201
+//! (`broker_store_consumed_capacity_units_total`).
 //!
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- --backend embedded           # spawns the service in-process
@@ -142,23 +144,40 @@ type OpCounts = BTreeMap<String, f64>;
 
 /// Reads the `op` label and the value of every `broker_store_requests_total` line.
 fn store_requests_by_op(metrics: &str) -> OpCounts {
-    let mut by_op = OpCounts::new();
+    sum_by_label(metrics, "broker_store_requests_total", "op")
+}
+
+/// Capacity units DynamoDB reported, by `kind` (`read` / `write`), summed over operations and
+/// tables (from `broker_store_consumed_capacity_units_total`).
+fn capacity_by_kind(metrics: &str) -> OpCounts {
+    sum_by_label(
+        metrics,
+        "broker_store_consumed_capacity_units_total",
+        "kind",
+    )
+}
+
+/// The values of every `metric` series summed by the value of its `label`.
+fn sum_by_label(metrics: &str, metric: &str, label: &str) -> OpCounts {
+    let mut by_label = OpCounts::new();
+    let prefix = format!("{metric}{{");
+    let label_prefix = format!("{label}=\"");
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("broker_store_requests_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
-        let op = labels
+        let key = labels
             .split(',')
-            .find_map(|label| label.strip_prefix("op=\""))
-            .map(|op| op.trim_end_matches('"').to_string());
-        if let (Some(op), Ok(value)) = (op, value.trim().parse::<f64>()) {
-            *by_op.entry(op).or_default() += value;
+            .find_map(|l| l.strip_prefix(label_prefix.as_str()))
+            .map(|v| v.trim_end_matches('"').to_string());
+        if let (Some(key), Ok(value)) = (key, value.trim().parse::<f64>()) {
+            *by_label.entry(key).or_default() += value;
         }
     }
-    by_op
+    by_label
 }
 
 /// The `broker_projector_lag_ms` gauge, if the process runs a projector.
@@ -328,7 +347,9 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut read_side = Vec::new();
     for &c in &args.concurrency {
-        let requests_before = store_requests_by_op(&probe.metrics_text().await);
+        let metrics_before = probe.metrics_text().await;
+        let requests_before = store_requests_by_op(&metrics_before);
+        let capacity_before = capacity_by_kind(&metrics_before);
         tick_gap_us.store(0, std::sync::atomic::Ordering::Relaxed);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = sample_lag(probe.clone(), stop.clone());
@@ -362,17 +383,30 @@ async fn main() -> anyhow::Result<()> {
         };
         // The stats reads of that wait are store requests too: price one read on the now quiet
         // service and take them out, so the figure is the allocations' own cost.
-        let quiet = store_requests_by_op(&probe.metrics_text().await);
+        let quiet_metrics = probe.metrics_text().await;
+        let quiet = store_requests_by_op(&quiet_metrics);
+        let quiet_capacity = capacity_by_kind(&quiet_metrics);
         const PRICED_READS: u32 = 5;
         for _ in 0..PRICED_READS {
             let _ = probe.allocated().await;
         }
-        let priced = subtract(&store_requests_by_op(&probe.metrics_text().await), &quiet);
-        let spent_waiting: OpCounts = priced
-            .iter()
-            .map(|(op, n)| (op.clone(), n / PRICED_READS as f64 * stats_reads as f64))
-            .collect();
+        let priced_metrics = probe.metrics_text().await;
+        let per_wait = |priced: OpCounts| -> OpCounts {
+            priced
+                .iter()
+                .map(|(op, n)| (op.clone(), n / PRICED_READS as f64 * stats_reads as f64))
+                .collect()
+        };
+        let spent_waiting = per_wait(subtract(&store_requests_by_op(&priced_metrics), &quiet));
         let level_requests = subtract(&subtract(&quiet, &requests_before), &spent_waiting);
+        let capacity_waiting = per_wait(subtract(
+            &capacity_by_kind(&priced_metrics),
+            &quiet_capacity,
+        ));
+        let level_capacity = subtract(
+            &subtract(&quiet_capacity, &capacity_before),
+            &capacity_waiting,
+        );
 
         let ms = |q: f64| r.latency.value_at_quantile(q) as f64 / 1000.0;
         let per_allocation = if level_requests.is_empty() || created == 0 {
@@ -385,8 +419,15 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             format!("{:.2} ({})", total / created as f64, by_op.join(", "))
         };
+        let capacity_per_allocation = if level_capacity.is_empty() || created == 0 {
+            "–".to_string()
+        } else {
+            let units =
+                |kind: &str| level_capacity.get(kind).copied().unwrap_or(0.0) / created as f64;
+            format!("{:.2} / {:.2}", units("read"), units("write"))
+        };
         rows.push(format!(
-            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} |",
+            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} | {capacity_per_allocation} |",
             r.concurrency,
             sent,
             sent as f64 / r.elapsed.as_secs_f64(),
@@ -429,7 +470,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = ticker.join();
     }
     println!(
-        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) |\n|---|---|---|---|---|---|---|---|---|"
+        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) | RCU / WCU per 201 |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &rows {
         println!("{row}");

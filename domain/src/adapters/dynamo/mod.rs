@@ -27,6 +27,7 @@
 mod event_store;
 mod feed;
 mod items;
+mod metering;
 mod pool_view;
 mod prefix_stats; // per-prefix counters beside the stats shards (ADR 0018)
 mod retry;
@@ -59,8 +60,9 @@ pub use tables::{
     table_definitions, table_definitions_json, table_name, GsiDef, KeyAttribute, TableDef,
 };
 
-pub use retry::RequestCounts;
+pub use metering::{CapacityMeter, StreamRequestMeter};
 use retry::{classify, Retry};
+pub use retry::{CapacityKind, RequestCounts};
 
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
 pub const DEFAULT_STATS_SHARDS: u32 = 8;
@@ -240,10 +242,12 @@ impl DynamoStore {
     pub fn from_sdk_config(sdk_config: SdkConfig, config: &DynamoConfig) -> Self {
         // The adapter retries every call itself (see `retry`), so the SDK's retries are off:
         // otherwise the two budgets would multiply.
+        let prefix = &config.table_prefix;
+        let requests: Arc<RequestCounts> = Arc::default();
         let client_config = aws_sdk_dynamodb::config::Builder::from(&sdk_config)
             .retry_config(RetryConfig::disabled())
+            .interceptor(CapacityMeter::new(Arc::clone(&requests), prefix))
             .build();
-        let prefix = &config.table_prefix;
         Self {
             client: Client::from_conf(client_config),
             sdk_config,
@@ -255,13 +259,20 @@ impl DynamoStore {
             stats_shards: config.stats_shards.max(1),
             index_shards: config.index_shards.max(1),
             max_retries: config.max_retries,
-            requests: Arc::default(),
+            requests,
         }
     }
 
     /// The requests this store (and its clones) sent, per call name.
     pub fn request_counts(&self) -> Arc<RequestCounts> {
         Arc::clone(&self.requests)
+    }
+
+    /// An interceptor for a DynamoDB Streams client that counts its requests in this store's
+    /// [`RequestCounts`] (target `stream`), so the projector's stream reads show beside its
+    /// table requests.
+    pub fn stream_request_meter(&self) -> StreamRequestMeter {
+        StreamRequestMeter::new(Arc::clone(&self.requests))
     }
 
     /// A counted retry budget for one logical call.

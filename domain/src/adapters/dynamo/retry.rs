@@ -127,12 +127,63 @@ pub(crate) struct Retry {
 #[derive(Debug, Default)]
 pub struct RequestCounts {
     counts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Capacity units DynamoDB reported, per `(operation, table, kind)`.
+    capacity: Mutex<BTreeMap<(&'static str, String, CapacityKind), f64>>,
+}
+
+/// Which capacity a request consumed: reads (GetItem, Query, …) or writes (PutItem,
+/// TransactWriteItems, …). DynamoDB bills and throttles the two separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CapacityKind {
+    /// Read capacity units.
+    Read,
+    /// Write capacity units.
+    Write,
+}
+
+impl CapacityKind {
+    /// The metric label value (`read` / `write`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
 }
 
 impl RequestCounts {
-    fn count(&self, what: &'static str) {
+    /// Counts one request named `what` (`Operation(target)`, the form [`Self::snapshot`] splits).
+    pub fn count(&self, what: &'static str) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         *counts.entry(what).or_default() += 1;
+    }
+
+    /// Adds the capacity units one response reported for `table`.
+    pub fn add_capacity(&self, op: &'static str, table: &str, kind: CapacityKind, units: f64) {
+        if !units.is_finite() || units <= 0.0 {
+            return;
+        }
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        *capacity.entry((op, table.to_string(), kind)).or_default() += units;
+    }
+
+    /// Every `(operation, table, kind, units)` consumed so far.
+    pub fn capacity_snapshot(&self) -> Vec<(String, String, CapacityKind, f64)> {
+        let capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        capacity
+            .iter()
+            .map(|((op, table, kind), units)| (op.to_string(), table.clone(), *kind, *units))
+            .collect()
+    }
+
+    /// Capacity units of `kind` consumed so far, all operations and tables.
+    pub fn capacity_total(&self, kind: CapacityKind) -> f64 {
+        let capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        capacity
+            .iter()
+            .filter(|((_, _, k), _)| *k == kind)
+            .map(|(_, units)| *units)
+            .sum()
     }
 
     /// Every call name with its request count, as `(operation, target, count)`: the
