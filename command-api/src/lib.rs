@@ -78,12 +78,23 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
     );
-    Router::new()
+    let routes = Router::new()
         .nest(&base, track.merge(admin))
         .merge(routes::ops::router())
         .merge(routes::dashboard::router())
         .merge(docs)
-        .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
+        .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) });
+    with_edge(routes, state, request_timeout)
+}
+
+/// `routes` behind the edge layers every route of [`app`] is served through (see [`edge`]);
+/// public so that a test can put a route of its own (one that panics) behind the same stack.
+pub fn with_edge(
+    routes: Router<SharedState>,
+    state: SharedState,
+    request_timeout: Duration,
+) -> Router {
+    routes
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))

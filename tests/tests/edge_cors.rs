@@ -272,3 +272,51 @@ async fn unsafe_request_ids_are_replaced() {
     }
     app.stop().await;
 }
+
+/// A handler that panics (the edge must turn it into an error response).
+async fn boom() -> &'static str {
+    panic!("boom")
+}
+
+/// A handler that panics answers 500 `INTERNAL_ERROR` in the envelope, with the request id of the
+/// header in the body and the CORS headers, and the service keeps serving.
+#[tokio::test]
+async fn panic_is_a_readable_500() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|c| c.cors_allowed_origins = LAB.into());
+    let app = spawn_app_with(options).await;
+    let routes = axum::Router::new()
+        .route("/v1/boom", axum::routing::get(boom))
+        .route("/v1/fine", axum::routing::get(|| async { "fine" }));
+    let router = command_api::with_edge(routes, app.state.clone(), Duration::from_secs(30));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let url = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local addr: {e}"))
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(command_api::run(router, listener, async {
+        let _ = stopped.await;
+    }));
+    let reply = app
+        .client
+        .get(format!("{url}/v1/boom"))
+        .header("Origin", LAB)
+        .sent_json()
+        .await;
+    assert_readable_error(&reply, StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR");
+    assert_eq!(
+        reply.2["detail"]["message"].as_str(),
+        Some("An unexpected error occurred"),
+        "the panic message is logged, never returned"
+    );
+    let (status, _, _) = app.client.get(format!("{url}/v1/fine")).sent_json().await;
+    assert_eq!(status, StatusCode::OK, "the service survived the panic");
+    let _ = stop.send(());
+    let _ = server.await;
+    app.stop().await;
+}
