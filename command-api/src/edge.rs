@@ -1,12 +1,13 @@
 //! The edge of the service: what holds for every response — handler results, extractor
 //! rejections, auth failures, rate-limit refusals, unknown routes, wrong methods, timeouts,
-//! panics and CORS preflights alike. From the outside in, [`crate::app`] stacks:
+//! panics and CORS preflights alike. From the outside in, [`crate::with_edge`] stacks:
 //! * [`drop_unsafe_request_id`], then tower-http's `SetRequestId` / `PropagateRequestId`: an
 //!   `X-Request-ID` on every response (the caller's, if short and plain; a new uuid otherwise);
 //! * [`edge`]: every error rendered in the one envelope with that id as its `request_id`,
 //!   security headers, one JSON access-log line and the request-latency histogram;
 //! * [`BrowserCorsLayer`] (tower-http's CORS): answers preflights before any limit or credential
-//!   check, and adds the CORS headers to every response below it, the guard's refusals included;
+//!   check, and adds the CORS headers to every response coming up through it, the guard's
+//!   refusals included;
 //! * [`guard`]: load shedding (beyond `MAX_CONCURRENT_REQUESTS` handlers at once, 503 at once)
 //!   and the per-address rate limit of requests without credentials (authenticated requests are
 //!   limited per principal in [`crate::auth`], after the token check), `X-RateLimit-*` headers;
