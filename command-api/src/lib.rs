@@ -8,9 +8,9 @@
 //!   `runtime::StoreArgs`, `runtime::LogArgs` and `jobs::JobsArgs` (shared with the other binaries).
 //! - [`startup`] — opens the stores through `runtime::open_stores`, builds broker and jobs, and
 //!   wires the in-process projector (the embedded log tail or the stream poller); background tasks.
-//! - [`edge`] — the outermost middleware: request id, error envelope, security headers, CORS,
-//!   load shedding, the per-address limit of unauthenticated requests, access log, latency
-//!   metrics, panic guard.
+//! - [`edge`] — the outer layers: request id (tower-http), error envelope, security headers,
+//!   CORS (tower-http), load shedding, the per-address limit of unauthenticated requests, access
+//!   log, latency metrics, panic guard (tower-http).
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
@@ -53,6 +53,7 @@ use axum::middleware::from_fn_with_state;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -77,12 +78,23 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
     );
-    Router::new()
+    let routes = Router::new()
         .nest(&base, track.merge(admin))
         .merge(routes::ops::router())
         .merge(routes::dashboard::router())
         .merge(docs)
-        .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
+        .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) });
+    with_edge(routes, state, request_timeout)
+}
+
+/// `routes` behind the edge layers every route of [`app`] is served through (see [`edge`]);
+/// public so that a test can put a route of its own (one that panics) behind the same stack.
+pub fn with_edge(
+    routes: Router<SharedState>,
+    state: SharedState,
+    request_timeout: Duration,
+) -> Router {
+    routes
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))
@@ -90,7 +102,19 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            edge::panic_response,
+        ))
+        .layer(from_fn_with_state(state.clone(), edge::guard))
+        // Outside the guard, so preflights skip limits and credentials, and the guard's own
+        // refusals (429, 503) still carry the headers a browser needs to read them.
+        .layer(edge::cors(&state.cors_origins))
         .layer(from_fn_with_state(state.clone(), edge::edge))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(tower::util::MapRequestLayer::new(
+            edge::drop_unsafe_request_id::<axum::body::Body>,
+        ))
         .with_state(state)
 }
 

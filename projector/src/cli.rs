@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use domain::adapters::dynamo::{table_definitions, table_definitions_json, DynamoStore};
+use domain::adapters::dynamo::{table_definitions, table_definitions_json, table_name, DynamoStore};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, PoolView, ViewStore};
 use prometheus::Registry;
@@ -537,14 +537,15 @@ pub async fn verify_live(store: &StoreArgs, args: &VerifyArgs) -> anyhow::Result
     };
     let scratch: Arc<dyn ViewStore> = match (&args.scratch_prefix, store.store) {
         (Some(prefix), StoreKind::Dynamodb) => {
-            if *prefix == store.table_prefix {
+            // Compared as table names: `acc` and `acc-` name the same tables.
+            if table_name(prefix, "events") == table_name(&store.table_prefix, "events") {
                 bail!("--scratch-prefix must differ from TABLE_PREFIX: verify clears the scratch view");
             }
             let scratch = store.dynamo(prefix).await?;
             scratch
                 .ensure_tables()
                 .await
-                .with_context(|| format!("creating tables {prefix}-*"))?;
+                .with_context(|| format!("creating tables {}", table_name(prefix, "*")))?;
             Arc::new(scratch)
         }
         (Some(_), StoreKind::Embedded) => bail!("--scratch-prefix needs STORE=dynamodb"),

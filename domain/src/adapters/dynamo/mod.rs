@@ -40,7 +40,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_config::environment::EnvironmentVariableRegionProvider;
 use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::ProfileFileRegionProvider;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_dynamodb::config::retry::RetryConfig;
@@ -155,8 +157,11 @@ pub async fn load_sdk_config(config: &DynamoConfig) -> Result<SdkConfig, StoreEr
     }
     loader = match &config.region {
         Some(region) => loader.region(Region::new(region.clone())),
+        // Not the default chain: its last step asks the EC2 metadata service, which off EC2
+        // costs seconds and logs a warning before an emulator (which ignores regions) is used.
         None if local => loader.region(
-            RegionProviderChain::default_provider()
+            RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+                .or_else(ProfileFileRegionProvider::new())
                 .or_else(Region::from_static(LOCAL_DEFAULT_REGION)),
         ),
         None => loader,
