@@ -127,10 +127,12 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) |"
+        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) | allocate p50/p99 ms | replay p50/p99 ms | mark p50/p99 ms | db+wal MB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    sample(0, &api, &worker, &client, &url, None).await;
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    sample(0, &api, &worker, &client, &url, None, &db).await;
     for minute in 1..=args.minutes {
         let stop = Arc::new(AtomicBool::new(false));
         let run = tokio::spawn(load::run(
@@ -156,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let report = run.await.context("load task")?;
-        sample(minute, &api, &worker, &client, &url, Some(&report)).await;
+        sample(minute, &api, &worker, &client, &url, Some(&report), &db).await;
         if !api.is_running() || !worker.is_running() {
             bail!(
                 "a process died:\n{}\n{}",
@@ -190,6 +192,7 @@ async fn sample(
     client: &reqwest::Client,
     url: &str,
     report: Option<&load::LoadReport>,
+    db: &str,
 ) {
     let (api_rss, api_fds) = api.pid().and_then(resources).unwrap_or((0, 0));
     let (worker_rss, worker_fds) = worker.pid().and_then(resources).unwrap_or((0, 0));
@@ -214,9 +217,22 @@ async fn sample(
                 r.violations.len(),
             )
         });
+    let latency = |op: &str| match report
+        .and_then(|r| Some((r.latency_ms(op, 0.5)?, r.latency_ms(op, 0.99)?)))
+    {
+        Some((p50, p99)) => format!("{p50:.1} / {p99:.1}"),
+        None => "–".to_string(),
+    };
+    // The WAL is part of what every read may have to search, so its size is shown with the file.
+    let size = |path: &str| std::fs::metadata(path).map_or(0, |m| m.len());
+    let store_mb = size(db) as f64 / 1_048_576.0;
     println!(
-        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} |",
+        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} | {} | {} | {} | {store_mb:.0}+{:.0} |",
         api_rss as f64 / 1024.0,
         worker_rss as f64 / 1024.0,
+        latency("allocate"),
+        latency("replay"),
+        latency("mark"),
+        size(&format!("{db}-wal")) as f64 / 1_048_576.0,
     );
 }
