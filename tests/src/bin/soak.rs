@@ -38,6 +38,11 @@ struct Args {
     /// Available sandboxes the fake CSP keeps up (it lists new accounts as the pool drains).
     #[arg(long, default_value_t = 1000)]
     pool: u32,
+    /// Lab length in seconds (the API's dev-only `DEV_LAB_DURATION_SECONDS`, expiry grace 0), so
+    /// allocations nobody marks end as they do in production and the live pool stays bounded.
+    /// 0 keeps 48-hour labs: every unmarked allocation then stays live for the whole soak.
+    #[arg(long, default_value_t = 120)]
+    lab_seconds: u64,
 }
 
 fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -85,6 +90,12 @@ async fn main() -> anyhow::Result<()> {
         ("RATE_LIMIT_RPS", "100000".into()),
         ("RATE_LIMIT_BURST", "100000".into()),
     ]));
+    if args.lab_seconds > 0 {
+        api_env.insert(
+            "DEV_LAB_DURATION_SECONDS".into(),
+            args.lab_seconds.to_string(),
+        );
+    }
     let mut worker_env = env(&store);
     worker_env.extend(env(&[
         ("CSP_MODE", "real".into()),
@@ -96,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
         ("AUTO_EXPIRY_INTERVAL_SEC", "10".into()),
         ("STALE_INTERVAL_SEC", "60".into()),
     ]));
+    if args.lab_seconds > 0 {
+        worker_env.insert("GRACE_PERIOD_MINUTES".into(), "0".into());
+    }
     let mut api = ServiceProcess::new("api", &sibling_binary("command-api"), &[], api_env);
     let mut worker =
         ServiceProcess::new("worker", &sibling_binary("jobs"), &["worker"], worker_env);
@@ -119,15 +133,19 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let labs = match args.lab_seconds {
+        0 => "48-hour labs".to_string(),
+        s => format!("{s}-second labs"),
+    };
     println!(
-        "soak: {} min, {} students, pool of {} (filled in {:.1} s), embedded store",
+        "soak: {} min, {} students, pool of {} (filled in {:.1} s), {labs}, embedded store",
         args.minutes,
         args.students,
         args.pool,
         started.elapsed().as_secs_f64()
     );
     println!(
-        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) | allocate p50/p99 ms | replay p50/p99 ms | mark p50/p99 ms | db+wal MB |"
+        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) | allocated | pending deletion | allocate p50/p99 ms | replay p50/p99 ms | mark p50/p99 ms | db+wal MB |"
     );
     println!(
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -199,6 +217,9 @@ async fn sample(
     let stats = admin_stats(client, url).await;
     let lag = stats["projector_lag_ms"].as_i64().unwrap_or(-1);
     let deleted = stats["deleted"].as_i64().unwrap_or(0);
+    // The live rows every sync lists and compares: what the worker's work per run grows with.
+    let allocated = stats["allocated"].as_i64().unwrap_or(0);
+    let pending = stats["pending_deletion"].as_i64().unwrap_or(0);
     let (requests, ok, conflict, unavailable, unanswered, violations) =
         report.map_or((0, 0, 0, 0, 0, 0), |r| {
             let by = |lo: u16, hi: u16| -> u64 {
@@ -227,7 +248,7 @@ async fn sample(
     let size = |path: &str| std::fs::metadata(path).map_or(0, |m| m.len());
     let store_mb = size(db) as f64 / 1_048_576.0;
     println!(
-        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} | {} | {} | {} | {store_mb:.0}+{:.0} |",
+        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} | {allocated} | {pending} | {} | {} | {} | {store_mb:.0}+{:.0} |",
         api_rss as f64 / 1024.0,
         worker_rss as f64 / 1024.0,
         latency("allocate"),
