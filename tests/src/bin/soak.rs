@@ -3,8 +3,13 @@
 //! cleanup and auto-expiry running against the fake CSP, which lists new accounts as old ones
 //! are deleted, so the pool never runs dry. Once a minute it prints each process's resident
 //! memory and open file descriptors (from `/proc/<pid>/`), the projector lag the API reports,
-//! and the minute's requests and answers. Everything should stay flat; a column that only grows
-//! is a leak. A benchmark that prints figures (CI never runs it), not a test.
+//! the minute's requests and answers with p50/p99 latency per operation, the live rows (allocated,
+//! pending deletion: what every sync lists and compares) and the store's size. Labs last
+//! `--lab-seconds` (default 120, through the API's dev-only override), so allocations nobody
+//! marks expire as in production; `--lab-seconds 0` keeps 48-hour labs, and the live pool then
+//! grows for the whole run. Everything should stay flat; a column that only grows is a leak or
+//! a workload that never reaches a steady state. A benchmark that prints figures (CI never runs
+//! it), not a test.
 //!
 //! `cargo build --release -p tests --bins && cargo run --release -p tests --bin soak -- --minutes 20`
 
@@ -148,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) | allocated | pending deletion | allocate p50/p99 ms | replay p50/p99 ms | mark p50/p99 ms | db+wal MB |"
     );
     println!(
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     sample(0, &api, &worker, &client, &url, None, &db).await;
     for minute in 1..=args.minutes {
