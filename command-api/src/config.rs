@@ -99,6 +99,10 @@ pub struct Config {
     /// Lab window, hours: `expires_at`, the mark window and expiry.
     #[arg(long, env = "LAB_DURATION_HOURS", default_value_t = 48)]
     pub lab_duration_hours: i64,
+    /// Dev-only: a lab window in seconds that replaces `LAB_DURATION_HOURS`, so that fault tests
+    /// and soaks see allocations expire within minutes. Logged as dev-only at start-up.
+    #[arg(long, env = "DEV_LAB_DURATION_SECONDS")]
+    pub dev_lab_duration_seconds: Option<u64>,
     /// Allocation candidates per view query.
     #[arg(long, env = "K_CANDIDATES", default_value_t = 15)]
     pub k_candidates: usize,

@@ -89,12 +89,22 @@ pub async fn build_with(
             .map_err(|problem| anyhow::anyhow!("TRACK_QUOTAS: {problem}"))?;
     // Trait upcasting: the broker only reads the view.
     let pool_view: Arc<dyn PoolView> = view.clone();
+    let lab_duration = match config.dev_lab_duration_seconds {
+        Some(seconds) => {
+            tracing::warn!(
+                seconds,
+                "DEV_LAB_DURATION_SECONDS is set: labs last seconds, not hours (dev-only, never in production)"
+            );
+            chrono::Duration::seconds(i64::try_from(seconds.max(1)).unwrap_or(i64::MAX))
+        }
+        None => chrono::Duration::hours(config.lab_duration_hours),
+    };
     let mut broker = Broker::new(
         events.clone(),
         pool_view,
         clock.clone(),
         BrokerConfig {
-            lab_duration: chrono::Duration::hours(config.lab_duration_hours),
+            lab_duration,
             expiry_grace: chrono::Duration::from_std(expiry_grace).unwrap_or(chrono::Duration::MAX),
             k_candidates: config.k_candidates.max(1),
             allocate_rounds: config.allocate_rounds.max(1),

@@ -238,13 +238,15 @@ fn check_history(
     });
 }
 
-/// Waits (bounded) until the history holds no `pending_deletion` sandbox and the API's stats
-/// equal the counts replayed from it; returns the final states.
+/// Waits (bounded) until the history holds no `pending_deletion` sandbox (and, when labs are
+/// short enough to end within the test, no `allocated` one either) and the API's stats equal the
+/// counts replayed from it; returns the final states.
 async fn wait_for_convergence(
     store: &StoreUnderTest,
     client: &reqwest::Client,
     url: &str,
     cleanup_runs: bool,
+    labs_end: bool,
 ) -> (Vec<domain::EventEnvelope>, BTreeMap<String, Sandbox>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let events_store = store.events().await;
@@ -252,7 +254,8 @@ async fn wait_for_convergence(
         let events = all_events(events_store.as_ref()).await;
         let states = sandbox_states(&events);
         let truth = truth(&states);
-        let settled = !cleanup_runs || !truth.contains_key("pending_deletion");
+        let settled = (!cleanup_runs || !truth.contains_key("pending_deletion"))
+            && (!labs_end || !truth.contains_key("allocated"));
         let stats = api_stats(client, url).await.unwrap_or(Value::Null);
         let matches = [
             "available",
@@ -319,8 +322,15 @@ fn api_env(port: u16, run_projector: bool) -> BTreeMap<String, String> {
 
 /// The process-fault scenario on one store: API, projector (DynamoDB only; embedded runs it in
 /// the API) and jobs worker as real processes under the mixed load, SIGKILLed at seeded random
-/// points and restarted; then every invariant from the history.
-async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec<SummaryRow> {
+/// points and restarted; then every invariant from the history. With `lab_seconds`, labs last
+/// that long (the API's dev-only override, expiry grace 0), so auto-expiry ends allocations
+/// while the kills go on, and the run waits until every allocation has ended.
+async fn process_faults(
+    store: StoreUnderTest,
+    pool: u32,
+    load_secs: u64,
+    lab_seconds: Option<u64>,
+) -> Vec<SummaryRow> {
     let seed = seed(&format!("process faults ({})", store.label()));
     let mut rng = StdRng::seed_from_u64(seed);
     let started = std::time::Instant::now();
@@ -340,6 +350,10 @@ async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec
     api_settings.extend(api_env(port, !dynamo));
     let mut worker_settings = store.env();
     worker_settings.extend(worker_env(&csp));
+    if let Some(seconds) = lab_seconds {
+        api_settings.insert("DEV_LAB_DURATION_SECONDS".into(), seconds.to_string());
+        worker_settings.insert("GRACE_PERIOD_MINUTES".into(), "0".into());
+    }
     let mut projector_settings = store.env();
     projector_settings.insert("METRICS_ADDR".into(), "127.0.0.1:0".into());
     projector_settings.insert("POLL_IDLE_MAX_MS".into(), "200".into());
@@ -437,11 +451,17 @@ async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec
 
     println!("  load and kills done after {:?}", started.elapsed());
     let mut checks = Checks::default();
-    let (events, states) = wait_for_convergence(&store, &client, &url, true).await;
+    let (events, states) =
+        wait_for_convergence(&store, &client, &url, true, lab_seconds.is_some()).await;
     println!("  converged after {:?}", started.elapsed());
     checks.check(true, String::new); // projector converged: stats equal the replayed truth
     let audit = AllocationAudit::replay(&events);
     check_history(&mut checks, &states, &audit, &report, true);
+    let expired = if lab_seconds.is_some() {
+        check_expiry(&mut checks, &events, &states, &report)
+    } else {
+        0
+    };
     // A clean stop after all that: SIGTERM drains and exits 0.
     for p in processes.iter_mut().rev() {
         let name = p.name().to_string();
@@ -465,7 +485,7 @@ async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec
         report.unanswered,
         report.by_status
     );
-    kills
+    let mut rows: Vec<SummaryRow> = kills
         .into_iter()
         .map(|(name, n)| SummaryRow {
             scenario: format!("processes, {}", store.label()),
@@ -474,19 +494,90 @@ async fn process_faults(store: StoreUnderTest, pool: u32, load_secs: u64) -> Vec
             operations: report.operations,
             checks: checks.0,
         })
-        .collect()
+        .collect();
+    if let Some(seconds) = lab_seconds {
+        rows.push(SummaryRow {
+            scenario: format!("processes, {}", store.label()),
+            fault: format!("allocations auto-expired ({seconds}-second labs)"),
+            injected: expired,
+            operations: report.operations,
+            checks: checks.0,
+        });
+    }
+    rows
+}
+
+/// The expiry invariants, once every allocation has ended: each sandbox expired at most once and
+/// deleted at most once; every expired one ended deleted (or quarantined), never handed out
+/// again; every acknowledged allocation the student did not end was ended by expiry. Returns
+/// the number of expired allocations (at least one: the run must have exercised expiry).
+fn check_expiry(
+    checks: &mut Checks,
+    events: &[domain::EventEnvelope],
+    states: &BTreeMap<String, Sandbox>,
+    report: &LoadReport,
+) -> u64 {
+    let mut expired: BTreeMap<String, u64> = BTreeMap::new();
+    let mut deleted: BTreeMap<String, u64> = BTreeMap::new();
+    let mut requested = std::collections::BTreeSet::new();
+    for e in events {
+        let id = || {
+            domain::model::ids::sandbox_id_of(&e.stream_id)
+                .unwrap_or_default()
+                .to_string()
+        };
+        match e.sandbox_event() {
+            Ok(Some(SandboxEvent::AllocationExpired { .. })) => {
+                *expired.entry(id()).or_default() += 1
+            }
+            Ok(Some(SandboxEvent::SandboxDeleted { .. })) => *deleted.entry(id()).or_default() += 1,
+            Ok(Some(SandboxEvent::DeletionRequested { .. })) => {
+                requested.insert(id());
+            }
+            _ => {}
+        }
+    }
+    for (sandbox_id, n) in &expired {
+        checks.check(*n == 1, || format!("{sandbox_id} expired {n} times"));
+        let status = states.get(sandbox_id).and_then(|s| s.status);
+        checks.check(
+            matches!(
+                status,
+                Some(SandboxStatus::Deleted | SandboxStatus::DeletionFailed)
+            ),
+            || format!("expired {sandbox_id} ended {status:?}"),
+        );
+    }
+    for (sandbox_id, n) in &deleted {
+        checks.check(*n == 1, || format!("{sandbox_id} deleted {n} times"));
+    }
+    for (caller, sandbox_id) in &report.acknowledged {
+        // A mark can commit without its answer reaching the student (the API was killed).
+        if report.marked.contains(sandbox_id) || requested.contains(sandbox_id) {
+            continue;
+        }
+        checks.check(expired.contains_key(sandbox_id), || {
+            format!("{caller}'s {sandbox_id} was never marked and never expired")
+        });
+    }
+    checks.check(!expired.is_empty(), || {
+        "no allocation expired during the run".into()
+    });
+    expired.len() as u64
 }
 
 /// API, in-process projector and jobs worker SIGKILLed at random under load on the embedded
-/// store (the worker shares the SQLite file): no acknowledged allocation lost, no sandbox or
-/// caller twice, every marked sandbox deleted, stats equal the history, `projector verify` clean.
+/// store (the worker shares the SQLite file), with 8-second labs so that auto-expiry ends
+/// allocations between the kills: no acknowledged allocation lost, no sandbox or caller twice,
+/// every marked or expired sandbox deleted exactly once, none expired twice, stats equal the
+/// history, `projector verify` clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_kills_on_embedded_keep_every_promise() {
     let _serial = SERIAL.lock().await;
     let path = std::env::temp_dir()
         .join(format!("broker-chaos-{}", uuid::Uuid::new_v4()))
         .join("broker.db");
-    let rows = process_faults(StoreUnderTest::Embedded(path.clone()), 600, 20).await;
+    let rows = process_faults(StoreUnderTest::Embedded(path.clone()), 600, 20, Some(8)).await;
     print!("{}", render(&rows));
     if let Some(dir) = path.parent() {
         let _ = std::fs::remove_dir_all(dir);
@@ -502,7 +593,7 @@ async fn process_kills_on_dynamodb_keep_every_promise() {
         endpoint: tests::ddb_local::endpoint().await,
         prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
     };
-    let rows = process_faults(store, 300, 25).await;
+    let rows = process_faults(store, 300, 25, None).await;
     print!("{}", render(&rows));
 }
 
@@ -513,10 +604,37 @@ async fn process_kills_on_dynamodb_keep_every_promise() {
 /// committed (a replay), never a second one; once the faults stop the projector (reading the
 /// stream through the same proxy) converges, and the history holds every acknowledged
 /// allocation, no sandbox or caller twice, and `projector verify` finds no drift.
+/// `CHAOS_FAULT_RATES` (comma-separated fractions, e.g. `0.1,0.2,0.3`) runs the scenario once per
+/// rate and prints a table for each; CI runs the default, 20 %.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_faults_answer_503_and_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let seed = seed("dynamodb faults");
+    let rates: Vec<f64> = std::env::var("CHAOS_FAULT_RATES")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .map(|r| {
+                    r.trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("CHAOS_FAULT_RATES {r:?}: {e}"))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![0.2]);
+    for rate in rates {
+        assert!(
+            (0.0..=0.5).contains(&rate),
+            "fault rate {rate} outside 0-0.5"
+        );
+        let rows = dynamodb_faults(rate).await;
+        print!("{}", render(&rows));
+    }
+}
+
+/// One run of the DynamoDB fault scenario with `rate` of the requests faulted; the summary rows.
+async fn dynamodb_faults(rate: f64) -> Vec<SummaryRow> {
+    let percent = (rate * 100.0).round() as u64;
+    let seed = seed(&format!("dynamodb faults at {percent} %"));
     let upstream = tests::ddb_local::endpoint().await;
     let proxy = FaultProxy::start(&upstream, seed).await;
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
@@ -532,7 +650,7 @@ async fn dynamodb_faults_answer_503_and_lose_nothing() {
     let app = spawn_app_with(options).await;
     app.seed("lab", 400).await;
 
-    proxy.set_rate(0.2);
+    proxy.set_rate(rate);
     let forwarded_before = proxy.forwarded();
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(load::run(
@@ -581,7 +699,7 @@ async fn dynamodb_faults_answer_503_and_lose_nothing() {
         prefix,
     };
     let mut checks = Checks::default();
-    let (events, states) = wait_for_convergence(&store, &app.client, &app.url, false).await;
+    let (events, states) = wait_for_convergence(&store, &app.client, &app.url, false, false).await;
     checks.check(true, String::new); // the projector converged through the proxy
     let audit = AllocationAudit::replay(&events);
     check_history(&mut checks, &states, &audit, &report, false);
@@ -600,24 +718,23 @@ async fn dynamodb_faults_answer_503_and_lose_nothing() {
     checks.check(true, String::new); // projector verify: 0 drift, stats = replay
 
     println!(
-        "dynamodb faults: {} HTTP operations, {requests} DynamoDB requests forwarded, injected {injected:?};          statuses {:?}; {} well-formed 503s; {} acknowledged allocations, {} recognised as replays on retry",
+        "dynamodb faults at {percent} %: {} HTTP operations, {requests} DynamoDB requests forwarded, injected {injected:?};          statuses {:?}; {} well-formed 503s; {} acknowledged allocations, {} recognised as replays on retry",
         report.operations,
         report.by_status,
         report.well_formed_503,
         report.acknowledged.len(),
         report.recognised_on_retry.len()
     );
-    let rows: Vec<SummaryRow> = DynamoFault::ALL
+    DynamoFault::ALL
         .iter()
         .map(|fault| SummaryRow {
-            scenario: "DynamoDB at 20 %".into(),
+            scenario: format!("DynamoDB at {percent} %"),
             fault: fault.label().into(),
             injected: injected.get(fault).copied().unwrap_or(0),
             operations: report.operations,
             checks: checks.0,
         })
-        .collect();
-    print!("{}", render(&rows));
+        .collect()
 }
 
 /// Allocates `account`'s sandbox to `caller` (by its exact name) and marks it for deletion, over

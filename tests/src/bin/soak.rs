@@ -3,8 +3,13 @@
 //! cleanup and auto-expiry running against the fake CSP, which lists new accounts as old ones
 //! are deleted, so the pool never runs dry. Once a minute it prints each process's resident
 //! memory and open file descriptors (from `/proc/<pid>/`), the projector lag the API reports,
-//! and the minute's requests and answers. Everything should stay flat; a column that only grows
-//! is a leak. A benchmark that prints figures (CI never runs it), not a test.
+//! the minute's requests and answers with p50/p99 latency per operation, the live rows (allocated,
+//! pending deletion: what every sync lists and compares) and the store's size. Labs last
+//! `--lab-seconds` (default 120, through the API's dev-only override), so allocations nobody
+//! marks expire as in production; `--lab-seconds 0` keeps 48-hour labs, and the live pool then
+//! grows for the whole run. Everything should stay flat; a column that only grows is a leak or
+//! a workload that never reaches a steady state. A benchmark that prints figures (CI never runs
+//! it), not a test.
 //!
 //! `cargo build --release -p tests --bins && cargo run --release -p tests --bin soak -- --minutes 20`
 
@@ -38,6 +43,11 @@ struct Args {
     /// Available sandboxes the fake CSP keeps up (it lists new accounts as the pool drains).
     #[arg(long, default_value_t = 1000)]
     pool: u32,
+    /// Lab length in seconds (the API's dev-only `DEV_LAB_DURATION_SECONDS`, expiry grace 0), so
+    /// allocations nobody marks end as they do in production and the live pool stays bounded.
+    /// 0 keeps 48-hour labs: every unmarked allocation then stays live for the whole soak.
+    #[arg(long, default_value_t = 120)]
+    lab_seconds: u64,
 }
 
 fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -85,6 +95,12 @@ async fn main() -> anyhow::Result<()> {
         ("RATE_LIMIT_RPS", "100000".into()),
         ("RATE_LIMIT_BURST", "100000".into()),
     ]));
+    if args.lab_seconds > 0 {
+        api_env.insert(
+            "DEV_LAB_DURATION_SECONDS".into(),
+            args.lab_seconds.to_string(),
+        );
+    }
     let mut worker_env = env(&store);
     worker_env.extend(env(&[
         ("CSP_MODE", "real".into()),
@@ -96,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
         ("AUTO_EXPIRY_INTERVAL_SEC", "10".into()),
         ("STALE_INTERVAL_SEC", "60".into()),
     ]));
+    if args.lab_seconds > 0 {
+        worker_env.insert("GRACE_PERIOD_MINUTES".into(), "0".into());
+    }
     let mut api = ServiceProcess::new("api", &sibling_binary("command-api"), &[], api_env);
     let mut worker =
         ServiceProcess::new("worker", &sibling_binary("jobs"), &["worker"], worker_env);
@@ -119,18 +138,24 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let labs = match args.lab_seconds {
+        0 => "48-hour labs".to_string(),
+        s => format!("{s}-second labs"),
+    };
     println!(
-        "soak: {} min, {} students, pool of {} (filled in {:.1} s), embedded store",
+        "soak: {} min, {} students, pool of {} (filled in {:.1} s), {labs}, embedded store",
         args.minutes,
         args.students,
         args.pool,
         started.elapsed().as_secs_f64()
     );
     println!(
-        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) |"
+        "| minute | API RSS MB | API fds | worker RSS MB | worker fds | projector lag ms | requests | 2xx | 409 | 503 | unanswered | violations | deleted (total) | allocated | pending deletion | allocate p50/p99 ms | replay p50/p99 ms | mark p50/p99 ms | db+wal MB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    sample(0, &api, &worker, &client, &url, None).await;
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    sample(0, &api, &worker, &client, &url, None, &db).await;
     for minute in 1..=args.minutes {
         let stop = Arc::new(AtomicBool::new(false));
         let run = tokio::spawn(load::run(
@@ -156,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let report = run.await.context("load task")?;
-        sample(minute, &api, &worker, &client, &url, Some(&report)).await;
+        sample(minute, &api, &worker, &client, &url, Some(&report), &db).await;
         if !api.is_running() || !worker.is_running() {
             bail!(
                 "a process died:\n{}\n{}",
@@ -190,12 +215,16 @@ async fn sample(
     client: &reqwest::Client,
     url: &str,
     report: Option<&load::LoadReport>,
+    db: &str,
 ) {
     let (api_rss, api_fds) = api.pid().and_then(resources).unwrap_or((0, 0));
     let (worker_rss, worker_fds) = worker.pid().and_then(resources).unwrap_or((0, 0));
     let stats = admin_stats(client, url).await;
     let lag = stats["projector_lag_ms"].as_i64().unwrap_or(-1);
     let deleted = stats["deleted"].as_i64().unwrap_or(0);
+    // The live rows every sync lists and compares: what the worker's work per run grows with.
+    let allocated = stats["allocated"].as_i64().unwrap_or(0);
+    let pending = stats["pending_deletion"].as_i64().unwrap_or(0);
     let (requests, ok, conflict, unavailable, unanswered, violations) =
         report.map_or((0, 0, 0, 0, 0, 0), |r| {
             let by = |lo: u16, hi: u16| -> u64 {
@@ -214,9 +243,22 @@ async fn sample(
                 r.violations.len(),
             )
         });
+    let latency = |op: &str| match report
+        .and_then(|r| Some((r.latency_ms(op, 0.5)?, r.latency_ms(op, 0.99)?)))
+    {
+        Some((p50, p99)) => format!("{p50:.1} / {p99:.1}"),
+        None => "–".to_string(),
+    };
+    // The WAL is part of what every read may have to search, so its size is shown with the file.
+    let size = |path: &str| std::fs::metadata(path).map_or(0, |m| m.len());
+    let store_mb = size(db) as f64 / 1_048_576.0;
     println!(
-        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} |",
+        "| {minute} | {:.1} | {api_fds} | {:.1} | {worker_fds} | {lag} | {requests} | {ok} | {conflict} | {unavailable} | {unanswered} | {violations} | {deleted} | {allocated} | {pending} | {} | {} | {} | {store_mb:.0}+{:.0} |",
         api_rss as f64 / 1024.0,
         worker_rss as f64 / 1024.0,
+        latency("allocate"),
+        latency("replay"),
+        latency("mark"),
+        size(&format!("{db}-wal")) as f64 / 1_048_576.0,
     );
 }

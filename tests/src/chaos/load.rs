@@ -40,6 +40,9 @@ pub struct LoadReport {
     pub marked: BTreeSet<String>,
     /// Broken promises seen on the wire (must stay empty).
     pub violations: Vec<String>,
+    /// Answered requests' latency in microseconds, by operation (`allocate`, `replay`, `mark`):
+    /// the soak prints percentiles per minute to show which request slows down as the store grows.
+    pub latency_us: BTreeMap<&'static str, Vec<u64>>,
 }
 
 impl LoadReport {
@@ -55,6 +58,20 @@ impl LoadReport {
         self.unacknowledged.extend(other.unacknowledged);
         self.marked.extend(other.marked);
         self.violations.extend(other.violations);
+        for (op, samples) in other.latency_us {
+            self.latency_us.entry(op).or_default().extend(samples);
+        }
+    }
+
+    /// The `q` quantile (0–1) of `op`'s latency in milliseconds; `None` without samples.
+    pub fn latency_ms(&self, op: &str, q: f64) -> Option<f64> {
+        let mut samples = self.latency_us.get(op)?.clone();
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let index = ((samples.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        Some(samples[index] as f64 / 1000.0)
     }
 }
 
@@ -91,8 +108,9 @@ struct Student {
 }
 
 impl Student {
-    async fn send(&mut self, request: reqwest::RequestBuilder) -> Answer {
+    async fn send(&mut self, op: &'static str, request: reqwest::RequestBuilder) -> Answer {
         self.report.operations += 1;
+        let sent = std::time::Instant::now();
         let response = match request.send().await {
             Ok(r) => r,
             Err(_) => {
@@ -110,6 +128,11 @@ impl Student {
             }
         };
         *self.report.by_status.entry(status).or_default() += 1;
+        self.report
+            .latency_us
+            .entry(op)
+            .or_default()
+            .push(sent.elapsed().as_micros() as u64);
         if status == 503 {
             if retry_after && body["detail"]["code"].is_string() {
                 self.report.well_formed_503 += 1;
@@ -146,7 +169,7 @@ impl Student {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.send(self.allocate(caller)).await {
+            match self.send("allocate", self.allocate(caller)).await {
                 Answer::Answered(status @ (200 | 201), body) => {
                     let id = body["sandbox_id"].as_str().unwrap_or_default().to_string();
                     if id.is_empty() {
@@ -206,7 +229,9 @@ impl Student {
                 continue;
             };
             if rng.random_bool(options.replay_chance) {
-                if let Answer::Answered(status, body) = self.send(self.allocate(&caller)).await {
+                if let Answer::Answered(status, body) =
+                    self.send("replay", self.allocate(&caller)).await
+                {
                     let again = body["sandbox_id"].as_str().unwrap_or_default();
                     if (status == 200 || status == 201) && again != sandbox_id {
                         self.report.violations.push(format!(
@@ -217,7 +242,7 @@ impl Student {
             }
             if rng.random_bool(options.mark_chance) {
                 for _ in 0..20 {
-                    match self.send(self.mark(&caller, &sandbox_id)).await {
+                    match self.send("mark", self.mark(&caller, &sandbox_id)).await {
                         Answer::Answered(200, _) => {
                             self.report.marked.insert(sandbox_id.clone());
                             break;

@@ -47,6 +47,7 @@ pub struct ServiceProcess {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    file_size_limit: Option<u64>,
 }
 
 impl ServiceProcess {
@@ -64,7 +65,17 @@ impl ServiceProcess {
             log,
             child: None,
             starts: 0,
+            file_size_limit: None,
         }
+    }
+
+    /// Starts later runs with `RLIMIT_FSIZE` at `bytes` (`None`: no limit) and `SIGXFSZ` ignored,
+    /// so that a write past the limit fails with `EFBIG` — a full disk as the process sees it —
+    /// instead of killing the process. Both are set by `prlimit` under a shell that ignores the
+    /// signal, since an ignored signal and the limit survive `exec` and this workspace forbids
+    /// the `unsafe` a `pre_exec` hook needs.
+    pub fn set_file_size_limit(&mut self, bytes: Option<u64>) {
+        self.file_size_limit = bytes;
     }
 
     /// The name given at creation (`api`, `projector`, `worker`).
@@ -88,7 +99,19 @@ impl ServiceProcess {
         let err = out
             .try_clone()
             .unwrap_or_else(|e| panic!("log {}: {e}", self.log.display()));
-        let child = Command::new(path)
+        let mut command = match self.file_size_limit {
+            None => Command::new(path),
+            Some(bytes) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg("trap '' XFSZ; exec prlimit --fsize=\"$0\" -- \"$@\"")
+                    .arg(bytes.to_string())
+                    .arg(path);
+                shell
+            }
+        };
+        let child = command
             .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -222,6 +222,22 @@ impl EmbeddedStore {
         .await
     }
 
+    /// The durability settings in force on the connection that serves reads and appends:
+    /// `PRAGMA synchronous` (2 = FULL) and `PRAGMA journal_mode` (`wal` for a file). Both are
+    /// per-connection facts a file cannot show, so operators and tests ask the open store.
+    pub async fn durability_pragmas(&self) -> Result<(i64, String), StoreError> {
+        self.with_conn(|conn, _| {
+            let synchronous = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .map_err(db_err)?;
+            let journal_mode = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .map_err(db_err)?;
+            Ok((synchronous, journal_mode))
+        })
+        .await
+    }
+
     /// A future that resolves after the next successful append. Call `enable()` on it before
     /// reading the log, so an append that lands during the read still wakes the caller.
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
