@@ -237,6 +237,8 @@ pub async fn build_with(
                 settle: Duration::from_millis(config.webhook_settle_ms),
                 expiry_warning: chrono::Duration::minutes(config.expiry_warning_minutes.max(0)),
                 low_water: config.pool_low_water.clone(),
+                lease: Duration::from_millis(config.webhook_lease_ms),
+                overlap: Duration::from_millis(config.webhook_overlap_ms),
             },
             events.clone(),
             feed,
