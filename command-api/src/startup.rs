@@ -204,7 +204,7 @@ pub async fn build_with(
     )?);
     tasks.push(tokio::spawn(crate::pool_alerts::watch(
         pool_alerts.clone(),
-        broker.view().clone(),
+        broker.clone(),
         Duration::from_secs(config.pool_watch_interval_sec),
         stop.stopped(),
     )));
