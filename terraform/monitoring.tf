@@ -284,7 +284,7 @@ locals {
       threshold   = var.alarm_thresholds.rate_limit_hits
     }
     quota-exceeded = {
-      description = "Allocations refused with 429 QUOTA_EXCEEDED: a track holds its quota of concurrent allocations (GET /v1/admin/pool/control shows usage). Raise TRACK_QUOTAS for it or find the track that leaks allocations."
+      description = "Allocations refused with 429 QUOTA_EXCEEDED: a track holds its quota of concurrent allocations (GET /v1/admin/pool shows usage). Raise TRACK_QUOTAS for it or find the track that leaks allocations."
       metric      = "QuotaExceeded"
       period      = 300
       threshold   = var.alarm_thresholds.quota_exceeded
@@ -346,7 +346,7 @@ resource "aws_cloudwatch_metric_alarm" "job_not_succeeding" {
 # have seen a `pool drained` line.
 resource "aws_cloudwatch_metric_alarm" "pool_drained_long" {
   alarm_name          = "${var.name_prefix}-pool-drained-long"
-  alarm_description   = "Allocation has been drained (POST /v1/admin/pool/drain) for ${var.drain_alarm_hours} h: students get 503 MAINTENANCE. GET /v1/admin/pool/control shows the drains; POST /v1/admin/pool/resume ends one."
+  alarm_description   = "Allocation has been drained (POST /v1/admin/pool/drain) for ${var.drain_alarm_hours} h: students get 503 MAINTENANCE. GET /v1/admin/pool shows the drains; POST /v1/admin/pool/resume ends one."
   namespace           = var.metrics_namespace
   metric_name         = "PoolDrained"
   statistic           = "Sum"

@@ -10,6 +10,10 @@
 //! counters for low groups, which no single event announces. Commands never wait for any of
 //! this: delivery runs beside them, reading what they recorded.
 //!
+//! Of several API instances only the one holding a subscriber's lease ([`lease`]) delivers for
+//! it; the others wait to take over. Each pass also re-reads a window behind the position for
+//! events the feed showed late, skipping those already handled (ADR 0018 addendum).
+//!
 //! Every request carries `X-Broker-Webhook-Id` (stable across retries: de-duplicate on it),
 //! `X-Broker-Webhook-Timestamp` (Unix seconds) and `X-Broker-Webhook-Signature`:
 //! `v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the subscriber's secret>`.
