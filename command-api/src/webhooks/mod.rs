@@ -21,7 +21,7 @@
 pub mod config;
 pub mod lease;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -129,6 +129,10 @@ pub struct DeliveryState {
     /// window behind `position`: the re-read skips them, so a late event is sent once.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub handled: VecDeque<String>,
+    /// Prefix groups below low water at the last check: an instance taking over the
+    /// subscriber does not announce them again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub low_groups: BTreeSet<String>,
 }
 
 /// One notification ready to send.
@@ -325,7 +329,7 @@ impl Dispatcher {
             }
         };
         let mut sent: HashSet<String> = HashSet::new();
-        let mut low_before: HashSet<String> = HashSet::new();
+        let mut low_before: HashSet<String> = state.low_groups.iter().cloned().collect();
         let rescan_every = self.settings.overlap / 4;
         let mut last_rescan: Option<tokio::time::Instant> = None;
         loop {
@@ -429,11 +433,20 @@ impl Dispatcher {
             sent.insert(notification.id.clone());
             self.save_state(subscriber, state).await;
         }
-        for notification in self.pool_low(now, low_before).await? {
+        let low = self.pool_low(now, low_before).await?;
+        let low_groups: BTreeSet<String> = low_before.iter().cloned().collect();
+        let groups_changed = low_groups != state.low_groups;
+        state.low_groups = low_groups;
+        let mut saved = false;
+        for notification in low {
             if subscriber.wants(notification.kind, &notification.name) {
                 self.deliver(subscriber, state, &notification).await;
                 self.save_state(subscriber, state).await;
+                saved = true;
             }
+        }
+        if groups_changed && !saved {
+            self.save_state(subscriber, state).await;
         }
         Ok(more)
     }
