@@ -12,8 +12,9 @@
 #    changes it);
 # 3. runs tests/browser/dashboard.mjs: loads /dashboard in headless Chromium, types the admin token,
 #    checks that the figures shown equal /v1/admin/stats, allocates with curl and the track token,
-#    waits for the live table and the allocations chart to show it, and writes a screenshot to
-#    artifacts/dashboard.png;
+#    waits for the live table and the allocations chart to show it, checks the prefix table, the
+#    outcomes and lag charts, an admin job (bulk delete of the empty `stale` set) and a prefix
+#    drain and resume as the page shows them, and writes a screenshot to artifacts/dashboard.png;
 # 4. stops the server on exit (trap), whatever happened. Exits non-zero on any failed check.
 #
 # Settings (environment): BROWSER_TEST_TIMEOUT (seconds for the browser run, default 180),

@@ -88,6 +88,7 @@ resource "aws_ecs_task_definition" "api" {
     aws_secretsmanager_secret_version.broker_api_token,
     aws_secretsmanager_secret_version.broker_admin_token,
     aws_secretsmanager_secret_version.csp_api_token,
+    aws_secretsmanager_secret_version.webhooks,
   ]
 }
 

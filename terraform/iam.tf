@@ -220,7 +220,8 @@ data "aws_iam_policy_document" "api" {
   }
 
   # The webhook dispatcher (docs/adr/0018) keeps each subscriber's delivery state under the
-  # checkpoint key `webhooks:<name>`; every other checkpoint stays the projector's.
+  # checkpoint key `webhooks:<name>` and its dispatch lease (a conditional PutItem) under
+  # `webhooks:<name>:lease`; every other checkpoint stays the projector's.
   statement {
     sid       = "OnlyTheProjectorMovesCheckpoints"
     effect    = "Deny"

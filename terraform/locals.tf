@@ -105,11 +105,15 @@ locals {
   projector_env = local.store_env
 
   # Secrets injected by ECS from Secrets Manager: never plain environment values.
-  api_secrets = {
-    BROKER_API_TOKEN   = aws_secretsmanager_secret.broker_api_token.arn
-    BROKER_ADMIN_TOKEN = aws_secretsmanager_secret.broker_admin_token.arn
-    CSP_API_TOKEN      = aws_secretsmanager_secret.csp_api_token.arn
-  }
+  api_secrets = merge(
+    {
+      BROKER_API_TOKEN   = aws_secretsmanager_secret.broker_api_token.arn
+      BROKER_ADMIN_TOKEN = aws_secretsmanager_secret.broker_admin_token.arn
+      CSP_API_TOKEN      = aws_secretsmanager_secret.csp_api_token.arn
+    },
+    # The subscribers carry HMAC secrets: a secret, never an environment value.
+    var.webhooks_enabled ? { WEBHOOKS_JSON = aws_secretsmanager_secret.webhooks[0].arn } : {},
+  )
   # The jobs act through commands directly on the store, not through the HTTP
   # API, so they get the CSP token only (the reference handed the worker every
   # token as a plain environment value).

@@ -128,6 +128,23 @@ locals {
       pattern   = "{ $.target = \"pool\" && $.message = \"pool below low water\" }"
       metric    = "PoolLowWater"
     }
+    # Drains and quotas (docs/adr/0017): refused allocations by reason, and one
+    # `pool drained` line per drain per POOL_WATCH_INTERVAL_SEC while it is in force.
+    allocations-refused-maintenance = {
+      log_group = aws_cloudwatch_log_group.api.name
+      pattern   = "{ $.target = \"access\" && $.status = 503 && $.code = \"MAINTENANCE\" }"
+      metric    = "AllocationsRefusedMaintenance"
+    }
+    quota-exceeded = {
+      log_group = aws_cloudwatch_log_group.api.name
+      pattern   = "{ $.target = \"access\" && $.status = 429 && $.code = \"QUOTA_EXCEEDED\" }"
+      metric    = "QuotaExceeded"
+    }
+    pool-drained = {
+      log_group = aws_cloudwatch_log_group.api.name
+      pattern   = "{ $.target = \"pool\" && $.message = \"pool drained\" }"
+      metric    = "PoolDrained"
+    }
     rate-limit-hits = {
       log_group = aws_cloudwatch_log_group.api.name
       pattern   = "{ $.target = \"access\" && $.status = 429 && $.code = \"RATE_LIMIT_EXCEEDED\" }"
@@ -266,6 +283,12 @@ locals {
       period      = 300
       threshold   = var.alarm_thresholds.rate_limit_hits
     }
+    quota-exceeded = {
+      description = "Allocations refused with 429 QUOTA_EXCEEDED: a track holds its quota of concurrent allocations (GET /v1/admin/pool shows usage). Raise TRACK_QUOTAS for it or find the track that leaks allocations."
+      metric      = "QuotaExceeded"
+      period      = 300
+      threshold   = var.alarm_thresholds.quota_exceeded
+    }
     csp-errors = {
       description = "CSP API calls are failing: see the csp-calls saved query. Cleanup defers work while the circuit breaker is open."
       metric      = "CspErrors"
@@ -314,6 +337,25 @@ resource "aws_cloudwatch_metric_alarm" "job_not_succeeding" {
   threshold           = 1
   comparison_operator = "LessThanThreshold"
   treat_missing_data  = "breaching"
+  alarm_actions       = local.alarm_actions
+  ok_actions          = local.alarm_actions
+}
+
+# A drain is maintenance: refusals during it are expected, but a drain still in
+# force hours later was most likely forgotten. Every period of the window must
+# have seen a `pool drained` line.
+resource "aws_cloudwatch_metric_alarm" "pool_drained_long" {
+  alarm_name          = "${var.name_prefix}-pool-drained-long"
+  alarm_description   = "Allocation has been drained (POST /v1/admin/pool/drain) for ${var.drain_alarm_hours} h: students get 503 MAINTENANCE. GET /v1/admin/pool shows the drains; POST /v1/admin/pool/resume ends one."
+  namespace           = var.metrics_namespace
+  metric_name         = "PoolDrained"
+  statistic           = "Sum"
+  period              = 3600
+  evaluation_periods  = var.drain_alarm_hours
+  datapoints_to_alarm = var.drain_alarm_hours
+  threshold           = 1
+  comparison_operator = "GreaterThanOrEqualToThreshold"
+  treat_missing_data  = "notBreaching"
   alarm_actions       = local.alarm_actions
   ok_actions          = local.alarm_actions
 }

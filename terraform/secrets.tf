@@ -63,3 +63,25 @@ resource "aws_secretsmanager_secret_version" "csp_api_token" {
   secret_string_wo         = var.csp_api_token
   secret_string_wo_version = var.csp_api_token_version
 }
+
+# Webhook subscribers (docs/adr/0018): WEBHOOKS_JSON holds each subscriber's
+# HMAC secret, so it is a secret like the tokens, never a plain environment
+# value. Only the API's execution role may read it (local.api_secrets feeds
+# its ReadOwnSecrets statement in iam.tf).
+resource "aws_secretsmanager_secret" "webhooks" {
+  #checkov:skip=CKV2_AWS_57:The subscriber secrets are shared with the receiving lab platforms outside AWS; rotation is manual and versioned (webhooks_json_version).
+  count = var.webhooks_enabled ? 1 : 0
+
+  name                    = "${var.name_prefix}/webhooks-json"
+  description             = "WEBHOOKS_JSON: webhook subscribers of the API (URLs, prefixes, HMAC secrets)"
+  kms_key_id              = local.kms_key_arn
+  recovery_window_in_days = 7
+}
+
+resource "aws_secretsmanager_secret_version" "webhooks" {
+  count = var.webhooks_enabled ? 1 : 0
+
+  secret_id                = aws_secretsmanager_secret.webhooks[0].id
+  secret_string_wo         = var.webhooks_json
+  secret_string_wo_version = var.webhooks_json_version
+}

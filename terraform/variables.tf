@@ -842,12 +842,13 @@ variable "slow_request_threshold_ms" {
 }
 
 variable "alarm_thresholds" {
-  description = "Alarm thresholds. api_5xx/slow_requests/rate_limit_hits: count per 5 minutes; no_sandboxes: 409 NO_SANDBOXES_AVAILABLE per 5 minutes; csp_errors: per 15 minutes; job_failures: failed runs per 15 minutes; projector_lag_ms: view lag from the projector's logs; iterator_age_ms: Lambda IteratorAge."
+  description = "Alarm thresholds. api_5xx/slow_requests/rate_limit_hits: count per 5 minutes; quota_exceeded: 429 QUOTA_EXCEEDED per 5 minutes; no_sandboxes: 409 NO_SANDBOXES_AVAILABLE per 5 minutes; csp_errors: per 15 minutes; job_failures: failed runs per 15 minutes; projector_lag_ms: view lag from the projector's logs; iterator_age_ms: Lambda IteratorAge."
   type = object({
     api_5xx          = optional(number, 5)
     no_sandboxes     = optional(number, 1)
     slow_requests    = optional(number, 25)
     rate_limit_hits  = optional(number, 100)
+    quota_exceeded   = optional(number, 10)
     csp_errors       = optional(number, 10)
     job_failures     = optional(number, 1)
     projector_lag_ms = optional(number, 30000)
@@ -858,6 +859,47 @@ variable "alarm_thresholds" {
   validation {
     condition     = alltrue([for v in values(var.alarm_thresholds) : v >= 1])
     error_message = "Every alarm threshold must be at least 1."
+  }
+}
+
+variable "webhooks_enabled" {
+  description = "Store webhook subscribers (webhooks_json) in Secrets Manager and hand them to the API as the WEBHOOKS_JSON secret; the API then dispatches webhooks (docs/adr/0018)."
+  type        = bool
+  default     = false
+}
+
+variable "webhooks_json" {
+  description = "WEBHOOKS_JSON of the API: {\"subscribers\": [...]} with each subscriber's HMAC secret (README, Webhooks). Ephemeral: written to Secrets Manager as a write-only value, never stored in state or plan. Supply it with TF_VAR_webhooks_json when webhooks_enabled; bump webhooks_json_version to store a new value."
+  type        = string
+  default     = null
+  sensitive   = true
+  ephemeral   = true
+
+  validation {
+    condition     = var.webhooks_json == null || can(jsondecode(var.webhooks_json).subscribers)
+    error_message = "webhooks_json must be JSON with a subscribers list."
+  }
+}
+
+variable "webhooks_json_version" {
+  description = "Increment to write a new webhooks_json to Secrets Manager (write-only values are only sent when this changes). Restart the API tasks afterwards."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.webhooks_json_version >= 1 && floor(var.webhooks_json_version) == var.webhooks_json_version
+    error_message = "webhooks_json_version must be a positive integer."
+  }
+}
+
+variable "drain_alarm_hours" {
+  description = "Hours a drain may stay in force before the pool-drained-long alarm fires."
+  type        = number
+  default     = 4
+
+  validation {
+    condition     = var.drain_alarm_hours >= 1 && var.drain_alarm_hours <= 24
+    error_message = "drain_alarm_hours must be between 1 and 24."
   }
 }
 

@@ -41,6 +41,12 @@ impl JobProgress {
         self.errors.store(errors, Ordering::Relaxed);
     }
 
+    /// An observer for a job pass (`jobs::progress::observed`) that sets these counters.
+    pub fn observer(self: &Arc<Self>) -> jobs::progress::ProgressObserver {
+        let progress = Arc::clone(self);
+        Arc::new(move |p: jobs::progress::PassProgress| progress.set(p.done, p.errors))
+    }
+
     fn get(&self) -> (u64, u64) {
         (
             self.done.load(Ordering::Relaxed),
@@ -78,6 +84,25 @@ impl JobRequest {
             kind,
             params,
             total: futures::future::ready(None).boxed(),
+        }
+    }
+
+    /// A job over the rows of one status: its total is the pool counters' count of that status
+    /// at the start (a hint: the view may lag, and a pass may take only the due ones).
+    pub fn over_status(
+        kind: &'static str,
+        params: serde_json::Value,
+        view: Arc<dyn domain::PoolView>,
+        status: domain::SandboxStatus,
+    ) -> Self {
+        Self {
+            kind,
+            params,
+            total: async move {
+                let stats = view.stats().await.ok()?;
+                u64::try_from(stats.get(status)).ok()
+            }
+            .boxed(),
         }
     }
 }

@@ -210,6 +210,12 @@ pub struct Config {
     /// Events younger than this wait for the next poll, ms (the time index may lag a little).
     #[arg(long, env = "WEBHOOK_SETTLE_MS", default_value_t = 2_000)]
     pub webhook_settle_ms: u64,
+    /// How long an instance's claim to dispatch a subscriber lasts without renewal, ms.
+    #[arg(long, env = "WEBHOOK_LEASE_MS", default_value_t = 30_000)]
+    pub webhook_lease_ms: u64,
+    /// How far behind its position the dispatcher re-reads the feed for late events, ms (0: off).
+    #[arg(long, env = "WEBHOOK_OVERLAP_MS", default_value_t = 60_000)]
+    pub webhook_overlap_ms: u64,
     /// `expiring_soon` webhooks go out this many minutes before `expires_at`.
     #[arg(long, env = "EXPIRY_WARNING_MINUTES", default_value_t = 30)]
     pub expiry_warning_minutes: i64,

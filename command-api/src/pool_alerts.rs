@@ -6,13 +6,18 @@
 //! a data point in every period the group stays low, so the alarm holds while the pool is dry
 //! and clears by itself once it is refilled. Entering and leaving the low state are logged
 //! once each, for people reading the logs.
+//!
+//! Drains (ADR 0017) are watched the same way: `broker_pool_drained{prefix}` is 1 per drain in
+//! force (`prefix="*"` for the whole pool), and each check logs one `pool drained` line per
+//! drain, so an alarm can tell a drain that outlived its maintenance window.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use domain::model::pool_control::DrainState;
 use domain::model::pool_prefix::{LowGroup, LowWater, PrefixStats};
-use domain::{PoolView, SandboxStatus};
+use domain::{Broker, PoolView, SandboxStatus};
 use prometheus::{IntGaugeVec, Opts, Registry};
 
 /// Thresholds, the per-prefix gauges and which groups were low at the last check.
@@ -25,8 +30,13 @@ pub struct PoolAlerts {
     low: IntGaugeVec,
     /// `broker_pool_low_water_threshold{prefix}`.
     threshold: IntGaugeVec,
+    /// `broker_pool_drained{prefix}`: 1 per drain in force.
+    drained: IntGaugeVec,
     was_low: Mutex<BTreeSet<String>>,
 }
+
+/// The `prefix` label of a whole-pool drain.
+pub const WHOLE_POOL: &str = "*";
 
 impl PoolAlerts {
     /// Creates and registers the gauges.
@@ -54,9 +64,18 @@ impl PoolAlerts {
         )?;
         registry.register(Box::new(by_prefix.clone()))?;
         registry.register(Box::new(low.clone()))?;
+        let drained = IntGaugeVec::new(
+            Opts::new(
+                "broker_pool_drained",
+                "1 while allocation is drained for the prefix (\"*\": the whole pool)",
+            ),
+            &["prefix"],
+        )?;
         registry.register(Box::new(threshold.clone()))?;
+        registry.register(Box::new(drained.clone()))?;
         Ok(Self {
             low_water,
+            drained,
             by_prefix,
             low,
             threshold,
@@ -125,16 +144,41 @@ impl PoolAlerts {
     }
 }
 
-/// Checks every `interval` until `shutdown` resolves (nothing to do without thresholds).
+impl PoolAlerts {
+    /// Sets `broker_pool_drained` to the drains in force: a resumed prefix's series goes away.
+    pub fn observe_drains(&self, drain: &DrainState) {
+        self.drained.reset();
+        for entry in &drain.drained {
+            let prefix = entry.prefix.as_deref().unwrap_or(WHOLE_POOL);
+            self.drained.with_label_values(&[prefix]).set(1);
+        }
+    }
+
+    /// Reads the drains in force, updates the gauge and logs one line per drain.
+    pub async fn check_drains(&self, broker: &Broker) {
+        let drain = match broker.drain_state().await {
+            Ok(drain) => drain,
+            Err(e) => {
+                tracing::warn!(target: "pool", error = %e, "drain state unreadable");
+                return;
+            }
+        };
+        self.observe_drains(&drain);
+        for entry in &drain.drained {
+            let prefix = entry.prefix.as_deref().unwrap_or(WHOLE_POOL);
+            tracing::info!(target: "pool", prefix = %prefix, since = %entry.since.to_rfc3339(), "pool drained");
+        }
+    }
+}
+
+/// Checks the low-water thresholds and the drains every `interval` until `shutdown` resolves.
 pub async fn watch(
     alerts: Arc<PoolAlerts>,
-    view: Arc<dyn PoolView>,
+    broker: Arc<Broker>,
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    if alerts.low_water().is_empty() {
-        return;
-    }
+    let view = broker.view().clone();
     tokio::pin!(shutdown);
     let mut ticks = tokio::time::interval(interval.max(Duration::from_secs(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,7 +186,10 @@ pub async fn watch(
         tokio::select! {
             () = &mut shutdown => return,
             _ = ticks.tick() => {
-                alerts.check(view.as_ref()).await;
+                if !alerts.low_water().is_empty() {
+                    alerts.check(view.as_ref()).await;
+                }
+                alerts.check_drains(&broker).await;
             }
         }
     }

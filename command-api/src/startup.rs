@@ -214,7 +214,7 @@ pub async fn build_with(
     )?);
     tasks.push(tokio::spawn(crate::pool_alerts::watch(
         pool_alerts.clone(),
-        broker.view().clone(),
+        broker.clone(),
         Duration::from_secs(config.pool_watch_interval_sec),
         stop.stopped(),
     )));
@@ -247,6 +247,8 @@ pub async fn build_with(
                 settle: Duration::from_millis(config.webhook_settle_ms),
                 expiry_warning: chrono::Duration::minutes(config.expiry_warning_minutes.max(0)),
                 low_water: config.pool_low_water.clone(),
+                lease: Duration::from_millis(config.webhook_lease_ms),
+                overlap: Duration::from_millis(config.webhook_overlap_ms),
             },
             events.clone(),
             feed,

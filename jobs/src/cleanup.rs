@@ -138,6 +138,7 @@ impl Jobs {
                     Err(e) => failure = failure.or(Some(e)),
                 }
             }
+            crate::progress::report(summary.deleted, summary.failed + summary.skipped_conflicts);
             if let Some(e) = failure {
                 return Err(e);
             }

@@ -33,6 +33,7 @@ pub mod expiry;
 pub mod log_fields;
 pub mod metrics;
 pub mod niosxaas;
+pub mod progress;
 pub mod runner;
 pub mod startup;
 pub mod summary;

@@ -268,6 +268,7 @@ impl Jobs {
                 }
             }
             progress(&sweep);
+            crate::progress::report(sweep.applied, sweep.skipped_conflicts);
             if let Some(e) = failure {
                 return Err((sweep, e.into()));
             }

@@ -129,8 +129,16 @@ impl Jobs {
                 None => steps.push(Step::Register(account.clone())),
             }
         }
+        // Accounts already in the pool count as done; each step adds one as it ends.
+        let done = std::sync::atomic::AtomicU64::new(summary.synced);
+        crate::progress::report(summary.synced, 0);
         let results: Vec<Result<StepResult, JobError>> = stream::iter(steps)
-            .map(|step| self.sync_step(step, &meta))
+            .map(|step| async {
+                let result = self.sync_step(step, &meta).await;
+                let so_far = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                crate::progress::report(so_far, 0);
+                result
+            })
             .buffer_unordered(self.config.store_concurrency)
             .collect()
             .await;

@@ -71,6 +71,28 @@ async function countsMatch(page, label) {
   return truth;
 }
 
+async function admin(method, path) {
+  const resp = await fetch(API + path, { method, headers: { Authorization: "Bearer " + ADMIN_TOKEN } });
+  const body = await resp.json().catch(() => null);
+  return { status: resp.status, body };
+}
+
+// Waits (bounded) until `probe` returns a truthy value in the page; reports it as one check.
+async function waitInPage(page, what, probe, arg, timeout = WAIT_MS) {
+  try {
+    await page.waitForFunction(probe, arg, { timeout, polling: 250 });
+    return check(true, what);
+  } catch (e) {
+    return check(false, what, e.message);
+  }
+}
+
+// The prefix group of a name: the name without its last `-`-separated segment (ADR 0018).
+function groupOf(name) {
+  const cut = name.lastIndexOf("-");
+  return cut < 0 ? "" : name.slice(0, cut);
+}
+
 function allocate(caller) {
   // curl, as a track script would call the broker.
   const out = execFileSync(
@@ -85,7 +107,7 @@ function allocate(caller) {
   );
   const [body, status] = [out.slice(0, out.lastIndexOf("\n")), out.slice(out.lastIndexOf("\n") + 1)];
   check(status === "201", "allocation with the track token (curl) is 201", `${status} ${body}`);
-  return JSON.parse(body).sandbox_id;
+  return JSON.parse(body);
 }
 
 const browser = await chromium.launch({
@@ -133,7 +155,8 @@ try {
   const beforeTotal = Number(await page.getAttribute("#alloc-total", "data-total"));
 
   const caller = "browser-test-" + Date.now();
-  const sandboxId = allocate(caller);
+  const allocation = allocate(caller);
+  const sandboxId = allocation.sandbox_id;
   const row = `#feed tbody tr[data-type="SandboxAllocated"][data-stream="sandbox#${sandboxId}"]`;
   try {
     await page.waitForSelector(row, { timeout: WAIT_MS });
@@ -157,6 +180,77 @@ try {
   check(
     (await page.$$("#quarantine-empty:not([hidden]), #quarantine tbody tr")).length > 0,
     "the quarantine section is rendered (a table row or 'None.')",
+  );
+
+  // Pool by prefix: the allocated sandbox's group shows the API's per-prefix counts.
+  const group = groupOf(allocation.name || "");
+  const truth = (await stats()).by_prefix?.[group] || {};
+  check(Number(truth.allocated) >= 1, `/v1/admin/stats counts the allocation in group "${group}"`, JSON.stringify(truth));
+  await waitInPage(
+    page,
+    `the prefix table shows group "${group}" with the API's counts`,
+    ([g, want]) => {
+      const row = [...document.querySelectorAll("#prefixes tbody tr")].find((r) => r.getAttribute("data-prefix") === g);
+      if (!row) return false;
+      const cell = (s) => row.querySelector(`td[data-status="${s}"]`)?.textContent;
+      return cell("allocated") === String(want.allocated) && cell("available") === String(want.available);
+    },
+    [group, { allocated: truth.allocated || 0, available: truth.available || 0 }],
+  );
+
+  // Outcomes per minute: /metrics is read every 15 s and charted as increments, so the 201 of the
+  // allocation above shows after the next read.
+  await waitInPage(
+    page,
+    "the outcomes chart draws the 201 of the allocation",
+    () => [...document.querySelectorAll('#outcomes-chart rect[data-outcome="o201"]')].some((r) => Number(r.getAttribute("data-value")) >= 1),
+    null,
+    40000,
+  );
+
+  // Projector lag chart: one sample per stats poll (every 5 s), drawn as a line once there are two.
+  await waitInPage(
+    page,
+    "the lag chart plots the projector lag samples",
+    () => Number(document.querySelector("#lag-chart svg")?.getAttribute("data-samples")) >= 2 && !!document.querySelector("#lag-chart polyline"),
+    null,
+    30000,
+  );
+
+  // Admin jobs: a bulk delete of stale sandboxes (none here: nothing is removed) shows as a row,
+  // first running or already completed, then completed with its progress.
+  const job = await admin("POST", "/admin/bulk-delete?status=stale");
+  check(job.status === 202 && job.body && job.body.job_id, "bulk delete answers 202 with a job id", JSON.stringify(job));
+  const jobId = job.body?.job_id || "";
+  await waitInPage(
+    page,
+    "the admin jobs table shows the job completed",
+    (id) => {
+      const row = document.querySelector(`#admin-jobs tbody tr[data-job="${id}"]`);
+      return !!row && row.getAttribute("data-state") === "completed" && row.children[1]?.textContent === "bulk_delete";
+    },
+    jobId,
+  );
+  check(await page.isHidden("#admin-jobs-empty"), "the jobs table's 'None.' is hidden once a job exists");
+
+  // Drain: a drained prefix is listed under Allocation, and gone after resume.
+  const drainPrefix = "browser-test-drain";
+  const drained = await admin("POST", `/admin/pool/drain?prefix=${drainPrefix}&reason=browser`);
+  check(drained.status === 200, "draining a prefix is 200", JSON.stringify(drained));
+  await waitInPage(
+    page,
+    "the drained prefix is listed under Allocation",
+    (p) => !!document.querySelector(`#drains li[data-prefix="${p}"]`) && document.getElementById("drain-state").textContent.includes("some prefixes drained"),
+    drainPrefix,
+  );
+  await page.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-drained.png"), fullPage: true });
+  const resumed = await admin("POST", `/admin/pool/resume?prefix=${drainPrefix}`);
+  check(resumed.status === 200, "resuming the prefix is 200", JSON.stringify(resumed));
+  await waitInPage(
+    page,
+    "the resumed prefix is gone from the list",
+    (p) => !document.querySelector(`#drains li[data-prefix="${p}"]`) && document.getElementById("drain-state").textContent === "open",
+    drainPrefix,
   );
 
   await page.screenshot({ path: SCREENSHOT, fullPage: true });

@@ -15,8 +15,8 @@
 //   projector lag chart                  <- lag samples of those stats polls, kept for 30 minutes
 //   allocation outcomes per minute       <- GET /metrics every 15 s: increments of
 //                                           broker_allocate_total{outcome} (201 success, 200
-//                                           idempotent, 409 no_sandboxes) and
-//                                           broker_rate_limited_total (429), per minute; one API
+//                                           idempotent, 409 no_sandboxes, 429 quota_exceeded)
+//                                           and broker_rate_limited_total (429), per minute; one API
 //                                           instance's view (behind a load balancer, the one
 //                                           that answered)
 //   admin jobs                           <- GET {base}/admin/jobs (every 5 s)
@@ -38,7 +38,10 @@
     ["o200", 'broker_allocate_total{outcome="idempotent"}'],
     ["o409", 'broker_allocate_total{outcome="no_sandboxes"}'],
     ["o429", "broker_rate_limited_total"],
+    // A track at its quota is answered 429 too (QUOTA_EXCEEDED): the same bar.
+    ["o429", 'broker_allocate_total{outcome="quota_exceeded"}'],
   ];
+  const OUTCOME_KEYS = [...new Set(OUTCOMES.map(([key]) => key))];
   const lagSamples = []; // [ms epoch, lag ms]
   const outcomeBins = new Map(); // minute (ms epoch) -> {o201, o200, o409, o429}
   let lastCounters = null;
@@ -195,7 +198,7 @@
     const values = {};
     for (const line of text.split("\n")) {
       for (const [key, series] of OUTCOMES) {
-        if (line.startsWith(series + " ")) values[key] = Number(line.slice(series.length + 1)) || 0;
+        if (line.startsWith(series + " ")) values[key] = (values[key] || 0) + (Number(line.slice(series.length + 1)) || 0);
       }
     }
     return values;
@@ -208,7 +211,7 @@
     const minute = Math.floor(Date.now() / 60000) * 60000;
     if (lastCounters) {
       const bin = outcomeBins.get(minute) || { o201: 0, o200: 0, o409: 0, o429: 0 };
-      for (const [key] of OUTCOMES) {
+      for (const key of OUTCOME_KEYS) {
         // A restarted instance starts its counters at 0 again: count from there.
         const d = (counters[key] || 0) - (lastCounters[key] || 0);
         bin[key] += d >= 0 ? d : counters[key] || 0;
@@ -224,7 +227,7 @@
     const width = 360, height = 170, top = 16, bottom = 24, left = 24;
     const bins = [];
     for (let i = 59; i >= 0; i--) bins.push(outcomeBins.get(minute - i * 60000) || { o201: 0, o200: 0, o409: 0, o429: 0 });
-    const totals = bins.map((b) => OUTCOMES.reduce((sum, [k]) => sum + b[k], 0));
+    const totals = bins.map((b) => OUTCOME_KEYS.reduce((sum, k) => sum + b[k], 0));
     const max = Math.max(1, ...totals);
     const slot = (width - left) / 60;
     const root = svg("svg", { viewBox: `0 0 ${width} ${height}` });
@@ -233,7 +236,7 @@
     root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, 0));
     bins.forEach((bin, i) => {
       let base = height - bottom;
-      for (const [key] of OUTCOMES) {
+      for (const key of OUTCOME_KEYS) {
         if (!bin[key]) continue;
         const h = Math.max(1, Math.round(((height - top - bottom) * bin[key]) / max));
         base -= h;

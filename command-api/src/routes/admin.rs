@@ -20,6 +20,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::routes::admin_jobs::{accept_job, outcome_of};
 use crate::routes::sandboxes::path_id;
 use crate::state::SharedState;
+use jobs::progress::observed;
 
 /// A sandbox as operators see it (from the view).
 #[derive(Debug, Serialize, ToSchema)]
@@ -447,13 +448,14 @@ pub async fn run_sync(
     if !background(&q)? {
         return job_summary(state.jobs.sync().await).map(IntoResponse::into_response);
     }
+    // The size is the CSP listing's, unknown until it has been read.
     let request = JobRequest::of_unknown_size("sync", serde_json::json!({}));
     let jobs = state.jobs.clone();
     accept_job(
         &state,
         request,
         &admin_meta(&request_id),
-        move |_| async move { outcome_of(jobs.sync().await) },
+        move |progress| async move { outcome_of(observed(progress.observer(), jobs.sync()).await) },
     )
     .await
 }
@@ -481,13 +483,20 @@ pub async fn run_cleanup(
     if !background(&q)? {
         return job_summary(state.jobs.cleanup().await).map(IntoResponse::into_response);
     }
-    let request = JobRequest::of_unknown_size("cleanup", serde_json::json!({}));
+    let request = JobRequest::over_status(
+        "cleanup",
+        serde_json::json!({}),
+        state.broker.view().clone(),
+        SandboxStatus::PendingDeletion,
+    );
     let jobs = state.jobs.clone();
     accept_job(
         &state,
         request,
         &admin_meta(&request_id),
-        move |_| async move { outcome_of(jobs.cleanup().await) },
+        move |progress| async move {
+            outcome_of(observed(progress.observer(), jobs.cleanup()).await)
+        },
     )
     .await
 }
@@ -515,13 +524,16 @@ pub async fn run_auto_expire(
     if !background(&q)? {
         return job_summary(state.jobs.auto_expire().await).map(IntoResponse::into_response);
     }
+    // Only allocations past their window are its work; no counter holds that number.
     let request = JobRequest::of_unknown_size("auto_expire", serde_json::json!({}));
     let jobs = state.jobs.clone();
     accept_job(
         &state,
         request,
         &admin_meta(&request_id),
-        move |_| async move { outcome_of(jobs.auto_expire().await) },
+        move |progress| async move {
+            outcome_of(observed(progress.observer(), jobs.auto_expire()).await)
+        },
     )
     .await
 }
@@ -564,16 +576,20 @@ pub async fn run_delete_stale(
     if !background(&q)? {
         return job_summary(state.jobs.delete_stale(grace).await).map(IntoResponse::into_response);
     }
-    let request = JobRequest::of_unknown_size(
+    let request = JobRequest::over_status(
         "auto_delete_stale",
         serde_json::json!({ "grace_period_hours": q.get("grace_period_hours") }),
+        state.broker.view().clone(),
+        SandboxStatus::Stale,
     );
     let jobs = state.jobs.clone();
     accept_job(
         &state,
         request,
         &admin_meta(&request_id),
-        move |_| async move { outcome_of(jobs.delete_stale(grace).await) },
+        move |progress| async move {
+            outcome_of(observed(progress.observer(), jobs.delete_stale(grace)).await)
+        },
     )
     .await
 }

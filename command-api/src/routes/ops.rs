@@ -93,6 +93,9 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     if let Ok(by_prefix) = state.broker.view().stats_by_prefix().await {
         state.pool_alerts.observe(&by_prefix);
     }
+    if let Ok(drain) = state.broker.drain_state().await {
+        state.pool_alerts.observe_drains(&drain);
+    }
     (
         [(
             header::CONTENT_TYPE,

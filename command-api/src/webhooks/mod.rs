@@ -10,13 +10,18 @@
 //! counters for low groups, which no single event announces. Commands never wait for any of
 //! this: delivery runs beside them, reading what they recorded.
 //!
+//! Of several API instances only the one holding a subscriber's lease ([`lease`]) delivers for
+//! it; the others wait to take over. Each pass also re-reads a window behind the position for
+//! events the feed showed late, skipping those already handled (ADR 0018 addendum).
+//!
 //! Every request carries `X-Broker-Webhook-Id` (stable across retries: de-duplicate on it),
 //! `X-Broker-Webhook-Timestamp` (Unix seconds) and `X-Broker-Webhook-Signature`:
 //! `v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the subscriber's secret>`.
 
 pub mod config;
+pub mod lease;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2_hmac::Digest;
 
 pub use config::{kind_of_event, load_subscribers, Subscriber, WebhookKind, KIND_OF_EVENT};
+pub use lease::DispatchLease;
 
 type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
 
@@ -41,6 +47,10 @@ const FEED_PAGE: usize = 100;
 const RECENT_FAILURES: usize = 20;
 /// Synthetic notification ids remembered (expiring soon, pool low) to send each once.
 const SENT_MEMORY: usize = 100_000;
+/// Feed keys of handled notifications remembered for the overlap re-read (ADR 0018 addendum):
+/// enough for 60 s of 30 notifications a second, and a checkpoint item well under DynamoDB's
+/// 400 KB. Past it the oldest are dropped, which can only repeat a delivery, never lose one.
+const HANDLED_MEMORY: usize = 2_000;
 
 /// Delivery settings.
 #[derive(Debug, Clone)]
@@ -62,6 +72,11 @@ pub struct DeliverySettings {
     pub expiry_warning: chrono::Duration,
     /// Pool thresholds for `pool_low`.
     pub low_water: LowWater,
+    /// How long one instance's claim to dispatch a subscriber lasts without renewal.
+    pub lease: Duration,
+    /// How far behind its position each subscriber re-reads the feed for events the time index
+    /// showed late; the re-read runs every quarter of this (in real time).
+    pub overlap: Duration,
 }
 
 /// A notification given up after every attempt.
@@ -110,6 +125,14 @@ pub struct DeliveryState {
     pub pending: Option<PendingDelivery>,
     /// The most recent notifications given up.
     pub recent_failures: VecDeque<FailedDelivery>,
+    /// Feed keys of the notifications handled (delivered or given up) within the overlap
+    /// window behind `position`: the re-read skips them, so a late event is sent once.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub handled: VecDeque<String>,
+    /// Prefix groups below low water at the last check: an instance taking over the
+    /// subscriber does not announce them again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub low_groups: BTreeSet<String>,
 }
 
 /// One notification ready to send.
@@ -132,6 +155,8 @@ pub struct Dispatcher {
     clock: SharedClock,
     client: reqwest::Client,
     names: Mutex<HashMap<String, String>>,
+    /// This process, as named in the dispatch leases it holds.
+    instance: String,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -198,6 +223,7 @@ impl Dispatcher {
             clock,
             client,
             names: Mutex::new(HashMap::new()),
+            instance: format!("api-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
         })
     }
 
@@ -214,7 +240,12 @@ impl Dispatcher {
                 .view
                 .checkpoint(&checkpoint_of(&subscriber.name))
                 .await?
-                .and_then(|raw| serde_json::from_str(&raw).ok());
+                .and_then(|raw| serde_json::from_str::<DeliveryState>(&raw).ok())
+                .map(|mut state| {
+                    // Bookkeeping of the overlap re-read, not something an operator reads.
+                    state.handled.clear();
+                    state
+                });
             states.push((subscriber, state));
         }
         Ok(states)
@@ -241,22 +272,74 @@ impl Dispatcher {
         for task in tasks {
             let _ = task.await;
         }
+        // A graceful stop hands the subscribers over at once instead of after the lease lapses.
+        for subscriber in &self.subscribers {
+            if let Err(e) = self.lease_of(subscriber).release().await {
+                tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "dispatch lease not released; it lapses");
+            }
+        }
     }
 
+    fn lease_of(&self, subscriber: &Subscriber) -> DispatchLease {
+        DispatchLease::new(
+            Arc::clone(&self.view) as Arc<dyn ViewStore>,
+            &subscriber.name,
+            &self.instance,
+            self.settings.lease,
+        )
+    }
+
+    /// Delivers a subscriber's notifications while this instance holds its lease; waits for the
+    /// lease otherwise (another instance delivers meanwhile).
     async fn serve(&self, index: usize) {
         let subscriber = &self.subscribers[index];
-        let mut state = match self.load_state(subscriber).await {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::error!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery state unreadable; not delivering");
-                return;
+        let lease = self.lease_of(subscriber);
+        loop {
+            let deadline = match lease.claim().await {
+                Ok(Some(deadline)) => deadline,
+                Ok(None) => {
+                    tokio::time::sleep(lease.renew_every()).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "dispatch lease unreadable; retrying");
+                    tokio::time::sleep(lease.renew_every()).await;
+                    continue;
+                }
+            };
+            tracing::info!(target: "webhooks", subscriber = %subscriber.name, instance = %self.instance, "dispatch lease taken; delivering");
+            // Delivery stops the moment the lease is lost (even mid-request: the next holder
+            // resends from the saved state, and receivers de-duplicate on the id).
+            tokio::select! {
+                () = lease.keep(deadline) => {}
+                () = self.deliver_while_held(subscriber) => {}
+            }
+        }
+    }
+
+    async fn deliver_while_held(&self, subscriber: &Subscriber) {
+        // Read afresh on every takeover: another instance may have moved it since.
+        let mut state = loop {
+            match self.load_state(subscriber).await {
+                Ok(state) => break state,
+                Err(e) => {
+                    tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery state unreadable; retrying");
+                    tokio::time::sleep(self.settings.poll).await;
+                }
             }
         };
         let mut sent: HashSet<String> = HashSet::new();
-        let mut low_before: HashSet<String> = HashSet::new();
+        let mut low_before: HashSet<String> = state.low_groups.iter().cloned().collect();
+        let rescan_every = self.settings.overlap / 4;
+        let mut last_rescan: Option<tokio::time::Instant> = None;
         loop {
+            let rescan = !self.settings.overlap.is_zero()
+                && last_rescan.is_none_or(|at| at.elapsed() >= rescan_every);
+            if rescan {
+                last_rescan = Some(tokio::time::Instant::now());
+            }
             let busy = match self
-                .pass(subscriber, &mut state, &mut sent, &mut low_before)
+                .pass(subscriber, &mut state, &mut sent, &mut low_before, rescan)
                 .await
             {
                 Ok(busy) => busy,
@@ -300,20 +383,25 @@ impl Dispatcher {
         }
     }
 
-    /// One pass: the feed (one page), then the expiry and pool checks. `true` when the feed
-    /// had more to read.
+    /// One pass: the overlap re-read when `rescan`, the feed (one page), then the expiry and
+    /// pool checks. `true` when the feed had more to read.
     async fn pass(
         &self,
         subscriber: &Subscriber,
         state: &mut DeliveryState,
         sent: &mut HashSet<String>,
         low_before: &mut HashSet<String>,
+        rescan: bool,
     ) -> Result<bool, StoreError> {
         let now = self.clock.now();
         let settle = chrono::Duration::from_std(self.settings.settle).unwrap_or_default();
+        let until = now - settle + chrono::Duration::milliseconds(1);
+        if rescan {
+            self.reread_overlap(subscriber, state, until).await?;
+        }
         let query = FeedQuery {
             after: state.position.clone(),
-            until: now - settle + chrono::Duration::milliseconds(1),
+            until,
             filter: FeedFilter::default(),
         };
         let before = state.clone();
@@ -322,6 +410,7 @@ impl Dispatcher {
             if let Some(notification) = self.notification_of(envelope).await? {
                 if subscriber.wants(notification.kind, &notification.name) {
                     self.deliver(subscriber, state, &notification).await;
+                    remember_handled(state, feed_key(envelope));
                 }
             }
             state.position = feed_key(envelope);
@@ -344,13 +433,77 @@ impl Dispatcher {
             sent.insert(notification.id.clone());
             self.save_state(subscriber, state).await;
         }
-        for notification in self.pool_low(now, low_before).await? {
+        let low = self.pool_low(now, low_before).await?;
+        let low_groups: BTreeSet<String> = low_before.iter().cloned().collect();
+        let groups_changed = low_groups != state.low_groups;
+        state.low_groups = low_groups;
+        let mut saved = false;
+        for notification in low {
             if subscriber.wants(notification.kind, &notification.name) {
                 self.deliver(subscriber, state, &notification).await;
                 self.save_state(subscriber, state).await;
+                saved = true;
             }
         }
+        if groups_changed && !saved {
+            self.save_state(subscriber, state).await;
+        }
         Ok(more)
+    }
+
+    /// Reads the feed again from `overlap` before the position up to the position and sends what
+    /// is not among the handled keys: events the time index showed only after the position had
+    /// passed their timestamp (a slow append, an index catching up). Handled keys older than the
+    /// window are forgotten; the re-read never goes back that far.
+    async fn reread_overlap(
+        &self,
+        subscriber: &Subscriber,
+        state: &mut DeliveryState,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let Some(position_at) = position_time(&state.position) else {
+            return Ok(());
+        };
+        let overlap = chrono::Duration::from_std(self.settings.overlap).unwrap_or_default();
+        let from = format_time(&(position_at - overlap));
+        let before = state.handled.len();
+        state.handled.retain(|key| *key > from);
+        let mut changed = state.handled.len() != before;
+        let handled: HashSet<String> = state.handled.iter().cloned().collect();
+        let mut after = from;
+        'pages: loop {
+            let query = FeedQuery {
+                after: after.clone(),
+                until,
+                filter: FeedFilter::default(),
+            };
+            let page = self.feed.feed(&query, FEED_PAGE).await?;
+            for envelope in &page.events {
+                let key = feed_key(envelope);
+                if key > state.position {
+                    break 'pages;
+                }
+                if handled.contains(&key) {
+                    continue;
+                }
+                if let Some(notification) = self.notification_of(envelope).await? {
+                    if subscriber.wants(notification.kind, &notification.name) {
+                        tracing::info!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, "event found behind the position; delivering");
+                        self.deliver(subscriber, state, &notification).await;
+                        remember_handled(state, key);
+                        changed = true;
+                    }
+                }
+            }
+            match page.next {
+                Some(next) if next < state.position && next > after => after = next,
+                _ => break,
+            }
+        }
+        if changed {
+            self.save_state(subscriber, state).await;
+        }
+        Ok(())
     }
 
     /// The notification a recorded event raises, if any.
@@ -564,6 +717,22 @@ impl Dispatcher {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Adds a handled feed key, dropping the oldest past [`HANDLED_MEMORY`].
+fn remember_handled(state: &mut DeliveryState, key: String) {
+    state.handled.push_back(key);
+    while state.handled.len() > HANDLED_MEMORY {
+        state.handled.pop_front();
+    }
+}
+
+/// The time a feed position stands at (`{occurred_at}` or `{occurred_at}#{event_id}`).
+fn position_time(position: &str) -> Option<DateTime<Utc>> {
+    let time = position.split('#').next()?;
+    DateTime::parse_from_rfc3339(time)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
 }
 
 /// A stop flag every subscriber task can wait on, set when `shutdown` resolves.

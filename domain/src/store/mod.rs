@@ -265,6 +265,22 @@ pub trait ViewStore: PoolView {
     /// Saves the position of a projector source.
     async fn save_checkpoint(&self, source: &str, position: &str) -> Result<(), StoreError>;
 
+    /// Saves `position` only if the stored one is still `expected` (`None`: no checkpoint yet),
+    /// in one conditional write; `Ok(false)` when another writer changed it first. Leases held
+    /// by one of several processes (the webhook dispatcher's) are built on this. The default
+    /// refuses: a view without an atomic compare-and-set (a test double) must not pretend to
+    /// have one.
+    async fn swap_checkpoint(
+        &self,
+        source: &str,
+        _expected: Option<&str>,
+        _position: &str,
+    ) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable(format!(
+            "this view cannot write checkpoint {source} conditionally"
+        )))
+    }
+
     /// Removes every row, stats shard and checkpoint (rebuild into a fresh view).
     async fn clear(&self) -> Result<(), StoreError>;
 }

@@ -193,6 +193,42 @@ impl ViewStore for DynamoStore {
         .map(|_| ())
     }
 
+    async fn swap_checkpoint(
+        &self,
+        source: &str,
+        expected: Option<&str>,
+        position: &str,
+    ) -> Result<bool, StoreError> {
+        let mut retry = self.retry("PutItem(checkpoint swap)");
+        loop {
+            let request = self
+                .client
+                .put_item()
+                .table_name(&self.checkpoints)
+                .item(tables::CHECKPOINT_KEY, s(source))
+                .item(tables::CHECKPOINT_POSITION, s(position));
+            // DynamoDB refuses attribute names an expression does not use: one set per branch.
+            let request = match expected {
+                None => request
+                    .condition_expression("attribute_not_exists(#k)")
+                    .expression_attribute_names("#k", tables::CHECKPOINT_KEY),
+                Some(expected) => request
+                    .condition_expression("#p = :expected")
+                    .expression_attribute_names("#p", tables::CHECKPOINT_POSITION)
+                    .expression_attribute_values(":expected", s(expected)),
+            };
+            match request.send().await {
+                Ok(_) => return Ok(true),
+                Err(SdkError::ServiceError(ctx))
+                    if matches!(ctx.err(), PutItemError::ConditionalCheckFailedException(_)) =>
+                {
+                    return Ok(false);
+                }
+                Err(err) => retry.after(classify(&err, refused)).await?,
+            }
+        }
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         self.delete_all(&self.pool, pool_attr::SANDBOX_ID).await?;
         self.delete_all(&self.stats, tables::STATS_KEY).await?;

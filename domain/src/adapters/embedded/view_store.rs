@@ -226,6 +226,34 @@ impl ViewStore for EmbeddedStore {
         .await
     }
 
+    async fn swap_checkpoint(
+        &self,
+        source: &str,
+        expected: Option<&str>,
+        position: &str,
+    ) -> Result<bool, StoreError> {
+        let (source, position) = (source.to_string(), position.to_string());
+        let expected = expected.map(str::to_string);
+        self.with_conn(move |conn, _| {
+            // One statement each: SQLite runs it under the write lock, so the comparison and
+            // the write cannot be split by another connection.
+            let changed = match expected {
+                None => conn.execute(
+                    "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
+                     ON CONFLICT (source) DO NOTHING",
+                    params![source, position],
+                ),
+                Some(expected) => conn.execute(
+                    "UPDATE checkpoints SET position = ?2 WHERE source = ?1 AND position = ?3",
+                    params![source, position, expected],
+                ),
+            }
+            .map_err(db_err)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         self.with_conn(|conn, _| {
             conn.execute_batch("DELETE FROM pool; DELETE FROM stats; DELETE FROM checkpoints;")

@@ -1,0 +1,155 @@
+//! The dispatch lease (ADR 0018 addendum): of several API instances, only the one holding a
+//! subscriber's lease delivers its notifications.
+//!
+//! The lease is a checkpoint item (`webhooks:<name>:lease`) holding `{holder, expires_at}`,
+//! taken and renewed by a conditional write that expects the exact value read before: two
+//! instances that both see a free or lapsed lease cannot both take it. The holder renews it every
+//! third of its duration and trusts it only until two thirds have passed since the last renewal
+//! began, so it stops delivering a third of the duration before any other instance may take
+//! over — that margin absorbs clock skew between hosts. Times are wall-clock: a lease measures
+//! whether a process is alive, not domain time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::model::events::format_time;
+use domain::store::ViewStore;
+use domain::StoreError;
+use serde::{Deserialize, Serialize};
+
+/// What the lease item holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Claim {
+    holder: String,
+    expires_at: String,
+}
+
+impl Claim {
+    fn expires(&self) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(&self.expires_at)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
+}
+
+/// One instance's view of one subscriber's lease.
+#[derive(Clone)]
+pub struct DispatchLease {
+    view: Arc<dyn ViewStore>,
+    source: String,
+    holder: String,
+    duration: Duration,
+}
+
+impl std::fmt::Debug for DispatchLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchLease")
+            .field("source", &self.source)
+            .field("holder", &self.holder)
+            .field("duration", &self.duration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DispatchLease {
+    /// The lease of `subscriber`, claimed as `holder`, lasting `duration` per renewal.
+    pub fn new(
+        view: Arc<dyn ViewStore>,
+        subscriber: &str,
+        holder: &str,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            view,
+            source: format!("webhooks:{subscriber}:lease"),
+            holder: holder.to_string(),
+            duration: duration.max(Duration::from_millis(300)),
+        }
+    }
+
+    /// How often the holder renews (and a waiting instance retries).
+    pub fn renew_every(&self) -> Duration {
+        self.duration / 3
+    }
+
+    /// Takes the lease if it is free, lapsed or already ours, else leaves it. `Some(deadline)`
+    /// when this instance holds it: it may deliver until `deadline` unless renewed by then.
+    pub async fn claim(&self) -> Result<Option<tokio::time::Instant>, StoreError> {
+        let started = tokio::time::Instant::now();
+        let now = Utc::now();
+        let current = self.view.checkpoint(&self.source).await?;
+        if let Some(claim) = current
+            .as_deref()
+            .and_then(|raw| serde_json::from_str::<Claim>(raw).ok())
+        {
+            let live = claim.expires().is_some_and(|at| at > now);
+            if live && claim.holder != self.holder {
+                return Ok(None);
+            }
+        }
+        let renewed = Claim {
+            holder: self.holder.clone(),
+            expires_at: format_time(
+                &(now + chrono::Duration::from_std(self.duration).unwrap_or_default()),
+            ),
+        };
+        let raw = serde_json::to_string(&renewed)
+            .map_err(|e| StoreError::Corrupt(format!("lease claim: {e}")))?;
+        if self
+            .view
+            .swap_checkpoint(&self.source, current.as_deref(), &raw)
+            .await?
+        {
+            Ok(Some(started + self.duration * 2 / 3))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Ends this instance's lease at once (graceful stop), so another takes over without
+    /// waiting for it to lapse. A lease held by another instance is left alone.
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let current = self.view.checkpoint(&self.source).await?;
+        let ours = current
+            .as_deref()
+            .and_then(|raw| serde_json::from_str::<Claim>(raw).ok())
+            .is_some_and(|claim| claim.holder == self.holder);
+        if !ours {
+            return Ok(());
+        }
+        let released = Claim {
+            holder: self.holder.clone(),
+            expires_at: format_time(&Utc::now()),
+        };
+        let raw = serde_json::to_string(&released)
+            .map_err(|e| StoreError::Corrupt(format!("lease claim: {e}")))?;
+        self.view
+            .swap_checkpoint(&self.source, current.as_deref(), &raw)
+            .await
+            .map(|_| ())
+    }
+
+    /// Renews the lease until it is lost: returns when another instance holds it or when no
+    /// renewal succeeded before the trusted time ran out (the store unreachable).
+    pub async fn keep(&self, mut deadline: tokio::time::Instant) {
+        loop {
+            let next = (tokio::time::Instant::now() + self.renew_every()).min(deadline);
+            tokio::time::sleep_until(next).await;
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(target: "webhooks", lease = %self.source, "dispatch lease not renewed in time; stopping delivery");
+                return;
+            }
+            match self.claim().await {
+                Ok(Some(until)) => deadline = until,
+                Ok(None) => {
+                    tracing::warn!(target: "webhooks", lease = %self.source, "dispatch lease taken by another instance; stopping delivery");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "webhooks", lease = %self.source, error = %e, "dispatch lease renewal failed; retrying");
+                }
+            }
+        }
+    }
+}
