@@ -21,6 +21,9 @@ use crate::store::StoreError;
 #[derive(Debug, Default)]
 pub(super) struct DrainCache {
     state: Mutex<Option<(Instant, DrainState)>>,
+    /// Held while one request reloads an expired state, so the requests arriving meanwhile
+    /// wait for that read instead of each issuing their own.
+    reload: tokio::sync::Mutex<()>,
 }
 
 impl DrainCache {
@@ -51,14 +54,15 @@ const CONTROL_RETRIES: usize = 5;
 impl Broker {
     /// The drain state, strongly consistent (and this instance's cache refreshed with it).
     pub async fn drain_state(&self) -> Result<DrainState, BrokerError> {
-        let Some(latest) = self.events.load_latest(POOL_CONTROL_STREAM_ID).await? else {
-            return Ok(DrainState::default());
-        };
         let mut state = DrainState::default();
-        if let BrokerEvent::PoolControl(event) = decode(&latest)? {
-            state.fold(&event);
+        // A pool never drained has no control stream: that state is cached too, or every
+        // allocation would pay a strong read for it.
+        if let Some(latest) = self.events.load_latest(POOL_CONTROL_STREAM_ID).await? {
+            if let BrokerEvent::PoolControl(event) = decode(&latest)? {
+                state.fold(&event);
+            }
+            state.version = latest.version;
         }
-        state.version = latest.version;
         self.drain_cache.store(&state);
         Ok(state)
     }
@@ -68,9 +72,16 @@ impl Broker {
         &self,
         prefix: Option<&str>,
     ) -> Result<Option<DrainEntry>, BrokerError> {
-        let state = match self.drain_cache.fresh(self.config.drain_cache_ttl) {
+        let ttl = self.config.drain_cache_ttl;
+        let state = match self.drain_cache.fresh(ttl) {
             Some(state) => state,
-            None => self.drain_state().await?,
+            None => {
+                let _reloading = self.drain_cache.reload.lock().await;
+                match self.drain_cache.fresh(ttl) {
+                    Some(state) => state,
+                    None => self.drain_state().await?,
+                }
+            }
         };
         Ok(state.refusing(prefix).cloned())
     }
