@@ -48,6 +48,13 @@ struct Args {
     /// 0 keeps 48-hour labs: every unmarked allocation then stays live for the whole soak.
     #[arg(long, default_value_t = 120)]
     lab_seconds: u64,
+    /// Each student's pause between two callers, ms: sets the arrival rate, which must stay
+    /// below what cleanup deletes for the live pool (and so every column) to reach a steady state.
+    #[arg(long, default_value_t = 50)]
+    think_ms: u64,
+    /// The worker's `CLEANUP_CONCURRENCY` (CSP deletions in flight).
+    #[arg(long, default_value_t = 4)]
+    cleanup_concurrency: usize,
 }
 
 fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -111,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         ("CLEANUP_INTERVAL_SEC", "2".into()),
         ("AUTO_EXPIRY_INTERVAL_SEC", "10".into()),
         ("STALE_INTERVAL_SEC", "60".into()),
+        ("CLEANUP_CONCURRENCY", args.cleanup_concurrency.to_string()),
     ]));
     if args.lab_seconds > 0 {
         worker_env.insert("GRACE_PERIOD_MINUTES".into(), "0".into());
@@ -143,9 +151,11 @@ async fn main() -> anyhow::Result<()> {
         s => format!("{s}-second labs"),
     };
     println!(
-        "soak: {} min, {} students, pool of {} (filled in {:.1} s), {labs}, embedded store",
+        "soak: {} min, {} students thinking {} ms, cleanup concurrency {}, pool of {} (filled in {:.1} s), {labs}, embedded store",
         args.minutes,
         args.students,
+        args.think_ms,
+        args.cleanup_concurrency,
         args.pool,
         started.elapsed().as_secs_f64()
     );
@@ -165,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 replay_chance: 0.3,
                 mark_chance: 0.8,
                 seed: minute,
-                think: Duration::from_millis(50),
+                think: Duration::from_millis(args.think_ms),
                 caller_prefix: format!("m{minute}-"),
             },
             stop.clone(),
