@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use domain::adapters::dynamo::{table_definitions, table_definitions_json, table_name, DynamoStore};
+use domain::adapters::dynamo::{
+    table_definitions, table_definitions_json, table_name, DynamoStore,
+};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, PoolView, ViewStore};
 use prometheus::Registry;
