@@ -299,6 +299,11 @@ fn name_key(row: &PoolRow) -> (String, String) {
 /// each bound optional).
 fn name_range(partition: &str, lo: Option<String>, hi: Option<String>) -> RowQuery {
     let mut values = HashMap::from([(":st".to_string(), s(partition))]);
+    let mut attribute_names = vec![("#st", pool_attr::STATUS)];
+    if lo.is_some() || hi.is_some() {
+        // DynamoDB refuses a name the expression does not use.
+        attribute_names.push(("#name", pool_attr::NAME));
+    }
     let key_condition = match (lo, hi) {
         (Some(lo), Some(hi)) => {
             values.insert(":lo".to_string(), s(lo));
@@ -321,7 +326,7 @@ fn name_range(partition: &str, lo: Option<String>, hi: Option<String>) -> RowQue
         shape: BY_STATUS_NAME_KEY,
         key_condition: Some(key_condition.to_string()),
         filter: None,
-        names: names(&[("#st", pool_attr::STATUS), ("#name", pool_attr::NAME)]),
+        names: names(&attribute_names),
         values,
         consistent: false,
     }
