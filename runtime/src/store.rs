@@ -65,8 +65,9 @@ pub struct StoreArgs {
     /// Stats shard count; every process on the same tables must use the same value.
     #[arg(long, env = "STATS_SHARDS", default_value_t = 8, global = true)]
     pub stats_shards: u32,
-    /// Write shards of the hot DynamoDB index keys (`by-time`: an hour's events; `by-due`: a
-    /// status's due rows), so none takes every write; every process on the same tables must use
+    /// Write shards of the hot DynamoDB index keys (`by-time`: an hour's events; `by-due`,
+    /// `by-status-pick`, `by-status-name`: a status's rows), so none takes every write; every
+    /// process on the same tables must use
     /// the same value (readers query each shard).
     #[arg(long, env = "VIEW_INDEX_SHARDS", default_value_t = DEFAULT_INDEX_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64), global = true)]
     pub view_index_shards: u32,

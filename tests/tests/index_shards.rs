@@ -1,21 +1,26 @@
 //! Write-sharded index keys (ADR 0014): with `VIEW_INDEX_SHARDS` > 1 the DynamoDB adapter spreads
-//! the `by-time` and `by-due` partition keys over shards and merges them on read. These tests hold
-//! the merged reads to the order the unsharded reads had — the embedded store's, which has no
-//! shards — page by page, including ties, and check that events written before sharding was
-//! switched on are still read.
+//! the `by-time`, `by-due`, `by-status-pick` and `by-status-name` partition keys over shards and
+//! merges them on read. These tests hold the merged reads to the order the unsharded reads had —
+//! the embedded store's, which has no shards — page by page, including ties, check that events
+//! and rows written before sharding was switched on are still read, and that allocation through
+//! the HTTP API finds the last free sandbox of a pool spread over every shard.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use domain::adapters::dynamo::{
-    due_shard_key, index_shard, time_bucket, time_bucket_key, DynamoConfig, DynamoStore,
+    due_shard_key, index_shard, row_to_sharded_item, status_shard_key, time_bucket,
+    time_bucket_key, DynamoConfig, DynamoStore,
 };
 use domain::adapters::embedded::EmbeddedStore;
 use domain::audit::{feed_key, EventFeed, FeedFilter, FeedQuery};
 use domain::model::events::{format_time, truncate_to_millis};
-use domain::store::{EventStore, PoolView, StoreError, ViewStore};
+use domain::store::{CandidateQuery, EventStore, ListFilter, PoolView, StoreError, ViewStore};
 use domain::{EventEnvelope, PoolRow, SandboxStatus, StatsDelta};
+use futures::StreamExt;
+use reqwest::StatusCode;
 use serde_json::json;
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
 use tests::ddb_local;
 
 type TestResult = Result<(), StoreError>;
@@ -229,4 +234,384 @@ async fn events_written_unsharded_are_still_found() -> TestResult {
     let events: Arc<dyn EventStore> = Arc::new(sharded);
     assert_eq!(events.load("sandbox#legacy").await?, vec![old]);
     Ok(())
+}
+
+fn available_row(id: &str, name: &str, pick: u32) -> PoolRow {
+    let at = truncate_to_millis(Utc::now());
+    PoolRow {
+        sandbox_id: id.to_string(),
+        status: SandboxStatus::Available,
+        name: name.to_string(),
+        external_id: format!("identity/accounts/{id}"),
+        sfdc_account_id: None,
+        owner: None,
+        track_name: None,
+        allocated_at: None,
+        expires_at: None,
+        deletion_requested_at: None,
+        attempts: 0,
+        last_error: None,
+        due_at: None,
+        pick,
+        version: 1,
+        updated_at: at,
+    }
+}
+
+/// Every row of a listing, following cursors `limit` rows at a time, as `name/id`.
+async fn all_listed(
+    view: &dyn PoolView,
+    filter: &ListFilter,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let mut rows = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let page = view.list(filter, limit, cursor.as_deref()).await?;
+        assert!(page.rows.len() <= limit, "a page larger than its limit");
+        rows.extend(
+            page.rows
+                .into_iter()
+                .map(|r| format!("{}/{}", r.name, r.sandbox_id)),
+        );
+        cursor = page.cursor;
+        if cursor.is_none() {
+            return Ok(rows);
+        }
+    }
+    panic!("list() paging did not end");
+}
+
+/// A listing filter by status (and name prefix).
+fn by_status(status: SandboxStatus, prefix: Option<&str>) -> ListFilter {
+    ListFilter {
+        status: Some(status),
+        owner: None,
+        prefix: prefix.map(str::to_string),
+    }
+}
+
+/// Rows of two statuses under three name prefixes, some sharing a name (ties are ordered by the
+/// sandbox id), written to `stores`; returns them.
+async fn write_listing_rows(stores: &[&dyn ViewStore]) -> Result<Vec<PoolRow>, StoreError> {
+    let mut rows = Vec::new();
+    for i in 0..48u32 {
+        let prefix = ["lab-", "lab2-", "other-"][(i % 3) as usize];
+        // Every fourth name repeats the one before it: the same name on two sandboxes.
+        let n = if i % 4 == 3 { i - 1 } else { i };
+        let mut row = available_row(
+            &format!("sb-{:02}", (i * 11) % 48),
+            &format!("{prefix}{:02}", n / 3),
+            i.wrapping_mul(2_654_435_761),
+        );
+        if i % 5 == 0 {
+            row.status = SandboxStatus::Allocated;
+            row.owner = Some(format!("student-{i}"));
+            row.allocated_at = Some(row.updated_at);
+        }
+        rows.push(row);
+    }
+    for row in &rows {
+        for store in stores {
+            store.write_row(None, row, &StatsDelta::default()).await?;
+        }
+    }
+    Ok(rows)
+}
+
+/// Listings by status, and by status and name prefix, return the same rows in the same order
+/// (name, then sandbox id) from eight `by-status-name` shards as from the embedded store, page
+/// by page, names shared by two sandboxes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_listings_keep_their_order_across_shards() -> TestResult {
+    let dynamo = sharded_store().await;
+    let embedded = EmbeddedStore::open_in_memory(4)?;
+    let rows = write_listing_rows(&[&dynamo, &embedded]).await?;
+    let shards_used: std::collections::BTreeSet<u32> = rows
+        .iter()
+        .map(|r| index_shard(&r.sandbox_id, SHARDS))
+        .collect();
+    assert_eq!(shards_used.len(), SHARDS as usize, "rows in every shard");
+    for (status, prefix) in [
+        (SandboxStatus::Available, None),
+        (SandboxStatus::Available, Some("lab-")),
+        (SandboxStatus::Available, Some("lab")),
+        (SandboxStatus::Allocated, None),
+        (SandboxStatus::Allocated, Some("other-")),
+        (SandboxStatus::Available, Some("none-")),
+    ] {
+        let mut expected: Vec<&PoolRow> = rows
+            .iter()
+            .filter(|r| r.status == status && prefix.is_none_or(|p| r.name.starts_with(p)))
+            .collect();
+        expected.sort_by(|a, b| (&a.name, &a.sandbox_id).cmp(&(&b.name, &b.sandbox_id)));
+        let expected: Vec<String> = expected
+            .iter()
+            .map(|r| format!("{}/{}", r.name, r.sandbox_id))
+            .collect();
+        let filter = by_status(status, prefix);
+        for limit in [1, 2, 5, 100] {
+            let reference = all_listed(&embedded, &filter, limit).await?;
+            assert_eq!(reference, expected, "embedded, {filter:?}, limit {limit}");
+            let sharded = all_listed(&dynamo, &filter, limit).await?;
+            assert_eq!(
+                sharded, expected,
+                "DynamoDB with {SHARDS} shards, {filter:?}, limit {limit}"
+            );
+        }
+    }
+    // A cursor of one status does not resume another.
+    let page = dynamo
+        .list(&by_status(SandboxStatus::Available, None), 2, None)
+        .await?;
+    let cursor = page.cursor.unwrap_or_default();
+    assert_eq!(
+        dynamo
+            .list(&by_status(SandboxStatus::Allocated, None), 2, Some(&cursor))
+            .await
+            .map(|p| p.rows.len()),
+        Err(StoreError::InvalidCursor)
+    );
+    Ok(())
+}
+
+/// A candidate page holds every available row (up to its limit) whatever shard the random start
+/// picks first — with and without a name prefix — so the allocator's fast path, not only its
+/// sweep, finds the last free sandboxes of a pool spread over eight shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidate_pages_reach_every_shard() -> TestResult {
+    let dynamo = sharded_store().await;
+    let rows: Vec<PoolRow> = (0..6u32)
+        .map(|i| available_row(&format!("few-{i}"), &format!("lab-{i}"), i * 1_000_003))
+        .collect();
+    for row in &rows {
+        dynamo.write_row(None, row, &StatsDelta::default()).await?;
+    }
+    let mut expected: Vec<String> = rows.iter().map(|r| r.sandbox_id.clone()).collect();
+    expected.sort();
+    for start_pick in 0..SHARDS {
+        for (prefix, after_name) in [
+            (None, None),
+            (Some("lab-"), None),
+            (Some("lab-"), Some("lab-3")),
+        ] {
+            let query = CandidateQuery {
+                prefix: prefix.map(str::to_string),
+                start_pick: start_pick.wrapping_mul(0x9E37_79B9),
+                after_name: after_name.map(str::to_string),
+                limit: 15,
+            };
+            let mut got: Vec<String> = dynamo
+                .candidates(&query)
+                .await?
+                .into_iter()
+                .map(|r| r.sandbox_id)
+                .collect();
+            got.sort();
+            assert_eq!(got, expected, "{query:?}");
+        }
+    }
+    // A short limit is filled from the first shard tried and the next ones, no row twice.
+    let query = CandidateQuery {
+        prefix: None,
+        start_pick: 7,
+        after_name: None,
+        limit: 4,
+    };
+    let got = dynamo.candidates(&query).await?;
+    let distinct: std::collections::BTreeSet<&str> =
+        got.iter().map(|r| r.sandbox_id.as_str()).collect();
+    assert_eq!((got.len(), distinct.len()), (4, 4));
+    Ok(())
+}
+
+/// Rows written before sharding was switched on (one shard: the bare status as the index key)
+/// are still listed, in order with the sharded ones, and still offered as candidates by a store
+/// that shards; with one shard the store writes and reads exactly the unsharded keys and its
+/// listings keep the embedded order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_unsharded_are_still_found() -> TestResult {
+    let sharded = sharded_store().await;
+    let unsharded = DynamoStore::connect(DynamoConfig {
+        table_prefix: sharded.table_prefix().to_string(),
+        index_shards: 1,
+        ..ddb_local::fresh_config(4).await
+    })
+    .await?;
+    let legacy = available_row("legacy-1", "lab-b", 5);
+    let current = available_row("sharded-1", "lab-a", 6);
+    unsharded
+        .write_row(None, &legacy, &StatsDelta::default())
+        .await?;
+    sharded
+        .write_row(None, &current, &StatsDelta::default())
+        .await?;
+    let bare = row_to_sharded_item(&legacy, 1);
+    assert_eq!(
+        bare.get("status")
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str),
+        Some("available")
+    );
+    assert_eq!(
+        status_shard_key(SandboxStatus::Available, "sharded-1", SHARDS),
+        format!("available#{}", index_shard("sharded-1", SHARDS))
+    );
+    let filter = by_status(SandboxStatus::Available, Some("lab-"));
+    for limit in [1, 10] {
+        assert_eq!(
+            all_listed(&sharded, &filter, limit).await?,
+            vec!["lab-a/sharded-1", "lab-b/legacy-1"],
+            "limit {limit}"
+        );
+    }
+    for prefix in [None, Some("lab-")] {
+        let query = CandidateQuery {
+            prefix: prefix.map(str::to_string),
+            start_pick: 0,
+            after_name: None,
+            limit: 15,
+        };
+        let mut got: Vec<String> = sharded
+            .candidates(&query)
+            .await?
+            .into_iter()
+            .map(|r| r.sandbox_id)
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["legacy-1", "sharded-1"], "{query:?}");
+    }
+    // The row is read back with its status whichever key form it was stored under.
+    assert_eq!(sharded.get("legacy-1").await?, Some(legacy.clone()));
+    assert_eq!(sharded.get("sharded-1").await?, Some(current));
+
+    // One shard on its own tables: the unsharded keys, the embedded order.
+    let single = DynamoStore::connect(DynamoConfig {
+        index_shards: 1,
+        ..ddb_local::fresh_config(4).await
+    })
+    .await?;
+    single.ensure_tables().await?;
+    let embedded = EmbeddedStore::open_in_memory(4)?;
+    write_listing_rows(&[&single, &embedded]).await?;
+    for filter in [
+        by_status(SandboxStatus::Available, None),
+        by_status(SandboxStatus::Available, Some("lab2-")),
+    ] {
+        for limit in [3, 100] {
+            assert_eq!(
+                all_listed(&single, &filter, limit).await?,
+                all_listed(&embedded, &filter, limit).await?,
+                "one shard, {filter:?}, limit {limit}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A DynamoDB-backed service whose view indexes have `shards` write shards.
+async fn sharded_app(shards: u32) -> TestApp {
+    let mut options = AppOptions::new(Backend::Dynamo);
+    options.configure = Box::new(move |config| {
+        config.store.view_index_shards = shards;
+    });
+    spawn_app_with(options).await
+}
+
+/// One allocation over HTTP as `caller`, with the name prefix if given: the status code.
+async fn allocate(app: &TestApp, caller: &str, prefix: Option<&str>) -> StatusCode {
+    let mut request = app.allocate(caller);
+    if let Some(prefix) = prefix {
+        request = request.header("X-Sandbox-Name-Prefix", prefix);
+    }
+    request.sent().await.status()
+}
+
+/// Over HTTP with eight index shards: a pool spread over every shard is allocated to its last
+/// sandbox — by name prefix, then without one — and only then does a student get 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_free_sandbox_is_found_across_shards() {
+    let app = sharded_app(SHARDS).await;
+    app.seed("lab", 16).await;
+    app.seed("alt", 16).await;
+    let shards_used: std::collections::BTreeSet<u32> = (0..16)
+        .flat_map(|i| [format!("lab-id-{i}"), format!("alt-id-{i}")])
+        .map(|id| index_shard(&id, SHARDS))
+        .collect();
+    assert_eq!(
+        shards_used.len(),
+        SHARDS as usize,
+        "the pool spans every shard"
+    );
+    for i in 0..16 {
+        let status = allocate(&app, &format!("lab-student-{i}"), Some("lab")).await;
+        assert_eq!(status, StatusCode::CREATED, "lab allocation {i}");
+    }
+    assert_eq!(
+        allocate(&app, "lab-student-late", Some("lab")).await,
+        StatusCode::CONFLICT,
+        "no lab sandbox is left"
+    );
+    for i in 0..16 {
+        let status = allocate(&app, &format!("any-student-{i}"), None).await;
+        assert_eq!(status, StatusCode::CREATED, "allocation without prefix {i}");
+    }
+    assert_eq!(
+        allocate(&app, "any-student-late", None).await,
+        StatusCode::CONFLICT,
+        "the pool is used up"
+    );
+    app.stop().await;
+}
+
+/// A pool of `pool` and `pool + extra` concurrent students (half with a name prefix) at C=20
+/// over HTTP with `shards` index shards: exactly `pool` × 201 and `extra` × 409, no sandbox twice.
+async fn pool_plus_extra(shards: u32, pool: usize, extra: usize) {
+    let app = sharded_app(shards).await;
+    app.seed("lab", pool).await;
+    let callers: Vec<String> = (0..pool + extra).map(|i| format!("student-{i}")).collect();
+    let answers: Vec<(StatusCode, Option<String>)> = futures::stream::iter(callers)
+        .enumerate()
+        .map(|(i, caller)| {
+            let mut request = app.allocate(&caller);
+            if i % 2 == 0 {
+                request = request.header("X-Sandbox-Name-Prefix", "lab");
+            }
+            async move {
+                let response = request.sent().await;
+                let status = response.status();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                (status, body["sandbox_id"].as_str().map(str::to_string))
+            }
+        })
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    let created: Vec<&String> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .filter_map(|(_, id)| id.as_ref())
+        .collect();
+    let conflicts = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CONFLICT)
+        .count();
+    let distinct: std::collections::BTreeSet<&String> = created.iter().copied().collect();
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| s.as_u16()).collect();
+    assert_eq!(created.len(), pool, "S={shards}: {statuses:?}");
+    assert_eq!(conflicts, extra, "S={shards}: {statuses:?}");
+    assert_eq!(distinct.len(), pool, "a sandbox went to two students");
+    app.stop().await;
+}
+
+/// Eight index shards: a pool of 40 and 55 concurrent students → 40 × 201 and 15 × 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_plus_extra_requests_with_eight_shards() {
+    pool_plus_extra(SHARDS, 40, 15).await;
+}
+
+/// One index shard (unsharded keys) still allocates the same way: 40 × 201 and 15 × 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_plus_extra_requests_with_one_shard() {
+    pool_plus_extra(1, 40, 15).await;
 }

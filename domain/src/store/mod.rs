@@ -161,9 +161,16 @@ pub trait PoolView: Send + Sync + 'static {
     /// Available rows for allocation: without a prefix, from `start_pick` upwards on the
     /// `by-status-pick` index, wrapping to the bottom; with a prefix, the `by-status-name` index's
     /// range of names starting with `prefix`, after `after_name` and wrapping to its start.
+    /// A write-sharded index (ADR 0014) serves the page from one shard chosen by `start_pick`
+    /// and moves on to the other shards only while the page is short, so the order is per shard,
+    /// but the page still holds `limit` rows whenever the view has that many available (in the
+    /// prefix). A 409 is decided by a complete [`PoolView::list`] sweep, never by this page.
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError>;
 
-    /// The admin listing, paged with an opaque cursor.
+    /// The admin listing, paged with an opaque cursor. With a status (and no owner) the rows come
+    /// in (name, sandbox id) order, every row of the status exactly once over the pages, whatever
+    /// the index sharding (DynamoDB: every row with a non-empty name, the index's sort key): the
+    /// allocator's complete sweep before a 409 relies on this.
     async fn list(
         &self,
         filter: &ListFilter,

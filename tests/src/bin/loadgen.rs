@@ -294,7 +294,19 @@ async fn main() -> anyhow::Result<()> {
                 "dynamo" | "dynamodb" => Backend::Dynamo,
                 _ => Backend::Embedded,
             };
-            let app = spawn_app_with(AppOptions::new(backend)).await;
+            let mut options = AppOptions::new(backend);
+            // The spawned service takes `VIEW_INDEX_SHARDS` as a deployed one would, so the
+            // cost of index write sharding can be compared run against run.
+            if let Some(shards) = std::env::var("VIEW_INDEX_SHARDS")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                println!("VIEW_INDEX_SHARDS={shards}");
+                options.configure = Box::new(move |config| {
+                    config.store.view_index_shards = shards;
+                });
+            }
+            let app = spawn_app_with(options).await;
             // The test app's clock only moves when told to; the projector measures lag against
             // the wall clock, so events (the seed's too) must carry wall-clock times. Ticking
             // every millisecond bounds the error this adds to a lag sample to about that.

@@ -1,11 +1,14 @@
 //! How evenly the hot DynamoDB index keys spread (a benchmark that prints figures, not a test):
 //! drives `--allocations` real allocations through `domain::Broker` (on an in-memory embedded
 //! store, so nothing but key computation is measured), then computes for every event and every
-//! due row the item the DynamoDB adapter writes — with the adapter's own functions,
+//! allocated row the items the DynamoDB adapter writes — with the adapter's own functions,
 //! `envelope_to_sharded_item` and `row_to_sharded_item` — and counts the index writes per
-//! partition key of `by-time` (`time_bucket`) and `by-due` (`due_shard`). Printed per shard count:
-//! the writes, the distinct partition keys, and the largest share any one key received (the goal
-//! with S shards is ≤ 1/S, plus the hash's unevenness).
+//! partition key of `by-time` (`time_bucket`), `by-due` (`due_shard`), and `by-status-pick` /
+//! `by-status-name` (`status`). An allocation moves a row from `available` to `allocated`, which
+//! on those two indexes is two writes: the entry leaves the row's `available` key and enters its
+//! `allocated` key. Printed per shard count: the writes, the distinct partition keys, and the
+//! largest share any one key received (the goal with S shards is ≤ 1/S, plus the hash's
+//! unevenness).
 //!
 //! `cargo run --release -p tests --bin partition_bench [-- --allocations 10000 --shards 1,8,16]`
 
@@ -162,7 +165,39 @@ async fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.as_s().ok().cloned())
             })
             .collect();
-        for (index, keys) in [("by-time", &time_keys), ("by-due", &due_keys)] {
+        // The row before the allocation (available, nobody's) and after it: the `status`
+        // attribute is the hash key of both status indexes; `by-status-name` holds only rows
+        // with a name (its sort key).
+        let mut pick_keys: Vec<String> = Vec::new();
+        let mut name_keys: Vec<String> = Vec::new();
+        for row in &rows {
+            let before = PoolRow {
+                status: SandboxStatus::Available,
+                owner: None,
+                allocated_at: None,
+                expires_at: None,
+                due_at: None,
+                ..row.clone()
+            };
+            for item in [
+                row_to_sharded_item(&before, shards),
+                row_to_sharded_item(row, shards),
+            ] {
+                let Some(key) = item.get("status").and_then(|v| v.as_s().ok()) else {
+                    continue;
+                };
+                pick_keys.push(key.clone());
+                if item.contains_key("name") {
+                    name_keys.push(key.clone());
+                }
+            }
+        }
+        for (index, keys) in [
+            ("by-time", &time_keys),
+            ("by-due", &due_keys),
+            ("by-status-pick", &pick_keys),
+            ("by-status-name", &name_keys),
+        ] {
             let spread = Spread::of(keys.iter().map(String::as_str));
             println!(
                 "| {shards} | {index} | {} | {} | {:.1} % | {:.1} % |",

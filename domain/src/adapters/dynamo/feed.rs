@@ -225,12 +225,7 @@ impl DynamoStore {
     /// sharding; with it, every `{hour}#{k}` and also the bare hour, where events written before
     /// sharding was switched on stay (events are never rewritten; ADR 0014).
     fn hour_partitions(&self, bucket: &str) -> Vec<String> {
-        let mut partitions: Vec<String> = (0..self.index_shards)
-            .filter(|_| self.index_shards > 1)
-            .map(|k| format!("{bucket}#{k}"))
-            .collect();
-        partitions.push(bucket.to_string());
-        partitions
+        super::items::shard_partitions(bucket, self.index_shards)
     }
 
     /// The earliest `occurred_at` in one scan segment of the events table.

@@ -39,6 +39,8 @@ pub(crate) mod event_attr {
 /// Attribute names of the pool table (and its indexes).
 pub(crate) mod pool_attr {
     pub const SANDBOX_ID: &str = "sandbox_id";
+    /// The row's status; with index write sharding `{status}#{k}` (hash key of
+    /// `by-status-pick` and `by-status-name`).
     pub const STATUS: &str = "status";
     pub const NAME: &str = "name";
     pub const EXTERNAL_ID: &str = "external_id";
@@ -138,11 +140,43 @@ pub fn index_shard(id: &str, shards: u32) -> u32 {
 /// itself with one shard, `{hour}#{k}` with more. Write sharding spreads an hour's events over
 /// `shards` partitions, so no single partition takes every write of the hour (ADR 0014).
 pub fn time_bucket_key(hour: &str, stream_id: &str, shards: u32) -> String {
+    shard_key(hour, stream_id, shards)
+}
+
+/// A write-sharded partition key: `base` itself with one shard (so an unsharded deployment
+/// writes exactly the keys it always wrote), `{base}#{k}` with more, `k` = [`index_shard`] of
+/// `id`. Shared by `by-time` (base: the hour) and the status-keyed pool indexes (base: the
+/// status), so both spread and migrate the same way (ADR 0014).
+pub fn shard_key(base: &str, id: &str, shards: u32) -> String {
     if shards <= 1 {
-        hour.to_string()
+        base.to_string()
     } else {
-        format!("{hour}#{}", index_shard(stream_id, shards))
+        format!("{base}#{}", index_shard(id, shards))
     }
+}
+
+/// Every partition key a reader must query for `base` under `shards` write shards: each
+/// `{base}#{k}`, then the bare `base`, where items written before sharding was switched on
+/// stay until they are rewritten (with one shard, only the bare key).
+pub(crate) fn shard_partitions(base: &str, shards: u32) -> Vec<String> {
+    let mut partitions: Vec<String> = (0..shards)
+        .filter(|_| shards > 1)
+        .map(|k| format!("{base}#{k}"))
+        .collect();
+    partitions.push(base.to_string());
+    partitions
+}
+
+/// The `status` attribute of a pool row: the hash key of `by-status-pick` and
+/// `by-status-name`, write-sharded as `{status}#{k}` with more than one shard (see
+/// [`shard_key`]), so allocations do not all remove entries from the one `available` key.
+pub fn status_shard_key(status: SandboxStatus, sandbox_id: &str, shards: u32) -> String {
+    shard_key(status.as_str(), sandbox_id, shards)
+}
+
+/// The status a stored `status` attribute names: the part before a shard suffix, if any.
+fn status_of_key(key: &str) -> &str {
+    key.split_once('#').map_or(key, |(status, _)| status)
 }
 
 /// The `by-due` hash key of a row of `status`: `{status}#{k}`, `k` from the sandbox id.
@@ -265,13 +299,17 @@ pub fn row_to_item(row: &PoolRow) -> Item {
     row_to_sharded_item(row, 1)
 }
 
-/// [`row_to_item`] with the `by-due` keys (`due_shard`, `due_key`) of a row that has a `due_at`,
-/// its hash key spread over `shards` (see [`due_shard_key`]).
+/// [`row_to_item`] with the index keys spread over `shards`: the `status` attribute (hash key of
+/// `by-status-pick` and `by-status-name`, see [`status_shard_key`]) and the `by-due` keys
+/// (`due_shard`, `due_key`) of a row that has a `due_at` (see [`due_shard_key`]).
 pub fn row_to_sharded_item(row: &PoolRow, shards: u32) -> Item {
     use pool_attr::*;
     let mut item = Item::with_capacity(16);
     item.insert(SANDBOX_ID.into(), s(&row.sandbox_id));
-    item.insert(STATUS.into(), s(row.status.as_str()));
+    item.insert(
+        STATUS.into(),
+        s(status_shard_key(row.status, &row.sandbox_id, shards)),
+    );
     if !row.name.is_empty() {
         item.insert(NAME.into(), s(&row.name));
     }
@@ -318,7 +356,7 @@ pub fn row_to_sharded_item(row: &PoolRow, shards: u32) -> Item {
 /// Reads a pool item back into its row (times at millisecond precision).
 pub fn row_from_item(item: &Item) -> Result<PoolRow, StoreError> {
     use pool_attr::*;
-    let status: SandboxStatus = get_s(item, STATUS)?
+    let status: SandboxStatus = status_of_key(get_s(item, STATUS)?)
         .parse()
         .map_err(|e: String| corrupt(STATUS, e))?;
     Ok(PoolRow {
@@ -367,7 +405,9 @@ pub(crate) const BY_STATUS_PICK_KEY: &KeyShape = &[
     (pool_attr::PICK, KeyType::N),
     (pool_attr::SANDBOX_ID, KeyType::S),
 ];
-/// `by-status-name` key.
+/// A `by-status-name` listing cursor: the status (unsharded), the last name and sandbox id
+/// returned — a position in the merged name order of every shard, which is also the shape of the
+/// index's own `LastEvaluatedKey` before sharding, so cursors issued then still resume.
 pub(crate) const BY_STATUS_NAME_KEY: &KeyShape = &[
     (pool_attr::STATUS, KeyType::S),
     (pool_attr::NAME, KeyType::S),
@@ -592,6 +632,34 @@ mod tests {
             assert!(!item.contains_key(absent), "{absent} should be omitted");
         }
         assert_eq!(row_from_item(&item)?, sparse);
+        Ok(())
+    }
+
+    /// With write sharding the `status` attribute is `{status}#{k}` (k from the sandbox id, the
+    /// same hash as every other sharded key), without it the bare status; both read back as
+    /// the row's status, and the readers' partitions list every shard plus the bare key.
+    #[test]
+    fn status_key_is_sharded_and_reads_back() -> Result<(), StoreError> {
+        let full = row();
+        let bare = row_to_sharded_item(&full, 1);
+        assert_eq!(key_s(&bare, "status"), Some("pending_deletion"));
+        let sharded = row_to_sharded_item(&full, 8);
+        let k = index_shard(&full.sandbox_id, 8);
+        assert_eq!(
+            key_s(&sharded, "status").map(str::to_string),
+            Some(format!("pending_deletion#{k}"))
+        );
+        assert_eq!(
+            key_s(&sharded, "due_shard").map(str::to_string),
+            Some(format!("pending_deletion#{k}"))
+        );
+        assert_eq!(row_from_item(&bare)?, full);
+        assert_eq!(row_from_item(&sharded)?, full);
+        assert_eq!(
+            shard_partitions("available", 3),
+            vec!["available#0", "available#1", "available#2", "available"]
+        );
+        assert_eq!(shard_partitions("available", 1), vec!["available"]);
         Ok(())
     }
 

@@ -55,7 +55,7 @@ use crate::store::StoreError;
 pub use items::{
     due_shard_key, due_sort_key, envelope_from_item, envelope_from_json_image, envelope_to_item,
     envelope_to_sharded_item, index_shard, row_from_item, row_to_item, row_to_sharded_item,
-    time_bucket, time_bucket_key, Item,
+    shard_key, status_shard_key, time_bucket, time_bucket_key, Item,
 };
 use items::{n, s};
 pub use tables::{
@@ -69,7 +69,8 @@ pub use retry::{CapacityKind, RequestCounts};
 /// Default number of stats shards (DESIGN.md §5: spreads 1,000 transitions/s).
 pub const DEFAULT_STATS_SHARDS: u32 = 8;
 /// Default number of write shards of the hot index keys (ADR 0014): an hour's events and a
-/// status's due rows are spread over this many partitions.
+/// status's rows (`by-status-pick`, `by-status-name`, `by-due`) are spread over this many
+/// partitions.
 pub const DEFAULT_INDEX_SHARDS: u32 = 8;
 /// Default retry budget per call (after the first attempt).
 pub const DEFAULT_MAX_RETRIES: u32 = 6;
@@ -104,7 +105,8 @@ pub struct DynamoConfig {
     pub stats_shards: u32,
     /// Retries per call after the first attempt (default [`DEFAULT_MAX_RETRIES`]).
     pub max_retries: u32,
-    /// Write shards of the hot index keys, `by-time` and `by-due` (default
+    /// Write shards of the hot index keys, `by-time`, `by-due`, `by-status-pick` and
+    /// `by-status-name` (default
     /// [`DEFAULT_INDEX_SHARDS`]); readers query every shard, so it must match every writer's.
     pub index_shards: u32,
 }

@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 
 use super::items::{
     cursor_from_key, due_sort_key, key_from_cursor, key_n, key_of, key_s, pool_attr, row_from_item,
-    Item, KeyShape, BY_DUE_KEY, BY_OWNER_KEY, BY_STATUS_NAME_KEY, BY_STATUS_PICK_KEY, DUE_CURSOR,
-    POOL_KEY,
+    shard_partitions, Item, KeyShape, BY_DUE_KEY, BY_OWNER_KEY, BY_STATUS_NAME_KEY,
+    BY_STATUS_PICK_KEY, DUE_CURSOR, POOL_KEY,
 };
 use super::retry::Failure;
 use super::{
@@ -144,6 +144,224 @@ impl DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// The `by-status-pick` / `by-status-name` partitions of `status`: every shard, then the
+    /// bare status (rows last written before sharding was switched on).
+    fn status_partitions(&self, status: SandboxStatus) -> Vec<String> {
+        shard_partitions(status.as_str(), self.index_shards)
+    }
+
+    /// Up to `limit` rows of one `by-status-pick` partition from pick `start` upwards, wrapping
+    /// to the bottom: concurrent allocators start at different places of the pool instead of
+    /// all fighting over its first rows.
+    async fn pick_candidates(
+        &self,
+        partition: &str,
+        start: u32,
+        limit: usize,
+    ) -> Result<Vec<PoolRow>, StoreError> {
+        let by_pick = |condition: &str| RowQuery {
+            what: "Query(by-status-pick)",
+            index: Some(tables::INDEX_BY_STATUS_PICK),
+            shape: BY_STATUS_PICK_KEY,
+            key_condition: Some(format!("#st = :st AND {condition}")),
+            filter: None,
+            names: names(&[("#st", pool_attr::STATUS), ("#pick", pool_attr::PICK)]),
+            values: HashMap::from([
+                (":st".to_string(), s(partition)),
+                (":start".to_string(), n(start)),
+            ]),
+            consistent: false,
+        };
+        let (mut rows, _) = self.rows(&by_pick("#pick >= :start"), limit, None).await?;
+        if rows.len() < limit && start > 0 {
+            let (wrapped, _) = self
+                .rows(&by_pick("#pick < :start"), limit - rows.len(), None)
+                .await?;
+            rows.extend(wrapped);
+        }
+        Ok(rows)
+    }
+
+    /// Up to `limit` rows of one `by-status-name` partition whose names start with `prefix`,
+    /// after `after` and wrapping to the range's start, so successive pages walk the range.
+    async fn prefix_candidates(
+        &self,
+        partition: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PoolRow>, StoreError> {
+        // The names starting with `prefix` are exactly the sort-key range [prefix,
+        // prefix + U+10FFFF] (UTF-8 byte order).
+        let end = format!("{prefix}\u{10FFFF}");
+        let by_name = |lo: String, hi: String| name_range(partition, Some(lo), Some(hi));
+        let after = after.filter(|a| a.starts_with(prefix));
+        // The smallest string greater than `after` is `after` followed by NUL.
+        let start = after.map_or_else(|| prefix.to_string(), |a| format!("{a}\u{0}"));
+        let (mut rows, _) = self.rows(&by_name(start, end), limit, None).await?;
+        if let Some(after) = after {
+            if rows.len() < limit {
+                let (wrapped, _) = self
+                    .rows(
+                        &by_name(prefix.to_string(), after.to_string()),
+                        limit - rows.len(),
+                        None,
+                    )
+                    .await?;
+                rows.extend(wrapped);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A listing of one status (names starting with `prefix`, if any) in name order: every
+    /// `by-status-name` partition of the status is read from the cursor's position at once and
+    /// the pages are merged, so the order and the cursors are those of the unsharded index.
+    async fn list_by_status(
+        &self,
+        status: SandboxStatus,
+        prefix: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RowPage, StoreError> {
+        let after = match cursor {
+            None => None,
+            Some(c) => {
+                let key = key_from_cursor(c, BY_STATUS_NAME_KEY)?;
+                cursor_in_partition(&key, pool_attr::STATUS, status.as_str())?;
+                let name = key_s(&key, pool_attr::NAME).unwrap_or_default();
+                let id = key_s(&key, pool_attr::SANDBOX_ID).unwrap_or_default();
+                if prefix.is_some_and(|p| !name.starts_with(p)) {
+                    return Err(StoreError::InvalidCursor);
+                }
+                Some((name.to_string(), id.to_string()))
+            }
+        };
+        // Each partition is read from the cursor's name on (inclusive: later ids may share it),
+        // within the prefix's range [prefix, prefix + U+10FFFF] if there is one.
+        let lo = after
+            .as_ref()
+            .map(|(name, _)| name.clone())
+            .or_else(|| prefix.map(str::to_string));
+        let hi = prefix.map(|p| format!("{p}\u{10FFFF}"));
+        let shards = self.status_partitions(status).into_iter().map(|partition| {
+            let query = name_range(&partition, lo.clone(), hi.clone());
+            let after = after.clone();
+            async move { self.rows_after(&query, limit, after.as_ref()).await }
+        });
+        let pages = futures::future::try_join_all(shards).await?;
+        let (rows, last) = merge_shards(pages, name_key, after.as_ref(), limit);
+        let cursor = last
+            .map(|(name, id)| {
+                cursor_from_key(&HashMap::from([
+                    (pool_attr::STATUS.to_string(), s(status.as_str())),
+                    (pool_attr::NAME.to_string(), s(name)),
+                    (pool_attr::SANDBOX_ID.to_string(), s(id)),
+                ]))
+            })
+            .transpose()?;
+        Ok(RowPage { rows, cursor })
+    }
+
+    /// Up to `limit` rows of `query` that come after `after` in (name, sandbox id) order, and
+    /// whether the partition may hold more. Rows at or before `after` (the cursor's own name,
+    /// shared by several sandboxes) are skipped without counting towards `limit`.
+    async fn rows_after(
+        &self,
+        query: &RowQuery,
+        limit: usize,
+        after: Option<&(String, String)>,
+    ) -> Result<(Vec<PoolRow>, bool), StoreError> {
+        let mut kept = Vec::with_capacity(limit.min(1000));
+        let mut start = None;
+        loop {
+            let (rows, next) = self.rows(query, limit - kept.len(), start).await?;
+            kept.extend(
+                rows.into_iter()
+                    .filter(|row| after.is_none_or(|a| name_key(row) > *a)),
+            );
+            match next {
+                None => return Ok((kept, false)),
+                Some(_) if kept.len() == limit => return Ok((kept, true)),
+                Some(key) => start = Some(key),
+            }
+        }
+    }
+}
+
+/// A row's position in a `by-status-name` listing: its name, then its sandbox id for ties.
+fn name_key(row: &PoolRow) -> (String, String) {
+    (row.name.clone(), row.sandbox_id.clone())
+}
+
+/// A query of one `by-status-name` partition: the names from `lo` up to `hi` (both inclusive,
+/// each bound optional).
+fn name_range(partition: &str, lo: Option<String>, hi: Option<String>) -> RowQuery {
+    let mut values = HashMap::from([(":st".to_string(), s(partition))]);
+    let mut attribute_names = vec![("#st", pool_attr::STATUS)];
+    if lo.is_some() || hi.is_some() {
+        // DynamoDB refuses a name the expression does not use.
+        attribute_names.push(("#name", pool_attr::NAME));
+    }
+    let key_condition = match (lo, hi) {
+        (Some(lo), Some(hi)) => {
+            values.insert(":lo".to_string(), s(lo));
+            values.insert(":hi".to_string(), s(hi));
+            "#st = :st AND #name BETWEEN :lo AND :hi"
+        }
+        (Some(lo), None) => {
+            values.insert(":lo".to_string(), s(lo));
+            "#st = :st AND #name >= :lo"
+        }
+        (None, Some(hi)) => {
+            values.insert(":hi".to_string(), s(hi));
+            "#st = :st AND #name <= :hi"
+        }
+        (None, None) => "#st = :st",
+    };
+    RowQuery {
+        what: "Query(by-status-name)",
+        index: Some(tables::INDEX_BY_STATUS_NAME),
+        shape: BY_STATUS_NAME_KEY,
+        key_condition: Some(key_condition.to_string()),
+        filter: None,
+        names: names(&attribute_names),
+        values,
+        consistent: false,
+    }
+}
+
+/// Merges the pages read from the shards of one index into the unsharded order (ADR 0014).
+/// Each page holds one shard's rows in `key` order from the same position, and says whether the
+/// shard was cut short; rows at or before `after` are dropped. The merged list is exact up to
+/// the lowest key at which a cut-short shard stopped (beyond it that shard may hold rows not
+/// read yet), so it is cut there, then to `limit`. Returns the rows and, when more may follow,
+/// the key of the last one: the next page's position.
+fn merge_shards<K: Ord + Clone>(
+    pages: Vec<(Vec<PoolRow>, bool)>,
+    key: impl Fn(&PoolRow) -> K,
+    after: Option<&K>,
+    limit: usize,
+) -> (Vec<PoolRow>, Option<K>) {
+    let mut frontier: Option<K> = None;
+    let mut merged = Vec::new();
+    for (rows, cut_short) in pages {
+        if cut_short {
+            if let Some(last) = rows.last().map(&key) {
+                frontier = Some(frontier.map_or(last.clone(), |f| f.min(last)));
+            }
+        }
+        merged.extend(rows.into_iter().map(|row| (key(&row), row)));
+    }
+    merged.sort_by(|a, b| a.0.cmp(&b.0));
+    merged.retain(|(k, _)| after.is_none_or(|a| k > a) && frontier.as_ref().is_none_or(|f| k <= f));
+    let more = merged.len() > limit || frontier.is_some();
+    merged.truncate(limit);
+    let last = merged.last().filter(|_| more).map(|(k, _)| k.clone());
+    (merged.into_iter().map(|(_, row)| row).collect(), last)
+}
+
 /// Checks that a decoded cursor belongs to this query: its partition-key value is the one
 /// queried (DynamoDB would otherwise refuse it, or worse, start elsewhere).
 fn cursor_in_partition(key: &Item, attribute: &str, value: &str) -> Result<(), StoreError> {
@@ -161,70 +379,36 @@ impl PoolView for DynamoStore {
     }
 
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
-        let available = SandboxStatus::Available.as_str();
-        if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
-            // The names starting with `prefix` are exactly the sort-key range [prefix,
-            // prefix + U+10FFFF] (UTF-8 byte order). Continue after the caller's last name and
-            // wrap to the start of the range, so successive pages walk the whole prefix.
-            let end = format!("{prefix}\u{10FFFF}");
-            let by_name = |lo: String, hi: String| RowQuery {
-                what: "Query(by-status-name)",
-                index: Some(tables::INDEX_BY_STATUS_NAME),
-                shape: BY_STATUS_NAME_KEY,
-                key_condition: Some("#st = :st AND #name BETWEEN :lo AND :hi".into()),
-                filter: None,
-                names: names(&[("#st", pool_attr::STATUS), ("#name", pool_attr::NAME)]),
-                values: HashMap::from([
-                    (":st".to_string(), s(available)),
-                    (":lo".to_string(), s(&lo)),
-                    (":hi".to_string(), s(&hi)),
-                ]),
-                consistent: false,
-            };
-            let after = query
-                .after_name
-                .as_deref()
-                .filter(|a| a.starts_with(prefix));
-            // The smallest string greater than `after` is `after` followed by NUL.
-            let start = after.map_or_else(|| prefix.to_string(), |a| format!("{a}\u{0}"));
-            let (mut rows, _) = self.rows(&by_name(start, end), query.limit, None).await?;
-            if let Some(after) = after {
-                if rows.len() < query.limit {
-                    let (wrapped, _) = self
-                        .rows(
-                            &by_name(prefix.to_string(), after.to_string()),
-                            query.limit - rows.len(),
-                            None,
-                        )
-                        .await?;
-                    rows.extend(wrapped);
-                }
-            }
-            return Ok(rows);
+        // One shard (chosen by the random start) serves the page while it has enough rows: one
+        // query (two when it wraps), as unsharded. Only a shard with too few rows sends the
+        // search on to the others, the bare legacy key last, so a page still holds `limit` rows
+        // whenever the whole available range has that many (ADR 0014).
+        let mut partitions = self.status_partitions(SandboxStatus::Available);
+        if self.index_shards > 1 {
+            let first = query.start_pick % self.index_shards;
+            partitions[..self.index_shards as usize].rotate_left(first as usize);
         }
-        // From the random start upwards, then wrap around below it: concurrent allocators start
-        // at different places of the pool instead of all fighting over its first K rows.
-        let by_pick = |condition: &str| RowQuery {
-            what: "Query(by-status-pick)",
-            index: Some(tables::INDEX_BY_STATUS_PICK),
-            shape: BY_STATUS_PICK_KEY,
-            key_condition: Some(format!("#st = :st AND {condition}")),
-            filter: None,
-            names: names(&[("#st", pool_attr::STATUS), ("#pick", pool_attr::PICK)]),
-            values: HashMap::from([
-                (":st".to_string(), s(available)),
-                (":start".to_string(), n(query.start_pick)),
-            ]),
-            consistent: false,
-        };
-        let (mut rows, _) = self
-            .rows(&by_pick("#pick >= :start"), query.limit, None)
-            .await?;
-        if rows.len() < query.limit && query.start_pick > 0 {
-            let (wrapped, _) = self
-                .rows(&by_pick("#pick < :start"), query.limit - rows.len(), None)
-                .await?;
-            rows.extend(wrapped);
+        let prefix = query.prefix.as_deref().filter(|p| !p.is_empty());
+        let mut rows = Vec::with_capacity(query.limit);
+        for (i, partition) in partitions.iter().enumerate() {
+            let want = query.limit - rows.len();
+            if want == 0 {
+                break;
+            }
+            let found = match prefix {
+                Some(prefix) => {
+                    // The first shard continues after the caller's last name; the others (only
+                    // reached when the first ran short) are read from the prefix's start.
+                    let after = query.after_name.as_deref().filter(|_| i == 0);
+                    self.prefix_candidates(partition, prefix, after, want)
+                        .await?
+                }
+                None => {
+                    let start = if i == 0 { query.start_pick } else { 0 };
+                    self.pick_candidates(partition, start, want).await?
+                }
+            };
+            rows.extend(found);
         }
         Ok(rows)
     }
@@ -236,6 +420,9 @@ impl PoolView for DynamoStore {
         cursor: Option<&str>,
     ) -> Result<RowPage, StoreError> {
         let prefix = filter.prefix.as_deref().filter(|p| !p.is_empty());
+        if let (None, Some(status)) = (&filter.owner, filter.status) {
+            return self.list_by_status(status, prefix, limit, cursor).await;
+        }
         let mut names = HashMap::new();
         let mut values = HashMap::new();
         let mut prefix_condition = None;
@@ -250,9 +437,11 @@ impl PoolView for DynamoStore {
             values.insert(":owner".into(), s(owner));
             let mut filters: Vec<String> = prefix_condition.into_iter().collect();
             if let Some(status) = filter.status {
+                // The stored status may carry a shard suffix (`allocated#3`).
                 names.insert("#st".into(), pool_attr::STATUS.into());
                 values.insert(":st".into(), s(status.as_str()));
-                filters.push("#st = :st".into());
+                values.insert(":st_shard".into(), s(format!("{}#", status.as_str())));
+                filters.push("(#st = :st OR begins_with(#st, :st_shard))".into());
             }
             RowQuery {
                 what: "Query(by-owner)",
@@ -260,24 +449,6 @@ impl PoolView for DynamoStore {
                 shape: BY_OWNER_KEY,
                 key_condition: Some("#owner = :owner".into()),
                 filter: (!filters.is_empty()).then(|| filters.join(" AND ")),
-                names,
-                values,
-                consistent: false,
-            }
-        } else if let Some(status) = filter.status {
-            // One status in name order; a prefix is an exact key condition, not a filter.
-            names.insert("#st".into(), pool_attr::STATUS.into());
-            values.insert(":st".into(), s(status.as_str()));
-            let key_condition = match &prefix_condition {
-                Some(p) => format!("#st = :st AND {p}"),
-                None => "#st = :st".to_string(),
-            };
-            RowQuery {
-                what: "Query(by-status-name)",
-                index: Some(tables::INDEX_BY_STATUS_NAME),
-                shape: BY_STATUS_NAME_KEY,
-                key_condition: Some(key_condition),
-                filter: None,
                 names,
                 values,
                 consistent: false,
@@ -297,16 +468,8 @@ impl PoolView for DynamoStore {
         let start = cursor
             .map(|c| key_from_cursor(c, query.shape))
             .transpose()?;
-        if let Some(key) = &start {
-            if let Some(owner) = &filter.owner {
-                cursor_in_partition(key, pool_attr::OWNER, owner)?;
-            } else if let Some(status) = filter.status {
-                cursor_in_partition(key, pool_attr::STATUS, status.as_str())?;
-                let name = key_s(key, pool_attr::NAME).unwrap_or_default();
-                if prefix.is_some_and(|p| !name.starts_with(p)) {
-                    return Err(StoreError::InvalidCursor);
-                }
-            }
+        if let (Some(key), Some(owner)) = (&start, &filter.owner) {
+            cursor_in_partition(key, pool_attr::OWNER, owner)?;
         }
         let (rows, next) = self.rows(&query, limit, start).await?;
         let cursor = next.as_ref().map(cursor_from_key).transpose()?;
@@ -363,33 +526,20 @@ impl PoolView for DynamoStore {
                 &row.sandbox_id,
             )
         };
-        let mut frontier: Option<String> = None;
-        let mut merged = Vec::new();
-        for (rows, next) in pages {
-            if next.is_some() {
-                if let Some(last) = rows.last().map(due_key) {
-                    frontier = Some(frontier.map_or(last.clone(), |f| f.min(last)));
-                }
-            }
-            merged.extend(rows.into_iter().map(|row| (due_key(&row), row)));
-        }
-        merged.sort_by(|a, b| a.0.cmp(&b.0));
-        merged.retain(|(key, _)| {
-            key.as_str() > after.as_str() && frontier.as_ref().is_none_or(|f| key <= f)
-        });
-        let more = merged.len() > limit || frontier.is_some();
-        merged.truncate(limit);
-        let cursor = match merged.last() {
-            Some((last, _)) if more => Some(cursor_from_key(&HashMap::from([
-                (pool_attr::DUE_SHARD.to_string(), s(status.as_str())),
-                (pool_attr::DUE_KEY.to_string(), s(last)),
-            ]))?),
-            _ => None,
-        };
-        Ok(RowPage {
-            rows: merged.into_iter().map(|(_, row)| row).collect(),
-            cursor,
-        })
+        let pages = pages
+            .into_iter()
+            .map(|(rows, next)| (rows, next.is_some()))
+            .collect();
+        let (rows, last) = merge_shards(pages, due_key, Some(&after), limit);
+        let cursor = last
+            .map(|last| {
+                cursor_from_key(&HashMap::from([
+                    (pool_attr::DUE_SHARD.to_string(), s(status.as_str())),
+                    (pool_attr::DUE_KEY.to_string(), s(last)),
+                ]))
+            })
+            .transpose()?;
+        Ok(RowPage { rows, cursor })
     }
 
     async fn stats(&self) -> Result<PoolStats, StoreError> {
@@ -447,5 +597,65 @@ impl PoolView for DynamoStore {
 
     async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
         self.read_prefix_stats().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn row(name: &str) -> PoolRow {
+        let at = Utc.timestamp_millis_opt(0).single().unwrap_or_default();
+        PoolRow {
+            sandbox_id: format!("id-{name}"),
+            status: SandboxStatus::Available,
+            name: name.to_string(),
+            external_id: String::new(),
+            sfdc_account_id: None,
+            owner: None,
+            track_name: None,
+            allocated_at: None,
+            expires_at: None,
+            deletion_requested_at: None,
+            attempts: 0,
+            last_error: None,
+            due_at: None,
+            pick: 0,
+            version: 1,
+            updated_at: at,
+        }
+    }
+
+    fn names_of(rows: &[PoolRow]) -> Vec<&str> {
+        rows.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// Merged shard pages come out in key order, stop where a cut-short shard stopped (it may
+    /// hold unseen rows beyond), drop what is at or before the position, and give the last
+    /// key as the next position only when more may follow.
+    #[test]
+    fn merge_stops_at_the_lowest_cut_short_shard() {
+        let key = |r: &PoolRow| r.name.clone();
+        let pages = vec![
+            (vec![row("a"), row("d"), row("g")], false),
+            (vec![row("b"), row("c")], true),
+            (vec![row("e")], false),
+        ];
+        let (rows, last) = merge_shards(pages, key, None, 10);
+        assert_eq!(names_of(&rows), vec!["a", "b", "c"]);
+        assert_eq!(last.as_deref(), Some("c"));
+
+        let pages = vec![
+            (vec![row("a"), row("d"), row("g")], false),
+            (vec![row("b"), row("c")], false),
+        ];
+        let after = "b".to_string();
+        let (rows, last) = merge_shards(pages.clone(), key, Some(&after), 10);
+        assert_eq!(names_of(&rows), vec!["c", "d", "g"]);
+        assert_eq!(last, None, "every shard was read to its end");
+        let (rows, last) = merge_shards(pages, key, None, 2);
+        assert_eq!(names_of(&rows), vec!["a", "b"]);
+        assert_eq!(last.as_deref(), Some("b"));
     }
 }
