@@ -233,6 +233,7 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let from_browser = req.headers().contains_key(header::ORIGIN);
+    let preflight = is_preflight(&method, req.headers());
     let caller = req
         .headers()
         .get("x-instruqt-sandbox-id")
@@ -246,6 +247,11 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .unwrap_or_else(|| "unmatched".into());
 
     let mut response = next.run(req).await;
+    // tower-http answers a preflight 200; the broker always answered 204 (no content), and
+    // keeps doing so.
+    if preflight && response.status() == StatusCode::OK {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
     let principal = response
         .extensions()
         .get::<crate::auth::AuthenticatedAs>()
