@@ -318,7 +318,7 @@ impl Jobs {
             }
             other => {
                 // Unreadable: start the debounce afresh rather than mark anything on bad data.
-                tracing::warn!(target: "job", job = "sync", version = latest.version, decoded = ?other.err(), "latest sync record unreadable; debounce restarts");
+                tracing::warn!(target: "job", job = "sync", version = latest.version, error = other.err().map(|e| e.to_string()).unwrap_or_default(), "latest sync record unreadable; debounce restarts");
                 HashSet::new()
             }
         };

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use domain::adapters::dynamo::{
     table_definitions, table_definitions_json, table_name, DynamoStore,
 };
@@ -402,7 +402,7 @@ async fn poll(
         registry.clone(),
         stop.stopped(),
     ));
-    tracing::info!(target: "projector", metrics_addr = %args.metrics_addr, store = ?store.store, "projector poll starting");
+    tracing::info!(target: "projector", metrics_addr = %args.metrics_addr, store = store.store.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(), "projector poll starting");
     let stores = runtime::open_stores(store).await?;
     runtime::StoreRequestMetrics::for_stores(&registry, &stores).context("store metrics")?;
     let projector = Projector::new(stores.events.clone(), stores.view.clone(), metrics);
