@@ -8,7 +8,9 @@
 # 127.0.0.1, waits until the sync registered the pool and the view shows it, then per level runs
 # wrk for S seconds while sampling the projector lag from /metrics every 100 ms, and prints
 # allocations/s, latency p50/p99, the statuses, lag p50/p99/max and how long after the level
-# `/v1/admin/stats` counted every 201. Traffic stays on 127.0.0.1; every level is bounded in time.
+# `/v1/admin/stats` counted every 201, and the API process's CPU time (user + system, from
+# /proc, projector catch-up included) per 201: the figure that does not depend on how busy the
+# rest of the machine is. Traffic stays on 127.0.0.1; every level is bounded in time.
 # Needs wrk (Debian package `wrk`), curl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +50,13 @@ until [ "$(stat available 2>/dev/null || echo 0)" -ge "$pool" ]; do
   sleep 1
 done
 echo "pool of $pool registered and projected in $(( $(date +%s) - started )) s"
-echo "| concurrency | seconds | allocations/s | p50 ms | p99 ms | statuses | lag p50 ms | lag p99 ms | lag max ms | stats = 201s after |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$api/stat"; }
+tick_us=$(( 1000000 / $(getconf CLK_TCK) ))
+echo "| concurrency | seconds | allocations/s | p50 ms | p99 ms | statuses | lag p50 ms | lag p99 ms | lag max ms | stats = 201s after | API CPU µs per 201 |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for c in ${levels//,/ }; do
   before=$(stat allocated)
+  cpu_before=$(cpu_ticks)
   ( while :; do curl -sf "$url/metrics" | awk '/^broker_projector_lag_ms /{print $2}'; sleep 0.1; done ) > "$work/lag-$c" 2>/dev/null &
   sampler=$!
   WRK_RUN="$c-$RANDOM" wrk -t2 -c"$c" -d"${duration}s" --timeout 10s -s scripts/wrk/allocate.lua "$url" > "$work/wrk-$c" 2>&1 || true
@@ -63,9 +68,10 @@ for c in ${levels//,/ }; do
     sleep 0.01
   done
   caught=$(( ($(date +%s%N) - ended) / 1000000 ))
+  cpu_per=$(awk -v t=$(( $(cpu_ticks) - cpu_before )) -v us="$tick_us" -v n="$created" 'BEGIN{if(n>0)printf "%.0f", t*us/n; else print "-"}')
   rate=$(awk -v n="$created" -v d="$duration" 'BEGIN{printf "%.0f", n/d}')
   read -r p50 p99 < <(awk '/^p50_ms/{print $2, $4}' "$work/wrk-$c")
   statuses=$(sed -n 's/^statuses //p' "$work/wrk-$c")
   lags=$(sort -n "$work/lag-$c" | awk '{a[NR]=$1} END{if(NR==0){print "- - -"; exit} p=int(NR*0.5); if(p<1)p=1; q=int(NR*0.99); if(q<1)q=1; print a[p], a[q], a[NR]}')
-  echo "| $c | $duration | $rate | $p50 | $p99 | $statuses | ${lags// / | } | ${caught} ms |"
+  echo "| $c | $duration | $rate | $p50 | $p99 | $statuses | ${lags// / | } | ${caught} ms | $cpu_per |"
 done

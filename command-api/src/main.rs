@@ -8,6 +8,11 @@ use command_api::config::Config;
 use command_api::startup;
 use runtime::LogFormat;
 
+/// mimalloc instead of the system allocator: a request allocates and frees many small objects
+/// across threads, which glibc's malloc spent a fifth of the request path's CPU on (ADR 0020).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: Config = runtime::parse_settings();

@@ -171,6 +171,8 @@ struct Candidates {
     inner: Mutex<CandidateState>,
     /// Woken whenever an in-flight candidate is decided (taken or given back).
     decided: tokio::sync::Notify,
+    /// Woken whenever a page read ends (filled or not).
+    fetched: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +187,8 @@ struct CandidateState {
     recent_takes: VecDeque<Instant>,
     /// Per prefix, the last name read: the next page continues after it.
     cursors: HashMap<String, String>,
+    /// Prefixes whose candidate page is being read right now (see [`PageTurn`]).
+    fetching: HashSet<String>,
 }
 
 /// How long a queued candidate may wait before it is considered too old to try.
@@ -198,6 +202,10 @@ const MAX_PREFIXES: usize = 10_000;
 const MAX_TAKEN: usize = 200_000;
 /// Largest candidate page.
 const MAX_PAGE: usize = 200;
+/// How long a request waits for another request's page read of its prefix before it reads a
+/// page itself, and how many such waits one request makes at most.
+const PAGE_WAIT: StdDuration = StdDuration::from_millis(100);
+const MAX_PAGE_WAITS: usize = 20;
 
 /// Why [`Candidates::fill`] found nothing to queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +257,25 @@ impl Candidates {
         found
     }
 
-    /// Queues the usable rows of a fresh page for `prefix`, shuffled.
+    /// The turn to read the next candidate page of `prefix`, unless another request of this
+    /// process is reading one now: under a burst every request finds the queue empty at once,
+    /// and each reading its own page (the same rows, from the same cursor) parsed a dozen view
+    /// rows per allocation and threw all but the last page away.
+    fn page_turn(&self, prefix: &str) -> Option<PageTurn<'_>> {
+        let mut state = self.lock();
+        if state.fetching.len() >= MAX_PREFIXES {
+            // Only reachable if turns leaked, which their drop rules out; never block on it.
+            state.fetching.clear();
+        }
+        state.fetching.insert(prefix.to_string()).then(|| PageTurn {
+            candidates: self,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// Queues the usable rows of a fresh page for `prefix`, shuffled, after the rows already
+    /// queued for it (a row already queued is not queued twice). `Queued` when the queue now
+    /// holds a usable row.
     fn fill(&self, prefix: &str, mut rows: Vec<PoolRow>, last_name: Option<String>) -> Fill {
         rows.shuffle(&mut rand::rng());
         let mut state = self.lock();
@@ -263,18 +289,28 @@ impl Candidates {
             state.cursors.insert(prefix.to_string(), last);
         }
         let in_flight = rows.iter().any(|r| state.in_flight.contains(&r.sandbox_id));
-        let fresh: VecDeque<PoolRow> = rows.into_iter().filter(|r| state.usable(r)).collect();
-        if fresh.is_empty() {
-            return if in_flight {
-                Fill::OnlyInFlight
-            } else {
-                Fill::AllTaken
-            };
+        let mut queue = match state.queues.remove(prefix) {
+            Some((filled, queue)) if filled.elapsed() <= QUEUE_TTL => queue,
+            _ => VecDeque::new(),
+        };
+        let queued: HashSet<String> = queue.iter().map(|r| r.sandbox_id.clone()).collect();
+        queue.extend(
+            rows.into_iter()
+                .filter(|r| state.usable(r) && !queued.contains(&r.sandbox_id)),
+        );
+        let usable = queue.iter().any(|r| state.usable(r));
+        if !queue.is_empty() {
+            state
+                .queues
+                .insert(prefix.to_string(), (Instant::now(), queue));
         }
-        state
-            .queues
-            .insert(prefix.to_string(), (Instant::now(), fresh));
-        Fill::Queued
+        if usable {
+            Fill::Queued
+        } else if in_flight {
+            Fill::OnlyInFlight
+        } else {
+            Fill::AllTaken
+        }
     }
 
     /// The candidate's conditional write decided that it is gone (this request took it, or
@@ -336,6 +372,20 @@ impl Candidates {
     }
 }
 
+/// One request's turn to read a candidate page of a prefix; ending it (by drop, so also when the
+/// read fails or the request is cancelled) lets the requests waiting on the prefix go on.
+struct PageTurn<'a> {
+    candidates: &'a Candidates,
+    prefix: String,
+}
+
+impl Drop for PageTurn<'_> {
+    fn drop(&mut self) {
+        self.candidates.lock().fetching.remove(&self.prefix);
+        self.candidates.fetched.notify_waiters();
+    }
+}
+
 /// Where one allocation request is in its search for a candidate.
 #[derive(Debug, Default)]
 struct Search {
@@ -343,6 +393,8 @@ struct Search {
     random_pages: usize,
     /// Full sweeps of the view's available range.
     sweeps: usize,
+    /// Waits for another request's page read.
+    page_waits: usize,
 }
 
 /// The broker's command side.
@@ -765,6 +817,18 @@ impl Broker {
                 return Ok(Some(row));
             }
             if search.random_pages < self.config.allocate_rounds {
+                // Registered before asking for the turn, so a read that ends in between still
+                // wakes this request.
+                let fetched = self.candidates.fetched.notified();
+                tokio::pin!(fetched);
+                fetched.as_mut().enable();
+                let turn = self.candidates.page_turn(cache_key);
+                if turn.is_none() && search.page_waits < MAX_PAGE_WAITS {
+                    // Another request is reading this prefix's next page: use its rows.
+                    search.page_waits += 1;
+                    let _ = tokio::time::timeout(PAGE_WAIT, fetched).await;
+                    continue;
+                }
                 search.random_pages += 1;
                 // Ask for enough rows that the ones this process took a moment ago (and the
                 // view may still show as available) cannot crowd out fresh candidates; bounded,
@@ -779,7 +843,9 @@ impl Broker {
                 };
                 let rows = self.view.candidates(&query).await?;
                 let last_name = rows.last().map(|r| r.name.clone());
-                if self.candidates.fill(cache_key, rows, last_name) == Fill::Queued {
+                let filled = self.candidates.fill(cache_key, rows, last_name);
+                drop(turn);
+                if filled == Fill::Queued {
                     continue;
                 }
                 // A page with nothing usable proves nothing about the rest of the pool: sweep.

@@ -528,10 +528,15 @@ impl EventEnvelope {
         occurred_at: DateTime<Utc>,
     ) -> Self {
         let payload = serde_json::to_value(event).unwrap_or(serde_json::Value::Null);
+        // The tag is already in the payload; `event_type()` would serialise the event again.
+        let event_type = match payload.get("type").and_then(|t| t.as_str()) {
+            Some(tag) => tag.to_string(),
+            None => event.event_type(),
+        };
         Self {
             stream_id: stream_id.to_string(),
             version,
-            event_type: event.event_type(),
+            event_type,
             schema_version: CURRENT_SCHEMA_VERSION,
             event_id: Uuid::now_v7(),
             occurred_at: truncate_to_millis(occurred_at),

@@ -25,7 +25,7 @@ impl EventFeed for EmbeddedStore {
         };
         let until = format_time(&query.until);
         let filter = query.filter.clone();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let mut sql = format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE (occurred_at, event_id) > (?1, ?2) AND occurred_at < ?3"
             );
@@ -79,7 +79,7 @@ impl EventFeed for EmbeddedStore {
 
     async fn first_event_time(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let first: Option<String> = self
-            .with_conn(|conn, _| {
+            .with_reader(|conn, _| {
                 conn.query_row(
                     "SELECT occurred_at FROM events ORDER BY occurred_at, event_id LIMIT 1",
                     [],

@@ -3,8 +3,14 @@
 //! (stream, version), atomic multi-stream batches, version-conditioned view writes — plus a global
 //! log position that the in-process projector tails.
 //!
-//! One connection behind a mutex; reads run on tokio's blocking pool so request tasks never
-//! stall the runtime. Appends go through one writer thread that **group-commits**: the appends
+//! One write connection behind a mutex; view writes run with it on tokio's blocking pool so
+//! request tasks never stall the runtime. A file store also opens [`READERS`] read-only
+//! connections, each owned by a reader thread that takes reads from one shared queue: WAL lets
+//! them read while the writer commits, so a strong load or a candidate page never waits behind
+//! an fsync, and no blocking-pool thread convoys on the write connection's mutex. A read sees
+//! every commit that finished before it started, which is every append that has returned
+//! (in-memory stores, private to one connection, read through the write connection). Appends go
+//! through one writer thread that **group-commits**: the appends
 //! that queue up while a commit is being made durable are written in the next single
 //! transaction, each inside its own savepoint, so each append's version checks still decide its
 //! own success or conflict while the batch shares one WAL fsync. That is what lets the default
@@ -67,6 +73,15 @@ impl Durability {
     }
 }
 
+/// Prepared statements kept per connection (see `init`).
+const STATEMENT_CACHE: usize = 128;
+
+/// Reader connections (and threads) of a file store.
+const READERS: usize = 2;
+
+/// A read run on a reader thread with its connection.
+type ReadJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
 /// Appends one group commit takes at most (bounds the time the connection is held).
 const MAX_GROUP: usize = 256;
 
@@ -89,6 +104,8 @@ struct Inner {
     appended: Notify,
     /// To the writer thread; dropping the last store drops it, which ends the thread.
     writer: Mutex<mpsc::Sender<WriteRequest>>,
+    /// To the reader threads (file stores); dropping it ends them. `None`: reads use `conn`.
+    readers: Option<mpsc::Sender<ReadJob>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -124,29 +141,45 @@ impl EmbeddedStore {
                 .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(db_err)?;
-        Self::init(conn, stats_shards, durability)
+        Self::init(conn, Some(path), stats_shards, durability)
     }
 
     /// A private in-memory database (tests, benchmarks).
     pub fn open_in_memory(stats_shards: u32) -> Result<Self, StoreError> {
         Self::init(
             Connection::open_in_memory().map_err(db_err)?,
+            None,
             stats_shards,
             Durability::Full,
         )
     }
 
+    /// Sets up the schema on `conn`, then the reader connections to `file` (a file store).
     fn init(
         mut conn: Connection,
+        file: Option<&Path>,
         stats_shards: u32,
         durability: Durability,
     ) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
+        // Every statement of the request and projector paths stays prepared: rusqlite's default
+        // cache of 16 is smaller than the set those paths use, and an evicted statement is parsed
+        // again on its next use.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         prefix_stats::install(&mut conn)?;
         conn.pragma_update(None, "synchronous", durability.pragma())
             .map_err(db_err)?;
+        // Opened once the schema and WAL mode are in place.
+        let readers = match file {
+            Some(path) => Some(spawn_readers(
+                (0..READERS)
+                    .map(|_| open_reader(path))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )?),
+            None => None,
+        };
         let conn = Arc::new(Mutex::new(conn));
         let (writer, requests) = mpsc::channel();
         let writer_conn = Arc::clone(&conn);
@@ -160,6 +193,7 @@ impl EmbeddedStore {
                 stats_shards: stats_shards.max(1),
                 appended: Notify::new(),
                 writer: Mutex::new(writer),
+                readers,
             }),
         })
     }
@@ -183,6 +217,26 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Unavailable(format!("blocking task: {e}")))?
     }
 
+    /// Runs the read `f` on a reader thread (file stores) or like [`Self::with_conn`].
+    async fn with_reader<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, u32) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some(readers) = &self.inner.readers else {
+            return self.with_conn(f).await;
+        };
+        let shards = self.inner.stats_shards;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            // The caller may have gone (its request was cancelled): nobody needs the answer.
+            let _ = reply.send(f(conn, shards));
+        });
+        let stopped = || StoreError::Unavailable("the reader threads have stopped".into());
+        readers.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// Events after global log position `after`, in append order, with their positions: what the
     /// in-process projector tails.
     pub async fn read_log(
@@ -190,7 +244,7 @@ impl EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, EventEnvelope)>, StoreError> {
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT position, {EVENT_COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"
@@ -212,7 +266,7 @@ impl EmbeddedStore {
 
     /// The newest log position (0 when empty).
     pub async fn log_head(&self) -> Result<u64, StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_reader(|conn, _| {
             conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
                 r.get::<_, i64>(0)
             })
@@ -243,6 +297,40 @@ impl EmbeddedStore {
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
         self.inner.appended.notified()
     }
+}
+
+/// A read-only connection to the store file (see the module docs).
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // A read path that tried to write would fail here rather than bypass the writer.
+    conn.pragma_update(None, "query_only", true)
+        .map_err(db_err)?;
+    Ok(conn)
+}
+
+/// Starts one reader thread per connection, all taking jobs from one queue (an idle reader takes
+/// the next read, so one long listing does not hold up the reads queued behind it). The threads
+/// end when the returned sender is dropped.
+fn spawn_readers(connections: Vec<Connection>) -> Result<mpsc::Sender<ReadJob>, StoreError> {
+    let (jobs, queue) = mpsc::channel::<ReadJob>();
+    let queue = Arc::new(Mutex::new(queue));
+    for (i, mut conn) in connections.into_iter().enumerate() {
+        let queue = Arc::clone(&queue);
+        std::thread::Builder::new()
+            .name(format!("embedded-reader-{i}"))
+            .spawn(move || loop {
+                // The lock is held while waiting, so exactly one idle reader waits on the queue.
+                let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok(job) = job else { return };
+                // A panicking read loses its own answer (its caller sees an error), not the thread.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+            })
+            .map_err(|e| StoreError::Unavailable(format!("start a reader thread: {e}")))?;
+    }
+    Ok(jobs)
 }
 
 fn lock_conn(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
@@ -308,6 +396,67 @@ mod tests {
             assert_eq!(store.load(&format!("s{i}")).await?.len(), 2);
         }
         assert_eq!(store.read_log(0, 1000).await?.len(), 81);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// A file store reads on its own connections: every append is visible to the load that
+    /// follows it (a reader sees each commit that returned), and a read completes while the
+    /// write connection is held — here by a job that lets go only once the read has answered,
+    /// so a read that needed the write connection would never answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_see_returned_appends_and_do_not_wait_for_the_writer() -> Result<(), StoreError> {
+        let dir = std::env::temp_dir().join(format!("readers-{}", uuid::Uuid::new_v4()));
+        let store = EmbeddedStore::open(&dir.join("db"), 2)?;
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = format!("s{i}");
+                store.append(vec![env(&stream, 1)]).await?;
+                Ok::<usize, StoreError>(store.load(&stream).await?.len())
+            }));
+        }
+        for task in tasks {
+            let seen = task
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+            assert_eq!(seen, 1, "a load after its append returned sees it");
+        }
+        let (read_done, released) = std::sync::mpsc::channel::<()>();
+        let holder = store.clone();
+        let held = tokio::spawn(async move {
+            holder
+                .with_conn(move |_, _| {
+                    released
+                        .recv_timeout(std::time::Duration::from_secs(30))
+                        .map_err(|_| StoreError::Unavailable("the read never answered".into()))
+                })
+                .await
+        });
+        // The holder may not have the lock yet; either way the read must not depend on it.
+        let events = tokio::time::timeout(std::time::Duration::from_secs(20), store.load("s7"))
+            .await
+            .map_err(|_| StoreError::Unavailable("the read waited for the writer".into()))??;
+        assert_eq!(events.len(), 1);
+        let _ = read_done.send(());
+        held.await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// The reader connections refuse writes, so no path can bypass the writer's version checks.
+    #[tokio::test]
+    async fn reader_connections_are_read_only() -> Result<(), StoreError> {
+        let dir = std::env::temp_dir().join(format!("readers-ro-{}", uuid::Uuid::new_v4()));
+        let store = EmbeddedStore::open(&dir.join("db"), 2)?;
+        let write = store
+            .with_reader(|conn, _| conn.execute("DELETE FROM events", []).map_err(db_err))
+            .await;
+        assert!(write.is_err(), "a reader wrote: {write:?}");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

@@ -46,7 +46,7 @@ impl PoolView for EmbeddedStore {
 
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
         let query = query.clone();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let available = SandboxStatus::Available.as_str();
             let limit = query.limit as i64;
             match &query.prefix {
@@ -98,7 +98,7 @@ impl PoolView for EmbeddedStore {
     ) -> Result<RowPage, StoreError> {
         let after = cursor.map(decode_cursor::<ListCursor>).transpose()?;
         let filter = filter.clone();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let mut sql = String::from("SELECT row FROM pool WHERE 1 = 1");
             let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
             if let Some(status) = filter.status {
@@ -161,7 +161,7 @@ impl PoolView for EmbeddedStore {
             None => (i64::MIN, String::new()),
         };
         let before_ms = before.timestamp_millis();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let rows = query_rows(
                 conn,
                 "SELECT row FROM pool WHERE status = ?1 AND due_at <= ?2 AND (due_at, sandbox_id) > (?3, ?4) ORDER BY due_at, sandbox_id LIMIT ?5",
@@ -183,7 +183,7 @@ impl PoolView for EmbeddedStore {
     }
 
     async fn stats(&self) -> Result<PoolStats, StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_reader(|conn, _| {
             let mut stmt = conn
                 .prepare_cached("SELECT status, SUM(count) FROM stats GROUP BY status")
                 .map_err(db_err)?;
@@ -202,7 +202,7 @@ impl PoolView for EmbeddedStore {
     }
 
     async fn stats_by_prefix(&self) -> Result<PrefixStats, StoreError> {
-        self.with_conn(|conn, _| super::prefix_stats::read(conn))
+        self.with_reader(|conn, _| super::prefix_stats::read(conn))
             .await
     }
 }

@@ -20,16 +20,14 @@ const LOAD_ROWS_PER_QUERY: usize = 500;
 impl ViewStore for EmbeddedStore {
     async fn load_row(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
         let sandbox_id = sandbox_id.to_string();
-        self.with_conn(move |conn, _| {
-            conn.query_row(
-                "SELECT row FROM pool WHERE sandbox_id = ?1",
-                params![sandbox_id],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(db_err)?
-            .map(row_from_json)
-            .transpose()
+        self.with_reader(move |conn, _| {
+            conn.prepare_cached("SELECT row FROM pool WHERE sandbox_id = ?1")
+                .map_err(db_err)?
+                .query_row(params![sandbox_id], |r| r.get::<_, String>(0))
+                .optional()
+                .map_err(db_err)?
+                .map(row_from_json)
+                .transpose()
         })
         .await
     }
@@ -106,7 +104,7 @@ impl ViewStore for EmbeddedStore {
         sandbox_ids: &[String],
     ) -> Result<HashMap<String, PoolRow>, StoreError> {
         let ids = sandbox_ids.to_vec();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             let mut rows = HashMap::with_capacity(ids.len());
             // SQLite binds at most 32,766 parameters; stay far below with a fixed statement shape
             // so the prepared-statement cache hits.
@@ -200,7 +198,7 @@ impl ViewStore for EmbeddedStore {
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
         let source = source.to_string();
-        self.with_conn(move |conn, _| {
+        self.with_reader(move |conn, _| {
             conn.query_row(
                 "SELECT position FROM checkpoints WHERE source = ?1",
                 params![source],
