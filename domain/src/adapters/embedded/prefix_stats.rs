@@ -1,73 +1,37 @@
-//! The embedded store's per-prefix counters (ADR 0018): a `prefix_stats` table kept by SQLite
-//! triggers on the `pool` table.
+//! The embedded store's per-prefix counters (ADR 0018): a `prefix_stats` table that the view
+//! writes move themselves, inside the transaction that writes the rows.
 //!
-//! Triggers rather than explicit writes: every path that writes a row (single event, batched
-//! chunk, rebuild's clear) then moves the counters inside the very transaction that moves the
-//! row, with no second copy of the counting rule to drift. The group is computed in SQL with the
-//! same rule as [`pool_prefix`](crate::model::pool_prefix::pool_prefix) — the name up to its last
-//! `-`, trailing dashes dropped: `rtrim(name, <every character of name but '-'>)` strips the last
-//! segment — and a unit test keeps the two equal.
+//! Every view write already reads the row it replaces (its version check), so it knows which
+//! (group, status) the sandbox leaves and which it enters. A write collects those moves in a
+//! [`PrefixMoves`], grouped with the model's rule [`pool_prefix`], and writes one upsert per
+//! counter it touched before it commits: rows and counters commit or roll back together, and a
+//! chunk of thousands of rows costs a handful of counter statements. SQLite triggers used to do
+//! this per row and cost the projector about a third of its throughput (ADR 0018, addendum);
+//! opening a store written in those days drops the triggers and keeps the counts they kept.
 
-use rusqlite::{Connection, OptionalExtension};
+use std::collections::HashMap;
+
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::model::lifecycle::SandboxStatus;
-use crate::model::pool_prefix::PrefixStats;
+use crate::model::pool_prefix::{pool_prefix, PrefixStats};
+use crate::model::projection::{PoolRow, StatsDelta};
 use crate::store::StoreError;
 
-/// SQL computing the prefix group of `name` (see the module docs).
-macro_rules! group_of {
-    ($name:literal) => {
-        concat!(
-            "rtrim(rtrim(",
-            $name,
-            ", replace(",
-            $name,
-            ", '-', '')), '-')"
-        )
-    };
-}
+const SCHEMA: &str = "CREATE TABLE prefix_stats (
+    prefix TEXT    NOT NULL,
+    status TEXT    NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (prefix, status)
+);";
 
-const SCHEMA: &str = concat!(
-    "CREATE TABLE prefix_stats (
-        prefix TEXT    NOT NULL,
-        status TEXT    NOT NULL,
-        count  INTEGER NOT NULL,
-        PRIMARY KEY (prefix, status)
-    );
-    -- INSERT OR REPLACE deletes the old row without firing DELETE triggers (recursive triggers
-    -- are off), so the insert trigger takes the old row out of its group first.
-    CREATE TRIGGER pool_prefix_stats_insert BEFORE INSERT ON pool BEGIN
-        UPDATE prefix_stats SET count = count - 1
-         WHERE (prefix, status) = (SELECT ",
-    group_of!("name"),
-    ", status FROM pool WHERE sandbox_id = NEW.sandbox_id);
-        -- Not INSERT OR IGNORE: the outer INSERT OR REPLACE's conflict policy would override
-        -- it and reset the counter.
-        INSERT INTO prefix_stats (prefix, status, count) SELECT ",
-    group_of!("NEW.name"),
-    ", NEW.status, 0 WHERE NOT EXISTS (SELECT 1 FROM prefix_stats WHERE prefix = ",
-    group_of!("NEW.name"),
-    " AND status = NEW.status);
-        UPDATE prefix_stats SET count = count + 1
-         WHERE prefix = ",
-    group_of!("NEW.name"),
-    " AND status = NEW.status;
-    END;
-    CREATE TRIGGER pool_prefix_stats_delete AFTER DELETE ON pool BEGIN
-        UPDATE prefix_stats SET count = count - 1
-         WHERE prefix = ",
-    group_of!("OLD.name"),
-    " AND status = OLD.status;
-    END;
-    -- A store written before the counters existed: count its rows once.
-    INSERT INTO prefix_stats (prefix, status, count)
-        SELECT ",
-    group_of!("name"),
-    ", status, COUNT(*) FROM pool GROUP BY 1, 2;"
-);
+/// The triggers that kept the counters before the writes did; dropped on open.
+const RETIRED_TRIGGERS: &str = "DROP TRIGGER IF EXISTS pool_prefix_stats_insert;
+DROP TRIGGER IF EXISTS pool_prefix_stats_delete;";
 
-/// Creates the counters and their triggers on a store that has none yet (counting the rows it
-/// already holds), in one transaction.
+/// Creates the counters on a store that has none yet, counting the rows it already holds, and
+/// retires the triggers of a store that kept them that way — in one transaction, so a store is
+/// never seen with rows but without their counts.
 pub(crate) fn install(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(db_err)?;
     let exists: Option<String> = tx
@@ -80,8 +44,92 @@ pub(crate) fn install(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(db_err)?;
     if exists.is_none() {
         tx.execute_batch(SCHEMA).map_err(db_err)?;
+        backfill(&tx)?;
     }
+    // The triggers' counts are right (they moved with every row): only the triggers go, or
+    // every write would now count twice.
+    tx.execute_batch(RETIRED_TRIGGERS).map_err(db_err)?;
     tx.commit().map_err(db_err)
+}
+
+/// Counts the rows of a store written before the counters existed.
+fn backfill(conn: &Connection) -> Result<(), StoreError> {
+    let mut moves = PrefixMoves::default();
+    let mut stmt = conn
+        .prepare("SELECT name, status FROM pool")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (name, status) = row.map_err(db_err)?;
+        moves.enter(&name, parse_status(&status)?);
+    }
+    moves.write(conn)
+}
+
+/// The counter moves of one transaction's row writes, summed per group before they are written.
+#[derive(Debug, Default)]
+pub(crate) struct PrefixMoves {
+    by_group: HashMap<String, StatsDelta>,
+}
+
+impl PrefixMoves {
+    /// A row write: the stored row `old` (name and status text as the `pool` table holds them;
+    /// `None` when the sandbox had no row) is replaced by `new`.
+    pub(crate) fn replaced(
+        &mut self,
+        old: Option<(&str, &str)>,
+        new: &PoolRow,
+    ) -> Result<(), StoreError> {
+        if let Some((name, status)) = old {
+            let status = parse_status(status)?;
+            if name == new.name && status == new.status {
+                return Ok(());
+            }
+            self.add(name, status, -1);
+        }
+        self.enter(&new.name, new.status);
+        Ok(())
+    }
+
+    fn enter(&mut self, name: &str, status: SandboxStatus) {
+        self.add(name, status, 1);
+    }
+
+    fn add(&mut self, name: &str, status: SandboxStatus, d: i64) {
+        let group = pool_prefix(name);
+        // Look up by &str first: most writes of a chunk hit a group already seen, and need no
+        // owned key.
+        if let Some(delta) = self.by_group.get_mut(group) {
+            delta.0[status.index()] += d;
+            return;
+        }
+        let mut delta = StatsDelta::default();
+        delta.0[status.index()] = d;
+        self.by_group.insert(group.to_string(), delta);
+    }
+
+    /// Applies the summed moves: one upsert per (group, status) whose sum is not zero.
+    pub(crate) fn write(&self, conn: &Connection) -> Result<(), StoreError> {
+        let mut upsert = conn
+            .prepare_cached(
+                "INSERT INTO prefix_stats (prefix, status, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (prefix, status) DO UPDATE SET count = count + excluded.count",
+            )
+            .map_err(db_err)?;
+        for (group, delta) in &self.by_group {
+            for status in SandboxStatus::ALL {
+                let d = delta.0[status.index()];
+                if d != 0 {
+                    upsert
+                        .execute(params![group, status.as_str(), d])
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Counts by status per prefix group; groups whose counts are all zero are left out.
@@ -101,81 +149,18 @@ pub(crate) fn read(conn: &Connection) -> Result<PrefixStats, StoreError> {
     let mut stats = PrefixStats::new();
     for row in rows {
         let (prefix, status, count) = row.map_err(db_err)?;
-        let status: SandboxStatus = status
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("prefix_stats status: {e}")))?;
+        let status = parse_status(&status)?;
         stats.entry(prefix).or_default().by_status[status.index()] += count;
     }
     Ok(stats)
 }
 
-/// The group SQL computes for `name` (tests compare it with the Rust rule).
-#[cfg(test)]
-fn group_in_sql(conn: &Connection, name: &str) -> String {
-    conn.query_row(
-        concat!("SELECT ", group_of!("?1")),
-        rusqlite::params![name],
-        |r| r.get(0),
-    )
-    .unwrap_or_default()
+fn parse_status(status: &str) -> Result<SandboxStatus, StoreError> {
+    status
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("status `{status}`: {e}")))
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(format!("sqlite: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::pool_prefix::pool_prefix;
-
-    /// The SQL grouping equals the model's rule on awkward names.
-    #[test]
-    fn sql_group_equals_model_rule() {
-        let conn = Connection::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
-        for name in [
-            "lab-001",
-            "aws-lab-007",
-            "lab--7",
-            "solo",
-            "-x",
-            "x-",
-            "a-b-c-d",
-            "ünï-cødé-9",
-            "lab-a-a",
-            "",
-        ] {
-            assert_eq!(group_in_sql(&conn, name), pool_prefix(name), "{name}");
-        }
-    }
-
-    /// Rows written with INSERT OR REPLACE (as the store does) move exactly one count per row.
-    #[test]
-    fn triggers_follow_rows() {
-        let mut conn = Connection::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
-        conn.execute_batch(
-            "CREATE TABLE pool (sandbox_id TEXT PRIMARY KEY, status TEXT NOT NULL, name TEXT NOT NULL);
-             INSERT INTO pool VALUES ('0', 'available', 'old-0');",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        install(&mut conn).unwrap_or_else(|e| panic!("{e}"));
-        let put = |conn: &Connection, id: &str, status: &str, name: &str| {
-            conn.execute(
-                "INSERT OR REPLACE INTO pool (sandbox_id, status, name) VALUES (?1, ?2, ?3)",
-                rusqlite::params![id, status, name],
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        };
-        for i in 1..=3 {
-            put(&conn, &i.to_string(), "available", &format!("lab-{i}"));
-        }
-        put(&conn, "2", "allocated", "lab-2");
-        let stats = read(&conn).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(stats["lab"].get(SandboxStatus::Available), 2);
-        assert_eq!(stats["lab"].get(SandboxStatus::Allocated), 1);
-        assert_eq!(stats["old"].get(SandboxStatus::Available), 1, "backfilled");
-        conn.execute("DELETE FROM pool", [])
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(read(&conn).unwrap_or_else(|e| panic!("{e}")).is_empty());
-    }
 }
