@@ -44,7 +44,7 @@ use crate::store::StoreError;
 mod event_store;
 mod feed;
 mod pool_view;
-mod prefix_stats; // per-prefix counters kept by triggers on the pool table (ADR 0018)
+mod prefix_stats; // per-prefix counters, moved by the view writes (ADR 0018)
 mod tables;
 mod view_store;
 

@@ -1,17 +1,19 @@
 //! The projector's side of the view in SQLite: version-conditioned row writes with their stats
-//! deltas, batched chunks in one transaction, checkpoints and the rebuild's clear.
+//! deltas and prefix counters, batched chunks in one transaction, checkpoints and the rebuild's
+//! clear.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::pool_view::{query_rows, row_from_json};
+use super::prefix_stats::PrefixMoves;
 use super::{corrupt, db_err, ms, EmbeddedStore};
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{PoolRow, StatsDelta};
-use crate::store::batch::{BatchLimits, ViewChunk};
-use crate::store::{stats_shard, StoreError, ViewStore};
+use crate::store::batch::{BatchLimits, RowChange, ViewChunk};
+use crate::store::{StoreError, ViewStore};
 
 /// Sandbox ids per `IN (…)` query of `load_rows`.
 const LOAD_ROWS_PER_QUERY: usize = 500;
@@ -38,57 +40,17 @@ impl ViewStore for EmbeddedStore {
         row: &PoolRow,
         delta: &StatsDelta,
     ) -> Result<(), StoreError> {
-        let row = row.clone();
-        let delta = *delta;
-        self.with_conn(move |conn, shards| {
-            let json = serde_json::to_string(&row).map_err(corrupt)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let current: Option<i64> = tx
-                .query_row(
-                    "SELECT version FROM pool WHERE sandbox_id = ?1",
-                    params![row.sandbox_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            if current.map(|v| v as u64) != expected_version {
-                return Err(StoreError::VersionConflict {
-                    stream_id: row.sandbox_id.clone(),
-                });
-            }
-            tx.execute(
-                "INSERT OR REPLACE INTO pool (sandbox_id, status, name, owner, allocated_at, due_at, pick, version, row)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    row.sandbox_id,
-                    row.status.as_str(),
-                    row.name,
-                    row.owner,
-                    ms(&row.allocated_at),
-                    ms(&row.due_at),
-                    row.pick as i64,
-                    row.version as i64,
-                    json
-                ],
-            )
-            .map_err(db_err)?;
-            let shard = stats_shard(&row.sandbox_id, shards) as i64;
-            for status in SandboxStatus::ALL {
-                let d = delta.0[status.index()];
-                if d != 0 {
-                    tx.execute(
-                        "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
-                        params![shard, status.as_str(), d],
-                    )
-                    .map_err(db_err)?;
-                }
-            }
-            tx.commit().map_err(db_err)
-        })
-        .await
+        // One change is a chunk of one: the same checks, counters and cached statements.
+        let chunk = ViewChunk {
+            rows: vec![RowChange {
+                expected_version,
+                row: row.clone(),
+                delta: *delta,
+            }],
+            checkpoint: None,
+        };
+        self.with_conn(move |conn, shards| write_changes(conn, shards, &chunk))
+            .await
     }
 
     fn batch_limits(&self) -> BatchLimits {
@@ -124,76 +86,8 @@ impl ViewStore for EmbeddedStore {
 
     async fn write_chunk(&self, chunk: &ViewChunk) -> Result<(), StoreError> {
         let chunk = chunk.clone();
-        self.with_conn(move |conn, shards| {
-            let stats = chunk.stats_by_shard(shards);
-            // IMMEDIATE: the version checks and the writes see one state, and the whole chunk
-            // (rows, summed stats, checkpoint) commits or rolls back together.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            {
-                let mut version_of = tx
-                    .prepare_cached("SELECT version FROM pool WHERE sandbox_id = ?1")
-                    .map_err(db_err)?;
-                let mut put = tx
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO pool (sandbox_id, status, name, owner, allocated_at, due_at, pick, version, row)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )
-                    .map_err(db_err)?;
-                for change in &chunk.rows {
-                    let row = &change.row;
-                    let current: Option<i64> = version_of
-                        .query_row(params![row.sandbox_id], |r| r.get(0))
-                        .optional()
-                        .map_err(db_err)?;
-                    if current.map(|v| v as u64) != change.expected_version {
-                        // Dropping the transaction rolls back everything of the chunk.
-                        return Err(StoreError::VersionConflict {
-                            stream_id: row.sandbox_id.clone(),
-                        });
-                    }
-                    let json = serde_json::to_string(row).map_err(corrupt)?;
-                    put.execute(params![
-                        row.sandbox_id,
-                        row.status.as_str(),
-                        row.name,
-                        row.owner,
-                        ms(&row.allocated_at),
-                        ms(&row.due_at),
-                        row.pick as i64,
-                        row.version as i64,
-                        json
-                    ])
-                    .map_err(db_err)?;
-                }
-                let mut add = tx
-                    .prepare_cached(
-                        "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
-                    )
-                    .map_err(db_err)?;
-                for (shard, delta) in &stats {
-                    for status in SandboxStatus::ALL {
-                        let d = delta.0[status.index()];
-                        if d != 0 {
-                            add.execute(params![*shard as i64, status.as_str(), d])
-                                .map_err(db_err)?;
-                        }
-                    }
-                }
-                if let Some(checkpoint) = &chunk.checkpoint {
-                    tx.execute(
-                        "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
-                         ON CONFLICT (source) DO UPDATE SET position = excluded.position",
-                        params![checkpoint.source, checkpoint.position],
-                    )
-                    .map_err(db_err)?;
-                }
-            }
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.with_conn(move |conn, shards| write_changes(conn, shards, &chunk))
+            .await
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, StoreError> {
@@ -254,9 +148,102 @@ impl ViewStore for EmbeddedStore {
 
     async fn clear(&self) -> Result<(), StoreError> {
         self.with_conn(|conn, _| {
-            conn.execute_batch("DELETE FROM pool; DELETE FROM stats; DELETE FROM checkpoints;")
-                .map_err(db_err)
+            // One transaction: the counters never outlive (or outcount) the rows they follow.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            tx.execute_batch(
+                "DELETE FROM pool; DELETE FROM stats; DELETE FROM prefix_stats;
+                 DELETE FROM checkpoints;",
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)
         })
         .await
     }
+}
+
+/// Writes a chunk in one IMMEDIATE transaction: each row conditioned on its version, the
+/// stats deltas summed per shard, the prefix counters moved from each replaced row's group to
+/// its new one, and the checkpoint. The version checks and the writes see one state, and the
+/// whole chunk commits or rolls back together, so rows and counters cannot disagree.
+fn write_changes(conn: &mut Connection, shards: u32, chunk: &ViewChunk) -> Result<(), StoreError> {
+    let stats = chunk.stats_by_shard(shards);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    {
+        // The version check reads the replaced row's group and status too: the counters need
+        // them, and it is the same index lookup.
+        let mut current_of = tx
+            .prepare_cached("SELECT version, name, status FROM pool WHERE sandbox_id = ?1")
+            .map_err(db_err)?;
+        let mut put = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pool (sandbox_id, status, name, owner, allocated_at, due_at, pick, version, row)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(db_err)?;
+        let mut moves = PrefixMoves::default();
+        for change in &chunk.rows {
+            let row = &change.row;
+            let current: Option<(i64, String, String)> = current_of
+                .query_row(params![row.sandbox_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .map_err(db_err)?;
+            if current.as_ref().map(|(v, _, _)| *v as u64) != change.expected_version {
+                // Dropping the transaction rolls back everything of the chunk.
+                return Err(StoreError::VersionConflict {
+                    stream_id: row.sandbox_id.clone(),
+                });
+            }
+            moves.replaced(
+                current
+                    .as_ref()
+                    .map(|(_, name, status)| (name.as_str(), status.as_str())),
+                row,
+            )?;
+            let json = serde_json::to_string(row).map_err(corrupt)?;
+            put.execute(params![
+                row.sandbox_id,
+                row.status.as_str(),
+                row.name,
+                row.owner,
+                ms(&row.allocated_at),
+                ms(&row.due_at),
+                row.pick as i64,
+                row.version as i64,
+                json
+            ])
+            .map_err(db_err)?;
+        }
+        moves.write(&tx)?;
+        let mut add = tx
+            .prepare_cached(
+                "INSERT INTO stats (shard, status, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (shard, status) DO UPDATE SET count = count + excluded.count",
+            )
+            .map_err(db_err)?;
+        for (shard, delta) in &stats {
+            for status in SandboxStatus::ALL {
+                let d = delta.0[status.index()];
+                if d != 0 {
+                    add.execute(params![*shard as i64, status.as_str(), d])
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        if let Some(checkpoint) = &chunk.checkpoint {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+            )
+            .map_err(db_err)?
+            .execute(params![checkpoint.source, checkpoint.position])
+            .map_err(db_err)?;
+        }
+    }
+    tx.commit().map_err(db_err)
 }
