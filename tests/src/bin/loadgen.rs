@@ -26,6 +26,10 @@ use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN, TRAC
 use tests::history::{all_events, AllocationAudit};
 use tokio::sync::Mutex;
 
+/// The service this process hosts runs on the allocator its own binary uses (ADR 0020).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Spawn the service in-process on this backend (`embedded` or `dynamo`).
