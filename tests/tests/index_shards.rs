@@ -375,6 +375,75 @@ async fn status_listings_keep_their_order_across_shards() -> TestResult {
     Ok(())
 }
 
+/// Long runs of one name, several rows of each run in the same shard, are listed in (name,
+/// sandbox id) order exactly once, page by page as the embedded store lists them, with page
+/// sizes that cut inside the runs: the merge never relies on the order in which one shard
+/// returns rows that share a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_one_name_are_listed_in_order_whatever_the_page_size() -> TestResult {
+    let dynamo = sharded_store().await;
+    let embedded = EmbeddedStore::open_in_memory(4)?;
+    let ids = ids_in_every_shard("tie", 3);
+    let mut rows = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let name = match i {
+            0..=9 => "lab-run-a".to_string(),
+            10..=16 => "lab-run-b".to_string(),
+            _ => format!("lab-solo-{i:02}"),
+        };
+        let mut row = available_row(id, &name, i as u32);
+        if i % 6 == 5 {
+            row.status = SandboxStatus::Allocated;
+            row.owner = Some(format!("student-{i}"));
+            row.allocated_at = Some(row.updated_at);
+        }
+        rows.push(row);
+    }
+    for row in &rows {
+        dynamo.write_row(None, row, &StatsDelta::default()).await?;
+        embedded
+            .write_row(None, row, &StatsDelta::default())
+            .await?;
+    }
+    let run_a_shards: Vec<u32> = rows
+        .iter()
+        .filter(|r| r.name == "lab-run-a" && r.status == SandboxStatus::Available)
+        .map(|r| index_shard(&r.sandbox_id, SHARDS))
+        .collect();
+    let distinct: std::collections::BTreeSet<&u32> = run_a_shards.iter().collect();
+    assert!(
+        distinct.len() < run_a_shards.len(),
+        "some shard holds several rows of one name"
+    );
+    for (status, prefix) in [
+        (SandboxStatus::Available, None),
+        (SandboxStatus::Available, Some("lab-run")),
+        (SandboxStatus::Available, Some("lab-run-a")),
+        (SandboxStatus::Allocated, None),
+    ] {
+        let mut expected: Vec<&PoolRow> = rows
+            .iter()
+            .filter(|r| r.status == status && prefix.is_none_or(|p| r.name.starts_with(p)))
+            .collect();
+        expected.sort_by(|a, b| (&a.name, &a.sandbox_id).cmp(&(&b.name, &b.sandbox_id)));
+        let expected: Vec<String> = expected
+            .iter()
+            .map(|r| format!("{}/{}", r.name, r.sandbox_id))
+            .collect();
+        let filter = by_status(status, prefix);
+        for limit in [1, 2, 3, 4, 7, 100] {
+            let reference = all_listed(&embedded, &filter, limit).await?;
+            assert_eq!(reference, expected, "embedded, {filter:?}, limit {limit}");
+            let sharded = all_listed(&dynamo, &filter, limit).await?;
+            assert_eq!(
+                sharded, expected,
+                "DynamoDB with {SHARDS} shards, {filter:?}, limit {limit}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A candidate page is never empty while the view shows an available row — with and without a
 /// name prefix, whichever shard the random start picks (a page from an empty shard asks the
 /// others) — it holds no row twice, and the pages of the different starts reach every shard,

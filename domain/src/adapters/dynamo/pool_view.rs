@@ -301,7 +301,7 @@ impl DynamoStore {
         // it is complete only below that name. With unique names this costs nothing but the
         // one row at the cut, which the next page reads again.
         let mut stop: Option<String> = None;
-        let pages: Vec<(Vec<PoolRow>, Option<(String, String)>)> = pages
+        let pages: Vec<(Vec<PoolRow>, Option<NameKey>)> = pages
             .into_iter()
             .map(|(rows, cut_short)| {
                 let bound = rows
@@ -345,9 +345,9 @@ impl DynamoStore {
         &self,
         status: SandboxStatus,
         name: &str,
-        after: Option<&(String, String)>,
+        after: Option<&NameKey>,
         limit: usize,
-    ) -> Result<(Vec<PoolRow>, Option<(String, String)>), StoreError> {
+    ) -> Result<(Vec<PoolRow>, Option<NameKey>), StoreError> {
         let shards = self.status_partitions(status).into_iter().map(|partition| {
             let query = name_range(&partition, Some(name.to_string()), Some(name.to_string()));
             async move { self.rows(&query, usize::MAX, None).await }
@@ -371,7 +371,7 @@ impl DynamoStore {
         &self,
         query: &RowQuery,
         limit: usize,
-        after: Option<&(String, String)>,
+        after: Option<&NameKey>,
     ) -> Result<(Vec<PoolRow>, bool), StoreError> {
         let mut kept = Vec::with_capacity(limit.min(1000));
         let mut start = None;
@@ -390,8 +390,11 @@ impl DynamoStore {
     }
 }
 
-/// A row's position in a `by-status-name` listing: its name, then its sandbox id for ties.
-fn name_key(row: &PoolRow) -> (String, String) {
+/// A position in a `by-status-name` listing: a name, then a sandbox id for ties.
+type NameKey = (String, String);
+
+/// A row's position in a `by-status-name` listing.
+fn name_key(row: &PoolRow) -> NameKey {
     (row.name.clone(), row.sandbox_id.clone())
 }
 
