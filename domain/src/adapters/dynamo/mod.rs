@@ -191,8 +191,9 @@ pub struct DynamoStore {
     index_shards: u32,
     max_retries: u32,
     requests: Arc<RequestCounts>,
-    /// Candidate partitions recently seen empty (shared by clones: one memory per process).
-    empty_shards: Arc<pool_view::EmptyShards>,
+    /// What candidate reads recently found per partition (shared by clones: one memory per
+    /// process).
+    shard_sizes: Arc<pool_view::ShardSizes>,
 }
 
 impl std::fmt::Debug for DynamoStore {
@@ -269,7 +270,7 @@ impl DynamoStore {
             index_shards: config.index_shards.max(1),
             max_retries: config.max_retries,
             requests,
-            empty_shards: Arc::default(),
+            shard_sizes: Arc::default(),
         }
     }
 

@@ -38,42 +38,49 @@ struct RowQuery {
     consistent: bool,
 }
 
-/// How long a candidate partition that came back empty is skipped by later candidate pages of
-/// this process. Short: a skipped partition costs nothing but spread (the allocator's sweep
-/// before a 409 reads every partition), and rows come back to it as sandboxes are returned.
-const EMPTY_SHARD_TTL: StdDuration = StdDuration::from_secs(1);
+/// How long what a candidate read found in a partition is remembered by this process. Short:
+/// the memory only steers candidate pages (the allocator's sweep before a 409 reads every
+/// partition), and rows come back to a partition as sandboxes are returned.
+const SHARD_MEMORY_TTL: StdDuration = StdDuration::from_secs(1);
 
 /// Bound on remembered (prefix, partition) pairs; beyond it the memory starts afresh.
-const MAX_EMPTY_SHARDS: usize = 10_000;
+const MAX_REMEMBERED_SHARDS: usize = 10_000;
 
-/// Per process: the `by-status-pick` / `by-status-name` partitions (per name prefix) whose last
-/// candidate read came back empty, and when. A nearly drained pool would otherwise cost a
-/// query per empty shard on every candidate page (ADR 0014).
+/// Per process: how many rows the last candidate read of a `by-status-pick` /
+/// `by-status-name` partition (per name prefix) found when it read the whole partition (fewer
+/// than asked for), and when. A nearly drained pool would otherwise cost a query per empty
+/// shard, and two per small one (the random start and the wrap), on every candidate page
+/// (ADR 0014).
 #[derive(Debug, Default)]
-pub(super) struct EmptyShards {
-    seen: Mutex<HashMap<(String, usize), Instant>>,
+pub(super) struct ShardSizes {
+    seen: Mutex<HashMap<(String, usize), (usize, Instant)>>,
 }
 
-impl EmptyShards {
-    /// The partitions (indexes below `count`) of `scope` not seen empty within the TTL.
-    fn open(&self, scope: &str, count: usize) -> Vec<usize> {
+impl ShardSizes {
+    /// The recently seen size of partition `index` of `scope`, if it was read whole lately.
+    fn size(&self, scope: &str, index: usize) -> Option<usize> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(&(scope.to_string(), index))
+            .filter(|(_, at)| at.elapsed() <= SHARD_MEMORY_TTL)
+            .map(|(size, _)| *size)
+    }
+
+    /// The partitions (indexes below `count`) of `scope` not seen empty lately.
+    fn open(&self, scope: &str, count: usize) -> Vec<usize> {
         (0..count)
-            .filter(|&i| {
-                seen.get(&(scope.to_string(), i))
-                    .is_none_or(|at| at.elapsed() > EMPTY_SHARD_TTL)
-            })
+            .filter(|&i| self.size(scope, i) != Some(0))
             .collect()
     }
 
-    /// Records what a candidate read of partition `index` of `scope` found.
-    fn saw(&self, scope: &str, index: usize, empty: bool) {
+    /// Records what a candidate read of partition `index` of `scope` found: `found` rows of
+    /// `asked`; fewer means the read saw the whole partition.
+    fn saw(&self, scope: &str, index: usize, found: usize, asked: usize) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if empty {
-            if seen.len() >= MAX_EMPTY_SHARDS {
+        if found < asked {
+            if seen.len() >= MAX_REMEMBERED_SHARDS {
                 seen.clear();
             }
-            seen.insert((scope.to_string(), index), Instant::now());
+            seen.insert((scope.to_string(), index), (found, Instant::now()));
         } else {
             seen.remove(&(scope.to_string(), index));
         }
@@ -489,7 +496,7 @@ impl PoolView for DynamoStore {
         let partitions = self.status_partitions(SandboxStatus::Available);
         let prefix = query.prefix.as_deref().filter(|p| !p.is_empty());
         let scope = prefix.unwrap_or("");
-        let open = self.empty_shards.open(scope, partitions.len());
+        let open = self.shard_sizes.open(scope, partitions.len());
         // The bare legacy key is never the first choice while a shard is open: it holds only
         // rows last written before sharding, usually none.
         let shards: Vec<usize> = open
@@ -502,25 +509,33 @@ impl PoolView for DynamoStore {
             (0, Some(&bare)) => bare,
             (n, _) => shards[query.start_pick as usize % n],
         };
+        // A first shard lately seen whole in fewer rows than asked for is read whole again, from
+        // its start: one query for the same rows the random start and its wrap would read.
+        let from_start = self
+            .shard_sizes
+            .size(scope, first)
+            .is_some_and(|size| size < query.limit);
+        let offset = !from_start;
         let read = |i: usize, want: usize| {
             let partition = &partitions[i];
+            let random = i == first && offset;
             async move {
                 match prefix {
                     Some(prefix) => {
                         // The first shard continues after the caller's last name; the others
                         // are read from the prefix's start.
-                        let after = query.after_name.as_deref().filter(|_| i == first);
+                        let after = query.after_name.as_deref().filter(|_| random);
                         self.prefix_candidates(partition, prefix, after, want).await
                     }
                     None => {
-                        let start = if i == first { query.start_pick } else { 0 };
+                        let start = if random { query.start_pick } else { 0 };
                         self.pick_candidates(partition, start, want).await
                     }
                 }
             }
         };
         let rows = read(first, query.limit).await?;
-        self.empty_shards.saw(scope, first, rows.is_empty());
+        self.shard_sizes.saw(scope, first, rows.len(), query.limit);
         if !rows.is_empty() || query.limit == 0 {
             return Ok(rows);
         }
@@ -529,7 +544,7 @@ impl PoolView for DynamoStore {
             futures::future::try_join_all(others.iter().map(|&i| read(i, query.limit))).await?;
         let mut rows = Vec::with_capacity(query.limit);
         for (&i, page) in others.iter().zip(pages) {
-            self.empty_shards.saw(scope, i, page.is_empty());
+            self.shard_sizes.saw(scope, i, page.len(), query.limit);
             rows.extend(page);
         }
         // Every partition was asked for the whole limit (one round trip); keep a page of it,
