@@ -488,8 +488,9 @@ impl PoolView for DynamoStore {
 
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
         // One shard (chosen by the random start among those not recently seen empty) serves
-        // the page: one query (two when it wraps), as unsharded, even when it holds fewer rows
-        // than asked for — the allocator's queue asks again. Only an empty first shard sends the
+        // the page: one query (two when it wraps; one when the shard was lately seen small), as
+        // unsharded, even when it holds fewer rows than asked for — the allocator's queue asks
+        // again. Only an empty first shard sends the
         // search on, to every other partition not recently seen empty in one parallel burst, so
         // a page is empty only when the view showed nothing available anywhere a moment ago
         // (ADR 0014). The 409 is decided by the allocator's sweep, which reads every partition.
@@ -515,10 +516,9 @@ impl PoolView for DynamoStore {
             .shard_sizes
             .size(scope, first)
             .is_some_and(|size| size < query.limit);
-        let offset = !from_start;
         let read = |i: usize, want: usize| {
             let partition = &partitions[i];
-            let random = i == first && offset;
+            let random = i == first && !from_start;
             async move {
                 match prefix {
                     Some(prefix) => {
