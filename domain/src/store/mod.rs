@@ -161,10 +161,11 @@ pub trait PoolView: Send + Sync + 'static {
     /// Available rows for allocation: without a prefix, from `start_pick` upwards on the
     /// `by-status-pick` index, wrapping to the bottom; with a prefix, the `by-status-name` index's
     /// range of names starting with `prefix`, after `after_name` and wrapping to its start.
-    /// A write-sharded index (ADR 0014) serves the page from one shard chosen by `start_pick`
-    /// and moves on to the other shards only while the page is short, so the order is per shard,
-    /// but the page still holds `limit` rows whenever the view has that many available (in the
-    /// prefix). A 409 is decided by a complete [`PoolView::list`] sweep, never by this page.
+    /// A write-sharded index (ADR 0014) serves the page from one shard chosen by `start_pick`,
+    /// short or not, so the order is per shard and a page may hold fewer than `limit` rows; it
+    /// moves on to the other shards only when that shard has none, so a page is empty only when
+    /// the view recently showed nothing available (in the prefix). A 409 is decided by a
+    /// complete [`PoolView::list`] sweep, never by this page.
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError>;
 
     /// The admin listing, paged with an opaque cursor. With a status (and no owner) the rows come

@@ -191,6 +191,9 @@ pub struct DynamoStore {
     index_shards: u32,
     max_retries: u32,
     requests: Arc<RequestCounts>,
+    /// What candidate reads recently found per partition (shared by clones: one memory per
+    /// process).
+    shard_sizes: Arc<pool_view::ShardSizes>,
 }
 
 impl std::fmt::Debug for DynamoStore {
@@ -267,6 +270,7 @@ impl DynamoStore {
             index_shards: config.index_shards.max(1),
             max_retries: config.max_retries,
             requests,
+            shard_sizes: Arc::default(),
         }
     }
 

@@ -2,10 +2,13 @@
 //! listings, the due index and the summed stats shards.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration as StdDuration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use chrono::{DateTime, Utc};
+use rand::seq::SliceRandom;
 
 use super::items::{
     cursor_from_key, due_sort_key, key_from_cursor, key_n, key_of, key_s, pool_attr, row_from_item,
@@ -33,6 +36,55 @@ struct RowQuery {
     names: HashMap<String, String>,
     values: HashMap<String, AttributeValue>,
     consistent: bool,
+}
+
+/// How long what a candidate read found in a partition is remembered by this process. Short:
+/// the memory only steers candidate pages (the allocator's sweep before a 409 reads every
+/// partition), and rows come back to a partition as sandboxes are returned.
+const SHARD_MEMORY_TTL: StdDuration = StdDuration::from_secs(1);
+
+/// Bound on remembered (prefix, partition) pairs; beyond it the memory starts afresh.
+const MAX_REMEMBERED_SHARDS: usize = 10_000;
+
+/// Per process: how many rows the last candidate read of a `by-status-pick` /
+/// `by-status-name` partition (per name prefix) found when it read the whole partition (fewer
+/// than asked for), and when. A nearly drained pool would otherwise cost a query per empty
+/// shard, and two per small one (the random start and the wrap), on every candidate page
+/// (ADR 0014).
+#[derive(Debug, Default)]
+pub(super) struct ShardSizes {
+    seen: Mutex<HashMap<(String, usize), (usize, Instant)>>,
+}
+
+impl ShardSizes {
+    /// The recently seen size of partition `index` of `scope`, if it was read whole lately.
+    fn size(&self, scope: &str, index: usize) -> Option<usize> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(&(scope.to_string(), index))
+            .filter(|(_, at)| at.elapsed() <= SHARD_MEMORY_TTL)
+            .map(|(size, _)| *size)
+    }
+
+    /// The partitions (indexes below `count`) of `scope` not seen empty lately.
+    fn open(&self, scope: &str, count: usize) -> Vec<usize> {
+        (0..count)
+            .filter(|&i| self.size(scope, i) != Some(0))
+            .collect()
+    }
+
+    /// Records what a candidate read of partition `index` of `scope` found: `found` rows of
+    /// `asked`; fewer means the read saw the whole partition.
+    fn saw(&self, scope: &str, index: usize, found: usize, asked: usize) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if found < asked {
+            if seen.len() >= MAX_REMEMBERED_SHARDS {
+                seen.clear();
+            }
+            seen.insert((scope.to_string(), index), (found, Instant::now()));
+        } else {
+            seen.remove(&(scope.to_string(), index));
+        }
+    }
 }
 
 impl DynamoStore {
@@ -251,7 +303,36 @@ impl DynamoStore {
             async move { self.rows_after(&query, limit, after.as_ref()).await }
         });
         let pages = futures::future::try_join_all(shards).await?;
-        let (rows, last) = merge_shards(pages, name_key, after.as_ref(), limit);
+        // DynamoDB documents no order for index rows that share a sort key, so a shard cut
+        // short inside a run of one name may still hold rows of that name with any sandbox id:
+        // it is complete only below that name. With unique names this costs nothing but the
+        // one row at the cut, which the next page reads again.
+        let mut stop: Option<String> = None;
+        let pages: Vec<(Vec<PoolRow>, Option<NameKey>)> = pages
+            .into_iter()
+            .map(|(rows, cut_short)| {
+                let bound = rows
+                    .iter()
+                    .map(|row| row.name.clone())
+                    .max()
+                    .filter(|_| cut_short)
+                    .map(|name| {
+                        if stop.as_ref().is_none_or(|s| name < *s) {
+                            stop = Some(name.clone());
+                        }
+                        // Below every (name, sandbox id): sandbox ids are never empty.
+                        (name, String::new())
+                    });
+                (rows, bound)
+            })
+            .collect();
+        let (mut rows, mut last) = merge_shards(pages, name_key, after.as_ref(), limit);
+        if let (true, Some(name)) = (rows.is_empty(), stop) {
+            // Every row before `name` was listed already and a shard's page held nothing but
+            // that name: a run of one name at least a page long. Read the whole run from
+            // every partition and order it by sandbox id here.
+            (rows, last) = self.name_run(status, &name, after.as_ref(), limit).await?;
+        }
         let cursor = last
             .map(|(name, id)| {
                 cursor_from_key(&HashMap::from([
@@ -264,6 +345,32 @@ impl DynamoStore {
         Ok(RowPage { rows, cursor })
     }
 
+    /// Up to `limit` rows of `status` named `name` after `after` in sandbox-id order, read in
+    /// full from every `by-status-name` partition, and the position of the last one (the
+    /// listing goes on after it: later names may follow).
+    async fn name_run(
+        &self,
+        status: SandboxStatus,
+        name: &str,
+        after: Option<&NameKey>,
+        limit: usize,
+    ) -> Result<(Vec<PoolRow>, Option<NameKey>), StoreError> {
+        let shards = self.status_partitions(status).into_iter().map(|partition| {
+            let query = name_range(&partition, Some(name.to_string()), Some(name.to_string()));
+            async move { self.rows(&query, usize::MAX, None).await }
+        });
+        let mut run: Vec<PoolRow> = futures::future::try_join_all(shards)
+            .await?
+            .into_iter()
+            .flat_map(|(rows, _)| rows)
+            .filter(|row| after.is_none_or(|a| name_key(row) > *a))
+            .collect();
+        run.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        run.truncate(limit);
+        let last = run.last().map(name_key);
+        Ok((run, last))
+    }
+
     /// Up to `limit` rows of `query` that come after `after` in (name, sandbox id) order, and
     /// whether the partition may hold more. Rows at or before `after` (the cursor's own name,
     /// shared by several sandboxes) are skipped without counting towards `limit`.
@@ -271,7 +378,7 @@ impl DynamoStore {
         &self,
         query: &RowQuery,
         limit: usize,
-        after: Option<&(String, String)>,
+        after: Option<&NameKey>,
     ) -> Result<(Vec<PoolRow>, bool), StoreError> {
         let mut kept = Vec::with_capacity(limit.min(1000));
         let mut start = None;
@@ -290,8 +397,11 @@ impl DynamoStore {
     }
 }
 
-/// A row's position in a `by-status-name` listing: its name, then its sandbox id for ties.
-fn name_key(row: &PoolRow) -> (String, String) {
+/// A position in a `by-status-name` listing: a name, then a sandbox id for ties.
+type NameKey = (String, String);
+
+/// A row's position in a `by-status-name` listing.
+fn name_key(row: &PoolRow) -> NameKey {
     (row.name.clone(), row.sandbox_id.clone())
 }
 
@@ -333,24 +443,22 @@ fn name_range(partition: &str, lo: Option<String>, hi: Option<String>) -> RowQue
 }
 
 /// Merges the pages read from the shards of one index into the unsharded order (ADR 0014).
-/// Each page holds one shard's rows in `key` order from the same position, and says whether the
-/// shard was cut short; rows at or before `after` are dropped. The merged list is exact up to
-/// the lowest key at which a cut-short shard stopped (beyond it that shard may hold rows not
-/// read yet), so it is cut there, then to `limit`. Returns the rows and, when more may follow,
-/// the key of the last one: the next page's position.
+/// Each page holds one shard's rows from the same position (in any order) and, when the shard
+/// was cut short, the key up to which (inclusive) the page holds every row of the shard; rows at
+/// or before `after` are dropped. The merged list is exact up to the lowest such bound (beyond
+/// it that shard may hold rows not read yet), so it is cut there, then to `limit`. Returns the
+/// rows and, when more may follow, the key of the last one: the next page's position.
 fn merge_shards<K: Ord + Clone>(
-    pages: Vec<(Vec<PoolRow>, bool)>,
+    pages: Vec<(Vec<PoolRow>, Option<K>)>,
     key: impl Fn(&PoolRow) -> K,
     after: Option<&K>,
     limit: usize,
 ) -> (Vec<PoolRow>, Option<K>) {
     let mut frontier: Option<K> = None;
     let mut merged = Vec::new();
-    for (rows, cut_short) in pages {
-        if cut_short {
-            if let Some(last) = rows.last().map(&key) {
-                frontier = Some(frontier.map_or(last.clone(), |f| f.min(last)));
-            }
+    for (rows, bound) in pages {
+        if let Some(bound) = bound {
+            frontier = Some(frontier.map_or(bound.clone(), |f| f.min(bound)));
         }
         merged.extend(rows.into_iter().map(|row| (key(&row), row)));
     }
@@ -379,36 +487,71 @@ impl PoolView for DynamoStore {
     }
 
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
-        // One shard (chosen by the random start) serves the page while it has enough rows: one
-        // query (two when it wraps), as unsharded. Only a shard with too few rows sends the
-        // search on to the others, the bare legacy key last, so a page still holds `limit` rows
-        // whenever the whole available range has that many (ADR 0014).
-        let mut partitions = self.status_partitions(SandboxStatus::Available);
-        if self.index_shards > 1 {
-            let first = query.start_pick % self.index_shards;
-            partitions[..self.index_shards as usize].rotate_left(first as usize);
-        }
+        // One shard (chosen by the random start among those not recently seen empty) serves
+        // the page: one query (two when it wraps; one when the shard was lately seen small), as
+        // unsharded, even when it holds fewer rows than asked for — the allocator's queue asks
+        // again. Only an empty first shard sends the
+        // search on, to every other partition not recently seen empty in one parallel burst, so
+        // a page is empty only when the view showed nothing available anywhere a moment ago
+        // (ADR 0014). The 409 is decided by the allocator's sweep, which reads every partition.
+        let partitions = self.status_partitions(SandboxStatus::Available);
         let prefix = query.prefix.as_deref().filter(|p| !p.is_empty());
-        let mut rows = Vec::with_capacity(query.limit);
-        for (i, partition) in partitions.iter().enumerate() {
-            let want = query.limit - rows.len();
-            if want == 0 {
-                break;
+        let scope = prefix.unwrap_or("");
+        let open = self.shard_sizes.open(scope, partitions.len());
+        // The bare legacy key is never the first choice while a shard is open: it holds only
+        // rows last written before sharding, usually none.
+        let shards: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| i < self.index_shards as usize)
+            .collect();
+        let first = match (shards.len(), open.first()) {
+            (0, None) => return Ok(Vec::new()),
+            (0, Some(&bare)) => bare,
+            (n, _) => shards[query.start_pick as usize % n],
+        };
+        // A first shard lately seen whole in fewer rows than asked for is read whole again, from
+        // its start: one query for the same rows the random start and its wrap would read.
+        let from_start = self
+            .shard_sizes
+            .size(scope, first)
+            .is_some_and(|size| size < query.limit);
+        let read = |i: usize, want: usize| {
+            let partition = &partitions[i];
+            let random = i == first && !from_start;
+            async move {
+                match prefix {
+                    Some(prefix) => {
+                        // The first shard continues after the caller's last name; the others
+                        // are read from the prefix's start.
+                        let after = query.after_name.as_deref().filter(|_| random);
+                        self.prefix_candidates(partition, prefix, after, want).await
+                    }
+                    None => {
+                        let start = if random { query.start_pick } else { 0 };
+                        self.pick_candidates(partition, start, want).await
+                    }
+                }
             }
-            let found = match prefix {
-                Some(prefix) => {
-                    // The first shard continues after the caller's last name; the others (only
-                    // reached when the first ran short) are read from the prefix's start.
-                    let after = query.after_name.as_deref().filter(|_| i == 0);
-                    self.prefix_candidates(partition, prefix, after, want)
-                        .await?
-                }
-                None => {
-                    let start = if i == 0 { query.start_pick } else { 0 };
-                    self.pick_candidates(partition, start, want).await?
-                }
-            };
-            rows.extend(found);
+        };
+        let rows = read(first, query.limit).await?;
+        self.shard_sizes.saw(scope, first, rows.len(), query.limit);
+        if !rows.is_empty() || query.limit == 0 {
+            return Ok(rows);
+        }
+        let others: Vec<usize> = open.into_iter().filter(|&i| i != first).collect();
+        let pages =
+            futures::future::try_join_all(others.iter().map(|&i| read(i, query.limit))).await?;
+        let mut rows = Vec::with_capacity(query.limit);
+        for (&i, page) in others.iter().zip(pages) {
+            self.shard_sizes.saw(scope, i, page.len(), query.limit);
+            rows.extend(page);
+        }
+        // Every partition was asked for the whole limit (one round trip); keep a page of it,
+        // taken across the partitions so no shard's rows crowd out the others'.
+        if rows.len() > query.limit {
+            rows.shuffle(&mut rand::rng());
+            rows.truncate(query.limit);
         }
         Ok(rows)
     }
@@ -526,9 +669,14 @@ impl PoolView for DynamoStore {
                 &row.sandbox_id,
             )
         };
+        // Due keys end with the sandbox id: unique, so a shard's page is complete up to its
+        // last key.
         let pages = pages
             .into_iter()
-            .map(|(rows, next)| (rows, next.is_some()))
+            .map(|(rows, next)| {
+                let bound = rows.last().map(due_key).filter(|_| next.is_some());
+                (rows, bound)
+            })
             .collect();
         let (rows, last) = merge_shards(pages, due_key, Some(&after), limit);
         let cursor = last
@@ -638,17 +786,17 @@ mod tests {
     fn merge_stops_at_the_lowest_cut_short_shard() {
         let key = |r: &PoolRow| r.name.clone();
         let pages = vec![
-            (vec![row("a"), row("d"), row("g")], false),
-            (vec![row("b"), row("c")], true),
-            (vec![row("e")], false),
+            (vec![row("a"), row("d"), row("g")], None),
+            (vec![row("b"), row("c")], Some("c".to_string())),
+            (vec![row("e")], None),
         ];
         let (rows, last) = merge_shards(pages, key, None, 10);
         assert_eq!(names_of(&rows), vec!["a", "b", "c"]);
         assert_eq!(last.as_deref(), Some("c"));
 
         let pages = vec![
-            (vec![row("a"), row("d"), row("g")], false),
-            (vec![row("b"), row("c")], false),
+            (vec![row("a"), row("d"), row("g")], None),
+            (vec![row("b"), row("c")], None),
         ];
         let after = "b".to_string();
         let (rows, last) = merge_shards(pages.clone(), key, Some(&after), 10);
@@ -657,5 +805,29 @@ mod tests {
         let (rows, last) = merge_shards(pages, key, None, 2);
         assert_eq!(names_of(&rows), vec!["a", "b"]);
         assert_eq!(last.as_deref(), Some("b"));
+    }
+
+    fn tied(name: &str, id: &str) -> PoolRow {
+        PoolRow {
+            sandbox_id: id.to_string(),
+            ..row(name)
+        }
+    }
+
+    /// A shard cut short inside a run of one name, its rows of that name in no particular id
+    /// order, bounds the merged page below that name: no row of the run is given out before the
+    /// shard's unseen rows of the same name could be compared with it.
+    #[test]
+    fn merge_stops_below_a_name_a_cut_short_shard_may_hold_more_of() {
+        // Shard 0 was cut short after two rows of "b" that came in descending id order; it may
+        // still hold ("b", "id-0"), which sorts before everything of "b" read so far.
+        let cut = vec![row("a"), tied("b", "id-3"), tied("b", "id-1")];
+        let pages = vec![
+            (cut, Some(("b".to_string(), String::new()))),
+            (vec![tied("b", "id-2"), row("c")], None),
+        ];
+        let (rows, last) = merge_shards(pages, name_key, None, 10);
+        assert_eq!(names_of(&rows), vec!["a"]);
+        assert_eq!(last, Some(("a".to_string(), "id-a".to_string())));
     }
 }
