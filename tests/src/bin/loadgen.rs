@@ -11,6 +11,7 @@
 //! cargo run --release -p tests --bin loadgen -- --backend embedded           # spawns the service in-process
 //! cargo run --release -p tests --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
 //! cargo run --release -p tests --bin loadgen -- --backend dynamo             # … on DynamoDB Local
+//! ALLOCATE_CONCURRENCY=16 cargo run --release -p tests --bin loadgen -- --backend dynamo  # the spawned service takes ALLOCATE_CONCURRENCY and VIEW_INDEX_SHARDS
 //! cargo run --release -p tests --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
 //! ```
 //! Traffic goes to 127.0.0.1 only unless `--url` says otherwise; every run is bounded by
@@ -299,17 +300,23 @@ async fn main() -> anyhow::Result<()> {
                 _ => Backend::Embedded,
             };
             let mut options = AppOptions::new(backend);
-            // The spawned service takes `VIEW_INDEX_SHARDS` as a deployed one would, so the
-            // cost of index write sharding can be compared run against run.
-            if let Some(shards) = std::env::var("VIEW_INDEX_SHARDS")
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-            {
-                println!("VIEW_INDEX_SHARDS={shards}");
-                options.configure = Box::new(move |config| {
+            // The spawned service takes `VIEW_INDEX_SHARDS` and `ALLOCATE_CONCURRENCY` as a
+            // deployed one would, so their cost can be compared run against run.
+            let setting = |name: &str| {
+                let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
+                println!("{name}={value}");
+                Some(value)
+            };
+            let shards = setting("VIEW_INDEX_SHARDS");
+            let allocating = setting("ALLOCATE_CONCURRENCY");
+            options.configure = Box::new(move |config| {
+                if let Some(shards) = shards {
                     config.store.view_index_shards = shards;
-                });
-            }
+                }
+                if let Some(allocating) = allocating {
+                    config.allocate_concurrency = allocating as usize;
+                }
+            });
             let app = spawn_app_with(options).await;
             // The test app's clock only moves when told to; the projector measures lag against
             // the wall clock, so events (the seed's too) must carry wall-clock times. Ticking
