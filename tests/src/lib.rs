@@ -8,6 +8,8 @@
 //! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
 //! - [`tee_events`] — `TeeEvents`: an event store that keeps a private candidate view current, so
 //!   workloads never wait for the projector under test.
+//! - [`pool`] — `register_projected`: a registered, projected pool for tests that drive the
+//!   command service directly.
 //! - [`chaos`] — the fault-testing harness: killable service processes, a DynamoDB fault proxy.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
 
@@ -16,4 +18,5 @@ pub mod chaos;
 pub mod ddb_local;
 pub mod fake_csp;
 pub mod history;
+pub mod pool;
 pub mod tee_events;

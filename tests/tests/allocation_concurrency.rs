@@ -13,8 +13,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::ids::sandbox_id_of;
-use domain::model::sandbox::SandboxCommand;
-use domain::store::{repair_row, EventPage, EventStore, PoolView, StoreError};
+use domain::store::{EventPage, EventStore, PoolView, StoreError};
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventEnvelope, ManualClock,
     SandboxStatus,
@@ -256,26 +255,7 @@ async fn replay_never_returns_an_ended_allocation() {
         clock.clone(),
         BrokerConfig::default(),
     ));
-    for i in 0..2 {
-        let id = format!("lab-id-{i}");
-        direct
-            .execute(
-                &id,
-                SandboxCommand::Register {
-                    sandbox_id: id.clone(),
-                    name: format!("lab-{i:04}"),
-                    external_id: format!("identity/accounts/{i}"),
-                    sfdc_account_id: None,
-                    csp_created_at: None,
-                },
-                &meta(),
-            )
-            .await
-            .expect("append the registration");
-        repair_row(store.as_ref(), store.as_ref(), &id)
-            .await
-            .expect("project the registration");
-    }
+    tests::pool::register_projected(&direct, store.as_ref(), store.as_ref(), 2, &meta()).await;
     let interleaving = Arc::new(EndsAllocationBeforeSandboxRead {
         inner: store.clone(),
         armed: AtomicBool::new(false),

@@ -14,8 +14,7 @@ use chrono::{DateTime, Utc};
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::lifecycle::SandboxStatus;
 use domain::model::projection::{PoolRow, PoolStats};
-use domain::model::sandbox::SandboxCommand;
-use domain::store::{repair_row, CandidateQuery, ListFilter, PoolView, RowPage, StoreError};
+use domain::store::{CandidateQuery, ListFilter, PoolView, RowPage, StoreError};
 use domain::{Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, ManualClock};
 
 /// Counts candidate pages and the rows they carried; everything else passes through.
@@ -87,26 +86,8 @@ async fn a_burst_shares_candidate_pages() {
     );
     const POOL: usize = 600;
     const BURST: usize = 300;
-    for i in 0..POOL {
-        let id = format!("lab-id-{i}");
-        registrar
-            .execute(
-                &id,
-                SandboxCommand::Register {
-                    sandbox_id: id.clone(),
-                    name: format!("lab-{i:04}"),
-                    external_id: format!("identity/accounts/{i}"),
-                    sfdc_account_id: None,
-                    csp_created_at: None,
-                },
-                &meta(),
-            )
-            .await
-            .expect("append the registration");
-        repair_row(store.as_ref(), store.as_ref(), &id)
-            .await
-            .expect("project the registration");
-    }
+    tests::pool::register_projected(&registrar, store.as_ref(), store.as_ref(), POOL, &meta())
+        .await;
     let view = Arc::new(CountsPages {
         inner: store.clone(),
         pages: AtomicUsize::new(0),

@@ -10,8 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use domain::adapters::embedded::EmbeddedStore;
 use domain::model::ids::POOL_CONTROL_STREAM_ID;
-use domain::model::sandbox::SandboxCommand;
-use domain::store::{repair_row, EventPage, EventStore, PoolView, StoreError};
+use domain::store::{EventPage, EventStore, PoolView, StoreError};
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, BrokerError, CommandMeta, EventEnvelope,
     ManualClock,
@@ -81,26 +80,7 @@ async fn a_never_drained_pool_is_read_once_per_cache_period() {
         Arc::new(ManualClock::new(chrono::Utc::now())),
         BrokerConfig::default(),
     );
-    for i in 0..40 {
-        let id = format!("lab-id-{i}");
-        registrar
-            .execute(
-                &id,
-                SandboxCommand::Register {
-                    sandbox_id: id.clone(),
-                    name: format!("lab-{i:04}"),
-                    external_id: format!("identity/accounts/{i}"),
-                    sfdc_account_id: None,
-                    csp_created_at: None,
-                },
-                &meta(),
-            )
-            .await
-            .expect("append the registration");
-        repair_row(store.as_ref(), store.as_ref(), &id)
-            .await
-            .expect("project the registration");
-    }
+    tests::pool::register_projected(&registrar, store.as_ref(), store.as_ref(), 40, &meta()).await;
     let counting = Arc::new(CountsControlReads {
         inner: store.clone(),
         control_reads: AtomicUsize::new(0),
