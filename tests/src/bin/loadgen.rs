@@ -302,13 +302,19 @@ async fn main() -> anyhow::Result<()> {
             let mut options = AppOptions::new(backend);
             // The spawned service takes `VIEW_INDEX_SHARDS` and `ALLOCATE_CONCURRENCY` as a
             // deployed one would, so their cost can be compared run against run.
-            let setting = |name: &str| {
-                let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
+            // A value that does not parse stops the run rather than measuring the default.
+            let setting = |name: &str| -> anyhow::Result<Option<u32>> {
+                let Ok(raw) = std::env::var(name) else {
+                    return Ok(None);
+                };
+                let value = raw
+                    .parse::<u32>()
+                    .map_err(|e| anyhow::anyhow!("{name}={raw:?}: {e}"))?;
                 println!("{name}={value}");
-                Some(value)
+                Ok(Some(value))
             };
-            let shards = setting("VIEW_INDEX_SHARDS");
-            let allocating = setting("ALLOCATE_CONCURRENCY");
+            let shards = setting("VIEW_INDEX_SHARDS")?;
+            let allocating = setting("ALLOCATE_CONCURRENCY")?;
             options.configure = Box::new(move |config| {
                 if let Some(shards) = shards {
                     config.store.view_index_shards = shards;

@@ -1,6 +1,6 @@
 //! The event store in SQLite: appends queue for one writer thread that group-commits them, each
-//! in its own savepoint, so every append still decides its own conflict; strong stream loads and
-//! the paged full scan.
+//! append checking its versions before it inserts, so every append still decides its own
+//! conflict; strong stream loads and the paged full scan.
 
 use std::sync::{mpsc, Mutex};
 

@@ -12,8 +12,9 @@
 //! (in-memory stores, private to one connection, read through the write connection). Appends go
 //! through one writer thread that **group-commits**: the appends
 //! that queue up while a commit is being made durable are written in the next single
-//! transaction, each inside its own savepoint, so each append's version checks still decide its
-//! own success or conflict while the batch shares one WAL fsync. That is what lets the default
+//! transaction, each append checking all its versions before it inserts anything, so each
+//! append's version checks still decide its own success or conflict while the batch shares one
+//! WAL fsync (ADR 0020). That is what lets the default
 //! `synchronous = FULL` ([`Durability::Full`]: a commit answered is a commit that survives a
 //! power loss) keep the throughput `NORMAL` had (ADR 0008).
 //!
