@@ -32,11 +32,23 @@ pub struct Service {
 }
 
 impl Service {
-    /// Signals the background tasks to stop and waits for them (they finish the current item).
+    /// Signals the background tasks to stop and waits for them (they finish the current item),
+    /// then closes the embedded store so its write-ahead log is folded into the database file
+    /// and the file is whole on its own (a copy, a size limit or the next start sees no WAL).
     pub async fn stop(self) {
         self.stop.stop();
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        if let Some(store) = &self.embedded {
+            match store.close(Duration::from_secs(10)).await {
+                Ok(()) => tracing::info!(target: "startup", "embedded store closed, WAL empty"),
+                Err(e) => tracing::warn!(
+                    target: "startup",
+                    error = %e,
+                    "embedded store closed with its WAL not empty; the next start replays it"
+                ),
+            }
         }
     }
 }

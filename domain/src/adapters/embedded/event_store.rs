@@ -2,21 +2,27 @@
 //! append checking its versions before it inserts, so every append still decides its own
 //! conflict; strong stream loads and the paged full scan.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{corrupt, db_err, lock_conn, EmbeddedStore, WriteRequest, MAX_GROUP};
+use super::{closed_error, corrupt, db_err, lock_conn, EmbeddedStore, WriteRequest, MAX_GROUP};
 use crate::model::events::EventEnvelope;
 use crate::store::{
     decode_cursor, encode_cursor, validate_append, EventPage, EventStore, ListCursor, StoreError,
 };
 
 /// The writer thread: takes every append queued so far (up to [`MAX_GROUP`]) and commits them
-/// together; ends when the last store handle is dropped.
-pub(super) fn run_writer(conn: &Mutex<Connection>, requests: &mpsc::Receiver<WriteRequest>) {
+/// together; ends when the last store handle is dropped. Once the store is closed (checked under
+/// the connection's lock, which the close holds while it empties the WAL) every append fails.
+pub(super) fn run_writer(
+    conn: &Mutex<Connection>,
+    closed: &AtomicBool,
+    requests: &mpsc::Receiver<WriteRequest>,
+) {
     while let Ok(first) = requests.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -25,7 +31,14 @@ pub(super) fn run_writer(conn: &Mutex<Connection>, requests: &mpsc::Receiver<Wri
                 Err(_) => break,
             }
         }
-        let results = commit_group(&mut lock_conn(conn), &group);
+        let results = {
+            let mut conn = lock_conn(conn);
+            if closed.load(Ordering::SeqCst) {
+                group.iter().map(|_| Err(closed_error())).collect()
+            } else {
+                commit_group(&mut conn, &group)
+            }
+        };
         for (request, result) in group.into_iter().zip(results) {
             // The caller may have gone (its request was cancelled); its outcome stands anyway.
             let _ = request.reply.send(result);
