@@ -441,7 +441,7 @@ resource "aws_cloudwatch_metric_alarm" "projector_errors" {
 
 resource "aws_cloudwatch_metric_alarm" "projector_failure_queue" {
   alarm_name          = "${var.name_prefix}-projector-failure-queue"
-  alarm_description   = "The projector gave up on stream records: the view is missing events until they are replayed or the view is rebuilt (docs/deploy-aws.md, Projector failures)."
+  alarm_description   = "The projector gave up on stream records: the view is missing events until they are replayed or the view is rebuilt (docs/operations.md, Projector failures)."
   namespace           = "AWS/SQS"
   metric_name         = "ApproximateNumberOfMessagesVisible"
   dimensions          = { QueueName = aws_sqs_queue.projector_failures.name }
