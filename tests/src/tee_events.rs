@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{apply_event, EventPage, EventStore, StoreError};
 use domain::EventEnvelope;
+use store_embedded::EmbeddedStore;
 
 /// Appends go to the store under test and are then applied, synchronously, to an in-memory
 /// candidate view that the broker reads its allocation candidates from. Reads pass through.

@@ -39,9 +39,9 @@ pub fn validate_append(events: &[EventEnvelope]) -> Result<Vec<(String, u64)>, S
 }
 
 /// A one-event envelope at `version` of `stream`, for the unit tests of the append rules and of
-/// both adapters (one fixture, not one per module).
-#[cfg(test)]
-pub(crate) fn test_envelope(stream: &str, version: u64) -> EventEnvelope {
+/// both adapter crates (one fixture, not one per module; feature `test-support` outside domain).
+#[cfg(any(test, feature = "test-support"))]
+pub fn test_envelope(stream: &str, version: u64) -> EventEnvelope {
     use crate::model::events::{Actor, CommandMeta, SyncEvent};
     let meta = CommandMeta {
         actor: Actor::Admin,

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::EmbeddedStore;
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventStore, ManualClock, PoolView,
     SandboxStatus, ViewStore,
@@ -23,6 +22,7 @@ use domain::{
 use jobs::{CspMode, Jobs, JobsConfig};
 use projector::{Projector, ProjectorMetrics};
 use prometheus::Registry;
+use store_embedded::EmbeddedStore;
 use tests::fake_csp::{FakeAccount, FakeCsp, Fault};
 
 /// Command-line settings.

@@ -28,8 +28,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 use clap::{Parser, ValueEnum};
-use domain::adapters::dynamo::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
-use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::store::batch::{BatchLimits, ViewChunk};
 use domain::store::{
@@ -43,6 +41,8 @@ use hdrhistogram::Histogram;
 use projector::dynamo_streams::DynamoStreams;
 use projector::poller::{PollerConfig, StreamPoller};
 use projector::{Projector, ProjectorMetrics};
+use store_dynamodb::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
+use store_embedded::EmbeddedStore;
 use tests::tee_events::TeeEvents;
 
 /// Which sources to measure.

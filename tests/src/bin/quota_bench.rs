@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::service::TrackQuotas;
 use domain::{
@@ -22,6 +21,7 @@ use domain::{
 };
 use futures::StreamExt;
 use projector::{Projector, ProjectorMetrics};
+use store_embedded::EmbeddedStore;
 
 /// Command-line settings.
 #[derive(Debug, Parser)]

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::{Durability, EmbeddedStore};
 use domain::model::events::truncate_to_millis;
 use domain::store::{EventStore, StoreError};
 use domain::EventEnvelope;
 use hdrhistogram::Histogram;
 use serde_json::json;
+use store_embedded::{Durability, EmbeddedStore};
 
 /// Command-line settings.
 #[derive(Debug, Parser)]
