@@ -96,7 +96,7 @@ if [ "${LAMBDA_RELEASE_BUILD:-0}" = "1" ]; then
 fi
 
 log "building projector and projector_bench"
-timeout 1800 cargo build -q -p projector --bin projector -p tests --bin projector_bench \
+timeout 1800 cargo build -q -p projector --bin projector -p tests --features bench --bin projector_bench \
     >"$WORK/build.log" 2>&1 || die "cargo build"
 PROJECTOR="$ROOT/target/debug/projector"
 BENCH="$ROOT/target/debug/projector_bench"

@@ -7,7 +7,7 @@
 //! Each worker count is also run with `DELETION_LEASE_SEC=0` (every lease lapses at once), which
 //! is the behaviour before the lease: at-least-once deletes.
 //!
-//! `cargo run --release -p tests --bin cleanup_bench [-- --sandboxes 200 --workers 2,3,4]`
+//! `cargo run --release -p tests --features bench --bin cleanup_bench [-- --sandboxes 200 --workers 2,3,4]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

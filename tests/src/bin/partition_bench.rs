@@ -10,7 +10,7 @@
 //! largest share any one key received (the goal with S shards is ≤ 1/S, plus the hash's
 //! unevenness).
 //!
-//! `cargo run --release -p tests --bin partition_bench [-- --allocations 10000 --shards 1,8,16]`
+//! `cargo run --release -p tests --features bench --bin partition_bench [-- --allocations 10000 --shards 1,8,16]`
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 //!
 //! Bounded: at most `--events` steady-load events and `--max-seconds` per phase.
 //!
-//!   cargo run --release -p tests --bin projector_bench -- [--source all|embedded|embedded-per-event|dynamodb]
+//!   cargo run --release -p tests --features bench --bin projector_bench -- [--source all|embedded|embedded-per-event|dynamodb]
 //!
 //! Every source applies delivered batches (`Projector::apply_batch`); `embedded-per-event` runs
 //! the embedded tail through the single-event `Projector::apply` instead — one transaction per

@@ -5,7 +5,7 @@
 //! against an unquoted track, with one broker and with two brokers on the same store (two API
 //! instances on one database), and checks that the quota still holds exactly in each run.
 //!
-//! `cargo run --release -p tests --bin quota_bench [-- --allocations 2000 --concurrency 64]`
+//! `cargo run --release -p tests --features bench --bin quota_bench [-- --allocations 2000 --concurrency 64]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,7 +9,7 @@
 //!
 //! Counts are bounded (`--appends`, default 2,000 per case). Latency is per `append` call.
 //!
-//! `cargo run --release -p tests --bin store_bench [-- --appends 2000 --adapters embedded,dynamodb]`
+//! `cargo run --release -p tests --features bench --bin store_bench [-- --appends 2000 --adapters embedded,dynamodb]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
