@@ -6,6 +6,8 @@
 //!   port once per test process, or uses `DDB_ENDPOINT_URL`; unique table prefixes per test.
 //! - [`history`] — replays the whole event history and checks the allocation invariants.
 //! - [`app`] — `spawn_app()`: the real service on port 0 over either adapter, with a manual clock.
+//! - [`intercepted`] — `InterceptedStore`: the one delegating event store for tests, with a
+//!   `StoreHook` before stream reads and after appends (count reads, force an interleaving).
 //! - [`tee_events`] — `TeeEvents`: an event store that keeps a private candidate view current, so
 //!   workloads never wait for the projector under test.
 //! - [`pool`] — `register_projected`: a registered, projected pool for tests that drive the
@@ -18,5 +20,6 @@ pub mod chaos;
 pub mod ddb_local;
 pub mod fake_csp;
 pub mod history;
+pub mod intercepted;
 pub mod pool;
 pub mod tee_events;

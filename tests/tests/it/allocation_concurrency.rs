@@ -12,16 +12,16 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use domain::model::ids::sandbox_id_of;
-use domain::store::{EventPage, EventStore, PoolView, StoreError};
+use domain::store::{PoolView, StoreError};
 use domain::{
-    Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventEnvelope, ManualClock,
-    SandboxStatus,
+    Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, ManualClock, SandboxStatus,
 };
 use futures::StreamExt;
 use reqwest::StatusCode;
 use store_embedded::EmbeddedStore;
 use tests::app::{spawn_app, spawn_app_with, AppOptions, Backend, Sent, TestApp};
 use tests::history::{all_events, AllocationAudit};
+use tests::intercepted::{InterceptedStore, StoreHook, StreamRead};
 
 /// Outcome of one allocate request: caller, status, sandbox id (201/200 only).
 type Answer = (String, StatusCode, Option<String>);
@@ -181,23 +181,22 @@ async fn stale_view_never_causes_a_false_409_dynamodb() {
     run_with_stale_view(Backend::Dynamo, 200, 60).await;
 }
 
-/// An event store that, once armed, ends an allocation (through a second broker) right before
-/// the next sandbox stream is read: the interleaving "claim read → mark-for-deletion commits →
-/// sandbox read" that a replay must survive.
+/// A hook that, once armed, ends an allocation (through a second broker) right before the next
+/// sandbox stream is read: the interleaving "claim read → mark-for-deletion commits → sandbox
+/// read" that a replay must survive.
 struct EndsAllocationBeforeSandboxRead {
-    inner: Arc<EmbeddedStore>,
     armed: AtomicBool,
     caller: String,
     other: OnceLock<Arc<Broker>>,
 }
 
 #[async_trait]
-impl EventStore for EndsAllocationBeforeSandboxRead {
-    async fn load_after(
-        &self,
-        stream_id: &str,
-        after: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
+impl StoreHook for EndsAllocationBeforeSandboxRead {
+    async fn before_read(&self, stream_id: &str, read: StreamRead) -> Result<(), StoreError> {
+        // Only whole-stream loads: that is how the allocation reads a sandbox it replays.
+        if !matches!(read, StreamRead::After(_)) {
+            return Ok(());
+        }
         if let Some(sandbox_id) = sandbox_id_of(stream_id) {
             if self.armed.swap(false, Ordering::SeqCst) {
                 if let Some(other) = self.other.get() {
@@ -208,29 +207,7 @@ impl EventStore for EndsAllocationBeforeSandboxRead {
                 }
             }
         }
-        self.inner.load_after(stream_id, after).await
-    }
-
-    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
-        self.inner.load_latest(stream_id).await
-    }
-
-    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
-        self.inner.append(events).await
-    }
-
-    async fn scan(
-        &self,
-        segment: u32,
-        segments: u32,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner.scan(segment, segments, cursor, limit).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        Ok(())
     }
 }
 
@@ -256,13 +233,15 @@ async fn replay_never_returns_an_ended_allocation() {
         BrokerConfig::default(),
     ));
     tests::pool::register_projected(&direct, store.as_ref(), store.as_ref(), 2, &meta()).await;
-    let interleaving = Arc::new(EndsAllocationBeforeSandboxRead {
-        inner: store.clone(),
-        armed: AtomicBool::new(false),
-        caller: "student".into(),
-        other: OnceLock::new(),
-    });
-    let _ = interleaving.other.set(direct.clone());
+    let interleaving = Arc::new(InterceptedStore::with_hook(
+        store.clone(),
+        EndsAllocationBeforeSandboxRead {
+            armed: AtomicBool::new(false),
+            caller: "student".into(),
+            other: OnceLock::new(),
+        },
+    ));
+    let _ = interleaving.hook().other.set(direct.clone());
     let broker = Broker::new(interleaving.clone(), view, clock, BrokerConfig::default());
     let request = AllocateRequest {
         caller: "student".into(),
@@ -274,13 +253,13 @@ async fn replay_never_returns_an_ended_allocation() {
         .expect("first allocation");
     assert!(!first.replayed);
 
-    interleaving.armed.store(true, Ordering::SeqCst);
+    interleaving.hook().armed.store(true, Ordering::SeqCst);
     let second = broker
         .allocate(&request, &meta())
         .await
         .expect("second allocation");
     assert!(
-        !interleaving.armed.load(Ordering::SeqCst),
+        !interleaving.hook().armed.load(Ordering::SeqCst),
         "the interleaving was not forced"
     );
     let ended = direct

@@ -9,55 +9,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::model::ids::POOL_CONTROL_STREAM_ID;
-use domain::store::{EventPage, EventStore, PoolView, StoreError};
-use domain::{
-    Actor, AllocateRequest, Broker, BrokerConfig, BrokerError, CommandMeta, EventEnvelope,
-    ManualClock,
-};
+use domain::store::{PoolView, StoreError};
+use domain::{Actor, AllocateRequest, Broker, BrokerConfig, BrokerError, CommandMeta, ManualClock};
 use store_embedded::EmbeddedStore;
+use tests::intercepted::{InterceptedStore, StoreHook, StreamRead};
 
-/// Counts the strong reads of the pool-control stream.
+/// Counts the strong reads of the pool-control stream (whole or latest).
+#[derive(Default)]
 struct CountsControlReads {
-    inner: Arc<EmbeddedStore>,
     control_reads: AtomicUsize,
 }
 
 #[async_trait]
-impl EventStore for CountsControlReads {
-    async fn load_after(
-        &self,
-        stream_id: &str,
-        after: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
+impl StoreHook for CountsControlReads {
+    async fn before_read(&self, stream_id: &str, _read: StreamRead) -> Result<(), StoreError> {
         if stream_id == POOL_CONTROL_STREAM_ID {
             self.control_reads.fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.load_after(stream_id, after).await
-    }
-
-    async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
-        if stream_id == POOL_CONTROL_STREAM_ID {
-            self.control_reads.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.load_latest(stream_id).await
-    }
-
-    async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
-        self.inner.append(events).await
-    }
-
-    async fn scan(
-        &self,
-        segment: u32,
-        segments: u32,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner.scan(segment, segments, cursor, limit).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        Ok(())
     }
 }
 
@@ -81,10 +50,10 @@ async fn a_never_drained_pool_is_read_once_per_cache_period() {
         BrokerConfig::default(),
     );
     tests::pool::register_projected(&registrar, store.as_ref(), store.as_ref(), 40, &meta()).await;
-    let counting = Arc::new(CountsControlReads {
-        inner: store.clone(),
-        control_reads: AtomicUsize::new(0),
-    });
+    let counting = Arc::new(InterceptedStore::with_hook(
+        store.clone(),
+        CountsControlReads::default(),
+    ));
     let view: Arc<dyn PoolView> = store.clone();
     let config = BrokerConfig {
         // Long enough that the whole burst falls inside one cache period on any machine.
@@ -119,7 +88,7 @@ async fn a_never_drained_pool_is_read_once_per_cache_period() {
     }
     assert_eq!(allocated, 30);
     assert_eq!(
-        counting.control_reads.load(Ordering::SeqCst),
+        counting.hook().control_reads.load(Ordering::SeqCst),
         1,
         "the drain state was read more than once within one cache period"
     );
