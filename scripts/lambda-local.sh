@@ -18,7 +18,7 @@
 #   scripts/lambda-local.sh [--update-fixture]
 #
 # --update-fixture   also copy the captured event to tests/fixtures/dynamodb-local-stream-event.json
-#                    (the fixture `captured_fixture_applies` in tests/tests/projector.rs replays).
+#                    (the fixture `captured_fixture_applies` in tests/tests/it/projector.rs replays).
 #
 # Settings (environment):
 #   LAMBDA_LOCAL_SANDBOXES   sandboxes seeded (default 20 → 50 events)

