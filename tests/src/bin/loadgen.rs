@@ -8,11 +8,11 @@
 //! (`broker_store_consumed_capacity_units_total`).
 //!
 //! ```text
-//! cargo run --release -p tests --bin loadgen -- --backend embedded           # spawns the service in-process
-//! cargo run --release -p tests --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
-//! cargo run --release -p tests --bin loadgen -- --backend dynamo             # … on DynamoDB Local
-//! ALLOCATE_CONCURRENCY=16 cargo run --release -p tests --bin loadgen -- --backend dynamo  # the spawned service takes ALLOCATE_CONCURRENCY and VIEW_INDEX_SHARDS
-//! cargo run --release -p tests --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
+//! cargo run --release -p tests --features bench --bin loadgen -- --backend embedded           # spawns the service in-process
+//! cargo run --release -p tests --features bench --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
+//! cargo run --release -p tests --features bench --bin loadgen -- --backend dynamo             # … on DynamoDB Local
+//! ALLOCATE_CONCURRENCY=16 cargo run --release -p tests --features bench --bin loadgen -- --backend dynamo  # the spawned service takes ALLOCATE_CONCURRENCY and VIEW_INDEX_SHARDS
+//! cargo run --release -p tests --features bench --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
 //! ```
 //! Traffic goes to 127.0.0.1 only unless `--url` says otherwise; every run is bounded by
 //! `--requests` per level, or by `--duration` seconds when given.
