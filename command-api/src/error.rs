@@ -149,6 +149,34 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE", message)
     }
 
+    /// 403 LEASE_TOKEN_REQUIRED: the lease capability applies and no `X-Lease-Token` was sent.
+    pub fn lease_token_required() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "LEASE_TOKEN_REQUIRED",
+            "X-Lease-Token is required: send the lease_token of the allocation's 201",
+        )
+    }
+
+    /// 403 LEASE_TOKEN_INVALID: the token is not the one of this sandbox's allocation.
+    pub fn lease_token_invalid() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "LEASE_TOKEN_INVALID",
+            "X-Lease-Token does not match this sandbox's allocation",
+        )
+    }
+
+    /// 409 ALREADY_ALLOCATED: the caller holds a live allocation that the request does not prove
+    /// (never names the sandbox).
+    pub fn already_allocated() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "ALREADY_ALLOCATED",
+            "This caller already holds a sandbox; repeat the request with its original Idempotency-Key or its X-Lease-Token",
+        )
+    }
+
     /// 404 SANDBOX_NOT_FOUND.
     pub fn sandbox_not_found(sandbox_id: &str) -> Self {
         Self::new(

@@ -14,6 +14,7 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
+//! - [`lease`] — the lease capability: tokens derived from the allocation, keys as credentials.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `ops`, `events` (the audit endpoints), `dashboard`.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
@@ -34,6 +35,7 @@ pub mod config;
 pub mod credentials;
 pub mod edge;
 pub mod error;
+pub mod lease;
 pub mod live_feed;
 pub mod metrics;
 pub mod openapi;

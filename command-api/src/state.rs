@@ -34,6 +34,10 @@ pub struct AppState {
     pub readiness: crate::readiness::ReadinessCache,
     /// Per-track credentials.
     pub credentials: TrackCredentials,
+    /// Keys that issue and verify lease tokens.
+    pub lease_keys: crate::lease::LeaseKeys,
+    /// Whether the shared track token must present the lease capability too.
+    pub require_lease_token: bool,
     /// Whether the shared track token is accepted.
     pub shared_track_token_enabled: bool,
     /// Track bearer token.

@@ -152,6 +152,9 @@ pub struct Allocation {
     pub replayed: bool,
     /// Candidates lost to concurrent allocators on the way.
     pub conflicts: u32,
+    /// The `event_id` of the `SandboxAllocated` event that made this allocation: the API derives
+    /// the allocation's lease token from it, so nothing secret is stored.
+    pub allocation_event_id: Option<uuid::Uuid>,
 }
 
 /// What the allocator of this process knows beyond the (lagging) view: per name prefix a
@@ -434,6 +437,17 @@ pub struct LoadedSandbox {
     pub events: Vec<EventEnvelope>,
 }
 
+impl LoadedSandbox {
+    /// The `event_id` of the latest `SandboxAllocated`: the current (or most recent) allocation.
+    pub fn allocation_event_id(&self) -> Option<uuid::Uuid> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.event_type == "SandboxAllocated")
+            .map(|e| e.event_id)
+    }
+}
+
 impl Broker {
     /// A broker over the given ports.
     pub fn new(
@@ -642,7 +656,9 @@ impl Broker {
             claim_reads += 1;
             let claim = self.load_claim(&claim_id).await?;
             if let Some(held) = &claim.active {
-                let sandbox = self.load_sandbox(held).await?.sandbox;
+                let loaded = self.load_sandbox(held).await?;
+                let allocation_event_id = loaded.allocation_event_id();
+                let sandbox = loaded.sandbox;
                 // The claim was read before the sandbox: a mark-for-deletion or expiry may have
                 // ended the allocation (and released the claim in the same transaction) in
                 // between. Only a sandbox still allocated under this very claim is a replay;
@@ -654,6 +670,7 @@ impl Broker {
                         sandbox,
                         replayed: true,
                         conflicts,
+                        allocation_event_id,
                     });
                 }
                 if claim_reads > self.config.command_retries {
@@ -746,6 +763,10 @@ impl Broker {
                         }
                     }
                 }
+                let allocation_event_id = batch
+                    .iter()
+                    .find(|e| e.event_type == "SandboxAllocated")
+                    .map(|e| e.event_id);
                 match self.events.append(batch).await {
                     Ok(()) => {
                         self.candidates.taken(&row);
@@ -757,6 +778,7 @@ impl Broker {
                             sandbox,
                             replayed: false,
                             conflicts,
+                            allocation_event_id,
                         });
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {

@@ -59,6 +59,7 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert!(body["name"].as_str().unwrap_or("").starts_with("alpha-"));
     let id = body["sandbox_id"].as_str().unwrap_or("").to_string();
+    let lease = body["lease_token"].as_str().unwrap_or("").to_string();
     let path = format!("/v1/sandboxes/{id}");
     let mark = format!("{path}/mark-for-deletion");
 
@@ -79,11 +80,13 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
     .await;
     assert_eq!(
         (status, code(&body)),
-        (StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER"),
-        "a replay of another track's claim is refused"
+        (StatusCode::CONFLICT, "ALREADY_ALLOCATED"),
+        "a replay of another track's claim is refused without naming it"
     );
+    assert!(!body.to_string().contains(&id), "{body}");
 
-    let (status, body) = send(as_track(&app, ALPHA, Method::GET, &path, "s1")).await;
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::GET, &path, "s1").header("X-Lease-Token", &lease)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["track_name"], "alpha");
     let (status, _) = send(
@@ -92,7 +95,9 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "the shared token keeps working");
-    let (status, body) = send(as_track(&app, ALPHA, Method::POST, &mark, "s1")).await;
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::POST, &mark, "s1").header("X-Lease-Token", &lease))
+            .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
 }
@@ -142,6 +147,7 @@ async fn caller_signature_binds_the_student() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    let lease = body["lease_token"].as_str().unwrap_or("").to_string();
     let path = format!(
         "/v1/sandboxes/{}",
         body["sandbox_id"].as_str().unwrap_or("")
@@ -155,7 +161,9 @@ async fn caller_signature_binds_the_student() {
         (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
     );
     let (status, _) = send(
-        as_track(&app, GAMMA, Method::GET, &path, "alice").header("X-Caller-Signature", &alice),
+        as_track(&app, GAMMA, Method::GET, &path, "alice")
+            .header("X-Caller-Signature", &alice)
+            .header("X-Lease-Token", &lease),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -166,9 +174,13 @@ async fn caller_signature_binds_the_student() {
 #[tokio::test]
 async fn track_allocation_cap_is_enforced() {
     let app = app().await;
+    let key = |caller: &str| format!("{caller}-key-0123456789abcdefghijklmnopqrstu");
     for caller in ["c1", "c2"] {
-        let (status, body) =
-            send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", caller)).await;
+        let (status, body) = send(
+            as_track(&app, ALPHA, Method::POST, "/v1/allocate", caller)
+                .header("Idempotency-Key", key(caller)),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
     app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) >= 2)
@@ -178,7 +190,11 @@ async fn track_allocation_cap_is_enforced() {
         (status, code(&body)),
         (StatusCode::TOO_MANY_REQUESTS, "QUOTA_EXCEEDED")
     );
-    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c1")).await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c1")
+            .header("Idempotency-Key", key("c1")),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "the replay answers: {body}");
     let (status, body) = send(
         as_track(&app, BETA, Method::POST, "/v1/allocate", "c3")

@@ -16,6 +16,7 @@ use crate::auth::{header_text, Caller, Principal};
 use crate::credentials::{SignatureCheck, TrackCredential};
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
+use crate::lease::{self, LEASE_TOKEN_HEADER};
 use crate::state::SharedState;
 
 /// Body of a successful allocation (201 new, 200 replay).
@@ -33,6 +34,11 @@ pub struct AllocateResponse {
     pub expires_at: i64,
     /// Salesforce account id.
     pub sfdc_account_id: Option<String>,
+    /// The allocation's capability: send it as `X-Lease-Token` on every per-sandbox call. Always
+    /// on a 201; on a 200 replay only when the request proved the allocation (its original
+    /// strong `Idempotency-Key`, or this token). Keep it like a password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<String>,
 }
 
 /// A sandbox as its owner sees it.
@@ -127,24 +133,74 @@ fn check_caller(
     }
 }
 
-/// With a per-track credential, a sandbox is visible only if its track allocated it: the
-/// strong read's `track_name` is the credential's track, stamped at allocation.
-async fn check_track_owns(
+/// Whether the lease capability applies to a principal: per-track credentials always, the
+/// shared track token with `REQUIRE_LEASE_TOKEN=true`.
+fn lease_applies(state: &SharedState, principal: &Principal) -> bool {
+    match principal {
+        Principal::Track(_) => true,
+        Principal::SharedTrack => state.require_lease_token,
+        Principal::Admin => false,
+    }
+}
+
+/// Whether the request's `X-Lease-Token` is the token of the allocation `event_id`.
+fn lease_token_proves(
     state: &SharedState,
-    credential: &TrackCredential,
+    headers: &HeaderMap,
+    event_id: Option<uuid::Uuid>,
+) -> Result<bool, ApiError> {
+    let token = header_text(headers, LEASE_TOKEN_HEADER)?;
+    Ok(match (token.as_deref(), event_id) {
+        (Some(token), Some(event_id)) if !token.is_empty() => {
+            state.lease_keys.verify(token, &event_id)
+        }
+        _ => false,
+    })
+}
+
+/// The checks of every per-sandbox verb before the command runs: with a per-track credential the
+/// caller's signature and the track's ownership (the strong read's `track_name` is the
+/// credential's track, stamped at allocation); where the lease capability applies, the
+/// `X-Lease-Token` of the sandbox's current allocation (derived again from its `SandboxAllocated`
+/// event id and compared in constant time).
+async fn check_sandbox_access(
+    state: &SharedState,
+    principal: &Principal,
+    caller: &Caller,
     sandbox_id: &str,
+    headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    let sandbox = state
+    let credential = match principal {
+        Principal::Track(credential) => Some(credential.as_ref()),
+        _ => None,
+    };
+    if let Some(credential) = credential {
+        check_caller(credential, caller, headers)?;
+    }
+    let lease = lease_applies(state, principal);
+    if credential.is_none() && !lease {
+        return Ok(());
+    }
+    let loaded = state
         .broker
         .load_sandbox(sandbox_id)
         .await
-        .map_err(|e| ApiError::from_broker(e, sandbox_id))?
-        .sandbox;
-    if sandbox.status.is_none() {
+        .map_err(|e| ApiError::from_broker(e, sandbox_id))?;
+    if loaded.sandbox.status.is_none() {
         return Err(ApiError::sandbox_not_found(sandbox_id));
     }
-    if sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
-        return Err(ApiError::not_owner(sandbox_id));
+    if let Some(credential) = credential {
+        if loaded.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
+            return Err(ApiError::not_owner(sandbox_id));
+        }
+    }
+    if lease {
+        if header_text(headers, LEASE_TOKEN_HEADER)?.is_none_or(|t| t.is_empty()) {
+            return Err(ApiError::lease_token_required());
+        }
+        if !lease_token_proves(state, headers, loaded.allocation_event_id())? {
+            return Err(ApiError::lease_token_invalid());
+        }
     }
     Ok(())
 }
@@ -164,8 +220,9 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes. Where the lease capability applies (per-track credentials; the shared token with `REQUIRE_LEASE_TOKEN=true`) it is a credential: at least 32 random characters of `[A-Za-z0-9_-]` (400 otherwise), stored only as its SHA-256, and the only key that proves a replay (the caller-id default never does)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 201, description = "Allocated", body = AllocateResponse),
@@ -173,7 +230,7 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
-        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`)", body = ErrorBody),
+        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
         (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`, or the per-track credential's maximum): `limit` and `retry_after` in the envelope", body = ErrorBody),
         (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
     )
@@ -205,6 +262,22 @@ pub async fn allocate_sandbox(
         Principal::Track(credential) => Some(credential.clone()),
         _ => None,
     };
+    // Where the capability applies, the key is a credential: strong, and stored only hashed.
+    // Without a key the caller-id default is used, which never proves a replay.
+    let lease = lease_applies(&state, &principal);
+    let keyless = request.idempotency_key.is_none();
+    let strong_key = request
+        .idempotency_key
+        .as_deref()
+        .is_some_and(|k| lease::key_problem(k).is_none());
+    if lease {
+        if let Some(key) = request.idempotency_key.take() {
+            if let Some(problem) = lease::key_problem(&key) {
+                return Err(ApiError::validation("header", "Idempotency-Key", problem));
+            }
+            request.idempotency_key = Some(lease::hashed_key(&key));
+        }
+    }
     if let Some(credential) = &credential {
         check_caller(credential, &caller, &headers)?;
         request.name_prefix = match request.name_prefix.take() {
@@ -242,6 +315,11 @@ pub async fn allocate_sandbox(
         .with_label_values(&[outcome])
         .observe(started.elapsed().as_secs_f64());
     let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    let token_proves = lease_token_proves(&state, &headers, allocation.allocation_event_id)?;
+    if lease && allocation.replayed && keyless && !token_proves {
+        // A caller id is no proof: the live allocation stays unnamed.
+        return Err(ApiError::already_allocated());
+    }
     if let Some(credential) = &credential {
         // A replay can return a claim made through another credential for the same caller id.
         if allocation.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
@@ -260,6 +338,12 @@ pub async fn allocate_sandbox(
         allocated_at: s.allocated_at.map_or(0, |t| t.timestamp()),
         expires_at: s.expires_at.map_or(0, |t| t.timestamp()),
         sfdc_account_id: s.sfdc_account_id.clone(),
+        // A replay gets the token again only when it proved the allocation, so a lost 201 does
+        // not lock the student out and a caller id alone never reveals it.
+        lease_token: allocation
+            .allocation_event_id
+            .filter(|_| !allocation.replayed || strong_key || token_proves)
+            .map(|id| state.lease_keys.issue(&id)),
     };
     let status = if allocation.replayed {
         StatusCode::OK
@@ -276,12 +360,13 @@ pub async fn allocate_sandbox(
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 200, description = "The sandbox", body = SandboxResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -295,10 +380,7 @@ pub async fn get_sandbox(
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .get_sandbox(&sandbox_id, &caller.0)
@@ -314,12 +396,13 @@ pub async fn get_sandbox(
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 200, description = "Marked (or already ended; same body)", body = MarkResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -334,10 +417,7 @@ pub async fn mark_for_deletion(
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
     let result = state
         .broker
         .mark_for_deletion(&sandbox_id, &caller.0, &meta(&caller.0, &request_id))
@@ -411,13 +491,14 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     request_body(content = ExtendRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Extended: the new `expires_at`", body = ExtendResponse),
         (status = 400, description = "`VALIDATION_ERROR`: `hours` missing, not a whole number, or outside 1–8760; missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 409, description = "`INVALID_STATE`: not allocated, or the lab window has ended; `EXTENSION_LIMIT_EXCEEDED`: the allocation's extensions would add more than `MAX_LAB_EXTENSION_HOURS` (`limit` in the envelope)", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -435,10 +516,7 @@ pub async fn extend_lease(
 ) -> Result<Json<ExtendResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
     let hours = extension_hours(&body)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .extend_lease(&sandbox_id, &caller.0, hours, &meta(&caller.0, &request_id))

@@ -1,0 +1,366 @@
+//! Tenancy over real HTTP on both stores (issue 24, docs/threat-model.md): a sandbox answers only
+//! to whoever holds its lease token, a caller id alone proves nothing, and one caller cannot
+//! take more than its fair share of the pool.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
+
+const ALPHA: &str = "alpha-token-0123456789abcdefghijklmnop";
+const BETA: &str = "beta-token-0123456789abcdefghijklmnopq";
+
+/// A 128-bit key as the clients generate it (32 hex characters).
+fn strong_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+async fn app_with(
+    backend: Backend,
+    configure: impl FnOnce(&mut command_api::config::Config) + Send + 'static,
+) -> TestApp {
+    let credentials = json!({"tracks": [
+        {"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"], "max_concurrent_allocations": 20},
+        {"track": "beta", "token": BETA, "name_prefixes": ["beta-"], "max_concurrent_allocations": 20},
+    ]})
+    .to_string();
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |c| {
+        c.track_credentials_json = Some(credentials.into());
+        configure(c);
+    });
+    let app = spawn_app_with(options).await;
+    for prefix in ["alpha", "beta", "shared"] {
+        app.seed(prefix, 4).await;
+    }
+    app
+}
+
+async fn app(backend: Backend) -> TestApp {
+    app_with(backend, |_| {}).await
+}
+
+fn as_track(
+    app: &TestApp,
+    token: &str,
+    method: Method,
+    path: &str,
+    caller: &str,
+) -> reqwest::RequestBuilder {
+    app.client
+        .request(method, format!("{}{path}", app.url))
+        .bearer_auth(token)
+        .header("X-Instruqt-Sandbox-ID", caller)
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let (status, _, body) = request.sent_json().await;
+    (status, body)
+}
+
+fn code(body: &Value) -> &str {
+    body["detail"]["code"].as_str().unwrap_or("")
+}
+
+fn text(body: &Value, field: &str) -> String {
+    body[field].as_str().unwrap_or("").to_string()
+}
+
+/// Allocates for `caller` with `token` and a fresh strong key: (sandbox id, lease token, key).
+async fn allocate(app: &TestApp, token: &str, caller: &str) -> (String, String, String) {
+    let key = strong_key();
+    let (status, body) = send(
+        as_track(app, token, Method::POST, "/v1/allocate", caller).header("Idempotency-Key", &key),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let lease = text(&body, "lease_token");
+    assert!(
+        lease.starts_with("lt1."),
+        "a 201 carries the lease token: {body}"
+    );
+    (text(&body, "sandbox_id"), lease, key)
+}
+
+async fn status_of(app: &TestApp, sandbox_id: &str) -> String {
+    let (_, _, body) = app
+        .get_json(&format!("/v1/admin/sandboxes/{sandbox_id}/history"))
+        .await;
+    let last = body["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .map(|e| e["event_type"].as_str().unwrap_or("").to_string());
+    last.unwrap_or_default()
+}
+
+async fn lease_token_guards_per_sandbox_verbs(backend: Backend) {
+    let app = app(backend).await;
+    let (id, lease, _) = allocate(&app, ALPHA, "alice").await;
+    let (_, other_lease, _) = allocate(&app, ALPHA, "bob").await;
+    let get = format!("/v1/sandboxes/{id}");
+    let mark = format!("{get}/mark-for-deletion");
+    let extend = format!("{get}/extend");
+
+    // Another student of the track who knows alice's id (and even holds a token of their own).
+    for (method, path) in [
+        (Method::GET, get.as_str()),
+        (Method::POST, mark.as_str()),
+        (Method::POST, extend.as_str()),
+    ] {
+        let request = |r: reqwest::RequestBuilder| r.json(&json!({"hours": 1}));
+        let (status, body) = send(request(as_track(
+            &app,
+            ALPHA,
+            method.clone(),
+            path,
+            "alice",
+        )))
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::FORBIDDEN, "LEASE_TOKEN_REQUIRED"),
+            "{method} {path}"
+        );
+        for wrong in [other_lease.as_str(), "lt1.k1.AAAA", "garbage"] {
+            let (status, body) = send(request(
+                as_track(&app, ALPHA, method.clone(), path, "alice").header("X-Lease-Token", wrong),
+            ))
+            .await;
+            assert_eq!(
+                (status, code(&body)),
+                (StatusCode::FORBIDDEN, "LEASE_TOKEN_INVALID"),
+                "{method} {path} with {wrong}"
+            );
+        }
+    }
+    assert_eq!(
+        status_of(&app, &id).await,
+        "SandboxAllocated",
+        "the victim's sandbox is untouched"
+    );
+
+    // The holder of the token reads, extends and ends the allocation.
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::GET, &get, "alice").header("X-Lease-Token", &lease))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, &extend, "alice")
+            .header("X-Lease-Token", &lease)
+            .json(&json!({"hours": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::POST, &mark, "alice").header("X-Lease-Token", &lease))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.stop().await;
+}
+
+/// Embedded: every per-sandbox verb needs the allocation's lease token under a per-track
+/// credential; a missing or foreign token is refused and the victim's sandbox is untouched.
+#[tokio::test]
+async fn lease_token_guards_per_sandbox_verbs_embedded() {
+    lease_token_guards_per_sandbox_verbs(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`lease_token_guards_per_sandbox_verbs_embedded`].
+#[tokio::test]
+async fn lease_token_guards_per_sandbox_verbs_dynamo() {
+    lease_token_guards_per_sandbox_verbs(Backend::Dynamo).await;
+}
+
+async fn replay_needs_the_key_or_the_token(backend: Backend) {
+    let app = app(backend).await;
+    // With a key: the key proves the replay, and the token comes back (a lost 201 is no lock-out).
+    let (id, lease, key) = allocate(&app, ALPHA, "carol").await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "carol")
+            .header("Idempotency-Key", &key),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(text(&body, "sandbox_id"), id);
+    assert_eq!(text(&body, "lease_token"), lease);
+
+    // Without a key: the caller-id default never proves anything.
+    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "dave")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let dave_id = text(&body, "sandbox_id");
+    let dave_lease = text(&body, "lease_token");
+    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "dave")).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "ALREADY_ALLOCATED")
+    );
+    assert!(
+        !body.to_string().contains(&dave_id),
+        "the refusal names the sandbox: {body}"
+    );
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "dave").header("X-Lease-Token", &lease),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "ALREADY_ALLOCATED"),
+        "another allocation's token proves nothing"
+    );
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "dave")
+            .header("X-Lease-Token", &dave_lease),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(text(&body, "sandbox_id"), dave_id);
+    assert_eq!(text(&body, "lease_token"), dave_lease);
+    app.stop().await;
+}
+
+/// Embedded: a replay returns the details and the token only with the original key or the
+/// token; a bare caller id gets 409 `ALREADY_ALLOCATED` that does not name the sandbox.
+#[tokio::test]
+async fn replay_needs_the_key_or_the_token_embedded() {
+    replay_needs_the_key_or_the_token(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`replay_needs_the_key_or_the_token_embedded`].
+#[tokio::test]
+async fn replay_needs_the_key_or_the_token_dynamo() {
+    replay_needs_the_key_or_the_token(Backend::Dynamo).await;
+}
+
+/// Where the capability applies, a short key is refused with a message saying how to make one,
+/// and only the key's hash reaches the history; the shared token keeps its legacy contract.
+#[tokio::test]
+async fn keys_are_credentials_under_the_capability() {
+    let app = app(Backend::Embedded).await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "erin")
+            .header("Idempotency-Key", "retry-1"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR")
+    );
+    assert!(body.to_string().contains("openssl rand"), "{body}");
+
+    let (id, _, key) = allocate(&app, ALPHA, "erin").await;
+    let (_, _, history) = app
+        .get_json(&format!("/v1/admin/sandboxes/{id}/history"))
+        .await;
+    let history = history.to_string();
+    assert!(!history.contains(&key), "the raw key is stored: {history}");
+    assert!(history.contains("sha256:"), "{history}");
+
+    // The shared token: short keys and keyless replays as before.
+    let (status, body) = send(
+        app.allocate("frank")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("Idempotency-Key", "retry-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let shared_id = text(&body, "sandbox_id");
+    let (status, body) = send(
+        app.allocate("frank")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("Idempotency-Key", "retry-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(text(&body, "sandbox_id"), shared_id);
+    let (status, _) = send(
+        app.track(Method::GET, &format!("/v1/sandboxes/{shared_id}"))
+            .header("X-Instruqt-Sandbox-ID", "frank"),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the shared token needs no lease token"
+    );
+    app.stop().await;
+}
+
+/// With `REQUIRE_LEASE_TOKEN=true` the shared token needs the lease token too.
+#[tokio::test]
+async fn require_lease_token_applies_to_the_shared_token() {
+    let app = app_with(Backend::Embedded, |c| c.require_lease_token = true).await;
+    let (status, body) = send(
+        app.allocate("gina")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("Idempotency-Key", strong_key()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = text(&body, "sandbox_id");
+    let lease = text(&body, "lease_token");
+    let path = format!("/v1/sandboxes/{id}");
+    let (status, body) = send(
+        app.track(Method::GET, &path)
+            .header("X-Instruqt-Sandbox-ID", "gina"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "LEASE_TOKEN_REQUIRED")
+    );
+    let (status, _) = send(
+        app.track(Method::GET, &path)
+            .header("X-Instruqt-Sandbox-ID", "gina")
+            .header("X-Lease-Token", &lease),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    app.stop().await;
+}
+
+/// The lease token is derived, never recorded: it appears in no event of the history and in no
+/// record of the audit feed.
+#[tokio::test]
+async fn lease_token_never_reaches_the_history_or_the_feed() {
+    let app = app(Backend::Embedded).await;
+    let (id, lease, _) = allocate(&app, ALPHA, "hank").await;
+    let (status, body) = send(
+        as_track(
+            &app,
+            ALPHA,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+            "hank",
+        )
+        .header("X-Lease-Token", &lease),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let secret_part = lease.rsplit('.').next().unwrap_or_default().to_string();
+    assert!(secret_part.len() >= 22);
+    let (_, _, history) = app
+        .get_json(&format!("/v1/admin/sandboxes/{id}/history"))
+        .await;
+    assert!(history["events"].as_array().is_some_and(|e| e.len() >= 3));
+    assert!(!history.to_string().contains(&secret_part));
+    let (status, _, feed) = app.get_json("/v1/admin/events?limit=500").await;
+    assert_eq!(status, StatusCode::OK, "{feed}");
+    assert!(!feed.to_string().contains(&secret_part), "{feed}");
+    app.stop().await;
+}
+
+/// Start-up refuses a weak lease key, and the dev key on a non-loopback address.
+#[test]
+fn weak_or_dev_lease_keys_are_refused_off_loopback() {
+    let mut config = command_api::config::Config::defaults();
+    assert!(config.lease_keys().is_ok(), "the dev key on loopback");
+    config.bind_addr = "0.0.0.0:8080".parse().expect("a socket address");
+    assert!(
+        config.lease_keys().is_err(),
+        "the dev key on all interfaces"
+    );
+    config.lease_token_key = Some("short".into());
+    assert!(config.lease_keys().is_err());
+    config.lease_token_key = Some("k".repeat(40).as_str().into());
+    assert!(config.lease_keys().is_ok());
+    assert!(!format!("{config:?}").contains(&"k".repeat(40)));
+}
