@@ -24,6 +24,10 @@ if [ -n "${BROKER_CALLER_SECRET:-}" ]; then
   signature=$(printf %s "$caller" | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
   headers+=(-H "X-Caller-Signature: $signature")
 fi
+# The lease token setup kept (0600) proves the allocation where the broker requires it.
+lease="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
+lease_token=$(sed -n 's/^lease_token=//p' "$lease" 2>/dev/null || true)
+[ -z "$lease_token" ] || headers+=(-H "X-Lease-Token: $lease_token")
 id=$(printf %s "$SANDBOX_ID" | jq -sRr @uri 2>/dev/null || printf %s "$SANDBOX_ID")
 
 attempt=0

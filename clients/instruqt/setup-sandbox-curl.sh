@@ -2,8 +2,10 @@
 # Instruqt track setup with curl only (no brokerctl on the image): the same behaviour as
 # setup-sandbox.sh — 409 (pool empty), 429 and 5xx are retried with jittered waits that honour
 # Retry-After until BROKER_DEADLINE_SECONDS (default 600), the participant's live allocation is
-# replayed on a re-run, and the details are written atomically to ${BROKER_SANDBOX_FILE}
-# (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's (0, 2, 3, 4, 5).
+# replayed on a re-run (the idempotency key is kept in ${BROKER_LEASE_FILE}, mode 0600, default
+# `lease` next to the sandbox file, with the lease token), and the details are written atomically
+# to ${BROKER_SANDBOX_FILE} (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's
+# (0, 2, 3, 4, 5).
 set -euo pipefail
 
 url="${BROKER_URL:?set BROKER_URL}"
@@ -25,6 +27,18 @@ if [ -n "${BROKER_CALLER_SECRET:-}" ]; then
   headers+=(-H "X-Caller-Signature: $signature")
 fi
 
+# The lease file (0600): a 128-bit idempotency key generated once, before the first request, so a
+# re-run after a lost answer replays with it; the lease token of the answer is added after it.
+lease="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
+key=$(sed -n 's/^idempotency_key=//p' "$lease" 2>/dev/null || true)
+if [ -z "$key" ]; then
+  key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  (umask 077 && printf 'idempotency_key=%s\n' "$key" > "$lease.tmp" && mv "$lease.tmp" "$lease")
+fi
+headers+=(-H "Idempotency-Key: $key")
+lease_token=$(sed -n 's/^lease_token=//p' "$lease" 2>/dev/null || true)
+[ -z "$lease_token" ] || headers+=(-H "X-Lease-Token: $lease_token")
+
 # One field of the broker's flat JSON answer (string, number or null).
 field() {
   sed -n "s/.*\"$1\":\\(\"\\([^\"]*\\)\"\\|\\([-0-9.]*\\)\\|null\\).*/\\2\\3/p" "$work/body"
@@ -44,6 +58,8 @@ while :; do
         done
       } > "$file.tmp"
       mv "$file.tmp" "$file"
+      (umask 077 && printf 'idempotency_key=%s\nlease_token=%s\nsandbox_id=%s\n' \
+        "$key" "$(field lease_token)" "$(field sandbox_id)" > "$lease.tmp" && mv "$lease.tmp" "$lease")
       echo "setup-sandbox: sandbox details in $file" >&2
       exit 0 ;;
     409|429|500|502|503|504|000)
