@@ -255,10 +255,20 @@ pub struct Config {
     /// always require it): `X-Lease-Token` on per-sandbox calls, a strong `Idempotency-Key`.
     #[arg(long, env = "REQUIRE_LEASE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     pub require_lease_token: bool,
+    /// Live allocations one caller id may hold per track (per-track credential) or under the
+    /// shared token; a credential's `max_allocations_per_caller` overrides it (0: no cap).
+    #[arg(long, env = "MAX_ALLOCATIONS_PER_CALLER", default_value_t = 1)]
+    pub max_allocations_per_caller: u32,
+    /// Live allocations made from one client address (through `TRUSTED_PROXY_HOPS`); unset: no
+    /// cap (labs behind one shared egress address would otherwise share it).
+    #[arg(long, env = "MAX_ALLOCATIONS_PER_ADDRESS")]
+    pub max_allocations_per_address: Option<u32>,
     /// Concurrent allocations per track name, `trackA=20,trackB=5` (blank: none).
     #[arg(long, env = "TRACK_QUOTAS", default_value = "")]
     pub track_quotas: String,
-    /// Concurrent allocations of any track `TRACK_QUOTAS` does not name (unset: unlimited).
+    /// Concurrent allocations of any track `TRACK_QUOTAS` does not name (unset: unlimited). Under
+    /// the shared token it caps all its allocations outside the named tracks together (the
+    /// track header is the client's choice, so it does not pick the bucket).
     #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
     pub default_track_quota: Option<u32>,
 }

@@ -9,6 +9,7 @@
 //! ```json
 //! {"tracks": [{"track": "aws-lab", "token": "<at least 32 characters>",
 //!              "name_prefixes": ["aws-lab-"], "max_concurrent_allocations": 200,
+//!              "max_allocations_per_caller": 1,
 //!              "caller_secret": "<at least 32 characters>", "require_caller_signature": true}]}
 //! ```
 
@@ -61,6 +62,8 @@ struct Entry {
     #[serde(default)]
     max_concurrent_allocations: Option<u32>,
     #[serde(default)]
+    max_allocations_per_caller: Option<u32>,
+    #[serde(default)]
     caller_secret: Option<String>,
     #[serde(default)]
     require_caller_signature: bool,
@@ -77,6 +80,9 @@ pub struct TrackCredential {
     /// Most sandboxes the track holds at once: enforced as the track's quota (the lower of it
     /// and `TRACK_QUOTAS`/`DEFAULT_TRACK_QUOTA`), in the allocation's own transaction.
     pub max_concurrent_allocations: Option<u32>,
+    /// Live allocations one caller id may hold in this track (overrides
+    /// `MAX_ALLOCATIONS_PER_CALLER`).
+    pub max_allocations_per_caller: Option<u32>,
     caller_secret: Option<Secret>,
     /// Whether every request must carry a valid `X-Caller-Signature`.
     pub require_caller_signature: bool,
@@ -187,6 +193,13 @@ impl TrackCredentials {
             {
                 return Err(invalid("name_prefixes must list at least one plain prefix"));
             }
+            // Caller ids are the client's choice: without a seat-sized quota one script could
+            // invent ids until the pool is empty.
+            if entry.max_concurrent_allocations.is_none_or(|n| n == 0) {
+                return Err(invalid(
+                    "max_concurrent_allocations is required: set it to the track's seats (the most students who run the lab at once)",
+                ));
+            }
             if let Some(secret) = &entry.caller_secret {
                 if secret.chars().count() < MIN_TOKEN_CHARS {
                     return Err(invalid(&format!(
@@ -201,6 +214,7 @@ impl TrackCredentials {
                 token: Secret::from(entry.token),
                 name_prefixes: entry.name_prefixes,
                 max_concurrent_allocations: entry.max_concurrent_allocations,
+                max_allocations_per_caller: entry.max_allocations_per_caller,
                 caller_secret: entry.caller_secret.map(Secret::from),
                 require_caller_signature: entry.require_caller_signature,
             }));
@@ -275,7 +289,7 @@ mod tests {
     fn one(extra: &str) -> Result<TrackCredentials, CredentialsError> {
         TrackCredentials::parse(
             &format!(
-                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]{extra}}}]}}"#
+                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"],"max_concurrent_allocations":5{extra}}}]}}"#
             ),
             &[],
         )
@@ -285,6 +299,19 @@ mod tests {
     #[test]
     fn weak_documents_are_refused() {
         assert!(one("").is_ok());
+        assert!(
+            TrackCredentials::parse(
+                &format!(
+                    r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]}}]}}"#
+                ),
+                &[]
+            )
+            .err()
+            .is_some_and(|e| e
+                .to_string()
+                .contains("max_concurrent_allocations is required")),
+            "a credential without a seat-sized quota"
+        );
         assert!(TrackCredentials::parse(
             r#"{"tracks":[{"track":"lab","token":"short","name_prefixes":["lab-"]}]}"#,
             &[]

@@ -24,7 +24,8 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
     /// The limit that refused the request (`QUOTA_EXCEEDED`: concurrent allocations of the
-    /// track; `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
+    /// track; `CALLER_LIMIT` / `ADDRESS_LIMIT`: live allocations of the caller / client address;
+    /// `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
     /// Per-field problems of a validation error.
@@ -236,6 +237,28 @@ impl ApiError {
         e
     }
 
+    /// 429 CALLER_LIMIT / ADDRESS_LIMIT: a fair-share cap holds its maximum of live allocations.
+    pub fn fair_share(kind: domain::CapKind, limit: u32, retry_after: u64) -> Self {
+        let (code, message) = match kind {
+            domain::CapKind::Caller => (
+                "CALLER_LIMIT",
+                format!("This caller already holds {limit} live allocation(s) in this track"),
+            ),
+            domain::CapKind::Address => (
+                "ADDRESS_LIMIT",
+                format!("This client address already holds {limit} live allocation(s)"),
+            ),
+            domain::CapKind::Principal => (
+                "QUOTA_EXCEEDED",
+                format!("The shared track token holds its quota of {limit} concurrent allocations"),
+            ),
+        };
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retry_after = Some(retry_after);
+        e.limit = Some(limit);
+        e
+    }
+
     /// 409 EXTENSION_LIMIT_EXCEEDED: the allocation's extension budget would be exceeded.
     pub fn extension_limit(message: String, max_hours: u32) -> Self {
         let mut e = Self::new(StatusCode::CONFLICT, "EXTENSION_LIMIT_EXCEEDED", message);
@@ -396,6 +419,11 @@ impl ApiError {
                 prefix,
                 retry_after_s,
             } => ApiError::maintenance(prefix.as_deref(), retry_after_s),
+            BrokerError::FairShareExceeded {
+                kind,
+                limit,
+                retry_after_s,
+            } => ApiError::fair_share(kind, limit, retry_after_s),
             BrokerError::QuotaExceeded {
                 track,
                 limit,

@@ -2,9 +2,11 @@
 //! appends with version checks, and runs the allocation algorithm of DESIGN.md §6. It knows the
 //! ports only, never an adapter.
 
+mod fair_share;
 mod pool_control;
 mod quota;
 
+pub use fair_share::{CapKind, FairShareCap};
 pub use quota::TrackQuotas;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -118,6 +120,16 @@ pub enum BrokerError {
         /// Suggested wait, seconds.
         retry_after_s: u64,
     },
+    /// A fair-share cap (caller, address, principal) holds its maximum of live allocations.
+    #[error("{kind:?} cap of {limit} live allocations reached")]
+    FairShareExceeded {
+        /// Which cap.
+        kind: CapKind,
+        /// The limit in force.
+        limit: u32,
+        /// Suggested wait, seconds.
+        retry_after_s: u64,
+    },
     /// The track holds its maximum of concurrent allocations.
     #[error("track {track} holds its quota of {limit} concurrent allocations")]
     QuotaExceeded {
@@ -141,6 +153,19 @@ pub struct AllocateRequest {
     pub track_name: Option<String>,
     /// `X-Sandbox-Name-Prefix`.
     pub name_prefix: Option<String>,
+}
+
+/// The limits one allocation request is held to, beyond the pool's own.
+#[derive(Debug, Clone, Default)]
+pub struct AllocationLimits {
+    /// A further cap on the track's quota (a per-track credential's maximum).
+    pub track_limit: Option<u32>,
+    /// Apply only a limit `TRACK_QUOTAS` names for the track, not `DEFAULT_TRACK_QUOTA`: the
+    /// shared token's track header is chosen by the client, so its default quota is enforced on
+    /// the principal instead (a [`CapKind::Principal`] cap), which rotating the header cannot escape.
+    pub named_track_quota_only: bool,
+    /// Fair-share caps taken in the allocation's own transaction.
+    pub caps: Vec<FairShareCap>,
 }
 
 /// A granted (or replayed) allocation.
@@ -620,6 +645,24 @@ impl Broker {
         meta: &CommandMeta,
         track_limit: Option<u32>,
     ) -> Result<Allocation, BrokerError> {
+        let limits = AllocationLimits {
+            track_limit,
+            ..AllocationLimits::default()
+        };
+        self.allocate_limited(request, meta, &limits).await
+    }
+
+    /// [`Broker::allocate_within`] with fair-share caps (DESIGN.md §11): each cap's quota stream
+    /// takes a slot in the allocation's own transaction, so a cap holds under any concurrency;
+    /// the replay of a live allocation is answered before any cap is checked.
+    pub async fn allocate_limited(
+        &self,
+        request: &AllocateRequest,
+        meta: &CommandMeta,
+        limits: &AllocationLimits,
+    ) -> Result<Allocation, BrokerError> {
+        let track_limit = limits.track_limit;
+        let caps = &limits.caps;
         let caller = validate_id("caller id", &request.caller)?;
         let key = match request.idempotency_key.as_deref().map(str::trim) {
             Some(k) if !k.is_empty() => validate_id("Idempotency-Key", k)?,
@@ -634,7 +677,12 @@ impl Broker {
             .transpose()?;
         let claim_id = claim_stream(&caller, &key);
         let quota = request.track_name.as_deref().and_then(|track| {
-            let limit = match (self.config.quotas.limit_for(track), track_limit) {
+            let configured = if limits.named_track_quota_only {
+                self.config.quotas.per_track.get(track).copied()
+            } else {
+                self.config.quotas.limit_for(track)
+            };
+            let limit = match (configured, track_limit) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -698,7 +746,24 @@ impl Broker {
                 None => None,
             };
             let mut quota_conflicts = 0usize;
+            let mut cap_usage = Vec::with_capacity(caps.len());
+            for cap in caps {
+                cap_usage.push(fair_share::load(self.events.as_ref(), &cap.stream_id).await?);
+            }
             loop {
+                for (cap, usage) in caps.iter().zip(cap_usage.iter_mut()) {
+                    if usage.in_use() >= cap.limit as usize {
+                        let full = std::mem::take(usage);
+                        *usage = fair_share::prune(self.events.as_ref(), full, cap.limit).await?;
+                        if usage.in_use() >= cap.limit as usize {
+                            return Err(BrokerError::FairShareExceeded {
+                                kind: cap.kind,
+                                limit: cap.limit,
+                                retry_after_s: self.config.no_sandbox_retry_after_s,
+                            });
+                        }
+                    }
+                }
                 if let (Some((track, limit)), Some(usage)) = (&quota, &usage) {
                     if usage.in_use() >= *limit as usize {
                         return Err(BrokerError::QuotaExceeded {
@@ -767,6 +832,23 @@ impl Broker {
                     .iter()
                     .find(|e| e.event_type == "SandboxAllocated")
                     .map(|e| e.event_id);
+                for (cap, usage) in caps.iter().zip(&cap_usage) {
+                    match usage.take(&row.sandbox_id, cap.limit) {
+                        Ok(taken) => {
+                            let taken =
+                                envelopes(&cap.stream_id, usage.version, &[taken], meta, now);
+                            batch.extend(taken);
+                        }
+                        Err(full) => {
+                            self.candidates.give_back(cache_key, row);
+                            return Err(BrokerError::FairShareExceeded {
+                                kind: cap.kind,
+                                limit: full.limit,
+                                retry_after_s: self.config.no_sandbox_retry_after_s,
+                            });
+                        }
+                    }
+                }
                 match self.events.append(batch).await {
                     Ok(()) => {
                         self.candidates.taken(&row);
@@ -802,6 +884,25 @@ impl Broker {
                         }
                         if let Some((track, _)) = &quota {
                             usage = Some(quota::load_usage(self.events.as_ref(), track).await?);
+                        }
+                    }
+                    Err(StoreError::VersionConflict { stream_id })
+                        if caps.iter().any(|c| c.stream_id == stream_id) =>
+                    {
+                        // Another allocation under the same cap committed first: re-read that
+                        // cap and decide again (the candidate is untouched).
+                        self.candidates.give_back(cache_key, row);
+                        quota_conflicts += 1;
+                        if quota_conflicts > QUOTA_RETRIES {
+                            return Err(StoreError::Unavailable(format!(
+                                "cap {stream_id} kept changing"
+                            ))
+                            .into());
+                        }
+                        for (cap, usage) in caps.iter().zip(cap_usage.iter_mut()) {
+                            if cap.stream_id == stream_id {
+                                *usage = fair_share::load(self.events.as_ref(), &stream_id).await?;
+                            }
                         }
                     }
                     Err(StoreError::VersionConflict { .. }) => {

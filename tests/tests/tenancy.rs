@@ -364,3 +364,226 @@ fn weak_or_dev_lease_keys_are_refused_off_loopback() {
     assert!(config.lease_keys().is_ok());
     assert!(!format!("{config:?}").contains(&"k".repeat(40)));
 }
+
+async fn fresh_keys_cannot_take_a_second_sandbox(backend: Backend) {
+    let app = app(backend).await;
+    let (id, lease, key) = allocate(&app, ALPHA, "ivan").await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "ivan")
+            .header("Idempotency-Key", strong_key()),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "CALLER_LIMIT")
+    );
+    assert_eq!(body["detail"]["limit"], 1);
+    assert!(!body.to_string().contains(&id), "{body}");
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "ivan").header("Idempotency-Key", &key),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the replay still answers: {body}");
+    assert_eq!(text(&body, "sandbox_id"), id);
+    allocate(&app, ALPHA, "judy").await;
+
+    // The shared token: rotating the track header does not escape the cap.
+    let (status, body) = send(
+        app.allocate("ivan")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("X-Instruqt-Track-ID", "lab-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = send(
+        app.allocate("ivan")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("X-Instruqt-Track-ID", "lab-2")
+            .header("Idempotency-Key", "another"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "CALLER_LIMIT")
+    );
+
+    // Once the allocation ends, the caller may allocate again.
+    let (status, body) = send(
+        as_track(
+            &app,
+            ALPHA,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+            "ivan",
+        )
+        .header("X-Lease-Token", &lease),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    allocate(&app, ALPHA, "ivan").await;
+    app.stop().await;
+}
+
+/// Embedded: a caller sending fresh keys gets one sandbox and then 429 `CALLER_LIMIT` (with the
+/// limit), under a per-track credential and under the shared token whatever its track header;
+/// the replay still answers, other callers are unaffected, and a release frees the slot.
+#[tokio::test]
+async fn fresh_keys_cannot_take_a_second_sandbox_embedded() {
+    fresh_keys_cannot_take_a_second_sandbox(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`fresh_keys_cannot_take_a_second_sandbox_embedded`].
+#[tokio::test]
+async fn fresh_keys_cannot_take_a_second_sandbox_dynamo() {
+    fresh_keys_cannot_take_a_second_sandbox(Backend::Dynamo).await;
+}
+
+async fn concurrent_fresh_keys_get_exactly_one_sandbox(backend: Backend) {
+    let app = app(backend).await;
+    let replies = futures::future::join_all((0..50).map(|_| {
+        send(
+            as_track(&app, ALPHA, Method::POST, "/v1/allocate", "kate")
+                .header("Idempotency-Key", strong_key()),
+        )
+    }))
+    .await;
+    let created = replies
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    let capped = replies
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::TOO_MANY_REQUESTS && code(b) == "CALLER_LIMIT")
+        .count();
+    // Invariant: one caller holds at most MAX_ALLOCATIONS_PER_CALLER (1) live allocations.
+    assert_eq!((created, capped), (1, 49), "{replies:?}");
+    allocate(&app, ALPHA, "leo").await;
+    app.stop().await;
+}
+
+/// Embedded: 50 concurrent allocations of one caller with different keys: exactly one succeeds,
+/// the other 49 get `CALLER_LIMIT`, and another caller is still served.
+#[tokio::test]
+async fn concurrent_fresh_keys_get_exactly_one_sandbox_embedded() {
+    concurrent_fresh_keys_get_exactly_one_sandbox(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`concurrent_fresh_keys_get_exactly_one_sandbox_embedded`].
+#[tokio::test]
+async fn concurrent_fresh_keys_get_exactly_one_sandbox_dynamo() {
+    concurrent_fresh_keys_get_exactly_one_sandbox(Backend::Dynamo).await;
+}
+
+/// The address cap counts the lab VM's address as the trusted proxy saw it, whatever caller ids
+/// it invents; another address is unaffected. A credential's own per-caller limit overrides the
+/// default.
+#[tokio::test]
+async fn address_cap_bounds_invented_callers() {
+    let app = app_with(Backend::Embedded, |c| {
+        c.max_allocations_per_address = Some(2);
+        c.trusted_proxy_hops = 1;
+    })
+    .await;
+    let from = |caller: &str, address: &str| {
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", caller)
+            .header("X-Forwarded-For", format!("6.6.6.6, {address}"))
+            .header("Idempotency-Key", strong_key())
+    };
+    for caller in ["m1", "m2"] {
+        let (status, body) = send(from(caller, "203.0.113.7")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = send(from("m3", "203.0.113.7")).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "ADDRESS_LIMIT")
+    );
+    assert_eq!(body["detail"]["limit"], 2);
+    let (status, body) = send(from("m3", "198.51.100.9")).await;
+    assert_eq!(status, StatusCode::CREATED, "another lab VM: {body}");
+    let (_, _, history) = app.get_json("/v1/admin/events?limit=500").await;
+    assert!(
+        !history.to_string().contains("203.0.113.7"),
+        "the address is stored only hashed"
+    );
+    app.stop().await;
+}
+
+/// A per-track credential's `max_allocations_per_caller` overrides `MAX_ALLOCATIONS_PER_CALLER`.
+#[tokio::test]
+async fn credential_overrides_the_caller_limit() {
+    let credentials = json!({"tracks": [
+        {"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"],
+         "max_concurrent_allocations": 10, "max_allocations_per_caller": 2},
+    ]})
+    .to_string();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |c| c.track_credentials_json = Some(credentials.into()));
+    let app = spawn_app_with(options).await;
+    app.seed("alpha", 4).await;
+    allocate(&app, ALPHA, "nina").await;
+    allocate(&app, ALPHA, "nina").await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "nina")
+            .header("Idempotency-Key", strong_key()),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body), body["detail"]["limit"].as_u64()),
+        (StatusCode::TOO_MANY_REQUESTS, "CALLER_LIMIT", Some(2))
+    );
+    app.stop().await;
+}
+
+/// Under the shared token, `DEFAULT_TRACK_QUOTA` caps the principal as a whole: inventing track
+/// headers does not buy more sandboxes.
+#[tokio::test]
+async fn shared_token_quota_is_keyed_on_the_principal() {
+    let app = app_with(Backend::Embedded, |c| c.default_track_quota = Some(2)).await;
+    for (caller, track) in [("o1", "t-1"), ("o2", "t-2")] {
+        let (status, body) = send(
+            app.allocate(caller)
+                .header("X-Sandbox-Name-Prefix", "shared-")
+                .header("X-Instruqt-Track-ID", track),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = send(
+        app.allocate("o3")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("X-Instruqt-Track-ID", "t-3"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "QUOTA_EXCEEDED")
+    );
+    // Per-track credentials keep their own quota.
+    allocate(&app, ALPHA, "o4").await;
+    app.stop().await;
+}
+
+/// A per-track credential without a seat-sized quota stops start-up with a clear message.
+#[tokio::test]
+async fn credential_without_a_quota_is_refused_at_start_up() {
+    let mut config = command_api::config::Config::defaults();
+    config.api_token = Some(tests::app::TRACK_TOKEN.into());
+    config.admin_token = Some(tests::app::ADMIN_TOKEN.into());
+    config.store.embedded_path = std::env::temp_dir()
+        .join(format!("broker-quota-{}", uuid::Uuid::new_v4()))
+        .join("broker.db");
+    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"]}]});
+    config.track_credentials_json = Some(doc.to_string().into());
+    let started = command_api::startup::build_with(
+        &config,
+        std::sync::Arc::new(domain::ManualClock::new(chrono::Utc::now())),
+        tests::app::test_jobs_config(),
+    )
+    .await;
+    let error = started.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(
+        error.contains("max_concurrent_allocations is required"),
+        "{error}"
+    );
+}

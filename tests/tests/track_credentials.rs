@@ -13,8 +13,8 @@ const GAMMA_SECRET: &str = "gamma-secret-0123456789abcdefghijklmn";
 async fn app() -> TestApp {
     let credentials = json!({"tracks": [
         {"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"], "max_concurrent_allocations": 2},
-        {"track": "beta", "token": BETA, "name_prefixes": ["beta-", "shared-"]},
-        {"track": "gamma", "token": GAMMA, "name_prefixes": ["gamma-"],
+        {"track": "beta", "token": BETA, "name_prefixes": ["beta-", "shared-"], "max_concurrent_allocations": 10},
+        {"track": "gamma", "token": GAMMA, "name_prefixes": ["gamma-"], "max_concurrent_allocations": 10,
          "caller_secret": GAMMA_SECRET, "require_caller_signature": true},
     ]})
     .to_string();
@@ -233,7 +233,7 @@ async fn credentials_file_is_loaded_and_checked() {
     let dir = std::env::temp_dir().join(format!("broker-creds-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("create the temp dir");
     let good = dir.join("good.json");
-    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"]}]});
+    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"], "max_concurrent_allocations": 5}]});
     std::fs::write(&good, doc.to_string()).expect("write the credentials file");
     let mut options = AppOptions::new(Backend::Embedded);
     let path = good.clone();
@@ -245,8 +245,7 @@ async fn credentials_file_is_loaded_and_checked() {
     app.stop().await;
 
     let weak = dir.join("weak.json");
-    let doc =
-        json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"]}]});
+    let doc = json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"], "max_concurrent_allocations": 5}]});
     std::fs::write(&weak, doc.to_string()).expect("write the credentials file");
     let mut config = command_api::config::Config::defaults();
     config.api_token = Some(tests::app::TRACK_TOKEN.into());

@@ -12,7 +12,12 @@ use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{header_text, Caller, Principal};
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use domain::{AllocationLimits, FairShareCap};
+
+use crate::auth::{self, header_text, Caller, Principal};
 use crate::credentials::{SignatureCheck, TrackCredential};
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
@@ -133,6 +138,50 @@ fn check_caller(
     }
 }
 
+/// The principal under which the shared token's caps are kept (its track header is the client's
+/// choice, so it never names a cap).
+const SHARED_TOKEN_SCOPE: &str = "shared-track";
+
+/// The limits of one allocation request (docs/tenancy.md, "Fair share"):
+/// * the track quota: a per-track credential's maximum (the lower of it and `TRACK_QUOTAS`);
+///   under the shared token only a limit `TRACK_QUOTAS` names for the header's track, while
+///   `DEFAULT_TRACK_QUOTA` caps the shared token's principal as a whole;
+/// * live allocations per caller id and track (`MAX_ALLOCATIONS_PER_CALLER`, or the credential's
+///   `max_allocations_per_caller`);
+/// * live allocations per client address (`MAX_ALLOCATIONS_PER_ADDRESS`, off by default).
+///
+/// Every cap is taken in the allocation's own transaction, so each holds under any burst.
+fn allocation_limits(
+    state: &SharedState,
+    credential: Option<&TrackCredential>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+) -> AllocationLimits {
+    let mut caps = Vec::new();
+    let scope = credential.map_or(SHARED_TOKEN_SCOPE, |c| c.track.as_str());
+    let per_caller = credential
+        .and_then(|c| c.max_allocations_per_caller)
+        .unwrap_or(state.max_allocations_per_caller);
+    if per_caller > 0 {
+        caps.push(FairShareCap::caller(scope, &caller.0, per_caller));
+    }
+    if let Some(limit) = state.max_allocations_per_address {
+        let address = auth::client_address(headers, peer, state.trusted_proxy_hops);
+        caps.push(FairShareCap::address(&address, limit));
+    }
+    if credential.is_none() {
+        if let Some(limit) = state.shared_token_quota {
+            caps.push(FairShareCap::principal(SHARED_TOKEN_SCOPE, limit));
+        }
+    }
+    AllocationLimits {
+        track_limit: credential.and_then(|c| c.max_concurrent_allocations),
+        named_track_quota_only: credential.is_none(),
+        caps,
+    }
+}
+
 /// Whether the lease capability applies to a principal: per-track credentials always, the
 /// shared track token with `REQUIRE_LEASE_TOKEN=true`.
 fn lease_applies(state: &SharedState, principal: &Principal) -> bool {
@@ -231,7 +280,7 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
         (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
-        (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`, or the per-track credential's maximum): `limit` and `retry_after` in the envelope", body = ErrorBody),
+        (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, the per-track credential's maximum, or — for the shared token as a whole — `DEFAULT_TRACK_QUOTA`); `CALLER_LIMIT` when the caller already holds `MAX_ALLOCATIONS_PER_CALLER` live allocations in this track; `ADDRESS_LIMIT` when the client address holds `MAX_ALLOCATIONS_PER_ADDRESS`: `limit` and `retry_after` in the envelope", body = ErrorBody),
         (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
     )
 )]
@@ -239,6 +288,7 @@ pub async fn allocate_sandbox(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
@@ -291,20 +341,18 @@ pub async fn allocate_sandbox(
         // The credential, not a header, names the track: ownership checks rely on it.
         request.track_name = Some(credential.track.clone());
     }
-    // A credential's maximum is enforced as a quota of its track (the lower of it and any
-    // configured quota), in the allocation's own transaction.
-    let track_limit = credential
-        .as_ref()
-        .and_then(|c| c.max_concurrent_allocations);
+    let peer = connect.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let limits = allocation_limits(&state, credential.as_deref(), &caller, &headers, peer);
     let result = state
         .broker
-        .allocate_within(&request, &meta(&caller.0, &request_id), track_limit)
+        .allocate_limited(&request, &meta(&caller.0, &request_id), &limits)
         .await;
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
         Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
         Err(BrokerError::QuotaExceeded { .. }) => "quota_exceeded",
+        Err(BrokerError::FairShareExceeded { .. }) => "fair_share_exceeded",
         Err(BrokerError::Maintenance { .. }) => "maintenance",
         Err(_) => "error",
     };
