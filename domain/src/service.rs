@@ -698,6 +698,7 @@ impl Broker {
         let mut conflicts = 0u32;
         let mut search = Search::default();
         let mut claim_reads = 0usize;
+        let mut cap_conflicts = 0usize;
         // Each pass starts from a strong read of the claim, so a duplicate request that lost the
         // claim race comes back here and returns the winner's sandbox.
         'claim: loop {
@@ -756,6 +757,13 @@ impl Broker {
                         let full = std::mem::take(usage);
                         *usage = fair_share::prune(self.events.as_ref(), full, cap.limit).await?;
                         if usage.in_use() >= cap.limit as usize {
+                            // A concurrent duplicate of this very request may have taken the
+                            // cap's last slot with this claim: that is a replay, not a refusal.
+                            if self.load_claim(&claim_id).await?.active.is_some()
+                                && claim_reads <= self.config.command_retries
+                            {
+                                continue 'claim;
+                            }
                             return Err(BrokerError::FairShareExceeded {
                                 kind: cap.kind,
                                 limit: cap.limit,
@@ -889,21 +897,18 @@ impl Broker {
                     Err(StoreError::VersionConflict { stream_id })
                         if caps.iter().any(|c| c.stream_id == stream_id) =>
                     {
-                        // Another allocation under the same cap committed first: re-read that
-                        // cap and decide again (the candidate is untouched).
+                        // Another allocation under the same cap committed first — possibly a
+                        // concurrent duplicate of this request, whose claim then answers it:
+                        // start over from the claim (the candidate is untouched).
                         self.candidates.give_back(cache_key, row);
-                        quota_conflicts += 1;
-                        if quota_conflicts > QUOTA_RETRIES {
+                        cap_conflicts += 1;
+                        if cap_conflicts > QUOTA_RETRIES {
                             return Err(StoreError::Unavailable(format!(
                                 "cap {stream_id} kept changing"
                             ))
                             .into());
                         }
-                        for (cap, usage) in caps.iter().zip(cap_usage.iter_mut()) {
-                            if cap.stream_id == stream_id {
-                                *usage = fair_share::load(self.events.as_ref(), &stream_id).await?;
-                            }
-                        }
+                        continue 'claim;
                     }
                     Err(StoreError::VersionConflict { .. }) => {
                         // Someone else took (or changed) this sandbox: the view row is stale.
