@@ -22,10 +22,6 @@ headers=(-H "Authorization: Bearer $token" -H "X-Instruqt-Sandbox-ID: $caller")
 [ -z "${BROKER_NAME_PREFIX:-}" ] || headers+=(-H "X-Sandbox-Name-Prefix: $BROKER_NAME_PREFIX")
 track="${BROKER_TRACK_ID:-${INSTRUQT_TRACK_SLUG:-}}"
 [ -z "$track" ] || headers+=(-H "X-Instruqt-Track-ID: $track")
-if [ -n "${BROKER_CALLER_SECRET:-}" ]; then
-  signature=$(printf %s "$caller" | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
-  headers+=(-H "X-Caller-Signature: $signature")
-fi
 
 # The lease file (0600): a 128-bit idempotency key generated once, before the first request, so a
 # re-run after a lost answer replays with it; the lease token of the answer is added after it.
@@ -39,6 +35,19 @@ headers+=(-H "Idempotency-Key: $key")
 lease_token=$(sed -n 's/^lease_token=//p' "$lease" 2>/dev/null || true)
 [ -z "$lease_token" ] || headers+=(-H "X-Lease-Token: $lease_token")
 
+# Per-track credentials with a caller secret: X-Caller-Signature `t=<now>,v1=<hex HMAC-SHA256 of
+# "t\nMETHOD\npath\ncaller">`, made fresh for every attempt (the broker accepts it for
+# CALLER_SIGNATURE_WINDOW_SEC, default 300 s).
+base_path=$(printf %s "$url" | sed -E 's#^[A-Za-z]+://[^/]*##; s#/+$##')
+signature_header() {
+  sig=()
+  [ -n "${BROKER_CALLER_SECRET:-}" ] || return 0
+  t=$(date +%s)
+  mac=$(printf '%s\n%s\n%s\n%s' "$t" "$1" "$base_path$2" "$caller" \
+    | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
+  sig=(-H "X-Caller-Signature: t=$t,v1=$mac")
+}
+
 # One field of the broker's flat JSON answer (string, number or null).
 field() {
   sed -n "s/.*\"$1\":\\(\"\\([^\"]*\\)\"\\|\\([-0-9.]*\\)\\|null\\).*/\\2\\3/p" "$work/body"
@@ -47,8 +56,9 @@ field() {
 attempt=0
 while :; do
   attempt=$((attempt + 1))
+  signature_header POST "/v1/allocate"
   status=$(curl -sS -o "$work/body" -D "$work/headers" -w '%{http_code}' --max-time 30 \
-    -X POST "${headers[@]}" "$url/v1/allocate" 2>"$work/curl-error" || true)
+    -X POST "${headers[@]}" ${sig[@]+"${sig[@]}"} "$url/v1/allocate" 2>"$work/curl-error" || true)
   case "$status" in
     200|201)
       {

@@ -255,6 +255,14 @@ pub struct Config {
     /// always require it): `X-Lease-Token` on per-sandbox calls, a strong `Idempotency-Key`.
     #[arg(long, env = "REQUIRE_LEASE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     pub require_lease_token: bool,
+    /// Seconds a caller signature's time may differ from the server's (`t=` of
+    /// `X-Caller-Signature`).
+    #[arg(long, env = "CALLER_SIGNATURE_WINDOW_SEC", default_value_t = 300)]
+    pub caller_signature_window_sec: u64,
+    /// Migration only: also accept the old caller signature (HMAC of the caller id alone, no
+    /// time, no request), which anyone who saw one can replay forever.
+    #[arg(long, env = "ALLOW_LEGACY_CALLER_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_legacy_caller_signature: bool,
     /// Live allocations one caller id may hold per track (per-track credential) or under the
     /// shared token; a credential's `max_allocations_per_caller` overrides it (0: no cap).
     #[arg(long, env = "MAX_ALLOCATIONS_PER_CALLER", default_value_t = 1)]

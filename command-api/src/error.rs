@@ -145,6 +145,16 @@ impl ApiError {
         )
     }
 
+    /// 400 NAME_PREFIX_REQUIRED: with per-track credentials configured, the shared token must
+    /// name a prefix outside theirs.
+    pub fn shared_token_prefix_required() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_PREFIX_REQUIRED",
+            "X-Sandbox-Name-Prefix is required: tracks with their own credential own part of the pool, so the shared token must name a prefix outside theirs",
+        )
+    }
+
     /// 403 INVALID_CALLER_SIGNATURE: `X-Caller-Signature` missing (where required) or wrong.
     pub fn invalid_caller_signature(message: &str) -> Self {
         Self::new(StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE", message)

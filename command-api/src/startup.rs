@@ -303,6 +303,8 @@ pub async fn build_with(
         lease_keys,
         require_lease_token: config.require_lease_token,
         max_allocations_per_caller: config.max_allocations_per_caller,
+        signature_window_s: i64::try_from(config.caller_signature_window_sec).unwrap_or(i64::MAX),
+        allow_legacy_signature: config.allow_legacy_caller_signature,
         max_allocations_per_address: config.max_allocations_per_address,
         shared_token_quota: config.default_track_quota,
         shared_track_token_enabled: config.shared_track_token_enabled,

@@ -44,6 +44,10 @@ pub struct AppState {
     pub max_allocations_per_address: Option<u32>,
     /// `DEFAULT_TRACK_QUOTA`: under the shared token, the quota of its principal.
     pub shared_token_quota: Option<u32>,
+    /// `CALLER_SIGNATURE_WINDOW_SEC`.
+    pub signature_window_s: i64,
+    /// `ALLOW_LEGACY_CALLER_SIGNATURE`.
+    pub allow_legacy_signature: bool,
     /// Whether the shared track token is accepted.
     pub shared_track_token_enabled: bool,
     /// Track bearer token.

@@ -587,3 +587,188 @@ async fn credential_without_a_quota_is_refused_at_start_up() {
         "{error}"
     );
 }
+
+async fn shared_token_stays_in_its_lane(backend: Backend) {
+    let app = app(backend).await;
+    let (id, lease, _) = allocate(&app, ALPHA, "pat").await;
+    let get = format!("/v1/sandboxes/{id}");
+    for (method, path) in [
+        (Method::GET, get.clone()),
+        (Method::POST, format!("{get}/mark-for-deletion")),
+        (Method::POST, format!("{get}/extend")),
+    ] {
+        let (status, body) = send(
+            app.track(method.clone(), &path)
+                .header("X-Instruqt-Sandbox-ID", "pat")
+                .json(&json!({"hours": 1})),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            "{method} {path}"
+        );
+    }
+    for (prefix, want) in [
+        (
+            Some("alpha-"),
+            (StatusCode::FORBIDDEN, "PREFIX_NOT_ALLOWED"),
+        ),
+        (
+            Some("alpha-x"),
+            (StatusCode::FORBIDDEN, "PREFIX_NOT_ALLOWED"),
+        ),
+        (Some("al"), (StatusCode::FORBIDDEN, "PREFIX_NOT_ALLOWED")),
+        (None, (StatusCode::BAD_REQUEST, "NAME_PREFIX_REQUIRED")),
+    ] {
+        let mut request = app.allocate("quinn");
+        if let Some(prefix) = prefix {
+            request = request.header("X-Sandbox-Name-Prefix", prefix);
+        }
+        let (status, body) = send(request).await;
+        assert_eq!((status, code(&body)), want, "{prefix:?}");
+    }
+    let (status, body) = send(
+        app.allocate("quinn")
+            .header("X-Sandbox-Name-Prefix", "shared-")
+            .header("X-Instruqt-Track-ID", "alpha"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "FORBIDDEN"),
+        "the shared token cannot allocate for a credential's track"
+    );
+    // A keyless replay of a caller id the credential allocated for.
+    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "rita")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = send(
+        app.allocate("rita")
+            .header("X-Sandbox-Name-Prefix", "shared-"),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "FORBIDDEN"),
+        "{body}"
+    );
+    // The victim is unaffected.
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::GET, &get, "pat").header("X-Lease-Token", &lease)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "allocated");
+    app.stop().await;
+}
+
+/// Embedded: the shared token cannot read, mark, extend, replay or allocate in a per-track
+/// credential's prefixes or track (403), must name a prefix outside them, and the credential's
+/// student is unaffected.
+#[tokio::test]
+async fn shared_token_stays_in_its_lane_embedded() {
+    shared_token_stays_in_its_lane(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`shared_token_stays_in_its_lane_embedded`].
+#[tokio::test]
+async fn shared_token_stays_in_its_lane_dynamo() {
+    shared_token_stays_in_its_lane(Backend::Dynamo).await;
+}
+
+const SIGNED: &str = "signed-token-0123456789abcdefghijklmno";
+const SIGNED_SECRET: &str = "signed-secret-0123456789abcdefghijklm";
+
+async fn forged_signatures_do_not_spend_the_victims_bucket(backend: Backend) {
+    let credentials = json!({"tracks": [
+        {"track": "signed", "token": SIGNED, "name_prefixes": ["signed-"],
+         "max_concurrent_allocations": 10,
+         "caller_secret": SIGNED_SECRET, "require_caller_signature": true},
+    ]})
+    .to_string();
+    let mut options = AppOptions::new(backend);
+    // A small bucket per caller: 3 requests, then 429 for a long while.
+    options.rate_limit = (0.01, 3.0);
+    options.configure = Box::new(move |c| c.track_credentials_json = Some(credentials.into()));
+    let app = spawn_app_with(options).await;
+    app.seed("signed", 2).await;
+    let now = chrono::Utc::now().timestamp();
+    let sign = |t: i64, caller: &str| {
+        command_api::credentials::caller_signature_v1(
+            SIGNED_SECRET,
+            t,
+            "POST",
+            "/v1/allocate",
+            caller,
+        )
+    };
+    for forged in [
+        "t=1,v1=00".to_string(),
+        sign(now, "mallory"),
+        sign(now - 3_600, "victim"),
+        command_api::credentials::caller_signature(SIGNED_SECRET, "victim"),
+    ] {
+        for _ in 0..3 {
+            let (status, body) = send(
+                as_track(&app, SIGNED, Method::POST, "/v1/allocate", "victim")
+                    .header("X-Caller-Signature", &forged),
+            )
+            .await;
+            assert_eq!(
+                (status, code(&body)),
+                (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE"),
+                "{forged}"
+            );
+        }
+    }
+    let (status, body) = send(
+        as_track(&app, SIGNED, Method::POST, "/v1/allocate", "victim")
+            .header("X-Caller-Signature", sign(now, "victim"))
+            .header("Idempotency-Key", strong_key()),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the victim's bucket is untouched: {body}"
+    );
+    app.stop().await;
+}
+
+/// Embedded: requests with a forged, foreign, expired or old-form signature are refused (403)
+/// before the named caller's rate-limit bucket is spent; the real student is then served.
+#[tokio::test]
+async fn forged_signatures_do_not_spend_the_victims_bucket_embedded() {
+    forged_signatures_do_not_spend_the_victims_bucket(Backend::Embedded).await;
+}
+
+/// DynamoDB: as [`forged_signatures_do_not_spend_the_victims_bucket_embedded`].
+#[tokio::test]
+async fn forged_signatures_do_not_spend_the_victims_bucket_dynamo() {
+    forged_signatures_do_not_spend_the_victims_bucket(Backend::Dynamo).await;
+}
+
+/// `ALLOW_LEGACY_CALLER_SIGNATURE=true` (migration only) accepts the old form again.
+#[tokio::test]
+async fn legacy_signatures_only_behind_the_migration_setting() {
+    let credentials = json!({"tracks": [
+        {"track": "signed", "token": SIGNED, "name_prefixes": ["signed-"],
+         "max_concurrent_allocations": 10,
+         "caller_secret": SIGNED_SECRET, "require_caller_signature": true},
+    ]})
+    .to_string();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |c| {
+        c.track_credentials_json = Some(credentials.into());
+        c.allow_legacy_caller_signature = true;
+    });
+    let app = spawn_app_with(options).await;
+    app.seed("signed", 1).await;
+    let (status, body) = send(
+        as_track(&app, SIGNED, Method::POST, "/v1/allocate", "sam").header(
+            "X-Caller-Signature",
+            command_api::credentials::caller_signature(SIGNED_SECRET, "sam"),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    app.stop().await;
+}

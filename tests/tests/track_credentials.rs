@@ -89,12 +89,16 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
         send(as_track(&app, ALPHA, Method::GET, &path, "s1").header("X-Lease-Token", &lease)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["track_name"], "alpha");
-    let (status, _) = send(
+    let (status, body) = send(
         app.track(Method::GET, &path)
             .header("X-Instruqt-Sandbox-ID", "s1"),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "the shared token keeps working");
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "FORBIDDEN"),
+        "the shared token stays out of the track's lane"
+    );
     let (status, body) =
         send(as_track(&app, ALPHA, Method::POST, &mark, "s1").header("X-Lease-Token", &lease))
             .await;
@@ -130,20 +134,47 @@ async fn per_track_token_is_confined_to_its_prefixes() {
     app.stop().await;
 }
 
-/// When the credential requires it, a caller id must carry the track's HMAC: one student
-/// cannot act as another with their own signature.
+/// When the credential requires it, a request must carry the track's signature over its time,
+/// method, path and caller: a signature made for one student, one path or long ago does not fit.
 #[tokio::test]
 async fn caller_signature_binds_the_student() {
     let app = app().await;
-    let alice = command_api::credentials::caller_signature(GAMMA_SECRET, "alice");
+    let now = chrono::Utc::now().timestamp();
+    let sign = |t: i64, method: &str, path: &str, caller: &str| {
+        command_api::credentials::caller_signature_v1(GAMMA_SECRET, t, method, path, caller)
+    };
     let (status, body) = send(as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")).await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
     );
+    let legacy = command_api::credentials::caller_signature(GAMMA_SECRET, "alice");
     let (status, body) = send(
         as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")
-            .header("X-Caller-Signature", &alice),
+            .header("X-Caller-Signature", &legacy),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE"),
+        "the old form needs ALLOW_LEGACY_CALLER_SIGNATURE"
+    );
+    let stale = sign(now - 301, "POST", "/v1/allocate", "alice");
+    let (status, body) = send(
+        as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")
+            .header("X-Caller-Signature", &stale),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE"),
+        "outside the 300 s window"
+    );
+    let (status, body) = send(
+        as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice").header(
+            "X-Caller-Signature",
+            sign(now, "POST", "/v1/allocate", "alice"),
+        ),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -152,17 +183,23 @@ async fn caller_signature_binds_the_student() {
         "/v1/sandboxes/{}",
         body["sandbox_id"].as_str().unwrap_or("")
     );
-    let (status, body) = send(
-        as_track(&app, GAMMA, Method::GET, &path, "mallory").header("X-Caller-Signature", &alice),
-    )
-    .await;
-    assert_eq!(
-        (status, code(&body)),
-        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
-    );
+    for wrong in [
+        sign(now, "GET", &path, "alice"),
+        sign(now, "POST", "/v1/allocate", "alice"),
+    ] {
+        let (status, body) = send(
+            as_track(&app, GAMMA, Method::GET, &path, "mallory")
+                .header("X-Caller-Signature", &wrong),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
+        );
+    }
     let (status, _) = send(
         as_track(&app, GAMMA, Method::GET, &path, "alice")
-            .header("X-Caller-Signature", &alice)
+            .header("X-Caller-Signature", sign(now, "GET", &path, "alice"))
             .header("X-Lease-Token", &lease),
     )
     .await;

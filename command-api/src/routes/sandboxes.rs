@@ -18,7 +18,7 @@ use axum::extract::ConnectInfo;
 use domain::{AllocationLimits, FairShareCap};
 
 use crate::auth::{self, header_text, Caller, Principal};
-use crate::credentials::{SignatureCheck, TrackCredential};
+use crate::credentials::TrackCredential;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::lease::{self, LEASE_TOKEN_HEADER};
@@ -119,25 +119,6 @@ fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
     }
 }
 
-/// With a per-track credential, the caller id must carry the track's signature when the
-/// credential says so (and a signature that is sent is always checked).
-fn check_caller(
-    credential: &TrackCredential,
-    caller: &Caller,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let signature = header_text(headers, "x-caller-signature")?;
-    match credential.check_signature(&caller.0, signature.as_deref()) {
-        SignatureCheck::Accepted => Ok(()),
-        SignatureCheck::Missing => Err(ApiError::invalid_caller_signature(
-            "X-Caller-Signature is required for this track",
-        )),
-        SignatureCheck::Invalid => Err(ApiError::invalid_caller_signature(
-            "X-Caller-Signature does not match the caller id",
-        )),
-    }
-}
-
 /// The principal under which the shared token's caps are kept (its track header is the client's
 /// choice, so it never names a cap).
 const SHARED_TOKEN_SCOPE: &str = "shared-track";
@@ -182,6 +163,26 @@ fn allocation_limits(
     }
 }
 
+/// The shared token allocates only outside the per-track credentials' lanes: it must name a
+/// prefix that neither lies inside nor contains one of theirs (a broader prefix would reach their
+/// sandboxes), and may not name their track.
+fn check_shared_lane(state: &SharedState, request: &AllocateRequest) -> Result<(), ApiError> {
+    if let Some(track) = &request.track_name {
+        if state.credentials.owns_track(track) {
+            return Err(ApiError::forbidden(
+                "This track has its own credential; the shared token cannot allocate for it",
+            ));
+        }
+    }
+    match &request.name_prefix {
+        None => Err(ApiError::shared_token_prefix_required()),
+        Some(prefix) if state.credentials.prefix_overlaps(prefix) => {
+            Err(ApiError::prefix_not_allowed(prefix))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Whether the lease capability applies to a principal: per-track credentials always, the
 /// shared track token with `REQUIRE_LEASE_TOKEN=true`.
 fn lease_applies(state: &SharedState, principal: &Principal) -> bool {
@@ -215,7 +216,6 @@ fn lease_token_proves(
 async fn check_sandbox_access(
     state: &SharedState,
     principal: &Principal,
-    caller: &Caller,
     sandbox_id: &str,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
@@ -223,11 +223,11 @@ async fn check_sandbox_access(
         Principal::Track(credential) => Some(credential.as_ref()),
         _ => None,
     };
-    if let Some(credential) = credential {
-        check_caller(credential, caller, headers)?;
-    }
+    // The caller signature was checked by the auth layer, before any bucket was spent.
     let lease = lease_applies(state, principal);
-    if credential.is_none() && !lease {
+    // The shared token stays out of the per-track credentials' lanes.
+    let shared_lane = matches!(principal, Principal::SharedTrack) && !state.credentials.is_empty();
+    if credential.is_none() && !lease && !shared_lane {
         return Ok(());
     }
     let loaded = state
@@ -242,6 +242,15 @@ async fn check_sandbox_access(
         if loaded.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
             return Err(ApiError::not_owner(sandbox_id));
         }
+    }
+    if shared_lane
+        && state
+            .credentials
+            .owns(loaded.sandbox.track_name.as_deref(), &loaded.sandbox.name)
+    {
+        return Err(ApiError::forbidden(
+            "This sandbox belongs to a track with its own credential; the shared token cannot use it",
+        ));
     }
     if lease {
         if header_text(headers, LEASE_TOKEN_HEADER)?.is_none_or(|t| t.is_empty()) {
@@ -312,6 +321,9 @@ pub async fn allocate_sandbox(
         Principal::Track(credential) => Some(credential.clone()),
         _ => None,
     };
+    if matches!(principal, Principal::SharedTrack) && !state.credentials.is_empty() {
+        check_shared_lane(&state, &request)?;
+    }
     // Where the capability applies, the key is a credential: strong, and stored only hashed.
     // Without a key the caller-id default is used, which never proves a replay.
     let lease = lease_applies(&state, &principal);
@@ -329,7 +341,6 @@ pub async fn allocate_sandbox(
         }
     }
     if let Some(credential) = &credential {
-        check_caller(credential, &caller, &headers)?;
         request.name_prefix = match request.name_prefix.take() {
             Some(prefix) if credential.allows_prefix(&prefix) => Some(prefix),
             Some(prefix) => return Err(ApiError::prefix_not_allowed(&prefix)),
@@ -367,6 +378,17 @@ pub async fn allocate_sandbox(
     if lease && allocation.replayed && keyless && !token_proves {
         // A caller id is no proof: the live allocation stays unnamed.
         return Err(ApiError::already_allocated());
+    }
+    if matches!(principal, Principal::SharedTrack)
+        && state.credentials.owns(
+            allocation.sandbox.track_name.as_deref(),
+            &allocation.sandbox.name,
+        )
+    {
+        // A replay of a claim made through a per-track credential (same caller id, default key).
+        return Err(ApiError::forbidden(
+            "This caller's allocation belongs to a track with its own credential; the shared token cannot use it",
+        ));
     }
     if let Some(credential) = &credential {
         // A replay can return a claim made through another credential for the same caller id.
@@ -428,7 +450,7 @@ pub async fn get_sandbox(
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .get_sandbox(&sandbox_id, &caller.0)
@@ -465,7 +487,7 @@ pub async fn mark_for_deletion(
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let result = state
         .broker
         .mark_for_deletion(&sandbox_id, &caller.0, &meta(&caller.0, &request_id))
@@ -564,7 +586,7 @@ pub async fn extend_lease(
 ) -> Result<Json<ExtendResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
     let hours = extension_hours(&body)?;
-    check_sandbox_access(&state, &principal, &caller, &sandbox_id, &headers).await?;
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .extend_lease(&sandbox_id, &caller.0, hours, &meta(&caller.0, &request_id))
