@@ -33,6 +33,19 @@ use domain::EventEnvelope;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+/// The `projector-lambda` function's settings (environment only in practice; flags work for
+/// local runs).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "projector-lambda",
+    about = "Sandbox Broker projector Lambda handler"
+)]
+pub struct LambdaConfig {
+    /// Store selection and options.
+    #[command(flatten)]
+    pub store: runtime::StoreArgs,
+}
+
 use crate::dynamo_streams::item_json;
 use crate::Projector;
 
