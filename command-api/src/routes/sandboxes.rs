@@ -328,10 +328,6 @@ pub async fn allocate_sandbox(
     // Without a key the caller-id default is used, which never proves a replay.
     let lease = lease_applies(&state, &principal);
     let keyless = request.idempotency_key.is_none();
-    let strong_key = request
-        .idempotency_key
-        .as_deref()
-        .is_some_and(|k| lease::key_problem(k).is_none());
     if lease {
         if let Some(key) = request.idempotency_key.take() {
             if let Some(problem) = lease::key_problem(&key) {
@@ -408,11 +404,12 @@ pub async fn allocate_sandbox(
         allocated_at: s.allocated_at.map_or(0, |t| t.timestamp()),
         expires_at: s.expires_at.map_or(0, |t| t.timestamp()),
         sfdc_account_id: s.sfdc_account_id.clone(),
-        // A replay gets the token again only when it proved the allocation, so a lost 201 does
-        // not lock the student out and a caller id alone never reveals it.
+        // A replay gets the token again, so a lost 201 does not lock the student out: where the
+        // capability applies an unproven replay was refused above (a caller id alone never
+        // reveals the token); under the shared token's legacy contract the original key, or the
+        // caller id, is the proof (docs/tenancy.md, on turning REQUIRE_LEASE_TOKEN on).
         lease_token: allocation
             .allocation_event_id
-            .filter(|_| !allocation.replayed || strong_key || token_proves)
             .map(|id| state.lease_keys.issue(&id)),
     };
     let status = if allocation.replayed {
