@@ -772,3 +772,35 @@ async fn legacy_signatures_only_behind_the_migration_setting() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     app.stop().await;
 }
+
+/// Answers that carry a sandbox's details are never cached: `Cache-Control: no-store` on the
+/// 201, the read, and the refusals.
+#[tokio::test]
+async fn sandbox_details_are_not_cached() {
+    let app = app(Backend::Embedded).await;
+    let key = strong_key();
+    let (status, headers, body) = as_track(&app, ALPHA, Method::POST, "/v1/allocate", "uma")
+        .header("Idempotency-Key", &key)
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    let path = format!("/v1/sandboxes/{}", text(&body, "sandbox_id"));
+    let lease = text(&body, "lease_token");
+    let (status, headers, _) = as_track(&app, ALPHA, Method::GET, &path, "uma")
+        .header("X-Lease-Token", &lease)
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "no-store");
+    let (status, headers, _) = as_track(&app, ALPHA, Method::GET, &path, "uma")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers["cache-control"], "no-store");
+    let (_, headers, _) = app
+        .get_json(&format!("{path}/history").replace("/v1/", "/v1/admin/"))
+        .await;
+    assert_eq!(headers["cache-control"], "no-store");
+    app.stop().await;
+}
