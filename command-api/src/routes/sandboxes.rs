@@ -1,21 +1,20 @@
 //! Track endpoints: allocate, get, mark-for-deletion (the contract of CONTRACT.md that existing
-//! track scripts use), and extend.
+//! track scripts use), and extend — with the tenancy rules of docs/tenancy.md: the lease
+//! capability, fair-share caps and the shared token's lane.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
-use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
+use domain::{
+    Actor, AllocateRequest, AllocationLimits, BrokerError, CapKind, CommandMeta, FairShareCap,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-
-use std::net::SocketAddr;
-
-use axum::extract::ConnectInfo;
-use domain::{AllocationLimits, FairShareCap};
 
 use crate::auth::{self, header_text, Caller, Principal};
 use crate::credentials::TrackCredential;
@@ -359,7 +358,19 @@ pub async fn allocate_sandbox(
         Ok(_) => "success",
         Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
         Err(BrokerError::QuotaExceeded { .. }) => "quota_exceeded",
-        Err(BrokerError::FairShareExceeded { .. }) => "fair_share_exceeded",
+        // The shared token's quota is a cap on its principal: the same refusal as a track's.
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Principal,
+            ..
+        }) => "quota_exceeded",
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Caller,
+            ..
+        }) => "caller_limit",
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Address,
+            ..
+        }) => "address_limit",
         Err(BrokerError::Maintenance { .. }) => "maintenance",
         Err(_) => "error",
     };
