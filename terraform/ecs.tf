@@ -89,6 +89,9 @@ resource "aws_ecs_task_definition" "api" {
     aws_secretsmanager_secret_version.broker_admin_token,
     aws_secretsmanager_secret_version.csp_api_token,
     aws_secretsmanager_secret_version.webhooks,
+    aws_secretsmanager_secret_version.lease_token_key,
+    aws_secretsmanager_secret_version.track_credentials,
+    aws_secretsmanager_secret_version.lease_token_key_previous,
   ]
 }
 

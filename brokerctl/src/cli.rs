@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::backoff::{parse_duration, RetryPolicy};
 use crate::client::{Broker, Call, Caller, Reply, Retry, Token};
 use crate::failure::Failure;
+use crate::lease_file;
 use crate::live_feed::LiveFeed;
 use crate::render::{env_lines, table};
 
@@ -78,6 +79,10 @@ struct CallerArgs {
     /// Per-track credentials: file holding the caller secret (else BROKER_CALLER_SECRET).
     #[arg(long, env = "BROKER_CALLER_SECRET_FILE")]
     caller_secret_file: Option<PathBuf>,
+    /// Lease file (mode 0600): `allocate` keeps a generated 128-bit idempotency key and the
+    /// lease token here; `status` and `release` send the token (X-Lease-Token).
+    #[arg(long, env = "BROKER_LEASE_FILE")]
+    lease_file: Option<PathBuf>,
 }
 
 /// How a track command prints a sandbox.
@@ -260,6 +265,30 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let mut call = Call::new(Method::POST, "/v1/allocate");
             call.caller = Some(caller_of(&caller)?);
+            // With a lease file, the key is generated once and kept before the request is sent,
+            // so a re-run after a lost answer replays with the same key.
+            let mut lease = None;
+            let idempotency_key = match &caller.lease_file {
+                Some(path) => {
+                    let mut state = lease_file::load(path)?;
+                    let key = idempotency_key
+                        .or_else(|| state.idempotency_key.clone())
+                        .unwrap_or_else(lease_file::new_key);
+                    if state.idempotency_key.as_deref() != Some(key.as_str()) {
+                        state = lease_file::LeaseState {
+                            idempotency_key: Some(key.clone()),
+                            ..Default::default()
+                        };
+                        lease_file::save(path, &state)?;
+                    }
+                    if let Some(token) = &state.lease_token {
+                        call.headers.push(("X-Lease-Token", token.clone()));
+                    }
+                    lease = Some((path.clone(), state));
+                    Some(key)
+                }
+                None => idempotency_key,
+            };
             for (name, value) in [
                 ("Idempotency-Key", idempotency_key),
                 ("X-Sandbox-Name-Prefix", prefix),
@@ -274,6 +303,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|gave_up| gave_up.into_failure(true))?;
             let body = success(reply)?;
+            if let Some((path, mut state)) = lease {
+                let text = |field: &str| body[field].as_str().map(str::to_string);
+                state.lease_token = text("lease_token").or(state.lease_token);
+                state.sandbox_id = text("sandbox_id");
+                lease_file::save(&path, &state)?;
+            }
             emit(&sandbox_text(&body, format), output.as_deref())
         }
         Command::Status {
@@ -286,6 +321,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 format!("/v1/sandboxes/{}", segment(&sandbox_id)),
             );
             call.caller = Some(caller_of(&caller)?);
+            with_lease_token(&mut call, &caller)?;
             let body = success(send(call).await?)?;
             emit(&sandbox_text(&body, format), None)
         }
@@ -295,6 +331,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 format!("/v1/sandboxes/{}/mark-for-deletion", segment(&sandbox_id)),
             );
             call.caller = Some(caller_of(&caller)?);
+            with_lease_token(&mut call, &caller)?;
             let reply = send(call).await?;
             // A lab's cleanup runs again after a partial failure, or after the broker expired the
             // allocation: "already gone" is the outcome it wanted.
@@ -547,6 +584,16 @@ fn caller_of(args: &CallerArgs) -> Result<Caller, Failure> {
         id: args.caller.clone(),
         secret,
     })
+}
+
+/// Adds the lease file's token (X-Lease-Token) to a per-sandbox call, when there is one.
+fn with_lease_token(call: &mut Call, args: &CallerArgs) -> Result<(), Failure> {
+    if let Some(path) = &args.lease_file {
+        if let Some(token) = lease_file::load(path)?.lease_token {
+            call.headers.push(("X-Lease-Token", token));
+        }
+    }
+    Ok(())
 }
 
 /// The body of a 2xx reply, or the reply's failure.

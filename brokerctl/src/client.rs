@@ -45,12 +45,21 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The hex HMAC-SHA256 of the caller id under the track's secret, when there is one.
-    fn signature(&self) -> Option<String> {
+    /// `t=<now>,v1=<hex HMAC-SHA256 of "t\nMETHOD\npath\ncaller">` under the track's secret,
+    /// when there is one: the signature covers this one request and expires with the broker's
+    /// window (`CALLER_SIGNATURE_WINDOW_SEC`).
+    fn signature(&self, method: &Method, path: &str) -> Option<String> {
         let secret = self.secret.as_ref()?;
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
         let mut mac = HmacSha256::new_from_slice(secret.0.as_bytes()).ok()?;
-        mac.update(self.id.as_bytes());
-        Some(hex::encode(mac.finalize().into_bytes()))
+        mac.update(format!("{t}\n{method}\n{path}\n{}", self.id).as_bytes());
+        Some(format!(
+            "t={t},v1={}",
+            hex::encode(mac.finalize().into_bytes())
+        ))
     }
 }
 
@@ -181,9 +190,14 @@ impl Broker {
 
     /// The request builder of `call`, authenticated.
     pub fn request(&self, call: &Call) -> reqwest::RequestBuilder {
+        let url = format!("{}{}", self.base, call.path);
+        // The signature covers the path the server receives (a base URL may carry a prefix).
+        let signed_path = reqwest::Url::parse(&url)
+            .map(|u| u.path().to_string())
+            .unwrap_or_else(|_| call.path.clone());
         let mut request = self
             .http
-            .request(call.method.clone(), format!("{}{}", self.base, call.path))
+            .request(call.method.clone(), url)
             .bearer_auth(&self.token.0)
             .query(&call.query);
         for (name, value) in &call.headers {
@@ -191,7 +205,7 @@ impl Broker {
         }
         if let Some(caller) = &call.caller {
             request = request.header("X-Instruqt-Sandbox-ID", &caller.id);
-            if let Some(signature) = caller.signature() {
+            if let Some(signature) = caller.signature(&call.method, &signed_path) {
                 request = request.header("X-Caller-Signature", signature);
             }
         }

@@ -8,6 +8,7 @@
 //! - [`failure`] — what can go wrong, and the documented exit code of each outcome.
 //! - [`backoff`] — the retry deadline and the jittered wait before the next attempt.
 //! - [`client`] — the HTTP client: base URL, bearer token, caller headers and signature, retries.
+//! - [`lease_file`] — the lab's 0600 file with the allocation's idempotency key and lease token.
 //! - [`live_feed`] — a resumable reader of the server-sent event stream (`Last-Event-ID`).
 //! - [`render`] — output formats: JSON, `export` lines for an env file, tables.
 //! - [`cli`] — the command line (clap, every setting also from the environment) and each command.
@@ -16,5 +17,6 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod failure;
+pub mod lease_file;
 pub mod live_feed;
 pub mod render;

@@ -20,17 +20,31 @@ deadline=$(( $(date +%s) + ${BROKER_DEADLINE_SECONDS:-300} ))
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 headers=(-H "Authorization: Bearer $token" -H "X-Instruqt-Sandbox-ID: $caller")
-if [ -n "${BROKER_CALLER_SECRET:-}" ]; then
-  signature=$(printf %s "$caller" | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
-  headers+=(-H "X-Caller-Signature: $signature")
-fi
+# The lease token setup kept (0600) proves the allocation where the broker requires it.
+lease="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
+lease_token=$(sed -n 's/^lease_token=//p' "$lease" 2>/dev/null || true)
+[ -z "$lease_token" ] || headers+=(-H "X-Lease-Token: $lease_token")
 id=$(printf %s "$SANDBOX_ID" | jq -sRr @uri 2>/dev/null || printf %s "$SANDBOX_ID")
+
+# Per-track credentials with a caller secret: X-Caller-Signature `t=<now>,v1=<hex HMAC-SHA256 of
+# "t\nMETHOD\npath\ncaller">`, made fresh for every attempt (the broker accepts it for
+# CALLER_SIGNATURE_WINDOW_SEC, default 300 s).
+base_path=$(printf %s "$url" | sed -E 's#^[A-Za-z]+://[^/]*##; s#/+$##')
+signature_header() {
+  sig=()
+  [ -n "${BROKER_CALLER_SECRET:-}" ] || return 0
+  t=$(date +%s)
+  mac=$(printf '%s\n%s\n%s\n%s' "$t" "$1" "$base_path$2" "$caller" \
+    | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
+  sig=(-H "X-Caller-Signature: t=$t,v1=$mac")
+}
 
 attempt=0
 while :; do
   attempt=$((attempt + 1))
+  signature_header POST "/v1/sandboxes/$id/mark-for-deletion"
   status=$(curl -sS -o "$work/body" -D "$work/headers" -w '%{http_code}' --max-time 30 \
-    -X POST "${headers[@]}" "$url/v1/sandboxes/$id/mark-for-deletion" 2>"$work/curl-error" || true)
+    -X POST "${headers[@]}" ${sig[@]+"${sig[@]}"} "$url/v1/sandboxes/$id/mark-for-deletion" 2>"$work/curl-error" || true)
   case "$status" in
     200) echo "cleanup-sandbox: released $SANDBOX_ID" >&2; exit 0 ;;
     404) echo "cleanup-sandbox: $SANDBOX_ID unknown to the broker; nothing to release" >&2; exit 0 ;;

@@ -5,12 +5,14 @@
 # all count as done; no file means setup never allocated, so there is nothing to release.
 #
 # Environment: as setup-sandbox.sh (BROKER_URL, BROKER_TRACK_TOKEN, BROKER_CALLER or
-# INSTRUQT_PARTICIPANT_ID, BROKER_SANDBOX_FILE, BROKER_DEADLINE default 5m).
+# INSTRUQT_PARTICIPANT_ID, BROKER_SANDBOX_FILE, BROKER_LEASE_FILE, BROKER_DEADLINE default 5m).
 set -euo pipefail
 
 export BROKER_CALLER="${BROKER_CALLER:-${INSTRUQT_PARTICIPANT_ID:-}}"
 export BROKER_DEADLINE="${BROKER_DEADLINE:-5m}"
 file="${BROKER_SANDBOX_FILE:-/root/.sandbox/sandbox.env}"
+# brokerctl sends the lease token kept there by setup (X-Lease-Token).
+export BROKER_LEASE_FILE="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
 if [ ! -f "$file" ]; then
   echo "cleanup-sandbox: no $file; nothing to release" >&2
   exit 0

@@ -2,8 +2,10 @@
 # Instruqt track setup with curl only (no brokerctl on the image): the same behaviour as
 # setup-sandbox.sh — 409 (pool empty), 429 and 5xx are retried with jittered waits that honour
 # Retry-After until BROKER_DEADLINE_SECONDS (default 600), the participant's live allocation is
-# replayed on a re-run, and the details are written atomically to ${BROKER_SANDBOX_FILE}
-# (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's (0, 2, 3, 4, 5).
+# replayed on a re-run (the idempotency key is kept in ${BROKER_LEASE_FILE}, mode 0600, default
+# `lease` next to the sandbox file, with the lease token), and the details are written atomically
+# to ${BROKER_SANDBOX_FILE} (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's
+# (0, 2, 3, 4, 5).
 set -euo pipefail
 
 url="${BROKER_URL:?set BROKER_URL}"
@@ -20,10 +22,31 @@ headers=(-H "Authorization: Bearer $token" -H "X-Instruqt-Sandbox-ID: $caller")
 [ -z "${BROKER_NAME_PREFIX:-}" ] || headers+=(-H "X-Sandbox-Name-Prefix: $BROKER_NAME_PREFIX")
 track="${BROKER_TRACK_ID:-${INSTRUQT_TRACK_SLUG:-}}"
 [ -z "$track" ] || headers+=(-H "X-Instruqt-Track-ID: $track")
-if [ -n "${BROKER_CALLER_SECRET:-}" ]; then
-  signature=$(printf %s "$caller" | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
-  headers+=(-H "X-Caller-Signature: $signature")
+
+# The lease file (0600): a 128-bit idempotency key generated once, before the first request, so a
+# re-run after a lost answer replays with it; the lease token of the answer is added after it.
+lease="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
+key=$(sed -n 's/^idempotency_key=//p' "$lease" 2>/dev/null || true)
+if [ -z "$key" ]; then
+  key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  (umask 077 && printf 'idempotency_key=%s\n' "$key" > "$lease.tmp" && mv "$lease.tmp" "$lease")
 fi
+headers+=(-H "Idempotency-Key: $key")
+lease_token=$(sed -n 's/^lease_token=//p' "$lease" 2>/dev/null || true)
+[ -z "$lease_token" ] || headers+=(-H "X-Lease-Token: $lease_token")
+
+# Per-track credentials with a caller secret: X-Caller-Signature `t=<now>,v1=<hex HMAC-SHA256 of
+# "t\nMETHOD\npath\ncaller">`, made fresh for every attempt (the broker accepts it for
+# CALLER_SIGNATURE_WINDOW_SEC, default 300 s).
+base_path=$(printf %s "$url" | sed -E 's#^[A-Za-z]+://[^/]*##; s#/+$##')
+signature_header() {
+  sig=()
+  [ -n "${BROKER_CALLER_SECRET:-}" ] || return 0
+  t=$(date +%s)
+  mac=$(printf '%s\n%s\n%s\n%s' "$t" "$1" "$base_path$2" "$caller" \
+    | openssl dgst -sha256 -hmac "$BROKER_CALLER_SECRET" | sed 's/^.*= //')
+  sig=(-H "X-Caller-Signature: t=$t,v1=$mac")
+}
 
 # One field of the broker's flat JSON answer (string, number or null).
 field() {
@@ -33,8 +56,9 @@ field() {
 attempt=0
 while :; do
   attempt=$((attempt + 1))
+  signature_header POST "/v1/allocate"
   status=$(curl -sS -o "$work/body" -D "$work/headers" -w '%{http_code}' --max-time 30 \
-    -X POST "${headers[@]}" "$url/v1/allocate" 2>"$work/curl-error" || true)
+    -X POST "${headers[@]}" ${sig[@]+"${sig[@]}"} "$url/v1/allocate" 2>"$work/curl-error" || true)
   case "$status" in
     200|201)
       {
@@ -44,6 +68,8 @@ while :; do
         done
       } > "$file.tmp"
       mv "$file.tmp" "$file"
+      (umask 077 && printf 'idempotency_key=%s\nlease_token=%s\nsandbox_id=%s\n' \
+        "$key" "$(field lease_token)" "$(field sandbox_id)" > "$lease.tmp" && mv "$lease.tmp" "$lease")
       echo "setup-sandbox: sandbox details in $file" >&2
       exit 0 ;;
     409|429|500|502|503|504|000)

@@ -2,11 +2,13 @@
 # Instruqt track setup: allocate this participant's sandbox with brokerctl and write its details
 # to ${BROKER_SANDBOX_FILE} (default /root/.sandbox/sandbox.env) as `export SANDBOX_…=` lines the
 # lab sources. Safe to re-run: the broker replays the participant's live allocation (same caller,
-# same idempotency key), so a re-run gets the same sandbox and rewrites the same file.
+# same idempotency key, kept in ${BROKER_LEASE_FILE}), so a re-run gets the same sandbox and
+# rewrites the same file.
 #
 # Environment: BROKER_URL, BROKER_TRACK_TOKEN (or BROKER_TOKEN_FILE), BROKER_CALLER (default:
 # INSTRUQT_PARTICIPANT_ID), BROKER_NAME_PREFIX, BROKER_TRACK_ID (default: INSTRUQT_TRACK_SLUG),
-# BROKER_DEADLINE (default 10m), BROKER_CALLER_SECRET for per-track credentials.
+# BROKER_DEADLINE (default 10m), BROKER_CALLER_SECRET for per-track credentials, BROKER_LEASE_FILE
+# (default: `lease` next to the sandbox file).
 # Exit codes are brokerctl's: 0 ok, 2 bad input, 3 auth, 4 no sandbox before the deadline,
 # 5 broker failing or unreachable.
 set -euo pipefail
@@ -21,6 +23,9 @@ if [ -z "$BROKER_CALLER" ]; then
 fi
 file="${BROKER_SANDBOX_FILE:-/root/.sandbox/sandbox.env}"
 mkdir -p "$(dirname "$file")"
+# The lease file (0600, written by brokerctl) keeps a generated 128-bit idempotency key and the
+# allocation's lease token: a re-run replays with the key, cleanup proves the lease with the token.
+export BROKER_LEASE_FILE="${BROKER_LEASE_FILE:-$(dirname "$file")/lease}"
 
 # brokerctl waits out 409 (pool empty), 429 and 5xx itself, honouring Retry-After, and writes the
 # file atomically: the lab never reads a half-written one.

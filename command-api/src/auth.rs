@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use crate::credentials::TrackCredential;
+use crate::credentials::{SignatureCheck, SignedRequest, TrackCredential};
 use crate::error::ApiError;
 use crate::rate_limit::Decision;
 use crate::state::SharedState;
@@ -229,10 +229,55 @@ fn deny(state: &SharedState, req: &Request, error: ApiError) -> Response {
     refused(check_address(state, &address_of(state, req)), Some(error))
 }
 
-/// Route layer of the track endpoints: the shared track token or a per-track credential.
+/// Checks a per-track credential's caller signature (docs/tenancy.md): over time, method, path and
+/// the caller the request names, within `CALLER_SIGNATURE_WINDOW_SEC`.
+fn check_signature(
+    state: &SharedState,
+    credential: &TrackCredential,
+    req: &Request,
+) -> Result<(), ApiError> {
+    if !credential.signs_callers() {
+        return Ok(());
+    }
+    let signature = header_text(req.headers(), "x-caller-signature")?;
+    let caller = named_caller(req.headers());
+    // The path as the client sent it: inside the nested `/v1` router the URI has lost its prefix.
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| req.uri().path(), |uri| uri.0.path());
+    let signed = SignedRequest {
+        method: req.method().as_str(),
+        path,
+        caller: &caller,
+        now: state.broker.clock().now().timestamp(),
+        window_s: state.signature_window_s,
+        allow_legacy: state.allow_legacy_signature,
+    };
+    match credential.check_request_signature(&signed, signature.as_deref()) {
+        SignatureCheck::Accepted => Ok(()),
+        SignatureCheck::Missing => Err(ApiError::invalid_caller_signature(
+            "X-Caller-Signature is required for this track",
+        )),
+        SignatureCheck::Invalid => Err(ApiError::invalid_caller_signature(
+            "X-Caller-Signature does not match this request (t=<unix seconds>,v1=<hex HMAC-SHA256 of t, method, path and caller>)",
+        )),
+        SignatureCheck::Expired => Err(ApiError::invalid_caller_signature(
+            "X-Caller-Signature has expired: its time is outside the accepted window",
+        )),
+    }
+}
+
+/// Route layer of the track endpoints: the shared track token or a per-track credential. A
+/// caller signature is verified here, before the caller's bucket is spent, so forged requests
+/// are charged to their own address and never to the student they name.
 pub async fn require_track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     match authenticate(&state, req.headers()) {
-        Ok(p @ (Principal::SharedTrack | Principal::Track(_))) => admit(&state, p, req, next).await,
+        Ok(Principal::Track(credential)) => match check_signature(&state, &credential, &req) {
+            Ok(()) => admit(&state, Principal::Track(credential), req, next).await,
+            Err(e) => deny(&state, &req, e),
+        },
+        Ok(p @ Principal::SharedTrack) => admit(&state, p, req, next).await,
         Ok(Principal::Admin) => deny(&state, &req, ApiError::forbidden("Track token required")),
         Err(e) => deny(&state, &req, e),
     }

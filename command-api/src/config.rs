@@ -235,10 +235,51 @@ pub struct Config {
     /// `Retry-After` of a 503 MAINTENANCE, seconds.
     #[arg(long, env = "MAINTENANCE_RETRY_AFTER_SEC", default_value_t = 60)]
     pub maintenance_retry_after_sec: u64,
+    /// Key that derives lease tokens (at least 32 characters; unset: a dev-only key, refused
+    /// on non-loopback addresses). See docs/tenancy.md for rotation.
+    #[arg(long, env = "LEASE_TOKEN_KEY", hide_env_values = true)]
+    pub lease_token_key: Option<Secret>,
+    /// File holding `LEASE_TOKEN_KEY` (instead of the variable; trailing whitespace ignored).
+    #[arg(long, env = "LEASE_TOKEN_KEY_FILE")]
+    pub lease_token_key_file: Option<PathBuf>,
+    /// Id of `LEASE_TOKEN_KEY`, part of every token it issues (1-16 of `[A-Za-z0-9_-]`).
+    #[arg(long, env = "LEASE_TOKEN_KEY_ID", default_value = "k1")]
+    pub lease_token_key_id: String,
+    /// The key being rotated out: still verifies the tokens it issued, issues none.
+    #[arg(long, env = "LEASE_TOKEN_KEY_PREVIOUS", hide_env_values = true)]
+    pub lease_token_key_previous: Option<Secret>,
+    /// File holding `LEASE_TOKEN_KEY_PREVIOUS`.
+    #[arg(long, env = "LEASE_TOKEN_KEY_PREVIOUS_FILE")]
+    pub lease_token_key_previous_file: Option<PathBuf>,
+    /// Id of `LEASE_TOKEN_KEY_PREVIOUS` (must differ from `LEASE_TOKEN_KEY_ID`).
+    #[arg(long, env = "LEASE_TOKEN_KEY_PREVIOUS_ID")]
+    pub lease_token_key_previous_id: Option<String>,
+    /// Require the lease capability from the shared track token too (per-track credentials
+    /// always require it): `X-Lease-Token` on per-sandbox calls, a strong `Idempotency-Key`.
+    #[arg(long, env = "REQUIRE_LEASE_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_lease_token: bool,
+    /// Seconds a caller signature's time may differ from the server's (`t=` of
+    /// `X-Caller-Signature`).
+    #[arg(long, env = "CALLER_SIGNATURE_WINDOW_SEC", default_value_t = 300)]
+    pub caller_signature_window_sec: u64,
+    /// Migration only: also accept the old caller signature (HMAC of the caller id alone, no
+    /// time, no request), which anyone who saw one can replay forever.
+    #[arg(long, env = "ALLOW_LEGACY_CALLER_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_legacy_caller_signature: bool,
+    /// Live allocations one caller id may hold per track (per-track credential) or under the
+    /// shared token; a credential's `max_allocations_per_caller` overrides it (0: no cap).
+    #[arg(long, env = "MAX_ALLOCATIONS_PER_CALLER", default_value_t = 1)]
+    pub max_allocations_per_caller: u32,
+    /// Live allocations made from one client address (through `TRUSTED_PROXY_HOPS`); unset: no
+    /// cap (labs behind one shared egress address would otherwise share it).
+    #[arg(long, env = "MAX_ALLOCATIONS_PER_ADDRESS")]
+    pub max_allocations_per_address: Option<u32>,
     /// Concurrent allocations per track name, `trackA=20,trackB=5` (blank: none).
     #[arg(long, env = "TRACK_QUOTAS", default_value = "")]
     pub track_quotas: String,
-    /// Concurrent allocations of any track `TRACK_QUOTAS` does not name (unset: unlimited).
+    /// Concurrent allocations of any track `TRACK_QUOTAS` does not name (unset: unlimited). Under
+    /// the shared token it caps all its allocations outside the named tracks together (the
+    /// track header is the client's choice, so it does not pick the bucket).
     #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
     pub default_track_quota: Option<u32>,
 }
@@ -301,6 +342,57 @@ impl Config {
             return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must differ".into());
         }
         Ok(())
+    }
+
+    /// The lease-token keys from env or file; the dev-only key when none is configured, which
+    /// is refused on a non-loopback address.
+    pub fn lease_keys(&self) -> Result<crate::lease::LeaseKeys, String> {
+        fn read(
+            name: &str,
+            value: &Option<Secret>,
+            file: &Option<PathBuf>,
+        ) -> Result<Option<Secret>, String> {
+            match (value, file) {
+                (Some(_), Some(_)) => Err(format!("set {name} or {name}_FILE, not both")),
+                (Some(v), None) => Ok(Some(v.clone())),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map(|text| Some(Secret::from(text.trim_end().to_string())))
+                    .map_err(|e| format!("cannot read {name}_FILE {}: {e}", path.display())),
+                (None, None) => Ok(None),
+            }
+        }
+        let current = read(
+            "LEASE_TOKEN_KEY",
+            &self.lease_token_key,
+            &self.lease_token_key_file,
+        )?;
+        let previous = read(
+            "LEASE_TOKEN_KEY_PREVIOUS",
+            &self.lease_token_key_previous,
+            &self.lease_token_key_previous_file,
+        )?;
+        let previous = match (previous, &self.lease_token_key_previous_id) {
+            (Some(secret), Some(id)) => Some((id.clone(), secret)),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "LEASE_TOKEN_KEY_PREVIOUS and LEASE_TOKEN_KEY_PREVIOUS_ID go together".into(),
+                )
+            }
+        };
+        let current = match current {
+            Some(key) => key,
+            None if self.bind_addr.ip().is_loopback() => {
+                Secret::from(crate::lease::DEV_LEASE_TOKEN_KEY)
+            }
+            None => {
+                return Err(format!(
+                    "LEASE_TOKEN_KEY (or LEASE_TOKEN_KEY_FILE) must be set to listen on {} (the dev key is only for loopback addresses)",
+                    self.bind_addr
+                ))
+            }
+        };
+        crate::lease::LeaseKeys::new(&self.lease_token_key_id, current, previous)
     }
 
     /// True when either token is the built-in dev default.

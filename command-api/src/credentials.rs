@@ -9,6 +9,7 @@
 //! ```json
 //! {"tracks": [{"track": "aws-lab", "token": "<at least 32 characters>",
 //!              "name_prefixes": ["aws-lab-"], "max_concurrent_allocations": 200,
+//!              "max_allocations_per_caller": 1,
 //!              "caller_secret": "<at least 32 characters>", "require_caller_signature": true}]}
 //! ```
 
@@ -61,6 +62,8 @@ struct Entry {
     #[serde(default)]
     max_concurrent_allocations: Option<u32>,
     #[serde(default)]
+    max_allocations_per_caller: Option<u32>,
+    #[serde(default)]
     caller_secret: Option<String>,
     #[serde(default)]
     require_caller_signature: bool,
@@ -77,6 +80,9 @@ pub struct TrackCredential {
     /// Most sandboxes the track holds at once: enforced as the track's quota (the lower of it
     /// and `TRACK_QUOTAS`/`DEFAULT_TRACK_QUOTA`), in the allocation's own transaction.
     pub max_concurrent_allocations: Option<u32>,
+    /// Live allocations one caller id may hold in this track (overrides
+    /// `MAX_ALLOCATIONS_PER_CALLER`).
+    pub max_allocations_per_caller: Option<u32>,
     caller_secret: Option<Secret>,
     /// Whether every request must carry a valid `X-Caller-Signature`.
     pub require_caller_signature: bool,
@@ -91,6 +97,43 @@ pub enum SignatureCheck {
     Missing,
     /// Present but not the HMAC of the caller id.
     Invalid,
+    /// Well-formed and correct, but its time lies outside the accepted window.
+    Expired,
+}
+
+/// What a signature covers and how it is checked (`X-Caller-Signature: t=<unix s>,v1=<hex>`).
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRequest<'a> {
+    /// The request method.
+    pub method: &'a str,
+    /// The request path as the server receives it.
+    pub path: &'a str,
+    /// The caller id the request names.
+    pub caller: &'a str,
+    /// Now, unix seconds.
+    pub now: i64,
+    /// Largest accepted distance between `t` and now, seconds (`CALLER_SIGNATURE_WINDOW_SEC`).
+    pub window_s: i64,
+    /// Whether the old form (HMAC of the caller id alone) is still accepted
+    /// (`ALLOW_LEGACY_CALLER_SIGNATURE`, for migration only).
+    pub allow_legacy: bool,
+}
+
+/// The string a v1 signature is the HMAC of: time, method, path and caller, newline-separated.
+fn signed_text(t: i64, method: &str, path: &str, caller: &str) -> String {
+    format!("{t}\n{method}\n{path}\n{caller}")
+}
+
+/// `t=<t>,v1=<hex HMAC-SHA256(secret, t \n METHOD \n path \n caller)>`: what a track script sends
+/// as `X-Caller-Signature`.
+pub fn caller_signature_v1(secret: &str, t: i64, method: &str, path: &str, caller: &str) -> String {
+    let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        // HMAC accepts keys of any length; this arm is unreachable.
+        Err(_) => return String::new(),
+    };
+    mac.update(signed_text(t, method, path, caller).as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 impl TrackCredential {
@@ -102,9 +145,64 @@ impl TrackCredential {
             .any(|p| name_prefix.starts_with(p.as_str()))
     }
 
-    /// Checks `signature` (hex HMAC-SHA256 of `caller` with the track's secret). A signature
-    /// sent to a track that has a secret is always checked, even when not required, so a wrong
-    /// one never passes silently.
+    /// Whether requests of this track carry signatures (it has a caller secret).
+    pub fn signs_callers(&self) -> bool {
+        self.caller_secret.is_some()
+    }
+
+    /// Checks a `t=<unix s>,v1=<hex>` signature over time, method, path and caller, within the
+    /// window; the old form (hex HMAC of the caller id alone) only when `allow_legacy`. A
+    /// signature sent to a track that has a secret is always checked, even when not required.
+    pub fn check_request_signature(
+        &self,
+        request: &SignedRequest<'_>,
+        signature: Option<&str>,
+    ) -> SignatureCheck {
+        let Some(secret) = &self.caller_secret else {
+            return SignatureCheck::Accepted;
+        };
+        let Some(signature) = signature.map(str::trim).filter(|s| !s.is_empty()) else {
+            return if self.require_caller_signature {
+                SignatureCheck::Missing
+            } else {
+                SignatureCheck::Accepted
+            };
+        };
+        if !signature.starts_with("t=") {
+            return if request.allow_legacy {
+                self.check_signature(request.caller, Some(signature))
+            } else {
+                SignatureCheck::Invalid
+            };
+        }
+        let mut t = None;
+        let mut v1 = None;
+        for part in signature.split(',') {
+            match part.trim().split_once('=') {
+                Some(("t", value)) => t = value.parse::<i64>().ok(),
+                Some(("v1", value)) => v1 = hex::decode(value).ok(),
+                _ => {}
+            }
+        }
+        let (Some(t), Some(sent)) = (t, v1) else {
+            return SignatureCheck::Invalid;
+        };
+        let Ok(mut mac) = HmacSha256::new_from_slice(secret.expose().as_bytes()) else {
+            return SignatureCheck::Invalid;
+        };
+        mac.update(signed_text(t, request.method, request.path, request.caller).as_bytes());
+        // `verify_slice` compares in constant time.
+        if mac.verify_slice(&sent).is_err() {
+            return SignatureCheck::Invalid;
+        }
+        if (request.now - t).abs() > request.window_s {
+            return SignatureCheck::Expired;
+        }
+        SignatureCheck::Accepted
+    }
+
+    /// Checks the old form of signature (hex HMAC-SHA256 of `caller` with the track's secret),
+    /// accepted only with `ALLOW_LEGACY_CALLER_SIGNATURE=true`.
     pub fn check_signature(&self, caller: &str, signature: Option<&str>) -> SignatureCheck {
         let Some(secret) = &self.caller_secret else {
             return SignatureCheck::Accepted;
@@ -132,7 +230,8 @@ impl TrackCredential {
     }
 }
 
-/// Hex HMAC-SHA256 of `caller` with `secret`: what a track script sends as `X-Caller-Signature`.
+/// Hex HMAC-SHA256 of `caller` with `secret`: the old form of `X-Caller-Signature`, accepted only
+/// with `ALLOW_LEGACY_CALLER_SIGNATURE=true` (it has no time in it and covers no request).
 pub fn caller_signature(secret: &str, caller: &str) -> String {
     let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
         Ok(mac) => mac,
@@ -187,6 +286,13 @@ impl TrackCredentials {
             {
                 return Err(invalid("name_prefixes must list at least one plain prefix"));
             }
+            // Caller ids are the client's choice: without a seat-sized quota one script could
+            // invent ids until the pool is empty.
+            if entry.max_concurrent_allocations.is_none_or(|n| n == 0) {
+                return Err(invalid(
+                    "max_concurrent_allocations is required: set it to the track's seats (the most students who run the lab at once)",
+                ));
+            }
             if let Some(secret) = &entry.caller_secret {
                 if secret.chars().count() < MIN_TOKEN_CHARS {
                     return Err(invalid(&format!(
@@ -201,6 +307,7 @@ impl TrackCredentials {
                 token: Secret::from(entry.token),
                 name_prefixes: entry.name_prefixes,
                 max_concurrent_allocations: entry.max_concurrent_allocations,
+                max_allocations_per_caller: entry.max_allocations_per_caller,
                 caller_secret: entry.caller_secret.map(Secret::from),
                 require_caller_signature: entry.require_caller_signature,
             }));
@@ -243,6 +350,32 @@ impl TrackCredentials {
         self.credentials.iter().map(|c| c.track.as_str())
     }
 
+    /// Whether a credential's track is `track`.
+    pub fn owns_track(&self, track: &str) -> bool {
+        self.credentials.iter().any(|c| c.track == track)
+    }
+
+    /// Whether a sandbox (its `track_name` and name) lies in a credential's lane: allocated for
+    /// a credential's track, or named inside one of its prefixes.
+    pub fn owns(&self, track_name: Option<&str>, sandbox_name: &str) -> bool {
+        track_name.is_some_and(|t| self.owns_track(t))
+            || self.credentials.iter().any(|c| {
+                c.name_prefixes
+                    .iter()
+                    .any(|p| sandbox_name.starts_with(p.as_str()))
+            })
+    }
+
+    /// Whether a requested name prefix reaches into a credential's prefixes (inside one, or
+    /// broader than one).
+    pub fn prefix_overlaps(&self, prefix: &str) -> bool {
+        self.credentials.iter().any(|c| {
+            c.name_prefixes
+                .iter()
+                .any(|p| prefix.starts_with(p.as_str()) || p.starts_with(prefix))
+        })
+    }
+
     /// The maximum of concurrent allocations the credential of `track` sets, if any.
     pub fn max_concurrent_of(&self, track: &str) -> Option<u32> {
         self.credentials
@@ -275,7 +408,7 @@ mod tests {
     fn one(extra: &str) -> Result<TrackCredentials, CredentialsError> {
         TrackCredentials::parse(
             &format!(
-                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]{extra}}}]}}"#
+                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"],"max_concurrent_allocations":5{extra}}}]}}"#
             ),
             &[],
         )
@@ -285,6 +418,19 @@ mod tests {
     #[test]
     fn weak_documents_are_refused() {
         assert!(one("").is_ok());
+        assert!(
+            TrackCredentials::parse(
+                &format!(
+                    r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]}}]}}"#
+                ),
+                &[]
+            )
+            .err()
+            .is_some_and(|e| e
+                .to_string()
+                .contains("max_concurrent_allocations is required")),
+            "a credential without a seat-sized quota"
+        );
         assert!(TrackCredentials::parse(
             r#"{"tracks":[{"track":"lab","token":"short","name_prefixes":["lab-"]}]}"#,
             &[]
@@ -346,5 +492,51 @@ mod tests {
         );
         assert!(credential.allows_prefix("lab-eu"));
         assert!(!credential.allows_prefix("other-"));
+    }
+
+    /// A v1 signature covers time, method, path and caller, and expires outside the window.
+    #[test]
+    fn v1_signatures_cover_the_request_and_expire() {
+        let creds = one(&format!(
+            r#","caller_secret":"{SECRET}","require_caller_signature":true"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let credential = creds.find(TOKEN).unwrap_or_else(|| panic!("not found"));
+        let now = 1_700_000_000;
+        let request = SignedRequest {
+            method: "POST",
+            path: "/v1/allocate",
+            caller: "alice",
+            now,
+            window_s: 300,
+            allow_legacy: false,
+        };
+        let check = |sig: &str, request: &SignedRequest<'_>| {
+            credential.check_request_signature(request, Some(sig))
+        };
+        let good = caller_signature_v1(SECRET, now - 10, "POST", "/v1/allocate", "alice");
+        assert_eq!(check(&good, &request), SignatureCheck::Accepted);
+        for (method, path, caller) in [
+            ("GET", "/v1/allocate", "alice"),
+            ("POST", "/v1/sandboxes/x", "alice"),
+            ("POST", "/v1/allocate", "bob"),
+        ] {
+            let other = SignedRequest {
+                method,
+                path,
+                caller,
+                ..request
+            };
+            assert_eq!(check(&good, &other), SignatureCheck::Invalid);
+        }
+        let old = caller_signature_v1(SECRET, now - 301, "POST", "/v1/allocate", "alice");
+        assert_eq!(check(&old, &request), SignatureCheck::Expired);
+        let legacy = caller_signature(SECRET, "alice");
+        assert_eq!(check(&legacy, &request), SignatureCheck::Invalid);
+        let migrating = SignedRequest {
+            allow_legacy: true,
+            ..request
+        };
+        assert_eq!(check(&legacy, &migrating), SignatureCheck::Accepted);
     }
 }

@@ -37,7 +37,7 @@ pub struct RequestId(pub String);
 pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// Request headers a browser may send cross-origin (the broker's own and the standard ones).
-const ALLOWED_HEADERS: [&str; 10] = [
+const ALLOWED_HEADERS: [&str; 11] = [
     "authorization",
     "content-type",
     "x-track-id",
@@ -45,6 +45,7 @@ const ALLOWED_HEADERS: [&str; 10] = [
     "x-instruqt-track-id",
     "x-sandbox-name-prefix",
     "x-caller-signature",
+    "x-lease-token",
     "idempotency-key",
     "x-request-id",
     "last-event-id",

@@ -24,7 +24,8 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
     /// The limit that refused the request (`QUOTA_EXCEEDED`: concurrent allocations of the
-    /// track; `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
+    /// track; `CALLER_LIMIT` / `ADDRESS_LIMIT`: live allocations of the caller / client address;
+    /// `EXTENSION_LIMIT_EXCEEDED`: hours of extension per allocation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
     /// Per-field problems of a validation error.
@@ -144,9 +145,47 @@ impl ApiError {
         )
     }
 
+    /// 400 NAME_PREFIX_REQUIRED: with per-track credentials configured, the shared token must
+    /// name a prefix outside theirs.
+    pub fn shared_token_prefix_required() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_PREFIX_REQUIRED",
+            "X-Sandbox-Name-Prefix is required: tracks with their own credential own part of the pool, so the shared token must name a prefix outside theirs",
+        )
+    }
+
     /// 403 INVALID_CALLER_SIGNATURE: `X-Caller-Signature` missing (where required) or wrong.
     pub fn invalid_caller_signature(message: &str) -> Self {
         Self::new(StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE", message)
+    }
+
+    /// 403 LEASE_TOKEN_REQUIRED: the lease capability applies and no `X-Lease-Token` was sent.
+    pub fn lease_token_required() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "LEASE_TOKEN_REQUIRED",
+            "X-Lease-Token is required: send the lease_token of the allocation's 201",
+        )
+    }
+
+    /// 403 LEASE_TOKEN_INVALID: the token is not the one of this sandbox's allocation.
+    pub fn lease_token_invalid() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "LEASE_TOKEN_INVALID",
+            "X-Lease-Token does not match this sandbox's allocation",
+        )
+    }
+
+    /// 409 ALREADY_ALLOCATED: the caller holds a live allocation that the request does not prove
+    /// (never names the sandbox).
+    pub fn already_allocated() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "ALREADY_ALLOCATED",
+            "This caller already holds a sandbox; repeat the request with its original Idempotency-Key or its X-Lease-Token",
+        )
     }
 
     /// 404 SANDBOX_NOT_FOUND.
@@ -203,6 +242,28 @@ impl ApiError {
             "QUOTA_EXCEEDED",
             format!("Track {track} holds its quota of {limit} concurrent allocations"),
         );
+        e.retry_after = Some(retry_after);
+        e.limit = Some(limit);
+        e
+    }
+
+    /// 429 CALLER_LIMIT / ADDRESS_LIMIT: a fair-share cap holds its maximum of live allocations.
+    pub fn fair_share(kind: domain::CapKind, limit: u32, retry_after: u64) -> Self {
+        let (code, message) = match kind {
+            domain::CapKind::Caller => (
+                "CALLER_LIMIT",
+                format!("This caller already holds {limit} live allocation(s) in this track"),
+            ),
+            domain::CapKind::Address => (
+                "ADDRESS_LIMIT",
+                format!("This client address already holds {limit} live allocation(s)"),
+            ),
+            domain::CapKind::Principal => (
+                "QUOTA_EXCEEDED",
+                format!("The shared track token holds its quota of {limit} concurrent allocations"),
+            ),
+        };
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
         e.retry_after = Some(retry_after);
         e.limit = Some(limit);
         e
@@ -368,6 +429,11 @@ impl ApiError {
                 prefix,
                 retry_after_s,
             } => ApiError::maintenance(prefix.as_deref(), retry_after_s),
+            BrokerError::FairShareExceeded {
+                kind,
+                limit,
+                retry_after_s,
+            } => ApiError::fair_share(kind, limit, retry_after_s),
             BrokerError::QuotaExceeded {
                 track,
                 limit,

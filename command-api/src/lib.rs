@@ -14,6 +14,7 @@
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
+//! - [`lease`] — the lease capability: tokens derived from the allocation, keys as credentials.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `ops`, `events` (the audit endpoints), `dashboard`.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
@@ -34,6 +35,7 @@ pub mod config;
 pub mod credentials;
 pub mod edge;
 pub mod error;
+pub mod lease;
 pub mod live_feed;
 pub mod metrics;
 pub mod openapi;
@@ -63,6 +65,15 @@ use crate::state::SharedState;
 /// Largest request body accepted (no endpoint reads a body; this only bounds what is buffered).
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Marks a response `Cache-Control: no-store` unless it set its own policy.
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 /// The complete router with every layer, ready to serve.
 pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let base = state.base_path.clone();
@@ -78,8 +89,13 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
     );
+    // Track and admin answers carry sandbox details (names, account paths): never kept by a
+    // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.
+    let versioned = track
+        .merge(admin)
+        .layer(axum::middleware::map_response(no_store));
     let routes = Router::new()
-        .nest(&base, track.merge(admin))
+        .nest(&base, versioned)
         .merge(routes::ops::router())
         .merge(routes::dashboard::router())
         .merge(docs)

@@ -79,6 +79,7 @@ pub async fn build_with(
     if let Err(problem) = config.check_tokens() {
         bail!(problem);
     }
+    let lease_keys = config.lease_keys().map_err(|p| anyhow::anyhow!(p))?;
     let credentials = TrackCredentials::load(
         config.track_credentials_file.as_deref(),
         config.track_credentials_json.as_ref(),
@@ -299,6 +300,13 @@ pub async fn build_with(
             config.ready_cache_ms,
         )),
         credentials,
+        lease_keys,
+        require_lease_token: config.require_lease_token,
+        max_allocations_per_caller: config.max_allocations_per_caller,
+        signature_window_s: i64::try_from(config.caller_signature_window_sec).unwrap_or(i64::MAX),
+        allow_legacy_signature: config.allow_legacy_caller_signature,
+        max_allocations_per_address: config.max_allocations_per_address,
+        shared_token_quota: config.default_track_quota,
         shared_track_token_enabled: config.shared_track_token_enabled,
         track_token: config.track_token().to_string(),
         admin_token: config.admin_token().to_string(),
@@ -348,5 +356,8 @@ pub fn print_banner(config: &Config, addr: SocketAddr) {
         if config.admin_token.is_none() {
             println!("    admin: {}", config.admin_token());
         }
+    }
+    if config.lease_token_key.is_none() && config.lease_token_key_file.is_none() {
+        println!("  DEV-ONLY lease-token key (set LEASE_TOKEN_KEY for anything real)");
     }
 }

@@ -34,6 +34,20 @@ pub struct AppState {
     pub readiness: crate::readiness::ReadinessCache,
     /// Per-track credentials.
     pub credentials: TrackCredentials,
+    /// Keys that issue and verify lease tokens.
+    pub lease_keys: crate::lease::LeaseKeys,
+    /// Whether the shared track token must present the lease capability too.
+    pub require_lease_token: bool,
+    /// Live allocations per caller id and track (`MAX_ALLOCATIONS_PER_CALLER`; 0: no cap).
+    pub max_allocations_per_caller: u32,
+    /// Live allocations per client address (`MAX_ALLOCATIONS_PER_ADDRESS`; `None`: no cap).
+    pub max_allocations_per_address: Option<u32>,
+    /// `DEFAULT_TRACK_QUOTA`: under the shared token, the quota of its principal.
+    pub shared_token_quota: Option<u32>,
+    /// `CALLER_SIGNATURE_WINDOW_SEC`.
+    pub signature_window_s: i64,
+    /// `ALLOW_LEGACY_CALLER_SIGNATURE`.
+    pub allow_legacy_signature: bool,
     /// Whether the shared track token is accepted.
     pub shared_track_token_enabled: bool,
     /// Track bearer token.

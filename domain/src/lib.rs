@@ -27,5 +27,8 @@ pub use model::error::DomainError;
 pub use model::events::{Actor, CommandMeta, EventEnvelope};
 pub use model::lifecycle::SandboxStatus;
 pub use model::projection::{PoolRow, PoolStats, StatsDelta};
-pub use service::{AllocateRequest, Allocation, Broker, BrokerConfig, BrokerError};
+pub use service::{
+    AllocateRequest, Allocation, AllocationLimits, Broker, BrokerConfig, BrokerError, CapKind,
+    FairShareCap,
+};
 pub use store::{EventStore, PoolView, StoreError, ViewStore};

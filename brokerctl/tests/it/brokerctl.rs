@@ -437,14 +437,15 @@ async fn tail_resumes_across_server_ended_streams() {
 }
 
 /// With a per-track credential that requires caller signatures, `BROKER_CALLER_SECRET` signs the
-/// caller id (allocate, status and release succeed); without it the service refuses (exit 3).
+/// caller id and `BROKER_LEASE_FILE` supplies the key and the lease token (allocate, status and
+/// release succeed); without the signature the service refuses (exit 3).
 #[tokio::test]
 async fn per_track_credentials_sign_the_caller() {
     const TOKEN: &str = "signed-track-token-0123456789abcdefgh";
     const SECRET: &str = "signed-caller-secret-0123456789abcdef";
     let credentials = serde_json::json!({"tracks": [{
         "track": "signed", "token": TOKEN, "name_prefixes": ["signed-"],
-        "caller_secret": SECRET, "require_caller_signature": true
+        "max_concurrent_allocations": 5, "caller_secret": SECRET, "require_caller_signature": true
     }]})
     .to_string();
     let mut options = AppOptions::new(Backend::Embedded);
@@ -459,9 +460,17 @@ async fn per_track_credentials_sign_the_caller() {
     .await;
     assert_eq!(code(&unsigned), 3);
     assert!(String::from_utf8_lossy(&unsigned.stderr).contains("INVALID_CALLER_SIGNATURE"));
+    // The lease file carries the key and the lease token the credential requires.
+    let lease = std::env::temp_dir().join(format!(
+        "brokerctl-lease-{}-{}",
+        std::process::id(),
+        line!()
+    ));
+    let lease = lease.display().to_string();
     let signed_env = [
         ("BROKER_TRACK_TOKEN", TOKEN),
         ("BROKER_CALLER_SECRET", SECRET),
+        ("BROKER_LEASE_FILE", lease.as_str()),
     ];
     let allocated = brokerctl(&app.url, &signed_env, &["allocate", "--caller", "stu"]).await;
     ok(&allocated);
@@ -471,5 +480,6 @@ async fn per_track_credentials_sign_the_caller() {
         .to_string();
     ok(&brokerctl(&app.url, &signed_env, &["status", &id, "--caller", "stu"]).await);
     ok(&brokerctl(&app.url, &signed_env, &["release", &id, "--caller", "stu"]).await);
+    let _ = std::fs::remove_file(&lease);
     app.stop().await;
 }

@@ -33,6 +33,7 @@ impl Variant {
 struct Lab {
     participant: String,
     dir: PathBuf,
+    token: String,
 }
 
 impl Lab {
@@ -48,6 +49,7 @@ impl Lab {
         Self {
             participant: participant.to_string(),
             dir,
+            token: TRACK_TOKEN.to_string(),
         }
     }
 
@@ -88,7 +90,7 @@ impl Lab {
             .env_clear()
             .env("PATH", path)
             .env("BROKER_URL", app_url)
-            .env("BROKER_TRACK_TOKEN", TRACK_TOKEN)
+            .env("BROKER_TRACK_TOKEN", &self.token)
             .env("INSTRUQT_PARTICIPANT_ID", &self.participant)
             .env("INSTRUQT_TRACK_SLUG", "broker-lab")
             .env("BROKER_SANDBOX_FILE", self.file())
@@ -257,4 +259,53 @@ async fn brokerctl_setup_waits_out_429() {
 #[tokio::test]
 async fn curl_setup_waits_out_429() {
     rerun_waits_out_the_rate_limit(Variant::Curl).await;
+}
+
+const LAB_TRACK_TOKEN: &str = "lab-track-token-0123456789abcdefghijklm";
+
+async fn scripts_prove_the_lease(variant: Variant) {
+    let credentials = serde_json::json!({"tracks": [
+        {"track": "lab", "token": LAB_TRACK_TOKEN, "name_prefixes": ["lab-"], "max_concurrent_allocations": 10},
+    ]})
+    .to_string();
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |c| c.track_credentials_json = Some(credentials.into()));
+    let app = spawn_app_with(options).await;
+    app.seed("lab", 2).await;
+    let mut lab = Lab::new("participant-9");
+    lab.token = LAB_TRACK_TOKEN.to_string();
+    ok(&lab.run(&app.url, variant, "setup", 30).await, "setup");
+    let id = lab.var("SANDBOX_ID");
+    assert!(id.starts_with("lab-id-"), "{:?}", lab.sourced());
+    let lease = std::fs::read_to_string(lab.dir.join("lease")).unwrap_or_default();
+    assert!(lease.contains("lease_token=lt1."), "{lease}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(lab.dir.join("lease"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600, "the lease file is the lab user's only");
+    }
+    ok(
+        &lab.run(&app.url, variant, "setup", 30).await,
+        "setup re-run (replayed with the kept key)",
+    );
+    assert_eq!(lab.var("SANDBOX_ID"), id);
+    ok(&lab.run(&app.url, variant, "cleanup", 30).await, "cleanup");
+    assert_eq!(admin_sandbox(&app, &id).await["status"], "pending_deletion");
+    app.stop().await;
+}
+
+/// brokerctl scripts under a per-track credential: setup keeps a generated key and the lease
+/// token in a 0600 file, a re-run replays with the key, cleanup proves the lease with the token.
+#[tokio::test]
+async fn brokerctl_scripts_prove_the_lease() {
+    scripts_prove_the_lease(Variant::Brokerctl).await;
+}
+
+/// curl-only scripts under a per-track credential: as [`brokerctl_scripts_prove_the_lease`].
+#[tokio::test]
+async fn curl_scripts_prove_the_lease() {
+    scripts_prove_the_lease(Variant::Curl).await;
 }

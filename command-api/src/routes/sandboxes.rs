@@ -1,21 +1,26 @@
 //! Track endpoints: allocate, get, mark-for-deletion (the contract of CONTRACT.md that existing
-//! track scripts use), and extend.
+//! track scripts use), and extend — with the tenancy rules of docs/tenancy.md: the lease
+//! capability, fair-share caps and the shared token's lane.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
-use domain::{Actor, AllocateRequest, BrokerError, CommandMeta};
+use domain::{
+    Actor, AllocateRequest, AllocationLimits, BrokerError, CapKind, CommandMeta, FairShareCap,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{header_text, Caller, Principal};
-use crate::credentials::{SignatureCheck, TrackCredential};
+use crate::auth::{self, header_text, Caller, Principal};
+use crate::credentials::TrackCredential;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
+use crate::lease::{self, LEASE_TOKEN_HEADER};
 use crate::state::SharedState;
 
 /// Body of a successful allocation (201 new, 200 replay).
@@ -33,6 +38,11 @@ pub struct AllocateResponse {
     pub expires_at: i64,
     /// Salesforce account id.
     pub sfdc_account_id: Option<String>,
+    /// The allocation's capability: send it as `X-Lease-Token` on every per-sandbox call. Always
+    /// on a 201; on a 200 replay only when the request proved the allocation (its original
+    /// strong `Idempotency-Key`, or this token). Keep it like a password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<String>,
 }
 
 /// A sandbox as its owner sees it.
@@ -108,43 +118,146 @@ fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
     }
 }
 
-/// With a per-track credential, the caller id must carry the track's signature when the
-/// credential says so (and a signature that is sent is always checked).
-fn check_caller(
-    credential: &TrackCredential,
+/// The principal under which the shared token's caps are kept (its track header is the client's
+/// choice, so it never names a cap).
+const SHARED_TOKEN_SCOPE: &str = "shared-track";
+
+/// The limits of one allocation request (docs/tenancy.md, "Fair share"):
+/// * the track quota: a per-track credential's maximum (the lower of it and `TRACK_QUOTAS`);
+///   under the shared token only a limit `TRACK_QUOTAS` names for the header's track, while
+///   `DEFAULT_TRACK_QUOTA` caps the shared token's principal as a whole;
+/// * live allocations per caller id and track (`MAX_ALLOCATIONS_PER_CALLER`, or the credential's
+///   `max_allocations_per_caller`);
+/// * live allocations per client address (`MAX_ALLOCATIONS_PER_ADDRESS`, off by default).
+///
+/// Every cap is taken in the allocation's own transaction, so each holds under any burst.
+fn allocation_limits(
+    state: &SharedState,
+    credential: Option<&TrackCredential>,
     caller: &Caller,
     headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let signature = header_text(headers, "x-caller-signature")?;
-    match credential.check_signature(&caller.0, signature.as_deref()) {
-        SignatureCheck::Accepted => Ok(()),
-        SignatureCheck::Missing => Err(ApiError::invalid_caller_signature(
-            "X-Caller-Signature is required for this track",
-        )),
-        SignatureCheck::Invalid => Err(ApiError::invalid_caller_signature(
-            "X-Caller-Signature does not match the caller id",
-        )),
+    peer: Option<std::net::IpAddr>,
+) -> AllocationLimits {
+    let mut caps = Vec::new();
+    let scope = credential.map_or(SHARED_TOKEN_SCOPE, |c| c.track.as_str());
+    let per_caller = credential
+        .and_then(|c| c.max_allocations_per_caller)
+        .unwrap_or(state.max_allocations_per_caller);
+    if per_caller > 0 {
+        caps.push(FairShareCap::caller(scope, &caller.0, per_caller));
+    }
+    if let Some(limit) = state.max_allocations_per_address {
+        let address = auth::client_address(headers, peer, state.trusted_proxy_hops);
+        caps.push(FairShareCap::address(&address, limit));
+    }
+    if credential.is_none() {
+        if let Some(limit) = state.shared_token_quota {
+            caps.push(FairShareCap::principal(SHARED_TOKEN_SCOPE, limit));
+        }
+    }
+    AllocationLimits {
+        track_limit: credential.and_then(|c| c.max_concurrent_allocations),
+        named_track_quota_only: credential.is_none(),
+        caps,
     }
 }
 
-/// With a per-track credential, a sandbox is visible only if its track allocated it: the
-/// strong read's `track_name` is the credential's track, stamped at allocation.
-async fn check_track_owns(
+/// The shared token allocates only outside the per-track credentials' lanes: it must name a
+/// prefix that neither lies inside nor contains one of theirs (a broader prefix would reach their
+/// sandboxes), and may not name their track.
+fn check_shared_lane(state: &SharedState, request: &AllocateRequest) -> Result<(), ApiError> {
+    if let Some(track) = &request.track_name {
+        if state.credentials.owns_track(track) {
+            return Err(ApiError::forbidden(
+                "This track has its own credential; the shared token cannot allocate for it",
+            ));
+        }
+    }
+    match &request.name_prefix {
+        None => Err(ApiError::shared_token_prefix_required()),
+        Some(prefix) if state.credentials.prefix_overlaps(prefix) => {
+            Err(ApiError::prefix_not_allowed(prefix))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether the lease capability applies to a principal: per-track credentials always, the
+/// shared track token with `REQUIRE_LEASE_TOKEN=true`.
+fn lease_applies(state: &SharedState, principal: &Principal) -> bool {
+    match principal {
+        Principal::Track(_) => true,
+        Principal::SharedTrack => state.require_lease_token,
+        Principal::Admin => false,
+    }
+}
+
+/// Whether the request's `X-Lease-Token` is the token of the allocation `event_id`.
+fn lease_token_proves(
     state: &SharedState,
-    credential: &TrackCredential,
+    headers: &HeaderMap,
+    event_id: Option<uuid::Uuid>,
+) -> Result<bool, ApiError> {
+    let token = header_text(headers, LEASE_TOKEN_HEADER)?;
+    Ok(match (token.as_deref(), event_id) {
+        (Some(token), Some(event_id)) if !token.is_empty() => {
+            state.lease_keys.verify(token, &event_id)
+        }
+        _ => false,
+    })
+}
+
+/// The checks of every per-sandbox verb before the command runs: with a per-track credential the
+/// caller's signature and the track's ownership (the strong read's `track_name` is the
+/// credential's track, stamped at allocation); where the lease capability applies, the
+/// `X-Lease-Token` of the sandbox's current allocation (derived again from its `SandboxAllocated`
+/// event id and compared in constant time).
+async fn check_sandbox_access(
+    state: &SharedState,
+    principal: &Principal,
     sandbox_id: &str,
+    headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    let sandbox = state
+    let credential = match principal {
+        Principal::Track(credential) => Some(credential.as_ref()),
+        _ => None,
+    };
+    // The caller signature was checked by the auth layer, before any bucket was spent.
+    let lease = lease_applies(state, principal);
+    // The shared token stays out of the per-track credentials' lanes.
+    let shared_lane = matches!(principal, Principal::SharedTrack) && !state.credentials.is_empty();
+    if credential.is_none() && !lease && !shared_lane {
+        return Ok(());
+    }
+    let loaded = state
         .broker
         .load_sandbox(sandbox_id)
         .await
-        .map_err(|e| ApiError::from_broker(e, sandbox_id))?
-        .sandbox;
-    if sandbox.status.is_none() {
+        .map_err(|e| ApiError::from_broker(e, sandbox_id))?;
+    if loaded.sandbox.status.is_none() {
         return Err(ApiError::sandbox_not_found(sandbox_id));
     }
-    if sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
-        return Err(ApiError::not_owner(sandbox_id));
+    if let Some(credential) = credential {
+        if loaded.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
+            return Err(ApiError::not_owner(sandbox_id));
+        }
+    }
+    if shared_lane
+        && state
+            .credentials
+            .owns(loaded.sandbox.track_name.as_deref(), &loaded.sandbox.name)
+    {
+        return Err(ApiError::forbidden(
+            "This sandbox belongs to a track with its own credential; the shared token cannot use it",
+        ));
+    }
+    if lease {
+        if header_text(headers, LEASE_TOKEN_HEADER)?.is_none_or(|t| t.is_empty()) {
+            return Err(ApiError::lease_token_required());
+        }
+        if !lease_token_proves(state, headers, loaded.allocation_event_id())? {
+            return Err(ApiError::lease_token_invalid());
+        }
     }
     Ok(())
 }
@@ -164,8 +277,9 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes. Where the lease capability applies (per-track credentials; the shared token with `REQUIRE_LEASE_TOKEN=true`) it is a credential: at least 32 random characters of `[A-Za-z0-9_-]` (400 otherwise), stored only as its SHA-256, and the only key that proves a replay (the caller-id default never does)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 201, description = "Allocated", body = AllocateResponse),
@@ -173,8 +287,8 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
-        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`)", body = ErrorBody),
-        (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`, or the per-track credential's maximum): `limit` and `retry_after` in the envelope", body = ErrorBody),
+        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
+        (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, the per-track credential's maximum, or — for the shared token as a whole — `DEFAULT_TRACK_QUOTA`); `CALLER_LIMIT` when the caller already holds `MAX_ALLOCATIONS_PER_CALLER` live allocations in this track; `ADDRESS_LIMIT` when the client address holds `MAX_ALLOCATIONS_PER_ADDRESS`: `limit` and `retry_after` in the envelope", body = ErrorBody),
         (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
     )
 )]
@@ -182,6 +296,7 @@ pub async fn allocate_sandbox(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
@@ -205,8 +320,22 @@ pub async fn allocate_sandbox(
         Principal::Track(credential) => Some(credential.clone()),
         _ => None,
     };
+    if matches!(principal, Principal::SharedTrack) && !state.credentials.is_empty() {
+        check_shared_lane(&state, &request)?;
+    }
+    // Where the capability applies, the key is a credential: strong, and stored only hashed.
+    // Without a key the caller-id default is used, which never proves a replay.
+    let lease = lease_applies(&state, &principal);
+    let keyless = request.idempotency_key.is_none();
+    if lease {
+        if let Some(key) = request.idempotency_key.take() {
+            if let Some(problem) = lease::key_problem(&key) {
+                return Err(ApiError::validation("header", "Idempotency-Key", problem));
+            }
+            request.idempotency_key = Some(lease::hashed_key(&key));
+        }
+    }
     if let Some(credential) = &credential {
-        check_caller(credential, &caller, &headers)?;
         request.name_prefix = match request.name_prefix.take() {
             Some(prefix) if credential.allows_prefix(&prefix) => Some(prefix),
             Some(prefix) => return Err(ApiError::prefix_not_allowed(&prefix)),
@@ -218,20 +347,30 @@ pub async fn allocate_sandbox(
         // The credential, not a header, names the track: ownership checks rely on it.
         request.track_name = Some(credential.track.clone());
     }
-    // A credential's maximum is enforced as a quota of its track (the lower of it and any
-    // configured quota), in the allocation's own transaction.
-    let track_limit = credential
-        .as_ref()
-        .and_then(|c| c.max_concurrent_allocations);
+    let peer = connect.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let limits = allocation_limits(&state, credential.as_deref(), &caller, &headers, peer);
     let result = state
         .broker
-        .allocate_within(&request, &meta(&caller.0, &request_id), track_limit)
+        .allocate_limited(&request, &meta(&caller.0, &request_id), &limits)
         .await;
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
         Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
         Err(BrokerError::QuotaExceeded { .. }) => "quota_exceeded",
+        // The shared token's quota is a cap on its principal: the same refusal as a track's.
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Principal,
+            ..
+        }) => "quota_exceeded",
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Caller,
+            ..
+        }) => "caller_limit",
+        Err(BrokerError::FairShareExceeded {
+            kind: CapKind::Address,
+            ..
+        }) => "address_limit",
         Err(BrokerError::Maintenance { .. }) => "maintenance",
         Err(_) => "error",
     };
@@ -242,6 +381,22 @@ pub async fn allocate_sandbox(
         .with_label_values(&[outcome])
         .observe(started.elapsed().as_secs_f64());
     let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    let token_proves = lease_token_proves(&state, &headers, allocation.allocation_event_id)?;
+    if lease && allocation.replayed && keyless && !token_proves {
+        // A caller id is no proof: the live allocation stays unnamed.
+        return Err(ApiError::already_allocated());
+    }
+    if matches!(principal, Principal::SharedTrack)
+        && state.credentials.owns(
+            allocation.sandbox.track_name.as_deref(),
+            &allocation.sandbox.name,
+        )
+    {
+        // A replay of a claim made through a per-track credential (same caller id, default key).
+        return Err(ApiError::forbidden(
+            "This caller's allocation belongs to a track with its own credential; the shared token cannot use it",
+        ));
+    }
     if let Some(credential) = &credential {
         // A replay can return a claim made through another credential for the same caller id.
         if allocation.sandbox.track_name.as_deref() != Some(credential.track.as_str()) {
@@ -260,6 +415,13 @@ pub async fn allocate_sandbox(
         allocated_at: s.allocated_at.map_or(0, |t| t.timestamp()),
         expires_at: s.expires_at.map_or(0, |t| t.timestamp()),
         sfdc_account_id: s.sfdc_account_id.clone(),
+        // A replay gets the token again, so a lost 201 does not lock the student out: where the
+        // capability applies an unproven replay was refused above (a caller id alone never
+        // reveals the token); under the shared token's legacy contract the original key, or the
+        // caller id, is the proof (docs/tenancy.md, on turning REQUIRE_LEASE_TOKEN on).
+        lease_token: allocation
+            .allocation_event_id
+            .map(|id| state.lease_keys.issue(&id)),
     };
     let status = if allocation.replayed {
         StatusCode::OK
@@ -276,12 +438,13 @@ pub async fn allocate_sandbox(
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 200, description = "The sandbox", body = SandboxResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -295,10 +458,7 @@ pub async fn get_sandbox(
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .get_sandbox(&sandbox_id, &caller.0)
@@ -314,12 +474,13 @@ pub async fn get_sandbox(
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     responses(
         (status = 200, description = "Marked (or already ended; same body)", body = MarkResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -334,10 +495,7 @@ pub async fn mark_for_deletion(
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let result = state
         .broker
         .mark_for_deletion(&sandbox_id, &caller.0, &meta(&caller.0, &request_id))
@@ -411,13 +569,14 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     params(
         ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
+        ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
     request_body(content = ExtendRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Extended: the new `expires_at`", body = ExtendResponse),
         (status = 400, description = "`VALIDATION_ERROR`: `hours` missing, not a whole number, or outside 1–8760; missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 409, description = "`INVALID_STATE`: not allocated, or the lab window has ended; `EXTENSION_LIMIT_EXCEEDED`: the allocation's extensions would add more than `MAX_LAB_EXTENSION_HOURS` (`limit` in the envelope)", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -435,10 +594,7 @@ pub async fn extend_lease(
 ) -> Result<Json<ExtendResponse>, ApiError> {
     let sandbox_id = path_id(&sandbox_id)?;
     let hours = extension_hours(&body)?;
-    if let Principal::Track(credential) = &principal {
-        check_caller(credential, &caller, &headers)?;
-        check_track_owns(&state, credential, &sandbox_id).await?;
-    }
+    check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
         .extend_lease(&sandbox_id, &caller.0, hours, &meta(&caller.0, &request_id))

@@ -7,7 +7,10 @@
 use std::time::Duration as StdDuration;
 
 use super::candidates::{Fill, MAX_PAGE, MAX_PAGE_WAITS, PAGE_WAIT};
-use super::{envelopes, quota, AllocateRequest, Allocation, Broker, BrokerError, QUOTA_RETRIES};
+use super::{
+    envelopes, fair_share, quota, AllocateRequest, Allocation, AllocationLimits, Broker,
+    BrokerError, QUOTA_RETRIES,
+};
 use crate::model::claim::ClaimCommand;
 use crate::model::events::CommandMeta;
 use crate::model::ids::{claim_stream, quota_stream, sandbox_stream, validate_id};
@@ -51,6 +54,24 @@ impl Broker {
         meta: &CommandMeta,
         track_limit: Option<u32>,
     ) -> Result<Allocation, BrokerError> {
+        let limits = AllocationLimits {
+            track_limit,
+            ..AllocationLimits::default()
+        };
+        self.allocate_limited(request, meta, &limits).await
+    }
+
+    /// [`Broker::allocate_within`] with fair-share caps (DESIGN.md §11): each cap's quota stream
+    /// takes a slot in the allocation's own transaction, so a cap holds under any concurrency;
+    /// the replay of a live allocation is answered before any cap is checked.
+    pub async fn allocate_limited(
+        &self,
+        request: &AllocateRequest,
+        meta: &CommandMeta,
+        limits: &AllocationLimits,
+    ) -> Result<Allocation, BrokerError> {
+        let track_limit = limits.track_limit;
+        let caps = &limits.caps;
         let caller = validate_id("caller id", &request.caller)?;
         let key = match request.idempotency_key.as_deref().map(str::trim) {
             Some(k) if !k.is_empty() => validate_id("Idempotency-Key", k)?,
@@ -65,7 +86,12 @@ impl Broker {
             .transpose()?;
         let claim_id = claim_stream(&caller, &key);
         let quota = request.track_name.as_deref().and_then(|track| {
-            let limit = match (self.config.quotas.limit_for(track), track_limit) {
+            let configured = if limits.named_track_quota_only {
+                self.config.quotas.per_track.get(track).copied()
+            } else {
+                self.config.quotas.limit_for(track)
+            };
+            let limit = match (configured, track_limit) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -81,13 +107,16 @@ impl Broker {
         let mut conflicts = 0u32;
         let mut search = Search::default();
         let mut claim_reads = 0usize;
+        let mut cap_conflicts = 0usize;
         // Each pass starts from a strong read of the claim, so a duplicate request that lost the
         // claim race comes back here and returns the winner's sandbox.
         'claim: loop {
             claim_reads += 1;
             let claim = self.load_claim(&claim_id).await?;
             if let Some(held) = &claim.active {
-                let sandbox = self.load_sandbox(held).await?.sandbox;
+                let loaded = self.load_sandbox(held).await?;
+                let allocation_event_id = loaded.allocation_event_id();
+                let sandbox = loaded.sandbox;
                 // The claim was read before the sandbox: a mark-for-deletion or expiry may have
                 // ended the allocation (and released the claim in the same transaction) in
                 // between. Only a sandbox still allocated under this very claim is a replay;
@@ -99,6 +128,7 @@ impl Broker {
                         sandbox,
                         replayed: true,
                         conflicts,
+                        allocation_event_id,
                     });
                 }
                 if claim_reads > self.config.command_retries {
@@ -126,7 +156,31 @@ impl Broker {
                 None => None,
             };
             let mut quota_conflicts = 0usize;
+            let mut cap_usage = Vec::with_capacity(caps.len());
+            for cap in caps {
+                cap_usage.push(fair_share::load(self.events.as_ref(), &cap.stream_id).await?);
+            }
             loop {
+                for (cap, usage) in caps.iter().zip(cap_usage.iter_mut()) {
+                    if usage.in_use() >= cap.limit as usize {
+                        let full = std::mem::take(usage);
+                        *usage = fair_share::prune(self.events.as_ref(), full, cap.limit).await?;
+                        if usage.in_use() >= cap.limit as usize {
+                            // A concurrent duplicate of this very request may have taken the
+                            // cap's last slot with this claim: that is a replay, not a refusal.
+                            if self.load_claim(&claim_id).await?.active.is_some()
+                                && claim_reads <= self.config.command_retries
+                            {
+                                continue 'claim;
+                            }
+                            return Err(BrokerError::FairShareExceeded {
+                                kind: cap.kind,
+                                limit: cap.limit,
+                                retry_after_s: self.config.no_sandbox_retry_after_s,
+                            });
+                        }
+                    }
+                }
                 if let (Some((track, limit)), Some(usage)) = (&quota, &usage) {
                     if usage.in_use() >= *limit as usize {
                         return Err(BrokerError::QuotaExceeded {
@@ -191,6 +245,27 @@ impl Broker {
                         }
                     }
                 }
+                let allocation_event_id = batch
+                    .iter()
+                    .find(|e| e.event_type == "SandboxAllocated")
+                    .map(|e| e.event_id);
+                for (cap, usage) in caps.iter().zip(&cap_usage) {
+                    match usage.take(&row.sandbox_id, cap.limit) {
+                        Ok(taken) => {
+                            let taken =
+                                envelopes(&cap.stream_id, usage.version, &[taken], meta, now);
+                            batch.extend(taken);
+                        }
+                        Err(full) => {
+                            self.candidates.give_back(cache_key, row);
+                            return Err(BrokerError::FairShareExceeded {
+                                kind: cap.kind,
+                                limit: full.limit,
+                                retry_after_s: self.config.no_sandbox_retry_after_s,
+                            });
+                        }
+                    }
+                }
                 match self.events.append(batch).await {
                     Ok(()) => {
                         self.candidates.taken(&row);
@@ -202,6 +277,7 @@ impl Broker {
                             sandbox,
                             replayed: false,
                             conflicts,
+                            allocation_event_id,
                         });
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {
@@ -226,6 +302,22 @@ impl Broker {
                         if let Some((track, _)) = &quota {
                             usage = Some(quota::load_usage(self.events.as_ref(), track).await?);
                         }
+                    }
+                    Err(StoreError::VersionConflict { stream_id })
+                        if caps.iter().any(|c| c.stream_id == stream_id) =>
+                    {
+                        // Another allocation under the same cap committed first — possibly a
+                        // concurrent duplicate of this request, whose claim then answers it:
+                        // start over from the claim (the candidate is untouched).
+                        self.candidates.give_back(cache_key, row);
+                        cap_conflicts += 1;
+                        if cap_conflicts > QUOTA_RETRIES {
+                            return Err(StoreError::Unavailable(format!(
+                                "cap {stream_id} kept changing"
+                            ))
+                            .into());
+                        }
+                        continue 'claim;
                     }
                     Err(StoreError::VersionConflict { .. }) => {
                         // Someone else took (or changed) this sandbox: the view row is stale.

@@ -12,14 +12,18 @@
 //! - `lifecycle` — the commands on an allocated sandbox (mark for deletion, extend, and
 //!   [`Broker::execute`] that runs any sandbox command and releases the claim and quota slot);
 //! - `pool_control` — drain and resume, and the drain state cache of the allocation path;
-//! - `quota` — per-track quotas: limits, the quota stream's strong read, the per-track lock.
+//! - `quota` — per-track quotas: limits, the quota stream's strong read, the per-track lock;
+//! - `fair_share` — the fair-share caps (per caller, per client address, per principal), each a
+//!   quota stream taken in the allocation's own transaction (ADR 0021).
 
 mod allocate;
 mod candidates;
+mod fair_share;
 mod lifecycle;
 mod pool_control;
 mod quota;
 
+pub use fair_share::{CapKind, FairShareCap};
 pub use quota::TrackQuotas;
 
 use std::collections::HashSet;
@@ -125,6 +129,18 @@ pub enum BrokerError {
         /// Suggested wait, seconds.
         retry_after_s: u64,
     },
+    /// A fair-share cap (caller, address, principal) holds its maximum of live allocations.
+    #[error(
+        "{kind} already holds {limit} live allocation(s), the most allowed; release one first"
+    )]
+    FairShareExceeded {
+        /// Which cap.
+        kind: CapKind,
+        /// The limit in force.
+        limit: u32,
+        /// Suggested wait, seconds.
+        retry_after_s: u64,
+    },
     /// The track holds its maximum of concurrent allocations.
     #[error("track {track} holds its quota of {limit} concurrent allocations")]
     QuotaExceeded {
@@ -165,6 +181,19 @@ pub struct AllocateRequest {
     pub name_prefix: Option<String>,
 }
 
+/// The limits one allocation request is held to, beyond the pool's own.
+#[derive(Debug, Clone, Default)]
+pub struct AllocationLimits {
+    /// A further cap on the track's quota (a per-track credential's maximum).
+    pub track_limit: Option<u32>,
+    /// Apply only a limit `TRACK_QUOTAS` names for the track, not `DEFAULT_TRACK_QUOTA`: the
+    /// shared token's track header is chosen by the client, so its default quota is enforced on
+    /// the principal instead (a [`CapKind::Principal`] cap), which rotating the header cannot escape.
+    pub named_track_quota_only: bool,
+    /// Fair-share caps taken in the allocation's own transaction.
+    pub caps: Vec<FairShareCap>,
+}
+
 /// A granted (or replayed) allocation.
 #[derive(Debug, Clone)]
 pub struct Allocation {
@@ -174,6 +203,9 @@ pub struct Allocation {
     pub replayed: bool,
     /// Candidates lost to concurrent allocators on the way.
     pub conflicts: u32,
+    /// The `event_id` of the `SandboxAllocated` event that made this allocation: the API derives
+    /// the allocation's lease token from it, so nothing secret is stored.
+    pub allocation_event_id: Option<uuid::Uuid>,
 }
 
 /// The broker's command side.
@@ -211,6 +243,17 @@ pub struct LoadedSandbox {
     pub sandbox: Sandbox,
     /// The events it was folded from.
     pub events: Vec<EventEnvelope>,
+}
+
+impl LoadedSandbox {
+    /// The `event_id` of the latest `SandboxAllocated`: the current (or most recent) allocation.
+    pub fn allocation_event_id(&self) -> Option<uuid::Uuid> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.event_type == "SandboxAllocated")
+            .map(|e| e.event_id)
+    }
 }
 
 impl Broker {

@@ -33,6 +33,7 @@ mod shutdown;
 mod startup;
 mod store_conformance;
 mod store_metering;
+mod tenancy;
 mod track_credentials;
 mod webhook_dispatch;
 mod webhooks;

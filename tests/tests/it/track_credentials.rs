@@ -13,8 +13,8 @@ const GAMMA_SECRET: &str = "gamma-secret-0123456789abcdefghijklmn";
 async fn app() -> TestApp {
     let credentials = json!({"tracks": [
         {"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"], "max_concurrent_allocations": 2},
-        {"track": "beta", "token": BETA, "name_prefixes": ["beta-", "shared-"]},
-        {"track": "gamma", "token": GAMMA, "name_prefixes": ["gamma-"],
+        {"track": "beta", "token": BETA, "name_prefixes": ["beta-", "shared-"], "max_concurrent_allocations": 10},
+        {"track": "gamma", "token": GAMMA, "name_prefixes": ["gamma-"], "max_concurrent_allocations": 10,
          "caller_secret": GAMMA_SECRET, "require_caller_signature": true},
     ]})
     .to_string();
@@ -59,6 +59,7 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert!(body["name"].as_str().unwrap_or("").starts_with("alpha-"));
     let id = body["sandbox_id"].as_str().unwrap_or("").to_string();
+    let lease = body["lease_token"].as_str().unwrap_or("").to_string();
     let path = format!("/v1/sandboxes/{id}");
     let mark = format!("{path}/mark-for-deletion");
 
@@ -79,20 +80,28 @@ async fn per_track_token_cannot_touch_another_tracks_sandbox() {
     .await;
     assert_eq!(
         (status, code(&body)),
-        (StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER"),
-        "a replay of another track's claim is refused"
+        (StatusCode::CONFLICT, "ALREADY_ALLOCATED"),
+        "a replay of another track's claim is refused without naming it"
     );
+    assert!(!body.to_string().contains(&id), "{body}");
 
-    let (status, body) = send(as_track(&app, ALPHA, Method::GET, &path, "s1")).await;
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::GET, &path, "s1").header("X-Lease-Token", &lease)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["track_name"], "alpha");
-    let (status, _) = send(
+    let (status, body) = send(
         app.track(Method::GET, &path)
             .header("X-Instruqt-Sandbox-ID", "s1"),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "the shared token keeps working");
-    let (status, body) = send(as_track(&app, ALPHA, Method::POST, &mark, "s1")).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "FORBIDDEN"),
+        "the shared token stays out of the track's lane"
+    );
+    let (status, body) =
+        send(as_track(&app, ALPHA, Method::POST, &mark, "s1").header("X-Lease-Token", &lease))
+            .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
 }
@@ -125,37 +134,73 @@ async fn per_track_token_is_confined_to_its_prefixes() {
     app.stop().await;
 }
 
-/// When the credential requires it, a caller id must carry the track's HMAC: one student
-/// cannot act as another with their own signature.
+/// When the credential requires it, a request must carry the track's signature over its time,
+/// method, path and caller: a signature made for one student, one path or long ago does not fit.
 #[tokio::test]
 async fn caller_signature_binds_the_student() {
     let app = app().await;
-    let alice = command_api::credentials::caller_signature(GAMMA_SECRET, "alice");
+    let now = chrono::Utc::now().timestamp();
+    let sign = |t: i64, method: &str, path: &str, caller: &str| {
+        command_api::credentials::caller_signature_v1(GAMMA_SECRET, t, method, path, caller)
+    };
     let (status, body) = send(as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")).await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
     );
+    let legacy = command_api::credentials::caller_signature(GAMMA_SECRET, "alice");
     let (status, body) = send(
         as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")
-            .header("X-Caller-Signature", &alice),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let path = format!(
-        "/v1/sandboxes/{}",
-        body["sandbox_id"].as_str().unwrap_or("")
-    );
-    let (status, body) = send(
-        as_track(&app, GAMMA, Method::GET, &path, "mallory").header("X-Caller-Signature", &alice),
+            .header("X-Caller-Signature", &legacy),
     )
     .await;
     assert_eq!(
         (status, code(&body)),
-        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
+        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE"),
+        "the old form needs ALLOW_LEGACY_CALLER_SIGNATURE"
     );
+    let stale = sign(now - 301, "POST", "/v1/allocate", "alice");
+    let (status, body) = send(
+        as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice")
+            .header("X-Caller-Signature", &stale),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE"),
+        "outside the 300 s window"
+    );
+    let (status, body) = send(
+        as_track(&app, GAMMA, Method::POST, "/v1/allocate", "alice").header(
+            "X-Caller-Signature",
+            sign(now, "POST", "/v1/allocate", "alice"),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let lease = body["lease_token"].as_str().unwrap_or("").to_string();
+    let path = format!(
+        "/v1/sandboxes/{}",
+        body["sandbox_id"].as_str().unwrap_or("")
+    );
+    for wrong in [
+        sign(now, "GET", &path, "alice"),
+        sign(now, "POST", "/v1/allocate", "alice"),
+    ] {
+        let (status, body) = send(
+            as_track(&app, GAMMA, Method::GET, &path, "mallory")
+                .header("X-Caller-Signature", &wrong),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::FORBIDDEN, "INVALID_CALLER_SIGNATURE")
+        );
+    }
     let (status, _) = send(
-        as_track(&app, GAMMA, Method::GET, &path, "alice").header("X-Caller-Signature", &alice),
+        as_track(&app, GAMMA, Method::GET, &path, "alice")
+            .header("X-Caller-Signature", sign(now, "GET", &path, "alice"))
+            .header("X-Lease-Token", &lease),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -166,9 +211,13 @@ async fn caller_signature_binds_the_student() {
 #[tokio::test]
 async fn track_allocation_cap_is_enforced() {
     let app = app().await;
+    let key = |caller: &str| format!("{caller}-key-0123456789abcdefghijklmnopqrstu");
     for caller in ["c1", "c2"] {
-        let (status, body) =
-            send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", caller)).await;
+        let (status, body) = send(
+            as_track(&app, ALPHA, Method::POST, "/v1/allocate", caller)
+                .header("Idempotency-Key", key(caller)),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
     app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) >= 2)
@@ -178,7 +227,11 @@ async fn track_allocation_cap_is_enforced() {
         (status, code(&body)),
         (StatusCode::TOO_MANY_REQUESTS, "QUOTA_EXCEEDED")
     );
-    let (status, body) = send(as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c1")).await;
+    let (status, body) = send(
+        as_track(&app, ALPHA, Method::POST, "/v1/allocate", "c1")
+            .header("Idempotency-Key", key("c1")),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "the replay answers: {body}");
     let (status, body) = send(
         as_track(&app, BETA, Method::POST, "/v1/allocate", "c3")
@@ -217,7 +270,7 @@ async fn credentials_file_is_loaded_and_checked() {
     let dir = std::env::temp_dir().join(format!("broker-creds-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("create the temp dir");
     let good = dir.join("good.json");
-    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"]}]});
+    let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"], "max_concurrent_allocations": 5}]});
     std::fs::write(&good, doc.to_string()).expect("write the credentials file");
     let mut options = AppOptions::new(Backend::Embedded);
     let path = good.clone();
@@ -229,8 +282,7 @@ async fn credentials_file_is_loaded_and_checked() {
     app.stop().await;
 
     let weak = dir.join("weak.json");
-    let doc =
-        json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"]}]});
+    let doc = json!({"tracks": [{"track": "alpha", "token": "short", "name_prefixes": ["alpha-"], "max_concurrent_allocations": 5}]});
     std::fs::write(&weak, doc.to_string()).expect("write the credentials file");
     let mut config = command_api::config::Config::defaults();
     config.api_token = Some(tests::app::TRACK_TOKEN.into());
