@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::backoff::{parse_duration, RetryPolicy};
 use crate::client::{Broker, Call, Caller, Reply, Retry, Token};
-use crate::failure::Failure;
+use crate::failure::{Failure, EXIT_CODES_HELP};
 use crate::live_feed::LiveFeed;
 use crate::render::{env_lines, table};
 
@@ -36,7 +36,7 @@ const SANDBOX_ENV_FIELDS: &[&str] = &[
 
 /// `brokerctl`: the Sandbox Broker client for lab scripts and operators.
 #[derive(Debug, Parser)]
-#[command(name = "brokerctl", version, about, long_about = None)]
+#[command(name = "brokerctl", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -122,7 +122,7 @@ enum Command {
     },
     /// Show the caller's sandbox (track token).
     Status {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
         #[command(flatten)]
         caller: CallerArgs,
@@ -130,9 +130,10 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: SandboxFormat,
     },
-    /// End the caller's allocation (track token); an unknown or already released sandbox is success.
+    /// End the caller's allocation (track token); a sandbox already released or deleted is a
+    /// success, an id or name that no sandbox has is not (exit 6).
     Release {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
         #[command(flatten)]
         caller: CallerArgs,
@@ -163,19 +164,19 @@ enum Command {
     },
     /// A sandbox's events, envelopes included (admin token).
     History {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// A sandbox's state at an instant: who held it then (admin token).
     At {
         /// The instant, RFC 3339 (e.g. 2026-05-01T10:00:00Z).
         time: String,
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// Re-queue a quarantined (deletion_failed) sandbox for cleanup (admin token).
     RetryDeletion {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// Run the sync job once, now: register new CSP accounts, mark missing ones stale (admin token).
@@ -295,21 +296,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 format!("/v1/sandboxes/{}/mark-for-deletion", segment(&sandbox_id)),
             );
             call.caller = Some(caller_of(&caller)?);
+            // A repeat, or a release after the broker expired the allocation, is a 200 from the
+            // service: "already gone" is the outcome a lab's cleanup wanted. A 404 is not: no
+            // sandbox has that id or name, so nothing was released (exit 6).
             let reply = send(call).await?;
-            // A lab's cleanup runs again after a partial failure, or after the broker expired the
-            // allocation: "already gone" is the outcome it wanted.
-            if reply.status.as_u16() == 404 {
-                if !quiet {
-                    eprintln!("brokerctl: {sandbox_id} is unknown; nothing to release");
-                }
-                return emit(
-                    &format!(
-                        "{}\n",
-                        serde_json::json!({"sandbox_id": sandbox_id, "status": "not_found"})
-                    ),
-                    None,
-                );
-            }
             let body = success(reply)?;
             emit(&format!("{body}\n"), None)
         }

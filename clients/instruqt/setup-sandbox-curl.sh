@@ -3,7 +3,8 @@
 # setup-sandbox.sh — 409 (pool empty), 429 and 5xx are retried with jittered waits that honour
 # Retry-After until BROKER_DEADLINE_SECONDS (default 600), the participant's live allocation is
 # replayed on a re-run, and the details are written atomically to ${BROKER_SANDBOX_FILE}
-# (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's (0, 2, 3, 4, 5).
+# (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's (0, 2, 3, 4, 5, 7, 8): a
+# BROKER_NAME_PREFIX that no sandbox has stops at once with 8.
 set -euo pipefail
 
 url="${BROKER_URL:?set BROKER_URL}"
@@ -69,6 +70,9 @@ while :; do
       fi
       echo "setup-sandbox: $status ${code:-$(cat "$work/curl-error")}; retrying in ${wait_ms}ms" >&2
       sleep "$(printf '%d.%03d' $((wait_ms / 1000)) $((wait_ms % 1000)))" ;;
+    404)
+      # UNKNOWN_PREFIX: no sandbox has a name with BROKER_NAME_PREFIX; waiting cannot help.
+      echo "setup-sandbox: no sandbox matches: $(cat "$work/body")" >&2; exit 8 ;;
     401|403) echo "setup-sandbox: not authorised: $(cat "$work/body")" >&2; exit 3 ;;
     400|413) echo "setup-sandbox: bad input: $(cat "$work/body")" >&2; exit 2 ;;
     *) echo "setup-sandbox: unexpected $status: $(cat "$work/body")" >&2; exit 1 ;;

@@ -158,6 +158,20 @@ impl ApiError {
         )
     }
 
+    /// 404 UNKNOWN_PREFIX: no sandbox (that is not deleted) has a name with this prefix, so
+    /// waiting for one is pointless; no `Retry-After`.
+    pub fn unknown_prefix(prefix: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_PREFIX",
+            format!(
+                "No sandbox in the pool has a name starting with {prefix}; check \
+                 X-Sandbox-Name-Prefix (brokerctl --prefix, BROKER_NAME_PREFIX) against the pool's \
+                 names, or leave it out to take any sandbox"
+            ),
+        )
+    }
+
     /// 404 JOB_NOT_FOUND: no admin job has this id.
     pub fn job_not_found(job_id: &str) -> Self {
         Self::new(
