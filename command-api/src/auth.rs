@@ -84,11 +84,14 @@ fn bearer_token(raw: &HeaderValue) -> Option<&str> {
 /// Resolves the bearer token of a request to a principal (401 when absent, malformed or unknown).
 pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(raw) = headers.get(axum::http::header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized("Missing Authorization header"));
+        return Err(ApiError::unauthorized(
+            "Missing Authorization header; send `Authorization: Bearer <token>` with the track \
+             or admin token",
+        ));
     };
     let Some(token) = bearer_token(raw) else {
         return Err(ApiError::unauthorized(
-            "Invalid authorization header format",
+            "The Authorization header must be `Bearer <token>`",
         ));
     };
     // Every comparison runs whatever matches, so timing does not reveal which token it was.
@@ -102,7 +105,10 @@ pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principa
     } else if admin {
         Ok(Principal::Admin)
     } else {
-        Err(ApiError::unauthorized("Invalid bearer token"))
+        Err(ApiError::unauthorized(
+            "Unknown bearer token; use the track or admin token the broker is configured with \
+             (in development, printed when it starts)",
+        ))
     }
 }
 
@@ -233,7 +239,9 @@ fn deny(state: &SharedState, req: &Request, error: ApiError) -> Response {
 pub async fn require_track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     match authenticate(&state, req.headers()) {
         Ok(p @ (Principal::SharedTrack | Principal::Track(_))) => admit(&state, p, req, next).await,
-        Ok(Principal::Admin) => deny(&state, &req, ApiError::forbidden("Track token required")),
+        Ok(Principal::Admin) => deny(&state, &req, ApiError::forbidden(
+                "This route takes the track token (brokerctl: BROKER_TRACK_TOKEN), not the admin token",
+            )),
         Err(e) => deny(&state, &req, e),
     }
 }
@@ -242,7 +250,11 @@ pub async fn require_track(State(state): State<SharedState>, req: Request, next:
 pub async fn require_admin(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     match authenticate(&state, req.headers()) {
         Ok(Principal::Admin) => admit(&state, Principal::Admin, req, next).await,
-        Ok(_) => deny(&state, &req, ApiError::forbidden("Admin access required")),
+        Ok(_) => deny(
+            &state,
+            &req,
+            ApiError::forbidden("This route takes the admin token (brokerctl: BROKER_ADMIN_TOKEN)"),
+        ),
         Err(e) => deny(&state, &req, e),
     }
 }

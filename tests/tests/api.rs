@@ -80,8 +80,9 @@ async fn allocate_replay_and_caller_scoped_idempotency() {
     app.stop().await;
 }
 
-/// GET is owner-only and strongly consistent: the owner sees it right after allocating; others
-/// get 403 without the owner's id; unknown ids are 404.
+/// GET is owner-only and strongly consistent: the owner sees it right after allocating, and
+/// still sees its status after releasing it; others get 403 without the owner's id; unknown ids
+/// are 404.
 #[tokio::test]
 async fn get_sandbox_ownership() {
     let app = spawn_app(Backend::Embedded).await;
@@ -109,6 +110,24 @@ async fn get_sandbox_ownership() {
         .sent_json()
         .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
+    let (s, _, b) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "owner-1")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _, b) = get("owner-1").await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "the owner sees the released sandbox: {b}"
+    );
+    assert_eq!(b["status"], "pending_deletion");
+    let (s, h, b) = get("intruder").await;
+    assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
     app.stop().await;
 }
 

@@ -307,7 +307,8 @@ pub async fn allocate_sandbox(
     Ok((status, Json(body)))
 }
 
-/// The caller's live allocation (strongly consistent).
+/// The caller's sandbox (strongly consistent): its live allocation, or, after the allocation
+/// ended, its status (`pending_deletion`, `deleted`…), so a lab can confirm a release.
 #[utoipa::path(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
@@ -319,7 +320,7 @@ pub async fn allocate_sandbox(
         (status = 200, description = "The sandbox", body = SandboxResponse),
         (status = 400, description = "Missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
-        (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's live allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
+        (status = 403, description = "`NOT_SANDBOX_OWNER`: never allocated to this caller (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
