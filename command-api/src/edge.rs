@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::future::Either;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
@@ -251,6 +251,27 @@ fn request_id_of(req: &Request) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// Largest total size of a request's headers (names, values and framing) the service reads:
+/// browsers and proxies stay far below it, and more is refused with 431 `HEADERS_TOO_LARGE`.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers one request may carry (hyper's own default), refused likewise above it.
+pub const MAX_HEADER_COUNT: usize = 100;
+/// hyper's read buffer for one HTTP/1 request head: large enough that a head over
+/// [`MAX_HEADER_BYTES`] (up to 1 MiB more) reaches [`edge`], which answers it with the envelope;
+/// only a head larger than this gets hyper's own bare 431 and a closed connection.
+pub const HTTP1_READ_BUFFER_BYTES: usize = 1024 * 1024 + MAX_HEADER_BYTES;
+/// Headers hyper parses per request: above [`MAX_HEADER_COUNT`], so the count is refused by
+/// [`edge`] with the envelope rather than by hyper without one.
+pub const HTTP1_MAX_HEADERS: usize = 1000;
+
+/// The size of a request head's header block as it was sent (`name: value\r\n` each).
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
 /// The envelope middleware (see the module docs): error envelope, security headers, access log.
 pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -274,7 +295,40 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
 
-    let mut response = next.run(req).await;
+    let oversized =
+        header_bytes(req.headers()) > MAX_HEADER_BYTES || req.headers().len() > MAX_HEADER_COUNT;
+    let mut response = if oversized {
+        ApiError::headers_too_large(MAX_HEADER_BYTES, MAX_HEADER_COUNT).into_response()
+    } else {
+        next.run(req).await
+    };
+    // A redirect (`/v1/docs` → `/v1/docs/`) says where to go in its body too, for a client that
+    // does not follow it.
+    if response.status().is_redirection() {
+        if let Some(location) = response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        {
+            let status = response.status();
+            let mut redirect = (
+                status,
+                axum::Json(serde_json::json!({
+                    "location": location,
+                    "message": format!("Moved to {location}"),
+                    "request_id": request_id,
+                })),
+            )
+                .into_response();
+            for (name, value) in response.headers() {
+                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                    redirect.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            response = redirect;
+        }
+    }
     // tower-http answers a preflight 200; the broker always answered 204 (no content), and
     // keeps doing so.
     if preflight && response.status() == StatusCode::OK {

@@ -183,6 +183,19 @@ impl ApiError {
         )
     }
 
+    /// 431 HEADERS_TOO_LARGE: the request's headers exceed the service's limits.
+    pub fn headers_too_large(max_bytes: usize, max_count: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "HEADERS_TOO_LARGE",
+            format!(
+                "The request's headers are too large; send at most {} KiB of headers and at \
+                 most {max_count} of them",
+                max_bytes / 1024
+            ),
+        )
+    }
+
     /// 404 JOB_NOT_FOUND: no admin job has this id.
     pub fn job_not_found(job_id: &str) -> Self {
         Self::new(
@@ -326,6 +339,10 @@ impl ApiError {
                 "REQUEST_TIMEOUT",
                 "The request took too long and was abandoned; retry it",
             ),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Self::headers_too_large(
+                crate::edge::MAX_HEADER_BYTES,
+                crate::edge::MAX_HEADER_COUNT,
+            ),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 Self::new(status, "VALIDATION_ERROR", "Unsupported media type")
             }
@@ -423,13 +440,16 @@ mod tests {
     use domain::model::lifecycle::Transition;
     use domain::SandboxStatus;
 
-    /// A word like `ExtendLease`: a lower-case letter followed by an upper-case one inside it.
+    /// A word like `ExtendLease`: a lower-case letter, an upper-case one and a lower-case one
+    /// inside it (units such as `KiB` are not type names).
     fn has_type_name(text: &str) -> bool {
         text.split(|c: char| !c.is_ascii_alphanumeric())
             .any(|word| {
-                word.as_bytes()
-                    .windows(2)
-                    .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
+                word.as_bytes().windows(3).any(|w| {
+                    w[0].is_ascii_lowercase()
+                        && w[1].is_ascii_uppercase()
+                        && w[2].is_ascii_lowercase()
+                })
             })
     }
 
@@ -444,6 +464,7 @@ mod tests {
             ApiError::name_prefix_required(),
             ApiError::sandbox_not_found("lab-demo-017"),
             ApiError::unknown_prefix("aws-lab"),
+            ApiError::headers_too_large(65536, 100),
             ApiError::job_not_found("j"),
             ApiError::no_sandboxes(30),
             ApiError::maintenance(Some("lab"), 60),

@@ -384,3 +384,74 @@ async fn load_is_shed_with_503() {
     assert_eq!(status, StatusCode::OK, "capacity is back");
     app.stop().await;
 }
+
+/// Every error status any layer produces carries the envelope and the request id: headers over
+/// 64 KiB (a 200 KB and a 1 MB header) or over 100 of them are 431 `HEADERS_TOO_LARGE`, a
+/// wrong method 405, an unknown route 404; 60 KB of headers is still served; `/v1/docs`
+/// redirects with a body that says where to.
+#[tokio::test]
+async fn every_error_status_carries_the_envelope() {
+    let app = spawn_app(Backend::Embedded).await;
+    let envelope = |status: StatusCode, headers: &reqwest::header::HeaderMap, body: &Value| {
+        let id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+        assert!(id.is_some(), "{status}: no X-Request-ID");
+        assert_eq!(
+            body["detail"]["request_id"].as_str(),
+            id,
+            "{status}: {body}"
+        );
+        assert!(
+            body["detail"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{status}: {body}"
+        );
+    };
+    for size in [200_000, 1_000_000] {
+        let (status, headers, body) = send(
+            app.client
+                .get(format!("{}/healthz", app.url))
+                .header("X-Big", "a".repeat(size)),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{size}: {headers:?} {body}"
+        );
+        assert_eq!(code(&body), "HEADERS_TOO_LARGE", "{size}: {body}");
+        envelope(status, &headers, &body);
+    }
+    let mut many = app.client.get(format!("{}/healthz", app.url));
+    for i in 0..150 {
+        many = many.header(format!("x-h-{i}"), "1");
+    }
+    let (status, headers, body) = send(many).await;
+    assert_eq!(code(&body), "HEADERS_TOO_LARGE", "{status}: {body}");
+    envelope(status, &headers, &body);
+    let (status, _, _) = send(
+        app.client
+            .get(format!("{}/healthz", app.url))
+            .header("X-Big", "a".repeat(60_000)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "60 KB of headers is served");
+
+    let (status, headers, body) = send(app.client.post(format!("{}/healthz", app.url))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    envelope(status, &headers, &body);
+    let (status, headers, body) = send(app.client.get(format!("{}/no/such/route", app.url))).await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "NOT_FOUND"));
+    envelope(status, &headers, &body);
+
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, headers, body) = send(no_redirects.get(format!("{}/v1/docs", app.url))).await;
+    assert!(status.is_redirection(), "{status}");
+    let location = headers.get("location").and_then(|v| v.to_str().ok());
+    assert_eq!(body["location"].as_str(), location, "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    app.stop().await;
+}

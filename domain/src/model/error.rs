@@ -124,13 +124,16 @@ mod tests {
     use super::*;
 
     /// True when `text` has a word like `ExtendLease` or `PendingDeletion`: a lower-case letter
-    /// followed by an upper-case one inside one word.
+    /// followed by an upper-case one and another lower-case one inside
+    /// one word (units such as `KiB` are not type names).
     fn has_type_name(text: &str) -> bool {
         text.split(|c: char| !c.is_ascii_alphanumeric())
             .any(|word| {
-                word.as_bytes()
-                    .windows(2)
-                    .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
+                word.as_bytes().windows(3).any(|w| {
+                    w[0].is_ascii_lowercase()
+                        && w[1].is_ascii_uppercase()
+                        && w[2].is_ascii_lowercase()
+                })
             })
     }
 
@@ -158,6 +161,8 @@ mod tests {
              only a live allocation can be extended; allocate a new sandbox for more time"
         );
         assert!(has_type_name("cannot ExtendLease"));
-        assert!(!has_type_name("X-Sandbox-Name-Prefix and brokerctl"));
+        assert!(!has_type_name(
+            "X-Sandbox-Name-Prefix and brokerctl, 64 KiB"
+        ));
     }
 }
