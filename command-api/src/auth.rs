@@ -194,7 +194,9 @@ fn principal_key(principal: &Principal, headers: &HeaderMap) -> String {
 fn refused(decision: Decision, error: Option<ApiError>) -> Response {
     let mut response = match error {
         Some(e) if decision.allowed => with_challenge(e),
-        _ => ApiError::rate_limited(decision.retry_after).into_response(),
+        // A refused credential is charged to the address's bucket: the 429 says so.
+        Some(_) => ApiError::address_rate_limited(decision.retry_after).into_response(),
+        None => ApiError::rate_limited(decision.retry_after).into_response(),
     };
     response.extensions_mut().insert(decision);
     response

@@ -36,6 +36,21 @@ pub struct RequestId(pub String);
 /// Paths the rate limit does not apply to (probes and scrapes).
 pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
+/// Whether `path` is a page that needs no token: the dashboard and its assets, the API docs and
+/// their description, and the service root. Such a page is never charged to (or refused by) the
+/// address bucket that requests without a valid token share, so a classroom behind one NAT
+/// whose failed logins emptied it still loads them; load shedding still applies.
+pub(crate) fn is_public_page(path: &str, base: &str) -> bool {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    path == "/"
+        || under("/dashboard")
+        || under(&format!("{base}/docs"))
+        || path == format!("{base}/openapi.json")
+}
+
 /// Request headers a browser may send cross-origin (the broker's own and the standard ones).
 const ALLOWED_HEADERS: [&str; 10] = [
     "authorization",
@@ -416,12 +431,15 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
         return next.run(req).await;
     }
     let has_credentials = req.headers().contains_key(header::AUTHORIZATION);
+    let public_page = is_public_page(path, &state.base_path);
     let address = crate::auth::address_of(&state, &req);
     let mut decision = None;
     let mut response = if let Ok(_permit) = state.in_flight.clone().try_acquire_owned() {
         // The permit lives until the handler has produced its response (a stream's body is
         // not counted), so the limit bounds work in progress, not open streams.
-        if has_credentials {
+        if public_page {
+            next.run(req).await
+        } else if has_credentials {
             // The auth layer of the route charges the principal's bucket (or, for a bad
             // credential, the address's); a route without auth is charged below.
             let response = next.run(req).await;
@@ -433,7 +451,7 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
                     if d.allowed {
                         response
                     } else {
-                        ApiError::rate_limited(d.retry_after).render("")
+                        ApiError::address_rate_limited(d.retry_after).render("")
                     }
                 }
             }
@@ -444,7 +462,7 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
                 req.extensions_mut().insert(crate::auth::AddressCharged);
                 next.run(req).await
             } else {
-                ApiError::rate_limited(d.retry_after).render("")
+                ApiError::address_rate_limited(d.retry_after).render("")
             }
         }
     } else {

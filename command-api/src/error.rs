@@ -270,6 +270,22 @@ impl ApiError {
         e
     }
 
+    /// 429 RATE_LIMIT_EXCEEDED for the bucket of a client address, which requests without a
+    /// valid token share: failed logins from one address (a classroom behind one NAT) empty it.
+    pub fn address_rate_limited(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            format!(
+                "Too many requests without a valid token from this address (failed logins count \
+                 here); check the token (in development the broker prints it when it starts) and \
+                 retry in {retry_after} s. The dashboard and the API docs stay available"
+            ),
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
     /// 503 OVERLOADED: too many requests in progress; shed before any work is done.
     pub fn overloaded() -> Self {
         let mut e = Self::new(
@@ -471,6 +487,7 @@ mod tests {
             ApiError::maintenance(None, 60),
             ApiError::quota_exceeded("azure-lab", 1, 30),
             ApiError::rate_limited(3),
+            ApiError::address_rate_limited(3),
             ApiError::overloaded(),
             ApiError::too_many_streams(4),
             ApiError::unavailable("cause"),

@@ -455,3 +455,57 @@ async fn every_error_status_carries_the_envelope() {
     assert!(body["request_id"].is_string(), "{body}");
     app.stop().await;
 }
+
+/// Pages that need no token (dashboard and its assets, API docs, the OpenAPI document, the
+/// service root, probes) are neither charged to nor refused by the address bucket that failed
+/// logins empty: a classroom behind one NAT still loads them after its failed logins, and the
+/// 429 those logins get says why and what to do.
+#[tokio::test]
+async fn failed_logins_never_lock_out_the_public_pages() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|c| {
+        c.unauth_rate_limit_rps = 0.01;
+        c.unauth_rate_limit_burst = 5.0;
+    });
+    let app = spawn_app_with(options).await;
+    let pages = [
+        "/dashboard",
+        "/dashboard/app.js",
+        "/dashboard/style.css",
+        "/v1/docs/",
+        "/v1/openapi.json",
+        "/",
+        "/healthz",
+    ];
+    for _ in 0..3 {
+        for page in pages {
+            let (status, _, _) = send(app.client.get(format!("{}{page}", app.url))).await;
+            assert_eq!(status, StatusCode::OK, "{page} before any login");
+        }
+    }
+    // 21 page loads charged nothing: the bucket still holds its 5 tries.
+    let mut last = None;
+    for _ in 0..8 {
+        last = Some(
+            send(
+                app.client
+                    .get(format!("{}/v1/admin/stats", app.url))
+                    .bearer_auth("wrong-token-0123456789abcdefghijkl"),
+            )
+            .await,
+        );
+    }
+    let (status, headers, body) = last.unwrap_or_else(|| panic!("no reply"));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(headers.get("retry-after").is_some());
+    let message = body["detail"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("failed logins") && message.contains("check the token"),
+        "{message}"
+    );
+    for page in pages {
+        let (status, _, _) = send(app.client.get(format!("{}{page}", app.url))).await;
+        assert_eq!(status, StatusCode::OK, "{page} after the failed logins");
+    }
+    app.stop().await;
+}
