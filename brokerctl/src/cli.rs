@@ -15,7 +15,7 @@ use crate::backoff::{parse_duration, RetryPolicy};
 use crate::client::{Broker, Call, Caller, Reply, Retry, Token};
 use crate::failure::{Failure, EXIT_CODES_HELP};
 use crate::live_feed::LiveFeed;
-use crate::render::{env_lines, table};
+use crate::render::{env_lines, flat_fields, table, with_readable_times};
 
 /// Environment variable holding the track token.
 pub const TRACK_TOKEN_ENV: &str = "BROKER_TRACK_TOKEN";
@@ -308,14 +308,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let text = match format {
                 ViewFormat::Json => pretty(&body),
                 ViewFormat::Table => {
-                    let rows: Vec<Value> = body
-                        .as_object()
-                        .map(|map| {
-                            map.iter()
-                                .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    // Nested counts (`by_prefix`) become one row each: `by_prefix.lab.available`.
+                    let rows: Vec<Value> = flat_fields(&body)
+                        .into_iter()
+                        .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
+                        .collect();
                     table(&rows, &["field", "value"])
                 }
             };
@@ -352,7 +349,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let text = match format {
                 ViewFormat::Json => pretty(&Value::Array(rows)),
                 ViewFormat::Table => table(
-                    &rows,
+                    &rows.iter().map(with_readable_times).collect::<Vec<_>>(),
                     &[
                         "sandbox_id",
                         "name",
@@ -445,6 +442,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         .map(str::to_string);
                 }
                 let done = range_fraction(start.as_deref(), reached, until.as_deref());
+                // The last page completes the range, whenever its last event happened.
+                let last_page = body["cursor"].as_str().is_none();
+                let done = if last_page { done.map(|_| 1.0) } else { done };
                 progress.show(exported, reached, done);
                 match body["cursor"].as_str() {
                     Some(next) => cursor = Some(next.to_string()),
