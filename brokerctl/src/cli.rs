@@ -13,10 +13,10 @@ use serde_json::Value;
 
 use crate::backoff::{parse_duration, RetryPolicy};
 use crate::client::{Broker, Call, Caller, Reply, Retry, Token};
-use crate::failure::Failure;
+use crate::failure::{Failure, EXIT_CODES_HELP};
 use crate::lease_file;
 use crate::live_feed::LiveFeed;
-use crate::render::{env_lines, table};
+use crate::render::{env_lines, flat_fields, table, with_readable_times};
 
 /// Environment variable holding the track token.
 pub const TRACK_TOKEN_ENV: &str = "BROKER_TRACK_TOKEN";
@@ -37,7 +37,7 @@ const SANDBOX_ENV_FIELDS: &[&str] = &[
 
 /// `brokerctl`: the Sandbox Broker client for lab scripts and operators.
 #[derive(Debug, Parser)]
-#[command(name = "brokerctl", version, about, long_about = None)]
+#[command(name = "brokerctl", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -127,7 +127,7 @@ enum Command {
     },
     /// Show the caller's sandbox (track token).
     Status {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
         #[command(flatten)]
         caller: CallerArgs,
@@ -135,9 +135,10 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: SandboxFormat,
     },
-    /// End the caller's allocation (track token); an unknown or already released sandbox is success.
+    /// End the caller's allocation (track token); a sandbox already released or deleted is a
+    /// success, an id or name that no sandbox has is not (exit 6).
     Release {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
         #[command(flatten)]
         caller: CallerArgs,
@@ -168,19 +169,19 @@ enum Command {
     },
     /// A sandbox's events, envelopes included (admin token).
     History {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// A sandbox's state at an instant: who held it then (admin token).
     At {
         /// The instant, RFC 3339 (e.g. 2026-05-01T10:00:00Z).
         time: String,
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// Re-queue a quarantined (deletion_failed) sandbox for cleanup (admin token).
     RetryDeletion {
-        /// Broker id of the sandbox.
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
     },
     /// Run the sync job once, now: register new CSP accounts, mark missing ones stale (admin token).
@@ -332,21 +333,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             );
             call.caller = Some(caller_of(&caller)?);
             with_lease_token(&mut call, &caller)?;
+            // A repeat, or a release after the broker expired the allocation, is a 200 from the
+            // service: "already gone" is the outcome a lab's cleanup wanted. A 404 is not: no
+            // sandbox has that id or name, so nothing was released (exit 6).
             let reply = send(call).await?;
-            // A lab's cleanup runs again after a partial failure, or after the broker expired the
-            // allocation: "already gone" is the outcome it wanted.
-            if reply.status.as_u16() == 404 {
-                if !quiet {
-                    eprintln!("brokerctl: {sandbox_id} is unknown; nothing to release");
-                }
-                return emit(
-                    &format!(
-                        "{}\n",
-                        serde_json::json!({"sandbox_id": sandbox_id, "status": "not_found"})
-                    ),
-                    None,
-                );
-            }
             let body = success(reply)?;
             emit(&format!("{body}\n"), None)
         }
@@ -355,14 +345,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let text = match format {
                 ViewFormat::Json => pretty(&body),
                 ViewFormat::Table => {
-                    let rows: Vec<Value> = body
-                        .as_object()
-                        .map(|map| {
-                            map.iter()
-                                .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    // Nested counts (`by_prefix`) become one row each: `by_prefix.lab.available`.
+                    let rows: Vec<Value> = flat_fields(&body)
+                        .into_iter()
+                        .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
+                        .collect();
                     table(&rows, &["field", "value"])
                 }
             };
@@ -399,7 +386,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let text = match format {
                 ViewFormat::Json => pretty(&Value::Array(rows)),
                 ViewFormat::Table => table(
-                    &rows,
+                    &rows.iter().map(with_readable_times).collect::<Vec<_>>(),
                     &[
                         "sandbox_id",
                         "name",
@@ -492,6 +479,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         .map(str::to_string);
                 }
                 let done = range_fraction(start.as_deref(), reached, until.as_deref());
+                // The last page completes the range, whenever its last event happened.
+                let last_page = body["cursor"].as_str().is_none();
+                let done = if last_page { done.map(|_| 1.0) } else { done };
                 progress.show(exported, reached, done);
                 match body["cursor"].as_str() {
                     Some(next) => cursor = Some(next.to_string()),

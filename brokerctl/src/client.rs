@@ -127,6 +127,9 @@ impl Reply {
     /// The failure a non-success reply stands for (when no retry changed it).
     pub fn failure(&self) -> Failure {
         let what = self.describe();
+        if self.code() == "UNKNOWN_PREFIX" {
+            return Failure::UnknownPrefix(what);
+        }
         match self.status.as_u16() {
             400 | 405 | 413 | 414 | 422 => Failure::BadInput(what),
             401 | 403 => Failure::Auth(what),

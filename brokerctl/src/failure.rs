@@ -1,5 +1,5 @@
 //! Outcomes other than success, each with the exit code scripts branch on. The codes are part of
-//! the documented interface (README "Clients and consumers"): never renumber one.
+//! the documented interface (`docs/brokerctl.md`, `brokerctl --help`): never renumber one.
 
 use thiserror::Error;
 
@@ -16,10 +16,26 @@ pub const EXIT_AUTH: u8 = 3;
 pub const EXIT_NO_SANDBOX: u8 = 4;
 /// Exit code: the service failed (5xx) or could not be reached until the deadline.
 pub const EXIT_SERVER: u8 = 5;
-/// Exit code: no such sandbox (404) where that is not a success.
+/// Exit code: no sandbox has this id or name (404); nothing was done.
 pub const EXIT_NOT_FOUND: u8 = 6;
 /// Exit code: the service refused the operation in the sandbox's current state (409).
 pub const EXIT_REFUSED: u8 = 7;
+/// Exit code: no sandbox in the pool has a name with the requested prefix (`UNKNOWN_PREFIX`);
+/// allocation stops at once, since waiting cannot help.
+pub const EXIT_UNKNOWN_PREFIX: u8 = 8;
+
+/// The exit codes as `brokerctl --help` shows them (and `docs/brokerctl.md` tabulates).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (releasing a sandbox that was already released or deleted is a success)
+  1  unexpected failure (unreadable response, local I/O error)
+  2  bad input (command line, or 400/413 from the service)
+  3  not authorised: missing or wrong token, or not the caller's sandbox (401/403)
+  4  no sandbox became free before --deadline (409/429 until then)
+  5  the service failed or was unreachable until --deadline (5xx)
+  6  no sandbox has this id or name (404); nothing was done
+  7  refused in the sandbox's current state (409)
+  8  no sandbox in the pool has a name with this --prefix (UNKNOWN_PREFIX); not retried";
 
 /// Why a command did not succeed.
 #[derive(Debug, Error)]
@@ -42,6 +58,9 @@ pub enum Failure {
     /// The operation is not possible in the current state.
     #[error("refused: {0}")]
     Refused(String),
+    /// No sandbox has a name with the requested prefix.
+    #[error("unknown prefix: {0}")]
+    UnknownPrefix(String),
     /// Anything else.
     #[error("{0}")]
     Unexpected(String),
@@ -57,6 +76,7 @@ impl Failure {
             Failure::Server(_) => EXIT_SERVER,
             Failure::NotFound(_) => EXIT_NOT_FOUND,
             Failure::Refused(_) => EXIT_REFUSED,
+            Failure::UnknownPrefix(_) => EXIT_UNKNOWN_PREFIX,
             Failure::Unexpected(_) => EXIT_UNEXPECTED,
         }
     }

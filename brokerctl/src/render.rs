@@ -33,6 +33,44 @@ pub fn env_lines(object: &Value, fields: &[&str]) -> String {
     out
 }
 
+/// Every scalar of a JSON object as (dotted path, value), nested objects flattened
+/// (`{"by_prefix":{"lab":{"available":3}}}` → `by_prefix.lab.available`, 3), in key order.
+pub fn flat_fields(value: &Value) -> Vec<(String, Value)> {
+    fn walk(path: &str, value: &Value, out: &mut Vec<(String, Value)>) {
+        match value {
+            Value::Object(map) if !map.is_empty() => {
+                for (key, inner) in map {
+                    let next = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    walk(&next, inner, out);
+                }
+            }
+            other => out.push((path.to_string(), other.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", value, &mut out);
+    out
+}
+
+/// A row with its epoch-second `*_at` fields as RFC 3339 UTC times, for people reading a table.
+pub fn with_readable_times(row: &Value) -> Value {
+    let mut row = row.clone();
+    if let Some(map) = row.as_object_mut() {
+        for (key, value) in map.iter_mut() {
+            if let (true, Some(secs)) = (key.ends_with("_at"), value.as_i64()) {
+                if let Some(time) = chrono::DateTime::from_timestamp(secs, 0) {
+                    *value = Value::String(time.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                }
+            }
+        }
+    }
+    row
+}
+
 /// An aligned text table of `rows` (objects) over `columns`.
 pub fn table(rows: &[Value], columns: &[&str]) -> String {
     let cells: Vec<Vec<String>> = rows
@@ -79,6 +117,22 @@ mod tests {
             env_lines(&v, &["sandbox_id", "expires_at", "sfdc_account_id"]),
             "export SANDBOX_ID='a'\\''b c'\nexport SANDBOX_EXPIRES_AT='12'\nexport SANDBOX_SFDC_ACCOUNT_ID=''\n"
         );
+    }
+
+    /// Nested counts flatten to dotted rows; epoch `*_at` fields read as UTC times.
+    #[test]
+    fn tables_are_written_for_people() {
+        let stats = json!({"available": 2, "by_prefix": {"lab": {"available": 2}}});
+        assert_eq!(
+            flat_fields(&stats),
+            vec![
+                ("available".to_string(), json!(2)),
+                ("by_prefix.lab.available".to_string(), json!(2)),
+            ]
+        );
+        let row = with_readable_times(&json!({"expires_at": 1_767_225_600, "name": "lab-1"}));
+        assert_eq!(row["expires_at"], "2026-01-01T00:00:00Z");
+        assert_eq!(row["name"], "lab-1");
     }
 
     /// Table columns are as wide as their widest cell.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instruqt track cleanup with curl only: ends the allocation named in ${BROKER_SANDBOX_FILE}
-# (default /root/.sandbox/sandbox.env). 200 (first or repeated release) and 404 (unknown) are
-# done; 429 and 5xx are retried honouring Retry-After until BROKER_DEADLINE_SECONDS (default 300).
+# (default /root/.sandbox/sandbox.env). 200 (first or repeated release, or after expiry) is
+# done; 404 means the broker has no such sandbox, so nothing was released (exit 6); 429 and 5xx are retried honouring Retry-After until BROKER_DEADLINE_SECONDS (default 300).
 # No file means setup never allocated: nothing to do. Exit codes as brokerctl's.
 set -euo pipefail
 
@@ -47,7 +47,7 @@ while :; do
     -X POST "${headers[@]}" ${sig[@]+"${sig[@]}"} "$url/v1/sandboxes/$id/mark-for-deletion" 2>"$work/curl-error" || true)
   case "$status" in
     200) echo "cleanup-sandbox: released $SANDBOX_ID" >&2; exit 0 ;;
-    404) echo "cleanup-sandbox: $SANDBOX_ID unknown to the broker; nothing to release" >&2; exit 0 ;;
+    404) echo "cleanup-sandbox: the broker has no sandbox $SANDBOX_ID; nothing was released: $(cat "$work/body")" >&2; exit 6 ;;
     429|500|502|503|504|000)
       retry_after=$(tr -d '\r' < "$work/headers" | sed -n 's/^[Rr]etry-[Aa]fter: *\([0-9]*\).*/\1/p' | head -n1)
       if [ -n "$retry_after" ]; then

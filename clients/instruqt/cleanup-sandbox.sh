@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instruqt track cleanup: end this participant's allocation (the broker deletes the CSP account
 # afterwards). Reads the sandbox id from the file setup-sandbox.sh wrote. Safe to re-run: a
-# repeated release, an allocation the broker already expired, and an id the broker does not know
-# all count as done; no file means setup never allocated, so there is nothing to release.
+# repeated release and an allocation the broker already expired count as done; no file means
+# setup never allocated, so there is nothing to release. An id the broker does not know exits 6:
+# nothing was released.
 #
 # Environment: as setup-sandbox.sh (BROKER_URL, BROKER_TRACK_TOKEN, BROKER_CALLER or
 # INSTRUQT_PARTICIPANT_ID, BROKER_SANDBOX_FILE, BROKER_LEASE_FILE, BROKER_DEADLINE default 5m).

@@ -5,7 +5,7 @@
 # replayed on a re-run (the idempotency key is kept in ${BROKER_LEASE_FILE}, mode 0600, default
 # `lease` next to the sandbox file, with the lease token), and the details are written atomically
 # to ${BROKER_SANDBOX_FILE} (default /root/.sandbox/sandbox.env). Exit codes as brokerctl's
-# (0, 2, 3, 4, 5).
+# (0, 2, 3, 4, 5, 7, 8): a BROKER_NAME_PREFIX that no sandbox has stops at once with 8.
 set -euo pipefail
 
 url="${BROKER_URL:?set BROKER_URL}"
@@ -95,6 +95,9 @@ while :; do
       fi
       echo "setup-sandbox: $status ${code:-$(cat "$work/curl-error")}; retrying in ${wait_ms}ms" >&2
       sleep "$(printf '%d.%03d' $((wait_ms / 1000)) $((wait_ms % 1000)))" ;;
+    404)
+      # UNKNOWN_PREFIX: no sandbox has a name with BROKER_NAME_PREFIX; waiting cannot help.
+      echo "setup-sandbox: no sandbox matches: $(cat "$work/body")" >&2; exit 8 ;;
     401|403) echo "setup-sandbox: not authorised: $(cat "$work/body")" >&2; exit 3 ;;
     400|413) echo "setup-sandbox: bad input: $(cat "$work/body")" >&2; exit 2 ;;
     *) echo "setup-sandbox: unexpected $status: $(cat "$work/body")" >&2; exit 1 ;;

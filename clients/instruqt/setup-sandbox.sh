@@ -10,7 +10,7 @@
 # BROKER_DEADLINE (default 10m), BROKER_CALLER_SECRET for per-track credentials, BROKER_LEASE_FILE
 # (default: `lease` next to the sandbox file).
 # Exit codes are brokerctl's: 0 ok, 2 bad input, 3 auth, 4 no sandbox before the deadline,
-# 5 broker failing or unreachable.
+# 5 broker failing or unreachable, 8 no sandbox has a name with BROKER_NAME_PREFIX (not retried).
 set -euo pipefail
 
 export BROKER_CALLER="${BROKER_CALLER:-${INSTRUQT_PARTICIPANT_ID:-}}"

@@ -84,11 +84,14 @@ fn bearer_token(raw: &HeaderValue) -> Option<&str> {
 /// Resolves the bearer token of a request to a principal (401 when absent, malformed or unknown).
 pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(raw) = headers.get(axum::http::header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized("Missing Authorization header"));
+        return Err(ApiError::unauthorized(
+            "Missing Authorization header; send `Authorization: Bearer <token>` with the track \
+             or admin token",
+        ));
     };
     let Some(token) = bearer_token(raw) else {
         return Err(ApiError::unauthorized(
-            "Invalid authorization header format",
+            "The Authorization header must be `Bearer <token>`",
         ));
     };
     // Every comparison runs whatever matches, so timing does not reveal which token it was.
@@ -102,7 +105,10 @@ pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principa
     } else if admin {
         Ok(Principal::Admin)
     } else {
-        Err(ApiError::unauthorized("Invalid bearer token"))
+        Err(ApiError::unauthorized(
+            "Unknown bearer token; use the track or admin token the broker is configured with \
+             (in development, printed when it starts)",
+        ))
     }
 }
 
@@ -188,7 +194,9 @@ fn principal_key(principal: &Principal, headers: &HeaderMap) -> String {
 fn refused(decision: Decision, error: Option<ApiError>) -> Response {
     let mut response = match error {
         Some(e) if decision.allowed => with_challenge(e),
-        _ => ApiError::rate_limited(decision.retry_after).into_response(),
+        // A refused credential is charged to the address's bucket: the 429 says so.
+        Some(_) => ApiError::address_rate_limited(decision.retry_after).into_response(),
+        None => ApiError::rate_limited(decision.retry_after).into_response(),
     };
     response.extensions_mut().insert(decision);
     response
@@ -278,7 +286,13 @@ pub async fn require_track(State(state): State<SharedState>, req: Request, next:
             Err(e) => deny(&state, &req, e),
         },
         Ok(p @ Principal::SharedTrack) => admit(&state, p, req, next).await,
-        Ok(Principal::Admin) => deny(&state, &req, ApiError::forbidden("Track token required")),
+        Ok(Principal::Admin) => deny(
+            &state,
+            &req,
+            ApiError::forbidden(
+                "This route takes the track token (brokerctl: BROKER_TRACK_TOKEN), not the admin token",
+            ),
+        ),
         Err(e) => deny(&state, &req, e),
     }
 }
@@ -287,7 +301,11 @@ pub async fn require_track(State(state): State<SharedState>, req: Request, next:
 pub async fn require_admin(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     match authenticate(&state, req.headers()) {
         Ok(Principal::Admin) => admit(&state, Principal::Admin, req, next).await,
-        Ok(_) => deny(&state, &req, ApiError::forbidden("Admin access required")),
+        Ok(_) => deny(
+            &state,
+            &req,
+            ApiError::forbidden("This route takes the admin token (brokerctl: BROKER_ADMIN_TOKEN)"),
+        ),
         Err(e) => deny(&state, &req, e),
     }
 }

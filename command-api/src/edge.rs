@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::future::Either;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
@@ -35,6 +35,21 @@ pub struct RequestId(pub String);
 
 /// Paths the rate limit does not apply to (probes and scrapes).
 pub(crate) const EXEMPT: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// Whether `path` is a page that needs no token: the dashboard and its assets, the API docs and
+/// their description, and the service root. Such a page is never charged to (or refused by) the
+/// address bucket that requests without a valid token share, so a classroom behind one NAT
+/// whose failed logins emptied it still loads them; load shedding still applies.
+pub(crate) fn is_public_page(path: &str, base: &str) -> bool {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    path == "/"
+        || under("/dashboard")
+        || under(&format!("{base}/docs"))
+        || path == format!("{base}/openapi.json")
+}
 
 /// Request headers a browser may send cross-origin (the broker's own and the standard ones).
 const ALLOWED_HEADERS: [&str; 11] = [
@@ -252,6 +267,27 @@ fn request_id_of(req: &Request) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// Largest total size of a request's headers (names, values and framing) the service reads:
+/// browsers and proxies stay far below it, and more is refused with 431 `HEADERS_TOO_LARGE`.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers one request may carry (hyper's own default), refused likewise above it.
+pub const MAX_HEADER_COUNT: usize = 100;
+/// hyper's read buffer for one HTTP/1 request head: large enough that a head over
+/// [`MAX_HEADER_BYTES`] (up to 1 MiB more) reaches [`edge`], which answers it with the envelope;
+/// only a head larger than this gets hyper's own bare 431 and a closed connection.
+pub const HTTP1_READ_BUFFER_BYTES: usize = 1024 * 1024 + MAX_HEADER_BYTES;
+/// Headers hyper parses per request: above [`MAX_HEADER_COUNT`], so the count is refused by
+/// [`edge`] with the envelope rather than by hyper without one.
+pub const HTTP1_MAX_HEADERS: usize = 1000;
+
+/// The size of a request head's header block as it was sent (`name: value\r\n` each).
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
 /// The envelope middleware (see the module docs): error envelope, security headers, access log.
 pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -275,7 +311,40 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
 
-    let mut response = next.run(req).await;
+    let oversized =
+        header_bytes(req.headers()) > MAX_HEADER_BYTES || req.headers().len() > MAX_HEADER_COUNT;
+    let mut response = if oversized {
+        ApiError::headers_too_large(MAX_HEADER_BYTES, MAX_HEADER_COUNT).into_response()
+    } else {
+        next.run(req).await
+    };
+    // A redirect (`/v1/docs` → `/v1/docs/`) says where to go in its body too, for a client that
+    // does not follow it.
+    if response.status().is_redirection() {
+        if let Some(location) = response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        {
+            let status = response.status();
+            let mut redirect = (
+                status,
+                axum::Json(serde_json::json!({
+                    "location": location,
+                    "message": format!("Moved to {location}"),
+                    "request_id": request_id,
+                })),
+            )
+                .into_response();
+            for (name, value) in response.headers() {
+                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                    redirect.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            response = redirect;
+        }
+    }
     // tower-http answers a preflight 200; the broker always answered 204 (no content), and
     // keeps doing so.
     if preflight && response.status() == StatusCode::OK {
@@ -363,12 +432,15 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
         return next.run(req).await;
     }
     let has_credentials = req.headers().contains_key(header::AUTHORIZATION);
+    let public_page = is_public_page(path, &state.base_path);
     let address = crate::auth::address_of(&state, &req);
     let mut decision = None;
     let mut response = if let Ok(_permit) = state.in_flight.clone().try_acquire_owned() {
         // The permit lives until the handler has produced its response (a stream's body is
         // not counted), so the limit bounds work in progress, not open streams.
-        if has_credentials {
+        if public_page {
+            next.run(req).await
+        } else if has_credentials {
             // The auth layer of the route charges the principal's bucket (or, for a bad
             // credential, the address's); a route without auth is charged below.
             let response = next.run(req).await;
@@ -380,7 +452,7 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
                     if d.allowed {
                         response
                     } else {
-                        ApiError::rate_limited(d.retry_after).render("")
+                        ApiError::address_rate_limited(d.retry_after).render("")
                     }
                 }
             }
@@ -391,7 +463,7 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
                 req.extensions_mut().insert(crate::auth::AddressCharged);
                 next.run(req).await
             } else {
-                ApiError::rate_limited(d.retry_after).render("")
+                ApiError::address_rate_limited(d.retry_after).render("")
             }
         }
     } else {

@@ -104,7 +104,8 @@ impl ApiError {
         Self::new(
             StatusCode::BAD_REQUEST,
             "MISSING_SANDBOX_ID",
-            "Either X-Instruqt-Sandbox-ID or X-Track-ID header is required",
+            "Either X-Instruqt-Sandbox-ID or X-Track-ID header is required: send the student's id \
+             (in Instruqt, the participant id; brokerctl --caller)",
         )
     }
 
@@ -123,7 +124,10 @@ impl ApiError {
         Self::new(
             StatusCode::FORBIDDEN,
             "NOT_SANDBOX_OWNER",
-            format!("Sandbox {sandbox_id} is not allocated to this caller"),
+            format!(
+                "Sandbox {sandbox_id} was not allocated to this caller; send the caller id that \
+                 allocated it (X-Instruqt-Sandbox-ID, brokerctl --caller)"
+            ),
         )
     }
 
@@ -132,7 +136,10 @@ impl ApiError {
         Self::new(
             StatusCode::FORBIDDEN,
             "PREFIX_NOT_ALLOWED",
-            format!("This track may not allocate sandboxes named {prefix}*"),
+            format!(
+                "This track may not allocate sandboxes named {prefix}*; use one of the prefixes \
+                 of its credential"
+            ),
         )
     }
 
@@ -141,7 +148,8 @@ impl ApiError {
         Self::new(
             StatusCode::BAD_REQUEST,
             "NAME_PREFIX_REQUIRED",
-            "X-Sandbox-Name-Prefix is required: this track's credential allows several prefixes",
+            "X-Sandbox-Name-Prefix is required: this track's credential allows several \
+             prefixes; send one of them (brokerctl --prefix)",
         )
     }
 
@@ -193,7 +201,37 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "SANDBOX_NOT_FOUND",
-            format!("Sandbox {sandbox_id} not found"),
+            format!(
+                "No sandbox has the id or name {sandbox_id}; use the sandbox_id (or name) from \
+                 the allocation's answer"
+            ),
+        )
+    }
+
+    /// 404 UNKNOWN_PREFIX: no sandbox (that is not deleted) has a name with this prefix, so
+    /// waiting for one is pointless; no `Retry-After`.
+    pub fn unknown_prefix(prefix: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_PREFIX",
+            format!(
+                "No sandbox in the pool has a name starting with {prefix}; check \
+                 X-Sandbox-Name-Prefix (brokerctl --prefix, BROKER_NAME_PREFIX) against the pool's \
+                 names, or leave it out to take any sandbox"
+            ),
+        )
+    }
+
+    /// 431 HEADERS_TOO_LARGE: the request's headers exceed the service's limits.
+    pub fn headers_too_large(max_bytes: usize, max_count: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "HEADERS_TOO_LARGE",
+            format!(
+                "The request's headers are too large; send at most {} KiB of headers and at \
+                 most {max_count} of them",
+                max_bytes / 1024
+            ),
         )
     }
 
@@ -202,7 +240,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "JOB_NOT_FOUND",
-            format!("Admin job {job_id} not found"),
+            format!("No admin job has the id {job_id}; GET /v1/admin/jobs lists them"),
         )
     }
 
@@ -211,7 +249,10 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::CONFLICT,
             "NO_SANDBOXES_AVAILABLE",
-            "No sandboxes available in pool",
+            format!(
+                "No sandbox is free right now; retry in {retry_after} s (brokerctl allocate and \
+                 the Instruqt scripts wait by themselves)"
+            ),
         );
         e.retry_after = Some(retry_after);
         e
@@ -240,7 +281,10 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "QUOTA_EXCEEDED",
-            format!("Track {track} holds its quota of {limit} concurrent allocations"),
+            format!(
+                "Track {track} already holds {limit} live allocation(s), its quota; release one \
+                 or wait for one to end, then retry in {retry_after} s"
+            ),
         );
         e.retry_after = Some(retry_after);
         e.limit = Some(limit);
@@ -281,7 +325,23 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "RATE_LIMIT_EXCEEDED",
-            "Rate limit exceeded",
+            format!("Too many requests from this caller; retry in {retry_after} s"),
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 429 RATE_LIMIT_EXCEEDED for the bucket of a client address, which requests without a
+    /// valid token share: failed logins from one address (a classroom behind one NAT) empty it.
+    pub fn address_rate_limited(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            format!(
+                "Too many requests without a valid token from this address (failed logins count \
+                 here); check the token (in development the broker prints it when it starts) and \
+                 retry in {retry_after} s. The dashboard and the API docs stay available"
+            ),
         );
         e.retry_after = Some(retry_after);
         e
@@ -314,7 +374,7 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "SERVICE_UNAVAILABLE",
-            "The store is unavailable; retry later",
+            "The store is unavailable; retry in a few seconds",
         );
         e.retry_after = Some(5);
         e.cause = Some(cause.into());
@@ -326,7 +386,8 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
-            "An unexpected error occurred",
+            "An unexpected error occurred; the operator finds its cause in the log under this \
+             request_id",
         );
         e.cause = Some(cause.into());
         e
@@ -335,18 +396,30 @@ impl ApiError {
     /// The envelope for an error response produced outside a handler (router, layers).
     pub fn from_status(status: StatusCode) -> Self {
         match status {
-            StatusCode::NOT_FOUND => Self::new(status, "NOT_FOUND", "No such route"),
+            StatusCode::NOT_FOUND => Self::new(
+                status,
+                "NOT_FOUND",
+                "No such route; the API is described at /v1/docs",
+            ),
             StatusCode::METHOD_NOT_ALLOWED => Self::new(
                 status,
                 "METHOD_NOT_ALLOWED",
-                "Method not allowed on this route",
+                "This route does not take this method; the API is described at /v1/docs",
             ),
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                Self::new(status, "PAYLOAD_TOO_LARGE", "Request body too large")
-            }
-            StatusCode::REQUEST_TIMEOUT => {
-                Self::new(status, "REQUEST_TIMEOUT", "Request timed out")
-            }
+            StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+                status,
+                "PAYLOAD_TOO_LARGE",
+                "Request body too large; send a smaller one",
+            ),
+            StatusCode::REQUEST_TIMEOUT => Self::new(
+                status,
+                "REQUEST_TIMEOUT",
+                "The request took too long and was abandoned; retry it",
+            ),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Self::headers_too_large(
+                crate::edge::MAX_HEADER_BYTES,
+                crate::edge::MAX_HEADER_COUNT,
+            ),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 Self::new(status, "VALIDATION_ERROR", "Unsupported media type")
             }
@@ -440,5 +513,82 @@ impl ApiError {
                 retry_after_s,
             } => ApiError::quota_exceeded(&track, limit, retry_after_s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domain::model::lifecycle::Transition;
+    use domain::SandboxStatus;
+
+    /// A word like `ExtendLease`: a lower-case letter, an upper-case one and a lower-case one
+    /// inside it (units such as `KiB` are not type names).
+    fn has_type_name(text: &str) -> bool {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|word| {
+                word.as_bytes().windows(3).any(|w| {
+                    w[0].is_ascii_lowercase()
+                        && w[1].is_ascii_uppercase()
+                        && w[2].is_ascii_lowercase()
+                })
+            })
+    }
+
+    /// Every message the API answers with is written for a person: no `Some(`, no `None`, no
+    /// type or command names, and a next step (after a `;`) wherever the caller can act.
+    #[test]
+    fn messages_are_written_for_people() {
+        let mut errors = vec![
+            ApiError::missing_sandbox_id(),
+            ApiError::not_owner("mock-001"),
+            ApiError::prefix_not_allowed("aws"),
+            ApiError::name_prefix_required(),
+            ApiError::sandbox_not_found("lab-demo-017"),
+            ApiError::unknown_prefix("aws-lab"),
+            ApiError::headers_too_large(65536, 100),
+            ApiError::job_not_found("j"),
+            ApiError::no_sandboxes(30),
+            ApiError::maintenance(Some("lab"), 60),
+            ApiError::maintenance(None, 60),
+            ApiError::quota_exceeded("azure-lab", 1, 30),
+            ApiError::rate_limited(3),
+            ApiError::address_rate_limited(3),
+            ApiError::overloaded(),
+            ApiError::too_many_streams(4),
+            ApiError::unavailable("cause"),
+            ApiError::internal("cause"),
+        ];
+        for status in [404, 405, 408, 413] {
+            errors.push(ApiError::from_status(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            ));
+        }
+        let statuses = std::iter::once(None).chain(SandboxStatus::ALL.into_iter().map(Some));
+        for from in statuses {
+            for transition in Transition::ALL {
+                errors.push(ApiError::from_broker(
+                    BrokerError::Domain(DomainError::InvalidTransition { from, transition }),
+                    "mock-001",
+                ));
+            }
+        }
+        errors.push(ApiError::from_broker(
+            BrokerError::QuotaExceeded {
+                track: "t".into(),
+                limit: 1,
+                retry_after_s: 30,
+            },
+            "",
+        ));
+        for e in &errors {
+            let m = &e.message;
+            assert!(!m.contains("Some(") && !m.contains("None"), "{m}");
+            assert!(!has_type_name(m), "{m}");
+            assert!(m.contains(';'), "names what to do next: {m}");
+        }
+        assert!(!ApiError::quota_exceeded("t", 1, 30)
+            .message
+            .contains("concurrent allocations"));
     }
 }

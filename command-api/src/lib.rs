@@ -223,7 +223,9 @@ pub async fn run_with(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(edge::HTTP1_READ_BUFFER_BYTES)
+                .max_headers(edge::HTTP1_MAX_HEADERS);
             builder.http2().timer(TokioTimer::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);

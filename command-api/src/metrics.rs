@@ -9,7 +9,7 @@ use prometheus::{
 /// Series written by request handlers.
 #[derive(Clone, Debug)]
 pub struct ApiMetrics {
-    /// `broker_allocate_total{outcome}`: success, idempotent, no_sandboxes, error.
+    /// `broker_allocate_total{outcome}`: success, idempotent, no_sandboxes, unknown_prefix, error.
     pub allocate: IntCounterVec,
     /// `broker_allocate_idempotent_hits_total`.
     pub idempotent_hits: IntCounter,

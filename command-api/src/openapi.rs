@@ -11,7 +11,7 @@ use crate::routes::{admin, admin_jobs, ops, pool, sandboxes, webhooks};
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Sandbox Broker API", description = "Hands pre-created CSP sandbox accounts to lab students; event-sourced on DynamoDB."),
+    info(title = "Sandbox Broker API", description = "Hands pre-created CSP sandbox accounts to lab students. Event-sourced, on one of two stores: an embedded SQLite file (the default, for one process) or DynamoDB (for AWS)."),
     paths(
         sandboxes::allocate_sandbox, sandboxes::get_sandbox, sandboxes::mark_for_deletion,
         sandboxes::extend_lease,
@@ -51,16 +51,21 @@ impl Modify for BearerAuth {
 }
 
 /// Documents the error responses the outer layers can give on every operation, whatever its
-/// handler does: 408 (request timeout), 413 (body over the limit), 500 (panic guard) and, except
+/// handler does: 408 (request timeout), 413 (body over the limit), 431 (headers over the limit),
+/// 500 (panic guard) and, except
 /// on the probes and the scrape that rate limit and load shedding exempt, 429 and 503. Each is the [`ErrorBody`] envelope;
 /// a status an operation already documents is left as it is. Other `OpenApi` documents merged
 /// into [`ApiDoc`] apply it too (`modifiers(&EdgeResponses)`): modifiers run before a merge.
 pub struct EdgeResponses;
 
 impl EdgeResponses {
-    const ALWAYS: [(&'static str, &'static str); 3] = [
+    const ALWAYS: [(&'static str, &'static str); 4] = [
         ("408", "Request timed out"),
         ("413", "Request body too large"),
+        (
+            "431",
+            "`HEADERS_TOO_LARGE`: more than 64 KiB of headers, or more than 100 of them",
+        ),
         (
             "500",
             "Unexpected error (the cause is logged with the request id)",
@@ -127,7 +132,7 @@ mod tests {
         for (path, item) in &doc.paths.paths {
             for operation in [&item.get, &item.post].into_iter().flatten() {
                 let documented = |s: &str| operation.responses.responses.contains_key(s);
-                for status in ["408", "413", "500"] {
+                for status in ["408", "413", "431", "500"] {
                     assert!(documented(status), "{path}: {status} undocumented");
                 }
                 let exempt = crate::edge::EXEMPT.contains(&path.as_str());

@@ -55,8 +55,9 @@ fn ok(output: &Output) {
     );
 }
 
-/// Allocate, re-run (same sandbox), status, env output to a file, and release twice plus an
-/// unknown id: all succeed, as a lab's setup and cleanup need when they are re-run.
+/// Allocate, re-run (same sandbox), status, env output to a file, and release twice: all
+/// succeed, as a lab's setup and cleanup need when they are re-run; an id that no sandbox has is
+/// not a release (exit 6).
 #[tokio::test]
 async fn track_commands_are_idempotent_for_lab_scripts() {
     let app = spawn_app(Backend::Embedded).await;
@@ -108,8 +109,17 @@ async fn track_commands_are_idempotent_for_lab_scripts() {
         assert_eq!(json(&release)["status"], "pending_deletion");
     }
     let unknown = track(&app, &["release", "no-such-sandbox", "--caller", "stu-1"]).await;
-    ok(&unknown);
-    assert_eq!(json(&unknown)["status"], "not_found");
+    assert_eq!(
+        code(&unknown),
+        6,
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("SANDBOX_NOT_FOUND"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     app.stop().await;
 }
@@ -481,5 +491,83 @@ async fn per_track_credentials_sign_the_caller() {
     ok(&brokerctl(&app.url, &signed_env, &["status", &id, "--caller", "stu"]).await);
     ok(&brokerctl(&app.url, &signed_env, &["release", &id, "--caller", "stu"]).await);
     let _ = std::fs::remove_file(&lease);
+    app.stop().await;
+}
+
+/// Every sandbox argument takes the broker id or the name: a lab author who passes the name
+/// (what the CSP console shows) gets the status and a real release, and an operator gets the
+/// history; a name held by another student stays invisible to a track caller.
+#[tokio::test]
+async fn sandboxes_are_named_by_id_or_name() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("named", 2).await;
+    let allocated = track(&app, &["allocate", "--caller", "stu-1"]).await;
+    ok(&allocated);
+    let sandbox = json(&allocated);
+    let id = sandbox["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = sandbox["name"].as_str().unwrap_or_default().to_string();
+    assert_ne!(id, name, "ids and names differ in this pool");
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
+        .await;
+
+    let status = track(&app, &["status", &name, "--caller", "stu-1"]).await;
+    ok(&status);
+    assert_eq!(json(&status)["sandbox_id"], id.as_str());
+    let stranger = track(&app, &["status", &name, "--caller", "stu-2"]).await;
+    assert_eq!(
+        code(&stranger),
+        6,
+        "another student's name resolves to nothing"
+    );
+
+    let release = track(&app, &["release", &name, "--caller", "stu-1"]).await;
+    ok(&release);
+    assert_eq!(json(&release)["sandbox_id"], id.as_str());
+    assert_eq!(json(&release)["status"], "pending_deletion");
+    let again = track(&app, &["release", &name, "--caller", "stu-1"]).await;
+    ok(&again);
+
+    let history = admin(&app, &["history", &name]).await;
+    ok(&history);
+    assert_eq!(json(&history)["sandbox_id"], id.as_str());
+    let missing = admin(&app, &["history", "named-9999"]).await;
+    assert_eq!(code(&missing), 6);
+    app.stop().await;
+}
+
+/// A prefix that no sandbox has stops `allocate` at once with exit 8 (`UNKNOWN_PREFIX`), long
+/// before its deadline, while free sandboxes with another prefix exist.
+#[tokio::test]
+async fn an_unknown_prefix_stops_allocate_at_once() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab-demo", 3).await;
+    let started = std::time::Instant::now();
+    let unknown = track(
+        &app,
+        &[
+            "allocate",
+            "--caller",
+            "stu",
+            "--prefix",
+            "aws-lab",
+            "--deadline",
+            "60s",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&unknown.stderr).to_string();
+    assert_eq!(code(&unknown), 8, "{stderr}");
+    assert!(stderr.contains("UNKNOWN_PREFIX"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "not retried: {stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let known = track(
+        &app,
+        &["allocate", "--caller", "stu", "--prefix", "lab-demo-0"],
+    )
+    .await;
+    ok(&known);
     app.stop().await;
 }

@@ -18,7 +18,7 @@ use crate::admin_jobs::JobRequest;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::admin_jobs::{accept_job, outcome_of};
-use crate::routes::sandboxes::path_id;
+use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 use jobs::progress::observed;
 
@@ -341,7 +341,7 @@ pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsRes
 /// A sandbox's events in version order.
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}/history", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "History", body = HistoryResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -356,7 +356,7 @@ pub async fn get_history(
     State(state): State<SharedState>,
     Path(sandbox_id): Path<String>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Operator).await?;
     let events = state
         .broker
         .history(&sandbox_id)
@@ -368,7 +368,7 @@ pub async fn get_history(
 /// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.
 #[utoipa::path(
     post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "Re-queued", body = RetryDeletionResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -385,7 +385,7 @@ pub async fn retry_deletion(
     Extension(request_id): Extension<RequestId>,
     Path(sandbox_id): Path<String>,
 ) -> Result<Json<RetryDeletionResponse>, ApiError> {
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Operator).await?;
     let sandbox = state
         .broker
         .execute(

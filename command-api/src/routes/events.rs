@@ -27,7 +27,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::live_feed::{event_json, HEARTBEAT};
-use crate::routes::sandboxes::path_id;
+use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 
 /// Default and largest page of the paged endpoints.
@@ -366,7 +366,7 @@ pub async fn get_sandbox_at(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<SandboxAtResponse>, ApiError> {
     only_params(&q, &["at"])?;
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Operator).await?;
     let at = time_param(q.get("at"), "at")?.unwrap_or_else(|| state.broker.clock().now());
     let events = state
         .broker

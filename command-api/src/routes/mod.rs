@@ -6,5 +6,6 @@ pub mod dashboard;
 pub mod events;
 pub mod ops;
 pub mod pool;
+pub mod sandbox_ref;
 pub mod sandboxes;
 pub mod webhooks;

@@ -21,6 +21,7 @@ use crate::credentials::TrackCredential;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::lease::{self, LEASE_TOKEN_HEADER};
+use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 
 /// Body of a successful allocation (201 new, 200 replay).
@@ -262,6 +263,28 @@ async fn check_sandbox_access(
     Ok(())
 }
 
+/// Whether any sandbox that is not deleted may have a name starting with `prefix`, judged from
+/// the projected per-prefix counters (O(groups), never a scan of the pool). A group counts when
+/// its name starts with the prefix (`lab` → `lab-demo`) or the prefix goes into the group's
+/// serials (`lab-demo-0` → `lab-demo`); a view that keeps no counters cannot tell, so it says yes.
+async fn prefix_has_sandboxes(state: &SharedState, prefix: &str) -> Result<bool, ApiError> {
+    let prefix = prefix.trim();
+    let groups = state.broker.view().stats_by_prefix().await?;
+    if groups.is_empty() {
+        return Ok(true);
+    }
+    Ok(groups.iter().any(|(group, counts)| {
+        let live = counts.total() - counts.get(domain::SandboxStatus::Deleted) > 0;
+        let matches = if group.as_str() == domain::model::pool_prefix::UNGROUPED {
+            // Names without a `-`: any prefix without one may start them.
+            !prefix.contains('-')
+        } else {
+            group.starts_with(prefix) || prefix.starts_with(&format!("{group}-"))
+        };
+        live && matches
+    }))
+}
+
 /// Checks a path id the same way header ids are checked (400, never a 5xx or a key too long).
 pub fn path_id(raw: &str) -> Result<String, ApiError> {
     domain::model::ids::validate_id("sandbox_id", raw)
@@ -287,6 +310,7 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
+        (status = 404, description = "`UNKNOWN_PREFIX`: no sandbox in the pool has a name starting with `X-Sandbox-Name-Prefix` (or all of them are deleted); waiting does not help, so there is no `Retry-After`", body = ErrorBody),
         (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
         (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, the per-track credential's maximum, or — for the shared token as a whole — `DEFAULT_TRACK_QUOTA`); `CALLER_LIMIT` when the caller already holds `MAX_ALLOCATIONS_PER_CALLER` live allocations in this track; `ADDRESS_LIMIT` when the client address holds `MAX_ALLOCATIONS_PER_ADDRESS`: `limit` and `retry_after` in the envelope", body = ErrorBody),
         (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
@@ -353,9 +377,18 @@ pub async fn allocate_sandbox(
         .broker
         .allocate_limited(&request, &meta(&caller.0, &request_id), &limits)
         .await;
+    // Nothing allocatable under a prefix that no sandbox has is a typo, not a busy pool: it gets
+    // its own answer, which no client retries. Only this refusal pays for the check.
+    let unknown_prefix = match (&result, request.name_prefix.as_deref()) {
+        (Err(BrokerError::NoSandboxAvailable { .. }), Some(prefix)) => {
+            !prefix_has_sandboxes(&state, prefix).await?
+        }
+        _ => false,
+    };
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
+        Err(BrokerError::NoSandboxAvailable { .. }) if unknown_prefix => "unknown_prefix",
         Err(BrokerError::NoSandboxAvailable { .. }) => "no_sandboxes",
         Err(BrokerError::QuotaExceeded { .. }) => "quota_exceeded",
         // The shared token's quota is a cap on its principal: the same refusal as a track's.
@@ -380,6 +413,11 @@ pub async fn allocate_sandbox(
         .allocation_latency
         .with_label_values(&[outcome])
         .observe(started.elapsed().as_secs_f64());
+    if unknown_prefix {
+        return Err(ApiError::unknown_prefix(
+            request.name_prefix.as_deref().unwrap_or_default(),
+        ));
+    }
     let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
     let token_proves = lease_token_proves(&state, &headers, allocation.allocation_event_id)?;
     if lease && allocation.replayed && keyless && !token_proves {
@@ -431,12 +469,13 @@ pub async fn allocate_sandbox(
     Ok((status, Json(body)))
 }
 
-/// The caller's live allocation (strongly consistent).
+/// The caller's sandbox (strongly consistent): its live allocation, or, after the allocation
+/// ended, its status (`pending_deletion`, `deleted`…), so a lab can confirm a release.
 #[utoipa::path(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -457,7 +496,7 @@ pub async fn get_sandbox(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
@@ -472,7 +511,7 @@ pub async fn get_sandbox(
     post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -494,7 +533,7 @@ pub async fn mark_for_deletion(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let result = state
         .broker
@@ -567,7 +606,7 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     post, path = "/v1/sandboxes/{sandbox_id}/extend", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -592,7 +631,7 @@ pub async fn extend_lease(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<ExtendResponse>, ApiError> {
-    let sandbox_id = path_id(&sandbox_id)?;
+    let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     let hours = extension_hours(&body)?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state

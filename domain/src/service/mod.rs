@@ -142,7 +142,7 @@ pub enum BrokerError {
         retry_after_s: u64,
     },
     /// The track holds its maximum of concurrent allocations.
-    #[error("track {track} holds its quota of {limit} concurrent allocations")]
+    #[error("track {track} already holds {limit} live allocation(s), its quota")]
     QuotaExceeded {
         /// The track name.
         track: String,
@@ -388,8 +388,10 @@ impl Broker {
         Ok(claim)
     }
 
-    /// The caller's live allocation of `sandbox_id`, read from the sandbox's own events (strong):
-    /// `NotFound` if it never existed, `NotOwner` if it is not this caller's live allocation.
+    /// The caller's sandbox `sandbox_id`, read from its own events (strong): `NotFound` if it
+    /// never existed, `NotOwner` if this caller never held it. Its owner keeps seeing it after
+    /// the allocation ended (released, expired, deleted), so a lab can confirm the release; the
+    /// owner is never reassigned, since a released sandbox is deleted, not returned to the pool.
     pub async fn get_sandbox(
         &self,
         sandbox_id: &str,
@@ -399,7 +401,7 @@ impl Broker {
         if sandbox.status.is_none() {
             return Err(DomainError::NotFound.into());
         }
-        if !sandbox.is_live_allocation_of(caller) {
+        if sandbox.owner.as_deref() != Some(caller) {
             return Err(DomainError::NotOwner.into());
         }
         Ok(sandbox)

@@ -80,8 +80,9 @@ async fn allocate_replay_and_caller_scoped_idempotency() {
     app.stop().await;
 }
 
-/// GET is owner-only and strongly consistent: the owner sees it right after allocating; others
-/// get 403 without the owner's id; unknown ids are 404.
+/// GET is owner-only and strongly consistent: the owner sees it right after allocating, and
+/// still sees its status after releasing it; others get 403 without the owner's id; unknown ids
+/// are 404.
 #[tokio::test]
 async fn get_sandbox_ownership() {
     let app = spawn_app(Backend::Embedded).await;
@@ -109,6 +110,24 @@ async fn get_sandbox_ownership() {
         .sent_json()
         .await;
     assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
+    let (s, _, b) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "owner-1")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _, b) = get("owner-1").await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "the owner sees the released sandbox: {b}"
+    );
+    assert_eq!(b["status"], "pending_deletion");
+    let (s, h, b) = get("intruder").await;
+    assert_envelope(s, &h, &b, StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER");
     app.stop().await;
 }
 
@@ -165,8 +184,8 @@ async fn mark_for_deletion_lifecycle() {
     app.stop().await;
 }
 
-/// An empty pool or an unmatched prefix answers 409 with retry_after and a Retry-After header;
-/// a matching prefix allocates only names with that prefix.
+/// An unmatched prefix is 404 `UNKNOWN_PREFIX`; a matching prefix allocates only names with that
+/// prefix, and once it is exhausted answers 409 with retry_after and a Retry-After header.
 #[tokio::test]
 async fn exhausted_pool_and_prefixes() {
     let app = spawn_app(Backend::Embedded).await;
@@ -177,9 +196,7 @@ async fn exhausted_pool_and_prefixes() {
         .header("X-Sandbox-Name-Prefix", "zzz")
         .sent_json()
         .await;
-    assert_envelope(s, &h, &b, StatusCode::CONFLICT, "NO_SANDBOXES_AVAILABLE");
-    assert_eq!(b["detail"]["retry_after"], 30);
-    assert_eq!(h.get("retry-after").map(|v| v.as_bytes()), Some(&b"30"[..]));
+    assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "UNKNOWN_PREFIX");
     for caller in ["p2", "p3"] {
         let (s, _, b) = app
             .allocate(caller)
@@ -192,7 +209,7 @@ async fn exhausted_pool_and_prefixes() {
             "{b}"
         );
     }
-    let (s, _, _) = app
+    let (s, h, b) = app
         .allocate("p4")
         .header("X-Sandbox-Name-Prefix", "lab-adv")
         .sent_json()
@@ -202,6 +219,8 @@ async fn exhausted_pool_and_prefixes() {
         StatusCode::CONFLICT,
         "the prefix is exhausted even though others remain"
     );
+    assert_eq!(b["detail"]["retry_after"], 30);
+    assert_eq!(h.get("retry-after").map(|v| v.as_bytes()), Some(&b"30"[..]));
     app.stop().await;
 }
 
@@ -642,5 +661,80 @@ async fn operations_endpoints() {
     let html = resp.text().await.unwrap_or_default();
     assert!(html.contains("swagger"), "docs page is Swagger UI");
     assert!(!html.contains("cdn."), "no CDN assets");
+    app.stop().await;
+}
+
+/// A prefix that no sandbox has is its own answer: 404 `UNKNOWN_PREFIX` without `Retry-After`,
+/// while a known prefix whose sandboxes are all taken stays 409 `NO_SANDBOXES_AVAILABLE` with it;
+/// a shorter start of a group's names, or one reaching into its serials, is known.
+#[tokio::test]
+async fn unknown_prefix_is_not_an_empty_pool() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab-demo", 1).await;
+    let (s, h, b) = app
+        .allocate("stu-1")
+        .header("X-Sandbox-Name-Prefix", "aws-lab")
+        .sent_json()
+        .await;
+    assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "UNKNOWN_PREFIX");
+    assert!(h.get("retry-after").is_none(), "{h:?}");
+    assert!(b["detail"].get("retry_after").is_none(), "{b}");
+    assert!(
+        b["detail"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("aws-lab") && m.contains("X-Sandbox-Name-Prefix")),
+        "{b}"
+    );
+    let (s, _, b) = app
+        .allocate("stu-1")
+        .header("X-Sandbox-Name-Prefix", "lab-demo-0")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    app.wait_until(|s| s.get(domain::SandboxStatus::Available) == 0)
+        .await;
+    for prefix in ["lab", "lab-demo", "lab-demo-0"] {
+        let (s, h, b) = app
+            .allocate("stu-2")
+            .header("X-Sandbox-Name-Prefix", prefix)
+            .sent_json()
+            .await;
+        assert_envelope(s, &h, &b, StatusCode::CONFLICT, "NO_SANDBOXES_AVAILABLE");
+        assert!(h.get("retry-after").is_some(), "{prefix}: {h:?}");
+    }
+    app.stop().await;
+}
+
+/// Per-sandbox track routes take the sandbox's name as well as its id, but only the caller's
+/// own: another student's name answers 404, never revealing the sandbox.
+#[tokio::test]
+async fn track_routes_accept_the_callers_sandbox_name() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("byname", 2).await;
+    let (_, _, alloc) = app.allocate("owner-1").sent_json().await;
+    let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
+    let name = alloc["name"].as_str().unwrap_or_default().to_string();
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
+        .await;
+    let get = |caller: &str| {
+        app.track(Method::GET, &format!("/v1/sandboxes/{name}"))
+            .header("X-Instruqt-Sandbox-ID", caller)
+            .sent_json()
+    };
+    let (s, _, b) = get("owner-1").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["sandbox_id"], id.as_str());
+    let (s, h, b) = get("intruder").await;
+    assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
+    let (s, _, b) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{name}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "owner-1")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["sandbox_id"], id.as_str());
     app.stop().await;
 }

@@ -313,10 +313,12 @@ async fn panic_is_a_readable_500() {
         .sent_json()
         .await;
     assert_readable_error(&reply, StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR");
-    assert_eq!(
-        reply.2["detail"]["message"].as_str(),
-        Some("An unexpected error occurred"),
-        "the panic message is logged, never returned"
+    assert!(
+        reply.2["detail"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("An unexpected error occurred;") && !m.contains("boom")),
+        "the panic message is logged, never returned: {}",
+        reply.2
     );
     let (status, _, _) = app.client.get(format!("{url}/v1/fine")).sent_json().await;
     assert_eq!(status, StatusCode::OK, "the service survived the panic");

@@ -384,3 +384,128 @@ async fn load_is_shed_with_503() {
     assert_eq!(status, StatusCode::OK, "capacity is back");
     app.stop().await;
 }
+
+/// Every error status any layer produces carries the envelope and the request id: headers over
+/// 64 KiB (a 200 KB and a 1 MB header) or over 100 of them are 431 `HEADERS_TOO_LARGE`, a
+/// wrong method 405, an unknown route 404; 60 KB of headers is still served; `/v1/docs`
+/// redirects with a body that says where to.
+#[tokio::test]
+async fn every_error_status_carries_the_envelope() {
+    let app = spawn_app(Backend::Embedded).await;
+    let envelope = |status: StatusCode, headers: &reqwest::header::HeaderMap, body: &Value| {
+        let id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+        assert!(id.is_some(), "{status}: no X-Request-ID");
+        assert_eq!(
+            body["detail"]["request_id"].as_str(),
+            id,
+            "{status}: {body}"
+        );
+        assert!(
+            body["detail"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{status}: {body}"
+        );
+    };
+    for size in [200_000, 1_000_000] {
+        let (status, headers, body) = send(
+            app.client
+                .get(format!("{}/healthz", app.url))
+                .header("X-Big", "a".repeat(size)),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{size}: {headers:?} {body}"
+        );
+        assert_eq!(code(&body), "HEADERS_TOO_LARGE", "{size}: {body}");
+        envelope(status, &headers, &body);
+    }
+    let mut many = app.client.get(format!("{}/healthz", app.url));
+    for i in 0..150 {
+        many = many.header(format!("x-h-{i}"), "1");
+    }
+    let (status, headers, body) = send(many).await;
+    assert_eq!(code(&body), "HEADERS_TOO_LARGE", "{status}: {body}");
+    envelope(status, &headers, &body);
+    let (status, _, _) = send(
+        app.client
+            .get(format!("{}/healthz", app.url))
+            .header("X-Big", "a".repeat(60_000)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "60 KB of headers is served");
+
+    let (status, headers, body) = send(app.client.post(format!("{}/healthz", app.url))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    envelope(status, &headers, &body);
+    let (status, headers, body) = send(app.client.get(format!("{}/no/such/route", app.url))).await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "NOT_FOUND"));
+    envelope(status, &headers, &body);
+
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, headers, body) = send(no_redirects.get(format!("{}/v1/docs", app.url))).await;
+    assert!(status.is_redirection(), "{status}");
+    let location = headers.get("location").and_then(|v| v.to_str().ok());
+    assert_eq!(body["location"].as_str(), location, "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    app.stop().await;
+}
+
+/// Pages that need no token (dashboard and its assets, API docs, the OpenAPI document, the
+/// service root, probes) are neither charged to nor refused by the address bucket that failed
+/// logins empty: a classroom behind one NAT still loads them after its failed logins, and the
+/// 429 those logins get says why and what to do.
+#[tokio::test]
+async fn failed_logins_never_lock_out_the_public_pages() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|c| {
+        c.unauth_rate_limit_rps = 0.01;
+        c.unauth_rate_limit_burst = 5.0;
+    });
+    let app = spawn_app_with(options).await;
+    let pages = [
+        "/dashboard",
+        "/dashboard/app.js",
+        "/dashboard/style.css",
+        "/v1/docs/",
+        "/v1/openapi.json",
+        "/",
+        "/healthz",
+    ];
+    for _ in 0..3 {
+        for page in pages {
+            let (status, _, _) = send(app.client.get(format!("{}{page}", app.url))).await;
+            assert_eq!(status, StatusCode::OK, "{page} before any login");
+        }
+    }
+    // 21 page loads charged nothing: the bucket still holds its 5 tries.
+    let mut last = None;
+    for _ in 0..8 {
+        last = Some(
+            send(
+                app.client
+                    .get(format!("{}/v1/admin/stats", app.url))
+                    .bearer_auth("wrong-token-0123456789abcdefghijkl"),
+            )
+            .await,
+        );
+    }
+    let (status, headers, body) = last.unwrap_or_else(|| panic!("no reply"));
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(headers.get("retry-after").is_some());
+    let message = body["detail"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("failed logins") && message.contains("check the token"),
+        "{message}"
+    );
+    for page in pages {
+        let (status, _, _) = send(app.client.get(format!("{}{page}", app.url))).await;
+        assert_eq!(status, StatusCode::OK, "{page} after the failed logins");
+    }
+    app.stop().await;
+}

@@ -272,8 +272,12 @@ async fn extension_moves_the_window_and_auto_expiry_follows(backend: Backend) ->
         (StatusCode::OK, Some("allocated")),
         "{body}"
     );
-    let (status, _, _) = get_sandbox(&app, "stu-2", &id2).await?;
-    assert_eq!(status, StatusCode::FORBIDDEN, "stu-2's allocation ended");
+    let (status, _, body) = get_sandbox(&app, "stu-2", &id2).await?;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("pending_deletion")),
+        "stu-2's allocation ended, and stu-2 sees that: {body}"
+    );
     assert!(history_types(&app, &id2)
         .await?
         .contains(&"AllocationExpired".to_string()));
