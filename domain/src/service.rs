@@ -2,6 +2,10 @@
 //! appends with version checks, and runs the allocation algorithm of DESIGN.md §6. It knows the
 //! ports only, never an adapter.
 
+#[cfg(test)]
+mod fault_store;
+#[cfg(test)]
+mod liveness_tests;
 mod pool_control;
 mod quota;
 
@@ -70,6 +74,10 @@ pub struct BrokerConfig {
     pub maintenance_retry_after_s: u64,
     /// Concurrent allocations allowed per track name (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`).
     pub quotas: TrackQuotas,
+    /// How long this process skips a candidate whose allocation write ended with an unknown
+    /// outcome that a strong read of its stream could not settle either (10 s; the store was
+    /// unreachable twice in a row). After it, the conditional write decides again.
+    pub unknown_outcome_hold: StdDuration,
 }
 
 impl Default for BrokerConfig {
@@ -88,6 +96,7 @@ impl Default for BrokerConfig {
             drain_cache_ttl: StdDuration::from_millis(1_000),
             maintenance_retry_after_s: 60,
             quotas: TrackQuotas::default(),
+            unknown_outcome_hold: StdDuration::from_secs(10),
         }
     }
 }
@@ -183,6 +192,10 @@ struct CandidateState {
     taken: HashMap<String, u64>,
     /// Insertion order of `taken`, for bounded memory (oldest forgotten first).
     taken_order: VecDeque<String>,
+    /// Sandbox id → until when it is skipped: its allocation write had an unknown outcome that
+    /// could not be read back. Bounded in time, unlike `taken`, because the write may as well
+    /// not have landed (docs/liveness.md, path 1).
+    unsure: HashMap<String, Instant>,
     /// When each of the recent takes happened (sizes candidate pages under a burst).
     recent_takes: VecDeque<Instant>,
     /// Per prefix, the last name read: the next page continues after it.
@@ -223,6 +236,10 @@ impl CandidateState {
         row.status == SandboxStatus::Available
             && !self.in_flight.contains(&row.sandbox_id)
             && self
+                .unsure
+                .get(&row.sandbox_id)
+                .is_none_or(|until| Instant::now() >= *until)
+            && self
                 .taken
                 .get(&row.sandbox_id)
                 .is_none_or(|&version| row.version > version)
@@ -234,8 +251,9 @@ impl Candidates {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next queued candidate for `prefix` nobody else is trying, marked in flight.
-    fn pop(&self, prefix: &str) -> Option<PoolRow> {
+    /// The next queued candidate for `prefix` nobody else is trying, marked in flight until the
+    /// returned guard is decided or dropped.
+    fn pop(&self, prefix: &str) -> Option<InFlight<'_>> {
         let mut state = self.lock();
         let (filled, mut queue) = state.queues.remove(prefix)?;
         if filled.elapsed() > QUEUE_TTL {
@@ -254,7 +272,11 @@ impl Candidates {
         if !queue.is_empty() {
             state.queues.insert(prefix.to_string(), (filled, queue));
         }
-        found
+        found.map(|row| InFlight {
+            candidates: self,
+            row,
+            decided: false,
+        })
     }
 
     /// The turn to read the next candidate page of `prefix`, unless another request of this
@@ -362,6 +384,27 @@ impl Candidates {
         self.decided.notify_waiters();
     }
 
+    /// The candidate's conditional write ended with an unknown outcome that could not be read
+    /// back: skip it for `hold`, then let a conditional write decide again.
+    fn unsure(&self, row: &PoolRow, hold: StdDuration) {
+        {
+            let mut state = self.lock();
+            state.in_flight.remove(&row.sandbox_id);
+            let now = Instant::now();
+            if state.unsure.len() >= MAX_TAKEN {
+                state.unsure.retain(|_, until| *until > now);
+            }
+            state.unsure.insert(row.sandbox_id.clone(), now + hold);
+        }
+        self.decided.notify_waiters();
+    }
+
+    /// An undecided candidate is released (its request failed on the way or was cancelled).
+    fn release(&self, row: &PoolRow) {
+        self.lock().in_flight.remove(&row.sandbox_id);
+        self.decided.notify_waiters();
+    }
+
     fn cursor(&self, prefix: &str) -> Option<String> {
         self.lock().cursors.get(prefix).cloned()
     }
@@ -369,6 +412,46 @@ impl Candidates {
     /// Sandboxes taken in the last few seconds: rows the view may still show as available.
     fn recently_taken(&self) -> usize {
         self.lock().recent_takes.len()
+    }
+}
+
+/// A candidate one request is trying, invisible to the other requests of this process until the
+/// request decides it (taken, given back, unsure). Dropped undecided — the request failed on the
+/// way, or was cancelled mid-append because the client went away or a timeout fired — it is
+/// released, never left in flight for good: another request may try it at once, and if the
+/// cancelled write landed after all, that request's conditional write conflicts and marks it taken.
+struct InFlight<'a> {
+    candidates: &'a Candidates,
+    row: PoolRow,
+    decided: bool,
+}
+
+impl InFlight<'_> {
+    fn row(&self) -> &PoolRow {
+        &self.row
+    }
+
+    fn taken(mut self) {
+        self.decided = true;
+        self.candidates.taken(&self.row);
+    }
+
+    fn give_back(mut self, prefix: &str) {
+        self.decided = true;
+        self.candidates.give_back(prefix, self.row.clone());
+    }
+
+    fn unsure(mut self, hold: StdDuration) {
+        self.decided = true;
+        self.candidates.unsure(&self.row, hold);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.candidates.release(&self.row);
+        }
     }
 }
 
@@ -384,6 +467,18 @@ impl Drop for PageTurn<'_> {
         self.candidates.lock().fetching.remove(&self.prefix);
         self.candidates.fetched.notify_waiters();
     }
+}
+
+/// What a strong read says about an allocation append whose outcome was unknown.
+enum Settled {
+    /// This request's events are stored (these, from the tried version on).
+    Landed(Vec<EventEnvelope>),
+    /// Another writer's event holds the version this request tried.
+    Lost,
+    /// Nothing after the tried version: the write did not land (yet).
+    NotLanded,
+    /// The read failed too.
+    Unknown,
 }
 
 /// Where one allocation request is in its search for a candidate.
@@ -691,11 +786,13 @@ impl Broker {
                         });
                     }
                 }
-                let Some(row) = self.next_candidate(prefix.as_deref(), &mut search).await? else {
+                let Some(candidate) = self.next_candidate(prefix.as_deref(), &mut search).await?
+                else {
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
                     });
                 };
+                let row = candidate.row().clone();
                 let state = sandbox_from_row(&row);
                 let now = self.clock.now();
                 let events = match state.decide(
@@ -710,7 +807,7 @@ impl Broker {
                 ) {
                     Ok(events) => events,
                     Err(_) => {
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         continue;
                     }
                 };
@@ -721,7 +818,7 @@ impl Broker {
                 }) {
                     Ok(grant) => grant,
                     Err(e) => {
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         return Err(e.into());
                     }
                 };
@@ -737,7 +834,7 @@ impl Broker {
                             batch.extend(envelopes(quota_id, usage.version, &[taken], meta, now));
                         }
                         Err(full) => {
-                            self.candidates.give_back(cache_key, row);
+                            candidate.give_back(cache_key);
                             return Err(BrokerError::QuotaExceeded {
                                 track: track.clone(),
                                 limit: full.limit,
@@ -746,9 +843,10 @@ impl Broker {
                         }
                     }
                 }
+                let first_event = batch.first().map(|e| e.event_id);
                 match self.events.append(batch).await {
                     Ok(()) => {
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         let mut sandbox = state;
                         for event in &events {
                             sandbox.fold(event);
@@ -761,7 +859,7 @@ impl Broker {
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {
                         // A concurrent duplicate holds the claim now; this candidate is untouched.
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         continue 'claim;
                     }
                     Err(StoreError::VersionConflict { stream_id })
@@ -769,7 +867,7 @@ impl Broker {
                     {
                         // Another instance allocated (or released) for this track first: the
                         // candidate is untouched; read the new count and decide again.
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         quota_conflicts += 1;
                         if quota_conflicts > QUOTA_RETRIES {
                             return Err(StoreError::Unavailable(format!(
@@ -788,17 +886,73 @@ impl Broker {
                         // repair its row in the background, and try the next candidate at once
                         // (no sleeping on the hot path).
                         conflicts += 1;
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         self.spawn_repair(&row.sandbox_id);
                     }
                     Err(e) => {
-                        // Unknown outcome (throttled, unreachable): the write may have landed.
-                        // Remembering the row as taken is safe either way; a retry of the
-                        // request finds its claim if it did.
-                        self.candidates.taken(&row);
+                        // Unknown outcome (throttled, unreachable, a failed group commit): the
+                        // write may or may not have landed. A strong read of the sandbox's
+                        // stream settles it (docs/liveness.md, path 1).
+                        match self
+                            .settle_unknown(&sandbox_stream_id, row.version, first_event)
+                            .await
+                        {
+                            Settled::Landed(stored) => {
+                                candidate.taken();
+                                let mut sandbox = state;
+                                for envelope in &stored {
+                                    if let BrokerEvent::Sandbox(event) = decode_stored(envelope)? {
+                                        sandbox.fold(&event);
+                                    }
+                                }
+                                return Ok(Allocation {
+                                    sandbox,
+                                    replayed: false,
+                                    conflicts,
+                                });
+                            }
+                            Settled::Lost => {
+                                // Someone else's write holds the next version: a plain conflict.
+                                conflicts += 1;
+                                candidate.taken();
+                                self.spawn_repair(&row.sandbox_id);
+                                continue;
+                            }
+                            Settled::NotLanded => {
+                                // Usable again at once. Should the write still land later (a
+                                // DynamoDB transaction the SDK gave up on), it takes this
+                                // claim's next version, so no (caller, key) ends up with two
+                                // allocations, and a retry of the request replays it.
+                                candidate.give_back(cache_key);
+                            }
+                            Settled::Unknown => {
+                                candidate.unsure(self.config.unknown_outcome_hold);
+                            }
+                        }
                         return Err(e.into());
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the sandbox stream strongly after an append whose outcome the store could not tell:
+    /// did the event this request wrote at `tried_at + 1` (its `event_id`) land?
+    async fn settle_unknown(
+        &self,
+        stream_id: &str,
+        tried_at: u64,
+        first_event: Option<uuid::Uuid>,
+    ) -> Settled {
+        match self.events.load_after(stream_id, tried_at).await {
+            Ok(stored) => match stored.first() {
+                Some(e) if Some(e.event_id) == first_event => Settled::Landed(stored),
+                Some(_) => Settled::Lost,
+                None => Settled::NotLanded,
+            },
+            Err(e) => {
+                tracing::warn!(target: "allocate", stream_id, error = %e, "unknown append outcome could not be read back");
+                Settled::Unknown
             }
         }
     }
@@ -810,11 +964,11 @@ impl Broker {
         &self,
         prefix: Option<&str>,
         search: &mut Search,
-    ) -> Result<Option<PoolRow>, BrokerError> {
+    ) -> Result<Option<InFlight<'_>>, BrokerError> {
         let cache_key = prefix.unwrap_or("");
         loop {
-            if let Some(row) = self.candidates.pop(cache_key) {
-                return Ok(Some(row));
+            if let Some(candidate) = self.candidates.pop(cache_key) {
+                return Ok(Some(candidate));
             }
             if search.random_pages < self.config.allocate_rounds {
                 // Registered before asking for the turn, so a read that ends in between still
