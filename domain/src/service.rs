@@ -742,9 +742,41 @@ impl Broker {
                 // ended the allocation (and released the claim in the same transaction) in
                 // between. Only a sandbox still allocated under this very claim is a replay;
                 // otherwise read the claim again, which now shows it released.
-                if sandbox.status == Some(SandboxStatus::Allocated)
-                    && sandbox.claim_stream.as_deref() == Some(claim_id.as_str())
+                let replay = sandbox.status == Some(SandboxStatus::Allocated)
+                    && sandbox.claim_stream.as_deref() == Some(claim_id.as_str());
+                if replay
+                    && sandbox
+                        .expires_at
+                        .is_some_and(|end| self.clock.now() >= end)
                 {
+                    // The lab window has ended but the expiry job has not run yet: handing this
+                    // sandbox back would start a lab that is over. Expire it now (grace zero, as
+                    // extension is refused from `expires_at` on), which releases the claim in the
+                    // same transaction, and answer as a fresh request would: a new sandbox, or
+                    // 409 (docs/liveness.md, path 6). Lost to a concurrent expiry, mark or
+                    // extension, the claim is simply read again.
+                    match self
+                        .execute(
+                            held,
+                            SandboxCommand::Expire {
+                                grace: Duration::zero(),
+                            },
+                            meta,
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(BrokerError::Domain(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                    if claim_reads > self.config.command_retries {
+                        return Err(StoreError::Unavailable(format!(
+                            "claim {claim_id} kept changing while it was read"
+                        ))
+                        .into());
+                    }
+                    continue 'claim;
+                }
+                if replay {
                     return Ok(Allocation {
                         sandbox,
                         replayed: true,
@@ -1159,19 +1191,26 @@ impl Broker {
 
     /// The owner extends the lab window by `hours` (`LeaseExtended`), within
     /// `MAX_LAB_EXTENSION_HOURS` in total per allocation; refused once the window has ended.
+    /// With an `idempotency_key`, a retry of an extension that landed appends nothing and is
+    /// answered with that extension's window ([`Sandbox::extension`]).
     pub async fn extend_lease(
         &self,
         sandbox_id: &str,
         caller: &str,
         hours: u32,
+        idempotency_key: Option<&str>,
         meta: &CommandMeta,
     ) -> Result<Sandbox, BrokerError> {
+        let idempotency_key = idempotency_key
+            .map(|k| validate_id("Idempotency-Key", k))
+            .transpose()?;
         self.execute(
             sandbox_id,
             SandboxCommand::ExtendLease {
                 caller: caller.to_string(),
                 hours,
                 max_total: self.config.max_extension,
+                idempotency_key,
             },
             meta,
         )

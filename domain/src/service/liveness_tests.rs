@@ -30,8 +30,18 @@ fn request(caller: &str) -> AllocateRequest {
 /// A broker over a fault store holding `n` registered sandboxes (`sb-0` …), a sweep quick
 /// enough for tests, and the given hold for unsettled outcomes.
 pub(crate) async fn broker_with_pool(n: usize, hold: StdDuration) -> (Broker, Arc<FaultStore>) {
+    let (broker, store, _) = broker_with_clock(n, hold).await;
+    (broker, store)
+}
+
+/// [`broker_with_pool`] with the manual clock it runs on.
+pub(crate) async fn broker_with_clock(
+    n: usize,
+    hold: StdDuration,
+) -> (Broker, Arc<FaultStore>, ManualClock) {
     let store = Arc::new(FaultStore::default());
-    let clock: SharedClock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let manual = ManualClock::new(chrono::Utc::now());
+    let clock: SharedClock = Arc::new(manual.clone());
     let broker = Broker::new(
         store.clone(),
         store.clone(),
@@ -58,7 +68,7 @@ pub(crate) async fn broker_with_pool(n: usize, hold: StdDuration) -> (Broker, Ar
             .await
             .unwrap();
     }
-    (broker, store)
+    (broker, store, manual)
 }
 
 /// An append that failed without landing leaves its sandbox allocatable at once: the next
@@ -152,6 +162,34 @@ async fn a_cancelled_request_releases_its_candidate() {
     let next = broker.allocate(&request("bob"), &meta()).await.unwrap();
     assert_eq!(next.sandbox.sandbox_id, "sb-0");
     assert_eq!(next.sandbox.owner.as_deref(), Some("bob"));
+}
+
+/// A replay after the lab window ended (before the expiry job ran) expires the old allocation
+/// and answers as a fresh request: a new sandbox while one is free, then 409.
+#[tokio::test]
+async fn a_replay_past_expires_at_expires_and_allocates_afresh() {
+    let (broker, _store, clock) = broker_with_clock(2, StdDuration::from_secs(3600)).await;
+    let first = broker.allocate(&request("alice"), &meta()).await.unwrap();
+    clock.advance(chrono::Duration::hours(1));
+    let replay = broker.allocate(&request("alice"), &meta()).await.unwrap();
+    assert!(replay.replayed, "inside the window a replay is a replay");
+    clock.advance(broker.config().lab_duration);
+    let fresh = broker.allocate(&request("alice"), &meta()).await.unwrap();
+    assert!(!fresh.replayed);
+    assert_ne!(fresh.sandbox.sandbox_id, first.sandbox.sandbox_id);
+    let ended = broker
+        .load_sandbox(&first.sandbox.sandbox_id)
+        .await
+        .unwrap()
+        .sandbox;
+    assert_eq!(ended.status, Some(SandboxStatus::PendingDeletion));
+    assert!(ended.expired);
+    clock.advance(broker.config().lab_duration);
+    let none = broker.allocate(&request("alice"), &meta()).await;
+    assert!(
+        matches!(none, Err(BrokerError::NoSandboxAvailable { .. })),
+        "{none:?}"
+    );
 }
 
 impl Broker {
