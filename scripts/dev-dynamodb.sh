@@ -7,8 +7,8 @@
 #
 # Settings: DDB_PORT (8000), BIND_ADDR (127.0.0.1:8080), TABLE_PREFIX (sandbox-broker-dev),
 # CSP_MODE (mock), ALLOCATE_CONCURRENCY (16 here: the emulator serves about 100 writes a second
-# on two cores and does more, with less view lag, when the API queues the rest itself; see the
-# README's benchmarks). The tokens default to the printed dev-only values (ALLOW_DEV_TOKENS=true).
+# on two cores and does more, with less view lag, when the API queues the rest itself; see
+# docs/benchmarks.md). The tokens default to the printed dev-only values (ALLOW_DEV_TOKENS=true).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -170,12 +170,6 @@ locals {
       pattern   = "{ $.target = \"csp\" && $.outcome = \"error\" }"
       metric    = "CspErrors"
     }
-    pool-low-water = {
-      description = "A name prefix group has fewer available sandboxes than its POOL_LOW_WATER threshold: see GET /v1/admin/stats (low_water) and add accounts to that lab's pool before it runs dry."
-      metric      = "PoolLowWater"
-      period      = 300
-      threshold   = 1
-    }
     job-failures = {
       log_group = aws_cloudwatch_log_group.jobs.name
       pattern   = "{ $.target = \"job\" && $.outcome = \"error\" }"
@@ -259,6 +253,12 @@ locals {
   alarm_actions = [aws_sns_topic.alarms.arn]
 
   log_alarms = {
+    pool-low-water = {
+      description = "A name prefix group has fewer available sandboxes than its POOL_LOW_WATER threshold: see GET /v1/admin/stats (low_water) and add accounts to that lab's pool before it runs dry."
+      metric      = "PoolLowWater"
+      period      = 300
+      threshold   = 1
+    }
     api-5xx = {
       description = "API answered 5xx: see the all-errors saved query."
       metric      = "ApiErrors"
@@ -441,7 +441,7 @@ resource "aws_cloudwatch_metric_alarm" "projector_errors" {
 
 resource "aws_cloudwatch_metric_alarm" "projector_failure_queue" {
   alarm_name          = "${var.name_prefix}-projector-failure-queue"
-  alarm_description   = "The projector gave up on stream records: the view is missing events until they are replayed or the view is rebuilt (docs/deploy-aws.md, Projector failures)."
+  alarm_description   = "The projector gave up on stream records: the view is missing events until they are replayed or the view is rebuilt (docs/operations.md, Projector failures)."
   namespace           = "AWS/SQS"
   metric_name         = "ApproximateNumberOfMessagesVisible"
   dimensions          = { QueueName = aws_sqs_queue.projector_failures.name }

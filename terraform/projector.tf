@@ -17,7 +17,7 @@
 #   5. on_failure destination: what is given up on is recorded (shard,
 #      sequence-number range, arrival times) in an SQS queue; an alarm fires
 #      on its depth.
-#   6. Nothing given up on stays lost. Runbook (README "Operations"):
+#   6. Nothing given up on stays lost. Runbook (docs/operations.md, "Projector failures"):
 #        aws sqs receive-message --queue-url "$(terraform output -raw projector_failure_queue_url)" \
 #          --max-number-of-messages 10 > failed.json
 #        projector redrive failed.json     # exit 0: delete the messages

@@ -7,7 +7,7 @@
 # not stored in the Terraform state or in saved plans. A value is (re)written
 # only when its *_version variable changes, which is also how to rotate.
 # Running tasks keep the value they started with: after a rotation, force a new
-# deployment of the API service (docs/deploy-aws.md, "Rotate a token").
+# deployment of the API service (docs/operations.md, "Rotate a token").
 
 resource "aws_secretsmanager_secret" "broker_api_token" {
   #checkov:skip=CKV2_AWS_57:The track token is shared with Instruqt track configurations outside AWS; automatic rotation would break every track. Rotation is manual and versioned (broker_tokens_version).

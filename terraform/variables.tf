@@ -547,7 +547,7 @@ variable "csp_api_token" {
 }
 
 variable "csp_api_token_version" {
-  description = "Increment to write a new csp_api_token to Secrets Manager (write-only values are only sent when this changes). Restart the tasks afterwards (see docs/deploy-aws.md)."
+  description = "Increment to write a new csp_api_token to Secrets Manager (write-only values are only sent when this changes). Restart the tasks afterwards (see docs/operations.md, Rotate a token)."
   type        = number
   default     = 1
 
@@ -869,7 +869,7 @@ variable "webhooks_enabled" {
 }
 
 variable "webhooks_json" {
-  description = "WEBHOOKS_JSON of the API: {\"subscribers\": [...]} with each subscriber's HMAC secret (README, Webhooks). Ephemeral: written to Secrets Manager as a write-only value, never stored in state or plan. Supply it with TF_VAR_webhooks_json when webhooks_enabled; bump webhooks_json_version to store a new value."
+  description = "WEBHOOKS_JSON of the API: {\"subscribers\": [...]} with each subscriber's HMAC secret (docs/clients.md, Webhooks). Ephemeral: written to Secrets Manager as a write-only value, never stored in state or plan. Supply it with TF_VAR_webhooks_json when webhooks_enabled; bump webhooks_json_version to store a new value."
   type        = string
   default     = null
   sensitive   = true
