@@ -62,7 +62,10 @@ impl DispatchLease {
     ) -> Self {
         Self {
             view,
-            source: format!("webhooks:{subscriber}:lease"),
+            source: format!(
+                "{}{subscriber}:lease",
+                domain::store::WEBHOOK_CHECKPOINT_PREFIX
+            ),
             holder: holder.to_string(),
             duration: duration.max(Duration::from_millis(300)),
         }
