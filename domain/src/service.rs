@@ -3,6 +3,8 @@
 //! ports only, never an adapter.
 
 #[cfg(test)]
+mod allocation_properties;
+#[cfg(test)]
 mod fault_store;
 #[cfg(test)]
 mod liveness_tests;

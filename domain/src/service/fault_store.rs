@@ -45,6 +45,17 @@ impl FaultStore {
         self.faults.lock().unwrap().extend(faults);
     }
 
+    /// Drops the faults not used yet, and any failing reads still due.
+    pub(crate) fn clear_faults(&self) {
+        self.faults.lock().unwrap().clear();
+        self.failing_reads.store(0, Ordering::SeqCst);
+    }
+
+    /// Every event stored, by stream.
+    pub(crate) fn streams(&self) -> BTreeMap<String, Vec<EventEnvelope>> {
+        self.streams.lock().unwrap().clone()
+    }
+
     fn unavailable() -> StoreError {
         StoreError::Unavailable("injected: outcome unknown".into())
     }
@@ -106,6 +117,8 @@ impl EventStore for FaultStore {
         stream_id: &str,
         after: u64,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
+        // An await point, as a real store has: a cancellation can land here.
+        tokio::task::yield_now().await;
         self.read_fault()?;
         let streams = self.streams.lock().unwrap();
         Ok(streams
@@ -121,6 +134,7 @@ impl EventStore for FaultStore {
     }
 
     async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
+        tokio::task::yield_now().await;
         let fault = self.faults.lock().unwrap().pop_front();
         match fault {
             None => self.store(events),
