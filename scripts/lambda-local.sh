@@ -18,7 +18,7 @@
 #   scripts/lambda-local.sh [--update-fixture]
 #
 # --update-fixture   also copy the captured event to tests/fixtures/dynamodb-local-stream-event.json
-#                    (the fixture `captured_fixture_applies` in tests/tests/projector.rs replays).
+#                    (the fixture `captured_fixture_applies` in tests/tests/it/projector.rs replays).
 #
 # Settings (environment):
 #   LAMBDA_LOCAL_SANDBOXES   sandboxes seeded (default 20 → 50 events)
@@ -96,7 +96,7 @@ if [ "${LAMBDA_RELEASE_BUILD:-0}" = "1" ]; then
 fi
 
 log "building projector and projector_bench"
-timeout 1800 cargo build -q -p projector --bin projector -p tests --bin projector_bench \
+timeout 1800 cargo build -q -p projector --bin projector -p tests --features bench --bin projector_bench \
     >"$WORK/build.log" 2>&1 || die "cargo build"
 PROJECTOR="$ROOT/target/debug/projector"
 BENCH="$ROOT/target/debug/projector_bench"

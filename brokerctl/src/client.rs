@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::backoff::RetryPolicy;
 use crate::failure::Failure;
 
-type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// A bearer token; never printed.
 #[derive(Clone)]

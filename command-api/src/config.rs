@@ -66,16 +66,19 @@ pub struct Config {
     /// Listen address.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
-    /// Bearer token of track scripts.
+    /// Shared bearer token of track scripts: at least 32 characters, different from the admin
+    /// token. Unset with the embedded store on a loopback address, the dev-only
+    /// `dev-track-token-NOT-FOR-PRODUCTION` applies (printed as dev-only at start-up).
     #[arg(long, env = "BROKER_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
-    /// Bearer token of operators.
+    /// Bearer token of operators (the same rules; dev-only default
+    /// `dev-admin-token-NOT-FOR-PRODUCTION`).
     #[arg(long, env = "BROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
     /// Accept the shared track token (`BROKER_API_TOKEN`); off once every track has its own.
     #[arg(long, env = "SHARED_TRACK_TOKEN_ENABLED", default_value_t = true)]
     pub shared_track_token_enabled: bool,
-    /// Per-track credentials file (JSON, see the README).
+    /// Per-track credentials file (JSON, see the security chapter of the docs).
     #[arg(long, env = "TRACK_CREDENTIALS_FILE")]
     pub track_credentials_file: Option<PathBuf>,
     /// Per-track credentials as JSON text (e.g. injected from Secrets Manager).

@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, MIN_TOKEN_CHARS};
 
-type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// Why a credentials document was refused at start-up.
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventFeed, PoolView};
 use domain::{Broker, BrokerConfig, SharedClock};
 use projector::{Projector, ProjectorMetrics};
 use prometheus::Registry;
 use runtime::{Stop, Stores};
+use store_embedded::EmbeddedStore;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, StoreKind};
@@ -333,7 +333,7 @@ pub fn print_banner(config: &Config, addr: SocketAddr) {
             StoreKind::Embedded => format!(" ({})", config.store.embedded_path.display()),
             StoreKind::Dynamodb => format!(
                 " (tables {})",
-                domain::adapters::dynamo::table_name(&config.store.table_prefix, "*")
+                store_dynamodb::table_name(&config.store.table_prefix, "*")
             ),
         }
     );

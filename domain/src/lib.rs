@@ -1,6 +1,8 @@
 //! Sandbox Broker's domain: the event-sourced model of a pool of pre-created CSP sandbox accounts
-//! handed to lab students, the storage ports it is read and written through, and the adapters
-//! behind those ports (DynamoDB and an embedded single-file store).
+//! handed to lab students, the command service, and the storage ports it is read and written
+//! through. Pure: no AWS SDK and no SQLite in its dependencies. The adapters behind the ports live
+//! in their own crates (`store-dynamodb`, `store-embedded`), held to one contract by
+//! `store-conformance`.
 //!
 //! # Layout
 //! - [`clock`] — the injectable `Clock` (system and manual).
@@ -11,13 +13,9 @@
 //! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, `EventFeed`; the append rules
 //!   every adapter checks (`validate_append`), and the projector's idempotent `apply_event`.
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
-//! - [`adapters`] — `embedded` (SQLite file) and `dynamo` (aws-sdk-dynamodb) implementations of
-//!   the ports, each split into the same rooms (`event_store`, `pool_view`, `view_store`, `feed`,
-//!   `tables`); the model never imports them.
 //! - [`audit`] — the auditor's side over the `EventFeed` port: paged audit queries,
 //!   point-in-time state, a caller's allocations, pool replay at an instant, the live-feed tail.
 
-pub mod adapters;
 pub mod audit;
 pub mod clock;
 pub mod model;

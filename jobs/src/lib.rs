@@ -21,11 +21,13 @@
 //! - [`metrics`] — Prometheus series (reference names kept) registered into a caller's registry.
 //! - [`error`] — [`JobError`] and [`InitError`].
 //! - [`worker`] — the jittered loops and graceful shutdown.
+//! - [`cli`] — the `jobs` binary's arguments (`worker`, `run <job>`).
 //! - [`startup`] — the binary's broker over the shared bootstrap (`runtime`), one-shot and worker
 //!   runners.
 
 pub mod admin;
 pub mod cleanup;
+pub mod cli;
 pub mod config;
 pub mod csp;
 pub mod error;

@@ -1,72 +1,17 @@
 //! `jobs`: the Sandbox Broker's background jobs. `jobs worker` runs every loop until SIGINT or
 //! SIGTERM; `jobs run <job>` runs one job once for a scheduler and exits non-zero on failure.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
 use prometheus::Registry;
-use runtime::{LogArgs, LogFormat, StoreArgs};
+use runtime::LogFormat;
 
 use domain::{SharedClock, SystemClock};
+use jobs::cli::{Cli, Command};
 use jobs::startup;
-use jobs::{JobKind, Jobs, JobsArgs};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "jobs",
-    about = "Sandbox Broker jobs: sync, cleanup, auto-expiry, stale removal",
-    version
-)]
-struct Cli {
-    #[command(flatten)]
-    store: StoreArgs,
-    #[command(flatten)]
-    log: LogArgs,
-    #[command(flatten)]
-    jobs: JobsArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run every job loop until SIGINT/SIGTERM (intervals from the environment, jittered).
-    Worker {
-        /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9091`).
-        #[arg(long, env = "METRICS_ADDR")]
-        metrics_addr: Option<SocketAddr>,
-    },
-    /// Run one job once and print its summary; the exit code is non-zero if it failed.
-    Run {
-        /// The job.
-        job: OneShot,
-        /// `delete-stale` only: the grace in hours (default `STALE_GRACE_HOURS`).
-        #[arg(long)]
-        grace_hours: Option<u32>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum OneShot {
-    Sync,
-    Cleanup,
-    AutoExpire,
-    DeleteStale,
-}
-
-impl From<OneShot> for JobKind {
-    fn from(job: OneShot) -> Self {
-        match job {
-            OneShot::Sync => JobKind::Sync,
-            OneShot::Cleanup => JobKind::Cleanup,
-            OneShot::AutoExpire => JobKind::AutoExpire,
-            OneShot::DeleteStale => JobKind::DeleteStale,
-        }
-    }
-}
+use jobs::Jobs;
 
 #[tokio::main]
 async fn main() -> ExitCode {

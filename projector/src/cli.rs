@@ -20,14 +20,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use domain::adapters::dynamo::{
-    table_definitions, table_definitions_json, table_name, DynamoStore,
-};
-use domain::adapters::embedded::EmbeddedStore;
 use domain::store::{EventStore, PoolView, ViewStore};
 use prometheus::Registry;
 use runtime::Stop;
 pub use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
+use store_dynamodb::{table_definitions, table_definitions_json, table_name, DynamoStore};
+use store_embedded::EmbeddedStore;
 
 use crate::dynamo_streams::DynamoStreams;
 use crate::poller::{PollerConfig, StreamApi, StreamPoller};

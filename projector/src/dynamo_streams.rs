@@ -12,7 +12,7 @@ use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, Record, ShardIteratorType};
 use aws_sdk_dynamodbstreams::Client;
 use chrono::{DateTime, Utc};
-use domain::adapters::dynamo::DynamoStore;
+use store_dynamodb::DynamoStore;
 
 use crate::poller::{IteratorStart, RecordBatch, ShardInfo, StreamApi, StreamError, StreamRecord};
 

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use domain::adapters::embedded::EmbeddedStore;
 use domain::store::batch::Checkpoint;
 use domain::store::{StoreError, ViewStore};
 use domain::EventEnvelope;
+use store_embedded::EmbeddedStore;
 
 use crate::Projector;
 

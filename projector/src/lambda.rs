@@ -27,11 +27,24 @@ use std::time::{Duration, SystemTime};
 use aws_lambda_events::event::dynamodb::EventRecord;
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodbstreams::types::Record;
-use domain::adapters::dynamo::envelope_from_json_image;
 use domain::store::StoreError;
 use domain::EventEnvelope;
 use serde_json::{json, Value};
+use store_dynamodb::envelope_from_json_image;
 use tokio::time::Instant;
+
+/// The `projector-lambda` function's settings (environment only in practice; flags work for
+/// local runs).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "projector-lambda",
+    about = "Sandbox Broker projector Lambda handler"
+)]
+pub struct LambdaConfig {
+    /// Store selection and options.
+    #[command(flatten)]
+    pub store: runtime::StoreArgs,
+}
 
 use crate::dynamo_streams::item_json;
 use crate::Projector;
@@ -336,11 +349,11 @@ pub async fn run(projector: Projector) -> Result<(), lambda_runtime::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::adapters::dynamo::envelope_to_item;
-    use domain::adapters::embedded::EmbeddedStore;
     use domain::model::events::SandboxEvent;
     use domain::{Actor, CommandMeta, EventEnvelope, PoolView};
     use std::sync::Arc;
+    use store_dynamodb::envelope_to_item;
+    use store_embedded::EmbeddedStore;
 
     use crate::ProjectorMetrics;
 

@@ -20,7 +20,9 @@
 //!   expiry/trim recovery, per-shard checkpoints, graceful shutdown (over a [`poller::StreamApi`]).
 //! - [`dynamo_streams`] — the `aws-sdk-dynamodbstreams` implementation of that API, stream ARN
 //!   lookup, record conversion and raw capture.
-//! - [`lambda`] — the Lambda handler: in-order apply, `batchItemFailures`, poison records.
+//! - [`lambda`] — the Lambda handler: in-order apply, `batchItemFailures`, poison records; the
+//!   function's settings.
+//! - [`audit_cli`] — the `broker-audit` command line (export, replay at an instant, verify).
 //! - [`rebuild`] — `rebuild_into` (parallel-scan replay into a fresh view) and `verify` (a
 //!   `DriftReport` comparing a replay with the live view).
 //! - [`repair`] — `verify --repair`: fixes every difference a drift report lists (rows behind
@@ -32,6 +34,7 @@
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
 //!   settings, logs, signals and the `/metrics` server come from the shared `runtime` crate.
 
+pub mod audit_cli;
 pub mod batch;
 pub mod cli;
 pub mod dynamo_streams;

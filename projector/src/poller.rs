@@ -36,9 +36,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
-use domain::adapters::dynamo::envelope_from_item;
 use domain::store::batch::Checkpoint;
 use domain::EventEnvelope;
+use store_dynamodb::envelope_from_item;
 use thiserror::Error;
 
 use crate::Projector;
@@ -717,12 +717,12 @@ pub fn describe_keys(keys: &Item) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::adapters::dynamo::envelope_to_item;
-    use domain::adapters::embedded::EmbeddedStore;
     use domain::model::events::SandboxEvent;
     use domain::store::EventStore;
     use domain::{Actor, CommandMeta, EventEnvelope, PoolView, ViewStore};
     use std::sync::{Arc, Mutex};
+    use store_dynamodb::envelope_to_item;
+    use store_embedded::EmbeddedStore;
 
     use crate::ProjectorMetrics;
 

@@ -541,7 +541,7 @@ mod tests {
             event_name: Some("INSERT".into()),
             created_at: Some(Utc::now()),
             keys: Default::default(),
-            new_image: Some(domain::adapters::dynamo::envelope_to_item(envelope)),
+            new_image: Some(store_dynamodb::envelope_to_item(envelope)),
         }
     }
 
@@ -563,8 +563,8 @@ mod tests {
     /// that last case is reported as not applied.
     #[tokio::test]
     async fn stream_then_event_table() -> Result<(), Box<dyn std::error::Error>> {
-        use domain::adapters::embedded::EmbeddedStore;
         use domain::store::{EventStore, PoolView};
+        use store_embedded::EmbeddedStore;
         let store = EmbeddedStore::open_in_memory(2)?;
         let (a, b, c) = (registered("a"), registered("b"), registered("c"));
         store.append(vec![a.clone()]).await?;

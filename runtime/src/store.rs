@@ -6,12 +6,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
-use domain::adapters::dynamo::{
+use domain::store::{EventStore, ViewStore};
+use store_dynamodb::{
     table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS,
     DEFAULT_MAX_RETRIES,
 };
-use domain::adapters::embedded::EmbeddedStore;
-use domain::store::{EventStore, ViewStore};
+use store_embedded::EmbeddedStore;
 
 /// Which store backs the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use domain::adapters::dynamo::RequestCounts;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{CounterVec, IntCounterVec, Opts, Registry};
+use store_dynamodb::RequestCounts;
 
 use crate::store::Stores;
 

@@ -13,9 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use domain::adapters::dynamo::{
-    DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES,
-};
+use store_dynamodb::{DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES};
 use tokio::sync::OnceCell;
 
 /// How long DynamoDB Local may take to answer after it was started (Java start-up on a busy

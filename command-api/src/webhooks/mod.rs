@@ -34,12 +34,12 @@ use domain::store::ViewStore;
 use domain::{EventEnvelope, EventStore, SandboxStatus, SharedClock, StoreError};
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2_hmac::Digest;
+use sha2::Digest;
 
 pub use config::{kind_of_event, load_subscribers, Subscriber, WebhookKind, KIND_OF_EVENT};
 pub use lease::DispatchLease;
 
-type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// Events read from the feed per page.
 const FEED_PAGE: usize = 100;
@@ -189,7 +189,7 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 
 /// A stable id for a notification no single event stands for (same inputs, same id).
 fn derived_id(parts: &[&str]) -> String {
-    let mut hash = sha2_hmac::Sha256::new();
+    let mut hash = sha2::Sha256::new();
     for part in parts {
         hash.update(part.as_bytes());
         hash.update([0]);

@@ -38,10 +38,12 @@ pub fn validate_append(events: &[EventEnvelope]) -> Result<Vec<(String, u64)>, S
     Ok(firsts.into_iter().map(|(s, first, _)| (s, first)).collect())
 }
 
-/// A one-event envelope at `version` of `stream`, for the unit tests of the append rules and of
-/// both adapters (one fixture, not one per module).
-#[cfg(test)]
-pub(crate) fn test_envelope(stream: &str, version: u64) -> EventEnvelope {
+/// A one-event envelope at `version` of `stream`: the fixture of the unit tests of the append
+/// rules and of both adapter crates (one fixture, not one per module). Public and not behind a
+/// feature on purpose: a feature that only tests turn on would give `domain` a second set of
+/// features, and every crate above it a second build, whenever a test build and a plain one
+/// alternate.
+pub fn test_envelope(stream: &str, version: u64) -> EventEnvelope {
     use crate::model::events::{Actor, CommandMeta, SyncEvent};
     let meta = CommandMeta {
         actor: Actor::Admin,

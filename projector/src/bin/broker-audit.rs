@@ -16,106 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use clap::{Args, Parser, Subcommand};
+use chrono::Utc;
 use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilter};
 use domain::model::events::format_time;
 use domain::store::EventStore;
 use domain::SandboxStatus;
-use projector::cli::{
-    print_report, verify_exit_code, verify_live, ReplayArgs, VerifyArgs, EXIT_ERROR,
-};
-use runtime::{LogArgs, LogFormat, StoreArgs, StoreKind};
+use projector::audit_cli::{Cli, Command, ExportArgs, ReplayAtArgs};
+use projector::cli::{print_report, verify_exit_code, verify_live, VerifyArgs, EXIT_ERROR};
+use runtime::{LogFormat, StoreArgs, StoreKind};
 
 /// How often export prints progress on stderr.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// The `broker-audit` arguments.
-#[derive(Debug, Parser)]
-#[command(
-    name = "broker-audit",
-    about = "Sandbox Broker audit: export, replay at an instant, verify",
-    version
-)]
-struct Cli {
-    /// Store settings (environment or flags; accepted after the subcommand too).
-    #[command(flatten)]
-    store: StoreArgs,
-    /// Log settings.
-    #[command(flatten)]
-    log: LogArgs,
-    /// What to do.
-    #[command(subcommand)]
-    command: Command,
-}
-
-/// Subcommands.
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Write every event in a time range as NDJSON envelopes to stdout.
-    Export(ExportArgs),
-    /// Rebuild the whole pool's state at an instant and print the counts by status.
-    Replay(ReplayAtArgs),
-    /// Replay every event into a scratch view and compare with the live view (exit 1 on drift).
-    Verify(VerifyCmd),
-}
-
-/// `broker-audit export`.
-#[derive(Debug, Args)]
-struct ExportArgs {
-    /// Inclusive lower bound on occurred_at (RFC 3339); default: the first event.
-    #[arg(long, value_parser = parse_time)]
-    since: Option<DateTime<Utc>>,
-    /// Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 minutes.
-    #[arg(long, value_parser = parse_time)]
-    until: Option<DateTime<Utc>>,
-    /// Only this event type.
-    #[arg(long = "type")]
-    event_type: Option<String>,
-    /// Only events of this caller (actor `track:<caller>` or named in the payload).
-    #[arg(long)]
-    caller: Option<String>,
-    /// Only events of this sandbox.
-    #[arg(long)]
-    sandbox_id: Option<String>,
-    /// Events per page read from the store.
-    #[arg(long, default_value_t = 500)]
-    page_size: usize,
-}
-
-/// `broker-audit replay`.
-#[derive(Debug, Args)]
-struct ReplayAtArgs {
-    /// The instant (RFC 3339): events with occurred_at <= it are folded.
-    #[arg(long, value_parser = parse_time)]
-    at: DateTime<Utc>,
-    /// Print the counts as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Parallel scan segments.
-    #[arg(long, default_value_t = 4)]
-    segments: u32,
-    /// Events per scan page.
-    #[arg(long, default_value_t = 500)]
-    page_size: usize,
-}
-
-/// `broker-audit verify`.
-#[derive(Debug, Args)]
-struct VerifyCmd {
-    /// Print the whole report as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Replay tunables.
-    #[command(flatten)]
-    replay: ReplayArgs,
-}
-
-fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(raw.trim())
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-01-31T12:00:00Z"))
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -263,7 +174,7 @@ mod tests {
     /// The command line is consistent and parses the store flags after a subcommand.
     #[test]
     fn cli_parses() -> Result<(), clap::Error> {
-        use clap::CommandFactory;
+        use clap::{CommandFactory, Parser};
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from([
             "broker-audit",

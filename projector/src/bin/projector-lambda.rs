@@ -5,20 +5,9 @@
 
 use std::sync::Arc;
 
-use clap::Parser;
-use projector::cli::{LogFormat, StoreArgs};
+use projector::cli::LogFormat;
+use projector::lambda::LambdaConfig;
 use projector::{Projector, ProjectorMetrics};
-
-/// The function's settings (environment only in practice; flags work for local runs).
-#[derive(Debug, Parser)]
-#[command(
-    name = "projector-lambda",
-    about = "Sandbox Broker projector Lambda handler"
-)]
-struct LambdaConfig {
-    #[command(flatten)]
-    store: StoreArgs,
-}
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {

@@ -7,7 +7,7 @@
 //! Each worker count is also run with `DELETION_LEASE_SEC=0` (every lease lapses at once), which
 //! is the behaviour before the lease: at-least-once deletes.
 //!
-//! `cargo run --release -p tests --bin cleanup_bench [-- --sandboxes 200 --workers 2,3,4]`
+//! `cargo run --release -p tests --features bench --bin cleanup_bench [-- --sandboxes 200 --workers 2,3,4]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::EmbeddedStore;
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventStore, ManualClock, PoolView,
     SandboxStatus, ViewStore,
@@ -23,6 +22,7 @@ use domain::{
 use jobs::{CspMode, Jobs, JobsConfig};
 use projector::{Projector, ProjectorMetrics};
 use prometheus::Registry;
+use store_embedded::EmbeddedStore;
 use tests::fake_csp::{FakeAccount, FakeCsp, Fault};
 
 /// Command-line settings.

@@ -8,14 +8,15 @@
 //! (`broker_store_consumed_capacity_units_total`).
 //!
 //! ```text
-//! cargo run --release -p tests --bin loadgen -- --backend embedded           # spawns the service in-process
-//! cargo run --release -p tests --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
-//! cargo run --release -p tests --bin loadgen -- --backend dynamo             # … on DynamoDB Local
-//! ALLOCATE_CONCURRENCY=16 cargo run --release -p tests --bin loadgen -- --backend dynamo  # the spawned service takes ALLOCATE_CONCURRENCY and VIEW_INDEX_SHARDS
-//! cargo run --release -p tests --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
+//! cargo run --release -p tests --features bench --bin loadgen -- --backend embedded           # spawns the service in-process
+//! cargo run --release -p tests --features bench --bin loadgen -- --concurrency 100 --duration 60 --pool 400000  # timed level
+//! cargo run --release -p tests --features bench --bin loadgen -- --backend dynamo             # … on DynamoDB Local
+//! ALLOCATE_CONCURRENCY=16 cargo run --release -p tests --features bench --bin loadgen -- --backend dynamo  # the spawned service takes ALLOCATE_CONCURRENCY and VIEW_INDEX_SHARDS
+//! cargo run --release -p tests --features bench --bin loadgen -- --url http://127.0.0.1:8080 --token T   # an external server
 //! ```
 //! Traffic goes to 127.0.0.1 only unless `--url` says otherwise; every run is bounded by
-//! `--requests` per level, or by `--duration` seconds when given.
+//! `--requests` per level, or by `--duration` seconds when given. `--json FILE` also writes the
+//! figures of every level as JSON (with the lag samples over time): what `bench-report` reads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -64,6 +65,9 @@ struct Args {
     /// Name prefix sent with every request (as the track scripts do).
     #[arg(long, default_value = "lab")]
     prefix: String,
+    /// Also write every level's figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// When a level stops sending.
@@ -255,18 +259,19 @@ impl Probe {
     }
 }
 
-/// Lag samples taken every 100 ms until `stop` is set.
+/// Lag samples taken every 100 ms until `stop` is set: (ms since the level started, lag ms).
 fn sample_lag(
     probe: Probe,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<i64>> {
+) -> tokio::task::JoinHandle<Vec<(u64, i64)>> {
     tokio::spawn(async move {
+        let started = Instant::now();
         let mut samples = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             tick.tick().await;
             if let Some(lag) = probe.lag_ms().await {
-                samples.push(lag);
+                samples.push((started.elapsed().as_millis() as u64, lag));
             }
         }
         samples
@@ -375,6 +380,7 @@ async fn main() -> anyhow::Result<()> {
     let mut created_so_far = 0i64;
     let mut rows = Vec::new();
     let mut read_side = Vec::new();
+    let mut levels_json = Vec::new();
     for &c in &args.concurrency {
         let metrics_before = probe.metrics_text().await;
         let requests_before = store_requests_by_op(&metrics_before);
@@ -388,7 +394,8 @@ async fn main() -> anyhow::Result<()> {
         };
         let r = level(&client, &url, &token, &args.prefix, c, bound, &run_id).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut lags = sampler.await.unwrap_or_default();
+        let lag_series = sampler.await.unwrap_or_default();
+        let mut lags: Vec<i64> = lag_series.iter().map(|(_, lag)| *lag).collect();
         lags.sort_unstable();
         let sent: usize = r.statuses.values().sum();
         let created = r.statuses.get(&201).copied().unwrap_or(0);
@@ -448,6 +455,27 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             format!("{:.2} ({})", total / created as f64, by_op.join(", "))
         };
+        let per_created = |n: f64| (created > 0).then(|| n / created as f64);
+        levels_json.push(serde_json::json!({
+            "concurrency": r.concurrency,
+            "requests": sent,
+            "created": created,
+            "elapsed_s": r.elapsed.as_secs_f64(),
+            "requests_per_s": sent as f64 / r.elapsed.as_secs_f64(),
+            "created_per_s": created as f64 / r.elapsed.as_secs_f64(),
+            "p50_ms": ms(0.50),
+            "p95_ms": ms(0.95),
+            "p99_ms": ms(0.99),
+            "statuses": r.statuses,
+            "store_requests_per_201": per_created(level_requests.values().sum()),
+            "rcu_per_201": per_created(level_capacity.get("read").copied().unwrap_or(0.0)),
+            "wcu_per_201": per_created(level_capacity.get("write").copied().unwrap_or(0.0)),
+            "lag_p50_ms": quantile(&lags, 0.50),
+            "lag_p99_ms": quantile(&lags, 0.99),
+            "lag_max_ms": lags.last().copied().unwrap_or(0),
+            "lag_series": lag_series,
+            "caught_up_ms": converged.map(|(after, _)| after.as_millis() as u64),
+        }));
         let capacity_per_allocation = if level_capacity.is_empty() || created == 0 {
             "–".to_string()
         } else {
@@ -510,6 +538,7 @@ async fn main() -> anyhow::Result<()> {
     for row in &read_side {
         println!("{row}");
     }
+    let mut audit_ok = None;
     if let Some(app) = spawned {
         let events = all_events(app.state.broker.events().as_ref()).await;
         let audit = AllocationAudit::replay(&events);
@@ -523,10 +552,20 @@ async fn main() -> anyhow::Result<()> {
             owners.len()
         );
         let ok = audit.double_allocations().is_empty() && audit.callers_holding_two().is_empty();
+        audit_ok = Some(ok);
         app.stop().await;
         if !ok {
             anyhow::bail!("double allocation detected");
         }
+    }
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "mode": mode,
+            "pool": args.pool,
+            "levels": levels_json,
+            "no_double_allocation": audit_ok,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
 }

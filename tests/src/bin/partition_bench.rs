@@ -10,7 +10,7 @@
 //! largest share any one key received (the goal with S shards is ≤ 1/S, plus the hash's
 //! unevenness).
 //!
-//! `cargo run --release -p tests --bin partition_bench [-- --allocations 10000 --shards 1,8,16]`
+//! `cargo run --release -p tests --features bench --bin partition_bench [-- --allocations 10000 --shards 1,8,16]`
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,14 +18,14 @@ use std::time::Instant;
 
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::dynamo::{envelope_to_sharded_item, row_to_sharded_item};
-use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::store::PoolView;
 use domain::{
     Actor, AllocateRequest, Broker, BrokerConfig, CommandMeta, EventEnvelope, PoolRow,
     SandboxStatus, SystemClock,
 };
+use store_dynamodb::{envelope_to_sharded_item, row_to_sharded_item};
+use store_embedded::EmbeddedStore;
 use tests::tee_events::TeeEvents;
 
 /// Command-line settings.

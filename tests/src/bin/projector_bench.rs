@@ -11,7 +11,7 @@
 //!
 //! Bounded: at most `--events` steady-load events and `--max-seconds` per phase.
 //!
-//!   cargo run --release -p tests --bin projector_bench -- [--source all|embedded|embedded-per-event|dynamodb]
+//!   cargo run --release -p tests --features bench --bin projector_bench -- [--source all|embedded|embedded-per-event|dynamodb]
 //!
 //! Every source applies delivered batches (`Projector::apply_batch`); `embedded-per-event` runs
 //! the embedded tail through the single-event `Projector::apply` instead — one transaction per
@@ -28,8 +28,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 use clap::{Parser, ValueEnum};
-use domain::adapters::dynamo::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
-use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::store::batch::{BatchLimits, ViewChunk};
 use domain::store::{
@@ -43,6 +41,8 @@ use hdrhistogram::Histogram;
 use projector::dynamo_streams::DynamoStreams;
 use projector::poller::{PollerConfig, StreamPoller};
 use projector::{Projector, ProjectorMetrics};
+use store_dynamodb::{DynamoConfig, DynamoStore, DEFAULT_MAX_RETRIES};
+use store_embedded::EmbeddedStore;
 use tests::tee_events::TeeEvents;
 
 /// Which sources to measure.
@@ -101,7 +101,7 @@ struct Args {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Workload (the same shape as tests/tests/projector.rs).
+// Workload (the same shape as tests/tests/it/projector.rs).
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]

@@ -5,7 +5,7 @@
 //! against an unquoted track, with one broker and with two brokers on the same store (two API
 //! instances on one database), and checks that the quota still holds exactly in each run.
 //!
-//! `cargo run --release -p tests --bin quota_bench [-- --allocations 2000 --concurrency 64]`
+//! `cargo run --release -p tests --features bench --bin quota_bench [-- --allocations 2000 --concurrency 64]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::EmbeddedStore;
 use domain::model::sandbox::SandboxCommand;
 use domain::service::TrackQuotas;
 use domain::{
@@ -22,6 +21,7 @@ use domain::{
 };
 use futures::StreamExt;
 use projector::{Projector, ProjectorMetrics};
+use store_embedded::EmbeddedStore;
 
 /// Command-line settings.
 #[derive(Debug, Parser)]

@@ -3,7 +3,7 @@
 //! bound (every check a new key, so generations rotate constantly), plus the keys tracked at the
 //! end — which must stay within the bound however many keys went through.
 //!
-//! `cargo run --release -p tests --bin rate_limit_bench [-- --checks 2000000 --max-keys 100000]`
+//! `cargo run --release -p tests --features bench --bin rate_limit_bench [-- --checks 2000000 --max-keys 100000]`
 
 use std::sync::Arc;
 use std::time::Instant;

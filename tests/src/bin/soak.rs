@@ -11,7 +11,7 @@
 //! a workload that never reaches a steady state. A benchmark that prints figures (CI never runs
 //! it), not a test.
 //!
-//! `cargo build --release -p tests --bins && cargo run --release -p tests --bin soak -- --minutes 20`
+//! `cargo build --release -p tests --features bench --bins && cargo run --release -p tests --features bench --bin soak -- --minutes 20`
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -9,7 +9,7 @@
 //!
 //! Counts are bounded (`--appends`, default 2,000 per case). Latency is per `append` call.
 //!
-//! `cargo run --release -p tests --bin store_bench [-- --appends 2000 --adapters embedded,dynamodb]`
+//! `cargo run --release -p tests --features bench --bin store_bench [-- --appends 2000 --adapters embedded,dynamodb]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use domain::adapters::embedded::{Durability, EmbeddedStore};
 use domain::model::events::truncate_to_millis;
 use domain::store::{EventStore, StoreError};
 use domain::EventEnvelope;
 use hdrhistogram::Histogram;
 use serde_json::json;
+use store_embedded::{Durability, EmbeddedStore};
 
 /// Command-line settings.
 #[derive(Debug, Parser)]

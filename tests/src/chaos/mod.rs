@@ -1,4 +1,4 @@
-//! The fault-testing harness (`tests/tests/chaos.rs`, the soak bench): the real binaries as
+//! The fault-testing harness (`tests/tests/it/chaos.rs`, the soak bench): the real binaries as
 //! killable child processes, a fault-injecting proxy in front of DynamoDB Local, and the summary
 //! table every fault test prints.
 //!

@@ -1,0 +1,304 @@
+//! Webhook dispatch across instances and late events (ADR 0018 addendum): two API instances on
+//! one DynamoDB store deliver each notification once and hand over when the lease holder stops;
+//! the lease lapses when its holder goes silent; an event the feed shows only after the position
+//! passed its timestamp is still delivered, once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use command_api::webhooks::DispatchLease;
+use domain::model::events::SandboxEvent;
+use domain::model::ids::sandbox_stream;
+use domain::{Actor, Clock, CommandMeta, EventEnvelope, ViewStore};
+use reqwest::StatusCode;
+use serde_json::Value;
+use store_embedded::EmbeddedStore;
+use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
+
+const SECRET: &str = "receiver-secret-0123456789abcdefghij";
+
+/// Every notification body a receiver accepted, in arrival order.
+type Seen = Arc<Mutex<Vec<Value>>>;
+
+/// An HTTP receiver on 127.0.0.1 that accepts everything and keeps the bodies.
+async fn start_receiver() -> (Seen, String) {
+    let seen: Seen = Arc::default();
+    let shared = Arc::clone(&seen);
+    let app = Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let shared = Arc::clone(&shared);
+            async move {
+                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                    shared.lock().unwrap_or_else(|p| p.into_inner()).push(value);
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (seen, format!("http://{addr}/hook"))
+}
+
+fn bodies(seen: &Seen) -> Vec<Value> {
+    seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Waits (bounded, 60 s) until the receiver holds a body matching `wanted`; returns it.
+async fn wait_for(seen: &Seen, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(found) = bodies(seen).into_iter().find(|b| wanted(b)) {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} delivered; seen: {:?}",
+            bodies(seen)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many times each notification id arrived.
+fn counts(seen: &Seen) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for body in bodies(seen) {
+        *counts
+            .entry(body["id"].as_str().unwrap_or_default().to_string())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// An app with one subscriber `labs` at `url`; `table_prefix` shares DynamoDB tables.
+async fn app(backend: Backend, url: String, table_prefix: Option<String>) -> TestApp {
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |config| {
+        config.webhooks_json = Some(
+            serde_json::json!({"subscribers": [
+                {"name": "labs", "url": url, "secret": SECRET, "prefixes": ["lab"]},
+            ]})
+            .to_string()
+            .into(),
+        );
+        config.run_webhooks = Some(true);
+        config.webhook_retry_base_ms = 20;
+        config.webhook_poll_ms = 50;
+        config.webhook_settle_ms = 2_000;
+        config.webhook_lease_ms = 1_500;
+        // Domain time (the manual clock); re-read every quarter of it in real time.
+        config.webhook_overlap_ms = 4_000;
+        if let Some(prefix) = table_prefix {
+            config.store.table_prefix = prefix;
+        }
+    });
+    spawn_app_with(options).await
+}
+
+/// Allocates one `lab` sandbox through `app` for `caller`; returns its id.
+async fn allocate(app: &TestApp, caller: &str) -> String {
+    let resp = app
+        .allocate(caller)
+        .header("X-Sandbox-Name-Prefix", "lab")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let body: Value = resp.json().await.unwrap_or_default();
+    body["sandbox_id"].as_str().unwrap_or_default().to_string()
+}
+
+async fn allocation_delivered(seen: &Seen, sandbox_id: &str) -> Value {
+    wait_for(seen, "allocation", |b| {
+        b["kind"] == "allocation" && b["sandbox"]["sandbox_id"] == sandbox_id
+    })
+    .await
+}
+
+/// Two API instances on one DynamoDB store: every allocation notification reaches the receiver
+/// exactly once, and after the delivering instance stops the other delivers the rest.
+#[tokio::test]
+async fn two_instances_deliver_once_and_hand_over_dynamo() {
+    let (seen, url) = start_receiver().await;
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let first = app(Backend::Dynamo, url.clone(), Some(prefix.clone())).await;
+    first.seed("lab", 6).await;
+    first.clock.advance(chrono::Duration::seconds(1));
+    let mut ids = vec![allocate(&first, "stu-0").await];
+    first.clock.advance(chrono::Duration::seconds(3));
+    // The first instance delivered, so it holds the lease when the second one starts.
+    allocation_delivered(&seen, &ids[0]).await;
+
+    let second = app(Backend::Dynamo, url, Some(prefix)).await;
+    // One domain time for both: each reads the feed up to its own clock.
+    second.clock.set(first.clock.now());
+    for (i, via) in [&first, &second].into_iter().enumerate() {
+        ids.push(allocate(via, &format!("stu-{}", i + 1)).await);
+    }
+    for app in [&first, &second] {
+        app.clock.advance(chrono::Duration::seconds(3));
+    }
+    for id in &ids {
+        allocation_delivered(&seen, id).await;
+    }
+
+    // The holder stops; the other instance takes over and delivers what happens next.
+    first.stop().await;
+    for i in 3..5 {
+        ids.push(allocate(&second, &format!("stu-{i}")).await);
+    }
+    second.clock.advance(chrono::Duration::seconds(3));
+    for id in &ids[3..] {
+        allocation_delivered(&seen, id).await;
+    }
+
+    let counts = counts(&seen);
+    let allocations: Vec<Value> = bodies(&seen)
+        .into_iter()
+        .filter(|b| b["kind"] == "allocation")
+        .collect();
+    assert_eq!(allocations.len(), ids.len(), "{allocations:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a notification arrived twice: {counts:?}"
+    );
+    second.stop().await;
+}
+
+/// The lease is exclusive while its holder renews it and passes to another instance once the
+/// holder goes silent past its duration (a crashed holder), on both stores.
+async fn lease_lapses_without_renewal(view: Arc<dyn ViewStore>) {
+    let duration = Duration::from_secs(3);
+    let a = DispatchLease::new(Arc::clone(&view), "labs", "api-a", duration);
+    let b = DispatchLease::new(Arc::clone(&view), "labs", "api-b", duration);
+    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
+    assert!(b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    // The holder renews: still its own, still not the other's.
+    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
+    assert!(b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    // The holder goes silent: the other one gets it once the lease lapsed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "lease never lapsed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    // A graceful stop hands it over at once.
+    b.release().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
+}
+
+/// Embedded store: the dispatch lease is exclusive and lapses without renewal.
+#[tokio::test]
+async fn lease_lapses_without_renewal_embedded() {
+    let store = EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}"));
+    lease_lapses_without_renewal(Arc::new(store)).await;
+}
+
+/// DynamoDB Local: the dispatch lease is exclusive and lapses without renewal.
+#[tokio::test]
+async fn lease_lapses_without_renewal_dynamo() {
+    let store = tests::ddb_local::fresh_store(4).await;
+    lease_lapses_without_renewal(Arc::new(store)).await;
+}
+
+/// Appends a `DeletionFailed` (a quarantine notification) to `sandbox_id`'s stream with a
+/// feed timestamp of `at`, as a slow writer would have: the time index shows it late.
+async fn append_late(app: &TestApp, sandbox_id: &str, at: chrono::DateTime<chrono::Utc>) {
+    let events = app.state.broker.events().clone();
+    let stream = sandbox_stream(sandbox_id);
+    let version = events
+        .load_latest(&stream)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map_or(0, |e| e.version);
+    let meta = CommandMeta {
+        actor: Actor::Admin,
+        request_id: None,
+        correlation_id: Some("late-event".into()),
+    };
+    let event = SandboxEvent::DeletionFailed {
+        attempts: 1,
+        last_error: "recorded late".into(),
+        transient: false,
+    };
+    events
+        .append(vec![EventEnvelope::new(
+            &stream,
+            version + 1,
+            &event,
+            &meta,
+            at,
+        )])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn late_event_is_delivered_once(backend: Backend) {
+    let (seen, url) = start_receiver().await;
+    let app = app(backend, url, None).await;
+    app.seed("lab", 4).await;
+    app.clock.advance(chrono::Duration::seconds(1));
+    let allocated = allocate(&app, "stu-0").await;
+    app.clock.advance(chrono::Duration::seconds(3));
+    let body = allocation_delivered(&seen, &allocated).await;
+    let delivered_at =
+        chrono::DateTime::parse_from_rfc3339(body["occurred_at"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_timezone(&chrono::Utc);
+
+    // Both stamped before the delivered allocation, so before the saved position: a reader
+    // going forward from it alone would never see them.
+    let quarantined = |id: &'static str| {
+        move |b: &Value| b["kind"] == "quarantine" && b["sandbox"]["sandbox_id"] == id
+    };
+    append_late(
+        &app,
+        "lab-id-2",
+        delivered_at - chrono::Duration::milliseconds(800),
+    )
+    .await;
+    let first = wait_for(&seen, "late quarantine", quarantined("lab-id-2")).await;
+    assert_eq!(first["event"]["payload"]["last_error"], "recorded late");
+    // A second late event can only arrive through a later re-read of the same window, which
+    // must have skipped the first one.
+    append_late(
+        &app,
+        "lab-id-3",
+        delivered_at - chrono::Duration::milliseconds(400),
+    )
+    .await;
+    wait_for(&seen, "second late quarantine", quarantined("lab-id-3")).await;
+    let counts = counts(&seen);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a notification arrived twice: {counts:?}"
+    );
+    assert_eq!(counts.len(), 3, "{:?}", bodies(&seen));
+    app.stop().await;
+}
+
+/// Embedded store: an event stamped behind the saved position is delivered, once.
+#[tokio::test]
+async fn late_event_is_delivered_once_embedded() {
+    late_event_is_delivered_once(Backend::Embedded).await;
+}
+
+/// DynamoDB Local: an event stamped behind the saved position is delivered, once.
+#[tokio::test]
+async fn late_event_is_delivered_once_dynamo() {
+    late_event_is_delivered_once(Backend::Dynamo).await;
+}
