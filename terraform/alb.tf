@@ -12,7 +12,7 @@ resource "aws_lb" "api" {
   subnets                    = var.alb_internal ? aws_subnet.private[*].id : aws_subnet.public[*].id
   drop_invalid_header_fields = true
   enable_deletion_protection = var.alb_deletion_protection
-  idle_timeout               = 60
+  idle_timeout               = var.alb_idle_timeout_seconds
 
   dynamic "access_logs" {
     for_each = var.alb_access_logs_bucket == null ? [] : [var.alb_access_logs_bucket]

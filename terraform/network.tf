@@ -152,6 +152,21 @@ resource "aws_vpc_endpoint" "dynamodb" {
   }
 }
 
+# Optional (var.s3_gateway_endpoint): ECR image layers come from S3; through a
+# gateway endpoint they skip the NAT gateway's per-GB processing charge. Free.
+resource "aws_vpc_endpoint" "s3" {
+  count = var.s3_gateway_endpoint ? 1 : 0
+
+  vpc_id            = aws_vpc.main.id
+  service_name      = "com.amazonaws.${var.aws_region}.s3"
+  vpc_endpoint_type = "Gateway"
+  route_table_ids   = aws_route_table.private[*].id
+
+  tags = {
+    Name = "${var.name_prefix}-s3"
+  }
+}
+
 # Second fence behind IAM: through this endpoint only this account's
 # "<table_prefix>-*" tables (with their indexes and streams) are reachable, so
 # credentials used from inside the VPC cannot copy data to another table.

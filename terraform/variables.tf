@@ -129,6 +129,12 @@ variable "nat_gateway_per_az" {
 # Load balancer and edge
 # ---------------------------------------------------------------------------
 
+variable "s3_gateway_endpoint" {
+  description = "Add a (free) S3 gateway endpoint to the private route tables. ECR serves image layers from S3, so every task start (each scheduled job run pulls the image) otherwise sends its layers through the NAT gateway at the NAT's per-GB processing price. Off by default (today's topology); see docs/aws-capacity-cost.md."
+  type        = bool
+  default     = false
+}
+
 variable "certificate_arn" {
   description = "ARN of the ACM certificate for the HTTPS listener (must be in aws_region and cover api_domain_name if set)."
   type        = string
@@ -186,6 +192,17 @@ variable "operator_cidrs" {
   validation {
     condition     = alltrue([for c in var.operator_cidrs : can(cidrnetmask(c))]) && length(var.operator_cidrs) <= 40
     error_message = "operator_cidrs must be valid IPv4 CIDR blocks, at most 40 (each allow rule takes four; the listener has a rule limit)."
+  }
+}
+
+variable "alb_idle_timeout_seconds" {
+  description = "Idle timeout of the ALB's connections, seconds. The API closes an idle keep-alive connection after HEADER_READ_TIMEOUT_SEC (hyper's header-read timer also runs while a connection waits for its next request), which is set to this value + 15 so that the ALB, not the target, always closes an idle connection first (otherwise the ALB may reuse a connection the task is closing: a 502). See docs/aws-capacity-cost.md."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.alb_idle_timeout_seconds >= 1 && var.alb_idle_timeout_seconds <= 4000
+    error_message = "alb_idle_timeout_seconds must be between 1 and 4000."
   }
 }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::events::{format_time, BrokerEvent, EventEnvelope, SandboxEvent};
 use crate::model::ids::{sandbox_id_of, sandbox_stream};
-use crate::model::projection::{project, PoolRow, PoolStats};
+use crate::model::projection::{project, project_unknown, PoolRow, PoolStats};
 use crate::model::sandbox::Sandbox;
 use crate::store::{decode_cursor, decode_stored, encode_cursor, EventStore, StoreError};
 
@@ -463,11 +463,17 @@ async fn replay_segment(
                 stopped.insert(sandbox_id.to_string());
                 continue;
             }
-            let BrokerEvent::Sandbox(event) = decode_stored(envelope)? else {
+            let decoded = decode_stored(envelope)?;
+            if !matches!(decoded, BrokerEvent::Sandbox(_) | BrokerEvent::Unknown(_)) {
                 continue;
-            };
+            }
             let row = part.rows.remove(sandbox_id);
-            if let (Some(next), _) = project(row, envelope, &event) {
+            // An event of a newer release replays as the projector applies it (ADR 0023).
+            let projected = match &decoded {
+                BrokerEvent::Sandbox(event) => project(row, envelope, event),
+                _ => project_unknown(row, envelope),
+            };
+            if let (Some(next), _) = projected {
                 part.rows.insert(sandbox_id.to_string(), next);
             }
             part.events_applied += 1;

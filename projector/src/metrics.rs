@@ -5,7 +5,48 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use domain::store::ApplyOutcome;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// `broker_projector_unknown_events_total{event_type}`: events a newer release wrote that this
+/// projector skipped (ADR 0023), read at scrape time from the process-wide tally in
+/// `domain::store::unknown` (every projector path notes them there, the Lambda's included).
+struct UnknownEvents {
+    template: IntCounterVec,
+}
+
+impl UnknownEvents {
+    fn opts() -> Opts {
+        Opts::new(
+            "broker_projector_unknown_events_total",
+            "Events of a type, stream kind or schema version this release does not know \
+             (written by a newer release), skipped by the projector",
+        )
+    }
+
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            template: IntCounterVec::new(Self::opts(), &["event_type"])?,
+        })
+    }
+}
+
+impl Collector for UnknownEvents {
+    fn desc(&self) -> Vec<&Desc> {
+        self.template.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(counts) = IntCounterVec::new(Self::opts(), &["event_type"]) else {
+            return Vec::new();
+        };
+        for (event_type, n) in domain::store::unknown::counts() {
+            counts.with_label_values(&[&event_type]).inc_by(n);
+        }
+        counts.collect()
+    }
+}
 
 /// Lag and outcome series; cheap to clone.
 #[derive(Clone)]
@@ -68,6 +109,7 @@ impl ProjectorMetrics {
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(repairs.clone()))?;
         registry.register(Box::new(iterator_age.clone()))?;
+        registry.register(Box::new(UnknownEvents::new()?))?;
         Ok(Self {
             lag,
             lag_gauge,

@@ -53,6 +53,17 @@ pub enum DomainError {
         /// Hours already added to this allocation.
         used_hours: u32,
     },
+    /// The stream holds an event this release does not know: a newer release wrote it, so this
+    /// release cannot tell the stream's state and refuses to act on it (ADR 0023).
+    #[error("{stream_id} holds {event_type} (schema {schema_version}), written by a newer release; this release does not act on it")]
+    WrittenByNewerRelease {
+        /// The stream.
+        stream_id: String,
+        /// The event type it does not know.
+        event_type: String,
+        /// Its schema version.
+        schema_version: u32,
+    },
     /// The (caller, key) claim already holds a live allocation.
     #[error("claim already holds sandbox {sandbox_id}")]
     ClaimTaken {

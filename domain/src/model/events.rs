@@ -382,6 +382,43 @@ pub enum BrokerEvent {
     PoolControl(PoolControlEvent),
     /// From a `quota#` stream.
     Quota(QuotaEvent),
+    /// An event this build does not know: a newer release wrote it (an event type, a stream
+    /// kind or a schema version this build has never seen). Readers skip and count it, and
+    /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
+    Unknown(UnknownEvent),
+}
+
+/// What a reader knows about an event written by a newer release: only its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownEvent {
+    /// The stream it belongs to.
+    pub stream_id: String,
+    /// Its version in that stream.
+    pub version: u64,
+    /// Its `event_type`, as stored.
+    pub event_type: String,
+    /// Its `schema_version`, as stored.
+    pub schema_version: u32,
+}
+
+impl std::fmt::Display for UnknownEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} v{} is {} (schema {}), written by a newer release",
+            self.stream_id, self.version, self.event_type, self.schema_version
+        )
+    }
+}
+
+/// True when this build can read events of `stream_id`'s kind.
+pub fn is_known_stream(stream_id: &str) -> bool {
+    stream_id.starts_with(SANDBOX_STREAM_PREFIX)
+        || stream_id.starts_with(CLAIM_STREAM_PREFIX)
+        || stream_id == SYNC_STREAM_ID
+        || stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX)
+        || stream_id == POOL_CONTROL_STREAM_ID
+        || stream_id.starts_with(QUOTA_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -457,13 +494,12 @@ pub struct EventEnvelope {
     pub payload: serde_json::Value,
 }
 
-/// Why a stored event could not be decoded.
+/// Why a stored event could not be decoded. An event a newer release wrote is not an error:
+/// [`EventEnvelope::decode`] returns it as [`BrokerEvent::Unknown`].
 #[derive(Debug, Error)]
 pub enum DecodeError {
-    /// The stream id has no known prefix.
-    #[error("unknown stream kind: {0}")]
-    UnknownStream(String),
-    /// A schema version newer than this build knows.
+    /// A schema version newer than this build knows (only [`upcast`] returns it; `decode`
+    /// turns it into [`BrokerEvent::Unknown`]).
     #[error("{event_type} has schema version {found}, newer than {CURRENT_SCHEMA_VERSION}")]
     FutureSchema {
         /// The event type.
@@ -552,40 +588,60 @@ impl EventEnvelope {
         }
     }
 
-    /// Decodes the payload (after upcasting) by the stream's kind.
+    /// Decodes the payload (after upcasting) by the stream's kind. An event type, stream kind or
+    /// schema version this build does not know is [`BrokerEvent::Unknown`] (a newer release
+    /// wrote it; ADR 0023); only a known event type whose payload does not parse is an error
+    /// (a corrupt item).
     pub fn decode(&self) -> Result<BrokerEvent, DecodeError> {
+        if let Some(unknown) = self.unknown() {
+            return Ok(BrokerEvent::Unknown(unknown));
+        }
         let payload = upcast(&self.event_type, self.schema_version, self.payload.clone())?;
         let err = |source| DecodeError::Payload {
             event_type: self.event_type.clone(),
             source,
         };
-        if self.stream_id.starts_with(SANDBOX_STREAM_PREFIX) {
+        let stream = self.stream_id.as_str();
+        if stream.starts_with(SANDBOX_STREAM_PREFIX) {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Sandbox)
                 .map_err(err)
-        } else if self.stream_id.starts_with(CLAIM_STREAM_PREFIX) {
+        } else if stream.starts_with(CLAIM_STREAM_PREFIX) {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Claim)
                 .map_err(err)
-        } else if self.stream_id == SYNC_STREAM_ID {
+        } else if stream == SYNC_STREAM_ID {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Sync)
                 .map_err(err)
-        } else if self.stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX) {
+        } else if stream.starts_with(ADMIN_JOB_STREAM_PREFIX) {
             serde_json::from_value(payload)
                 .map(BrokerEvent::AdminJob)
                 .map_err(err)
-        } else if self.stream_id == POOL_CONTROL_STREAM_ID {
+        } else if stream == POOL_CONTROL_STREAM_ID {
             serde_json::from_value(payload)
                 .map(BrokerEvent::PoolControl)
                 .map_err(err)
-        } else if self.stream_id.starts_with(QUOTA_STREAM_PREFIX) {
+        } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
                 .map_err(err)
-        } else {
-            Err(DecodeError::UnknownStream(self.stream_id.clone()))
         }
+    }
+
+    /// `Some` when a newer release wrote this event: its stream kind, its event type or its
+    /// schema version is beyond what this build knows. Such an event is tolerated (skipped and
+    /// counted), never misread and never an error.
+    pub fn unknown(&self) -> Option<UnknownEvent> {
+        let newer = !is_known_stream(&self.stream_id)
+            || !EVENT_TYPES.contains(&self.event_type.as_str())
+            || self.schema_version > CURRENT_SCHEMA_VERSION;
+        newer.then(|| UnknownEvent {
+            stream_id: self.stream_id.clone(),
+            version: self.version,
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+        })
     }
 
     /// The payload as a sandbox event, or `None` for other streams.
@@ -659,9 +715,10 @@ mod tests {
         ));
     }
 
-    /// A schema version from the future is refused rather than misread.
+    /// A schema version from the future is never misread: `upcast` refuses it and `decode`
+    /// reports it as an unknown event (a newer release wrote it), not as an error.
     #[test]
-    fn future_schema_is_refused() {
+    fn future_schema_is_unknown_not_misread() {
         let mut env = EventEnvelope::new(
             "claim#1:a#b",
             1,
@@ -675,9 +732,60 @@ mod tests {
         assert!(matches!(env.decode(), Ok(BrokerEvent::Claim(_))));
         env.schema_version = 99;
         assert!(matches!(
-            env.decode(),
+            upcast(&env.event_type, env.schema_version, env.payload.clone()),
             Err(DecodeError::FutureSchema { .. })
         ));
+        let Ok(BrokerEvent::Unknown(unknown)) = env.decode() else {
+            panic!("a future schema must decode as unknown");
+        };
+        assert_eq!(
+            (unknown.event_type.as_str(), unknown.schema_version),
+            ("ClaimReleased", 99)
+        );
+    }
+
+    /// An event type or a stream kind this build does not know is an unknown event carrying
+    /// its envelope's facts; a known type whose payload does not parse stays an error (corrupt).
+    #[test]
+    fn unknown_types_and_streams_are_tolerated_corrupt_payloads_are_not() {
+        let mut reserved = EventEnvelope::new(
+            "sandbox#7",
+            4,
+            &SandboxEvent::SandboxRestored {
+                restored_at: Utc::now(),
+            },
+            &meta(),
+            Utc::now(),
+        );
+        reserved.event_type = "SandboxReserved".into();
+        reserved.schema_version = 2;
+        reserved.payload = serde_json::json!({"type": "SandboxReserved", "reservation": "r1"});
+        assert_eq!(
+            reserved.decode().ok(),
+            Some(BrokerEvent::Unknown(UnknownEvent {
+                stream_id: "sandbox#7".into(),
+                version: 4,
+                event_type: "SandboxReserved".into(),
+                schema_version: 2,
+            }))
+        );
+        assert!(matches!(reserved.sandbox_event(), Ok(None)));
+
+        let mut stream = reserved.clone();
+        stream.stream_id = "reservation#r1".into();
+        stream.event_type = "ReservationCreated".into();
+        stream.schema_version = 1;
+        assert!(
+            matches!(stream.decode(), Ok(BrokerEvent::Unknown(u)) if u.stream_id == "reservation#r1")
+        );
+
+        // A known type on a known stream whose payload is garbage is corrupt, as before.
+        let mut corrupt = reserved.clone();
+        corrupt.event_type = "SandboxRestored".into();
+        corrupt.schema_version = 1;
+        corrupt.payload = serde_json::json!({"type": "SandboxRestored", "restored_at": 5});
+        assert!(matches!(corrupt.decode(), Err(DecodeError::Payload { .. })));
+        assert!(corrupt.unknown().is_none());
     }
 
     /// Actors render as the envelope's `actor` strings.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::events::{EventEnvelope, SandboxEvent};
+use super::ids::sandbox_id_of;
 use super::lifecycle::SandboxStatus;
 
 /// One sandbox as the read side sees it (the `pool` table's item).
@@ -46,6 +47,12 @@ pub struct PoolRow {
     pub version: u64,
     /// `occurred_at` of the last event applied.
     pub updated_at: DateTime<Utc>,
+    /// The event type of the first event on this sandbox's stream that this release does not
+    /// know (a newer release wrote it; ADR 0023). A held row is never an allocation candidate:
+    /// the candidate queries of both stores and the allocator leave it out, whatever its status.
+    /// Absent in rows written before the field existed, which read as not held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 /// Counter changes per status caused by one event (index = [`SandboxStatus::index`]).
@@ -144,6 +151,7 @@ pub fn project(
             pick: 0,
             version: 0,
             updated_at: at,
+            held_by: None,
         },
         (None, _) => return (None, StatsDelta::default()),
         (Some(row), _) => row,
@@ -232,6 +240,56 @@ pub fn project(
     row.pick = pick_for(&row.sandbox_id, row.version);
     row.updated_at = at;
     let delta = StatsDelta::moved(before, row.status);
+    (Some(row), delta)
+}
+
+/// Applies an event this release does not know (ADR 0023) to its sandbox's row: nothing of the
+/// row's meaning changes (this release cannot tell what the event means), but the row's version
+/// advances past it, so the next known event applies without a gap, and the row is held out of
+/// allocation for good (the first unknown type is kept in [`PoolRow::held_by`]).
+///
+/// A stream that *begins* with an unknown event (a newer way to register a sandbox) gets a
+/// placeholder row: counted as `deleted` (terminal, never a candidate, in no job's work list),
+/// held, with an empty name — so its later events apply in order instead of being reported as a
+/// gap again and again. The release that knows the event re-projects it (`verify --repair`).
+pub fn project_unknown(
+    row: Option<PoolRow>,
+    envelope: &EventEnvelope,
+) -> (Option<PoolRow>, StatsDelta) {
+    let (mut row, delta) = match row {
+        Some(row) => (row, StatsDelta::default()),
+        None => {
+            let Some(sandbox_id) = sandbox_id_of(&envelope.stream_id) else {
+                return (None, StatsDelta::default());
+            };
+            let placeholder = PoolRow {
+                sandbox_id: sandbox_id.to_string(),
+                status: SandboxStatus::Deleted,
+                name: String::new(),
+                external_id: String::new(),
+                sfdc_account_id: None,
+                owner: None,
+                track_name: None,
+                allocated_at: None,
+                expires_at: None,
+                deletion_requested_at: None,
+                attempts: 0,
+                last_error: None,
+                due_at: None,
+                pick: 0,
+                version: 0,
+                updated_at: envelope.occurred_at,
+                held_by: None,
+            };
+            (placeholder, StatsDelta::moved(None, SandboxStatus::Deleted))
+        }
+    };
+    if row.held_by.is_none() {
+        row.held_by = Some(envelope.event_type.clone());
+    }
+    row.version = envelope.version;
+    row.pick = pick_for(&row.sandbox_id, row.version);
+    row.updated_at = envelope.occurred_at;
     (Some(row), delta)
 }
 
@@ -354,6 +412,48 @@ mod tests {
         );
         assert_eq!(pick_for("a", 1), pick_for("a", 1));
         assert_ne!(pick_for("a", 1), pick_for("a", 2));
+    }
+
+    /// An unknown event advances the row's version and holds it; later known events apply on
+    /// top and the hold stays.
+    #[test]
+    fn unknown_events_advance_and_hold_the_row() {
+        let registered = SandboxEvent::SandboxRegistered {
+            sandbox_id: "7".into(),
+            name: "lab-7".into(),
+            external_id: "identity/accounts/u7".into(),
+            sfdc_account_id: None,
+            csp_created_at: None,
+        };
+        let (row, _) = step(None, 1, registered);
+        let mut reserved = env(
+            2,
+            &SandboxEvent::SandboxRestored {
+                restored_at: Utc::now(),
+            },
+        );
+        reserved.event_type = "SandboxReserved".into();
+        reserved.schema_version = 2;
+        let (held, delta) = project_unknown(Some(row.clone()), &reserved);
+        let held = held.unwrap_or_else(|| panic!("row kept"));
+        assert!(delta.is_zero());
+        assert_eq!((held.version, held.status), (2, SandboxStatus::Available));
+        assert_eq!(held.held_by.as_deref(), Some("SandboxReserved"));
+        let (after, _) = step(
+            Some(held),
+            3,
+            SandboxEvent::SandboxMarkedStale {
+                marked_at: Utc::now(),
+            },
+        );
+        assert_eq!(after.held_by.as_deref(), Some("SandboxReserved"));
+        // A stream that begins with an unknown event gets a held placeholder row, counted as
+        // deleted, so its later events apply in order.
+        let (placeholder, delta) = project_unknown(None, &reserved);
+        let placeholder = placeholder.unwrap_or_else(|| panic!("a placeholder row"));
+        assert_eq!(placeholder.status, SandboxStatus::Deleted);
+        assert_eq!(placeholder.held_by.as_deref(), Some("SandboxReserved"));
+        assert_eq!(delta, StatsDelta([0, 0, 0, 0, 0, 1]));
     }
 
     /// Stats add up deltas and total every status.

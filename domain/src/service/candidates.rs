@@ -81,7 +81,10 @@ pub(super) enum Fill {
 
 impl CandidateState {
     fn usable(&self, row: &PoolRow) -> bool {
+        // A held row's stream holds an event of a newer release: never a candidate here, even
+        // if a view that predates the hold filter returns it (ADR 0023).
         row.status == SandboxStatus::Available
+            && row.held_by.is_none()
             && !self.in_flight.contains(&row.sandbox_id)
             && self
                 .unsure

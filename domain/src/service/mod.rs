@@ -148,6 +148,21 @@ pub enum BrokerError {
     },
 }
 
+/// A stored event decoded for a command's strong load: like [`decode_stored`], but an event a
+/// newer release wrote refuses the command ([`DomainError::WrittenByNewerRelease`]) — a stream
+/// this release cannot fully read is never decided on (ADR 0023).
+pub(crate) fn decode_for_command(envelope: &EventEnvelope) -> Result<BrokerEvent, BrokerError> {
+    match decode_stored(envelope)? {
+        BrokerEvent::Unknown(unknown) => Err(DomainError::WrittenByNewerRelease {
+            stream_id: unknown.stream_id,
+            event_type: unknown.event_type,
+            schema_version: unknown.schema_version,
+        }
+        .into()),
+        event => Ok(event),
+    }
+}
+
 /// An allocation request as the track sends it.
 #[derive(Debug, Clone, Default)]
 pub struct AllocateRequest {
@@ -324,7 +339,7 @@ impl Broker {
         let events = self.events.load(&sandbox_stream(sandbox_id)).await?;
         let mut sandbox = Sandbox::default();
         for envelope in &events {
-            if let BrokerEvent::Sandbox(event) = decode_stored(envelope)? {
+            if let BrokerEvent::Sandbox(event) = decode_for_command(envelope)? {
                 sandbox.fold(&event);
             }
         }
@@ -334,7 +349,7 @@ impl Broker {
     async fn load_claim(&self, stream_id: &str) -> Result<Claim, BrokerError> {
         let mut claim = Claim::default();
         for envelope in self.events.load(stream_id).await? {
-            if let BrokerEvent::Claim(event) = decode_stored(&envelope)? {
+            if let BrokerEvent::Claim(event) = decode_for_command(&envelope)? {
                 claim.fold(&event);
             }
         }

@@ -10,11 +10,11 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::decode_for_command as decode;
 use super::{envelopes, Broker, BrokerError};
 use crate::model::events::{BrokerEvent, CommandMeta, DrainEntry};
 use crate::model::ids::POOL_CONTROL_STREAM_ID;
 use crate::model::pool_control::DrainState;
-use crate::store::decode_stored as decode;
 use crate::store::StoreError;
 
 /// The drain state this instance read last, and when.

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::decode_for_command as decode;
 use super::BrokerError;
 use crate::model::events::BrokerEvent;
 use crate::model::ids::quota_stream;
 use crate::model::quota::QuotaUsage;
-use crate::store::decode_stored as decode;
 use crate::store::EventStore;
 
 /// Maximum concurrent allocations per track name (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`).

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use crate::model::events::{BrokerEvent, EventEnvelope, SandboxEvent};
 use crate::model::ids::sandbox_id_of;
 use crate::model::pool_prefix::pool_prefix;
-use crate::model::projection::{project, PoolRow, StatsDelta};
-use crate::store::stats_shard;
+use crate::model::projection::{project, project_unknown, PoolRow, StatsDelta};
+use crate::store::{stats_shard, unknown};
 
 /// A projector source's position, saved in the same atomic write as the rows it covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +107,9 @@ pub struct DeliveredEvent {
     pub index: Option<usize>,
     /// The stored envelope.
     pub envelope: EventEnvelope,
-    /// Its decoded payload.
-    pub event: SandboxEvent,
+    /// Its decoded payload; `None` for an event this release does not know (a newer release
+    /// wrote it): it is projected by [`project_unknown`], which advances and holds the row.
+    pub event: Option<SandboxEvent>,
 }
 
 /// One sandbox's events of a delivery, by version (a version delivered twice is kept once).
@@ -130,7 +131,11 @@ impl SandboxEvents {
                 continue;
             }
             let event = match envelope.decode() {
-                Ok(BrokerEvent::Sandbox(event)) => event,
+                Ok(BrokerEvent::Sandbox(event)) => Some(event),
+                Ok(BrokerEvent::Unknown(event)) => {
+                    unknown::note(&event);
+                    None
+                }
                 Ok(_) => {
                     return Err(format!(
                         "{} v{} is not a sandbox event",
@@ -176,16 +181,26 @@ pub struct Delivery {
 
 impl Delivery {
     /// Sorts a delivery: per sandbox by version, other streams counted as ignored, undecodable
-    /// sandbox events set aside as poison.
+    /// sandbox events of a known type set aside as poison. Events a newer release wrote are
+    /// never poison (ADR 0023): on a sandbox stream they are planned like any other (advancing
+    /// and holding the row), on a stream kind this release does not know they are ignored.
     pub fn sort(envelopes: &[EventEnvelope]) -> Self {
         let mut delivery = Delivery::default();
         for (index, envelope) in envelopes.iter().enumerate() {
             let Some(sandbox_id) = sandbox_id_of(&envelope.stream_id) else {
+                // A stream kind a newer release writes is counted, then ignored like claims.
+                if let Some(event) = envelope.unknown() {
+                    unknown::note(&event);
+                }
                 delivery.ignored += 1;
                 continue;
             };
             let event = match envelope.decode() {
-                Ok(BrokerEvent::Sandbox(event)) => event,
+                Ok(BrokerEvent::Sandbox(event)) => Some(event),
+                Ok(BrokerEvent::Unknown(event)) => {
+                    unknown::note(&event);
+                    None
+                }
                 Ok(_) => {
                     delivery.ignored += 1;
                     continue;
@@ -258,7 +273,10 @@ pub fn plan_sandbox(row: Option<&PoolRow>, events: &SandboxEvents) -> SandboxPla
     let mut current = row.cloned();
     let mut delta = StatsDelta::default();
     for (version, delivered) in events.events.range(row_version + 1..) {
-        let (next, d) = project(current.clone(), &delivered.envelope, &delivered.event);
+        let (next, d) = match &delivered.event {
+            Some(event) => project(current.clone(), &delivered.envelope, event),
+            None => project_unknown(current.clone(), &delivered.envelope),
+        };
         let Some(next) = next else {
             plan.stuck_at = Some((
                 *version,
@@ -458,6 +476,27 @@ mod tests {
         let plan = plan_sandbox(None, &delivery.sandboxes["b"]);
         assert!(plan.change.is_none());
         assert_eq!(plan.stuck_at.map(|(v, _)| v), Some(1));
+    }
+
+    /// A future event type on a sandbox stream is planned (the row advances past it and is
+    /// held), a future stream kind is ignored, and neither is poison.
+    #[test]
+    fn unknown_events_are_planned_not_poison() {
+        let mut reserved = stale("a", 2);
+        reserved.event_type = "SandboxReserved".into();
+        reserved.schema_version = 2;
+        reserved.payload = serde_json::json!({"type": "SandboxReserved", "seats": 3});
+        let mut reservation = registered("r");
+        reservation.stream_id = "reservation#r".into();
+        reservation.event_type = "ReservationCreated".into();
+        let delivery = Delivery::sort(&[registered("a"), reserved, restored("a", 3), reservation]);
+        assert!(delivery.poison.is_empty());
+        assert_eq!(delivery.ignored, 1);
+        let plan = plan_sandbox(None, &delivery.sandboxes["a"]);
+        assert_eq!(plan.applied, 3);
+        let change = plan.change.unwrap_or_else(|| panic!("a change"));
+        assert_eq!(change.row.version, 3);
+        assert_eq!(change.row.held_by.as_deref(), Some("SandboxReserved"));
     }
 
     /// Chunks never exceed the item limit (rows + shard updates + prefix counter updates +

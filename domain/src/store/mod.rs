@@ -7,7 +7,8 @@
 //! - `append` — the batch rules every adapter checks before writing ([`validate_append`]);
 //! - `feed` — the [`EventFeed`] port and its query types;
 //! - `batch` — the projector's batch planning into view chunks;
-//! - `repair` — re-projecting one row from its stream.
+//! - `repair` — re-projecting one row from its stream;
+//! - `unknown` — the tally of events a newer release wrote, which readers skip (ADR 0023).
 
 pub mod append;
 pub mod batch;
@@ -25,17 +26,20 @@ use crate::model::events::{BrokerEvent, EventEnvelope};
 use crate::model::ids::sandbox_id_of;
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::pool_prefix::PrefixStats;
-use crate::model::projection::{project, PoolRow, PoolStats, StatsDelta};
+use crate::model::projection::{project, project_unknown, PoolRow, PoolStats, StatsDelta};
 use batch::{BatchLimits, ViewChunk};
 
 pub mod repair;
+pub mod unknown;
 
 pub use append::validate_append;
 pub use feed::{EventFeed, FeedFilter, FeedPage, FeedQuery};
 pub use repair::{repair_row, RepairOutcome};
 
-/// A stored event decoded into the model; an envelope the model cannot read is
-/// [`StoreError::Corrupt`] naming its stream and version (the one rule for every reader).
+/// A stored event decoded into the model; an envelope of a known type the model cannot read is
+/// [`StoreError::Corrupt`] naming its stream and version (the one rule for every reader). An
+/// event a newer release wrote is `Ok(BrokerEvent::Unknown)`: each reader decides what it means
+/// for it (projectors skip it, commands refuse the stream, audit passes it on; ADR 0023).
 pub fn decode_stored(envelope: &EventEnvelope) -> Result<BrokerEvent, StoreError> {
     envelope.decode().map_err(|e| {
         StoreError::Corrupt(format!("{} v{}: {e}", envelope.stream_id, envelope.version))
@@ -318,7 +322,8 @@ pub enum ApplyOutcome {
         /// The version the row has (0: no row).
         row_version: u64,
     },
-    /// Not a sandbox event (claims, sync): the pool view does not change.
+    /// Not a sandbox event (claims, sync, or a stream kind a newer release writes): the pool
+    /// view does not change.
     Ignored,
 }
 
@@ -330,10 +335,19 @@ pub async fn apply_event(
     envelope: &EventEnvelope,
 ) -> Result<ApplyOutcome, StoreError> {
     let Some(sandbox_id) = sandbox_id_of(&envelope.stream_id) else {
+        if let Some(unknown) = envelope.unknown() {
+            unknown::note(&unknown);
+        }
         return Ok(ApplyOutcome::Ignored);
     };
+    // An event a newer release wrote still takes its version in the row (so the next known
+    // event applies without a gap) and holds the row out of allocation (ADR 0023).
     let event = match envelope.decode() {
-        Ok(crate::model::events::BrokerEvent::Sandbox(event)) => event,
+        Ok(BrokerEvent::Sandbox(event)) => Some(event),
+        Ok(BrokerEvent::Unknown(unknown)) => {
+            unknown::note(&unknown);
+            None
+        }
         Ok(_) => return Ok(ApplyOutcome::Ignored),
         Err(e) => return Err(StoreError::Corrupt(e.to_string())),
     };
@@ -346,7 +360,10 @@ pub async fn apply_event(
         return Ok(ApplyOutcome::Gap { row_version });
     }
     let expected = row.as_ref().map(|r| r.version);
-    let (next, delta) = project(row, envelope, &event);
+    let (next, delta) = match &event {
+        Some(event) => project(row, envelope, event),
+        None => project_unknown(row, envelope),
+    };
     let Some(next) = next else {
         return Err(StoreError::Corrupt(format!(
             "{} v{} cannot start a row",

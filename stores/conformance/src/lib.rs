@@ -136,6 +136,7 @@ pub fn row(id: &str, name: &str, status: SandboxStatus, pick: u32, version: u64)
         pick,
         version,
         updated_at: now_ms(),
+        held_by: None,
     }
 }
 
@@ -438,6 +439,7 @@ pub async fn write_row_is_conditional(p: Ports) -> CheckResult {
         pick: u32::MAX,
         version: 2,
         updated_at: at,
+        held_by: None,
         ..v1.clone()
     };
     let allocate = delta(&[

@@ -60,6 +60,9 @@ pub(crate) mod pool_attr {
     pub const PICK: &str = "pick";
     pub const VERSION: &str = "version";
     pub const UPDATED_AT: &str = "updated_at";
+    /// The unknown event type that holds the row out of allocation (ADR 0023); absent when not
+    /// held, so candidate queries filter on its absence.
+    pub const HELD_BY: &str = "held_by";
 }
 
 /// A string attribute.
@@ -319,6 +322,7 @@ pub fn row_to_sharded_item(row: &PoolRow, shards: u32) -> Item {
         (OWNER, &row.owner),
         (TRACK_NAME, &row.track_name),
         (LAST_ERROR, &row.last_error),
+        (HELD_BY, &row.held_by),
     ];
     for (name, value) in optional_strings {
         if let Some(value) = value {
@@ -376,6 +380,7 @@ pub fn row_from_item(item: &Item) -> Result<PoolRow, StoreError> {
         pick: get_n(item, PICK)?,
         version: get_n(item, VERSION)?,
         updated_at: time_from_millis(UPDATED_AT, get_n(item, UPDATED_AT)?)?,
+        held_by: get_opt_s(item, HELD_BY)?,
     })
 }
 
@@ -557,6 +562,7 @@ mod tests {
             pick: u32::MAX,
             version: 9,
             updated_at: at,
+            held_by: None,
         }
     }
 

@@ -225,10 +225,16 @@ impl DynamoStore {
             ]),
             consistent: false,
         };
-        let (mut rows, _) = self.rows(&by_pick("#pick >= :start"), limit, None).await?;
+        let (mut rows, _) = self
+            .rows(&not_held(by_pick("#pick >= :start")), limit, None)
+            .await?;
         if rows.len() < limit && start > 0 {
             let (wrapped, _) = self
-                .rows(&by_pick("#pick < :start"), limit - rows.len(), None)
+                .rows(
+                    &not_held(by_pick("#pick < :start")),
+                    limit - rows.len(),
+                    None,
+                )
                 .await?;
             rows.extend(wrapped);
         }
@@ -247,7 +253,7 @@ impl DynamoStore {
         // The names starting with `prefix` are exactly the sort-key range [prefix,
         // prefix + U+10FFFF] (UTF-8 byte order).
         let end = format!("{prefix}\u{10FFFF}");
-        let by_name = |lo: String, hi: String| name_range(partition, Some(lo), Some(hi));
+        let by_name = |lo: String, hi: String| not_held(name_range(partition, Some(lo), Some(hi)));
         let after = after.filter(|a| a.starts_with(prefix));
         // The smallest string greater than `after` is `after` followed by NUL.
         let start = after.map_or_else(|| prefix.to_string(), |a| format!("{a}\u{0}"));
@@ -407,6 +413,16 @@ fn name_key(row: &PoolRow) -> NameKey {
 
 /// A query of one `by-status-name` partition: the names from `lo` up to `hi` (both inclusive,
 /// each bound optional).
+/// A candidate query without the rows held by an event of a newer release (ADR 0023): a filter,
+/// so held rows still cost their read units but are never returned as candidates.
+fn not_held(mut query: RowQuery) -> RowQuery {
+    query.filter = Some("attribute_not_exists(#held)".to_string());
+    query
+        .names
+        .insert("#held".to_string(), pool_attr::HELD_BY.to_string());
+    query
+}
+
 fn name_range(partition: &str, lo: Option<String>, hi: Option<String>) -> RowQuery {
     let mut values = HashMap::from([(":st".to_string(), s(partition))]);
     let mut attribute_names = vec![("#st", pool_attr::STATUS)];
@@ -772,6 +788,7 @@ mod tests {
             pick: 0,
             version: 1,
             updated_at: at,
+            held_by: None,
         }
     }
 

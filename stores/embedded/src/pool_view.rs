@@ -54,14 +54,14 @@ impl PoolView for EmbeddedStore {
                     let start = query.start_pick as i64;
                     let mut rows = query_rows(
                         conn,
-                        "SELECT row FROM pool WHERE status = ?1 AND pick >= ?2 ORDER BY pick LIMIT ?3",
+                        "SELECT row FROM pool WHERE status = ?1 AND pick >= ?2 AND json_extract(row, '$.held_by') IS NULL ORDER BY pick LIMIT ?3",
                         &[&available, &start, &limit],
                     )?;
                     if rows.len() < query.limit {
                         let rest = limit - rows.len() as i64;
                         rows.extend(query_rows(
                             conn,
-                            "SELECT row FROM pool WHERE status = ?1 AND pick < ?2 ORDER BY pick LIMIT ?3",
+                            "SELECT row FROM pool WHERE status = ?1 AND pick < ?2 AND json_extract(row, '$.held_by') IS NULL ORDER BY pick LIMIT ?3",
                             &[&available, &start, &rest],
                         )?);
                     }
@@ -72,14 +72,14 @@ impl PoolView for EmbeddedStore {
                     let after = query.after_name.clone().unwrap_or_default();
                     let mut rows = query_rows(
                         conn,
-                        "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name < ?3 AND name > ?4 ORDER BY name LIMIT ?5",
+                        "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name < ?3 AND name > ?4 AND json_extract(row, '$.held_by') IS NULL ORDER BY name LIMIT ?5",
                         &[&available, prefix, &end, &after, &limit],
                     )?;
                     if rows.len() < query.limit && !after.is_empty() {
                         let rest = limit - rows.len() as i64;
                         rows.extend(query_rows(
                             conn,
-                            "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name <= ?3 ORDER BY name LIMIT ?4",
+                            "SELECT row FROM pool WHERE status = ?1 AND name >= ?2 AND name <= ?3 AND json_extract(row, '$.held_by') IS NULL ORDER BY name LIMIT ?4",
                             &[&available, prefix, &after, &rest],
                         )?);
                     }

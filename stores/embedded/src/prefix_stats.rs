@@ -224,6 +224,7 @@ mod tests {
             pick: 7,
             version,
             updated_at: Utc::now(),
+            held_by: None,
         }
     }
 

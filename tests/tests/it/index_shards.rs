@@ -71,6 +71,7 @@ fn due_row(id: &str, due_at: DateTime<Utc>) -> PoolRow {
         pick: 1,
         version: 1,
         updated_at: due_at,
+        held_by: None,
     }
 }
 
@@ -255,6 +256,7 @@ fn available_row(id: &str, name: &str, pick: u32) -> PoolRow {
         pick,
         version: 1,
         updated_at: at,
+        held_by: None,
     }
 }
 

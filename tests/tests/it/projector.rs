@@ -711,6 +711,73 @@ async fn captured_fixture_applies() {
     );
 }
 
+/// A delivered batch holding what a newer release writes (a new event type at a newer schema
+/// version on a sandbox stream, a new stream kind) projects under the Lambda handler without a
+/// batch item failure: the unknown events are skipped and counted, and their sandbox's row moves
+/// past them and is held out of allocation (ADR 0023).
+#[tokio::test]
+async fn lambda_tolerates_events_of_a_newer_release() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/dynamodb-local-stream-event.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut event: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture JSON: {e}"));
+    let Some(records) = event["Records"].as_array_mut() else {
+        panic!("fixture without Records");
+    };
+    let stream_of = |r: &Value| {
+        r["dynamodb"]["NewImage"]["stream_id"]["S"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let Some(index) = records
+        .iter()
+        .rposition(|r| stream_of(r).starts_with("sandbox#"))
+    else {
+        panic!("fixture without a sandbox record");
+    };
+    let sandbox_stream = stream_of(&records[index]);
+    let mut reservation = records[index].clone();
+    let image = &mut records[index]["dynamodb"]["NewImage"];
+    image["event_type"] = serde_json::json!({"S": "SandboxReserved"});
+    image["schema_version"] = serde_json::json!({"N": "2"});
+    image["payload"] = serde_json::json!({"S": "{\"type\":\"SandboxReserved\",\"seats\":3}"});
+    for part in ["Keys", "NewImage"] {
+        reservation["dynamodb"][part]["stream_id"] = serde_json::json!({"S": "reservation#r9"});
+        reservation["dynamodb"][part]["version"] = serde_json::json!({"N": "1"});
+    }
+    reservation["dynamodb"]["NewImage"]["event_type"] =
+        serde_json::json!({"S": "ReservationCreated"});
+    reservation["dynamodb"]["SequenceNumber"] = serde_json::json!("000000000000000009999");
+    records.push(reservation);
+
+    let before = domain::store::unknown::counts();
+    let store = EmbeddedStore::open_in_memory(4).expect("in-memory embedded store");
+    let p = projector_on(Arc::new(store.clone()), Arc::new(store.clone()));
+    let response = projector::lambda::handle_event(&p, event).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        response.batch_item_failures
+    );
+    let after = domain::store::unknown::counts();
+    for event_type in ["SandboxReserved", "ReservationCreated"] {
+        assert!(
+            after.get(event_type).copied().unwrap_or(0)
+                > before.get(event_type).copied().unwrap_or(0),
+            "{event_type} not counted"
+        );
+    }
+    let sandbox_id = sandbox_stream.trim_start_matches("sandbox#");
+    let row = store
+        .get(sandbox_id)
+        .await
+        .expect("read the row")
+        .unwrap_or_else(|| panic!("no row for {sandbox_id}"));
+    assert_eq!(row.held_by.as_deref(), Some("SandboxReserved"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Embedded: the log tail.
 // ---------------------------------------------------------------------------------------------

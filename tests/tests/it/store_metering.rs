@@ -120,3 +120,66 @@ async fn projector_poll_counts_stream_reads() {
     let code = poll.await.unwrap_or_else(|e| panic!("poll task: {e}"));
     assert_eq!(code, std::process::ExitCode::SUCCESS);
 }
+
+/// Every `broker_store_*` counter series of a `/metrics` text, by its full series name.
+fn store_series(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("broker_store_requests_total{")
+                || l.starts_with("broker_store_consumed_capacity_units_total{")
+        })
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What one allocation costs on DynamoDB Local, command and projection together: the table
+/// requests and the capacity units DynamoDB reports per allocation (docs/aws-capacity-cost.md
+/// quotes this test's output). The events' transaction writes two items (the sandbox's
+/// `SandboxAllocated`, the claim's `ClaimGranted`), each under 1 KB, at 2 WCU per
+/// transactional item: 4 write units per allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_allocation_requests_and_capacity() {
+    const ALLOCATIONS: usize = 20;
+    let app = spawn_app(Backend::Dynamo).await;
+    app.seed("unit", ALLOCATIONS * 2).await;
+    let read = |app: &tests::app::TestApp| {
+        let request = app.client.get(format!("{}/metrics", app.url));
+        async move { store_series(&request.sent().await.text().await.unwrap_or_default()) }
+    };
+    // Let the registrations' projection settle, so the window holds only the allocations.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = read(&app).await;
+    for n in 0..ALLOCATIONS {
+        let response = app.allocate(&format!("unit-student-{n}")).sent().await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) >= ALLOCATIONS as i64)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = read(&app).await;
+    let mut report = String::new();
+    for (series, value) in &after {
+        let delta = value - before.get(series).copied().unwrap_or(0.0);
+        if delta > 0.0 && !series.contains("target=\"stream\"") {
+            report.push_str(&format!(
+                "{:>8.2} per allocation  {series}\n",
+                delta / ALLOCATIONS as f64
+            ));
+        }
+    }
+    println!("{ALLOCATIONS} allocations on DynamoDB Local, per allocation:\n{report}");
+    let per = |series: &str| {
+        (after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0))
+            / ALLOCATIONS as f64
+    };
+    let events_wcu = per("broker_store_consumed_capacity_units_total{kind=\"write\",op=\"TransactWriteItems\",target=\"events\"}");
+    assert!(
+        (4.0..=8.0).contains(&events_wcu),
+        "events write units per allocation: {events_wcu}\n{report}"
+    );
+    app.stop().await;
+}
