@@ -92,7 +92,8 @@ pub struct RebuildSummary {
     pub elapsed_ms: u64,
 }
 
-/// Replays every event of `events` into `target` after clearing it (rows, stats, checkpoints).
+/// Replays every event of `events` into `target` after clearing it (rows, stats, the view's
+/// checkpoints; consumers' checkpoints such as the webhook dispatcher's stay).
 /// `target` must not be a view that a live projector is writing: clearing it under a running
 /// projector would make the two race on every row.
 pub async fn rebuild_into(

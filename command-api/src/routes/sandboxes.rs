@@ -609,10 +609,11 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
         ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: an extension of this allocation already made with the key is answered again (its `expires_at`) and adds nothing; the retry's `hours` are not compared. No control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
     ),
     request_body(content = ExtendRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "Extended: the new `expires_at`", body = ExtendResponse),
+        (status = 200, description = "Extended (or, for a repeated `Idempotency-Key`, extended before): the new `expires_at`", body = ExtendResponse),
         (status = 400, description = "`VALIDATION_ERROR`: `hours` missing, not a whole number, or outside 1–8760; missing or invalid header or id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "`NOT_SANDBOX_OWNER`: not this caller's allocation (or, with a per-track credential, not this track's); `INVALID_CALLER_SIGNATURE`; `LEASE_TOKEN_REQUIRED` / `LEASE_TOKEN_INVALID`: no or a wrong `X-Lease-Token` where the lease capability applies", body = ErrorBody),
@@ -633,17 +634,37 @@ pub async fn extend_lease(
 ) -> Result<Json<ExtendResponse>, ApiError> {
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     let hours = extension_hours(&body)?;
+    let idempotency_key = match header_text(&headers, "idempotency-key")? {
+        Some(key) if !key.is_empty() => Some(
+            domain::model::ids::validate_id("idempotency-key", &key)
+                .map_err(|e| ApiError::validation("header", "idempotency-key", e.to_string()))?,
+        ),
+        _ => None,
+    };
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
         .broker
-        .extend_lease(&sandbox_id, &caller.0, hours, &meta(&caller.0, &request_id))
+        .extend_lease(
+            &sandbox_id,
+            &caller.0,
+            hours,
+            idempotency_key.as_deref(),
+            &meta(&caller.0, &request_id),
+        )
         .await
         .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
-    let extended_hours = sandbox.extended_s / 3600;
+    // A keyed extension answers as it did the first time, even if another one came since.
+    let (expires_at, extended_s) = idempotency_key
+        .as_deref()
+        .and_then(|key| sandbox.extension(key))
+        .map_or((sandbox.expires_at, sandbox.extended_s), |e| {
+            (Some(e.expires_at), e.extended_total_s)
+        });
+    let extended_hours = extended_s / 3600;
     Ok(Json(ExtendResponse {
         sandbox_id: sandbox.sandbox_id.clone(),
         status: "allocated".into(),
-        expires_at: sandbox.expires_at.map_or(0, |t| t.timestamp()),
+        expires_at: expires_at.map_or(0, |t| t.timestamp()),
         extended_hours,
         remaining_extension_hours: (state.broker.config().max_extension.num_hours()
             - extended_hours)

@@ -62,7 +62,10 @@ impl DispatchLease {
     ) -> Self {
         Self {
             view,
-            source: format!("webhooks:{subscriber}:lease"),
+            source: format!(
+                "{}{subscriber}:lease",
+                domain::store::WEBHOOK_CHECKPOINT_PREFIX
+            ),
             holder: holder.to_string(),
             duration: duration.max(Duration::from_millis(300)),
         }
@@ -131,7 +134,9 @@ impl DispatchLease {
     }
 
     /// Renews the lease until it is lost: returns when another instance holds it or when no
-    /// renewal succeeded before the trusted time ran out (the store unreachable).
+    /// renewal succeeded before the trusted time ran out (the store unreachable, or a renewal
+    /// stalled: each one is bounded by the trusted time left, so a hung write can never keep
+    /// this instance delivering past it while another takes over; docs/liveness.md, path 4).
     pub async fn keep(&self, mut deadline: tokio::time::Instant) {
         loop {
             let next = (tokio::time::Instant::now() + self.renew_every()).min(deadline);
@@ -140,7 +145,11 @@ impl DispatchLease {
                 tracing::warn!(target: "webhooks", lease = %self.source, "dispatch lease not renewed in time; stopping delivery");
                 return;
             }
-            match self.claim().await {
+            let Ok(renewal) = tokio::time::timeout_at(deadline, self.claim()).await else {
+                tracing::warn!(target: "webhooks", lease = %self.source, "dispatch lease renewal stalled past the trusted time; stopping delivery");
+                return;
+            };
+            match renewal {
                 Ok(Some(until)) => deadline = until,
                 Ok(None) => {
                     tracing::warn!(target: "webhooks", lease = %self.source, "dispatch lease taken by another instance; stopping delivery");

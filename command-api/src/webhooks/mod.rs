@@ -168,9 +168,10 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-/// The checkpoint a subscriber's state is saved under.
+/// The checkpoint a subscriber's state is saved under: a consumer's checkpoint, which a
+/// rebuild of the view keeps ([`domain::store::is_view_checkpoint`]).
 fn checkpoint_of(subscriber: &str) -> String {
-    format!("webhooks:{subscriber}")
+    format!("{}{subscriber}", domain::store::WEBHOOK_CHECKPOINT_PREFIX)
 }
 
 /// `v1=<hex HMAC-SHA256 of "{timestamp}.{body}">`: signing the timestamp with the body keeps a

@@ -143,6 +143,11 @@ pub enum SandboxEvent {
         /// Seconds added by every extension of this allocation so far, this one included
         /// (bounded by `MAX_LAB_EXTENSION_HOURS`).
         extended_total_s: i64,
+        /// The request's `Idempotency-Key`, if it sent one: a retry with the same key answers
+        /// this extension again instead of adding its hours twice. Absent in events written
+        /// before keys existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
 }
 

@@ -104,7 +104,21 @@ pub enum SandboxCommand {
         hours: u32,
         /// `MAX_LAB_EXTENSION_HOURS`: the most all extensions of one allocation may add.
         max_total: Duration,
+        /// The request's `Idempotency-Key`: an extension of this allocation already made with
+        /// it is answered again and nothing is appended.
+        idempotency_key: Option<String>,
     },
+}
+
+/// One extension of the current allocation made with an `Idempotency-Key`, as it answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyedExtension {
+    /// The request's key.
+    pub idempotency_key: String,
+    /// The end of the window this extension set.
+    pub expires_at: DateTime<Utc>,
+    /// Seconds added by all extensions up to and including this one.
+    pub extended_total_s: i64,
 }
 
 /// The state folded from a sandbox stream.
@@ -139,6 +153,10 @@ pub struct Sandbox {
     /// Seconds added to the lab window by extensions of the current allocation.
     #[serde(default)]
     pub extended_s: i64,
+    /// The keyed extensions of the current allocation (at most one per hour of
+    /// `MAX_LAB_EXTENSION_HOURS`), so a retried extension is answered, not applied twice.
+    #[serde(default)]
+    pub extensions: Vec<KeyedExtension>,
     /// When the allocation ended (marked or expired): the `deletion_requested_at` callers see.
     pub deletion_requested_at: Option<DateTime<Utc>>,
     /// Whether the allocation ended by expiry rather than by the owner.
@@ -166,6 +184,13 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// The extension of the current allocation made with `idempotency_key`, if any.
+    pub fn extension(&self, idempotency_key: &str) -> Option<&KeyedExtension> {
+        self.extensions
+            .iter()
+            .find(|e| e.idempotency_key == idempotency_key)
+    }
+
     /// True when `caller` holds this sandbox right now.
     pub fn is_live_allocation_of(&self, caller: &str) -> bool {
         self.status == Some(SandboxStatus::Allocated) && self.owner.as_deref() == Some(caller)
@@ -345,6 +370,7 @@ impl Sandbox {
                 caller,
                 hours,
                 max_total,
+                idempotency_key,
             } => {
                 if self.status.is_none() {
                     return Err(DomainError::NotFound);
@@ -353,6 +379,14 @@ impl Sandbox {
                     return Err(DomainError::NotOwner);
                 }
                 self.check(Transition::ExtendLease)?;
+                // A retry of an extension that landed (its answer was lost, the client timed
+                // out) is answered from the record, even once the extended window has passed.
+                if idempotency_key
+                    .as_deref()
+                    .is_some_and(|key| self.extension(key).is_some())
+                {
+                    return Ok(vec![]);
+                }
                 let previous = self.expires_at.unwrap_or(now);
                 // The window is over once `expires_at` has passed, even while the expiry job's
                 // grace has not run out: extending then would revive an ended lab.
@@ -375,6 +409,7 @@ impl Sandbox {
                     previous_expires_at: previous,
                     expires_at: previous + added,
                     extended_total_s: total,
+                    idempotency_key,
                 }
             }
         };
@@ -419,14 +454,23 @@ impl Sandbox {
                 self.expires_at = Some(*expires_at);
                 self.lab_duration_s = Some(*lab_duration_s);
                 self.extended_s = 0;
+                self.extensions.clear();
             }
             E::LeaseExtended {
                 expires_at,
                 extended_total_s,
+                idempotency_key,
                 ..
             } => {
                 self.expires_at = Some(*expires_at);
                 self.extended_s = *extended_total_s;
+                if let Some(key) = idempotency_key {
+                    self.extensions.push(KeyedExtension {
+                        idempotency_key: key.clone(),
+                        expires_at: *expires_at,
+                        extended_total_s: *extended_total_s,
+                    });
+                }
             }
             E::DeletionRequested { requested_at, .. } => {
                 self.deletion_requested_at = Some(*requested_at);

@@ -6,18 +6,32 @@
 
 use std::time::Duration as StdDuration;
 
-use super::candidates::{Fill, MAX_PAGE, MAX_PAGE_WAITS, PAGE_WAIT};
+use chrono::Duration;
+
+use super::candidates::{Fill, InFlight, MAX_PAGE, MAX_PAGE_WAITS, PAGE_WAIT};
 use super::{
     envelopes, fair_share, quota, AllocateRequest, Allocation, AllocationLimits, Broker,
     BrokerError, QUOTA_RETRIES,
 };
 use crate::model::claim::ClaimCommand;
-use crate::model::events::CommandMeta;
+use crate::model::events::{BrokerEvent, CommandMeta, EventEnvelope};
 use crate::model::ids::{claim_stream, quota_stream, sandbox_stream, validate_id};
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::PoolRow;
 use crate::model::sandbox::{Sandbox, SandboxCommand};
-use crate::store::{CandidateQuery, ListFilter, StoreError};
+use crate::store::{decode_stored, CandidateQuery, ListFilter, StoreError};
+
+/// What a strong read says about an allocation append whose outcome was unknown.
+enum Settled {
+    /// This request's events are stored (these, from the tried version on).
+    Landed(Vec<EventEnvelope>),
+    /// Another writer's event holds the version this request tried.
+    Lost,
+    /// Nothing after the tried version: the write did not land (yet).
+    NotLanded,
+    /// The read failed too.
+    Unknown,
+}
 
 /// Where one allocation request is in its search for a candidate.
 #[derive(Debug, Default)]
@@ -121,9 +135,41 @@ impl Broker {
                 // ended the allocation (and released the claim in the same transaction) in
                 // between. Only a sandbox still allocated under this very claim is a replay;
                 // otherwise read the claim again, which now shows it released.
-                if sandbox.status == Some(SandboxStatus::Allocated)
-                    && sandbox.claim_stream.as_deref() == Some(claim_id.as_str())
+                let replay = sandbox.status == Some(SandboxStatus::Allocated)
+                    && sandbox.claim_stream.as_deref() == Some(claim_id.as_str());
+                if replay
+                    && sandbox
+                        .expires_at
+                        .is_some_and(|end| self.clock.now() >= end)
                 {
+                    // The lab window has ended but the expiry job has not run yet: handing this
+                    // sandbox back would start a lab that is over. Expire it now (grace zero, as
+                    // extension is refused from `expires_at` on), which releases the claim in the
+                    // same transaction, and answer as a fresh request would: a new sandbox, or
+                    // 409 (docs/liveness.md, path 6). Lost to a concurrent expiry, mark or
+                    // extension, the claim is simply read again.
+                    match self
+                        .execute(
+                            held,
+                            SandboxCommand::Expire {
+                                grace: Duration::zero(),
+                            },
+                            meta,
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(BrokerError::Domain(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                    if claim_reads > self.config.command_retries {
+                        return Err(StoreError::Unavailable(format!(
+                            "claim {claim_id} kept changing while it was read"
+                        ))
+                        .into());
+                    }
+                    continue 'claim;
+                }
+                if replay {
                     return Ok(Allocation {
                         sandbox,
                         replayed: true,
@@ -190,11 +236,13 @@ impl Broker {
                         });
                     }
                 }
-                let Some(row) = self.next_candidate(prefix.as_deref(), &mut search).await? else {
+                let Some(candidate) = self.next_candidate(prefix.as_deref(), &mut search).await?
+                else {
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
                     });
                 };
+                let row = candidate.row().clone();
                 let state = sandbox_from_row(&row);
                 let now = self.clock.now();
                 let events = match state.decide(
@@ -209,7 +257,7 @@ impl Broker {
                 ) {
                     Ok(events) => events,
                     Err(_) => {
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         continue;
                     }
                 };
@@ -220,7 +268,7 @@ impl Broker {
                 }) {
                     Ok(grant) => grant,
                     Err(e) => {
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         return Err(e.into());
                     }
                 };
@@ -236,7 +284,7 @@ impl Broker {
                             batch.extend(envelopes(quota_id, usage.version, &[taken], meta, now));
                         }
                         Err(full) => {
-                            self.candidates.give_back(cache_key, row);
+                            candidate.give_back(cache_key);
                             return Err(BrokerError::QuotaExceeded {
                                 track: track.clone(),
                                 limit: full.limit,
@@ -257,7 +305,7 @@ impl Broker {
                             batch.extend(taken);
                         }
                         Err(full) => {
-                            self.candidates.give_back(cache_key, row);
+                            candidate.give_back(cache_key);
                             return Err(BrokerError::FairShareExceeded {
                                 kind: cap.kind,
                                 limit: full.limit,
@@ -266,9 +314,10 @@ impl Broker {
                         }
                     }
                 }
+                let first_event = batch.first().map(|e| e.event_id);
                 match self.events.append(batch).await {
                     Ok(()) => {
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         let mut sandbox = state;
                         for event in &events {
                             sandbox.fold(event);
@@ -282,7 +331,7 @@ impl Broker {
                     }
                     Err(StoreError::VersionConflict { stream_id }) if stream_id == claim_id => {
                         // A concurrent duplicate holds the claim now; this candidate is untouched.
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         continue 'claim;
                     }
                     Err(StoreError::VersionConflict { stream_id })
@@ -290,7 +339,7 @@ impl Broker {
                     {
                         // Another instance allocated (or released) for this track first: the
                         // candidate is untouched; read the new count and decide again.
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         quota_conflicts += 1;
                         if quota_conflicts > QUOTA_RETRIES {
                             return Err(StoreError::Unavailable(format!(
@@ -309,7 +358,7 @@ impl Broker {
                         // Another allocation under the same cap committed first — possibly a
                         // concurrent duplicate of this request, whose claim then answers it:
                         // start over from the claim (the candidate is untouched).
-                        self.candidates.give_back(cache_key, row);
+                        candidate.give_back(cache_key);
                         cap_conflicts += 1;
                         if cap_conflicts > QUOTA_RETRIES {
                             return Err(StoreError::Unavailable(format!(
@@ -325,17 +374,74 @@ impl Broker {
                         // repair its row in the background, and try the next candidate at once
                         // (no sleeping on the hot path).
                         conflicts += 1;
-                        self.candidates.taken(&row);
+                        candidate.taken();
                         self.spawn_repair(&row.sandbox_id);
                     }
                     Err(e) => {
-                        // Unknown outcome (throttled, unreachable): the write may have landed.
-                        // Remembering the row as taken is safe either way; a retry of the
-                        // request finds its claim if it did.
-                        self.candidates.taken(&row);
+                        // Unknown outcome (throttled, unreachable, a failed group commit): the
+                        // write may or may not have landed. A strong read of the sandbox's
+                        // stream settles it (docs/liveness.md, path 1).
+                        match self
+                            .settle_unknown(&sandbox_stream_id, row.version, first_event)
+                            .await
+                        {
+                            Settled::Landed(stored) => {
+                                candidate.taken();
+                                let mut sandbox = state;
+                                for envelope in &stored {
+                                    if let BrokerEvent::Sandbox(event) = decode_stored(envelope)? {
+                                        sandbox.fold(&event);
+                                    }
+                                }
+                                return Ok(Allocation {
+                                    sandbox,
+                                    replayed: false,
+                                    conflicts,
+                                    allocation_event_id,
+                                });
+                            }
+                            Settled::Lost => {
+                                // Someone else's write holds the next version: a plain conflict.
+                                conflicts += 1;
+                                candidate.taken();
+                                self.spawn_repair(&row.sandbox_id);
+                                continue;
+                            }
+                            Settled::NotLanded => {
+                                // Usable again at once. Should the write still land later (a
+                                // DynamoDB transaction the SDK gave up on), it takes this
+                                // claim's next version, so no (caller, key) ends up with two
+                                // allocations, and a retry of the request replays it.
+                                candidate.give_back(cache_key);
+                            }
+                            Settled::Unknown => {
+                                candidate.unsure(self.config.unknown_outcome_hold);
+                            }
+                        }
                         return Err(e.into());
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the sandbox stream strongly after an append whose outcome the store could not tell:
+    /// did the event this request wrote at `tried_at + 1` (its `event_id`) land?
+    async fn settle_unknown(
+        &self,
+        stream_id: &str,
+        tried_at: u64,
+        first_event: Option<uuid::Uuid>,
+    ) -> Settled {
+        match self.events.load_after(stream_id, tried_at).await {
+            Ok(stored) => match stored.first() {
+                Some(e) if Some(e.event_id) == first_event => Settled::Landed(stored),
+                Some(_) => Settled::Lost,
+                None => Settled::NotLanded,
+            },
+            Err(e) => {
+                tracing::warn!(target: "allocate", stream_id, error = %e, "unknown append outcome could not be read back");
+                Settled::Unknown
             }
         }
     }
@@ -347,11 +453,11 @@ impl Broker {
         &self,
         prefix: Option<&str>,
         search: &mut Search,
-    ) -> Result<Option<PoolRow>, BrokerError> {
+    ) -> Result<Option<InFlight<'_>>, BrokerError> {
         let cache_key = prefix.unwrap_or("");
         loop {
-            if let Some(row) = self.candidates.pop(cache_key) {
-                return Ok(Some(row));
+            if let Some(candidate) = self.candidates.pop(cache_key) {
+                return Ok(Some(candidate));
             }
             if search.random_pages < self.config.allocate_rounds {
                 // Registered before asking for the turn, so a read that ends in between still

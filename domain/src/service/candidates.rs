@@ -40,6 +40,10 @@ struct CandidateState {
     taken: HashMap<String, u64>,
     /// Insertion order of `taken`, for bounded memory (oldest forgotten first).
     taken_order: VecDeque<String>,
+    /// Sandbox id → until when it is skipped: its allocation write had an unknown outcome that
+    /// could not be read back. Bounded in time, unlike `taken`, because the write may as well
+    /// not have landed (docs/liveness.md, path 1).
+    unsure: HashMap<String, Instant>,
     /// When each of the recent takes happened (sizes candidate pages under a burst).
     recent_takes: VecDeque<Instant>,
     /// Per prefix, the last name read: the next page continues after it.
@@ -83,6 +87,10 @@ impl CandidateState {
             && row.held_by.is_none()
             && !self.in_flight.contains(&row.sandbox_id)
             && self
+                .unsure
+                .get(&row.sandbox_id)
+                .is_none_or(|until| Instant::now() >= *until)
+            && self
                 .taken
                 .get(&row.sandbox_id)
                 .is_none_or(|&version| row.version > version)
@@ -94,8 +102,9 @@ impl Candidates {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next queued candidate for `prefix` nobody else is trying, marked in flight.
-    pub(super) fn pop(&self, prefix: &str) -> Option<PoolRow> {
+    /// The next queued candidate for `prefix` nobody else is trying, marked in flight until the
+    /// returned guard is decided or dropped.
+    pub(super) fn pop(&self, prefix: &str) -> Option<InFlight<'_>> {
         let mut state = self.lock();
         let (filled, mut queue) = state.queues.remove(prefix)?;
         if filled.elapsed() > QUEUE_TTL {
@@ -114,7 +123,11 @@ impl Candidates {
         if !queue.is_empty() {
             state.queues.insert(prefix.to_string(), (filled, queue));
         }
-        found
+        found.map(|row| InFlight {
+            candidates: self,
+            row,
+            decided: false,
+        })
     }
 
     /// The turn to read the next candidate page of `prefix`, unless another request of this
@@ -227,6 +240,27 @@ impl Candidates {
         self.decided.notify_waiters();
     }
 
+    /// The candidate's conditional write ended with an unknown outcome that could not be read
+    /// back: skip it for `hold`, then let a conditional write decide again.
+    fn unsure(&self, row: &PoolRow, hold: StdDuration) {
+        {
+            let mut state = self.lock();
+            state.in_flight.remove(&row.sandbox_id);
+            let now = Instant::now();
+            if state.unsure.len() >= MAX_TAKEN {
+                state.unsure.retain(|_, until| *until > now);
+            }
+            state.unsure.insert(row.sandbox_id.clone(), now + hold);
+        }
+        self.decided.notify_waiters();
+    }
+
+    /// An undecided candidate is released (its request failed on the way or was cancelled).
+    fn release(&self, row: &PoolRow) {
+        self.lock().in_flight.remove(&row.sandbox_id);
+        self.decided.notify_waiters();
+    }
+
     pub(super) fn cursor(&self, prefix: &str) -> Option<String> {
         self.lock().cursors.get(prefix).cloned()
     }
@@ -234,6 +268,46 @@ impl Candidates {
     /// Sandboxes taken in the last few seconds: rows the view may still show as available.
     pub(super) fn recently_taken(&self) -> usize {
         self.lock().recent_takes.len()
+    }
+}
+
+/// A candidate one request is trying, invisible to the other requests of this process until the
+/// request decides it (taken, given back, unsure). Dropped undecided — the request failed on the
+/// way, or was cancelled mid-append because the client went away or a timeout fired — it is
+/// released, never left in flight for good: another request may try it at once, and if the
+/// cancelled write landed after all, that request's conditional write conflicts and marks it taken.
+pub(super) struct InFlight<'a> {
+    candidates: &'a Candidates,
+    row: PoolRow,
+    decided: bool,
+}
+
+impl InFlight<'_> {
+    pub(super) fn row(&self) -> &PoolRow {
+        &self.row
+    }
+
+    pub(super) fn taken(mut self) {
+        self.decided = true;
+        self.candidates.taken(&self.row);
+    }
+
+    pub(super) fn give_back(mut self, prefix: &str) {
+        self.decided = true;
+        self.candidates.give_back(prefix, self.row.clone());
+    }
+
+    pub(super) fn unsure(mut self, hold: StdDuration) {
+        self.decided = true;
+        self.candidates.unsure(&self.row, hold);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.candidates.release(&self.row);
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use super::{envelopes, quota, Broker, BrokerError, QUOTA_RETRIES};
 use crate::model::claim::ClaimCommand;
 use crate::model::events::{CommandMeta, ReleaseReason, SandboxEvent};
-use crate::model::ids::{quota_stream, sandbox_stream, QUOTA_STREAM_PREFIX};
+use crate::model::ids::{quota_stream, sandbox_stream, validate_id, QUOTA_STREAM_PREFIX};
 use crate::model::sandbox::{Sandbox, SandboxCommand};
 use crate::store::StoreError;
 
@@ -111,19 +111,26 @@ impl Broker {
 
     /// The owner extends the lab window by `hours` (`LeaseExtended`), within
     /// `MAX_LAB_EXTENSION_HOURS` in total per allocation; refused once the window has ended.
+    /// With an `idempotency_key`, a retry of an extension that landed appends nothing and is
+    /// answered with that extension's window ([`Sandbox::extension`]).
     pub async fn extend_lease(
         &self,
         sandbox_id: &str,
         caller: &str,
         hours: u32,
+        idempotency_key: Option<&str>,
         meta: &CommandMeta,
     ) -> Result<Sandbox, BrokerError> {
+        let idempotency_key = idempotency_key
+            .map(|k| validate_id("Idempotency-Key", k))
+            .transpose()?;
         self.execute(
             sandbox_id,
             SandboxCommand::ExtendLease {
                 caller: caller.to_string(),
                 hours,
                 max_total: self.config.max_extension,
+                idempotency_key,
             },
             meta,
         )

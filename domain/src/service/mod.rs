@@ -17,9 +17,15 @@
 //!   quota stream taken in the allocation's own transaction (ADR 0021).
 
 mod allocate;
+#[cfg(test)]
+mod allocation_properties;
 mod candidates;
 mod fair_share;
+#[cfg(test)]
+mod fault_store;
 mod lifecycle;
+#[cfg(test)]
+mod liveness_tests;
 mod pool_control;
 mod quota;
 
@@ -81,6 +87,10 @@ pub struct BrokerConfig {
     pub maintenance_retry_after_s: u64,
     /// Concurrent allocations allowed per track name (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`).
     pub quotas: TrackQuotas,
+    /// How long this process skips a candidate whose allocation write ended with an unknown
+    /// outcome that a strong read of its stream could not settle either (10 s; the store was
+    /// unreachable twice in a row). After it, the conditional write decides again.
+    pub unknown_outcome_hold: StdDuration,
 }
 
 impl Default for BrokerConfig {
@@ -99,6 +109,7 @@ impl Default for BrokerConfig {
             drain_cache_ttl: StdDuration::from_millis(1_000),
             maintenance_retry_after_s: 60,
             quotas: TrackQuotas::default(),
+            unknown_outcome_hold: StdDuration::from_secs(10),
         }
     }
 }

@@ -293,8 +293,21 @@ pub trait ViewStore: PoolView {
         )))
     }
 
-    /// Removes every row, stats shard and checkpoint (rebuild into a fresh view).
+    /// Removes every row, stats shard and view checkpoint (rebuild into a fresh view). The
+    /// checkpoints of consumers that are not the view ([`is_view_checkpoint`] false: the webhook
+    /// dispatcher's positions and leases) stay: a rebuild changes none of the events they follow.
     async fn clear(&self) -> Result<(), StoreError>;
+}
+
+/// Prefix of the checkpoints the webhook dispatcher keeps in the view's checkpoint table
+/// (`webhooks:{subscriber}` and its lease `webhooks:{subscriber}:lease`).
+pub const WEBHOOK_CHECKPOINT_PREFIX: &str = "webhooks:";
+
+/// True for a checkpoint that belongs to the view (a projector source: a stream shard, the
+/// embedded log), which [`ViewStore::clear`] removes with the rows; false for a consumer's own
+/// position, which survives a rebuild (docs/liveness.md, path 3).
+pub fn is_view_checkpoint(source: &str) -> bool {
+    !source.starts_with(WEBHOOK_CHECKPOINT_PREFIX)
 }
 
 /// What applying one event did.

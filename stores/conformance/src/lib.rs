@@ -820,7 +820,9 @@ fn ids_of(rows: &[PoolRow]) -> Vec<String> {
     rows.iter().map(|r| r.sandbox_id.clone()).collect()
 }
 
-/// Checkpoints save and overwrite; clear() empties rows, stats and checkpoints, never events.
+/// Checkpoints save and overwrite; clear() empties rows, stats and the view's checkpoints, never
+/// events, and keeps the checkpoints of consumers that are not the view (the webhook
+/// dispatcher's position and lease), so a rebuild in place loses no notification.
 pub async fn checkpoints_and_clear(p: Ports) -> CheckResult {
     assert_eq!(p.view.checkpoint("shard-0001").await?, None);
     p.view.save_checkpoint("shard-0001", "100").await?;
@@ -831,6 +833,12 @@ pub async fn checkpoints_and_clear(p: Ports) -> CheckResult {
         Some("205")
     );
     assert_eq!(p.view.checkpoint("shard-0002").await?.as_deref(), Some("7"));
+    p.view
+        .save_checkpoint("webhooks:ops", "{\"pos\":9}")
+        .await?;
+    p.view
+        .save_checkpoint("webhooks:ops:lease", "lease-1")
+        .await?;
     for i in 0..30 {
         let r = row(
             &format!("x-{i}"),
@@ -848,6 +856,15 @@ pub async fn checkpoints_and_clear(p: Ports) -> CheckResult {
     assert_eq!(p.view.load_row("x-0").await?, None);
     assert_eq!(p.view.stats().await?.total(), 0);
     assert_eq!(p.view.checkpoint("shard-0001").await?, None);
+    assert_eq!(p.view.checkpoint("shard-0002").await?, None);
+    assert_eq!(
+        p.view.checkpoint("webhooks:ops").await?.as_deref(),
+        Some("{\"pos\":9}")
+    );
+    assert_eq!(
+        p.view.checkpoint("webhooks:ops:lease").await?.as_deref(),
+        Some("lease-1")
+    );
     assert_eq!(
         p.view.list(&ListFilter::default(), 50, None).await?.rows,
         vec![]

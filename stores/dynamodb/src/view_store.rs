@@ -18,7 +18,12 @@ use domain::store::{stats_shard, StoreError, ViewStore, MAX_TRANSACTION_ITEMS};
 impl DynamoStore {
     /// Deletes every item of `table` (key attribute `key`): paged key-only scan, then
     /// `BatchWriteItem`s of 25 deletes, re-sending unprocessed ones with backoff.
-    async fn delete_all(&self, table: &str, key: &str) -> Result<(), StoreError> {
+    async fn delete_all(
+        &self,
+        table: &str,
+        key: &str,
+        remove: fn(&str) -> bool,
+    ) -> Result<(), StoreError> {
         let mut start: Option<Item> = None;
         loop {
             let out = self
@@ -33,7 +38,8 @@ impl DynamoStore {
                         .send()
                 })
                 .await?;
-            let keys = out.items.unwrap_or_default();
+            let mut keys = out.items.unwrap_or_default();
+            keys.retain(|k| remove(key_s(k, key).unwrap_or_default()));
             for chunk in keys.chunks(BATCH_WRITE_REQUESTS) {
                 let mut requests = chunk
                     .iter()
@@ -230,9 +236,15 @@ impl ViewStore for DynamoStore {
     }
 
     async fn clear(&self) -> Result<(), StoreError> {
-        self.delete_all(&self.pool, pool_attr::SANDBOX_ID).await?;
-        self.delete_all(&self.stats, tables::STATS_KEY).await?;
-        self.delete_all(&self.checkpoints, tables::CHECKPOINT_KEY)
-            .await
+        let all = |_: &str| true;
+        self.delete_all(&self.pool, pool_attr::SANDBOX_ID, all)
+            .await?;
+        self.delete_all(&self.stats, tables::STATS_KEY, all).await?;
+        self.delete_all(
+            &self.checkpoints,
+            tables::CHECKPOINT_KEY,
+            domain::store::is_view_checkpoint,
+        )
+        .await
     }
 }

@@ -152,9 +152,12 @@ impl ViewStore for EmbeddedStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            tx.execute_batch(
-                "DELETE FROM pool; DELETE FROM stats; DELETE FROM prefix_stats;
-                 DELETE FROM checkpoints;",
+            tx.execute_batch("DELETE FROM pool; DELETE FROM stats; DELETE FROM prefix_stats;")
+                .map_err(db_err)?;
+            // Consumers' own checkpoints stay (`is_view_checkpoint`).
+            tx.execute(
+                "DELETE FROM checkpoints WHERE substr(source, 1, length(?1)) <> ?1",
+                params![domain::store::WEBHOOK_CHECKPOINT_PREFIX],
             )
             .map_err(db_err)?;
             tx.commit().map_err(db_err)

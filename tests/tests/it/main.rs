@@ -22,6 +22,7 @@ mod index_shards;
 mod jobs;
 mod lease_lifecycle;
 mod live_feed_limits;
+mod liveness;
 mod openapi_constraints;
 mod pool_alerts;
 mod pool_metrics;

@@ -12,7 +12,7 @@ use axum::Router;
 use command_api::webhooks::DispatchLease;
 use domain::model::events::SandboxEvent;
 use domain::model::ids::sandbox_stream;
-use domain::{Actor, Clock, CommandMeta, EventEnvelope, ViewStore};
+use domain::{Actor, Clock, CommandMeta, EventEnvelope, PoolView, ViewStore};
 use reqwest::StatusCode;
 use serde_json::Value;
 use store_embedded::EmbeddedStore;
@@ -213,6 +213,117 @@ async fn lease_lapses_without_renewal_embedded() {
 async fn lease_lapses_without_renewal_dynamo() {
     let store = tests::ddb_local::fresh_store(4).await;
     lease_lapses_without_renewal(Arc::new(store)).await;
+}
+
+/// A view whose conditional checkpoint writes hang once `stall` is set (a renewal the store
+/// never answers); everything else is the embedded store's.
+struct StallingSwaps {
+    inner: EmbeddedStore,
+    stall: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl PoolView for StallingSwaps {
+    async fn get(&self, id: &str) -> Result<Option<domain::PoolRow>, domain::StoreError> {
+        self.inner.get(id).await
+    }
+    async fn candidates(
+        &self,
+        query: &domain::store::CandidateQuery,
+    ) -> Result<Vec<domain::PoolRow>, domain::StoreError> {
+        self.inner.candidates(query).await
+    }
+    async fn list(
+        &self,
+        filter: &domain::store::ListFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<domain::store::RowPage, domain::StoreError> {
+        self.inner.list(filter, limit, cursor).await
+    }
+    async fn due(
+        &self,
+        status: domain::SandboxStatus,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<domain::store::RowPage, domain::StoreError> {
+        self.inner.due(status, before, limit, cursor).await
+    }
+    async fn stats(&self) -> Result<domain::PoolStats, domain::StoreError> {
+        self.inner.stats().await
+    }
+}
+
+#[async_trait::async_trait]
+impl ViewStore for StallingSwaps {
+    async fn load_row(&self, id: &str) -> Result<Option<domain::PoolRow>, domain::StoreError> {
+        self.inner.load_row(id).await
+    }
+    async fn write_row(
+        &self,
+        expected_version: Option<u64>,
+        row: &domain::PoolRow,
+        delta: &domain::StatsDelta,
+    ) -> Result<(), domain::StoreError> {
+        self.inner.write_row(expected_version, row, delta).await
+    }
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, domain::StoreError> {
+        self.inner.checkpoint(source).await
+    }
+    async fn save_checkpoint(
+        &self,
+        source: &str,
+        position: &str,
+    ) -> Result<(), domain::StoreError> {
+        self.inner.save_checkpoint(source, position).await
+    }
+    async fn swap_checkpoint(
+        &self,
+        source: &str,
+        expected: Option<&str>,
+        position: &str,
+    ) -> Result<bool, domain::StoreError> {
+        if self.stall.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.swap_checkpoint(source, expected, position).await
+    }
+    async fn clear(&self) -> Result<(), domain::StoreError> {
+        self.inner.clear().await
+    }
+}
+
+/// A renewal that never answers stops delivery by the holder's trusted time (two thirds of the
+/// lease), before the lease lapses and another instance may take it: two dispatchers never
+/// deliver for one subscriber at once.
+#[tokio::test]
+async fn a_stalled_lease_renewal_stops_delivery_in_time() {
+    let view = Arc::new(StallingSwaps {
+        inner: EmbeddedStore::open_in_memory(4).unwrap_or_else(|e| panic!("{e}")),
+        stall: std::sync::atomic::AtomicBool::new(false),
+    });
+    let duration = Duration::from_millis(900);
+    let lease = DispatchLease::new(
+        Arc::clone(&view) as Arc<dyn ViewStore>,
+        "labs",
+        "api-a",
+        duration,
+    );
+    let taken = tokio::time::Instant::now();
+    let deadline = lease
+        .claim()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("a free lease is taken"));
+    view.stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kept = tokio::time::timeout(Duration::from_secs(5), lease.keep(deadline)).await;
+    assert!(kept.is_ok(), "a stalled renewal kept the lease held");
+    assert!(
+        taken.elapsed() < duration,
+        "delivery stopped only after {:?}, past the lease of {duration:?}",
+        taken.elapsed()
+    );
 }
 
 /// Appends a `DeletionFailed` (a quarantine notification) to `sandbox_id`'s stream with a
