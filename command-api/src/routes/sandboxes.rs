@@ -193,6 +193,25 @@ fn lease_applies(state: &SharedState, principal: &Principal) -> bool {
     }
 }
 
+/// The longest `X-Lease-Token` the OpenAPI document allows (a token is about 60 characters).
+const MAX_LEASE_TOKEN_CHARS: usize = 256;
+
+/// Refuses an `X-Lease-Token` longer than the document allows on every route that declares the
+/// header, whether or not the lease capability applies to this caller: the contract's rule holds
+/// both ways.
+fn lease_header_in_bounds(headers: &HeaderMap) -> Result<(), ApiError> {
+    match header_text(headers, LEASE_TOKEN_HEADER)? {
+        Some(token) if token.chars().count() > MAX_LEASE_TOKEN_CHARS => Err(ApiError::validation(
+            "header",
+            LEASE_TOKEN_HEADER,
+            format!(
+                "X-Lease-Token is longer than {MAX_LEASE_TOKEN_CHARS} characters; send the lease_token of the allocation's 201 as it was given"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the request's `X-Lease-Token` is the token of the allocation `event_id`.
 fn lease_token_proves(
     state: &SharedState,
@@ -325,6 +344,7 @@ pub async fn allocate_sandbox(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
     let started = Instant::now();
+    lease_header_in_bounds(&headers)?;
     let bounded = |name: &'static str| -> Result<Option<String>, ApiError> {
         match header_text(&headers, name)? {
             Some(v) if v.is_empty() => Ok(None),
@@ -496,6 +516,7 @@ pub async fn get_sandbox(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
+    lease_header_in_bounds(&headers)?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
@@ -533,6 +554,7 @@ pub async fn mark_for_deletion(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
+    lease_header_in_bounds(&headers)?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let result = state
@@ -632,6 +654,7 @@ pub async fn extend_lease(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<ExtendResponse>, ApiError> {
+    lease_header_in_bounds(&headers)?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     let hours = extension_hours(&body)?;
     let idempotency_key = match header_text(&headers, "idempotency-key")? {

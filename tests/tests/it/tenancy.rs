@@ -804,3 +804,49 @@ async fn sandbox_details_are_not_cached() {
     assert_eq!(headers["cache-control"], "no-store");
     app.stop().await;
 }
+
+/// The OpenAPI document bounds `X-Lease-Token` at 256 characters, and the server enforces that
+/// bound on every route that declares the header, even where the capability does not apply
+/// (the shared token without `REQUIRE_LEASE_TOKEN`): 400 `VALIDATION_ERROR`, nothing allocated.
+#[tokio::test]
+async fn an_overlong_lease_token_is_refused_everywhere() {
+    let app = tests::app::spawn_app(Backend::Embedded).await;
+    app.seed("lab", 3).await;
+    let long = "x".repeat(257);
+    let response = app
+        .allocate("student-long")
+        .header("X-Lease-Token", &long)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(body["detail"]["code"], "VALIDATION_ERROR", "{body}");
+    let response = app.allocate("student-long").send().await.expect("send");
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "the refusal allocated nothing"
+    );
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let path = format!("/v1/sandboxes/{}", text(&body, "sandbox_id"));
+    for (method, path) in [
+        (Method::GET, path.clone()),
+        (Method::POST, format!("{path}/extend")),
+        (Method::POST, format!("{path}/mark-for-deletion")),
+    ] {
+        let response = app
+            .track(method.clone(), &path)
+            .header("X-Instruqt-Sandbox-ID", "student-long")
+            .header("X-Lease-Token", &long)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{method} {path}"
+        );
+    }
+    app.stop().await;
+}
