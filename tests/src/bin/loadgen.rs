@@ -455,7 +455,9 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             format!("{:.2} ({})", total / created as f64, by_op.join(", "))
         };
-        let per_created = |n: f64| (created > 0).then(|| n / created as f64);
+        // `None` where the store is not metered (the embedded store counts no requests).
+        let metered = !level_requests.is_empty();
+        let per_created = |n: f64| (created > 0 && metered).then(|| n / created as f64);
         levels_json.push(serde_json::json!({
             "concurrency": r.concurrency,
             "requests": sent,
