@@ -139,7 +139,9 @@ async fn per_track_token_is_confined_to_its_prefixes() {
 #[tokio::test]
 async fn caller_signature_binds_the_student() {
     let app = app().await;
-    let now = chrono::Utc::now().timestamp();
+    // The server's clock, not the wall clock: the window is checked against the app's injected
+    // clock, which a slow start-up would otherwise leave seconds behind the test's `now`.
+    let now = domain::Clock::now(&app.clock).timestamp();
     let sign = |t: i64, method: &str, path: &str, caller: &str| {
         command_api::credentials::caller_signature_v1(GAMMA_SECRET, t, method, path, caller)
     };
