@@ -450,6 +450,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let mut exported = 0u64;
             // Where the range starts, for the bar: `--since`, else the first event exported.
             let mut start = since.clone();
+            let mut reached = String::new();
             loop {
                 let call = Call::new(Method::GET, "/v1/admin/events")
                     .param("since", since.as_deref())
@@ -468,21 +469,30 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 if until.is_none() {
                     until = body["until"].as_str().map(str::to_string);
                 }
-                let reached = events
-                    .last()
-                    .and_then(|e| e["occurred_at"].as_str())
-                    .unwrap_or("");
+                // A page may hold no event while its cursor moves on: the time reached is that
+                // of the last event of any page so far.
+                if let Some(last) = events.last().and_then(|e| e["occurred_at"].as_str()) {
+                    reached = last.to_string();
+                }
                 if start.is_none() && !reached.is_empty() {
                     start = events
                         .first()
                         .and_then(|e| e["occurred_at"].as_str())
                         .map(str::to_string);
                 }
-                let done = range_fraction(start.as_deref(), reached, until.as_deref());
-                // The last page completes the range, whenever its last event happened.
+                // The last page completes the range, whenever its last event happened, and
+                // even when it (or the whole range) held no event.
                 let last_page = body["cursor"].as_str().is_none();
-                let done = if last_page { done.map(|_| 1.0) } else { done };
-                progress.show(exported, reached, done);
+                let done = if last_page {
+                    Some(1.0)
+                } else {
+                    range_fraction(start.as_deref(), &reached, until.as_deref())
+                };
+                let shown = match (last_page, until.as_deref()) {
+                    (true, Some(end)) if reached.is_empty() => end,
+                    _ => reached.as_str(),
+                };
+                progress.show(exported, shown, done);
                 match body["cursor"].as_str() {
                     Some(next) => cursor = Some(next.to_string()),
                     None => break,

@@ -571,3 +571,63 @@ async fn an_unknown_prefix_stops_allocate_at_once() {
     ok(&known);
     app.stop().await;
 }
+
+/// Operator output is written for people: `list` shows `expires_at` as a UTC time (no epoch
+/// number), `stats` gives each prefix group's counts a row of their own (no JSON), and
+/// `export`'s progress ends at 100 % on the last page, also for a range with no event.
+#[tokio::test]
+async fn operator_output_is_written_for_people() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("ops", 3).await;
+    ok(&track(&app, &["allocate", "--caller", "a", "--prefix", "ops"]).await);
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 1)
+        .await;
+
+    let listed = admin(&app, &["list", "--owner", "a"]).await;
+    ok(&listed);
+    let text = String::from_utf8_lossy(&listed.stdout).to_string();
+    let header = text.lines().next().unwrap_or_default();
+    let row = text.lines().nth(1).unwrap_or_default();
+    assert!(header.to_lowercase().contains("expires_at"), "{text}");
+    let is_utc_time =
+        |w: &str| w.len() == 20 && w.ends_with('Z') && w.as_bytes().get(10) == Some(&b'T');
+    assert!(
+        row.split_whitespace().any(is_utc_time),
+        "expires_at as a UTC time: {text}"
+    );
+    assert!(
+        !row.split_whitespace()
+            .any(|w| w.len() >= 10 && w.chars().all(|c| c.is_ascii_digit())),
+        "no epoch number in the row: {text}"
+    );
+
+    let stats = admin(&app, &["stats"]).await;
+    ok(&stats);
+    let text = String::from_utf8_lossy(&stats.stdout).to_string();
+    let available = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("by_prefix.ops.available"))
+        .unwrap_or_else(|| panic!("no by_prefix row: {text}"));
+    assert_eq!(available.split_whitespace().nth(1), Some("2"), "{text}");
+    assert!(!text.contains('{'), "raw JSON in the table: {text}");
+
+    // stderr is not a terminal here: one progress line per page, then the summary.
+    for args in [&["export"][..], &["export", "--type", "SandboxRetired"][..]] {
+        let exported = admin(&app, args).await;
+        ok(&exported);
+        let progress = String::from_utf8_lossy(&exported.stderr).to_string();
+        let lines: Vec<&str> = progress.lines().collect();
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.starts_with("export complete")),
+            "{args:?}: {progress}"
+        );
+        let bar = lines.iter().rev().nth(1).copied().unwrap_or_default();
+        assert!(
+            bar.starts_with("[####################] 100%"),
+            "{args:?} ends at 100 %: {progress}"
+        );
+    }
+    app.stop().await;
+}
