@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use command_api::config::Config;
 use command_api::startup;
-use runtime::LogFormat;
 
 /// mimalloc instead of the system allocator: a request allocates and frees many small objects
 /// across threads, which glibc's malloc spent a fifth of the request path's CPU on (ADR 0020).
@@ -16,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: Config = runtime::parse_settings();
-    runtime::init_tracing(config.log.format_or(LogFormat::Json));
+    runtime::init_tracing(config.log.service_format());
     match serve(&config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -28,13 +27,12 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: &Config) -> anyhow::Result<()> {
+    // The port first: a busy one stops start-up before any store is opened or job started.
+    let listener = startup::bind(config.bind_addr).await?;
+    let addr = listener.local_addr()?;
     let service = startup::build(config, std::sync::Arc::new(domain::SystemClock))
         .await
         .context("start-up failed")?;
-    let listener = tokio::net::TcpListener::bind(config.bind_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.bind_addr))?;
-    let addr = listener.local_addr()?;
     startup::print_banner(config, addr);
     let app = command_api::app(
         service.state.clone(),

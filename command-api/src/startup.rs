@@ -329,10 +329,31 @@ pub async fn build_with(
     })
 }
 
+/// Binds the API's listener. `main` calls it before [`build`], so a port that is taken stops
+/// start-up before a store is opened or a background job runs (a job that ran would have
+/// synced, expired or deleted with no API in front of it); the message names the setting that
+/// moves the API elsewhere.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            "cannot listen on {addr}: the address is already in use (another broker, or another \
+             program, holds the port); stop it, or set BIND_ADDR to a free address, e.g. \
+             BIND_ADDR={}:{}",
+            addr.ip(),
+            addr.port().checked_add(1).unwrap_or(8081)
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot listen on {addr} (BIND_ADDR): check that the address belongs to this machine"
+        ))),
+    }
+}
+
 /// Prints where the service listens and, in dev mode, the dev-only tokens.
 pub fn print_banner(config: &Config, addr: SocketAddr) {
     let base = config.api_base_path.trim_end_matches('/');
     println!("Sandbox Broker listening on http://{addr}");
+    println!("  dashboard: http://{addr}/dashboard (log in with the admin token)");
     println!("  API docs:  http://{addr}{base}/docs");
     println!(
         "  store:     {:?}{}",

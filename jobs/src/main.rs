@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus::Registry;
-use runtime::LogFormat;
 
 use domain::{SharedClock, SystemClock};
 use jobs::cli::{Cli, Command};
@@ -16,7 +15,7 @@ use jobs::Jobs;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = runtime::parse_settings();
-    runtime::init_tracing(cli.log.format_or(LogFormat::Json));
+    runtime::init_tracing(cli.log.service_format());
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {

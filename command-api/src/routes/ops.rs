@@ -20,7 +20,7 @@ pub fn router() -> Router<SharedState> {
         .route("/metrics", get(metrics))
 }
 
-/// Service name, version and where the docs are.
+/// Service name, version and where the docs and the operator dashboard are.
 #[utoipa::path(get, path = "/", tag = "Observability", responses((status = 200, description = "Service info", body = Object)))]
 pub async fn service_root(State(state): State<SharedState>) -> Json<serde_json::Value> {
     Json(json!({
@@ -28,6 +28,7 @@ pub async fn service_root(State(state): State<SharedState>) -> Json<serde_json::
         "version": env!("CARGO_PKG_VERSION"),
         "docs": format!("{}/docs", state.base_path),
         "openapi": format!("{}/openapi.json", state.base_path),
+        "dashboard": "/dashboard",
     }))
 }
 

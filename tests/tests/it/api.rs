@@ -613,7 +613,9 @@ async fn admin_listing_stats_history_bulk() {
     app.stop().await;
 }
 
-/// Probes, metrics, the root, the OpenAPI document and the vendored Swagger UI answer.
+/// Probes, metrics, the root (which names the docs and the dashboard), the OpenAPI document
+/// (whose description names the embedded SQLite store as the default, not DynamoDB alone) and the
+/// vendored Swagger UI answer.
 #[tokio::test]
 async fn operations_endpoints() {
     let app = spawn_app(Backend::Embedded).await;
@@ -648,12 +650,18 @@ async fn operations_endpoints() {
     }
     let (s, _, b) = app.client.get(format!("{}/", app.url)).sent_json().await;
     assert_eq!((s, b["docs"].as_str()), (StatusCode::OK, Some("/v1/docs")));
+    assert_eq!(b["dashboard"].as_str(), Some("/dashboard"), "{b}");
     let (s, _, b) = app
         .client
         .get(format!("{}/v1/openapi.json", app.url))
         .sent_json()
         .await;
     assert_eq!(s, StatusCode::OK);
+    let description = b["info"]["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains("SQLite") && description.contains("default"),
+        "the description names the default store: {description}"
+    );
     assert!(b["paths"]["/v1/allocate"]["post"].is_object());
     assert!(b["components"]["schemas"]["ErrorBody"].is_object());
     let resp = app.client.get(format!("{}/v1/docs/", app.url)).sent().await;
