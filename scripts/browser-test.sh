@@ -10,11 +10,17 @@
 #    127.0.0.1 port (BIND_ADDR=127.0.0.1:0, the address read from its banner), the demo pool
 #    seeded, the built-in dev tokens, the job loops off (so the pool only changes when the test
 #    changes it);
-# 3. runs tests/browser/dashboard.mjs: loads /dashboard in headless Chromium, types the admin token,
-#    checks that the figures shown equal /v1/admin/stats, allocates with curl and the track token,
-#    waits for the live table and the allocations chart to show it, checks the prefix table, the
-#    outcomes and lag charts, an admin job (bulk delete of the empty `stale` set) and a prefix
-#    drain and resume as the page shows them, and writes a screenshot to artifacts/dashboard.png;
+# 3. runs tests/browser/dashboard.mjs: checks that `GET /` names the dashboard; allocates (201,
+#    then a 200 replay) before any page is open; loads /dashboard in headless Chromium, checks the
+#    login hint (where the admin token comes from), types the admin token, checks that the
+#    outcomes card shows the answers given before the page opened (server-side counters) and that
+#    the figures shown equal /v1/admin/stats; allocates with curl and the track token, waits for
+#    the live table to say it in words ("<caller> got <name>"), with no internal stream key shown,
+#    the demo pool's registrations grouped and the bookkeeping events only on request; checks the
+#    allocations chart, the prefix table, the outcomes and lag charts, an admin job (bulk delete of
+#    the empty `stale` set); drains from the page (a cancelled confirmation drains nothing, a
+#    confirmed one drains a prefix, then the whole pool: an allocation gets 503 and the outcomes
+#    count it), resumes both from the page, and writes a screenshot to artifacts/dashboard.png;
 # 4. stops the server on exit (trap), whatever happened. Exits non-zero on any failed check.
 #
 # Settings (environment): BROWSER_TEST_TIMEOUT (seconds for the browser run, default 180),

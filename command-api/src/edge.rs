@@ -475,6 +475,7 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
     if let Some(d) = decision {
         if !d.allowed {
             state.metrics.rate_limited.inc();
+            state.outcomes.record_rate_limited();
         }
         let headers = response.headers_mut();
         set(headers, RATE_LIMIT_LIMIT, &d.limit.to_string());

@@ -16,7 +16,8 @@
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
 //! - [`lease`] — the lease capability: tokens derived from the allocation, keys as credentials.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
-//!   `pool` (drain, resume, quotas), `ops`, `events` (the audit endpoints), `dashboard`.
+//!   `pool` (drain, resume, quotas), `outcomes`, `ops`, `events` (the audit endpoints),
+//!   `dashboard`.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
 //! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
@@ -26,6 +27,8 @@
 //! - [`readiness`] — the cached store check of `/readyz`.
 //! - [`state`] — `AppState`, what every handler shares (imports no route module).
 //! - [`metrics`] — Prometheus series (reference names kept).
+//! - [`outcomes`] — allocation outcomes since the process started, per minute for the last hour
+//!   (what the dashboard charts).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
 
@@ -39,6 +42,7 @@ pub mod lease;
 pub mod live_feed;
 pub mod metrics;
 pub mod openapi;
+pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
@@ -84,6 +88,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::webhooks::router())
         .merge(routes::events::router())
         .merge(routes::pool::router())
+        .merge(routes::outcomes::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),

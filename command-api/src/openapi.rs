@@ -6,7 +6,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, admin_jobs, ops, pool, sandboxes, webhooks};
+use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, webhooks};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -19,7 +19,7 @@ use crate::routes::{admin, admin_jobs, ops, pool, sandboxes, webhooks};
         admin::run_sync, admin::run_cleanup, admin::run_auto_expire, admin::run_delete_stale,
         admin::bulk_delete, admin_jobs::list_jobs, admin_jobs::get_job,
         webhooks::get_deliveries,
-        pool::get_pool_control, pool::drain_pool, pool::resume_pool,
+        pool::get_pool_control, pool::drain_pool, pool::resume_pool, outcomes::get_outcomes,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,

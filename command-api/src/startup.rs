@@ -280,6 +280,7 @@ pub async fn build_with(
         broker,
         jobs,
         metrics: ApiMetrics::new(&registry)?,
+        outcomes: crate::outcomes::AllocationOutcomes::new(clock.clone()),
         registry,
         projector_metrics,
         limiter: RateLimiter::new(

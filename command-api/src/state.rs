@@ -20,6 +20,8 @@ pub struct AppState {
     pub registry: Registry,
     /// The API's series.
     pub metrics: ApiMetrics,
+    /// Allocation outcomes since the start, per minute (`GET {base}/admin/outcomes`).
+    pub outcomes: crate::outcomes::AllocationOutcomes,
     /// The in-process projector's metrics, when it runs here.
     pub projector_metrics: Option<ProjectorMetrics>,
     /// Rate limit per authenticated principal (credential + caller; admin).

@@ -93,7 +93,7 @@ function groupOf(name) {
   return cut < 0 ? "" : name.slice(0, cut);
 }
 
-function allocate(caller) {
+function allocate(caller, want = "201") {
   // curl, as a track script would call the broker.
   const out = execFileSync(
     "curl",
@@ -106,8 +106,18 @@ function allocate(caller) {
     { encoding: "utf8" },
   );
   const [body, status] = [out.slice(0, out.lastIndexOf("\n")), out.slice(out.lastIndexOf("\n") + 1)];
-  check(status === "201", "allocation with the track token (curl) is 201", `${status} ${body}`);
+  check(status === want, `allocation with the track token (curl) is ${want}`, `${status} ${body}`);
   return JSON.parse(body);
+}
+
+// The number the outcomes card shows for one bar group (o201, o200, o503, …).
+async function shownOutcome(page, key) {
+  return Number(await page.getAttribute(`#outcome-totals div[data-outcome="${key}"] dd`, "data-value"));
+}
+
+// Every visible cell text of the live table.
+async function feedTexts(page) {
+  return page.$$eval("#feed tbody td", (cells) => cells.map((c) => c.textContent));
 }
 
 const browser = await chromium.launch({
@@ -135,17 +145,42 @@ try {
     if (!req.url().startsWith(BASE_URL)) problems.push("request outside the broker: " + req.url());
   });
 
+  // The service names its dashboard at its root.
+  const root = await (await fetch(BASE_URL + "/")).json();
+  check(root.dashboard === "/dashboard", "GET / names /dashboard", JSON.stringify(root));
+
+  // Allocations answered before any page is open: the outcomes card must still show them,
+  // because the server counts them, not the page.
+  const early = "browser-test-early-" + Date.now();
+  allocate(early);
+  allocate(early, "200");
+
   const resp = await page.goto(BASE_URL + "/dashboard", { waitUntil: "load", timeout: WAIT_MS });
   check(resp && resp.status() === 200, "GET /dashboard is 200");
   const csp = (resp && resp.headers()["content-security-policy"]) || "";
   check(csp.includes("script-src 'self'") && csp.includes("connect-src 'self'"), "the page has the dashboard CSP", csp);
   check(await page.isVisible("#login"), "the page asks for the admin token");
+  const hint = (await page.textContent("#token-hint")) || "";
+  check(
+    (await page.isVisible("#token-hint")) && hint.includes("start-up banner") && hint.includes("admin: dev-admin-token-"),
+    "before login the page says where the admin token comes from (the banner, in dev mode)",
+    hint,
+  );
+  check(!hint.includes(ADMIN_TOKEN), "the hint does not contain the token itself");
 
   await page.fill("#token", ADMIN_TOKEN);
   await page.click("#login button[type=submit]");
   await page.waitForSelector("body[data-stats-loaded=true]", { timeout: WAIT_MS });
   await page.waitForSelector("body[data-stream=live]", { timeout: WAIT_MS });
   check(true, "the dashboard loaded its figures and connected the live stream");
+  check(await page.isHidden("#welcome"), "the login explanation is gone once connected");
+  await page.waitForSelector("body[data-outcomes-loaded=true]", { timeout: WAIT_MS });
+  check(
+    (await shownOutcome(page, "o201")) >= 1 && (await shownOutcome(page, "o200")) >= 1,
+    "the outcomes card shows the 201 and the 200 answered before the page opened (server-side counters)",
+    `201: ${await shownOutcome(page, "o201")}, 200: ${await shownOutcome(page, "o200")}`,
+  );
+  check(/at \d{4}-\d\d-\d\d \d\d:\d\d UTC/.test((await page.textContent("#outcomes-since")) || ""), "the outcomes card says since when it counts", await page.textContent("#outcomes-since"));
   const stored = await page.evaluate(() => Object.keys(sessionStorage).length === 1 && Object.keys(localStorage).length === 0);
   check(stored, "the token is kept in sessionStorage only");
 
@@ -164,6 +199,40 @@ try {
   } catch (e) {
     check(false, "the live table shows the new allocation", e.message);
   }
+  // In words, with the sandbox's name (the feed carries only its id).
+  await waitInPage(
+    page,
+    `the live table says "${caller} got ${allocation.name}"`,
+    ([sel, words]) => (document.querySelector(sel)?.textContent || "").includes(words),
+    [row, `${caller} got ${allocation.name}`],
+  );
+  const texts = await feedTexts(page);
+  const keys = texts.filter((t) => /(claim|quota|sandbox|adminjob|pool)#/.test(t));
+  check(keys.length === 0, "no internal stream key is shown in the live table", keys.join(" | "));
+  check(
+    (await page.$$('#feed tbody tr[data-type="ClaimGranted"], #feed tbody tr[data-type="QuotaSlotTaken"]')).length === 0,
+    "claim and quota bookkeeping is hidden by default",
+  );
+  const registrations = await page.$$eval('#feed tbody tr[data-type="SandboxRegistered"]', (rows) =>
+    rows.map((r) => [Number(r.getAttribute("data-count")), r.querySelector("td.what")?.textContent || ""]),
+  );
+  check(
+    registrations.length >= 1 && registrations.length <= 2 && registrations.some(([n, t]) => n > 1 && /^\d+ sandboxes registered in the pool/.test(t)),
+    "the demo pool's registrations are one grouped row, not one row each",
+    JSON.stringify(registrations),
+  );
+  await page.check("#show-internal");
+  await waitInPage(
+    page,
+    "asked for, the internal events show, in words",
+    (sandbox) => {
+      const claim = [...document.querySelectorAll('#feed tbody tr[data-type="ClaimGranted"]')].find((r) => r.textContent.includes("holds"));
+      return !!claim && !claim.textContent.includes("#") && !!sandbox;
+    },
+    sandboxId,
+  );
+  await page.uncheck("#show-internal");
+  await waitInPage(page, "and hide again", () => document.querySelectorAll('#feed tbody tr.internal').length === 0, null);
   try {
     await page.waitForFunction(
       (n) => Number(document.getElementById("alloc-total").getAttribute("data-total")) >= n,
@@ -233,24 +302,66 @@ try {
   );
   check(await page.isHidden("#admin-jobs-empty"), "the jobs table's 'None.' is hidden once a job exists");
 
-  // Drain: a drained prefix is listed under Allocation, and gone after resume.
+  // Drain and resume from the page, each only after its confirmation.
   const drainPrefix = "browser-test-drain";
-  const drained = await admin("POST", `/admin/pool/drain?prefix=${drainPrefix}&reason=browser`);
-  check(drained.status === 200, "draining a prefix is 200", JSON.stringify(drained));
+  const pool = async () => (await admin("GET", "/admin/pool")).body || { drains: [] };
+  await page.fill("#drain-prefix", drainPrefix);
+  await page.fill("#drain-reason", "browser");
+  await page.click("#drain-form button[type=submit]");
+  check(await page.isVisible("#confirm"), "Drain… asks for a confirmation first");
+  check(((await page.textContent("#confirm-text")) || "").includes(drainPrefix), "the confirmation names what is drained", await page.textContent("#confirm-text"));
+  await page.click("#confirm-no");
+  check(await page.isHidden("#confirm"), "Cancel closes the confirmation");
+  check((await pool()).drains.length === 0, "a cancelled drain drained nothing", JSON.stringify(await pool()));
+  await page.click("#drain-form button[type=submit]");
+  await page.click("#confirm-yes");
   await waitInPage(
     page,
-    "the drained prefix is listed under Allocation",
+    "a confirmed prefix drain is listed under Allocation",
     (p) => !!document.querySelector(`#drains li[data-prefix="${p}"]`) && document.getElementById("drain-state").textContent.includes("some prefixes drained"),
     drainPrefix,
   );
+  check((await pool()).drains.some((d) => d.prefix === drainPrefix && d.reason === "browser"), "the API has the prefix drain with its reason", JSON.stringify(await pool()));
   await page.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-drained.png"), fullPage: true });
-  const resumed = await admin("POST", `/admin/pool/resume?prefix=${drainPrefix}`);
-  check(resumed.status === 200, "resuming the prefix is 200", JSON.stringify(resumed));
+
+  // The whole pool: allocation answers 503 MAINTENANCE until resumed, and the outcomes show it.
+  await page.click("#drain-form button[type=submit]");
+  check(((await page.textContent("#confirm-text")) || "").includes("the whole pool"), "an empty prefix drains the whole pool, and the confirmation says so");
+  await page.click("#confirm-yes");
+  await waitInPage(page, "the page shows the whole pool drained", () => document.getElementById("drain-state").textContent === "drained (maintenance)", null);
+  check((await pool()).drained === true, "the API reports the whole pool drained");
+  const refusedOut = execFileSync(
+    "curl",
+    ["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", API + "/allocate", "-H", "Authorization: Bearer " + TRACK_TOKEN, "-H", "X-Instruqt-Sandbox-ID: browser-test-drained"],
+    { encoding: "utf8" },
+  );
+  check(refusedOut === "503", "while drained, an allocation is 503", refusedOut);
   await waitInPage(
     page,
-    "the resumed prefix is gone from the list",
+    "the outcomes card counts the 503 (drained)",
+    () => Number(document.querySelector('#outcome-totals div[data-outcome="o503"] dd')?.getAttribute("data-value")) >= 1,
+    null,
+  );
+  await page.click('#drains button[data-resume=""]');
+  check(((await page.textContent("#confirm-text")) || "").startsWith("Resume allocation for the whole pool"), "Resume… asks first", await page.textContent("#confirm-text"));
+  await page.click("#confirm-yes");
+  await page.click(`#drains button[data-resume="${drainPrefix}"]`);
+  await page.click("#confirm-yes");
+  await waitInPage(
+    page,
+    "after both resumes the page shows allocation open",
     (p) => !document.querySelector(`#drains li[data-prefix="${p}"]`) && document.getElementById("drain-state").textContent === "open",
     drainPrefix,
+  );
+  check((await pool()).drains.length === 0, "the API has no drain left", JSON.stringify(await pool()));
+  await waitInPage(
+    page,
+    "the live table says the pool was drained and resumed",
+    () => {
+      const t = document.getElementById("feed").textContent;
+      return t.includes("allocation drained for the whole pool") && t.includes("allocation resumed for the whole pool");
+    },
+    null,
   );
 
   await page.screenshot({ path: SCREENSHOT, fullPage: true });

@@ -9,16 +9,19 @@
 //                                           cannot set headers); resumed with Last-Event-ID
 //   allocation open / drained            <- GET {base}/admin/pool (with the stats, and after
 //                                           PoolDrained / PoolResumed events)
+//   drain / resume buttons               -> POST {base}/admin/pool/drain?prefix=&reason=,
+//                                           POST {base}/admin/pool/resume?prefix=, each after a
+//                                           confirmation in the page
 //   quarantined sandboxes + retry        <- GET {base}/admin/sandboxes?status=deletion_failed,
 //                                           POST {base}/admin/sandboxes/{id}/retry-deletion
 //   pool by prefix + low water           <- the same GET {base}/admin/stats (by_prefix, low_water)
 //   projector lag chart                  <- lag samples of those stats polls, kept for 30 minutes
-//   allocation outcomes per minute       <- GET /metrics every 15 s: increments of
-//                                           broker_allocate_total{outcome} (201 success, 200
-//                                           idempotent, 409 no_sandboxes, 429 quota_exceeded)
-//                                           and broker_rate_limited_total (429), per minute; one API
-//                                           instance's view (behind a load balancer, the one
-//                                           that answered)
+//   allocation outcomes                  <- GET {base}/admin/outcomes every 5 s: what this API
+//                                           instance counted since it started, in total and per
+//                                           minute over the last hour (behind a load balancer,
+//                                           the instance that answered)
+//   live events in words                 <- the live stream above; sandbox names from the
+//                                           registrations seen and GET {base}/admin/sandboxes/{id}
 //   admin jobs                           <- GET {base}/admin/jobs (every 5 s)
 "use strict";
 
@@ -31,20 +34,20 @@
   const QUARANTINE_EVERY_MS = 15000;
   const RECONNECT_MS = 2000;
   const SVG = "http://www.w3.org/2000/svg";
-  const OUTCOMES_EVERY_MS = 15000;
+  const OUTCOMES_EVERY_MS = 5000;
   const LAG_WINDOW_MS = 30 * 60 * 1000;
-  const OUTCOMES = [
-    ["o201", 'broker_allocate_total{outcome="success"}'],
-    ["o200", 'broker_allocate_total{outcome="idempotent"}'],
-    ["o409", 'broker_allocate_total{outcome="no_sandboxes"}'],
-    ["o429", "broker_rate_limited_total"],
-    // A track at its quota is answered 429 too (QUOTA_EXCEEDED): the same bar.
-    ["o429", 'broker_allocate_total{outcome="quota_exceeded"}'],
+  // The server's outcome names (broker_allocate_total{outcome}) by the bar they are drawn in.
+  const OUTCOME_BARS = [
+    ["o201", "201 new", ["success"]],
+    ["o200", "200 replay", ["idempotent"]],
+    ["o409", "409 none left", ["no_sandboxes"]],
+    ["o404", "404 unknown prefix", ["unknown_prefix"]],
+    ["o429", "429 over a limit", ["quota_exceeded", "caller_limit", "address_limit", "rate_limited"]],
+    ["o503", "503 drained", ["maintenance"]],
+    ["o5xx", "failed", ["error"]],
   ];
-  const OUTCOME_KEYS = [...new Set(OUTCOMES.map(([key]) => key))];
+  const FEED_KEEP = 400; // events kept for re-drawing the table (grouping, the internal toggle)
   const lagSamples = []; // [ms epoch, lag ms]
-  const outcomeBins = new Map(); // minute (ms epoch) -> {o201, o200, o409, o429}
-  let lastCounters = null;
 
   const $ = (id) => document.getElementById(id);
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -192,42 +195,40 @@
     $("lag-chart").replaceChildren(root);
   }
 
-  // ---- allocation outcomes per minute (from /metrics) ------------------------------------------
+  // ---- allocation outcomes (counted by the server) ----------------------------------------------
 
-  function parseCounters(text) {
-    const values = {};
-    for (const line of text.split("\n")) {
-      for (const [key, series] of OUTCOMES) {
-        if (line.startsWith(series + " ")) values[key] = (values[key] || 0) + (Number(line.slice(series.length + 1)) || 0);
-      }
-    }
-    return values;
+  // One bar group's count: the sum of its server outcomes (`rate_limited` is its own field).
+  function barCount(counts, rateLimited, names) {
+    return names.reduce((sum, n) => sum + (n === "rate_limited" ? rateLimited || 0 : counts[n] || 0), 0);
   }
 
   async function refreshOutcomes() {
-    const resp = await fetch("/metrics", { cache: "no-store" });
-    if (!resp.ok) throw new Error("metrics answered " + resp.status);
-    const counters = parseCounters(await resp.text());
-    const minute = Math.floor(Date.now() / 60000) * 60000;
-    if (lastCounters) {
-      const bin = outcomeBins.get(minute) || { o201: 0, o200: 0, o409: 0, o429: 0 };
-      for (const key of OUTCOME_KEYS) {
-        // A restarted instance starts its counters at 0 again: count from there.
-        const d = (counters[key] || 0) - (lastCounters[key] || 0);
-        bin[key] += d >= 0 ? d : counters[key] || 0;
-      }
-      outcomeBins.set(minute, bin);
+    const body = await api("/admin/outcomes");
+    if (body.now) serverOffsetMs = new Date(body.now).getTime() - Date.now();
+    $("outcomes-since").textContent = body.since ? "at " + body.since.slice(0, 16).replace("T", " ") + " UTC" : "";
+    const totals = $("outcome-totals");
+    totals.replaceChildren();
+    for (const [key, label, names] of OUTCOME_BARS) {
+      const n = barCount(body.totals || {}, body.rate_limited, names);
+      const row = el("div", { "data-outcome": key });
+      row.appendChild(el("dt", {}, label));
+      row.appendChild(el("dd", { "data-value": String(n) }, String(n)));
+      totals.appendChild(row);
     }
-    lastCounters = counters;
-    for (const m of outcomeBins.keys()) if (m < minute - 59 * 60000) outcomeBins.delete(m);
-    drawOutcomes(minute);
+    drawOutcomes(body.per_minute || [], body.now ? new Date(body.now).getTime() : serverNow());
+    document.body.setAttribute("data-outcomes-loaded", "true");
   }
 
-  function drawOutcomes(minute) {
+  function drawOutcomes(perMinute, nowMs) {
     const width = 360, height = 170, top = 16, bottom = 24, left = 24;
+    const minute = Math.floor(nowMs / 60000) * 60000;
+    const byMinute = new Map(perMinute.map((m) => [new Date(m.minute).getTime(), m]));
     const bins = [];
-    for (let i = 59; i >= 0; i--) bins.push(outcomeBins.get(minute - i * 60000) || { o201: 0, o200: 0, o409: 0, o429: 0 });
-    const totals = bins.map((b) => OUTCOME_KEYS.reduce((sum, k) => sum + b[k], 0));
+    for (let i = 59; i >= 0; i--) {
+      const m = byMinute.get(minute - i * 60000);
+      bins.push(Object.fromEntries(OUTCOME_BARS.map(([key, , names]) => [key, m ? barCount(m.counts || {}, m.rate_limited, names) : 0])));
+    }
+    const totals = bins.map((b) => OUTCOME_BARS.reduce((sum, [key]) => sum + b[key], 0));
     const max = Math.max(1, ...totals);
     const slot = (width - left) / 60;
     const root = svg("svg", { viewBox: `0 0 ${width} ${height}` });
@@ -236,12 +237,12 @@
     root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, 0));
     bins.forEach((bin, i) => {
       let base = height - bottom;
-      for (const key of OUTCOME_KEYS) {
+      for (const [key, label] of OUTCOME_BARS) {
         if (!bin[key]) continue;
         const h = Math.max(1, Math.round(((height - top - bottom) * bin[key]) / max));
         base -= h;
         const bar = svg("rect", { x: left + i * slot + 0.5, y: base, width: Math.max(1, slot - 1), height: h, class: "bar-" + key, "data-minute": i - 59, "data-outcome": key, "data-value": bin[key] });
-        bar.appendChild(svg("title", {}, `${59 - i} min ago: ${bin[key]} × ${key.slice(1)}`));
+        bar.appendChild(svg("title", {}, `${59 - i} min ago: ${bin[key]} × ${label}`));
         root.appendChild(bar);
       }
     });
@@ -279,11 +280,72 @@
     const list = $("drains");
     list.textContent = "";
     for (const d of control.drains) {
-      const since = new Date(d.since * 1000).toISOString();
-      const what = d.prefix === null ? "whole pool" : d.prefix + "*";
-      list.appendChild(el("li", { "data-prefix": d.prefix === null ? "" : d.prefix }, what + " since " + since + (d.reason ? " — " + d.reason : "")));
+      const since = new Date(d.since * 1000).toISOString().slice(0, 16).replace("T", " ");
+      const what = d.prefix === null ? "the whole pool" : "names starting " + d.prefix;
+      const li = el("li", { "data-prefix": d.prefix === null ? "" : d.prefix });
+      li.appendChild(el("span", {}, `Drained: ${what}, since ${since} UTC` + (d.reason ? ` (${d.reason})` : "") + " "));
+      const button = el("button", { type: "button", class: "secondary", "data-resume": d.prefix === null ? "" : d.prefix }, "Resume…");
+      button.addEventListener("click", () => askResume(d.prefix));
+      li.appendChild(button);
+      list.appendChild(li);
     }
     document.body.setAttribute("data-drained", whole ? "true" : "false");
+  }
+
+  // A drain or a resume changes what every student gets: the page asks before it sends either.
+  let pendingAction = null;
+
+  function ask(text, confirmLabel, action) {
+    pendingAction = action;
+    $("confirm-text").textContent = text;
+    $("confirm-yes").textContent = confirmLabel;
+    $("confirm").hidden = false;
+    $("confirm-no").focus();
+  }
+
+  function closeConfirm() {
+    pendingAction = null;
+    $("confirm").hidden = true;
+  }
+
+  function askDrain() {
+    const prefix = $("drain-prefix").value.trim();
+    const reason = $("drain-reason").value.trim();
+    const what = prefix ? `every sandbox whose name starts with "${prefix}"` : "the whole pool";
+    ask(
+      `Drain allocation for ${what}? New allocations will be refused with 503 MAINTENANCE until you resume; students who already have a sandbox keep it.`,
+      "Drain " + (prefix ? prefix : "the whole pool"),
+      async () => {
+        let path = "/admin/pool/drain";
+        const params = [];
+        if (prefix) params.push("prefix=" + encodeURIComponent(prefix));
+        if (reason) params.push("reason=" + encodeURIComponent(reason));
+        if (params.length) path += "?" + params.join("&");
+        await api(path, { method: "POST" });
+        $("drain-prefix").value = "";
+        $("drain-reason").value = "";
+      },
+    );
+  }
+
+  function askResume(prefix) {
+    const what = prefix === null ? "the whole pool" : `names starting "${prefix}"`;
+    ask(`Resume allocation for ${what}? Students will get sandboxes again at once.`, "Resume " + (prefix === null ? "the whole pool" : prefix), async () => {
+      await api("/admin/pool/resume" + (prefix === null ? "" : "?prefix=" + encodeURIComponent(prefix)), { method: "POST" });
+    });
+  }
+
+  async function confirmPending() {
+    const action = pendingAction;
+    closeConfirm();
+    if (!action) return;
+    try {
+      await action();
+      showError("");
+    } catch (e) {
+      if (e.message !== "unauthorized") showError("pool control: " + e.message);
+    }
+    await refreshControl().catch(() => {});
   }
 
   function statsSoon() {
@@ -387,7 +449,174 @@
     statsSoon();
   }
 
-  // ---- live feed ---------------------------------------------------------------------------------
+  // ---- live feed, in words ----------------------------------------------------------------------
+
+  const feedEvents = []; // newest first: {key, event}
+  const names = new Map(); // sandbox id -> name
+  const lookups = new Set(); // sandbox ids whose name is being (or was) asked for
+  const jobKinds = new Map(); // admin job id -> kind
+  let newestDrawn = null;
+  let feedPending = null;
+
+  const sandboxOf = (event) => (event.stream_id || "").startsWith("sandbox#") ? event.stream_id.slice("sandbox#".length) : null;
+
+  function nameOf(id) {
+    if (id === null || id === undefined) return "a sandbox";
+    if (names.has(id)) return names.get(id);
+    lookUpName(id);
+    return id;
+  }
+
+  // The feed names sandboxes by id; the page shows names, asking the API once per unknown id.
+  function lookUpName(id) {
+    if (lookups.has(id) || lookups.size > 2000) return;
+    lookups.add(id);
+    api("/admin/sandboxes/" + encodeURIComponent(id))
+      .then((body) => {
+        const name = body && body.state && body.state.name;
+        if (name) {
+          names.set(id, name);
+          feedSoon();
+        }
+      })
+      .catch(() => {});
+  }
+
+  function who(actor) {
+    if (!actor) return "";
+    if (actor.startsWith("track:")) return actor.slice("track:".length);
+    if (actor === "admin") return "operator";
+    if (actor.startsWith("job:")) return actor.slice("job:".length) + " job";
+    return actor;
+  }
+
+  // A time of day, with its date when that is not today (UTC), e.g. "2026-05-02 10:00 UTC".
+  function at(iso) {
+    const t = new Date(iso);
+    if (!iso || isNaN(t)) return iso || "";
+    const full = t.toISOString();
+    const today = new Date(serverNow()).toISOString().slice(0, 10);
+    return (full.slice(0, 10) === today ? "" : full.slice(0, 10) + " ") + full.slice(11, 16) + " UTC";
+  }
+
+  // One event as a sentence. `internal`: bookkeeping that repeats what another event says
+  // (claims, quota slots), or progress no operator acts on; shown only on request.
+  function describe(event) {
+    const p = event.payload || {};
+    const id = sandboxOf(event);
+    const n = () => nameOf(id);
+    const jobId = (event.stream_id || "").startsWith("adminjob#") ? event.stream_id.slice("adminjob#".length) : "";
+    switch (event.event_type) {
+      case "SandboxRegistered":
+        return { text: `${p.name || n()} registered in the pool`, group: "registered" };
+      case "SandboxAllocated":
+        return { text: `${p.caller} got ${n()}` + (p.track_name ? ` (track ${p.track_name})` : "") + (p.expires_at ? `, until ${at(p.expires_at)}` : "") };
+      case "DeletionRequested":
+        return { text: `${p.caller} released ${n()}; it is queued for deletion` };
+      case "AllocationExpired":
+        return { text: `${n()}: the lab ended (expired); queued for deletion` };
+      case "LeaseExtended":
+        return { text: `${p.caller} extended ${n()} by ${p.hours} h, until ${at(p.expires_at)}` };
+      case "SandboxMarkedStale":
+        return { text: `${n()} is missing from the CSP listing: marked stale` };
+      case "SandboxRestored":
+        return { text: `${n()} is listed by the CSP again: available` };
+      case "DeletionLeased":
+        return { text: `cleanup took ${n()} to delete it`, internal: true };
+      case "DeletionAttemptFailed":
+        return { text: `deleting ${n()} failed (attempt ${p.attempt}): ${p.error}; next try at ${at(p.next_attempt_at)}` };
+      case "DeletionFailed":
+        return { text: `${n()} quarantined after ${p.attempts} failed deletions: ${p.last_error}` };
+      case "DeletionRetried":
+        return { text: `${n()} re-queued for deletion` };
+      case "SandboxDeleted":
+        return { text: `${n()} deleted in the CSP` };
+      case "SandboxRetired":
+        return { text: `${n()} removed from the pool (${String(p.reason || "").replace(/_/g, " ")})` };
+      case "ClaimGranted":
+        return { text: `claim: ${p.caller} holds ${nameOf(p.sandbox_id)}`, internal: true };
+      case "ClaimReleased":
+        return { text: `claim: ${nameOf(p.sandbox_id)} released (${String(p.reason || "").replace(/_/g, " ")})`, internal: true };
+      case "QuotaSlotTaken":
+        return { text: `quota: ${nameOf(p.sandbox_id)} takes a slot (${(p.holders || []).length} of ${p.limit} in use)`, internal: true };
+      case "QuotaSlotReleased":
+        return { text: `quota: ${nameOf(p.sandbox_id)} frees its slot (${(p.holders || []).length} in use)`, internal: true };
+      case "ListingRecorded":
+        return { text: `sync read the CSP listing: ${p.listed} accounts` + ((p.missing || []).length ? `, ${p.missing.length} available ones missing` : "") };
+      case "AdminJobListed":
+        if (p.job_id) jobKinds.set(p.job_id, p.kind);
+        return { text: `admin job ${p.kind} submitted`, internal: true };
+      case "AdminJobStarted":
+        if (jobId) jobKinds.set(jobId, p.kind);
+        return { text: `admin job ${p.kind} started` + (typeof p.total === "number" ? ` (${p.total} to do)` : "") };
+      case "AdminJobProgressed":
+        return { text: `admin job ${jobKinds.get(jobId) || ""}: ${p.done} done, ${p.errors} errors so far`, internal: true };
+      case "AdminJobFinished":
+        return { text: `admin job ${jobKinds.get(jobId) || ""} ${p.outcome}: ${p.done} done, ${p.errors} errors` + (p.error ? ` (${p.error})` : "") };
+      case "PoolDrained":
+        return { text: (p.prefix ? `allocation drained for names starting ${p.prefix}` : "allocation drained for the whole pool") + (p.reason ? ` (${p.reason})` : "") };
+      case "PoolResumed":
+        return { text: p.prefix ? `allocation resumed for names starting ${p.prefix}` : "allocation resumed for the whole pool" };
+      default:
+        return { text: `${event.event_type} (an event this page does not describe)` };
+    }
+  }
+
+  function feedSoon() {
+    if (feedPending) return;
+    feedPending = setTimeout(() => {
+      feedPending = null;
+      drawFeed();
+    }, 50);
+  }
+
+  // Redraws the table from the kept events: internal ones left out unless asked for, runs of
+  // registrations (a sync of a whole pool) as one row.
+  function drawFeed() {
+    const showInternal = $("show-internal").checked;
+    const rows = [];
+    let hidden = 0;
+    for (const { key, event } of feedEvents) {
+      const d = describe(event);
+      if (d.internal && !showInternal) {
+        hidden += 1;
+        continue;
+      }
+      const last = rows[rows.length - 1];
+      if (d.group && last && last.group === d.group) {
+        last.count += 1;
+        last.first = event; // events are newest first: this one is older
+        continue;
+      }
+      rows.push({ key, event, text: d.text, group: d.group, internal: !!d.internal, count: 1, first: event });
+      if (rows.length > FEED_ROWS) break;
+    }
+    const tbody = $("feed").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const row of rows.slice(0, FEED_ROWS)) {
+      const e = row.event;
+      let text = row.text;
+      if (row.group === "registered" && row.count > 1) {
+        const firstName = (row.first.payload || {}).name || "";
+        const lastName = (e.payload || {}).name || "";
+        text = `${row.count} sandboxes registered in the pool (${firstName} … ${lastName})`;
+      }
+      const attrs = { "data-type": e.event_type, "data-stream": e.stream_id, "data-key": row.key, "data-count": String(row.count) };
+      const id = sandboxOf(e);
+      if (id) attrs["data-sandbox"] = id;
+      const classes = [];
+      if (newestDrawn !== null && row.key > newestDrawn) classes.push("fresh");
+      if (row.internal) classes.push("internal");
+      if (classes.length) attrs.class = classes.join(" ");
+      const tr = el("tr", attrs);
+      tr.appendChild(el("td", {}, hhmmss(e.occurred_at)));
+      tr.appendChild(el("td", { class: "what" }, text));
+      tr.appendChild(el("td", {}, who(e.actor)));
+      tbody.appendChild(tr);
+    }
+    if (feedEvents.length) newestDrawn = feedEvents[0].key;
+    $("internal-count").textContent = String(hidden);
+  }
 
   function onEvent(id, data) {
     lastEventId = id;
@@ -397,14 +626,13 @@
     } catch (_) {
       return;
     }
-    const tbody = $("feed").querySelector("tbody");
-    const tr = el("tr", { class: "fresh", "data-type": event.event_type, "data-stream": event.stream_id, "data-key": id });
-    tr.appendChild(el("td", {}, hhmmss(event.occurred_at)));
-    tr.appendChild(el("td", { class: "type" }, event.event_type));
-    tr.appendChild(el("td", {}, event.stream_id));
-    tr.appendChild(el("td", {}, event.actor));
-    tbody.insertBefore(tr, tbody.firstChild);
-    while (tbody.children.length > FEED_ROWS) tbody.removeChild(tbody.lastChild);
+    if (event.event_type === "SandboxRegistered" && event.payload && event.payload.name) {
+      const sid = sandboxOf(event);
+      if (sid) names.set(sid, event.payload.name);
+    }
+    feedEvents.unshift({ key: event.key || id, event });
+    if (feedEvents.length > FEED_KEEP) feedEvents.length = FEED_KEEP;
+    feedSoon();
     if (event.event_type === "SandboxAllocated") {
       countAllocation(event.key || id, event.occurred_at);
       drawAllocations();
@@ -483,6 +711,7 @@
 
   async function start() {
     $("login").hidden = true;
+    $("welcome").hidden = true;
     $("session").hidden = false;
     $("main").hidden = false;
     setConn("connecting…");
@@ -515,8 +744,10 @@
     timers.forEach(clearInterval);
     timers = [];
     $("login").hidden = false;
+    $("welcome").hidden = false;
     $("session").hidden = true;
     $("main").hidden = true;
+    closeConfirm();
     showError(message || "");
   }
 
@@ -529,5 +760,12 @@
     start();
   });
   $("logout").addEventListener("click", () => logout(""));
+  $("drain-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    askDrain();
+  });
+  $("confirm-yes").addEventListener("click", () => confirmPending());
+  $("confirm-no").addEventListener("click", closeConfirm);
+  $("show-internal").addEventListener("change", drawFeed);
   if (token) start();
 })();

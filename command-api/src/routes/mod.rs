@@ -5,6 +5,7 @@ pub mod admin_jobs;
 pub mod dashboard;
 pub mod events;
 pub mod ops;
+pub mod outcomes;
 pub mod pool;
 pub mod sandbox_ref;
 pub mod sandboxes;

@@ -428,6 +428,7 @@ pub async fn allocate_sandbox(
         Err(_) => "error",
     };
     state.metrics.allocate.with_label_values(&[outcome]).inc();
+    state.outcomes.record(outcome);
     state
         .metrics
         .allocation_latency

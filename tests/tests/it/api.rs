@@ -746,3 +746,71 @@ async fn track_routes_accept_the_callers_sandbox_name() {
     assert_eq!(b["sandbox_id"], id.as_str());
     app.stop().await;
 }
+
+/// `GET /v1/admin/outcomes` reports what the server answered since it started, whoever was
+/// watching: a 201, a 200 replay, a 404 for an unknown prefix and a 503 while drained, in the
+/// totals and in the current minute; it is admin-only and takes no parameters.
+#[tokio::test]
+async fn allocation_outcomes_are_counted_by_the_server() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab", 3).await;
+    let (s, _, b) = app.get_json("/v1/admin/outcomes").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["totals"]["success"], 0, "{b}");
+    assert_eq!(
+        b["per_minute"].as_array().map(Vec::len),
+        Some(0),
+        "nothing counted yet: {b}"
+    );
+
+    assert_eq!(
+        app.allocate("stu-1").sent().await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(app.allocate("stu-1").sent().await.status(), StatusCode::OK);
+    let unknown = app
+        .allocate("stu-2")
+        .header("X-Sandbox-Name-Prefix", "nothing-has-this")
+        .sent()
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let (s, _, b) = app
+        .admin(Method::POST, "/v1/admin/pool/drain?reason=test")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let drained = app.allocate("stu-3").sent().await;
+    assert_eq!(drained.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    let (s, _, b) = app.get_json("/v1/admin/outcomes").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    for (outcome, n) in [
+        ("success", 1),
+        ("idempotent", 1),
+        ("unknown_prefix", 1),
+        ("maintenance", 1),
+        ("no_sandboxes", 0),
+        ("error", 0),
+    ] {
+        assert_eq!(b["totals"][outcome], n, "{outcome}: {b}");
+    }
+    assert!(b["since"].as_str().is_some_and(|t| t.ends_with('Z')), "{b}");
+    // The test clock stands still: every answer fell in one minute.
+    let minutes = b["per_minute"].as_array().cloned().unwrap_or_default();
+    assert_eq!(minutes.len(), 1, "{b}");
+    assert_eq!(minutes[0]["counts"]["success"], 1, "{b}");
+    assert_eq!(minutes[0]["counts"]["maintenance"], 1, "{b}");
+
+    let (s, _, b) = app
+        .track(Method::GET, "/v1/admin/outcomes")
+        .sent_json()
+        .await;
+    assert_eq!((s, code(&b)), (StatusCode::FORBIDDEN, "FORBIDDEN"), "{b}");
+    let (s, _, b) = app.get_json("/v1/admin/outcomes?since=now").await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::BAD_REQUEST, "VALIDATION_ERROR"),
+        "{b}"
+    );
+    app.stop().await;
+}
