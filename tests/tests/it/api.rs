@@ -747,6 +747,52 @@ async fn track_routes_accept_the_callers_sandbox_name() {
     app.stop().await;
 }
 
+/// A name works for its owner at once after the allocation, before the projector has moved the
+/// sandbox into the caller's rows of the view (a lab script that allocates and asks for the
+/// sandbox by name right away got 404): the sandbox's own events decide; another caller still
+/// gets 404 for that name.
+#[tokio::test]
+async fn a_name_works_for_its_owner_before_the_view_catches_up() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|config| config.run_projector = Some(false));
+    let app = spawn_app_with(options).await;
+    // No projector: the rows are brought up to their registrations once, and then stay behind.
+    let ids = app.register("lagging", 2).await;
+    app.repair(&ids).await;
+    let (s, _, alloc) = app.allocate("owner-1").sent_json().await;
+    assert_eq!(s, StatusCode::CREATED, "{alloc}");
+    let id = alloc["sandbox_id"].as_str().unwrap_or_default().to_string();
+    let name = alloc["name"].as_str().unwrap_or_default().to_string();
+    let row = app.state.broker.view().get(&id).await.ok().flatten();
+    assert_eq!(
+        row.map(|r| r.owner),
+        Some(None),
+        "the view does not know the owner yet"
+    );
+
+    let get = |caller: &str| {
+        app.track(Method::GET, &format!("/v1/sandboxes/{name}"))
+            .header("X-Instruqt-Sandbox-ID", caller)
+            .sent_json()
+    };
+    let (s, _, b) = get("owner-1").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["sandbox_id"], id.as_str());
+    assert_eq!(b["status"], "allocated");
+    let (s, h, b) = get("intruder").await;
+    assert_envelope(s, &h, &b, StatusCode::NOT_FOUND, "SANDBOX_NOT_FOUND");
+    let (s, _, b) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{name}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "owner-1")
+        .sent_json()
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    app.stop().await;
+}
+
 /// `GET /v1/admin/outcomes` reports what the server answered since it started, whoever was
 /// watching: a 201, a 200 replay, a 404 for an unknown prefix and a 503 while drained, in the
 /// totals and in the current minute; it is admin-only and takes no parameters.
