@@ -228,10 +228,14 @@ def run_blocks(blocks: list[Block], urls: list[str], env: dict[str, str], work: 
     script.append("echo done >\"$__progress\"")
     path = work / "examples.sh"
     path.write_text("\n".join(script) + "\n", encoding="utf-8")
+    # Its own process group, so that a block still running at the time limit is stopped with
+    # everything it started (a curl that hangs, a follower that never ends).
+    shell = subprocess.Popen(["bash", str(path)], env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        finished = subprocess.run(["bash", str(path)], env=env, cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
-        rc = finished.returncode
+        rc: int | None = shell.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
         rc = None
     reached = progress.read_text().strip() if progress.exists() else "0"
     done = len(blocks) if reached == "done" else int(reached or 0)
