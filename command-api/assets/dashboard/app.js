@@ -583,12 +583,13 @@
         continue;
       }
       const last = rows[rows.length - 1];
+      const name = (event.payload || {}).name || "";
       if (d.group && last && last.group === d.group) {
         last.count += 1;
-        last.first = event; // events are newest first: this one is older
+        last.names.push(name);
         continue;
       }
-      rows.push({ key, event, text: d.text, group: d.group, internal: !!d.internal, count: 1, first: event });
+      rows.push({ key, event, text: d.text, group: d.group, internal: !!d.internal, count: 1, names: [name] });
       if (rows.length > FEED_ROWS) break;
     }
     const tbody = $("feed").querySelector("tbody");
@@ -597,9 +598,9 @@
       const e = row.event;
       let text = row.text;
       if (row.group === "registered" && row.count > 1) {
-        const firstName = (row.first.payload || {}).name || "";
-        const lastName = (e.payload || {}).name || "";
-        text = `${row.count} sandboxes registered in the pool (${firstName} … ${lastName})`;
+        // Registered concurrently, so not in name order: the range shows the first and last name.
+        const sorted = row.names.filter(Boolean).sort();
+        text = `${row.count} sandboxes registered in the pool (${sorted[0] || ""} … ${sorted[sorted.length - 1] || ""})`;
       }
       const attrs = { "data-type": e.event_type, "data-stream": e.stream_id, "data-key": row.key, "data-count": String(row.count) };
       const id = sandboxOf(e);
