@@ -468,18 +468,41 @@
   }
 
   // The feed names sandboxes by id; the page shows names, asking the API once per unknown id.
+  // The asks are paced (two at a time, a pause after each: at most about 20 a second), so that
+  // a replay of a busy ten minutes stays well inside the admin token's rate limit, which the
+  // page's other requests share; rows show the id until the name is known.
+  const LOOKUPS_AT_ONCE = 2;
+  const LOOKUP_PAUSE_MS = 100;
+  const lookupQueue = [];
+  let lookupsRunning = 0;
+
   function lookUpName(id) {
     if (lookups.has(id) || lookups.size > 2000) return;
     lookups.add(id);
-    api("/admin/sandboxes/" + encodeURIComponent(id))
-      .then((body) => {
-        const name = body && body.state && body.state.name;
-        if (name) {
-          names.set(id, name);
-          feedSoon();
-        }
-      })
-      .catch(() => {});
+    lookupQueue.push(id);
+    pumpLookups();
+  }
+
+  function pumpLookups() {
+    while (token && lookupsRunning < LOOKUPS_AT_ONCE && lookupQueue.length) {
+      const id = lookupQueue.shift();
+      lookupsRunning += 1;
+      api("/admin/sandboxes/" + encodeURIComponent(id))
+        .then((body) => {
+          const name = body && body.state && body.state.name;
+          if (name) {
+            names.set(id, name);
+            feedSoon();
+          }
+        })
+        .catch(() => {})
+        .finally(() =>
+          setTimeout(() => {
+            lookupsRunning -= 1;
+            pumpLookups();
+          }, LOOKUP_PAUSE_MS),
+        );
+    }
   }
 
   function who(actor) {
@@ -744,6 +767,8 @@
     stream = null;
     timers.forEach(clearInterval);
     timers = [];
+    for (const id of lookupQueue) lookups.delete(id); // asked again after the next login
+    lookupQueue.length = 0;
     $("login").hidden = false;
     $("welcome").hidden = false;
     $("session").hidden = true;
