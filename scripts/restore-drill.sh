@@ -18,7 +18,8 @@
 # failure, with the logs of what failed.
 #
 # Settings (environment): DRILL_SANDBOXES (30) accounts in the mock CSP; DRILL_STUDENTS (12)
-# allocations, a third released and a sixth extended.
+# allocations, a third released and a sixth extended; DRILL_KEEP_EXPORT (unset) a file to copy
+# the export of A to — how the logs under tests/fixtures/logs/ were written (docs/upgrades.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -175,6 +176,10 @@ TABLE_PREFIX="$PREFIX_A" timeout 300 "$BIN/broker-audit" export >"$WORK/a.ndjson
 EVENTS="$(wc -l <"$WORK/a.ndjson")"
 log "exported $EVENTS events from $PREFIX_A"
 [ "$EVENTS" -gt "$SANDBOXES" ] || die "the export holds only $EVENTS events"
+if [ -n "${DRILL_KEEP_EXPORT:-}" ]; then
+    cp "$WORK/a.ndjson" "$DRILL_KEEP_EXPORT"
+    log "export kept in $DRILL_KEEP_EXPORT"
+fi
 
 # --- 3. import under a new prefix --------------------------------------------------------------
 started=$(date +%s%N)

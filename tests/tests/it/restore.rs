@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use domain::audit::{audit_page, AuditQuery};
-use domain::model::events::{ClaimEvent, QuotaEvent};
+use domain::model::events::{BrokerEvent, ClaimEvent, QuotaEvent};
 use domain::model::ids::{claim_stream, quota_stream, sandbox_stream};
 use domain::restore::{check_log, import_envelopes, ImportOptions};
 use domain::store::{EventFeed, EventStore};
@@ -47,6 +47,7 @@ macro_rules! both_stores {
 both_stores!(
     an_export_imported_into_a_fresh_store_serves_the_same_students,
     the_check_finds_what_a_broken_log_gets_wrong,
+    every_log_an_earlier_release_wrote_is_served,
 );
 
 const TRACK: &str = "restore-track";
@@ -109,9 +110,17 @@ async fn sorted_log(store: &dyn EventStore) -> Vec<Value> {
 }
 
 async fn allocate(app: &TestApp, caller: &str) -> Result<(StatusCode, Value), reqwest::Error> {
+    allocate_in(app, caller, TRACK).await
+}
+
+async fn allocate_in(
+    app: &TestApp,
+    caller: &str,
+    track: &str,
+) -> Result<(StatusCode, Value), reqwest::Error> {
     let resp = app
         .allocate(caller)
-        .header("X-Instruqt-Track-ID", TRACK)
+        .header("X-Instruqt-Track-ID", track)
         .send()
         .await?;
     let status = resp.status();
@@ -317,5 +326,105 @@ async fn the_check_finds_what_a_broken_log_gets_wrong(backend: Backend) -> TestR
         "{quota_problems:?}"
     );
     assert!(on(&sandbox_stream(sandbox_id)).is_empty());
+    Ok(())
+}
+
+/// The logs earlier releases wrote (`tests/fixtures/logs/*.ndjson`, each an export of the restore
+/// drill's log made with that release; docs/upgrades.md): this release imports each into a fresh
+/// store, finds it consistent, projects it, and serves it — every student still holding a
+/// sandbox gets that sandbox back on replay, and a new student gets a fresh one. A change that
+/// stops this release reading an older log fails here.
+async fn every_log_an_earlier_release_wrote_is_served(backend: Backend) -> TestResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/logs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "ndjson"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no logs in {}", dir.display());
+    for file in files {
+        let name = file.display().to_string();
+        let log: Vec<EventEnvelope> = std::fs::read_to_string(&file)?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+
+        // Who holds what at the end of the log, from its claim streams.
+        let mut by_stream = log.clone();
+        by_stream.sort_by(|a, b| (&a.stream_id, a.version).cmp(&(&b.stream_id, b.version)));
+        let mut holding = std::collections::BTreeMap::<String, (String, String)>::new();
+        for envelope in &by_stream {
+            match envelope.decode()? {
+                BrokerEvent::Claim(ClaimEvent::ClaimGranted {
+                    caller, sandbox_id, ..
+                }) => {
+                    holding.insert(envelope.stream_id.clone(), (caller, sandbox_id));
+                }
+                BrokerEvent::Claim(ClaimEvent::ClaimReleased { .. }) => {
+                    holding.remove(&envelope.stream_id);
+                }
+                _ => {}
+            }
+        }
+        let track = log
+            .iter()
+            .find_map(|e| match e.decode() {
+                Ok(BrokerEvent::Sandbox(
+                    domain::model::events::SandboxEvent::SandboxAllocated {
+                        track_name: Some(track),
+                        ..
+                    },
+                )) => Some(track),
+                _ => None,
+            })
+            .ok_or_else(|| format!("{name}: no allocation with a track"))?;
+        let last = log
+            .iter()
+            .map(|e| e.occurred_at)
+            .max()
+            .ok_or_else(|| format!("{name} is empty"))?;
+
+        let target = fresh_target(backend).await;
+        let report = import_envelopes(
+            target.events.as_ref(),
+            log.iter().cloned().map(Ok),
+            ImportOptions::default(),
+            |_| {},
+        )
+        .await?;
+        assert!(report.gaps.is_empty(), "{name}: {:?}", report.gaps);
+        let check = check_log(Arc::clone(&target.events), 2, 100).await?;
+        assert!(check.is_consistent(), "{name}: {:?}", check.problems);
+        assert_eq!(check.unknown_events, 0, "{name}");
+        assert_eq!(check.live_claims, holding.len() as u64, "{name}");
+
+        let mut options = AppOptions::new(backend);
+        let point_at_target = target.configure;
+        let quota = format!("{track}={}", holding.len() + 2);
+        options.configure = Box::new(move |c| {
+            c.track_quotas = quota;
+            point_at_target(c);
+        });
+        let app = spawn_app_with(options).await;
+        // The log's own time, so that no lab in it has ended yet.
+        app.clock.set(last + chrono::Duration::minutes(1));
+        let (allocated, total) = (check.allocated as i64, check.sandboxes as i64);
+        app.wait_until(|s| s.get(SandboxStatus::Allocated) == allocated && s.total() == total)
+            .await;
+        for (caller, sandbox_id) in holding.values() {
+            let (status, body) = allocate_in(&app, caller, &track).await?;
+            assert_eq!(status, StatusCode::OK, "{name}: replay of {caller}: {body}");
+            assert_eq!(
+                body["sandbox_id"].as_str(),
+                Some(sandbox_id.as_str()),
+                "{name}"
+            );
+        }
+        let (status, body) = allocate_in(&app, "a-student-of-this-release", &track).await?;
+        assert_eq!(status, StatusCode::CREATED, "{name}: {body}");
+        app.stop().await;
+    }
     Ok(())
 }
