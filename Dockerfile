@@ -1,7 +1,8 @@
-# One image for the AWS deployment, three binaries:
+# One image for the AWS deployment, four binaries:
 #   /usr/local/bin/command-api   the API server (default command; listens on BIND_ADDR)
 #   /usr/local/bin/jobs          `jobs run sync|cleanup|auto-expire|delete-stale`, `jobs worker`
 #   /usr/local/bin/projector     `projector poll|rebuild|verify`
+#   /usr/local/bin/broker-audit  `broker-audit export|import|check|verify|replay` (audits, restores)
 # The projector Lambda is not in here: it ships as a zip built with cargo lambda
 # (docs/deploy-aws.md).
 #
@@ -40,9 +41,9 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin command-api --bin jobs --bin projector \
+    cargo build --release --locked --bin command-api --bin jobs --bin projector --bin broker-audit \
     && mkdir -p /out/bin /out/data \
-    && cp target/release/command-api target/release/jobs target/release/projector /out/bin/
+    && cp target/release/command-api target/release/jobs target/release/projector target/release/broker-audit /out/bin/
 
 # ---------------------------------------------------------------------------
 # Runtime stage: distroless (glibc, libgcc, CA certificates, tzdata; no shell,

@@ -120,3 +120,8 @@ output "ops_run_task_command" {
   description = "Run `projector verify` by hand; change verify to rebuild to rebuild the view from the events."
   value       = "aws ecs run-task --region ${var.aws_region} --cluster ${aws_ecs_cluster.main.name} --launch-type FARGATE --task-definition ${aws_ecs_task_definition.ops.family} --network-configuration '${local.run_task_network}' --overrides '{\"containerOverrides\":[{\"name\":\"ops\",\"command\":[\"/usr/local/bin/projector\",\"verify\"]}]}'"
 }
+
+output "backup_vault_name" {
+  description = "The AWS Backup vault holding the events table's recovery points (null unless backup_enabled)."
+  value       = var.backup_enabled ? aws_backup_vault.events[0].name : null
+}

@@ -930,3 +930,43 @@ variable "pool_low_water" {
     error_message = "pool_low_water must be prefix=count pairs separated by commas."
   }
 }
+
+variable "backup_enabled" {
+  description = "Back up the events table with AWS Backup (a vault, a daily plan, optionally a copy to another account/region). PITR stays on either way. See docs/restore.md."
+  type        = bool
+  default     = false
+}
+
+variable "backup_schedule" {
+  description = "When the daily recovery point is taken (AWS Backup cron expression, UTC)."
+  type        = string
+  default     = "cron(0 3 * * ? *)"
+}
+
+variable "backup_retention_days" {
+  description = "Days a recovery point is kept in this account's vault."
+  type        = number
+  default     = 35
+
+  validation {
+    condition     = var.backup_retention_days >= 1
+    error_message = "backup_retention_days must be at least 1."
+  }
+}
+
+variable "backup_copy_vault_arn" {
+  description = "ARN of a backup vault in another account and/or region that receives a copy of every recovery point (null: no copy). The vault's access policy must allow this account backup:CopyIntoBackupVault."
+  type        = string
+  default     = null
+}
+
+variable "backup_copy_retention_days" {
+  description = "Days a copied recovery point is kept in the destination vault."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.backup_copy_retention_days >= 1
+    error_message = "backup_copy_retention_days must be at least 1."
+  }
+}

@@ -15,10 +15,13 @@
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
 //! - [`audit`] — the auditor's side over the `EventFeed` port: paged audit queries,
 //!   point-in-time state, a caller's allocations, pool replay at an instant, the live-feed tail.
+//! - [`restore`] — importing an export into a fresh event table, and the cross-stream
+//!   consistency check of a (restored) log.
 
 pub mod audit;
 pub mod clock;
 pub mod model;
+pub mod restore;
 pub mod service;
 pub mod store;
 

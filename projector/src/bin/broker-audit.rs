@@ -7,8 +7,11 @@
 //! | `export [--since T] [--until T] [--type X] [--caller C] [--sandbox-id S]` | every event in the range as NDJSON envelopes on stdout, in time order, page by page (constant memory); progress on stderr |
 //! | `replay --at T [--json]` | the whole pool as it was at T: every sandbox stream folded up to T with the projection; counts by status |
 //! | `verify [--json]` | the projector's verify: replay into a scratch view and compare with the live one; exit 1 on drift |
+//! | `import [--file F] [--resume] [--json]` | append an export to the configured store (a restore), in per-stream version order, 100 events per transaction; refuses a non-empty target without `--resume` |
+//! | `check [--json]` | fold every claim, quota and sandbox stream and check they agree; exit 1 on a problem |
 //!
-//! Exit codes: 0 success, 1 drift (`verify`), 2 an error.
+//! Exit codes: 0 success, 1 drift (`verify`), an incomplete export (`import`) or an
+//! inconsistent log (`check`), 2 an error.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -19,9 +22,11 @@ use anyhow::Context;
 use chrono::Utc;
 use domain::audit::{audit_page, replay_pool_at, AuditQuery, EventFeed, FeedFilter};
 use domain::model::events::format_time;
+use domain::restore::{check_log, import_envelopes, ImportOptions, ImportReport};
 use domain::store::EventStore;
 use domain::SandboxStatus;
-use projector::audit_cli::{Cli, Command, ExportArgs, ReplayAtArgs};
+use domain::{EventEnvelope, StoreError};
+use projector::audit_cli::{CheckArgs, Cli, Command, ExportArgs, ImportArgs, ReplayAtArgs};
 use projector::cli::{print_report, verify_exit_code, verify_live, VerifyArgs, EXIT_ERROR};
 use runtime::{LogFormat, StoreArgs, StoreKind};
 
@@ -81,7 +86,141 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report, args.json)?;
             Ok(verify_exit_code(&report))
         }
+        Command::Import(args) => {
+            let stores = runtime::open_stores(&cli.store).await?;
+            import(stores.events.as_ref(), &args).await
+        }
+        Command::Check(args) => {
+            let (events, _) = open(&cli.store).await?;
+            check(events, &args).await
+        }
     }
+}
+
+/// Reads the export line by line (constant memory apart from the per-stream counters) and
+/// appends it; exit 1 when the export left a stream incomplete.
+async fn import(events: &dyn EventStore, args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let holds_events = !events
+        .scan(0, 1, None, 1)
+        .await
+        .context("reading the target store")?
+        .events
+        .is_empty();
+    if holds_events && !args.resume {
+        anyhow::bail!(
+            "the target store already holds events; import into an empty store (a new \
+             TABLE_PREFIX or EMBEDDED_PATH), or pass --resume to finish an interrupted import \
+             of the same export"
+        );
+    }
+    let reader: Box<dyn std::io::BufRead> = if args.file == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file))?,
+        ))
+    };
+    let source = std::io::BufRead::lines(reader)
+        .enumerate()
+        .filter(|(_, line)| !matches!(line, Ok(l) if l.trim().is_empty()))
+        .map(|(n, line)| {
+            let line = line.map_err(|e| StoreError::InvalidAppend(format!("reading: {e}")))?;
+            serde_json::from_str::<EventEnvelope>(&line).map_err(|e| {
+                StoreError::InvalidAppend(format!("line {}: not an event envelope ({e})", n + 1))
+            })
+        });
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let show = |report: &ImportReport| {
+        eprintln!(
+            "import: {} read, {} appended, {} already present",
+            report.read, report.appended, report.already_present
+        )
+    };
+    let options = ImportOptions {
+        batch: args.batch,
+        ..ImportOptions::default()
+    };
+    let report = import_envelopes(events, source, options, |report| {
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            show(report);
+        }
+    })
+    .await
+    .context("importing")?;
+    show(&report);
+    eprintln!(
+        "import: done, {} streams in {} transactions, {} ms",
+        report.streams,
+        report.transactions,
+        started.elapsed().as_millis()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.gaps.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for gap in report.gaps.iter().take(20) {
+        eprintln!(
+            "import: {} is missing v{} ({} later events not imported)",
+            gap.stream_id, gap.missing_version, gap.held_back
+        );
+    }
+    eprintln!(
+        "import: the export is incomplete ({} streams have a gap); export the whole log \
+         (no --since/--type/--caller/--sandbox-id filter) and import again with --resume",
+        report.gaps.len()
+    );
+    Ok(ExitCode::from(1))
+}
+
+/// Runs the cross-stream check and prints what it found.
+async fn check(events: Arc<dyn EventStore>, args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let report = check_log(events, args.segments, args.page_size)
+        .await
+        .context("reading the event table")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "checked {} events in {} ms: {} sandboxes ({} allocated), {} claims ({} live), \
+             {} track quotas, {} fair-share caps ({} holders of ended allocations, allowed)",
+            report.events,
+            started.elapsed().as_millis(),
+            report.sandboxes,
+            report.allocated,
+            report.claims,
+            report.live_claims,
+            report.track_quotas,
+            report.caps,
+            report.stale_cap_holders
+        );
+        if report.unknown_events > 0 {
+            println!(
+                "{} events of a newer release were not folded; run the check with that release",
+                report.unknown_events
+            );
+        }
+        for problem in &report.problems {
+            println!("PROBLEM {}: {}", problem.stream_id, problem.problem);
+        }
+        println!(
+            "{}",
+            if report.is_consistent() {
+                "consistent"
+            } else {
+                "INCONSISTENT"
+            }
+        );
+    }
+    Ok(if report.is_consistent() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Streams the range page by page: one page in memory at a time, flushed before the next read.

@@ -28,6 +28,7 @@ mod pool_alerts;
 mod pool_metrics;
 mod projector;
 mod redrive;
+mod restore;
 mod rolling_upgrade;
 mod self_healing;
 mod shutdown;
