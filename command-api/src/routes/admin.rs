@@ -230,6 +230,16 @@ fn parse_status(raw: Option<&String>) -> Result<Option<SandboxStatus>, ApiError>
     .transpose()
 }
 
+/// An optional id filter: checked as sent like any id (no control characters, at most
+/// `MAX_ID_BYTES`), an empty or blank value meaning "no filter".
+fn optional_filter(raw: Option<&String>, field: &'static str) -> Result<Option<String>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(v) => domain::model::ids::validate_optional_id(field, v)
+            .map_err(|e| ApiError::validation("query", field, e.to_string())),
+    }
+}
+
 fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, ApiError> {
     match raw.map(|s| s.trim()) {
         None | Some("") => Ok(None),
@@ -246,8 +256,8 @@ fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, Api
     params(
         ("status" = Option<String>, Query, pattern = "^(available|allocated|pending_deletion|stale|deletion_failed|deleted)$",
             description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
-        ("owner" = Option<String>, Query, max_length = 256, description = "Current or most recent owner; at most 256 bytes"),
-        ("prefix" = Option<String>, Query, max_length = 256, description = "Name prefix; at most 256 bytes"),
+        ("owner" = Option<String>, Query, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Current or most recent owner; no control characters, at most 256 bytes (UTF-8); empty or blank: any owner"),
+        ("prefix" = Option<String>, Query, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Name prefix; no control characters, at most 256 bytes (UTF-8); empty or blank: any name"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 50"),
         ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
     ),
@@ -280,8 +290,8 @@ pub async fn list_sandboxes(
     };
     let filter = ListFilter {
         status: parse_status(q.get("status"))?,
-        owner: bounded_text(q.get("owner"), "owner")?,
-        prefix: bounded_text(q.get("prefix"), "prefix")?,
+        owner: optional_filter(q.get("owner"), "owner")?,
+        prefix: optional_filter(q.get("prefix"), "prefix")?,
     };
     let cursor = bounded_text(q.get("cursor"), "cursor")?;
     let page = state
@@ -341,7 +351,7 @@ pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsRes
 /// A sandbox's events in version order.
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}/history", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "History", body = HistoryResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -368,7 +378,7 @@ pub async fn get_history(
 /// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.
 #[utoipa::path(
     post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "Re-queued", body = RetryDeletionResponse),
         (status = 400, description = "Bad id", body = ErrorBody),

@@ -226,8 +226,8 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
         ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
         ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
-        ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
         ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
     ),
@@ -344,7 +344,7 @@ pub async fn stream_events(
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}", tag = "Admin", security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("at" = Option<String>, Query, format = DateTime, description = "The instant (RFC 3339); default: now"),
     ),
     responses(
@@ -398,7 +398,7 @@ pub async fn get_sandbox_at(
 #[utoipa::path(
     get, path = "/v1/admin/callers/{caller}/allocations", tag = "Admin", security(("bearer" = [])),
     params(
-        ("caller" = String, Path, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("caller" = String, Path, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on the allocation time (RFC 3339)"),
         ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound (RFC 3339). Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),

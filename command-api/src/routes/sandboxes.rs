@@ -495,7 +495,7 @@ pub async fn allocate_sandbox(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -532,7 +532,7 @@ pub async fn get_sandbox(
     post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -628,7 +628,7 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     post, path = "/v1/sandboxes/{sandbox_id}/extend", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: an extension of this allocation already made with the key is answered again (its `expires_at`) and adds nothing; the retry's `hours` are not compared. No control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
