@@ -1,14 +1,15 @@
 """Schemathesis hooks for scripts/schemathesis.sh: the two request rules OpenAPI cannot state.
 
-* `until` must be after `since` (a rule across two parameters; the document says so in words and
-  answers 400). A positive case that breaks it is moved to `until = since + 1 s`, so it stays a
-  valid request and the server must accept it; negative cases are sent as generated.
+* `until` must not be before `since` (a rule across two parameters; the document says so in
+  words and answers 400; equal is an empty window). A positive case that breaks it gets
+  `until = since`, so it stays a valid request and the server must accept it; negative cases are
+  sent as generated.
 * `cursor` is opaque: only a value the server returned for the same listing is valid. Generated
   strings (and the stateful phase's guess that one listing's cursor fits another) are not valid
   data, so positive cases are sent without a cursor; negative cases keep theirs.
 """
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import schemathesis
 
@@ -37,9 +38,11 @@ def before_call(ctx, case, **kwargs):
     query = case.query
     if query.get("cursor"):
         del query["cursor"]
-    since, until = _time(query.get("since")), _time(query.get("until"))
-    if since is not None and until is not None and until <= since:
-        try:
-            query["until"] = (since + timedelta(seconds=1)).isoformat()
-        except OverflowError:
-            del query["since"]
+    if "since" in query and "until" in query:
+        since, until = _time(query["since"]), _time(query["until"])
+        if since is None or until is None:
+            # A time Python cannot read (a leap second, say) cannot be compared here: send the
+            # case without `until`, which keeps it valid.
+            del query["until"]
+        elif until < since:
+            query["until"] = query["since"]

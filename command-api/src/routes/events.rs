@@ -198,12 +198,14 @@ fn id_param(raw: Option<&String>, field: &'static str) -> Result<Option<String>,
 fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
     let since = time_param(q.get("since"), "since")?;
     let until = time_param(q.get("until"), "until")?;
+    // The window is half-open, [since, until): `until` equal to `since` is an empty window (an
+    // empty page), while one that ends before it starts is a client's mistake worth a 400.
     if let (Some(since), Some(until)) = (since, until) {
-        if since >= until {
+        if until < since {
             return Err(ApiError::validation(
                 "query",
                 "until",
-                "must be after since",
+                "must not be before since",
             ));
         }
     }
@@ -224,7 +226,7 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
     get, path = "/v1/admin/events", tag = "Admin", security(("bearer" = [])),
     params(
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
         ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
         ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
@@ -400,7 +402,7 @@ pub async fn get_sandbox_at(
     params(
         ("caller" = String, Path, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on the allocation time (RFC 3339)"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound (RFC 3339). Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on the allocation time (RFC 3339). Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
         ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
     ),

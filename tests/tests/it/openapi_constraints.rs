@@ -1,12 +1,13 @@
 //! The constraints the OpenAPI document states are the ones the server enforces, both ways:
 //! requests the document calls invalid are refused with a 400, requests it calls valid are
 //! served, and the document states every limit the server applies. Each mismatch schemathesis
-//! once found (`scripts/schemathesis.sh`) has a regression test here: control characters in a
-//! path id, and a drain `prefix` past the length limit or wrapped in control characters. The
-//! last test probes every id parameter with the same values and checks that the document's
-//! `pattern`/`maxLength` and the server agree.
+//! once found (`scripts/schemathesis.sh`) has a regression test here: `until` equal to `since`,
+//! control characters in a path id, and a drain `prefix` past the length limit or wrapped in
+//! control characters. The last test probes every id parameter with the same values and checks
+//! that the document's `pattern`/`maxLength` and the server agree.
 
 use domain::model::ids::{ID_PATTERN, OPTIONAL_ID_PATTERN};
+use domain::Clock;
 use regex_lite::Regex;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -120,55 +121,69 @@ async fn malformed_legacy_caller_header_is_rejected_alongside_a_valid_one() {
     app.stop().await;
 }
 
-/// `until` not after `since` is a 400 on both range reads, and the document says so.
-#[tokio::test]
-async fn until_must_follow_since_and_the_document_says_so() {
-    let app = spawn_app(Backend::Embedded).await;
+/// `until` equal to `since` is an empty window (200, no events, no cursor) on both range reads,
+/// as the document allows; `until` before `since` is a 400, as its description says.
+async fn until_equal_to_since_is_an_empty_window(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.seed("lab", 1).await;
+    let (allocated, _, _) = app.allocate("student-1").sent_json().await;
+    assert_eq!(allocated, StatusCode::CREATED);
+    // A window that holds the allocation, and an empty one at its start (a recent start: the
+    // DynamoDB feed reads a bounded stretch of time per request).
+    let start = app.clock.now() - chrono::Duration::minutes(1);
+    let at = start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let later =
+        (start + chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for path in [
         "/v1/admin/events",
         "/v1/admin/callers/student-1/allocations",
     ] {
-        let response = app
-            .client
-            .get(format!(
-                "{}{path}?since=2026-01-01T00:00:00Z&until=2026-01-01T00:00:00Z",
-                app.url
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let (status, _, all) = app.get_json(&format!("{path}?since={at}")).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {all}");
+        assert!(
+            all["count"].as_u64().unwrap_or_default() > 0,
+            "{path}: {all}"
+        );
+
+        let (status, _, empty) = app.get_json(&format!("{path}?since={at}&until={at}")).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {empty}");
+        assert_eq!(empty["count"], 0, "{path}: {empty}");
+        assert_eq!(empty["cursor"], Value::Null, "{path}: {empty}");
+
+        let (status, _, inverted) = app
+            .get_json(&format!("{path}?since={later}&until={at}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {inverted}");
+        assert_eq!(refused_field(&inverted), "until", "{inverted}");
     }
-    let doc: Value = app
-        .client
-        .get(format!("{}/v1/openapi.json", app.url))
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
-    let param = |path: &str, name: &str| -> Value {
-        doc["paths"][path]["get"]["parameters"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let doc = document(&app).await;
     for path in ["/v1/admin/events", "/v1/admin/callers/{caller}/allocations"] {
-        let until = param(path, "until");
+        let until = parameter(&doc, path, "get", "until");
         let text = until["description"].as_str().unwrap_or_default();
-        assert!(text.contains("after `since`"), "{path}: {until}");
+        assert!(text.contains("empty window"), "{path}: {until}");
+        assert!(text.contains("Before `since`: 400"), "{path}: {until}");
+        assert!(until["schema"].get("exclusiveMinimum").is_none(), "{until}");
     }
     // Filters state that they must not be empty, and their length and character limits.
     for name in ["caller", "sandbox_id"] {
-        let filter = param("/v1/admin/events", name);
+        let filter = parameter(&doc, "/v1/admin/events", "get", name);
         assert_eq!(filter["schema"]["minLength"], 1, "{filter}");
         assert_eq!(filter["schema"]["maxLength"], 256, "{filter}");
         assert_eq!(filter["schema"]["pattern"], ID_PATTERN, "{filter}");
     }
     app.stop().await;
+}
+
+/// Embedded store: [`until_equal_to_since_is_an_empty_window`].
+#[tokio::test]
+async fn until_equal_to_since_is_an_empty_window_embedded() {
+    until_equal_to_since_is_an_empty_window(Backend::Embedded).await;
+}
+
+/// DynamoDB Local: [`until_equal_to_since_is_an_empty_window`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_equal_to_since_is_an_empty_window_dynamodb() {
+    until_equal_to_since_is_an_empty_window(Backend::Dynamo).await;
 }
 
 /// The lease and pool routes refuse what their parameters' schemas refuse (an empty prefix, a job
