@@ -18,6 +18,7 @@ use crate::admin_jobs::JobRequest;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::admin_jobs::{accept_job, outcome_of};
+use crate::routes::cursor::{sandbox_scope, Listing};
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 use jobs::progress::observed;
@@ -80,7 +81,8 @@ pub struct ListResponse {
     pub sandboxes: Vec<AdminSandbox>,
     /// Rows on this page.
     pub count: usize,
-    /// Cursor of the next page, `null` at the end.
+    /// Cursor of the next page (`sandboxes.…`, for this listing with these filters only),
+    /// `null` at the end.
     pub cursor: Option<String>,
 }
 
@@ -240,16 +242,6 @@ fn optional_filter(raw: Option<&String>, field: &'static str) -> Result<Option<S
     }
 }
 
-fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, ApiError> {
-    match raw.map(|s| s.trim()) {
-        None | Some("") => Ok(None),
-        Some(v) if v.len() > domain::model::ids::MAX_ID_BYTES => {
-            Err(ApiError::validation("query", field, "too long"))
-        }
-        Some(v) => Ok(Some(v.to_string())),
-    }
-}
-
 /// List sandboxes from the view, paged.
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes", tag = "Admin", security(("bearer" = [])),
@@ -259,11 +251,11 @@ fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, Api
         ("owner" = Option<String>, Query, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Current or most recent owner; no control characters, at most 256 bytes (UTF-8); empty or blank: any owner"),
         ("prefix" = Option<String>, Query, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Name prefix; no control characters, at most 256 bytes (UTF-8); empty or blank: any name"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 50"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(sandboxes\.[0-9a-f]{16}\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. It continues only this listing with the same `status`, `owner` and `prefix`: a cursor of another listing or of other filters is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page", body = ListResponse),
-        (status = 400, description = "Bad parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad parameter, or a cursor this listing (with these filters) did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -293,17 +285,22 @@ pub async fn list_sandboxes(
         owner: optional_filter(q.get("owner"), "owner")?,
         prefix: optional_filter(q.get("prefix"), "prefix")?,
     };
-    let cursor = bounded_text(q.get("cursor"), "cursor")?;
+    let scope = sandbox_scope(
+        filter.status.map(|s| s.as_str()),
+        filter.owner.as_deref(),
+        filter.prefix.as_deref(),
+    );
+    let position = Listing::Sandboxes.accept(&scope, q.get("cursor"))?;
     let page = state
         .broker
         .view()
-        .list(&filter, limit, cursor.as_deref())
+        .list(&filter, limit, position.as_deref())
         .await?;
     let sandboxes: Vec<AdminSandbox> = page.rows.into_iter().map(AdminSandbox::from).collect();
     Ok(Json(ListResponse {
         count: sandboxes.len(),
         sandboxes,
-        cursor: page.cursor,
+        cursor: Listing::Sandboxes.issue(&scope, page.cursor),
     }))
 }
 

@@ -27,6 +27,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::live_feed::{event_json, HEARTBEAT};
+use crate::routes::cursor::Listing;
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 
@@ -45,7 +46,8 @@ pub struct EventsResponse {
     /// Events on this page (may be fewer than `limit`, even 0, while `cursor` is set: one request
     /// reads a bounded amount of the history).
     pub count: usize,
-    /// Cursor of the next page; `null` at the end of the range.
+    /// Cursor of the next page (`events.…`, for this listing only); `null` at the end of the
+    /// range.
     pub cursor: Option<String>,
     /// The exclusive upper bound the page was read with (RFC 3339).
     pub until: String,
@@ -128,7 +130,7 @@ pub struct AllocationsResponse {
     pub allocations: Vec<CallerAllocation>,
     /// Allocations on this page.
     pub count: usize,
-    /// Cursor of the next page; `null` at the end.
+    /// Cursor of the next page (`allocations.…`, for this listing only); `null` at the end.
     pub cursor: Option<String>,
 }
 
@@ -194,8 +196,8 @@ fn id_param(raw: Option<&String>, field: &'static str) -> Result<Option<String>,
     .transpose()
 }
 
-/// `since`, `until` and `cursor` of a paged read, checked.
-fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
+/// `since`, `until` and `cursor` of a paged read of `listing`, checked.
+fn range_params(q: &HashMap<String, String>, listing: Listing) -> Result<AuditQuery, ApiError> {
     let since = time_param(q.get("since"), "since")?;
     let until = time_param(q.get("until"), "until")?;
     // The window is half-open, [since, until): `until` equal to `since` is an empty window (an
@@ -209,10 +211,7 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
             ));
         }
     }
-    let cursor = match q.get("cursor").map(|c| c.trim()) {
-        None | Some("") => None,
-        Some(c) => Some(c.to_string()),
-    };
+    let cursor = listing.accept("", q.get("cursor"))?;
     Ok(AuditQuery {
         since,
         until,
@@ -231,11 +230,11 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
         ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(events\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page (possibly short, even empty, with a cursor: each request reads a bounded part of the history)", body = EventsResponse),
-        (status = 400, description = "Bad parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad parameter, or a cursor this listing did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 408, description = "Request timed out", body = ErrorBody),
@@ -267,7 +266,7 @@ pub async fn list_events(
         Some(t) if domain::model::events::EVENT_TYPES.contains(&t) => Some(t.to_string()),
         Some(_) => return Err(ApiError::validation("query", "type", "unknown event type")),
     };
-    let mut query = range_params(&q)?;
+    let mut query = range_params(&q, Listing::Events)?;
     query.filter = FeedFilter {
         event_type,
         caller: id_param(q.get("caller"), "caller")?,
@@ -283,7 +282,7 @@ pub async fn list_events(
     Ok(Json(EventsResponse {
         count: events.len(),
         events,
-        cursor: page.cursor,
+        cursor: Listing::Events.issue("", page.cursor),
         until: format_time(&page.until.unwrap_or(now)),
         now: format_time(&now),
     }))
@@ -404,11 +403,11 @@ pub async fn get_sandbox_at(
         ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on the allocation time (RFC 3339)"),
         ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on the allocation time (RFC 3339). Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(allocations\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page (possibly short, even empty, with a cursor)", body = AllocationsResponse),
-        (status = 400, description = "Bad caller, parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad caller or parameter, or a cursor this listing did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 408, description = "Request timed out", body = ErrorBody),
@@ -427,7 +426,7 @@ pub async fn list_caller_allocations(
     let caller = validate_id("caller", &caller)
         .map_err(|e| ApiError::validation("path", "caller", e.to_string()))?;
     let limit = limit_param(q.get("limit"))?;
-    let query = range_params(&q)?;
+    let query = range_params(&q, Listing::Allocations)?;
     let page = caller_allocations(
         state.feed.feed().as_ref(),
         state.broker.events().as_ref(),
@@ -446,6 +445,6 @@ pub async fn list_caller_allocations(
         caller,
         count: allocations.len(),
         allocations,
-        cursor: page.cursor,
+        cursor: Listing::Allocations.issue("", page.cursor),
     }))
 }

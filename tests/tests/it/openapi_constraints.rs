@@ -2,9 +2,9 @@
 //! requests the document calls invalid are refused with a 400, requests it calls valid are
 //! served, and the document states every limit the server applies. Each mismatch schemathesis
 //! once found (`scripts/schemathesis.sh`) has a regression test here: `until` equal to `since`,
-//! control characters in a path id, and a drain `prefix` past the length limit or wrapped in
-//! control characters. The last test probes every id parameter with the same values and checks
-//! that the document's `pattern`/`maxLength` and the server agree.
+//! control characters in a path id, a cursor of another listing, and a drain `prefix` past the
+//! length limit or wrapped in control characters. The last test probes every id parameter with
+//! the same values and checks that the document's `pattern`/`maxLength` and the server agree.
 
 use domain::model::ids::{ID_PATTERN, OPTIONAL_ID_PATTERN};
 use domain::Clock;
@@ -336,6 +336,102 @@ async fn control_characters_in_a_path_id_are_refused_as_declared() {
         checked >= 6,
         "only {checked} sandbox_id path parameters found"
     );
+    app.stop().await;
+}
+
+/// A cursor continues only the listing (and, for the sandbox listing, the filters) that issued
+/// it: another listing's cursor is a 400 `VALIDATION_ERROR` on `cursor`, and each listing's
+/// `pattern` in the document says so (it matches the listing's own cursors and no other's).
+#[tokio::test]
+async fn a_cursor_of_another_listing_is_refused_as_declared() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab", 3).await;
+    // Two allocations of one caller, so that its allocation listing has a second page.
+    let (status, _, got) = app.allocate("student-1").sent_json().await;
+    assert_eq!(status, StatusCode::CREATED, "{got}");
+    let first = got["sandbox_id"].as_str().unwrap_or_default().to_string();
+    app.clock.advance(chrono::Duration::minutes(5));
+    let (status, _, body) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/mark-for-deletion", segment(&first)),
+        )
+        .header("X-Instruqt-Sandbox-ID", "student-1")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.clock.advance(chrono::Duration::minutes(5));
+    let (status, _, got) = app.allocate("student-1").sent_json().await;
+    assert_eq!(status, StatusCode::CREATED, "{got}");
+    let first_page = [
+        ("/v1/admin/sandboxes", "/v1/admin/sandboxes?limit=1"),
+        ("/v1/admin/events", "/v1/admin/events?limit=1"),
+        (
+            "/v1/admin/callers/{caller}/allocations",
+            "/v1/admin/callers/student-1/allocations?limit=1",
+        ),
+    ];
+    let mut cursors = Vec::new();
+    for (documented, path) in first_page {
+        let (status, _, page) = app.get_json(path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {page}");
+        let cursor = page["cursor"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !cursor.is_empty(),
+            "{path}: a full page has a cursor: {page}"
+        );
+        cursors.push((documented, path, cursor));
+    }
+    let doc = document(&app).await;
+    for (documented, path, own) in &cursors {
+        let param = parameter(&doc, documented, "get", "cursor");
+        let text = param["description"].as_str().unwrap_or_default();
+        assert!(text.contains("another listing"), "{param}");
+        assert!(
+            text.contains("is refused (400 `VALIDATION_ERROR`)"),
+            "{param}"
+        );
+        assert_eq!(param["schema"]["maxLength"], 2048, "{param}");
+        assert!(
+            document_allows(&param, own),
+            "{path}: own cursor {own} vs {param}"
+        );
+        assert!(
+            document_allows(&param, ""),
+            "an empty cursor is the first page"
+        );
+        // Its own cursor continues it.
+        let (status, _, body) = app
+            .get_json(&format!("{path}&cursor={}", segment(own)))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        for (_, other_path, foreign) in cursors.iter().filter(|(_, p, _)| p != path) {
+            assert!(
+                !document_allows(&param, foreign),
+                "{path} documents {other_path}'s cursor as valid"
+            );
+            let (status, _, body) = app
+                .get_json(&format!("{path}&cursor={}", segment(foreign)))
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{path} took {other_path}'s: {body}"
+            );
+            assert_eq!(body["detail"]["code"], "VALIDATION_ERROR", "{body}");
+            assert_eq!(refused_field(&body), "cursor", "{body}");
+        }
+    }
+    // The sandbox listing's cursor is bound to its filters, on every store alike.
+    let (_, _, own) = &cursors[0];
+    let (status, _, body) = app
+        .get_json(&format!(
+            "/v1/admin/sandboxes?limit=1&status=available&cursor={}",
+            segment(own)
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(refused_field(&body), "cursor", "{body}");
     app.stop().await;
 }
 
