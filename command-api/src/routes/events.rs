@@ -224,12 +224,12 @@ fn range_params(q: &HashMap<String, String>, listing: Listing) -> Result<AuditQu
 #[utoipa::path(
     get, path = "/v1/admin/events", tag = "Admin", security(("bearer" = [])),
     params(
-        ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
-        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
-        ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
+        ("since" = Option<String>, Query, format = DateTime, example = "2026-01-05T08:00:00Z", description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
+        ("until" = Option<String>, Query, format = DateTime, example = "2026-01-05T18:00:00Z", description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
+        ("type" = Option<String>, Query, example = "SandboxAllocated", pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
+        ("caller" = Option<String>, Query, example = "student-42", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("sandbox_id" = Option<String>, Query, example = "mock-001", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, example = 100, description = "1–500, default 100"),
         ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(events\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
@@ -292,7 +292,7 @@ pub async fn list_events(
 #[utoipa::path(
     get, path = "/v1/admin/events/stream", tag = "Admin", security(("bearer" = [])),
     params(
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position: the `id` of the last event received (or an RFC 3339 time). The events recorded after it are replayed first, then the stream goes live"),
+        ("Last-Event-ID" = Option<String>, Header, example = "2026-01-05T08:00:00Z", description = "Resume after this position: the `id` of the last event received (or an RFC 3339 time). The events recorded after it are replayed first, then the stream goes live"),
     ),
     responses(
         (status = 200, description = "An endless `text/event-stream`: one event per recorded event (`id` = its feed key, `data` = the envelope JSON with `key`), and a `:heartbeat` comment every 15 s", content_type = "text/event-stream", body = String),
@@ -345,8 +345,8 @@ pub async fn stream_events(
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}", tag = "Admin", security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
-        ("at" = Option<String>, Query, format = DateTime, description = "The instant (RFC 3339); default: now"),
+        ("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("at" = Option<String>, Query, format = DateTime, example = "2026-01-05T12:00:00Z", description = "The instant (RFC 3339); default: now"),
     ),
     responses(
         (status = 200, description = "The state at that instant (`status` null: not registered yet)", body = SandboxAtResponse),
@@ -399,10 +399,10 @@ pub async fn get_sandbox_at(
 #[utoipa::path(
     get, path = "/v1/admin/callers/{caller}/allocations", tag = "Admin", security(("bearer" = [])),
     params(
-        ("caller" = String, Path, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on the allocation time (RFC 3339)"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on the allocation time (RFC 3339). Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
+        ("caller" = String, Path, example = "student-42", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("since" = Option<String>, Query, format = DateTime, example = "2026-01-05T08:00:00Z", description = "Inclusive lower bound on the allocation time (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, example = "2026-01-05T18:00:00Z", description = "Exclusive upper bound on the allocation time (RFC 3339). Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, example = 100, description = "1–500, default 100"),
         ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(allocations\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
