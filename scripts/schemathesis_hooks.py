@@ -1,16 +1,26 @@
 """Schemathesis hooks for scripts/schemathesis.sh: the two request rules OpenAPI cannot state.
 
-* `until` must be after `since` (a rule across two parameters; the document says so in words and
-  answers 400). A positive case that breaks it is moved to `until = since + 1 s`, so it stays a
-  valid request and the server must accept it; negative cases are sent as generated.
-* `cursor` is opaque: only a value the server returned for the same listing is valid. Generated
-  strings (and the stateful phase's guess that one listing's cursor fits another) are not valid
-  data, so positive cases are sent without a cursor; negative cases keep theirs.
+Everything else the server checks is in the document itself (patterns, lengths, enums, each
+cursor parameter's listing name), so schemathesis judges those on its own. Two rules remain:
+
+* `until` must not be before `since` (a rule across two parameters; the document says so in
+  words and answers 400; equal is an empty window). A positive case that breaks it gets
+  `until = since`, so it stays a valid request and the server must accept it; negative cases are
+  sent as generated.
+* A cursor is valid only if the server issued it, for the same listing with the same filters.
+  The document's pattern names the listing, so a cursor of another listing is negative data by
+  the document; but a generated string that fits the pattern is still not a position. Positive
+  cases therefore keep a cursor only when a response of that listing, with the same other query
+  parameters but `limit`, returned it (recorded by `after_call`); any other positive cursor is
+  dropped. Negative cases keep theirs.
 """
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import schemathesis
+
+# Cursors the server returned: (path, the request's other query parameters) -> cursors.
+_ISSUED: dict[tuple, set[str]] = {}
 
 
 def _positive(case) -> bool:
@@ -30,16 +40,40 @@ def _time(raw):
     return parsed if parsed.tzinfo is not None else None
 
 
+def _listing(case) -> tuple:
+    query = case.query if isinstance(case.query, dict) else {}
+    # `limit` does not bind a cursor; every other parameter may (the sandbox listing's filters).
+    others = tuple(sorted((str(k), str(v)) for k, v in query.items() if k not in ("cursor", "limit")))
+    return (case.path, others)
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     if not _positive(case) or not isinstance(case.query, dict):
         return
     query = case.query
-    if query.get("cursor"):
+    if "since" in query and "until" in query:
+        since, until = _time(query["since"]), _time(query["until"])
+        if since is None or until is None:
+            # A time Python cannot read (a leap second, say) cannot be compared here: send the
+            # case without `until`, which keeps it valid.
+            del query["until"]
+        elif until < since:
+            query["until"] = query["since"]
+    # Checked after the edit above, against the parameters as they will be sent.
+    cursor = query.get("cursor")
+    if cursor and cursor not in _ISSUED.get(_listing(case), ()):
         del query["cursor"]
-    since, until = _time(query.get("since")), _time(query.get("until"))
-    if since is not None and until is not None and until <= since:
-        try:
-            query["until"] = (since + timedelta(seconds=1)).isoformat()
-        except OverflowError:
-            del query["since"]
+
+
+@schemathesis.hook
+def after_call(ctx, case, response):
+    if response.status_code != 200:
+        return
+    try:
+        body = response.json()
+    except Exception:  # noqa: BLE001 - a body that is not JSON issues no cursor
+        return
+    cursor = body.get("cursor") if isinstance(body, dict) else None
+    if isinstance(cursor, str) and cursor:
+        _ISSUED.setdefault(_listing(case), set()).add(cursor)

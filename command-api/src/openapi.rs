@@ -164,6 +164,68 @@ mod tests {
         assert_eq!(pattern, serde_json::Value::String(expected), "{params:?}");
     }
 
+    /// Every parameter of the served document (the merged one).
+    fn all_parameters() -> Vec<(String, String, serde_json::Value)> {
+        let doc = serde_json::to_value(
+            ApiDoc::openapi().merge_from(crate::routes::events::EventsApi::openapi()),
+        )
+        .unwrap_or_default();
+        let mut all = Vec::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for (method, operation) in item.as_object().into_iter().flatten() {
+                for param in operation["parameters"].as_array().into_iter().flatten() {
+                    all.push((method.clone(), path.clone(), param.clone()));
+                }
+            }
+        }
+        all
+    }
+
+    /// Each id rule in the document is one of the two the server applies (`validate_id`,
+    /// `validate_optional_id`), spelled exactly as the domain defines it, with the byte limit in
+    /// the schema's `maxLength` and its description; and each listing's `cursor` states that
+    /// listing's own pattern and length (`routes::cursor`).
+    #[test]
+    fn id_and_cursor_parameters_state_the_rules_the_server_applies() {
+        use crate::routes::cursor::{Listing, MAX_CURSOR_CHARS};
+        use domain::model::ids::{ID_PATTERN, MAX_ID_BYTES, OPTIONAL_ID_PATTERN};
+        let mut ids = 0;
+        let mut cursors = Vec::new();
+        for (method, path, param) in all_parameters() {
+            let schema = &param["schema"];
+            let pattern = schema["pattern"].as_str().unwrap_or_default();
+            if param["name"] == "cursor" {
+                cursors.push((path.clone(), pattern.to_string()));
+                assert_eq!(schema["maxLength"], MAX_CURSOR_CHARS, "{method} {path}");
+                continue;
+            }
+            if !pattern.contains(r"\x7f-\x9f") {
+                continue;
+            }
+            ids += 1;
+            assert!(
+                pattern == ID_PATTERN || pattern == OPTIONAL_ID_PATTERN,
+                "{method} {path} {}: {pattern}",
+                param["name"]
+            );
+            assert_eq!(schema["maxLength"], MAX_ID_BYTES, "{method} {path} {param}");
+            let text = param["description"].as_str().unwrap_or_default();
+            assert!(text.contains("256 bytes"), "{method} {path} {param}");
+        }
+        assert!(ids >= 20, "only {ids} id parameters found");
+        cursors.sort();
+        let expected = [
+            (
+                "/v1/admin/callers/{caller}/allocations",
+                Listing::Allocations,
+            ),
+            ("/v1/admin/events", Listing::Events),
+            ("/v1/admin/sandboxes", Listing::Sandboxes),
+        ]
+        .map(|(path, listing)| (path.to_string(), listing.pattern().to_string()));
+        assert_eq!(cursors, expected.to_vec());
+    }
+
     /// The track operations state the id constraints the server enforces (length, no control
     /// characters), so schema-valid requests are not rejected as malformed.
     #[test]

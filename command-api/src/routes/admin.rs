@@ -18,6 +18,7 @@ use crate::admin_jobs::JobRequest;
 use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::admin_jobs::{accept_job, outcome_of};
+use crate::routes::cursor::{sandbox_scope, Listing};
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 use jobs::progress::observed;
@@ -80,7 +81,8 @@ pub struct ListResponse {
     pub sandboxes: Vec<AdminSandbox>,
     /// Rows on this page.
     pub count: usize,
-    /// Cursor of the next page, `null` at the end.
+    /// Cursor of the next page (`sandboxes.…`, for this listing with these filters only),
+    /// `null` at the end.
     pub cursor: Option<String>,
 }
 
@@ -230,13 +232,13 @@ fn parse_status(raw: Option<&String>) -> Result<Option<SandboxStatus>, ApiError>
     .transpose()
 }
 
-fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, ApiError> {
-    match raw.map(|s| s.trim()) {
-        None | Some("") => Ok(None),
-        Some(v) if v.len() > domain::model::ids::MAX_ID_BYTES => {
-            Err(ApiError::validation("query", field, "too long"))
-        }
-        Some(v) => Ok(Some(v.to_string())),
+/// An optional id filter: checked as sent like any id (no control characters, at most
+/// `MAX_ID_BYTES`), an empty or blank value meaning "no filter".
+fn optional_filter(raw: Option<&String>, field: &'static str) -> Result<Option<String>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(v) => domain::model::ids::validate_optional_id(field, v)
+            .map_err(|e| ApiError::validation("query", field, e.to_string())),
     }
 }
 
@@ -244,16 +246,16 @@ fn bounded_text(raw: Option<&String>, field: &str) -> Result<Option<String>, Api
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes", tag = "Admin", security(("bearer" = [])),
     params(
-        ("status" = Option<String>, Query, pattern = "^(available|allocated|pending_deletion|stale|deletion_failed|deleted)$",
+        ("status" = Option<String>, Query, example = "available", pattern = "^(available|allocated|pending_deletion|stale|deletion_failed|deleted)$",
             description = "available|allocated|pending_deletion|stale|deletion_failed|deleted"),
-        ("owner" = Option<String>, Query, max_length = 256, description = "Current or most recent owner; at most 256 bytes"),
-        ("prefix" = Option<String>, Query, max_length = 256, description = "Name prefix; at most 256 bytes"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 50"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("owner" = Option<String>, Query, example = "student-42", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Current or most recent owner; no control characters, at most 256 bytes (UTF-8); empty or blank: any owner"),
+        ("prefix" = Option<String>, Query, example = "lab-demo-", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$", description = "Name prefix; no control characters, at most 256 bytes (UTF-8); empty or blank: any name"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, example = 10, description = "1–100, default 50"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(sandboxes\.[0-9a-f]{16}\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. It continues only this listing with the same `status`, `owner` and `prefix`: a cursor of another listing or of other filters is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page", body = ListResponse),
-        (status = 400, description = "Bad parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad parameter, or a cursor this listing (with these filters) did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -280,20 +282,25 @@ pub async fn list_sandboxes(
     };
     let filter = ListFilter {
         status: parse_status(q.get("status"))?,
-        owner: bounded_text(q.get("owner"), "owner")?,
-        prefix: bounded_text(q.get("prefix"), "prefix")?,
+        owner: optional_filter(q.get("owner"), "owner")?,
+        prefix: optional_filter(q.get("prefix"), "prefix")?,
     };
-    let cursor = bounded_text(q.get("cursor"), "cursor")?;
+    let scope = sandbox_scope(
+        filter.status.map(|s| s.as_str()),
+        filter.owner.as_deref(),
+        filter.prefix.as_deref(),
+    );
+    let position = Listing::Sandboxes.accept(&scope, q.get("cursor"))?;
     let page = state
         .broker
         .view()
-        .list(&filter, limit, cursor.as_deref())
+        .list(&filter, limit, position.as_deref())
         .await?;
     let sandboxes: Vec<AdminSandbox> = page.rows.into_iter().map(AdminSandbox::from).collect();
     Ok(Json(ListResponse {
         count: sandboxes.len(),
         sandboxes,
-        cursor: page.cursor,
+        cursor: Listing::Sandboxes.issue(&scope, page.cursor),
     }))
 }
 
@@ -341,7 +348,7 @@ pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsRes
 /// A sandbox's events in version order.
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}/history", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "History", body = HistoryResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -368,7 +375,7 @@ pub async fn get_history(
 /// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.
 #[utoipa::path(
     post, path = "/v1/admin/sandboxes/{sandbox_id}/retry-deletion", tag = "Admin", security(("bearer" = [])),
-    params(("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
+    params(("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")),
     responses(
         (status = 200, description = "Re-queued", body = RetryDeletionResponse),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -428,7 +435,7 @@ fn job_error(e: jobs::JobError) -> ApiError {
 /// Sync the pool with the CSP account list.
 #[utoipa::path(
     post, path = "/v1/admin/sync", tag = "Admin", security(("bearer" = [])),
-    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
+    params(("background" = Option<bool>, Query, example = false, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
@@ -463,7 +470,7 @@ pub async fn run_sync(
 /// Delete the CSP accounts of pending sandboxes (retries, quarantine).
 #[utoipa::path(
     post, path = "/v1/admin/cleanup", tag = "Admin", security(("bearer" = [])),
-    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
+    params(("background" = Option<bool>, Query, example = false, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
@@ -504,7 +511,7 @@ pub async fn run_cleanup(
 /// End allocations past their lab window plus grace.
 #[utoipa::path(
     post, path = "/v1/admin/auto-expire", tag = "Admin", security(("bearer" = [])),
-    params(("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
+    params(("background" = Option<bool>, Query, example = false, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
@@ -541,9 +548,9 @@ pub async fn run_auto_expire(
 /// Retire sandboxes stale for longer than the grace period (store only; CSP untouched).
 #[utoipa::path(
     post, path = "/v1/admin/auto-delete-stale", tag = "Admin", security(("bearer" = [])),
-    params(("grace_period_hours" = Option<u32>, Query, minimum = 0, maximum = 8760,
+    params(("grace_period_hours" = Option<u32>, Query, example = 24, minimum = 0, maximum = 8760,
         description = "0–8760, default STALE_GRACE_HOURS"),
-        ("background" = Option<bool>, Query, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
+        ("background" = Option<bool>, Query, example = false, description = "true: run as a background admin job and answer 202 with its id (default false: the summary)")),
     responses(
         (status = 200, description = "Summary", body = Object),
         (status = 202, description = "Running as a background job", body = crate::routes::admin_jobs::JobAccepted),
@@ -598,7 +605,7 @@ pub async fn run_delete_stale(
 /// job. Never `allocated`.
 #[utoipa::path(
     post, path = "/v1/admin/bulk-delete", tag = "Admin", security(("bearer" = [])),
-    params(("status" = String, Query, pattern = "^(available|stale|pending_deletion|deletion_failed)$",
+    params(("status" = String, Query, example = "stale", pattern = "^(available|stale|pending_deletion|deletion_failed)$",
         description = "available|stale|pending_deletion|deletion_failed (required; never allocated)")),
     responses(
         (status = 202, description = "Accepted: runs as a background admin job; follow it at `status_url` (also the `Location` header)", body = crate::routes::admin_jobs::JobAccepted),

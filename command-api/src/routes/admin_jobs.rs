@@ -156,7 +156,7 @@ pub(crate) fn outcome_of<S: Serialize>(result: Result<S, jobs::JobError>) -> Job
 /// Recent admin jobs, newest first.
 #[utoipa::path(
     get, path = "/v1/admin/jobs", tag = "Admin", security(("bearer" = [])),
-    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1–100, default 20")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 100, example = 10, description = "1–100, default 20")),
     responses(
         (status = 200, description = "Jobs", body = JobList),
         (status = 400, description = "Bad limit", body = ErrorBody),
@@ -202,7 +202,7 @@ pub async fn list_jobs(
 /// One admin job: state, progress, errors, start and end.
 #[utoipa::path(
     get, path = "/v1/admin/jobs/{job_id}", tag = "Admin", security(("bearer" = [])),
-    params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The id from the 202 answer (a UUID)")),
+    params(("job_id" = String, Path, example = "0190f6c2-7b3a-7d4e-9f10-2b3c4d5e6f70", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", description = "The id from the 202 answer (a UUID)")),
     responses(
         (status = 200, description = "The job", body = AdminJob),
         (status = 400, description = "Bad id", body = ErrorBody),

@@ -27,6 +27,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::live_feed::{event_json, HEARTBEAT};
+use crate::routes::cursor::Listing;
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 
@@ -45,7 +46,8 @@ pub struct EventsResponse {
     /// Events on this page (may be fewer than `limit`, even 0, while `cursor` is set: one request
     /// reads a bounded amount of the history).
     pub count: usize,
-    /// Cursor of the next page; `null` at the end of the range.
+    /// Cursor of the next page (`events.…`, for this listing only); `null` at the end of the
+    /// range.
     pub cursor: Option<String>,
     /// The exclusive upper bound the page was read with (RFC 3339).
     pub until: String,
@@ -128,7 +130,7 @@ pub struct AllocationsResponse {
     pub allocations: Vec<CallerAllocation>,
     /// Allocations on this page.
     pub count: usize,
-    /// Cursor of the next page; `null` at the end.
+    /// Cursor of the next page (`allocations.…`, for this listing only); `null` at the end.
     pub cursor: Option<String>,
 }
 
@@ -194,23 +196,22 @@ fn id_param(raw: Option<&String>, field: &'static str) -> Result<Option<String>,
     .transpose()
 }
 
-/// `since`, `until` and `cursor` of a paged read, checked.
-fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
+/// `since`, `until` and `cursor` of a paged read of `listing`, checked.
+fn range_params(q: &HashMap<String, String>, listing: Listing) -> Result<AuditQuery, ApiError> {
     let since = time_param(q.get("since"), "since")?;
     let until = time_param(q.get("until"), "until")?;
+    // The window is half-open, [since, until): `until` equal to `since` is an empty window (an
+    // empty page), while one that ends before it starts is a client's mistake worth a 400.
     if let (Some(since), Some(until)) = (since, until) {
-        if since >= until {
+        if until < since {
             return Err(ApiError::validation(
                 "query",
                 "until",
-                "must be after since",
+                "must not be before since",
             ));
         }
     }
-    let cursor = match q.get("cursor").map(|c| c.trim()) {
-        None | Some("") => None,
-        Some(c) => Some(c.to_string()),
-    };
+    let cursor = listing.accept("", q.get("cursor"))?;
     Ok(AuditQuery {
         since,
         until,
@@ -223,17 +224,17 @@ fn range_params(q: &HashMap<String, String>) -> Result<AuditQuery, ApiError> {
 #[utoipa::path(
     get, path = "/v1/admin/events", tag = "Admin", security(("bearer" = [])),
     params(
-        ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
-        ("type" = Option<String>, Query, pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
-        ("caller" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("sandbox_id" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("since" = Option<String>, Query, format = DateTime, example = "2026-01-05T08:00:00Z", description = "Inclusive lower bound on occurred_at (RFC 3339); default: the first event"),
+        ("until" = Option<String>, Query, format = DateTime, example = "2026-01-05T18:00:00Z", description = "Exclusive upper bound on occurred_at (RFC 3339); default: now + 5 min. Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
+        ("type" = Option<String>, Query, example = "SandboxAllocated", pattern = "^(SandboxRegistered|SandboxAllocated|DeletionRequested|AllocationExpired|SandboxMarkedStale|SandboxRestored|DeletionAttemptFailed|DeletionFailed|DeletionLeased|DeletionRetried|SandboxDeleted|SandboxRetired|LeaseExtended|ClaimGranted|ClaimReleased|ListingRecorded|AdminJobListed|AdminJobStarted|AdminJobProgressed|AdminJobFinished|PoolDrained|PoolResumed|QuotaSlotTaken|QuotaSlotReleased)$", description = "Only this event type (an empty value is a 400)"),
+        ("caller" = Option<String>, Query, example = "student-42", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only events whose actor is track:<caller> or whose payload names the caller; not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("sandbox_id" = Option<String>, Query, example = "mock-001", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this sandbox's events (its stream and the claim events naming it); not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, example = 100, description = "1–500, default 100"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(events\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page (possibly short, even empty, with a cursor: each request reads a bounded part of the history)", body = EventsResponse),
-        (status = 400, description = "Bad parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad parameter, or a cursor this listing did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 408, description = "Request timed out", body = ErrorBody),
@@ -265,7 +266,7 @@ pub async fn list_events(
         Some(t) if domain::model::events::EVENT_TYPES.contains(&t) => Some(t.to_string()),
         Some(_) => return Err(ApiError::validation("query", "type", "unknown event type")),
     };
-    let mut query = range_params(&q)?;
+    let mut query = range_params(&q, Listing::Events)?;
     query.filter = FeedFilter {
         event_type,
         caller: id_param(q.get("caller"), "caller")?,
@@ -281,7 +282,7 @@ pub async fn list_events(
     Ok(Json(EventsResponse {
         count: events.len(),
         events,
-        cursor: page.cursor,
+        cursor: Listing::Events.issue("", page.cursor),
         until: format_time(&page.until.unwrap_or(now)),
         now: format_time(&now),
     }))
@@ -291,7 +292,7 @@ pub async fn list_events(
 #[utoipa::path(
     get, path = "/v1/admin/events/stream", tag = "Admin", security(("bearer" = [])),
     params(
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position: the `id` of the last event received (or an RFC 3339 time). The events recorded after it are replayed first, then the stream goes live"),
+        ("Last-Event-ID" = Option<String>, Header, example = "2026-01-05T08:00:00Z", description = "Resume after this position: the `id` of the last event received (or an RFC 3339 time). The events recorded after it are replayed first, then the stream goes live"),
     ),
     responses(
         (status = 200, description = "An endless `text/event-stream`: one event per recorded event (`id` = its feed key, `data` = the envelope JSON with `key`), and a `:heartbeat` comment every 15 s", content_type = "text/event-stream", body = String),
@@ -344,8 +345,8 @@ pub async fn stream_events(
 #[utoipa::path(
     get, path = "/v1/admin/sandboxes/{sandbox_id}", tag = "Admin", security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id"),
-        ("at" = Option<String>, Query, format = DateTime, description = "The instant (RFC 3339); default: now"),
+        ("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("at" = Option<String>, Query, format = DateTime, example = "2026-01-05T12:00:00Z", description = "The instant (RFC 3339); default: now"),
     ),
     responses(
         (status = 200, description = "The state at that instant (`status` null: not registered yet)", body = SandboxAtResponse),
@@ -398,15 +399,15 @@ pub async fn get_sandbox_at(
 #[utoipa::path(
     get, path = "/v1/admin/callers/{caller}/allocations", tag = "Admin", security(("bearer" = [])),
     params(
-        ("caller" = String, Path, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("since" = Option<String>, Query, format = DateTime, description = "Inclusive lower bound on the allocation time (RFC 3339)"),
-        ("until" = Option<String>, Query, format = DateTime, description = "Exclusive upper bound (RFC 3339). Must be after `since` when both are given (400 otherwise: a rule across two parameters, which OpenAPI cannot state)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1–500, default 100"),
-        ("cursor" = Option<String>, Query, description = "Opaque cursor from the previous page"),
+        ("caller" = String, Path, example = "student-42", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The caller (X-Instruqt-Sandbox-ID / X-Track-ID value): not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("since" = Option<String>, Query, format = DateTime, example = "2026-01-05T08:00:00Z", description = "Inclusive lower bound on the allocation time (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, example = "2026-01-05T18:00:00Z", description = "Exclusive upper bound on the allocation time (RFC 3339). Equal to `since`: an empty window (an empty page). Before `since`: 400 `VALIDATION_ERROR` (a rule across two parameters, which OpenAPI cannot state)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, example = 100, description = "1–500, default 100"),
+        ("cursor" = Option<String>, Query, max_length = 2048, pattern = r"^(allocations\.[A-Za-z0-9_-]+)?$", description = "The `cursor` of the previous page, as it came; empty: the first page. A cursor of another listing is refused (400 `VALIDATION_ERROR`), as is one the server did not issue"),
     ),
     responses(
         (status = 200, description = "A page (possibly short, even empty, with a cursor)", body = AllocationsResponse),
-        (status = 400, description = "Bad caller, parameter or cursor", body = ErrorBody),
+        (status = 400, description = "Bad caller or parameter, or a cursor this listing did not issue", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 408, description = "Request timed out", body = ErrorBody),
@@ -425,7 +426,7 @@ pub async fn list_caller_allocations(
     let caller = validate_id("caller", &caller)
         .map_err(|e| ApiError::validation("path", "caller", e.to_string()))?;
     let limit = limit_param(q.get("limit"))?;
-    let query = range_params(&q)?;
+    let query = range_params(&q, Listing::Allocations)?;
     let page = caller_allocations(
         state.feed.feed().as_ref(),
         state.broker.events().as_ref(),
@@ -444,6 +445,6 @@ pub async fn list_caller_allocations(
         caller,
         count: allocations.len(),
         allocations,
-        cursor: page.cursor,
+        cursor: Listing::Allocations.issue("", page.cursor),
     }))
 }

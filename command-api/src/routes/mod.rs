@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod admin_jobs;
+pub mod cursor;
 pub mod dashboard;
 pub mod events;
 pub mod ops;

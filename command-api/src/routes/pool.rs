@@ -73,7 +73,8 @@ fn admin_meta(request_id: &RequestId) -> CommandMeta {
     }
 }
 
-/// Only `allowed` query parameters, each a bounded identifier (blank counts as absent).
+/// Only `allowed` query parameters, each checked as an identifier (`validate_id`: an empty or blank
+/// one is a 400, not "absent").
 fn query_ids(
     raw: &HashMap<String, String>,
     allowed: &[&'static str],
@@ -145,7 +146,7 @@ fn drain_view(entry: &DrainEntry) -> DrainView {
 /// The pool's control state: drains in force and quota usage (strongly consistent).
 #[utoipa::path(
     get, path = "/v1/admin/pool", tag = "Admin", security(("bearer" = [])),
-    params(("track" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Also report this track's quota usage")),
+    params(("track" = Option<String>, Query, example = "aws-intro", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Also report this track's quota usage; not blank, no control characters, at most 256 bytes (UTF-8)")),
     responses(
         (status = 200, description = "Drains and quotas", body = PoolControlResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),
@@ -176,8 +177,8 @@ pub async fn get_pool_control(
 #[utoipa::path(
     post, path = "/v1/admin/pool/drain", tag = "Admin", security(("bearer" = [])),
     params(
-        ("prefix" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Drain only requests for names with this prefix (at most 256 bytes)"),
-        ("reason" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Operator's note, kept in the event"),
+        ("prefix" = Option<String>, Query, example = "lab-eu-", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Drain only requests for names with this prefix; not blank, no control characters, at most 256 bytes (UTF-8), spaces around it ignored (400 `VALIDATION_ERROR` otherwise, and nothing is drained)"),
+        ("reason" = Option<String>, Query, example = "CSP maintenance window", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Operator's note, kept in the event; not blank, no control characters, at most 256 bytes (UTF-8)"),
     ),
     responses(
         (status = 200, description = "Drained (or already drained): the control state", body = PoolControlResponse),
@@ -211,7 +212,7 @@ pub async fn drain_pool(
 /// `PoolResumed`; resuming what is not drained records nothing.
 #[utoipa::path(
     post, path = "/v1/admin/pool/resume", tag = "Admin", security(("bearer" = [])),
-    params(("prefix" = Option<String>, Query, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The drained prefix to resume (at most 256 bytes)")),
+    params(("prefix" = Option<String>, Query, example = "lab-eu-", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The drained prefix to resume; not blank, no control characters, at most 256 bytes (UTF-8), spaces around it ignored")),
     responses(
         (status = 200, description = "Resumed (or was not drained): the control state", body = PoolControlResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),

@@ -315,10 +315,10 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
     post, path = "/v1/allocate", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The student (preferred); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, example = "student-42", description = "The student (preferred); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Track-ID" = Option<String>, Header, description = "Legacy caller id; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
-        ("X-Instruqt-Track-ID" = Option<String>, Header, description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
-        ("X-Sandbox-Name-Prefix" = Option<String>, Header, description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Instruqt-Track-ID" = Option<String>, Header, example = "aws-intro", description = "Lab slug (analytics); no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Sandbox-Name-Prefix" = Option<String>, Header, example = "lab-demo-", description = "Only names with this prefix; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes. Where the lease capability applies (per-track credentials; the shared token with `REQUIRE_LEASE_TOKEN=true`) it is a credential: at least 32 random characters of `[A-Za-z0-9_-]` (400 otherwise), stored only as its SHA-256, and the only key that proves a replay (the caller-id default never does)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
@@ -496,7 +496,7 @@ pub async fn allocate_sandbox(
     get, path = "/v1/sandboxes/{sandbox_id}", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -533,7 +533,7 @@ pub async fn get_sandbox(
     post, path = "/v1/sandboxes/{sandbox_id}/mark-for-deletion", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
     ),
@@ -581,7 +581,7 @@ pub async fn mark_for_deletion(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ExtendRequest {
     /// Hours to add to the lab window: a whole number from 1 to 8760.
-    #[schema(value_type = i64, minimum = 1, maximum = 8760)]
+    #[schema(value_type = i64, minimum = 1, maximum = 8760, example = 2)]
     pub hours: serde_json::Value,
 }
 
@@ -629,7 +629,7 @@ fn extension_hours(body: &[u8]) -> Result<u32, ApiError> {
     post, path = "/v1/sandboxes/{sandbox_id}/extend", tag = "Sandboxes",
     security(("bearer" = [])),
     params(
-        ("sandbox_id" = String, Path, description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+        ("sandbox_id" = String, Path, example = "mock-001", description = "Broker id or name: not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: an extension of this allocation already made with the key is answered again (its `expires_at`) and adds nothing; the retry's `hours` are not compared. No control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),

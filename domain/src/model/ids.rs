@@ -10,6 +10,18 @@ use thiserror::Error;
 /// Longest caller id, idempotency key or sandbox id accepted, in bytes (UTF-8).
 pub const MAX_ID_BYTES: usize = 256;
 
+/// The rule [`validate_id`] applies, as the OpenAPI `pattern` of every parameter that carries an
+/// identifier: no control character (Unicode `Cc`: U+0000–U+001F, U+007F–U+009F) anywhere, and
+/// at least one character that is neither a control character nor a space. The classes are
+/// spelled out rather than written `\s`, whose meaning differs between regex dialects. JSON
+/// Schema's `maxLength` counts characters, so the byte limit ([`MAX_ID_BYTES`]) goes in each
+/// parameter's description.
+pub const ID_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$";
+
+/// [`ID_PATTERN`] for an optional filter or header, where an empty or blank value means "not
+/// given" ([`validate_optional_id`]): only the control characters are refused.
+pub const OPTIONAL_ID_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]*$";
+
 /// Prefix of sandbox aggregate streams.
 pub const SANDBOX_STREAM_PREFIX: &str = "sandbox#";
 /// Prefix of claim (idempotency) aggregate streams.
@@ -58,22 +70,32 @@ pub enum IdError {
     },
 }
 
-/// Trims and checks a caller-supplied identifier.
+/// Checks a caller-supplied identifier as it was sent, then trims the spaces around it.
+///
+/// The length and the characters are checked on the value as sent, so that the document's
+/// `maxLength` and [`ID_PATTERN`] describe exactly what is refused: a value padded past the limit
+/// or wrapped in control characters (a trailing newline, say) is a 400, never silently trimmed
+/// into a valid one. Only spaces (U+0020) are trimmed, and a value of spaces only is empty.
 pub fn validate_id(what: &'static str, raw: &str) -> Result<String, IdError> {
-    let value = raw.trim();
-    if value.is_empty() {
-        return Err(IdError::Empty { what });
+    match validate_optional_id(what, raw)? {
+        Some(value) => Ok(value),
+        None => Err(IdError::Empty { what }),
     }
-    if value.len() > MAX_ID_BYTES {
+}
+
+/// [`validate_id`] for an optional value: an empty or blank one is `None` ("not given").
+pub fn validate_optional_id(what: &'static str, raw: &str) -> Result<Option<String>, IdError> {
+    if raw.len() > MAX_ID_BYTES {
         return Err(IdError::TooLong {
             what,
             max: MAX_ID_BYTES,
         });
     }
-    if value.chars().any(char::is_control) {
+    if raw.chars().any(char::is_control) {
         return Err(IdError::ControlCharacters { what });
     }
-    Ok(value.to_string())
+    let value = raw.trim_matches(' ');
+    Ok((!value.is_empty()).then(|| value.to_string()))
 }
 
 /// The stream of one sandbox.
@@ -108,7 +130,8 @@ mod tests {
         assert_eq!(claim_stream("stu", "k"), "claim#3:stu#k");
     }
 
-    /// Identifiers are trimmed; empty, oversized and control-character values are refused.
+    /// Identifiers are trimmed of spaces; empty, oversized and control-character values are
+    /// refused, judged on the value as sent.
     #[test]
     fn ids_are_validated() {
         assert_eq!(validate_id("caller", "  x/y#z ").as_deref(), Ok("x/y#z"));
@@ -125,6 +148,26 @@ mod tests {
             Err(IdError::ControlCharacters { .. })
         ));
         assert!(validate_id("caller", "stüdent-✓").is_ok());
+        // Padding counts towards the limit, and control characters are refused at the ends too
+        // (trimming them would accept what the document calls invalid).
+        let padded = format!("x{}", " ".repeat(MAX_ID_BYTES));
+        assert!(matches!(
+            validate_id("caller", &padded),
+            Err(IdError::TooLong { .. })
+        ));
+        for wrapped in ["lab\n", "\tlab", "lab\u{85}", "\r\n"] {
+            assert!(
+                matches!(
+                    validate_id("caller", wrapped),
+                    Err(IdError::ControlCharacters { .. })
+                ),
+                "{wrapped:?}"
+            );
+        }
+        // Only spaces are trimmed: other blank characters are ordinary characters.
+        assert_eq!(validate_id("caller", "\u{a0}").as_deref(), Ok("\u{a0}"));
+        assert_eq!(validate_optional_id("prefix", "  "), Ok(None));
+        assert_eq!(validate_optional_id("prefix", ""), Ok(None));
     }
 
     /// A sandbox stream maps back to its sandbox id.
