@@ -61,7 +61,7 @@ locals {
     },
   )
 
-  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, {
+  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, {
     AWS_REGION           = var.aws_region
     BIND_ADDR            = "0.0.0.0:8080"
     API_BASE_PATH        = "/v1"
@@ -121,6 +121,8 @@ locals {
     var.webhooks_enabled ? { WEBHOOKS_JSON = aws_secretsmanager_secret.webhooks[0].arn } : {},
     # The lease-token key and the per-track credentials (tenancy.tf).
     local.tenancy_secrets,
+    # The previous values of tokens being rotated (rotation.tf).
+    local.rotation_secrets,
   )
   # The jobs act through commands directly on the store, not through the HTTP
   # API, so they get the CSP token only (the reference handed the worker every

@@ -17,7 +17,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
 use crate::credentials::{SignatureCheck, SignedRequest, TrackCredential};
 use crate::error::ApiError;
@@ -64,12 +63,6 @@ impl Principal {
     }
 }
 
-fn equal(a: &str, b: &str) -> bool {
-    // `ct_eq` on equal-length slices is constant-time; a length mismatch returns early, which
-    // reveals only the length of the configured token.
-    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
-}
-
 /// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
 /// (RFC 9110 §11.1).
 fn bearer_token(raw: &HeaderValue) -> Option<&str> {
@@ -95,20 +88,45 @@ pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principa
         ));
     };
     // Every comparison runs whatever matches, so timing does not reveal which token it was.
-    let shared = state.shared_track_token_enabled & equal(token, &state.track_token);
-    let admin = equal(token, &state.admin_token);
-    let credential = state.credentials.find(token);
-    if let Some(credential) = credential {
+    let now = state.broker.clock().now();
+    let shared = state
+        .track_token
+        .matches(token, now)
+        .filter(|_| state.shared_track_token_enabled);
+    let admin = state.admin_token.matches(token, now);
+    let credential = state.credentials.find(token, now);
+    if let Some((credential, matched)) = credential {
+        note_previous(state, matched, || {
+            format!("track_token:{}", credential.track)
+        });
         Ok(Principal::Track(credential))
-    } else if shared {
+    } else if let Some(matched) = shared {
+        note_previous(state, matched, || "api_token".to_string());
         Ok(Principal::SharedTrack)
-    } else if admin {
+    } else if let Some(matched) = admin {
+        note_previous(state, matched, || "admin_token".to_string());
         Ok(Principal::Admin)
     } else {
         Err(ApiError::unauthorized(
             "Unknown bearer token; use the track or admin token the broker is configured with \
              (in development, printed when it starts)",
         ))
+    }
+}
+
+/// Counts a request authenticated with a secret's previous value (a rotation in progress), so an
+/// operator sees when clients have moved to the new one.
+pub(crate) fn note_previous(
+    state: &SharedState,
+    matched: crate::rotation::Matched,
+    secret: impl FnOnce() -> String,
+) {
+    if matched == crate::rotation::Matched::Previous {
+        state
+            .metrics
+            .previous_secret_used
+            .with_label_values(&[&secret()])
+            .inc();
     }
 }
 
@@ -264,6 +282,12 @@ fn check_signature(
     };
     match credential.check_request_signature(&signed, signature.as_deref()) {
         SignatureCheck::Accepted => Ok(()),
+        SignatureCheck::AcceptedWithPrevious => {
+            note_previous(state, crate::rotation::Matched::Previous, || {
+                format!("caller_secret:{}", credential.track)
+            });
+            Ok(())
+        }
         SignatureCheck::Missing => Err(ApiError::invalid_caller_signature(
             "X-Caller-Signature is required for this track",
         )),
@@ -377,14 +401,5 @@ mod tests {
         assert_eq!(client_address(&h, peer, 1), "10.0.0.1");
         assert_eq!(client_address(&h, peer, 2), "1.2.3.4");
         assert_eq!(client_address(&h, peer, 5), "10.0.0.2");
-    }
-
-    /// Token comparison matches exactly, never on prefixes.
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(equal("abc", "abc"));
-        assert!(!equal("abc", "abd"));
-        assert!(!equal("ab", "abc"));
-        assert!(!equal("", "abc"));
     }
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use chrono::{DateTime, Utc};
 use clap::Parser;
 use jobs::JobsArgs;
 pub use runtime::StoreKind;
@@ -75,6 +76,20 @@ pub struct Config {
     /// `dev-admin-token-NOT-FOR-PRODUCTION`).
     #[arg(long, env = "BROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// During a rotation of `BROKER_API_TOKEN`: the value being replaced, still accepted until
+    /// `BROKER_API_TOKEN_PREVIOUS_UNTIL` (docs/security.md, "Rotating secrets").
+    #[arg(long, env = "BROKER_API_TOKEN_PREVIOUS", hide_env_values = true)]
+    pub api_token_previous: Option<Secret>,
+    /// End of the overlap of `BROKER_API_TOKEN_PREVIOUS` (RFC 3339; at most 30 days ahead).
+    #[arg(long, env = "BROKER_API_TOKEN_PREVIOUS_UNTIL")]
+    pub api_token_previous_until: Option<String>,
+    /// During a rotation of `BROKER_ADMIN_TOKEN`: the value being replaced, still accepted until
+    /// `BROKER_ADMIN_TOKEN_PREVIOUS_UNTIL`.
+    #[arg(long, env = "BROKER_ADMIN_TOKEN_PREVIOUS", hide_env_values = true)]
+    pub admin_token_previous: Option<Secret>,
+    /// End of the overlap of `BROKER_ADMIN_TOKEN_PREVIOUS` (RFC 3339; at most 30 days ahead).
+    #[arg(long, env = "BROKER_ADMIN_TOKEN_PREVIOUS_UNTIL")]
+    pub admin_token_previous_until: Option<String>,
     /// Accept the shared track token (`BROKER_API_TOKEN`); off once every track has its own.
     #[arg(long, env = "SHARED_TRACK_TOKEN_ENABLED", default_value_t = true)]
     pub shared_track_token_enabled: bool,
@@ -341,7 +356,75 @@ impl Config {
         if self.track_token() == self.admin_token() {
             return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must differ".into());
         }
+        for (name, previous, current, other_role) in [
+            (
+                "BROKER_API_TOKEN_PREVIOUS",
+                &self.api_token_previous,
+                self.track_token(),
+                [
+                    self.admin_token(),
+                    self.admin_token_previous
+                        .as_ref()
+                        .map_or("", Secret::expose),
+                ],
+            ),
+            (
+                "BROKER_ADMIN_TOKEN_PREVIOUS",
+                &self.admin_token_previous,
+                self.admin_token(),
+                [
+                    self.track_token(),
+                    self.api_token_previous.as_ref().map_or("", Secret::expose),
+                ],
+            ),
+        ] {
+            let Some(previous) = previous else { continue };
+            let previous = previous.expose();
+            if previous.trim().chars().count() < MIN_TOKEN_CHARS {
+                return Err(format!(
+                    "{name} must be at least {MIN_TOKEN_CHARS} characters"
+                ));
+            }
+            if previous == current {
+                return Err(format!(
+                    "{name} equals the current value; a rotation needs a new one"
+                ));
+            }
+            if other_role.contains(&previous) {
+                return Err(format!(
+                    "{name} is a token of the other role; the track and admin tokens must differ"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The shared track token with its rotation (the previous value and its end), at `now`.
+    pub fn track_tokens(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<crate::rotation::RotatingSecret, String> {
+        rotating(
+            "BROKER_API_TOKEN",
+            self.track_token(),
+            &self.api_token_previous,
+            self.api_token_previous_until.as_deref(),
+            now,
+        )
+    }
+
+    /// The admin token with its rotation, at `now`.
+    pub fn admin_tokens(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<crate::rotation::RotatingSecret, String> {
+        rotating(
+            "BROKER_ADMIN_TOKEN",
+            self.admin_token(),
+            &self.admin_token_previous,
+            self.admin_token_previous_until.as_deref(),
+            now,
+        )
     }
 
     /// The lease-token keys from env or file; the dev-only key when none is configured, which
@@ -403,5 +486,27 @@ impl Config {
     /// A configuration with every default (tests override fields).
     pub fn defaults() -> Self {
         runtime::try_parse_settings_from(["command-api"]).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// A token with its rotation: the previous value goes with its end time.
+fn rotating(
+    name: &str,
+    current: &str,
+    previous: &Option<Secret>,
+    until: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<crate::rotation::RotatingSecret, String> {
+    let secret = crate::rotation::RotatingSecret::new(current);
+    match previous {
+        None if until.is_some_and(|u| !u.trim().is_empty()) => Err(format!(
+            "{name}_PREVIOUS_UNTIL is set without {name}_PREVIOUS"
+        )),
+        None => Ok(secret),
+        Some(previous) => {
+            let until =
+                crate::rotation::parse_until(&format!("{name}_PREVIOUS_UNTIL"), until, now)?;
+            Ok(secret.with_previous(previous.clone(), until))
+        }
     }
 }

@@ -12,14 +12,18 @@
 //!              "max_allocations_per_caller": 1,
 //!              "caller_secret": "<at least 32 characters>", "require_caller_signature": true}]}
 //! ```
+//!
+//! Each track rotates on its own: `previous_token` with `previous_token_until`, and
+//! `previous_caller_secret` with `previous_caller_secret_until` (RFC 3339, at most 30 days ahead)
+//! keep the old value accepted while labs started with it finish ([`crate::rotation`]).
 
 use std::sync::Arc;
 
 use hmac::{KeyInit, Mac};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, MIN_TOKEN_CHARS};
+use crate::rotation::{parse_until, Matched, RotatingSecret};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -67,6 +71,14 @@ struct Entry {
     caller_secret: Option<String>,
     #[serde(default)]
     require_caller_signature: bool,
+    #[serde(default)]
+    previous_token: Option<String>,
+    #[serde(default)]
+    previous_token_until: Option<String>,
+    #[serde(default)]
+    previous_caller_secret: Option<String>,
+    #[serde(default)]
+    previous_caller_secret_until: Option<String>,
 }
 
 /// One track's credential.
@@ -74,7 +86,7 @@ struct Entry {
 pub struct TrackCredential {
     /// The track's name; sandboxes it allocates carry it as `track_name`.
     pub track: String,
-    token: Secret,
+    token: RotatingSecret,
     /// Sandbox names the track may allocate start with one of these.
     pub name_prefixes: Vec<String>,
     /// Most sandboxes the track holds at once: enforced as the track's quota (the lower of it
@@ -83,7 +95,7 @@ pub struct TrackCredential {
     /// Live allocations one caller id may hold in this track (overrides
     /// `MAX_ALLOCATIONS_PER_CALLER`).
     pub max_allocations_per_caller: Option<u32>,
-    caller_secret: Option<Secret>,
+    caller_secret: Option<RotatingSecret>,
     /// Whether every request must carry a valid `X-Caller-Signature`.
     pub require_caller_signature: bool,
 }
@@ -93,6 +105,8 @@ pub struct TrackCredential {
 pub enum SignatureCheck {
     /// Valid, or not required and not sent.
     Accepted,
+    /// Valid under the previous caller secret of a rotation in progress.
+    AcceptedWithPrevious,
     /// Required but absent.
     Missing,
     /// Present but not the HMAC of the caller id.
@@ -170,7 +184,7 @@ impl TrackCredential {
         };
         if !signature.starts_with("t=") {
             return if request.allow_legacy {
-                self.check_signature(request.caller, Some(signature))
+                self.check_signature(request.caller, Some(signature), request.now)
             } else {
                 SignatureCheck::Invalid
             };
@@ -187,23 +201,25 @@ impl TrackCredential {
         let (Some(t), Some(sent)) = (t, v1) else {
             return SignatureCheck::Invalid;
         };
-        let Ok(mut mac) = HmacSha256::new_from_slice(secret.expose().as_bytes()) else {
+        let text = signed_text(t, request.method, request.path, request.caller);
+        let Some(matched) = verify_with(secret, request.now, text.as_bytes(), &sent) else {
             return SignatureCheck::Invalid;
         };
-        mac.update(signed_text(t, request.method, request.path, request.caller).as_bytes());
-        // `verify_slice` compares in constant time.
-        if mac.verify_slice(&sent).is_err() {
-            return SignatureCheck::Invalid;
-        }
         if (request.now - t).abs() > request.window_s {
             return SignatureCheck::Expired;
         }
-        SignatureCheck::Accepted
+        accepted(matched)
     }
 
     /// Checks the old form of signature (hex HMAC-SHA256 of `caller` with the track's secret),
-    /// accepted only with `ALLOW_LEGACY_CALLER_SIGNATURE=true`.
-    pub fn check_signature(&self, caller: &str, signature: Option<&str>) -> SignatureCheck {
+    /// accepted only with `ALLOW_LEGACY_CALLER_SIGNATURE=true`; `now` is unix seconds (it
+    /// decides whether a previous secret is still in its window).
+    pub fn check_signature(
+        &self,
+        caller: &str,
+        signature: Option<&str>,
+        now: i64,
+    ) -> SignatureCheck {
         let Some(secret) = &self.caller_secret else {
             return SignatureCheck::Accepted;
         };
@@ -217,16 +233,29 @@ impl TrackCredential {
         let Ok(sent) = hex::decode(signature) else {
             return SignatureCheck::Invalid;
         };
-        let Ok(mut mac) = HmacSha256::new_from_slice(secret.expose().as_bytes()) else {
-            return SignatureCheck::Invalid;
-        };
-        mac.update(caller.as_bytes());
-        // `verify_slice` compares in constant time.
-        if mac.verify_slice(&sent).is_ok() {
-            SignatureCheck::Accepted
-        } else {
-            SignatureCheck::Invalid
+        match verify_with(secret, now, caller.as_bytes(), &sent) {
+            Some(matched) => accepted(matched),
+            None => SignatureCheck::Invalid,
         }
+    }
+}
+
+/// Which value of `secret` (current, or previous inside its window at `now`, unix seconds)
+/// signed `text` as `sent`, if any.
+fn verify_with(secret: &RotatingSecret, now: i64, text: &[u8], sent: &[u8]) -> Option<Matched> {
+    let now = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+    secret.verifying_at(now).find_map(|(matched, key)| {
+        let mut mac = HmacSha256::new_from_slice(key.as_bytes()).ok()?;
+        mac.update(text);
+        // `verify_slice` compares in constant time.
+        mac.verify_slice(sent).is_ok().then_some(matched)
+    })
+}
+
+fn accepted(matched: Matched) -> SignatureCheck {
+    match matched {
+        Matched::Current => SignatureCheck::Accepted,
+        Matched::Previous => SignatureCheck::AcceptedWithPrevious,
     }
 }
 
@@ -250,8 +279,13 @@ pub struct TrackCredentials {
 
 impl TrackCredentials {
     /// Parses and checks a credentials document; `reserved` are tokens no track may reuse
-    /// (the shared track token and the admin token).
-    pub fn parse(json: &str, reserved: &[&str]) -> Result<Self, CredentialsError> {
+    /// (the shared track token and the admin token, current and previous); `now` checks the
+    /// ends of rotation overlaps.
+    pub fn parse(
+        json: &str,
+        reserved: &[&str],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, CredentialsError> {
         // serde's messages name the field and position, never the value.
         let document: Document =
             serde_json::from_str(json).map_err(|e| CredentialsError::Json(e.to_string()))?;
@@ -269,10 +303,24 @@ impl TrackCredentials {
                     "the token must be at least {MIN_TOKEN_CHARS} characters"
                 )));
             }
-            if reserved.contains(&entry.token.as_str())
+            if let Some(previous) = &entry.previous_token {
+                if previous.chars().count() < MIN_TOKEN_CHARS {
+                    return Err(invalid(&format!(
+                        "previous_token must be at least {MIN_TOKEN_CHARS} characters"
+                    )));
+                }
+                if *previous == entry.token {
+                    return Err(invalid(
+                        "previous_token equals token; a rotation needs a new one",
+                    ));
+                }
+            }
+            let tokens =
+                std::iter::once(entry.token.as_str()).chain(entry.previous_token.as_deref());
+            if tokens.clone().any(|t| reserved.contains(&t))
                 || credentials
                     .iter()
-                    .any(|c| c.token.expose() == entry.token || c.track == entry.track)
+                    .any(|c| c.track == entry.track || tokens.clone().any(|t| c.token.holds(t)))
             {
                 return Err(invalid(
                     "the token and the track name must be unique (and differ from the shared tokens)",
@@ -302,13 +350,56 @@ impl TrackCredentials {
             } else if entry.require_caller_signature {
                 return Err(invalid("require_caller_signature needs a caller_secret"));
             }
+            if entry.previous_caller_secret.is_some() && entry.caller_secret.is_none() {
+                return Err(invalid("previous_caller_secret needs a caller_secret"));
+            }
+            if let Some(previous) = &entry.previous_caller_secret {
+                if previous.chars().count() < MIN_TOKEN_CHARS {
+                    return Err(invalid(&format!(
+                        "previous_caller_secret must be at least {MIN_TOKEN_CHARS} characters"
+                    )));
+                }
+            }
+            let rotating = |current: String,
+                            previous: Option<String>,
+                            until: Option<&str>,
+                            name: &str|
+             -> Result<RotatingSecret, CredentialsError> {
+                let secret = RotatingSecret::new(current);
+                match previous {
+                    None if until.is_some() => {
+                        Err(invalid(&format!("{name}_until is set without {name}")))
+                    }
+                    None => Ok(secret),
+                    Some(previous) => {
+                        let until = parse_until(&format!("{name}_until"), until, now)
+                            .map_err(|problem| invalid(&problem))?;
+                        Ok(secret.with_previous(Secret::from(previous), until))
+                    }
+                }
+            };
+            let token = rotating(
+                entry.token,
+                entry.previous_token,
+                entry.previous_token_until.as_deref(),
+                "previous_token",
+            )?;
+            let caller_secret = match entry.caller_secret {
+                Some(current) => Some(rotating(
+                    current,
+                    entry.previous_caller_secret,
+                    entry.previous_caller_secret_until.as_deref(),
+                    "previous_caller_secret",
+                )?),
+                None => None,
+            };
             credentials.push(Arc::new(TrackCredential {
                 track: entry.track,
-                token: Secret::from(entry.token),
+                token,
                 name_prefixes: entry.name_prefixes,
                 max_concurrent_allocations: entry.max_concurrent_allocations,
                 max_allocations_per_caller: entry.max_allocations_per_caller,
-                caller_secret: entry.caller_secret.map(Secret::from),
+                caller_secret,
                 require_caller_signature: entry.require_caller_signature,
             }));
         }
@@ -320,6 +411,7 @@ impl TrackCredentials {
         file: Option<&std::path::Path>,
         json: Option<&Secret>,
         reserved: &[&str],
+        now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Self, CredentialsError> {
         match (file, json) {
             (Some(path), _) => {
@@ -328,9 +420,9 @@ impl TrackCredentials {
                         path: path.display().to_string(),
                         source,
                     })?;
-                Self::parse(&text, reserved)
+                Self::parse(&text, reserved, now)
             }
-            (None, Some(json)) => Self::parse(json.expose(), reserved),
+            (None, Some(json)) => Self::parse(json.expose(), reserved, now),
             (None, None) => Ok(Self::default()),
         }
     }
@@ -384,14 +476,18 @@ impl TrackCredentials {
             .and_then(|c| c.max_concurrent_allocations)
     }
 
-    /// The credential whose token is `token`. Every credential is compared (in constant time
-    /// per comparison), so the time taken does not say which one matched.
-    pub fn find(&self, token: &str) -> Option<Arc<TrackCredential>> {
+    /// The credential whose token (current, or previous inside its overlap at `now`) is
+    /// `token`, and which value matched. Every credential is compared (each value in constant
+    /// time), so the time taken does not say which one matched.
+    pub fn find(
+        &self,
+        token: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<(Arc<TrackCredential>, Matched)> {
         let mut found = None;
         for credential in &self.credentials {
-            let expected = credential.token.expose().as_bytes();
-            if expected.len() == token.len() && bool::from(expected.ct_eq(token.as_bytes())) {
-                found = Some(credential.clone());
+            if let Some(matched) = credential.token.matches(token, now) {
+                found = Some((credential.clone(), matched));
             }
         }
         found
@@ -404,9 +500,20 @@ mod tests {
 
     const TOKEN: &str = "tok-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const SECRET: &str = "sec-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const OLD_TOKEN: &str = "old-tok-cccccccccccccccccccccccccccccc";
+    const OLD_SECRET: &str = "old-sec-dddddddddddddddddddddddddddddd";
+
+    /// The fixed "now" of these tests.
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default()
+    }
+
+    fn parse(json: &str, reserved: &[&str]) -> Result<TrackCredentials, CredentialsError> {
+        TrackCredentials::parse(json, reserved, now())
+    }
 
     fn one(extra: &str) -> Result<TrackCredentials, CredentialsError> {
-        TrackCredentials::parse(
+        parse(
             &format!(
                 r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"],"max_concurrent_allocations":5{extra}}}]}}"#
             ),
@@ -419,7 +526,7 @@ mod tests {
     fn weak_documents_are_refused() {
         assert!(one("").is_ok());
         assert!(
-            TrackCredentials::parse(
+            parse(
                 &format!(
                     r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]}}]}}"#
                 ),
@@ -431,18 +538,18 @@ mod tests {
                 .contains("max_concurrent_allocations is required")),
             "a credential without a seat-sized quota"
         );
-        assert!(TrackCredentials::parse(
+        assert!(parse(
             r#"{"tracks":[{"track":"lab","token":"short","name_prefixes":["lab-"]}]}"#,
             &[]
         )
         .is_err());
-        assert!(TrackCredentials::parse(
+        assert!(parse(
             &format!(r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":[]}}]}}"#),
             &[]
         )
         .is_err());
         assert!(one(r#","require_caller_signature":true"#).is_err());
-        assert!(TrackCredentials::parse(
+        assert!(parse(
             &format!(
                 r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"]}}]}}"#
             ),
@@ -454,7 +561,7 @@ mod tests {
     /// Errors about a document never echo its tokens.
     #[test]
     fn errors_do_not_echo_tokens() {
-        let err = TrackCredentials::parse(
+        let err = parse(
             &format!(r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","name_prefixes":["lab-"],"oops":1}}]}}"#),
             &[],
         )
@@ -472,22 +579,25 @@ mod tests {
             r#","caller_secret":"{SECRET}","require_caller_signature":true"#
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let credential = creds.find(TOKEN).unwrap_or_else(|| panic!("not found"));
+        let credential = creds
+            .find(TOKEN, now())
+            .map(|(credential, _)| credential)
+            .unwrap_or_else(|| panic!("not found"));
         let alice = caller_signature(SECRET, "alice");
         assert_eq!(
-            credential.check_signature("alice", Some(&alice)),
+            credential.check_signature("alice", Some(&alice), 0),
             SignatureCheck::Accepted
         );
         assert_eq!(
-            credential.check_signature("bob", Some(&alice)),
+            credential.check_signature("bob", Some(&alice), 0),
             SignatureCheck::Invalid
         );
         assert_eq!(
-            credential.check_signature("bob", None),
+            credential.check_signature("bob", None, 0),
             SignatureCheck::Missing
         );
         assert_eq!(
-            credential.check_signature("bob", Some("zz")),
+            credential.check_signature("bob", Some("zz"), 0),
             SignatureCheck::Invalid
         );
         assert!(credential.allows_prefix("lab-eu"));
@@ -501,7 +611,10 @@ mod tests {
             r#","caller_secret":"{SECRET}","require_caller_signature":true"#
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let credential = creds.find(TOKEN).unwrap_or_else(|| panic!("not found"));
+        let credential = creds
+            .find(TOKEN, now())
+            .map(|(credential, _)| credential)
+            .unwrap_or_else(|| panic!("not found"));
         let now = 1_700_000_000;
         let request = SignedRequest {
             method: "POST",
@@ -538,5 +651,86 @@ mod tests {
             ..request
         };
         assert_eq!(check(&legacy, &migrating), SignatureCheck::Accepted);
+    }
+
+    /// A track rotates on its own: its previous token and previous caller secret are accepted
+    /// (and reported as previous) until their ends, then refused; the current ones throughout.
+    #[test]
+    fn a_track_rotates_with_an_overlap() {
+        let until = now() + chrono::Duration::hours(48);
+        let creds = one(&format!(
+            r#","previous_token":"{OLD_TOKEN}","previous_token_until":"{}","caller_secret":"{SECRET}","previous_caller_secret":"{OLD_SECRET}","previous_caller_secret_until":"{}","require_caller_signature":true"#,
+            until.to_rfc3339(),
+            until.to_rfc3339()
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let matched = |token: &str, at| creds.find(token, at).map(|(_, m)| m);
+        assert_eq!(matched(TOKEN, now()), Some(Matched::Current));
+        assert_eq!(matched(OLD_TOKEN, now()), Some(Matched::Previous));
+        assert_eq!(matched(OLD_TOKEN, until), None);
+        assert_eq!(matched(TOKEN, until), Some(Matched::Current));
+
+        let credential = creds
+            .find(TOKEN, now())
+            .map(|(credential, _)| credential)
+            .unwrap_or_else(|| panic!("not found"));
+        let at = now().timestamp();
+        let request = SignedRequest {
+            method: "POST",
+            path: "/v1/allocate",
+            caller: "alice",
+            now: at,
+            window_s: 300,
+            allow_legacy: false,
+        };
+        let old = caller_signature_v1(OLD_SECRET, at, "POST", "/v1/allocate", "alice");
+        let new = caller_signature_v1(SECRET, at, "POST", "/v1/allocate", "alice");
+        assert_eq!(
+            credential.check_request_signature(&request, Some(&old)),
+            SignatureCheck::AcceptedWithPrevious
+        );
+        assert_eq!(
+            credential.check_request_signature(&request, Some(&new)),
+            SignatureCheck::Accepted
+        );
+        let later = until.timestamp();
+        let old_late = caller_signature_v1(OLD_SECRET, later, "POST", "/v1/allocate", "alice");
+        let after = SignedRequest {
+            now: later,
+            ..request
+        };
+        assert_eq!(
+            credential.check_request_signature(&after, Some(&old_late)),
+            SignatureCheck::Invalid
+        );
+    }
+
+    /// A rotation is refused without an end, with an end too far ahead, with the old value
+    /// equal to the new, and with a previous value another track or role holds.
+    #[test]
+    fn bad_rotations_are_refused() {
+        let soon = (now() + chrono::Duration::hours(1)).to_rfc3339();
+        let far = (now() + chrono::Duration::days(90)).to_rfc3339();
+        assert!(one(&format!(r#","previous_token":"{OLD_TOKEN}""#)).is_err());
+        assert!(one(&format!(
+            r#","previous_token":"{OLD_TOKEN}","previous_token_until":"{far}""#
+        ))
+        .is_err());
+        assert!(one(&format!(
+            r#","previous_token":"{TOKEN}","previous_token_until":"{soon}""#
+        ))
+        .is_err());
+        assert!(one(&format!(r#","previous_token_until":"{soon}""#)).is_err());
+        assert!(parse(
+            &format!(
+                r#"{{"tracks":[{{"track":"lab","token":"{TOKEN}","previous_token":"{OLD_TOKEN}","previous_token_until":"{soon}","name_prefixes":["lab-"],"max_concurrent_allocations":5}}]}}"#
+            ),
+            &[OLD_TOKEN]
+        )
+        .is_err());
+        assert!(one(&format!(
+            r#","previous_caller_secret":"{OLD_SECRET}","previous_caller_secret_until":"{soon}""#
+        ))
+        .is_err());
     }
 }

@@ -15,6 +15,7 @@
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
 //! - [`lease`] — the lease capability: tokens derived from the allocation, keys as credentials.
+//! - [`rotation`] — secrets with a previous value accepted until a set time (rotation overlap).
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `outcomes`, `ops`, `events` (the audit endpoints),
 //!   `dashboard`.
@@ -46,6 +47,7 @@ pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
+pub mod rotation;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -27,6 +27,10 @@ pub struct ApiMetrics {
     pub pool: IntGaugeVec,
     /// `broker_requests_in_flight`: requests being served right now (a shutdown drains it to 0).
     pub in_flight: IntGauge,
+    /// `broker_previous_secret_used_total{secret}`: requests authenticated or signed with the
+    /// previous value of a rotating secret (`api_token`, `admin_token`, `track_token:<track>`,
+    /// `caller_secret:<track>`); 0 for a while means the rotation can end.
+    pub previous_secret_used: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -78,8 +82,16 @@ impl ApiMetrics {
             "broker_requests_in_flight",
             "Requests being served right now",
         )?;
+        let previous_secret_used = IntCounterVec::new(
+            Opts::new(
+                "broker_previous_secret_used_total",
+                "Requests that used the previous value of a secret being rotated",
+            ),
+            &["secret"],
+        )?;
         for c in [
             Box::new(allocate.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(previous_secret_used.clone()),
             Box::new(idempotent_hits.clone()),
             Box::new(conflicts.clone()),
             Box::new(marked.clone()),
@@ -101,6 +113,7 @@ impl ApiMetrics {
             rate_limited,
             pool,
             in_flight,
+            previous_secret_used,
         })
     }
 }

@@ -15,7 +15,7 @@ use runtime::{Stop, Stores};
 use store_embedded::EmbeddedStore;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, StoreKind};
+use crate::config::{Config, Secret, StoreKind};
 use crate::credentials::TrackCredentials;
 use crate::metrics::ApiMetrics;
 use crate::rate_limit::RateLimiter;
@@ -80,10 +80,36 @@ pub async fn build_with(
         bail!(problem);
     }
     let lease_keys = config.lease_keys().map_err(|p| anyhow::anyhow!(p))?;
+    let track_token = config
+        .track_tokens(clock.now())
+        .map_err(|p| anyhow::anyhow!(p))?;
+    let admin_token = config
+        .admin_tokens(clock.now())
+        .map_err(|p| anyhow::anyhow!(p))?;
+    for (name, secret) in [
+        ("BROKER_API_TOKEN", &track_token),
+        ("BROKER_ADMIN_TOKEN", &admin_token),
+    ] {
+        if let Some((_, until)) = secret.previous() {
+            tracing::info!(target: "startup", secret = name, previous_until = %until.to_rfc3339(), "rotation in progress: the previous value is accepted until then");
+        }
+    }
     let credentials = TrackCredentials::load(
         config.track_credentials_file.as_deref(),
         config.track_credentials_json.as_ref(),
-        &[config.track_token(), config.admin_token()],
+        &[
+            config.track_token(),
+            config.admin_token(),
+            config
+                .api_token_previous
+                .as_ref()
+                .map_or("", Secret::expose),
+            config
+                .admin_token_previous
+                .as_ref()
+                .map_or("", Secret::expose),
+        ],
+        clock.now(),
     )
     .context("track credentials")?;
     if !credentials.is_empty() {
@@ -309,8 +335,8 @@ pub async fn build_with(
         max_allocations_per_address: config.max_allocations_per_address,
         shared_token_quota: config.default_track_quota,
         shared_track_token_enabled: config.shared_track_token_enabled,
-        track_token: config.track_token().to_string(),
-        admin_token: config.admin_token().to_string(),
+        track_token,
+        admin_token,
         cors_origins: config
             .cors_allowed_origins
             .split(',')

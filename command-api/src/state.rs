@@ -52,10 +52,10 @@ pub struct AppState {
     pub allow_legacy_signature: bool,
     /// Whether the shared track token is accepted.
     pub shared_track_token_enabled: bool,
-    /// Track bearer token.
-    pub track_token: String,
-    /// Admin bearer token.
-    pub admin_token: String,
+    /// Track bearer token (with its previous value during a rotation).
+    pub track_token: crate::rotation::RotatingSecret,
+    /// Admin bearer token (with its previous value during a rotation).
+    pub admin_token: crate::rotation::RotatingSecret,
     /// Allowed CORS origins (`*` = any).
     pub cors_origins: Vec<String>,
     /// `/readyz` lag bound, ms.

@@ -79,7 +79,7 @@ fn token_hint(dev_tokens: bool) -> &'static str {
 /// The page; the API's base path is written into a `<meta>` tag for the script, and the login
 /// hint says where this service's admin token comes from.
 pub async fn dashboard_page(State(state): State<SharedState>) -> Response {
-    let dev_tokens = state.admin_token == crate::config::DEV_ADMIN_TOKEN;
+    let dev_tokens = state.admin_token.current() == crate::config::DEV_ADMIN_TOKEN;
     let page = INDEX_HTML
         .replace("{{API_BASE}}", &escape_attribute(&state.base_path))
         .replace("{{DEV_TOKENS}}", if dev_tokens { "true" } else { "false" })

@@ -70,6 +70,10 @@ pub struct Subscriber {
     pub url: String,
     /// The HMAC-SHA256 key of its signatures (at least 32 characters).
     pub secret: Secret,
+    /// During a rotation of `secret`: the old key and the end of the overlap. Until then every
+    /// delivery carries a second signature made with it, so a receiver that still checks with
+    /// the old key keeps accepting (docs/security.md, "Rotating secrets").
+    pub previous_secret: Option<(Secret, chrono::DateTime<chrono::Utc>)>,
     /// Only sandboxes (and prefix groups) whose name starts with one of these; empty: all.
     pub prefixes: Vec<String>,
     /// Only these kinds; empty: all.
@@ -83,6 +87,10 @@ struct RawSubscriber {
     name: String,
     url: String,
     secret: String,
+    #[serde(default)]
+    previous_secret: Option<String>,
+    #[serde(default)]
+    previous_secret_until: Option<String>,
     #[serde(default)]
     prefixes: Vec<String>,
     #[serde(default)]
@@ -137,17 +145,43 @@ pub fn load_subscribers(
             );
         }
     }
-    Ok(parsed
+    let now = chrono::Utc::now();
+    parsed
         .subscribers
         .into_iter()
-        .map(|raw| Subscriber {
-            name: raw.name,
-            url: raw.url,
-            secret: Secret::from(raw.secret),
-            prefixes: raw.prefixes,
-            kinds: raw.kinds,
+        .map(|raw| {
+            let previous_secret = match (raw.previous_secret, raw.previous_secret_until) {
+                (None, None) => None,
+                (None, Some(_)) => bail!(
+                    "webhook subscriber {}: previous_secret_until is set without previous_secret",
+                    raw.name
+                ),
+                (Some(previous), until) => {
+                    if previous.len() < MIN_SECRET_CHARS || previous == raw.secret {
+                        bail!(
+                            "webhook subscriber {}: previous_secret must be at least {MIN_SECRET_CHARS} characters and differ from secret",
+                            raw.name
+                        );
+                    }
+                    let until = crate::rotation::parse_until(
+                        "previous_secret_until",
+                        until.as_deref(),
+                        now,
+                    )
+                    .map_err(|problem| anyhow::anyhow!("webhook subscriber {}: {problem}", raw.name))?;
+                    Some((Secret::from(previous), until))
+                }
+            };
+            Ok(Subscriber {
+                name: raw.name,
+                url: raw.url,
+                secret: Secret::from(raw.secret),
+                previous_secret,
+                prefixes: raw.prefixes,
+                kinds: raw.kinds,
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -174,8 +174,24 @@ fn checkpoint_of(subscriber: &str) -> String {
     format!("{}{subscriber}", domain::store::WEBHOOK_CHECKPOINT_PREFIX)
 }
 
-/// `v1=<hex HMAC-SHA256 of "{timestamp}.{body}">`: signing the timestamp with the body keeps a
-/// captured request from being replayed later with a fresh timestamp.
+/// The `X-Broker-Webhook-Signature` of a delivery: `v1=<hex>` with the subscriber's secret and,
+/// while a rotation's overlap lasts, `,v1=<hex>` with the previous one (a receiver accepts the
+/// delivery when any `v1` matches). Signing the timestamp with the body keeps a captured request
+/// from being replayed later with a fresh timestamp.
+pub fn signatures(subscriber: &Subscriber, timestamp: i64, body: &[u8]) -> String {
+    let current = signature(subscriber.secret.expose(), timestamp, body);
+    match &subscriber.previous_secret {
+        Some((previous, until)) if Utc::now() < *until => {
+            format!(
+                "{current},{}",
+                signature(previous.expose(), timestamp, body)
+            )
+        }
+        _ => current,
+    }
+}
+
+/// `v1=<hex HMAC-SHA256 of "{timestamp}.{body}">` with one key.
 pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     let Ok(mut mac) = HmacSha256::new_from_slice(secret.as_bytes()) else {
         // HMAC accepts keys of any length; this arm is unreachable.
@@ -666,7 +682,7 @@ impl Dispatcher {
                 .header("X-Broker-Webhook-Timestamp", timestamp.to_string())
                 .header(
                     "X-Broker-Webhook-Signature",
-                    signature(subscriber.secret.expose(), timestamp, &body),
+                    signatures(subscriber, timestamp, &body),
                 )
                 .body(body.clone())
                 .send()
@@ -761,5 +777,27 @@ mod tests {
         assert_ne!(a, signature("k", 1, b"{ }"));
         assert_eq!(derived_id(&["a", "b"]), derived_id(&["a", "b"]));
         assert_ne!(derived_id(&["a", "b"]), derived_id(&["ab", ""]));
+    }
+
+    /// During a secret's overlap a delivery carries a signature with each key; once the overlap
+    /// has ended, only the current key's.
+    #[test]
+    fn a_rotating_secret_signs_twice_during_its_overlap() {
+        let subscriber = |until: DateTime<Utc>| {
+            let json = crate::config::Secret::from(format!(
+                r#"{{"subscribers":[{{"name":"a","url":"https://hooks.example.com/h","secret":"new-secret-0123456789abcdefghijklmnop","previous_secret":"old-secret-0123456789abcdefghijklmnop","previous_secret_until":"{}"}}]}}"#,
+                until.to_rfc3339()
+            ));
+            load_subscribers(None, Some(&json))
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .remove(0)
+        };
+        let new = signature("new-secret-0123456789abcdefghijklmnop", 7, b"{}");
+        let old = signature("old-secret-0123456789abcdefghijklmnop", 7, b"{}");
+        let open = subscriber(Utc::now() + chrono::Duration::hours(1));
+        assert_eq!(signatures(&open, 7, b"{}"), format!("{new},{old}"));
+        let ended = subscriber(Utc::now() - chrono::Duration::seconds(1));
+        assert_eq!(signatures(&ended, 7, b"{}"), new);
+        assert!(!format!("{open:?}").contains("old-secret"), "{open:?}");
     }
 }

@@ -30,6 +30,7 @@ mod projector;
 mod redrive;
 mod restore;
 mod rolling_upgrade;
+mod rotation;
 mod self_healing;
 mod shutdown;
 mod startup;
