@@ -95,8 +95,8 @@ pub fn authenticate(state: &SharedState, headers: &HeaderMap) -> Result<Principa
         ));
     };
     // Every comparison runs whatever matches, so timing does not reveal which token it was.
-    let shared = state.shared_track_token_enabled & equal(token, &state.track_token);
-    let admin = equal(token, &state.admin_token);
+    let shared = state.shared_track_token_enabled & equal(token, state.track_token.expose());
+    let admin = equal(token, state.admin_token.expose());
     let credential = state.credentials.find(token);
     if let Some(credential) = credential {
         Ok(Principal::Track(credential))

@@ -252,9 +252,8 @@ impl TrackCredentials {
     /// Parses and checks a credentials document; `reserved` are tokens no track may reuse
     /// (the shared track token and the admin token).
     pub fn parse(json: &str, reserved: &[&str]) -> Result<Self, CredentialsError> {
-        // serde's messages name the field and position, never the value.
-        let document: Document =
-            serde_json::from_str(json).map_err(|e| CredentialsError::Json(e.to_string()))?;
+        let document: Document = serde_json::from_str(json)
+            .map_err(|e| CredentialsError::Json(crate::config::json_problem(&e)))?;
         let mut credentials: Vec<Arc<TrackCredential>> = Vec::new();
         for entry in document.tracks {
             let invalid = |problem: &str| CredentialsError::Invalid {
@@ -269,6 +268,8 @@ impl TrackCredentials {
                     "the token must be at least {MIN_TOKEN_CHARS} characters"
                 )));
             }
+            let token = Secret::from(entry.token.as_str());
+            runtime::secret::check_strength("the token", &token).map_err(|p| invalid(&p))?;
             if reserved.contains(&entry.token.as_str())
                 || credentials
                     .iter()
@@ -299,12 +300,14 @@ impl TrackCredentials {
                         "caller_secret must be at least {MIN_TOKEN_CHARS} characters"
                     )));
                 }
+                runtime::secret::check_strength("caller_secret", &Secret::from(secret.as_str()))
+                    .map_err(|p| invalid(&p))?;
             } else if entry.require_caller_signature {
                 return Err(invalid("require_caller_signature needs a caller_secret"));
             }
             credentials.push(Arc::new(TrackCredential {
                 track: entry.track,
-                token: Secret::from(entry.token),
+                token,
                 name_prefixes: entry.name_prefixes,
                 max_concurrent_allocations: entry.max_concurrent_allocations,
                 max_allocations_per_caller: entry.max_allocations_per_caller,

@@ -15,8 +15,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: Config = runtime::parse_settings();
+    let mut config: Config = runtime::parse_settings();
     runtime::init_tracing(config.log.format_or(LogFormat::Json));
+    // Before the banner, which tells whether the dev tokens apply.
+    if let Err(problem) = config.read_secret_files() {
+        eprintln!("command-api: {problem}");
+        return ExitCode::FAILURE;
+    }
     match serve(&config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -76,6 +76,9 @@ pub async fn build_with(
     if !config.api_base_path.starts_with('/') || config.api_base_path.len() < 2 {
         bail!("API_BASE_PATH must start with '/' and not be '/' alone");
     }
+    let mut config = config.clone();
+    config.read_secret_files().map_err(|p| anyhow::anyhow!(p))?;
+    let config = &config;
     if let Err(problem) = config.check_tokens() {
         bail!(problem);
     }
@@ -308,8 +311,8 @@ pub async fn build_with(
         max_allocations_per_address: config.max_allocations_per_address,
         shared_token_quota: config.default_track_quota,
         shared_track_token_enabled: config.shared_track_token_enabled,
-        track_token: config.track_token().to_string(),
-        admin_token: config.admin_token().to_string(),
+        track_token: config.track_token().into(),
+        admin_token: config.admin_token().into(),
         cors_origins: config
             .cors_allowed_origins
             .split(',')

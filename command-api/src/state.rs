@@ -51,9 +51,9 @@ pub struct AppState {
     /// Whether the shared track token is accepted.
     pub shared_track_token_enabled: bool,
     /// Track bearer token.
-    pub track_token: String,
+    pub track_token: runtime::Secret,
     /// Admin bearer token.
-    pub admin_token: String,
+    pub admin_token: runtime::Secret,
     /// Allowed CORS origins (`*` = any).
     pub cors_origins: Vec<String>,
     /// `/readyz` lag bound, ms.

@@ -353,7 +353,7 @@ async fn load_is_shed_with_503() {
     let mut options = AppOptions::new(Backend::Embedded);
     options.jobs.csp.mode = jobs::CspMode::Real;
     options.jobs.csp.base_url = csp.base_url();
-    options.jobs.csp.api_token = csp.token();
+    options.jobs.csp.api_token = csp.token().into();
     options.jobs.csp.read_timeout = std::time::Duration::from_secs(60);
     options.jobs.csp.rate_limit_rps = 0.0;
     options.configure = Box::new(|c| c.max_concurrent_requests = 1);

@@ -29,6 +29,7 @@ mod pool_metrics;
 mod projector;
 mod redrive;
 mod rolling_upgrade;
+mod secrets;
 mod self_healing;
 mod shutdown;
 mod startup;
