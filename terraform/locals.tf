@@ -116,6 +116,8 @@ locals {
       BROKER_API_TOKEN   = aws_secretsmanager_secret.broker_api_token.arn
       BROKER_ADMIN_TOKEN = aws_secretsmanager_secret.broker_admin_token.arn
       CSP_API_TOKEN      = aws_secretsmanager_secret.csp_api_token.arn
+      # /metrics answers only with it (secrets.tf).
+      METRICS_TOKEN = aws_secretsmanager_secret.metrics_token.arn
     },
     # The subscribers carry HMAC secrets: a secret, never an environment value.
     var.webhooks_enabled ? { WEBHOOKS_JSON = aws_secretsmanager_secret.webhooks[0].arn } : {},

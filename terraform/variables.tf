@@ -224,7 +224,7 @@ variable "alb_access_logs_bucket" {
 }
 
 variable "expose_metrics_publicly" {
-  description = "Let the ALB forward /metrics to the API. False (default) answers /metrics with 404 at the ALB so the Prometheus endpoint is not public (the reference exposed it)."
+  description = "Let the ALB forward /metrics to the API (which still requires METRICS_TOKEN). False (default) answers /metrics with 404 at the ALB so the Prometheus endpoint is not public (the reference exposed it)."
   type        = bool
   default     = false
 }
@@ -597,6 +597,30 @@ variable "broker_admin_token" {
   validation {
     condition     = var.broker_admin_token == null || length(coalesce(var.broker_admin_token, "x")) >= 32
     error_message = "broker_admin_token must be at least 32 characters (or null to generate one)."
+  }
+}
+
+variable "metrics_token" {
+  description = "METRICS_TOKEN: the bearer token a /metrics scrape must send. Ephemeral and write-only. Null generates a random 48-character token; read it with `aws secretsmanager get-secret-value`."
+  type        = string
+  default     = null
+  sensitive   = true
+  ephemeral   = true
+
+  validation {
+    condition     = var.metrics_token == null || length(coalesce(var.metrics_token, "x")) >= 32
+    error_message = "metrics_token must be at least 32 characters (or null to generate one)."
+  }
+}
+
+variable "metrics_token_version" {
+  description = "Increment to write a new metrics token (given or freshly generated) to Secrets Manager. Restart the API and update the scraper afterwards."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.metrics_token_version >= 1 && floor(var.metrics_token_version) == var.metrics_token_version
+    error_message = "metrics_token_version must be a positive integer."
   }
 }
 

@@ -64,7 +64,7 @@ impl Principal {
     }
 }
 
-fn equal(a: &str, b: &str) -> bool {
+pub(crate) fn equal(a: &str, b: &str) -> bool {
     // `ct_eq` on equal-length slices is constant-time; a length mismatch returns early, which
     // reveals only the length of the configured token.
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
@@ -72,7 +72,7 @@ fn equal(a: &str, b: &str) -> bool {
 
 /// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
 /// (RFC 9110 §11.1).
-fn bearer_token(raw: &HeaderValue) -> Option<&str> {
+pub(crate) fn bearer_token(raw: &HeaderValue) -> Option<&str> {
     let value = raw.to_str().ok()?.trim_start();
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -69,6 +69,17 @@ pub struct Config {
     /// File holding `BROKER_ADMIN_TOKEN`.
     #[arg(long, env = "BROKER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Bearer token `/metrics` requires (environment or `METRICS_TOKEN_FILE` only; 128 bits by
+    /// the strength estimate); unset: `/metrics` answers without one.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+    /// File holding `METRICS_TOKEN`.
+    #[arg(long, env = "METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// How long `/metrics` serves the pool gauges it last read from the store, ms: scrapes in
+    /// between cost the store nothing (0: read on every scrape).
+    #[arg(long, env = "METRICS_CACHE_MS", default_value_t = 15_000)]
+    pub metrics_cache_ms: u64,
     /// Accept the shared track token (`BROKER_API_TOKEN`); off once every track has its own.
     #[arg(long, env = "SHARED_TRACK_TOKEN_ENABLED", default_value_t = true)]
     pub shared_track_token_enabled: bool,
@@ -306,8 +317,8 @@ impl Config {
             .map_or(DEV_ADMIN_TOKEN, Secret::expose)
     }
 
-    /// Moves every secret given in a file (`BROKER_API_TOKEN_FILE`, `BROKER_ADMIN_TOKEN_FILE`)
-    /// into its setting; a secret given both ways is refused. Idempotent:
+    /// Moves every secret given in a file (`BROKER_API_TOKEN_FILE`, `BROKER_ADMIN_TOKEN_FILE`,
+    /// `METRICS_TOKEN_FILE`) into its setting; a secret given both ways is refused. Idempotent:
     /// `main` calls it before the banner, [`crate::startup::build_with`] again for callers
     /// that built a configuration by hand.
     pub fn read_secret_files(&mut self) -> Result<(), String> {
@@ -321,6 +332,11 @@ impl Config {
                 "BROKER_ADMIN_TOKEN",
                 &mut self.admin_token,
                 &mut self.admin_token_file,
+            ),
+            (
+                "METRICS_TOKEN",
+                &mut self.metrics_token,
+                &mut self.metrics_token_file,
             ),
         ] {
             *value = runtime::secret::from_value_or_file(name, value.as_ref(), file.as_deref())?;
@@ -349,6 +365,7 @@ impl Config {
         for (name, token, dev) in [
             ("BROKER_API_TOKEN", &self.api_token, DEV_TRACK_TOKEN),
             ("BROKER_ADMIN_TOKEN", &self.admin_token, DEV_ADMIN_TOKEN),
+            ("METRICS_TOKEN", &self.metrics_token, ""),
         ] {
             // A documented dev token on loopback passed the check above: it is public anyway.
             let Some(token) = token.as_ref().filter(|t| t.expose() != dev) else {
@@ -363,6 +380,13 @@ impl Config {
         }
         if self.track_token() == self.admin_token() {
             return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must differ".into());
+        }
+        if let Some(metrics) = &self.metrics_token {
+            if [self.track_token(), self.admin_token()].contains(&metrics.expose()) {
+                return Err(
+                    "METRICS_TOKEN must differ from BROKER_API_TOKEN and BROKER_ADMIN_TOKEN (a scraper's token must not open the API)".into(),
+                );
+            }
         }
         Ok(())
     }

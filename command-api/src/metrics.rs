@@ -23,7 +23,8 @@ pub struct ApiMetrics {
     pub request_latency: HistogramVec,
     /// `broker_rate_limited_total`.
     pub rate_limited: IntCounter,
-    /// `broker_pool{status}`, refreshed from the stats shards at scrape time.
+    /// `broker_pool{status}`, refreshed from the stats shards by a scrape, at most once per
+    /// `METRICS_CACHE_MS` ([`PoolGaugeCache`]).
     pub pool: IntGaugeVec,
     /// `broker_requests_in_flight`: requests being served right now (a shutdown drains it to 0).
     pub in_flight: IntGauge,
@@ -102,6 +103,42 @@ impl ApiMetrics {
             pool,
             in_flight,
         })
+    }
+}
+
+/// When the pool gauges of `/metrics` were last read from the store: a scrape within
+/// `METRICS_CACHE_MS` of that serves them as they are, so scrapes cost the store nothing however
+/// often they come (a scraper, or anyone who can reach `/metrics`, cannot turn them into store
+/// load). Time comes from the broker's clock.
+#[derive(Debug)]
+pub struct PoolGaugeCache {
+    ttl: chrono::Duration,
+    refreshed: tokio::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+}
+
+impl PoolGaugeCache {
+    /// A cache whose gauges are reused for `ttl` (zero: read on every scrape).
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX),
+            refreshed: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `refresh` when the gauges are older than the TTL at `now`. Scrapes that arrive
+    /// while one refreshes wait for it and then find the gauges fresh: one refresh, not one per
+    /// scrape. A refresh that failed counts as done, so a failing store is not asked again by
+    /// every scrape either.
+    pub async fn refresh_if_stale<F>(&self, now: chrono::DateTime<chrono::Utc>, refresh: F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|at| now - at < self.ttl) {
+            return;
+        }
+        refresh.await;
+        *refreshed = Some(now);
     }
 }
 

@@ -313,6 +313,10 @@ pub async fn build_with(
         shared_track_token_enabled: config.shared_track_token_enabled,
         track_token: config.track_token().into(),
         admin_token: config.admin_token().into(),
+        metrics_token: config.metrics_token.clone(),
+        metrics_cache: crate::metrics::PoolGaugeCache::new(Duration::from_millis(
+            config.metrics_cache_ms,
+        )),
         cors_origins: config
             .cors_allowed_origins
             .split(',')

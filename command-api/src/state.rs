@@ -54,6 +54,10 @@ pub struct AppState {
     pub track_token: runtime::Secret,
     /// Admin bearer token.
     pub admin_token: runtime::Secret,
+    /// The bearer token `/metrics` requires (`METRICS_TOKEN`; `None`: none).
+    pub metrics_token: Option<runtime::Secret>,
+    /// The pool gauges `/metrics` serves between two reads of the store.
+    pub metrics_cache: crate::metrics::PoolGaugeCache,
     /// Allowed CORS origins (`*` = any).
     pub cors_origins: Vec<String>,
     /// `/readyz` lag bound, ms.

@@ -86,6 +86,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.log.log_format = Some(runtime::LogFormat::Text);
     config.rate_limit_rps = options.rate_limit.0;
     config.rate_limit_burst = options.rate_limit.1;
+    // Tests read `/metrics` right after changing the pool; the cache has its own test
+    // (`metrics_endpoint::scrapes_cost_no_store_requests`).
+    config.metrics_cache_ms = 0;
     // Tests that want the per-address limit of unauthenticated requests set it in `configure`.
     config.unauth_rate_limit_rps = 100_000.0;
     config.unauth_rate_limit_burst = 100_000.0;

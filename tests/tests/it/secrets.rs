@@ -55,6 +55,7 @@ fn secrets_are_refused_on_the_command_line() {
     for (flag, variable) in [
         ("--api-token", "BROKER_API_TOKEN"),
         ("--admin-token", "BROKER_ADMIN_TOKEN"),
+        ("--metrics-token", "METRICS_TOKEN"),
         ("--track-credentials-json", "TRACK_CREDENTIALS_JSON"),
         ("--webhooks-json", "WEBHOOKS_JSON"),
         ("--lease-token-key", "LEASE_TOKEN_KEY"),
@@ -138,7 +139,8 @@ async fn tokens_are_read_from_files() {
 
 /// A configured secret below 128 bits by the estimate (length × log2 of the alphabet of the
 /// character classes it uses) stops start-up with an error that names the setting and not the
-/// value: the shared and admin tokens, the lease-token key and a per-track token. 40 digits pass the length rule and about 133 bits; 38 digits,
+/// value: the shared and admin tokens, the metrics token, the lease-token key and a per-track
+/// token. 40 digits pass the length rule and about 133 bits; 38 digits,
 /// about 126 bits, do not.
 #[tokio::test]
 async fn weak_secrets_are_refused_at_start() {
@@ -155,6 +157,10 @@ async fn weak_secrets_are_refused_at_start() {
         (
             "BROKER_ADMIN_TOKEN",
             Box::new(|c| c.admin_token = Some(WEAK_DIGITS.into())),
+        ),
+        (
+            "METRICS_TOKEN",
+            Box::new(|c| c.metrics_token = Some(WEAK_DIGITS.into())),
         ),
         (
             "LEASE_TOKEN_KEY",
@@ -238,6 +244,7 @@ fn settings_never_print_a_secret() {
     let secrets = [
         "api-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5gD0aZ",
         "admin-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5gD0a",
+        "metrics-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5gD0",
         "lease-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5gD0aZ",
         "previous-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5g",
         "tracks-Kx7pQ2mV9sL4wR8tY3nB6cF1hJ5gD0a",
@@ -246,13 +253,14 @@ fn settings_never_print_a_secret() {
     ];
     config.api_token = Some(secrets[0].into());
     config.admin_token = Some(secrets[1].into());
-    config.lease_token_key = Some(secrets[2].into());
-    config.lease_token_key_previous = Some(secrets[3].into());
-    config.track_credentials_json = Some(secrets[4].into());
-    config.webhooks_json = Some(secrets[5].into());
-    config.jobs.csp_api_token = Some(secrets[6].into());
+    config.metrics_token = Some(secrets[2].into());
+    config.lease_token_key = Some(secrets[3].into());
+    config.lease_token_key_previous = Some(secrets[4].into());
+    config.track_credentials_json = Some(secrets[5].into());
+    config.webhooks_json = Some(secrets[6].into());
+    config.jobs.csp_api_token = Some(secrets[7].into());
     let mut jobs = test_jobs_config();
-    jobs.csp.api_token = secrets[6].into();
+    jobs.csp.api_token = secrets[7].into();
     let printed = format!("{config:?} {config:#?} {jobs:?}");
     for secret in secrets {
         assert!(!printed.contains(secret), "{secret} printed");
