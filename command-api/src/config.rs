@@ -191,6 +191,14 @@ pub struct Config {
     /// silent for ten of them reads as `interrupted`.
     #[arg(long, env = "ADMIN_JOB_PROGRESS_MS", default_value_t = 2_000)]
     pub admin_job_progress_ms: u64,
+    /// Deliver webhooks over plain `http://` too (tests, a receiver on the same host); off:
+    /// only `https://` targets are accepted.
+    #[arg(long, env = "WEBHOOK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_http: bool,
+    /// Deliver webhooks to private, loopback, link-local and other non-public addresses too;
+    /// off: a target that is one, or whose name resolves to one at delivery, is refused.
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private_targets: bool,
     /// Webhook subscribers file (JSON, see the README).
     #[arg(long, env = "WEBHOOKS_FILE")]
     pub webhooks_file: Option<PathBuf>,

@@ -17,6 +17,7 @@
 //! - [`lease`] — the lease capability: tokens derived from the allocation, keys as credentials.
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `ops`, `events` (the audit endpoints), `dashboard`.
+//! - [`network`] — which addresses are public (webhook targets must be).
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
 //! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
@@ -38,6 +39,7 @@ pub mod error;
 pub mod lease;
 pub mod live_feed;
 pub mod metrics;
+pub mod network;
 pub mod openapi;
 pub mod pool_alerts;
 pub mod rate_limit;

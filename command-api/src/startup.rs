@@ -239,9 +239,14 @@ pub async fn build_with(
         clock.clone(),
         Duration::from_millis(config.admin_job_progress_ms),
     );
+    let targets = crate::webhooks::TargetPolicy {
+        allow_http: config.webhook_allow_http,
+        allow_private: config.webhook_allow_private_targets,
+    };
     let subscribers = crate::webhooks::load_subscribers(
         config.webhooks_file.as_deref(),
         config.webhooks_json.as_ref(),
+        targets,
     )
     .context("webhook subscribers")?;
     let webhooks = if subscribers.is_empty() {
@@ -265,6 +270,7 @@ pub async fn build_with(
                 low_water: config.pool_low_water.clone(),
                 lease: Duration::from_millis(config.webhook_lease_ms),
                 overlap: Duration::from_millis(config.webhook_overlap_ms),
+                targets,
             },
             events.clone(),
             feed,

@@ -39,5 +39,6 @@ mod store_metering;
 mod tenancy;
 mod track_credentials;
 mod webhook_dispatch;
+mod webhook_targets;
 mod webhooks;
 mod worker_shutdown;

@@ -139,8 +139,8 @@ async fn tokens_are_read_from_files() {
 
 /// A configured secret below 128 bits by the estimate (length × log2 of the alphabet of the
 /// character classes it uses) stops start-up with an error that names the setting and not the
-/// value: the shared and admin tokens, the metrics token, the lease-token key and a per-track
-/// token. 40 digits pass the length rule and about 133 bits; 38 digits,
+/// value: the shared and admin tokens, the metrics token, the lease-token key, a per-track
+/// token and a webhook secret. 40 digits pass the length rule and about 133 bits; 38 digits,
 /// about 126 bits, do not.
 #[tokio::test]
 async fn weak_secrets_are_refused_at_start() {
@@ -172,6 +172,17 @@ async fn weak_secrets_are_refused_at_start() {
                 c.track_credentials_json = Some(
                     serde_json::json!({"tracks": [{"track": "lab", "token": WEAK_DIGITS,
                         "name_prefixes": ["lab-"], "max_concurrent_allocations": 5}]})
+                    .to_string()
+                    .into(),
+                );
+            }),
+        ),
+        (
+            "its secret",
+            Box::new(|c| {
+                c.webhooks_json = Some(
+                    serde_json::json!({"subscribers": [{"name": "hook",
+                        "url": "https://hooks.example.com/x", "secret": WEAK_DIGITS}]})
                     .to_string()
                     .into(),
                 );
