@@ -196,7 +196,7 @@ variable "operator_cidrs" {
 }
 
 variable "alb_idle_timeout_seconds" {
-  description = "Idle timeout of the ALB's connections, seconds. The API closes an idle keep-alive connection after HEADER_READ_TIMEOUT_SEC (hyper's header-read timer also runs while a connection waits for its next request), which is set to this value + 15 so that the ALB, not the target, always closes an idle connection first (otherwise the ALB may reuse a connection the task is closing: a 502). See docs/aws-capacity-cost.md."
+  description = "Idle timeout of the ALB's connections, seconds. The API closes a keep-alive connection idle for IDLE_TIMEOUT_SEC, which is set to this value + 15 so that the ALB, not the target, always closes an idle connection first (otherwise the ALB may reuse a connection the task is closing: a 502). See docs/aws-capacity-cost.md."
   type        = number
   default     = 60
 

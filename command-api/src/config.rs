@@ -153,15 +153,37 @@ pub struct Config {
     /// Proxies in front of the service that append to `X-Forwarded-For` (0 = use the peer address).
     #[arg(long, env = "TRUSTED_PROXY_HOPS", default_value_t = 0)]
     pub trusted_proxy_hops: usize,
+    /// Networks of those proxies, comma-separated CIDRs (`10.0.0.0/24,10.0.1.0/24`): only a
+    /// peer in them may set the client address by `X-Forwarded-For`, and none of them is held
+    /// to `MAX_CONNECTIONS_PER_ADDRESS`. Empty: with `TRUSTED_PROXY_HOPS` above 0 every peer is
+    /// taken for a proxy (the service is reachable through the proxies only).
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::network::TrustedProxies,
     /// Requests handled at once; beyond it requests are shed with 503.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
     /// Open connections accepted at once; further connections wait in the kernel's backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// Seconds a client has to send the request headers.
+    /// Open connections from one client address; more are closed at once (0: no cap). Never
+    /// applies to the trusted proxies (`TRUSTED_PROXIES`), whose address every client behind
+    /// them shares.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    pub max_connections_per_address: usize,
+    /// Seconds a client has to send a request's headers: counted from the connection's start
+    /// for its first request (a connection that sends nothing, or only the HTTP/2 preface, is
+    /// closed then) and from the first byte of each later request.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SEC", default_value_t = 10)]
     pub header_read_timeout_sec: u64,
+    /// Seconds a kept-alive connection may wait for its next request before the server closes
+    /// it. Keep it above the load balancer's idle timeout (60 s on AWS), so that the balancer
+    /// never sends a request on a connection the server is closing (a 502).
+    #[arg(long, env = "IDLE_TIMEOUT_SEC", default_value_t = 75)]
+    pub idle_timeout_sec: u64,
+    /// Seconds a client has to send a request's body, from the end of its headers; a body that
+    /// trickles in slower is refused with 408 `BODY_TIMEOUT`.
+    #[arg(long, env = "BODY_READ_TIMEOUT_SEC", default_value_t = 10)]
+    pub body_read_timeout_sec: u64,
     /// How long a `/readyz` store check is reused, ms.
     #[arg(long, env = "READY_CACHE_MS", default_value_t = 1_000)]
     pub ready_cache_ms: u64,

@@ -49,7 +49,7 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         app,
         listener,
         runtime::shutdown_signal(),
-        command_api::ListenerLimits::from_config(config),
+        command_api::ListenerLimits::from_config(config).counted_in(&service.state.metrics),
     )
     .await?;
     service.stop().await;

@@ -28,6 +28,12 @@ pub struct ApiMetrics {
     pub pool: IntGaugeVec,
     /// `broker_requests_in_flight`: requests being served right now (a shutdown drains it to 0).
     pub in_flight: IntGauge,
+    /// `broker_connections_refused_total{reason}`: connections closed on arrival
+    /// (`per_address`: over `MAX_CONNECTIONS_PER_ADDRESS`).
+    pub connections_refused: IntCounterVec,
+    /// `broker_connections_timed_out_total{phase}`: connections the server closed because the
+    /// client was too slow or silent (`first_request`, `headers`, `idle`).
+    pub connections_timed_out: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -79,8 +85,24 @@ impl ApiMetrics {
             "broker_requests_in_flight",
             "Requests being served right now",
         )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "broker_connections_refused_total",
+                "Connections closed on arrival, by reason",
+            ),
+            &["reason"],
+        )?;
+        let connections_timed_out = IntCounterVec::new(
+            Opts::new(
+                "broker_connections_timed_out_total",
+                "Connections closed because the client was too slow or silent, by phase",
+            ),
+            &["phase"],
+        )?;
         for c in [
             Box::new(allocate.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_refused.clone()),
+            Box::new(connections_timed_out.clone()),
             Box::new(idempotent_hits.clone()),
             Box::new(conflicts.clone()),
             Box::new(marked.clone()),
@@ -102,6 +124,8 @@ impl ApiMetrics {
             rate_limited,
             pool,
             in_flight,
+            connections_refused,
+            connections_timed_out,
         })
     }
 }

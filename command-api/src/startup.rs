@@ -302,6 +302,7 @@ pub async fn build_with(
             config.rate_limit_max_keys,
         ),
         trusted_proxy_hops: config.trusted_proxy_hops,
+        trusted_proxies: config.trusted_proxies.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             config.max_concurrent_requests.max(1),
         )),
@@ -323,6 +324,7 @@ pub async fn build_with(
         metrics_cache: crate::metrics::PoolGaugeCache::new(Duration::from_millis(
             config.metrics_cache_ms,
         )),
+        body_read_timeout: Duration::from_secs(config.body_read_timeout_sec.max(1)),
         cors_origins: config
             .cors_allowed_origins
             .split(',')

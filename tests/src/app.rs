@@ -122,7 +122,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     // busy cores can take longer than the production default of 30 s per request.
     let app = command_api::app(state.clone(), Duration::from_secs(180));
     let (tx, rx) = oneshot::channel::<()>();
-    let limits = command_api::ListenerLimits::from_config(&config);
+    let limits = command_api::ListenerLimits::from_config(&config).counted_in(&state.metrics);
     let server = tokio::spawn(async move {
         let _ = command_api::run_with(
             app,
