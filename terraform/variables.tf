@@ -185,7 +185,7 @@ variable "alb_ingress_cidrs" {
 }
 
 variable "operator_cidrs" {
-  description = "IPv4 CIDR blocks allowed to reach the operator paths (/v1/admin*, /dashboard*, /v1/docs*) through the ALB; every other source gets 403 there. Empty (the default): operator paths are closed at the ALB (reach them from inside the VPC)."
+  description = "IPv4 CIDR blocks allowed to reach the operator paths (/v1/admin*, /dashboard*, /v1/docs*, /v1/openapi.json) through the ALB; every other source gets 403 there. Empty (the default): operator paths are closed at the ALB (reach them from inside the VPC)."
   type        = list(string)
   default     = []
 
