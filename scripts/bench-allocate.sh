@@ -35,7 +35,8 @@ api=
 trap '[ -n "$api" ] && kill "$api" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 STORE=embedded EMBEDDED_PATH="$work/broker.db" BIND_ADDR=127.0.0.1:$port CSP_MOCK_ACCOUNTS=$pool \
-  SEED_DEMO_POOL=false RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 LOG_FORMAT=json RUST_LOG=warn \
+  SEED_DEMO_POOL=false RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 MAX_CONNECTIONS_PER_ADDRESS=0 \
+  LOG_FORMAT=json RUST_LOG=warn \
   "$binary" > "$work/api.log" 2>&1 &
 api=$!
 

@@ -71,15 +71,17 @@ locals {
     READY_MAX_LAG_MS     = tostring(var.ready_max_lag_ms)
     CORS_ALLOWED_ORIGINS = join(",", var.cors_allowed_origins)
     POOL_LOW_WATER       = var.pool_low_water
-    # hyper's header-read timer also runs while a keep-alive connection waits
-    # for its next request, so it is the server's idle timeout: it must exceed
-    # the ALB's, or the ALB may send a request on a connection the task is
-    # closing (a 502). Behind the ALB a slow client cannot hold the task's
-    # header read open: the ALB reads the request before it forwards it.
-    HEADER_READ_TIMEOUT_SEC = tostring(var.alb_idle_timeout_seconds + 15)
+    # The server's keep-alive idle timeout must exceed the ALB's, or the ALB
+    # may send a request on a connection the task is closing (a 502).
+    # HEADER_READ_TIMEOUT_SEC keeps its short default: it no longer doubles as
+    # the idle timeout (ADR 0024).
+    IDLE_TIMEOUT_SEC = tostring(var.alb_idle_timeout_seconds + 15)
     # The ALB appends the client address to X-Forwarded-For: one trusted hop,
-    # so unauthenticated rate limits key on the client, not on the ALB.
+    # so unauthenticated rate limits key on the client, not on the ALB. Only
+    # peers in the ALB's subnets may say so, and they are never held to
+    # MAX_CONNECTIONS_PER_ADDRESS (every request arrives from their addresses).
     TRUSTED_PROXY_HOPS = "1"
+    TRUSTED_PROXIES    = join(",", var.alb_internal ? aws_subnet.private[*].cidr_block : aws_subnet.public[*].cidr_block)
     # Read repair writes the view through the projector's conditional apply
     # (IAM: ReadRepairOfTheView in iam.tf).
     READ_REPAIR = "true"
@@ -116,6 +118,8 @@ locals {
       BROKER_API_TOKEN   = aws_secretsmanager_secret.broker_api_token.arn
       BROKER_ADMIN_TOKEN = aws_secretsmanager_secret.broker_admin_token.arn
       CSP_API_TOKEN      = aws_secretsmanager_secret.csp_api_token.arn
+      # /metrics answers only with it (secrets.tf).
+      METRICS_TOKEN = aws_secretsmanager_secret.metrics_token.arn
     },
     # The subscribers carry HMAC secrets: a secret, never an environment value.
     var.webhooks_enabled ? { WEBHOOKS_JSON = aws_secretsmanager_secret.webhooks[0].arn } : {},

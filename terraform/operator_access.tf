@@ -1,6 +1,7 @@
-# Operator-only paths: the admin API, the dashboard and the API docs answer only to
-# var.operator_cidrs at the load balancer, before any request reaches a task. The admin token
-# still guards them; this keeps token guessing, and the docs' map of the API, off the internet.
+# Operator-only paths: the admin API, the dashboard, the API docs and the OpenAPI document
+# answer only to var.operator_cidrs at the load balancer, before any request reaches a task.
+# The admin token still guards the admin API; this keeps token guessing, and the map of the
+# API (the docs page and /v1/openapi.json, which the docs page loads), off the internet.
 #
 # An ALB rule cannot say "path P and source NOT in C", so there are two layers: allow rules
 # (path and source ip) forward, and one lower-priority rule answers 403 for the same paths. An
@@ -8,7 +9,8 @@
 # at most four CIDRs; a long CIDR list becomes several rules.
 
 locals {
-  operator_path_patterns = ["/v1/admin*", "/dashboard*", "/v1/docs*"]
+  # The deny rule lists every pattern in one condition: at most five values (an ALB limit).
+  operator_path_patterns = ["/v1/admin*", "/dashboard*", "/v1/docs*", "/v1/openapi.json"]
   operator_cidr_chunks   = chunklist(var.operator_cidrs, 4)
   operator_allow_rules = {
     for pair in setproduct(range(length(local.operator_path_patterns)), range(length(local.operator_cidr_chunks))) :

@@ -58,6 +58,27 @@ resource "aws_secretsmanager_secret_version" "broker_admin_token" {
   secret_string_wo_version = var.broker_tokens_version
 }
 
+# METRICS_TOKEN: /metrics answers only to a scrape that sends it, whether the
+# scraper sits in the VPC or reaches the ALB (expose_metrics_publicly).
+resource "aws_secretsmanager_secret" "metrics_token" {
+  #checkov:skip=CKV2_AWS_57:The metrics token is configured in the operators' Prometheus outside AWS; rotation is manual and versioned (metrics_token_version).
+  name                    = "${var.name_prefix}/metrics-token"
+  description             = "METRICS_TOKEN: bearer token a /metrics scrape must send"
+  kms_key_id              = local.kms_key_arn
+  recovery_window_in_days = 7
+}
+
+ephemeral "random_password" "metrics_token" {
+  length  = 48
+  special = false
+}
+
+resource "aws_secretsmanager_secret_version" "metrics_token" {
+  secret_id                = aws_secretsmanager_secret.metrics_token.id
+  secret_string_wo         = var.metrics_token != null ? var.metrics_token : ephemeral.random_password.metrics_token.result
+  secret_string_wo_version = var.metrics_token_version
+}
+
 resource "aws_secretsmanager_secret_version" "csp_api_token" {
   secret_id                = aws_secretsmanager_secret.csp_api_token.id
   secret_string_wo         = var.csp_api_token

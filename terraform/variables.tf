@@ -185,7 +185,7 @@ variable "alb_ingress_cidrs" {
 }
 
 variable "operator_cidrs" {
-  description = "IPv4 CIDR blocks allowed to reach the operator paths (/v1/admin*, /dashboard*, /v1/docs*) through the ALB; every other source gets 403 there. Empty (the default): operator paths are closed at the ALB (reach them from inside the VPC)."
+  description = "IPv4 CIDR blocks allowed to reach the operator paths (/v1/admin*, /dashboard*, /v1/docs*, /v1/openapi.json) through the ALB; every other source gets 403 there. Empty (the default): operator paths are closed at the ALB (reach them from inside the VPC)."
   type        = list(string)
   default     = []
 
@@ -196,7 +196,7 @@ variable "operator_cidrs" {
 }
 
 variable "alb_idle_timeout_seconds" {
-  description = "Idle timeout of the ALB's connections, seconds. The API closes an idle keep-alive connection after HEADER_READ_TIMEOUT_SEC (hyper's header-read timer also runs while a connection waits for its next request), which is set to this value + 15 so that the ALB, not the target, always closes an idle connection first (otherwise the ALB may reuse a connection the task is closing: a 502). See docs/aws-capacity-cost.md."
+  description = "Idle timeout of the ALB's connections, seconds. The API closes a keep-alive connection idle for IDLE_TIMEOUT_SEC, which is set to this value + 15 so that the ALB, not the target, always closes an idle connection first (otherwise the ALB may reuse a connection the task is closing: a 502). See docs/aws-capacity-cost.md."
   type        = number
   default     = 60
 
@@ -224,7 +224,7 @@ variable "alb_access_logs_bucket" {
 }
 
 variable "expose_metrics_publicly" {
-  description = "Let the ALB forward /metrics to the API. False (default) answers /metrics with 404 at the ALB so the Prometheus endpoint is not public (the reference exposed it)."
+  description = "Let the ALB forward /metrics to the API (which still requires METRICS_TOKEN). False (default) answers /metrics with 404 at the ALB so the Prometheus endpoint is not public (the reference exposed it)."
   type        = bool
   default     = false
 }
@@ -597,6 +597,30 @@ variable "broker_admin_token" {
   validation {
     condition     = var.broker_admin_token == null || length(coalesce(var.broker_admin_token, "x")) >= 32
     error_message = "broker_admin_token must be at least 32 characters (or null to generate one)."
+  }
+}
+
+variable "metrics_token" {
+  description = "METRICS_TOKEN: the bearer token a /metrics scrape must send. Ephemeral and write-only. Null generates a random 48-character token; read it with `aws secretsmanager get-secret-value`."
+  type        = string
+  default     = null
+  sensitive   = true
+  ephemeral   = true
+
+  validation {
+    condition     = var.metrics_token == null || length(coalesce(var.metrics_token, "x")) >= 32
+    error_message = "metrics_token must be at least 32 characters (or null to generate one)."
+  }
+}
+
+variable "metrics_token_version" {
+  description = "Increment to write a new metrics token (given or freshly generated) to Secrets Manager. Restart the API and update the scraper afterwards."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.metrics_token_version >= 1 && floor(var.metrics_token_version) == var.metrics_token_version
+    error_message = "metrics_token_version must be a positive integer."
   }
 }
 

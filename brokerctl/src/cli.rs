@@ -733,6 +733,24 @@ fn progress_line(exported: u64, reached: &str, done: Option<f64>) -> String {
 mod tests {
     use super::*;
 
+    /// No flag of any command takes a token or a secret (they would show in process listings
+    /// and shell histories); only the `--…-file` flags that name where one is kept.
+    #[test]
+    fn no_flag_takes_a_secret() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let mut commands = vec![&cli];
+        while let Some(command) = commands.pop() {
+            for arg in command.get_arguments() {
+                let long = arg.get_long().unwrap_or_default();
+                let secret =
+                    (long.contains("token") || long.contains("secret")) && !long.ends_with("-file");
+                assert!(!secret, "brokerctl {} takes --{long}", command.get_name());
+            }
+            commands.extend(command.get_subcommands());
+        }
+    }
+
     /// The bar follows the time reached through the range, and falls back to counts alone
     /// when a bound is unknown.
     #[test]

@@ -65,7 +65,7 @@ impl Principal {
 
 /// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
 /// (RFC 9110 §11.1).
-fn bearer_token(raw: &HeaderValue) -> Option<&str> {
+pub(crate) fn bearer_token(raw: &HeaderValue) -> Option<&str> {
     let value = raw.to_str().ok()?.trim_start();
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -145,12 +145,19 @@ fn with_challenge(e: ApiError) -> Response {
     response
 }
 
-/// The client's address: with `hops` trusted proxies in front, the address the outermost
-/// trusted proxy saw (the `hops`-th `X-Forwarded-For` entry from the right — entries further
-/// left are whatever the client wrote); otherwise, or when the header is short or malformed,
-/// the peer address.
-pub fn client_address(req_headers: &HeaderMap, peer: Option<IpAddr>, hops: usize) -> String {
-    if hops > 0 {
+/// The client's address: with `hops` trusted proxies in front and the peer one of them
+/// (`proxies`), the address the outermost trusted proxy saw (the `hops`-th `X-Forwarded-For`
+/// entry from the right — entries further left are whatever the client wrote); otherwise, or
+/// when the header is short or malformed, the peer address (a direct client's header is its
+/// own invention).
+pub fn client_address(
+    req_headers: &HeaderMap,
+    peer: Option<IpAddr>,
+    hops: usize,
+    proxies: &crate::network::TrustedProxies,
+) -> String {
+    let through_proxy = peer.is_none_or(|ip| proxies.is_proxy(ip, hops));
+    if hops > 0 && through_proxy {
         let entries: Vec<&str> = req_headers
             .get_all("x-forwarded-for")
             .iter()
@@ -175,7 +182,12 @@ fn peer_ip(req: &Request) -> Option<IpAddr> {
 
 /// The client address of a request under the configured proxy hops.
 pub(crate) fn address_of(state: &SharedState, req: &Request) -> String {
-    client_address(req.headers(), peer_ip(req), state.trusted_proxy_hops)
+    client_address(
+        req.headers(),
+        peer_ip(req),
+        state.trusted_proxy_hops,
+        &state.trusted_proxies,
+    )
 }
 
 /// Charges one request without a valid credential to its client address's bucket.
@@ -397,9 +409,15 @@ mod tests {
             HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.1"),
         );
         let peer = Some(IpAddr::from([10, 0, 0, 2]));
-        assert_eq!(client_address(&h, peer, 0), "10.0.0.2");
-        assert_eq!(client_address(&h, peer, 1), "10.0.0.1");
-        assert_eq!(client_address(&h, peer, 2), "1.2.3.4");
-        assert_eq!(client_address(&h, peer, 5), "10.0.0.2");
+        let any = crate::network::TrustedProxies::default();
+        assert_eq!(client_address(&h, peer, 0, &any), "10.0.0.2");
+        assert_eq!(client_address(&h, peer, 1, &any), "10.0.0.1");
+        assert_eq!(client_address(&h, peer, 2, &any), "1.2.3.4");
+        assert_eq!(client_address(&h, peer, 5, &any), "10.0.0.2");
+        // Listed proxy networks: only a peer in them speaks for the client.
+        let listed: crate::network::TrustedProxies = "10.0.0.0/30".parse().unwrap_or_default();
+        assert_eq!(client_address(&h, peer, 1, &listed), "10.0.0.1");
+        let direct = Some(IpAddr::from([192, 0, 2, 9]));
+        assert_eq!(client_address(&h, direct, 1, &listed), "192.0.2.9");
     }
 }

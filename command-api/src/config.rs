@@ -3,10 +3,8 @@
 //! ones (`runtime::StoreArgs`, `runtime::LogArgs`, `jobs::JobsArgs`), flattened in, so the API
 //! and the other binaries read each name with one type.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use clap::Parser;
@@ -23,41 +21,30 @@ pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token-NOT-FOR-PRODUCTION";
 /// Shortest bearer token accepted outside the dev mode (about 190 bits of base64 entropy).
 pub const MIN_TOKEN_CHARS: usize = 32;
 
-/// A setting that must never reach a log line: `Debug` prints `<redacted>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// Secret settings (tokens, keys, subscriber documents): never printed.
+pub use runtime::Secret;
 
-impl Secret {
-    /// The secret text, for the one place that compares or uses it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Self(s.to_string())
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Self(s)
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
+/// What is wrong with a JSON settings document (track credentials, webhook subscribers), without
+/// the value: serde's own message quotes a value of the wrong type, and the value may be a token.
+/// Field names (an unknown or a missing one) and the position are kept.
+pub fn json_problem(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let what = match error.classify() {
+        serde_json::error::Category::Data
+            if message.starts_with("unknown field") || message.starts_with("missing field") =>
+        {
+            message
+                .split(" at line ")
+                .next()
+                .unwrap_or("a field is unknown or missing")
+                .to_string()
+        }
+        serde_json::error::Category::Data => "a value has the wrong type or form".to_string(),
+        serde_json::error::Category::Syntax => "not valid JSON".to_string(),
+        serde_json::error::Category::Eof => "the document ends too soon".to_string(),
+        serde_json::error::Category::Io => "unreadable".to_string(),
+    };
+    format!("{what} at line {} column {}", error.line(), error.column())
 }
 
 /// The API's settings.
@@ -67,13 +54,17 @@ pub struct Config {
     /// Listen address.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
-    /// Shared bearer token of track scripts: at least 32 characters, different from the admin
+    /// Shared bearer token of track scripts (environment or `BROKER_API_TOKEN_FILE` only): at
+    /// least 32 characters and 128 bits by the strength estimate, different from the admin
     /// token. Unset with the embedded store on a loopback address, the dev-only
     /// `dev-track-token-NOT-FOR-PRODUCTION` applies (printed as dev-only at start-up).
     #[arg(long, env = "BROKER_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
-    /// Bearer token of operators (the same rules; dev-only default
-    /// `dev-admin-token-NOT-FOR-PRODUCTION`).
+    /// File holding `BROKER_API_TOKEN` (instead of the variable; trailing whitespace ignored).
+    #[arg(long, env = "BROKER_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Bearer token of operators (environment or `BROKER_ADMIN_TOKEN_FILE` only; the same
+    /// rules; dev-only default `dev-admin-token-NOT-FOR-PRODUCTION`).
     #[arg(long, env = "BROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
     /// During a rotation of `BROKER_API_TOKEN`: the value being replaced, still accepted until
@@ -90,6 +81,20 @@ pub struct Config {
     /// End of the overlap of `BROKER_ADMIN_TOKEN_PREVIOUS` (RFC 3339; at most 30 days ahead).
     #[arg(long, env = "BROKER_ADMIN_TOKEN_PREVIOUS_UNTIL")]
     pub admin_token_previous_until: Option<String>,
+    /// File holding `BROKER_ADMIN_TOKEN`.
+    #[arg(long, env = "BROKER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token `/metrics` requires (environment or `METRICS_TOKEN_FILE` only; 128 bits by
+    /// the strength estimate); unset: `/metrics` answers without one.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+    /// File holding `METRICS_TOKEN`.
+    #[arg(long, env = "METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// How long `/metrics` serves the pool gauges it last read from the store, ms: scrapes in
+    /// between cost the store nothing (0: read on every scrape).
+    #[arg(long, env = "METRICS_CACHE_MS", default_value_t = 15_000)]
+    pub metrics_cache_ms: u64,
     /// Accept the shared track token (`BROKER_API_TOKEN`); off once every track has its own.
     #[arg(long, env = "SHARED_TRACK_TOKEN_ENABLED", default_value_t = true)]
     pub shared_track_token_enabled: bool,
@@ -163,15 +168,37 @@ pub struct Config {
     /// Proxies in front of the service that append to `X-Forwarded-For` (0 = use the peer address).
     #[arg(long, env = "TRUSTED_PROXY_HOPS", default_value_t = 0)]
     pub trusted_proxy_hops: usize,
+    /// Networks of those proxies, comma-separated CIDRs (`10.0.0.0/24,10.0.1.0/24`): only a
+    /// peer in them may set the client address by `X-Forwarded-For`, and none of them is held
+    /// to `MAX_CONNECTIONS_PER_ADDRESS`. Empty: with `TRUSTED_PROXY_HOPS` above 0 every peer is
+    /// taken for a proxy (the service is reachable through the proxies only).
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::network::TrustedProxies,
     /// Requests handled at once; beyond it requests are shed with 503.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
     /// Open connections accepted at once; further connections wait in the kernel's backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// Seconds a client has to send the request headers.
+    /// Open connections from one client address; more are closed at once (0: no cap). Never
+    /// applies to the trusted proxies (`TRUSTED_PROXIES`), whose address every client behind
+    /// them shares.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    pub max_connections_per_address: usize,
+    /// Seconds a client has to send a request's headers: counted from the connection's start
+    /// for its first request (a connection that sends nothing, or only the HTTP/2 preface, is
+    /// closed then) and from the first byte of each later request.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SEC", default_value_t = 10)]
     pub header_read_timeout_sec: u64,
+    /// Seconds a kept-alive connection may wait for its next request before the server closes
+    /// it. Keep it above the load balancer's idle timeout (60 s on AWS), so that the balancer
+    /// never sends a request on a connection the server is closing (a 502).
+    #[arg(long, env = "IDLE_TIMEOUT_SEC", default_value_t = 75)]
+    pub idle_timeout_sec: u64,
+    /// Seconds a client has to send a request's body, from the end of its headers; a body that
+    /// trickles in slower is refused with 408 `BODY_TIMEOUT`.
+    #[arg(long, env = "BODY_READ_TIMEOUT_SEC", default_value_t = 10)]
+    pub body_read_timeout_sec: u64,
     /// How long a `/readyz` store check is reused, ms.
     #[arg(long, env = "READY_CACHE_MS", default_value_t = 1_000)]
     pub ready_cache_ms: u64,
@@ -201,6 +228,14 @@ pub struct Config {
     /// silent for ten of them reads as `interrupted`.
     #[arg(long, env = "ADMIN_JOB_PROGRESS_MS", default_value_t = 2_000)]
     pub admin_job_progress_ms: u64,
+    /// Deliver webhooks over plain `http://` too (tests, a receiver on the same host); off:
+    /// only `https://` targets are accepted.
+    #[arg(long, env = "WEBHOOK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_http: bool,
+    /// Deliver webhooks to private, loopback, link-local and other non-public addresses too;
+    /// off: a target that is one, or whose name resolves to one at delivery, is refused.
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private_targets: bool,
     /// Webhook subscribers file (JSON, see the README).
     #[arg(long, env = "WEBHOOKS_FILE")]
     pub webhooks_file: Option<PathBuf>,
@@ -250,7 +285,8 @@ pub struct Config {
     /// `Retry-After` of a 503 MAINTENANCE, seconds.
     #[arg(long, env = "MAINTENANCE_RETRY_AFTER_SEC", default_value_t = 60)]
     pub maintenance_retry_after_sec: u64,
-    /// Key that derives lease tokens (at least 32 characters; unset: a dev-only key, refused
+    /// Key that derives lease tokens (at least 32 characters and 128 bits by the strength
+    /// estimate; environment or `LEASE_TOKEN_KEY_FILE` only; unset: a dev-only key, refused
     /// on non-loopback addresses). See docs/tenancy.md for rotation.
     #[arg(long, env = "LEASE_TOKEN_KEY", hide_env_values = true)]
     pub lease_token_key: Option<Secret>,
@@ -326,14 +362,44 @@ impl Config {
             .map_or(DEV_ADMIN_TOKEN, Secret::expose)
     }
 
-    /// Refuses token settings that would let a stranger in: the dev tokens anywhere but on a
-    /// loopback address (and, with DynamoDB, without `ALLOW_DEV_TOKENS`), and configured tokens
-    /// that are short or shared between the two roles.
+    /// Moves every secret given in a file (`BROKER_API_TOKEN_FILE`, `BROKER_ADMIN_TOKEN_FILE`,
+    /// `METRICS_TOKEN_FILE`) into its setting; a secret given both ways is refused. Idempotent:
+    /// `main` calls it before the banner, [`crate::startup::build_with`] again for callers
+    /// that built a configuration by hand.
+    pub fn read_secret_files(&mut self) -> Result<(), String> {
+        for (name, value, file) in [
+            (
+                "BROKER_API_TOKEN",
+                &mut self.api_token,
+                &mut self.api_token_file,
+            ),
+            (
+                "BROKER_ADMIN_TOKEN",
+                &mut self.admin_token,
+                &mut self.admin_token_file,
+            ),
+            (
+                "METRICS_TOKEN",
+                &mut self.metrics_token,
+                &mut self.metrics_token_file,
+            ),
+        ] {
+            *value = runtime::secret::from_value_or_file(name, value.as_ref(), file.as_deref())?;
+            *file = None;
+        }
+        Ok(())
+    }
+
+    /// Refuses token settings that would let a stranger in: the dev tokens (unset, or set to
+    /// their documented values) anywhere but on a loopback address (and, with DynamoDB, without
+    /// `ALLOW_DEV_TOKENS`), and configured tokens that are short, weaker than 128 bits by the
+    /// strength estimate (`runtime::secret`), or shared between the roles. Errors name the
+    /// setting, never its value.
     pub fn check_tokens(&self) -> Result<(), String> {
         if self.uses_dev_tokens() {
             if !self.bind_addr.ip().is_loopback() {
                 return Err(format!(
-                    "BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set to listen on {} (the dev tokens are only for loopback addresses)",
+                    "BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set, and not to the documented dev tokens, to listen on {} (the dev tokens are only for loopback addresses)",
                     self.bind_addr
                 ));
             }
@@ -341,17 +407,21 @@ impl Config {
                 return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must be set outside the embedded dev mode (or ALLOW_DEV_TOKENS=true for local DynamoDB)".into());
             }
         }
-        for (name, token) in [
-            ("BROKER_API_TOKEN", &self.api_token),
-            ("BROKER_ADMIN_TOKEN", &self.admin_token),
+        for (name, token, dev) in [
+            ("BROKER_API_TOKEN", &self.api_token, DEV_TRACK_TOKEN),
+            ("BROKER_ADMIN_TOKEN", &self.admin_token, DEV_ADMIN_TOKEN),
+            ("METRICS_TOKEN", &self.metrics_token, ""),
         ] {
-            if let Some(token) = token {
-                if token.expose().trim().chars().count() < MIN_TOKEN_CHARS {
-                    return Err(format!(
-                        "{name} must be at least {MIN_TOKEN_CHARS} characters"
-                    ));
-                }
+            // A documented dev token on loopback passed the check above: it is public anyway.
+            let Some(token) = token.as_ref().filter(|t| t.expose() != dev) else {
+                continue;
+            };
+            if token.expose().trim().chars().count() < MIN_TOKEN_CHARS {
+                return Err(format!(
+                    "{name} must be at least {MIN_TOKEN_CHARS} characters"
+                ));
             }
+            runtime::secret::check_strength(name, token)?;
         }
         if self.track_token() == self.admin_token() {
             return Err("BROKER_API_TOKEN and BROKER_ADMIN_TOKEN must differ".into());
@@ -379,6 +449,7 @@ impl Config {
             ),
         ] {
             let Some(previous) = previous else { continue };
+            runtime::secret::check_strength(name, previous)?;
             let previous = previous.expose();
             if previous.trim().chars().count() < MIN_TOKEN_CHARS {
                 return Err(format!(
@@ -394,6 +465,13 @@ impl Config {
                 return Err(format!(
                     "{name} is a token of the other role; the track and admin tokens must differ"
                 ));
+            }
+        }
+        if let Some(metrics) = &self.metrics_token {
+            if [self.track_token(), self.admin_token()].contains(&metrics.expose()) {
+                return Err(
+                    "METRICS_TOKEN must differ from BROKER_API_TOKEN and BROKER_ADMIN_TOKEN (a scraper's token must not open the API)".into(),
+                );
             }
         }
         Ok(())
@@ -427,32 +505,18 @@ impl Config {
         )
     }
 
-    /// The lease-token keys from env or file; the dev-only key when none is configured, which
-    /// is refused on a non-loopback address.
+    /// The lease-token keys from env or file; the dev-only key when none is configured (or the
+    /// documented one is), which is refused on a non-loopback address.
     pub fn lease_keys(&self) -> Result<crate::lease::LeaseKeys, String> {
-        fn read(
-            name: &str,
-            value: &Option<Secret>,
-            file: &Option<PathBuf>,
-        ) -> Result<Option<Secret>, String> {
-            match (value, file) {
-                (Some(_), Some(_)) => Err(format!("set {name} or {name}_FILE, not both")),
-                (Some(v), None) => Ok(Some(v.clone())),
-                (None, Some(path)) => std::fs::read_to_string(path)
-                    .map(|text| Some(Secret::from(text.trim_end().to_string())))
-                    .map_err(|e| format!("cannot read {name}_FILE {}: {e}", path.display())),
-                (None, None) => Ok(None),
-            }
-        }
-        let current = read(
+        let current = runtime::secret::from_value_or_file(
             "LEASE_TOKEN_KEY",
-            &self.lease_token_key,
-            &self.lease_token_key_file,
+            self.lease_token_key.as_ref(),
+            self.lease_token_key_file.as_deref(),
         )?;
-        let previous = read(
+        let previous = runtime::secret::from_value_or_file(
             "LEASE_TOKEN_KEY_PREVIOUS",
-            &self.lease_token_key_previous,
-            &self.lease_token_key_previous_file,
+            self.lease_token_key_previous.as_ref(),
+            self.lease_token_key_previous_file.as_deref(),
         )?;
         let previous = match (previous, &self.lease_token_key_previous_id) {
             (Some(secret), Some(id)) => Some((id.clone(), secret)),
@@ -463,24 +527,27 @@ impl Config {
                 )
             }
         };
-        let current = match current {
-            Some(key) => key,
-            None if self.bind_addr.ip().is_loopback() => {
-                Secret::from(crate::lease::DEV_LEASE_TOKEN_KEY)
-            }
-            None => {
-                return Err(format!(
-                    "LEASE_TOKEN_KEY (or LEASE_TOKEN_KEY_FILE) must be set to listen on {} (the dev key is only for loopback addresses)",
-                    self.bind_addr
-                ))
-            }
+        let dev = |key: &Option<Secret>| {
+            key.as_ref()
+                .is_none_or(|k| k.expose() == crate::lease::DEV_LEASE_TOKEN_KEY)
         };
+        if dev(&current) && !self.bind_addr.ip().is_loopback() {
+            return Err(format!(
+                "LEASE_TOKEN_KEY (or LEASE_TOKEN_KEY_FILE) must be set, and not to the documented dev key, to listen on {} (the dev key is only for loopback addresses)",
+                self.bind_addr
+            ));
+        }
+        let current = current.unwrap_or_else(|| Secret::from(crate::lease::DEV_LEASE_TOKEN_KEY));
         crate::lease::LeaseKeys::new(&self.lease_token_key_id, current, previous)
     }
 
-    /// True when either token is the built-in dev default.
+    /// True when either token is unset (the built-in dev default applies) or set to the
+    /// documented dev value.
     pub fn uses_dev_tokens(&self) -> bool {
-        self.api_token.is_none() || self.admin_token.is_none()
+        let dev = |token: &Option<Secret>, value: &str| {
+            token.as_ref().is_none_or(|t| t.expose() == value)
+        };
+        dev(&self.api_token, DEV_TRACK_TOKEN) || dev(&self.admin_token, DEV_ADMIN_TOKEN)
     }
 
     /// A configuration with every default (tests override fields).

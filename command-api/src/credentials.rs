@@ -286,9 +286,8 @@ impl TrackCredentials {
         reserved: &[&str],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Self, CredentialsError> {
-        // serde's messages name the field and position, never the value.
-        let document: Document =
-            serde_json::from_str(json).map_err(|e| CredentialsError::Json(e.to_string()))?;
+        let document: Document = serde_json::from_str(json)
+            .map_err(|e| CredentialsError::Json(crate::config::json_problem(&e)))?;
         let mut credentials: Vec<Arc<TrackCredential>> = Vec::new();
         for entry in document.tracks {
             let invalid = |problem: &str| CredentialsError::Invalid {
@@ -303,12 +302,11 @@ impl TrackCredentials {
                     "the token must be at least {MIN_TOKEN_CHARS} characters"
                 )));
             }
+            let token = Secret::from(entry.token.as_str());
+            runtime::secret::check_strength("the token", &token).map_err(|p| invalid(&p))?;
             if let Some(previous) = &entry.previous_token {
-                if previous.chars().count() < MIN_TOKEN_CHARS {
-                    return Err(invalid(&format!(
-                        "previous_token must be at least {MIN_TOKEN_CHARS} characters"
-                    )));
-                }
+                runtime::secret::check_strength("previous_token", &Secret::from(previous.as_str()))
+                    .map_err(|p| invalid(&p))?;
                 if *previous == entry.token {
                     return Err(invalid(
                         "previous_token equals token; a rotation needs a new one",
@@ -347,6 +345,8 @@ impl TrackCredentials {
                         "caller_secret must be at least {MIN_TOKEN_CHARS} characters"
                     )));
                 }
+                runtime::secret::check_strength("caller_secret", &Secret::from(secret.as_str()))
+                    .map_err(|p| invalid(&p))?;
             } else if entry.require_caller_signature {
                 return Err(invalid("require_caller_signature needs a caller_secret"));
             }
@@ -359,6 +359,11 @@ impl TrackCredentials {
                         "previous_caller_secret must be at least {MIN_TOKEN_CHARS} characters"
                     )));
                 }
+                runtime::secret::check_strength(
+                    "previous_caller_secret",
+                    &Secret::from(previous.as_str()),
+                )
+                .map_err(|p| invalid(&p))?;
             }
             let rotating = |current: String,
                             previous: Option<String>,

@@ -11,9 +11,13 @@
 //! * [`guard`]: load shedding (beyond `MAX_CONCURRENT_REQUESTS` handlers at once, 503 at once)
 //!   and the per-address rate limit of requests without credentials (authenticated requests are
 //!   limited per principal in [`crate::auth`], after the token check), `X-RateLimit-*` headers;
-//! * tower-http's `CatchPanic` ([`panic_response`]): a panic becomes a 500 in the envelope.
+//! * tower-http's `CatchPanic` ([`panic_response`]): a panic becomes a 500 in the envelope;
+//! * [`body_deadline`]: a request body that trickles is cut off with 408 `BODY_TIMEOUT`.
 
 use std::any::Any;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -485,6 +489,76 @@ pub async fn guard(State(state): State<SharedState>, mut req: Request, next: Nex
         }
     }
     response
+}
+
+/// The body-deadline middleware: a request body must arrive within `BODY_READ_TIMEOUT_SEC` of
+/// the request's headers. The body is wrapped so that reading it fails at the deadline; the
+/// handler's answer to that failure (a 400 from its extractor) is replaced with 408
+/// `BODY_TIMEOUT`, and the connection is closed after it, since the rest of the body may still
+/// be on its way. A request without a body skips all of this.
+pub async fn body_deadline(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if hyper::body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let body = axum::body::Body::new(Deadlined {
+        body,
+        deadline: Box::pin(tokio::time::sleep(state.body_read_timeout)),
+        timed_out: timed_out.clone(),
+    });
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if !timed_out.load(Ordering::Relaxed) {
+        return response;
+    }
+    let mut refused = ApiError::body_timeout(state.body_read_timeout.as_secs()).into_response();
+    refused
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    refused
+}
+
+/// A request body that fails once its deadline passes (see [`body_deadline`]).
+struct Deadlined {
+    body: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+/// The error a [`Deadlined`] body fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl hyper::body::Body for Deadlined {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    this.timed_out.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))))
+                } else {
+                    Poll::Pending
+                }
+            }
+            ready => ready,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// One request inside the service, for `broker_requests_in_flight` (what a drain waits on).

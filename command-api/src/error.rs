@@ -235,6 +235,19 @@ impl ApiError {
         )
     }
 
+    /// 408 BODY_TIMEOUT: the request's body did not arrive within `BODY_READ_TIMEOUT_SEC` of
+    /// its headers.
+    pub fn body_timeout(seconds: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "BODY_TIMEOUT",
+            format!(
+                "The request body did not arrive within {seconds} s of its headers; send the \
+                 whole request at once"
+            ),
+        )
+    }
+
     /// 404 JOB_NOT_FOUND: no admin job has this id.
     pub fn job_not_found(job_id: &str) -> Self {
         Self::new(

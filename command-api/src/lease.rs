@@ -72,6 +72,7 @@ impl LeaseKeys {
                 crate::config::MIN_TOKEN_CHARS
             ));
         }
+        runtime::secret::check_strength("LEASE_TOKEN_KEY", &current)?;
         let previous = match previous {
             None => None,
             Some((id, secret)) => {
@@ -84,6 +85,7 @@ impl LeaseKeys {
                         crate::config::MIN_TOKEN_CHARS
                     ));
                 }
+                runtime::secret::check_strength("LEASE_TOKEN_KEY_PREVIOUS", &secret)?;
                 Some(LeaseKey { id, secret })
             }
         };

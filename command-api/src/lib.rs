@@ -10,7 +10,7 @@
 //!   wires the in-process projector (the embedded log tail or the stream poller); background tasks.
 //! - [`edge`] — the outer layers: request id (tower-http), error envelope, security headers,
 //!   CORS (tower-http), load shedding, the per-address limit of unauthenticated requests, access
-//!   log, latency metrics, panic guard (tower-http).
+//!   log, latency metrics, panic guard (tower-http), the request body's deadline.
 //! - [`auth`] — bearer tokens (constant time), principals, the rate limit after authentication,
 //!   the `Caller` extractor.
 //! - [`credentials`] — per-track credentials: prefixes, allocation cap, caller signatures.
@@ -19,6 +19,9 @@
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `outcomes`, `ops`, `events` (the audit endpoints),
 //!   `dashboard`.
+//! - [`listener`] — accepting connections and serving them with hyper; each connection's
+//!   watchdog (silent, slow and idle clients), the per-address connection cap.
+//! - [`network`] — trusted proxy networks (`TRUSTED_PROXIES`) and which addresses are public.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
 //! - [`admin_jobs`] — long admin operations run in the background, recorded as events.
@@ -40,8 +43,10 @@ pub mod credentials;
 pub mod edge;
 pub mod error;
 pub mod lease;
+pub mod listener;
 pub mod live_feed;
 pub mod metrics;
+pub mod network;
 pub mod openapi;
 pub mod outcomes;
 pub mod pool_alerts;
@@ -53,14 +58,10 @@ pub mod startup;
 pub mod state;
 pub mod webhooks;
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::middleware::from_fn_with_state;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -121,6 +122,8 @@ pub fn with_edge(
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))
+        // Outside the size limit, so it wraps the body as it comes off the connection.
+        .layer(from_fn_with_state(state.clone(), edge::body_deadline))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -141,113 +144,4 @@ pub fn with_edge(
         .with_state(state)
 }
 
-/// Limits of the listener itself, below the router.
-#[derive(Debug, Clone, Copy)]
-pub struct ListenerLimits {
-    /// A client must send the complete request headers within this (slow-loris guard).
-    pub header_read_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's accept backlog.
-    pub max_connections: usize,
-}
-
-impl Default for ListenerLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 4096,
-        }
-    }
-}
-
-impl ListenerLimits {
-    /// The limits a configuration sets.
-    pub fn from_config(config: &config::Config) -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(config.header_read_timeout_sec.max(1)),
-            max_connections: config.max_connections.max(1),
-        }
-    }
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests.
-pub async fn run(
-    app: Router,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    run_with(app, listener, shutdown, ListenerLimits::default()).await
-}
-
-/// [`run`] with explicit listener limits. hyper is driven directly (rather than through
-/// `axum::serve`) because only there can the header-read timeout be set: it needs a timer.
-pub async fn run_with(
-    app: Router,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    limits: ListenerLimits,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use tower::ServiceExt;
-
-    let max_connections = limits.max_connections.clamp(1, u32::MAX as usize);
-    let connections = Arc::new(Semaphore::new(max_connections));
-    let (closing, _) = watch::channel(false);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(target: "listener", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service =
-            app.clone()
-                .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
-                    let mut req = req.map(axum::body::Body::new);
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
-                    req
-                });
-        let service = hyper_util::service::TowerToHyperService::new(service);
-        let mut closing = closing.subscribe();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(edge::HTTP1_READ_BUFFER_BYTES)
-                .max_headers(edge::HTTP1_MAX_HEADERS);
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    let _ = closing.send(true);
-    // Every connection task holds a permit until it ends: having them all back means drained.
-    let _ = connections.acquire_many(max_connections as u32).await;
-    Ok(())
-}
+pub use listener::{run, run_with, ListenerLimits};

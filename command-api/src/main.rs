@@ -14,8 +14,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: Config = runtime::parse_settings();
+    let mut config: Config = runtime::parse_settings();
     runtime::init_tracing(config.log.service_format());
+    // Before the banner, which tells whether the dev tokens apply.
+    if let Err(problem) = config.read_secret_files() {
+        eprintln!("command-api: {problem}");
+        return ExitCode::FAILURE;
+    }
     match serve(&config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -42,7 +47,7 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         app,
         listener,
         runtime::shutdown_signal(),
-        command_api::ListenerLimits::from_config(config),
+        command_api::ListenerLimits::from_config(config).counted_in(&service.state.metrics),
     )
     .await?;
     service.stop().await;

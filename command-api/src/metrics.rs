@@ -23,7 +23,8 @@ pub struct ApiMetrics {
     pub request_latency: HistogramVec,
     /// `broker_rate_limited_total`.
     pub rate_limited: IntCounter,
-    /// `broker_pool{status}`, refreshed from the stats shards at scrape time.
+    /// `broker_pool{status}`, refreshed from the stats shards by a scrape, at most once per
+    /// `METRICS_CACHE_MS` ([`PoolGaugeCache`]).
     pub pool: IntGaugeVec,
     /// `broker_requests_in_flight`: requests being served right now (a shutdown drains it to 0).
     pub in_flight: IntGauge,
@@ -31,6 +32,12 @@ pub struct ApiMetrics {
     /// previous value of a rotating secret (`api_token`, `admin_token`, `track_token:<track>`,
     /// `caller_secret:<track>`); 0 for a while means the rotation can end.
     pub previous_secret_used: IntCounterVec,
+    /// `broker_connections_refused_total{reason}`: connections closed on arrival
+    /// (`per_address`: over `MAX_CONNECTIONS_PER_ADDRESS`).
+    pub connections_refused: IntCounterVec,
+    /// `broker_connections_timed_out_total{phase}`: connections the server closed because the
+    /// client was too slow or silent (`first_request`, `headers`, `idle`).
+    pub connections_timed_out: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -89,9 +96,25 @@ impl ApiMetrics {
             ),
             &["secret"],
         )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "broker_connections_refused_total",
+                "Connections closed on arrival, by reason",
+            ),
+            &["reason"],
+        )?;
+        let connections_timed_out = IntCounterVec::new(
+            Opts::new(
+                "broker_connections_timed_out_total",
+                "Connections closed because the client was too slow or silent, by phase",
+            ),
+            &["phase"],
+        )?;
         for c in [
             Box::new(allocate.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(previous_secret_used.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(connections_timed_out.clone()),
             Box::new(idempotent_hits.clone()),
             Box::new(conflicts.clone()),
             Box::new(marked.clone()),
@@ -114,7 +137,45 @@ impl ApiMetrics {
             pool,
             in_flight,
             previous_secret_used,
+            connections_refused,
+            connections_timed_out,
         })
+    }
+}
+
+/// When the pool gauges of `/metrics` were last read from the store: a scrape within
+/// `METRICS_CACHE_MS` of that serves them as they are, so scrapes cost the store nothing however
+/// often they come (a scraper, or anyone who can reach `/metrics`, cannot turn them into store
+/// load). Time comes from the broker's clock.
+#[derive(Debug)]
+pub struct PoolGaugeCache {
+    ttl: chrono::Duration,
+    refreshed: tokio::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+}
+
+impl PoolGaugeCache {
+    /// A cache whose gauges are reused for `ttl` (zero: read on every scrape).
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX),
+            refreshed: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `refresh` when the gauges are older than the TTL at `now`. Scrapes that arrive
+    /// while one refreshes wait for it and then find the gauges fresh: one refresh, not one per
+    /// scrape. A refresh that failed counts as done, so a failing store is not asked again by
+    /// every scrape either.
+    pub async fn refresh_if_stale<F>(&self, now: chrono::DateTime<chrono::Utc>, refresh: F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|at| now - at < self.ttl) {
+            return;
+        }
+        refresh.await;
+        *refreshed = Some(now);
     }
 }
 

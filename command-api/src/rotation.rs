@@ -116,7 +116,8 @@ impl RotatingSecret {
     }
 }
 
-fn equal(a: &str, b: &str) -> bool {
+/// Whether two secrets are equal, compared in constant time (for equal lengths).
+pub(crate) fn equal(a: &str, b: &str) -> bool {
     // `ct_eq` on equal-length slices is constant-time; a length mismatch returns early, which
     // reveals only the length of the configured value.
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))

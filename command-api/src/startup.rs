@@ -76,6 +76,9 @@ pub async fn build_with(
     if !config.api_base_path.starts_with('/') || config.api_base_path.len() < 2 {
         bail!("API_BASE_PATH must start with '/' and not be '/' alone");
     }
+    let mut config = config.clone();
+    config.read_secret_files().map_err(|p| anyhow::anyhow!(p))?;
+    let config = &config;
     if let Err(problem) = config.check_tokens() {
         bail!(problem);
     }
@@ -262,9 +265,14 @@ pub async fn build_with(
         clock.clone(),
         Duration::from_millis(config.admin_job_progress_ms),
     );
+    let targets = crate::webhooks::TargetPolicy {
+        allow_http: config.webhook_allow_http,
+        allow_private: config.webhook_allow_private_targets,
+    };
     let subscribers = crate::webhooks::load_subscribers(
         config.webhooks_file.as_deref(),
         config.webhooks_json.as_ref(),
+        targets,
     )
     .context("webhook subscribers")?;
     let webhooks = if subscribers.is_empty() {
@@ -288,6 +296,7 @@ pub async fn build_with(
                 low_water: config.pool_low_water.clone(),
                 lease: Duration::from_millis(config.webhook_lease_ms),
                 overlap: Duration::from_millis(config.webhook_overlap_ms),
+                targets,
             },
             events.clone(),
             feed,
@@ -320,6 +329,7 @@ pub async fn build_with(
             config.rate_limit_max_keys,
         ),
         trusted_proxy_hops: config.trusted_proxy_hops,
+        trusted_proxies: config.trusted_proxies.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             config.max_concurrent_requests.max(1),
         )),
@@ -337,6 +347,11 @@ pub async fn build_with(
         shared_track_token_enabled: config.shared_track_token_enabled,
         track_token,
         admin_token,
+        metrics_token: config.metrics_token.clone(),
+        metrics_cache: crate::metrics::PoolGaugeCache::new(Duration::from_millis(
+            config.metrics_cache_ms,
+        )),
+        body_read_timeout: Duration::from_secs(config.body_read_timeout_sec.max(1)),
         cors_origins: config
             .cors_allowed_origins
             .split(',')

@@ -30,6 +30,8 @@ pub struct AppState {
     pub address_limiter: RateLimiter,
     /// Proxies that append to `X-Forwarded-For` (0 = the peer is the client).
     pub trusted_proxy_hops: usize,
+    /// The networks of those proxies (`TRUSTED_PROXIES`).
+    pub trusted_proxies: crate::network::TrustedProxies,
     /// Requests handled at once; the edge sheds the rest with 503.
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The last `/readyz` store check, reused for a short while.
@@ -56,6 +58,12 @@ pub struct AppState {
     pub track_token: crate::rotation::RotatingSecret,
     /// Admin bearer token (with its previous value during a rotation).
     pub admin_token: crate::rotation::RotatingSecret,
+    /// The bearer token `/metrics` requires (`METRICS_TOKEN`; `None`: none).
+    pub metrics_token: Option<runtime::Secret>,
+    /// The pool gauges `/metrics` serves between two reads of the store.
+    pub metrics_cache: crate::metrics::PoolGaugeCache,
+    /// How long a request's body may take to arrive (`BODY_READ_TIMEOUT_SEC`).
+    pub body_read_timeout: std::time::Duration,
     /// Allowed CORS origins (`*` = any).
     pub cors_origins: Vec<String>,
     /// `/readyz` lag bound, ms.

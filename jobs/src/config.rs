@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, ValueEnum};
+use runtime::Secret;
 use thiserror::Error;
 
 /// Which CSP the jobs talk to.
@@ -20,14 +21,15 @@ pub enum CspMode {
 }
 
 /// How to reach the CSP API and how hard to push it.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct CspConfig {
     /// `CSP_MODE`: `mock` or `real` (default `real`).
     pub mode: CspMode,
     /// `CSP_BASE_URL` (default `https://csp.infoblox.com/v2`).
     pub base_url: String,
-    /// `CSP_API_TOKEN`, sent as `Authorization: Token …`; never logged (redacted in `Debug`).
-    pub api_token: String,
+    /// `CSP_API_TOKEN` (or `CSP_API_TOKEN_FILE`), sent as `Authorization: Token …`; never
+    /// printed (a [`Secret`]).
+    pub api_token: Secret,
     /// `CSP_TIMEOUT_CONNECT_SEC` (5).
     pub connect_timeout: Duration,
     /// `CSP_TIMEOUT_READ_SEC` (15): the longest silence while waiting for response bytes.
@@ -49,38 +51,12 @@ pub struct CspConfig {
     pub mock_accounts: u32,
 }
 
-impl std::fmt::Debug for CspConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CspConfig")
-            .field("mode", &self.mode)
-            .field("base_url", &self.base_url)
-            .field(
-                "api_token",
-                &if self.api_token.is_empty() {
-                    "<empty>"
-                } else {
-                    "<redacted>"
-                },
-            )
-            .field("connect_timeout", &self.connect_timeout)
-            .field("read_timeout", &self.read_timeout)
-            .field("page_size", &self.page_size)
-            .field("max_pages", &self.max_pages)
-            .field("rate_limit_rps", &self.rate_limit_rps)
-            .field("retry_after_max", &self.retry_after_max)
-            .field("breaker_threshold", &self.breaker_threshold)
-            .field("breaker_open_for", &self.breaker_open_for)
-            .field("mock_accounts", &self.mock_accounts)
-            .finish()
-    }
-}
-
 impl Default for CspConfig {
     fn default() -> Self {
         Self {
             mode: CspMode::Real,
             base_url: "https://csp.infoblox.com/v2".into(),
-            api_token: String::new(),
+            api_token: Secret::from(""),
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(15),
             page_size: 100,
@@ -277,9 +253,13 @@ pub struct JobsArgs {
         default_value = "https://csp.infoblox.com/v2"
     )]
     pub csp_base_url: String,
-    /// CSP API token (sent as `Authorization: Token …`; required in real mode).
+    /// CSP API token (sent as `Authorization: Token …`; required in real mode; environment or
+    /// `CSP_API_TOKEN_FILE` only).
     #[arg(long, env = "CSP_API_TOKEN", hide_env_values = true)]
-    pub csp_api_token: Option<String>,
+    pub csp_api_token: Option<Secret>,
+    /// File holding `CSP_API_TOKEN` (instead of the variable; trailing whitespace ignored).
+    #[arg(long, env = "CSP_API_TOKEN_FILE")]
+    pub csp_api_token_file: Option<std::path::PathBuf>,
     /// CSP connect timeout, seconds.
     #[arg(long, env = "CSP_TIMEOUT_CONNECT_SEC", default_value_t = 5.0, value_parser = non_negative)]
     pub csp_timeout_connect_sec: f64,
@@ -378,12 +358,21 @@ impl JobsArgs {
                 mode: self.csp_mode.unwrap_or(CspMode::Real),
                 base_url: self.csp_base_url.trim().trim_end_matches('/').to_string(),
                 // An all-blank token is as empty as an unset one.
-                api_token: self
-                    .csp_api_token
-                    .as_deref()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
+                api_token: Secret::from(
+                    runtime::secret::from_value_or_file(
+                        "CSP_API_TOKEN",
+                        self.csp_api_token.as_ref(),
+                        self.csp_api_token_file.as_deref(),
+                    )
+                    .map_err(|reason| ConfigError::Invalid {
+                        name: "CSP_API_TOKEN",
+                        value: "<redacted>".into(),
+                        reason,
+                    })?
+                    .as_ref()
+                    .map_or("", Secret::expose)
+                    .trim(),
+                ),
                 connect_timeout: secs("CSP_TIMEOUT_CONNECT_SEC", self.csp_timeout_connect_sec)?,
                 read_timeout: secs("CSP_TIMEOUT_READ_SEC", self.csp_timeout_read_sec)?,
                 page_size: self.csp_page_size,
@@ -582,7 +571,7 @@ mod tests {
     #[test]
     fn token_is_redacted() {
         let c = CspConfig {
-            api_token: "s3cret".into(),
+            api_token: Secret::from("s3cret"),
             ..CspConfig::default()
         };
         let shown = format!("{c:?}");

@@ -86,6 +86,13 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     config.log.log_format = Some(runtime::LogFormat::Text);
     config.rate_limit_rps = options.rate_limit.0;
     config.rate_limit_burst = options.rate_limit.1;
+    // Tests read `/metrics` right after changing the pool; the cache has its own test
+    // (`metrics_endpoint::scrapes_cost_no_store_requests`).
+    config.metrics_cache_ms = 0;
+    // Every test client connects from 127.0.0.1, so the per-address connection cap would count
+    // a 500-request concurrency test as one client over its share; the tests of the cap set it
+    // (`connections::connections_per_address_are_capped_except_for_proxies`).
+    config.max_connections_per_address = 0;
     // Tests that want the per-address limit of unauthenticated requests set it in `configure`.
     config.unauth_rate_limit_rps = 100_000.0;
     config.unauth_rate_limit_burst = 100_000.0;
@@ -119,7 +126,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     // busy cores can take longer than the production default of 30 s per request.
     let app = command_api::app(state.clone(), Duration::from_secs(180));
     let (tx, rx) = oneshot::channel::<()>();
-    let limits = command_api::ListenerLimits::from_config(&config);
+    let limits = command_api::ListenerLimits::from_config(&config).counted_in(&state.metrics);
     let server = tokio::spawn(async move {
         let _ = command_api::run_with(
             app,

@@ -1,13 +1,14 @@
 //! Operations endpoints (no auth): health, readiness, metrics, the service root.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::SandboxStatus;
 use serde_json::json;
 
+use crate::error::ApiError;
 pub use crate::readiness::ReadinessCache;
 use crate::state::SharedState;
 
@@ -74,9 +75,47 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus text exposition. Pool gauges are refreshed from the stats shards (O(1)).
-#[utoipa::path(get, path = "/metrics", tag = "Observability", responses((status = 200, description = "Prometheus text", body = String)))]
-pub async fn metrics(State(state): State<SharedState>) -> Response {
+/// Prometheus text exposition. The pool gauges are read from the store (the stats shards, the
+/// per-prefix counters, the drain state) at most once per `METRICS_CACHE_MS`; every other series
+/// lives in memory. With `METRICS_TOKEN` set, the scrape must send it as a bearer token.
+#[utoipa::path(get, path = "/metrics", tag = "Observability", responses(
+    (status = 200, description = "Prometheus text", body = String),
+    (status = 401, description = "`METRICS_TOKEN` is configured and the request did not send it", body = crate::error::ErrorBody)))]
+pub async fn metrics(State(state): State<SharedState>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(crate::auth::bearer_token);
+        if !sent.is_some_and(|token| crate::rotation::equal(token, expected.expose())) {
+            let mut refused = ApiError::unauthorized(
+                "/metrics needs the metrics token: send `Authorization: Bearer <METRICS_TOKEN>`",
+            )
+            .into_response();
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"metrics\""),
+            );
+            return refused;
+        }
+    }
+    let now = state.broker.clock().now();
+    state
+        .metrics_cache
+        .refresh_if_stale(now, refresh_pool_gauges(&state))
+        .await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state.registry),
+    )
+        .into_response()
+}
+
+/// Reads the pool gauges from the store: the stats shards (O(1) in the pool size), the
+/// per-prefix counters and the drains in force.
+async fn refresh_pool_gauges(state: &SharedState) {
     if let Ok(stats) = state.broker.view().stats().await {
         for status in SandboxStatus::ALL {
             state
@@ -97,12 +136,4 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     if let Ok(drain) = state.broker.drain_state().await {
         state.pool_alerts.observe_drains(&drain);
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(&state.registry),
-    )
-        .into_response()
 }

@@ -148,7 +148,12 @@ fn allocation_limits(
         caps.push(FairShareCap::caller(scope, &caller.0, per_caller));
     }
     if let Some(limit) = state.max_allocations_per_address {
-        let address = auth::client_address(headers, peer, state.trusted_proxy_hops);
+        let address = auth::client_address(
+            headers,
+            peer,
+            state.trusted_proxy_hops,
+            &state.trusted_proxies,
+        );
         caps.push(FairShareCap::address(&address, limit));
     }
     if credential.is_none() {

@@ -15,8 +15,9 @@ use crate::webhooks::DeliveryState;
 pub struct SubscriberDeliveries {
     /// The subscriber's name.
     pub name: String,
-    /// Where notifications go.
-    pub url: String,
+    /// Where notifications go: scheme, host and port only. The path and query, which often
+    /// hold the receiver's credential, are never shown.
+    pub target: String,
     /// Name prefixes it hears about (empty: all).
     pub prefixes: Vec<String>,
     /// Kinds it hears about (empty: all).
@@ -64,7 +65,7 @@ pub async fn get_deliveries(
         .into_iter()
         .map(|(s, state)| SubscriberDeliveries {
             name: s.name.clone(),
-            url: s.url.clone(),
+            target: s.target(),
             prefixes: s.prefixes.clone(),
             kinds: s.kinds.iter().map(|k| k.as_str().to_string()).collect(),
             state,

@@ -17,6 +17,14 @@
 //! Every request carries `X-Broker-Webhook-Id` (stable across retries: de-duplicate on it),
 //! `X-Broker-Webhook-Timestamp` (Unix seconds) and `X-Broker-Webhook-Signature`:
 //! `v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the subscriber's secret>`.
+//!
+//! Targets are held to a [`TargetPolicy`]: `https` only, and public addresses only — a name is
+//! resolved at every delivery and refused when any of its addresses is private, loopback or
+//! link-local ([`PublicOnly`]), so a name that resolved to a public address when it was checked
+//! cannot be pointed at the broker's own network later (DNS rebinding). Redirects are not
+//! followed (a redirect could lead anywhere), no system proxy is used (the check must be about
+//! the address actually connected to), and no error — in the delivery state admins read, in a
+//! log line — carries the URL, which may hold the receiver's credential, or a secret.
 
 pub mod config;
 pub mod lease;
@@ -36,7 +44,9 @@ use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-pub use config::{kind_of_event, load_subscribers, Subscriber, WebhookKind, KIND_OF_EVENT};
+pub use config::{
+    kind_of_event, load_subscribers, Subscriber, TargetPolicy, WebhookKind, KIND_OF_EVENT,
+};
 pub use lease::DispatchLease;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
@@ -77,6 +87,8 @@ pub struct DeliverySettings {
     /// How far behind its position each subscriber re-reads the feed for events the time index
     /// showed late; the re-read runs every quarter of this (in real time).
     pub overlap: Duration,
+    /// Which targets may be delivered to.
+    pub targets: TargetPolicy,
 }
 
 /// A notification given up after every attempt.
@@ -228,9 +240,14 @@ impl Dispatcher {
         view: Arc<dyn ViewStore>,
         clock: SharedClock,
     ) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .timeout(settings.timeout)
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        if !settings.targets.allow_private {
+            client = client.dns_resolver(Arc::new(PublicOnly));
+        }
+        let client = client.build()?;
         Ok(Self {
             subscribers,
             settings,
@@ -675,7 +692,7 @@ impl Dispatcher {
             let timestamp = Utc::now().timestamp();
             let result = self
                 .client
-                .post(&subscriber.url)
+                .post(subscriber.url.expose())
                 .header("Content-Type", "application/json")
                 .header("X-Broker-Webhook-Id", &notification.id)
                 .header("X-Broker-Webhook-Kind", notification.kind.as_str())
@@ -695,8 +712,12 @@ impl Dispatcher {
                     tracing::info!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, kind = notification.kind.as_str(), attempt, "webhook delivered");
                     return;
                 }
+                Ok(resp) if resp.status().is_redirection() => format!(
+                    "answered {} (a redirect; redirects are not followed)",
+                    resp.status().as_u16()
+                ),
                 Ok(resp) => format!("answered {}", resp.status().as_u16()),
-                Err(e) => format!("request failed: {e}"),
+                Err(e) => failure_of(&e).to_string(),
             };
             state.failed_attempts += 1;
             if attempt >= self.settings.max_attempts {
@@ -733,6 +754,55 @@ impl Dispatcher {
             self.save_state(subscriber, state).await;
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// A DNS resolver that refuses a name with any address that is not public
+/// ([`crate::network::is_public`]): used for every delivery unless
+/// `WEBHOOK_ALLOW_PRIVATE_TARGETS` is on. reqwest connects only to the addresses it returns, so
+/// the address checked is the address connected to.
+#[derive(Debug)]
+pub struct PublicOnly;
+
+/// Why [`PublicOnly`] refused a name.
+#[derive(Debug, thiserror::Error)]
+#[error("the target resolves to an address that is not public")]
+pub struct TargetNotPublic;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addresses: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            // Refuse when any address is private, not only all of them: a rebinding answer can
+            // mix a public address with the one it means to reach.
+            if addresses.iter().any(|a| !crate::network::is_public(a.ip())) {
+                return Err(Box::new(TargetNotPublic) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// A failed delivery request in words that carry neither the URL (reqwest's own message
+/// includes it) nor any other detail of the target.
+fn failure_of(error: &reqwest::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<TargetNotPublic>() {
+            return "refused: the target resolves to a private, loopback or link-local address (WEBHOOK_ALLOW_PRIVATE_TARGETS is off)";
+        }
+        source = cause.source();
+    }
+    if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect (name resolution or connection failed)"
+    } else if error.is_redirect() {
+        "redirected; redirects are not followed"
+    } else {
+        "request failed"
     }
 }
 
@@ -784,11 +854,15 @@ mod tests {
     #[test]
     fn a_rotating_secret_signs_twice_during_its_overlap() {
         let subscriber = |until: DateTime<Utc>| {
-            let json = crate::config::Secret::from(format!(
+            let json = runtime::Secret::from(format!(
                 r#"{{"subscribers":[{{"name":"a","url":"https://hooks.example.com/h","secret":"new-secret-0123456789abcdefghijklmnop","previous_secret":"old-secret-0123456789abcdefghijklmnop","previous_secret_until":"{}"}}]}}"#,
                 until.to_rfc3339()
             ));
-            load_subscribers(None, Some(&json))
+            let policy = config::TargetPolicy {
+                allow_http: false,
+                allow_private: false,
+            };
+            load_subscribers(None, Some(&json), policy)
                 .unwrap_or_else(|e| panic!("{e:#}"))
                 .remove(0)
         };

@@ -71,8 +71,8 @@ impl HttpCsp {
                 "{base}: CSP_BASE_URL must be https (plain http only to a loopback test server)"
             )));
         }
-        let mut auth =
-            HeaderValue::from_str(&format!("Token {}", config.api_token)).map_err(|_| {
+        let mut auth = HeaderValue::from_str(&format!("Token {}", config.api_token.expose()))
+            .map_err(|_| {
                 CspError::InvalidRequest("CSP_API_TOKEN is not a valid header value".into())
             })?;
         // Keeps the token out of reqwest's debug output.

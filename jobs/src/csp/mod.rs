@@ -193,7 +193,7 @@ pub fn build_csp(
             Ok(Arc::new(mock::MockCsp::seeded(config.mock_accounts)))
         }
         CspMode::Real => {
-            if config.api_token.is_empty() {
+            if config.api_token.expose().is_empty() {
                 return Err(ConfigError::MissingToken);
             }
             let client = http::HttpCsp::new(config, clock, metrics.clone()).map_err(|e| {

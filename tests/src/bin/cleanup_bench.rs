@@ -60,7 +60,7 @@ fn jobs_config(csp: &FakeCsp, lease_s: u64) -> JobsConfig {
     };
     c.csp.mode = CspMode::Real;
     c.csp.base_url = csp.base_url();
-    c.csp.api_token = csp.token();
+    c.csp.api_token = csp.token().into();
     c.csp.rate_limit_rps = 0.0;
     c.csp.page_size = 100;
     c

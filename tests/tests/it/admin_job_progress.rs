@@ -44,7 +44,7 @@ async fn background_cleanup_reports_progress_embedded() {
     let mut jobs = test_jobs_config();
     jobs.csp.mode = CspMode::Real;
     jobs.csp.base_url = csp.base_url();
-    jobs.csp.api_token = csp.token();
+    jobs.csp.api_token = csp.token().into();
     jobs.csp.rate_limit_rps = 0.0;
     jobs.csp.read_timeout = Duration::from_secs(5);
     // Several small pages, each slowed by the CSP below: the run spans progress intervals.

@@ -778,7 +778,7 @@ async fn csp_incident_ends_with_only_the_refusing_account_quarantined() {
     let mut config = JobsConfig::default();
     config.csp.mode = CspMode::Real;
     config.csp.base_url = csp.base_url();
-    config.csp.api_token = csp.token();
+    config.csp.api_token = csp.token().into();
     config.csp.read_timeout = Duration::from_secs(1);
     config.csp.rate_limit_rps = 0.0;
     config.csp.retry_after_max = Duration::from_secs(2);

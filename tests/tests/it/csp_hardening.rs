@@ -12,7 +12,7 @@ fn config(csp: &FakeCsp) -> CspConfig {
     let mut c = jobs::JobsConfig::default().csp;
     c.mode = CspMode::Real;
     c.base_url = csp.base_url();
-    c.api_token = csp.token();
+    c.api_token = csp.token().into();
     c.connect_timeout = Duration::from_secs(1);
     c.read_timeout = Duration::from_secs(1);
     c.page_size = 10;

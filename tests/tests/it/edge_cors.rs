@@ -151,7 +151,7 @@ async fn timeout_is_readable_cross_origin() {
     let mut options = AppOptions::new(Backend::Embedded);
     options.jobs.csp.mode = jobs::CspMode::Real;
     options.jobs.csp.base_url = csp.base_url();
-    options.jobs.csp.api_token = csp.token();
+    options.jobs.csp.api_token = csp.token().into();
     options.jobs.csp.read_timeout = Duration::from_secs(60);
     options.jobs.csp.rate_limit_rps = 0.0;
     options.configure = Box::new(|c| c.cors_allowed_origins = LAB.into());

@@ -353,7 +353,7 @@ async fn load_is_shed_with_503() {
     let mut options = AppOptions::new(Backend::Embedded);
     options.jobs.csp.mode = jobs::CspMode::Real;
     options.jobs.csp.base_url = csp.base_url();
-    options.jobs.csp.api_token = csp.token();
+    options.jobs.csp.api_token = csp.token().into();
     options.jobs.csp.read_timeout = std::time::Duration::from_secs(60);
     options.jobs.csp.rate_limit_rps = 0.0;
     options.configure = Box::new(|c| c.max_concurrent_requests = 1);
@@ -507,5 +507,52 @@ async fn failed_logins_never_lock_out_the_public_pages() {
         let (status, _, _) = send(app.client.get(format!("{}{page}", app.url))).await;
         assert_eq!(status, StatusCode::OK, "{page} after the failed logins");
     }
+    app.stop().await;
+}
+
+/// Every response that carries a sandbox's details — the allocation (201), its replay (200), a
+/// read of the sandbox, the release — says `Cache-Control: no-store`, so no browser or shared
+/// cache keeps a student's account details.
+#[tokio::test]
+async fn sandbox_details_are_never_cached() {
+    let app = default_app().await;
+    app.seed("nostore", 2).await;
+    let no_store = |what: &str, headers: &reqwest::header::HeaderMap| {
+        assert_eq!(
+            headers.get("cache-control").and_then(|v| v.to_str().ok()),
+            Some("no-store"),
+            "{what}"
+        );
+    };
+    let (status, headers, body) = app.allocate("stu-nostore").sent_json().await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    no_store("allocate 201", &headers);
+    let id = body["sandbox_id"].as_str().unwrap_or_default().to_string();
+    let (status, headers, body) = app.allocate("stu-nostore").sent_json().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sandbox_id"], id.as_str(), "a replay");
+    no_store("allocate replay 200", &headers);
+    let (status, headers, body) = app
+        .track(Method::GET, &format!("/v1/sandboxes/{id}"))
+        .header("X-Instruqt-Sandbox-ID", "stu-nostore")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    no_store("GET sandbox 200", &headers);
+    let (status, headers, body) = app
+        .track(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/mark-for-deletion"),
+        )
+        .header("X-Instruqt-Sandbox-ID", "stu-nostore")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    no_store("mark-for-deletion 200", &headers);
+    let (_, headers, _) = app
+        .admin(Method::GET, &format!("/v1/admin/sandboxes/{id}/history"))
+        .sent_json()
+        .await;
+    no_store("admin history", &headers);
     app.stop().await;
 }

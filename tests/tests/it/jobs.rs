@@ -67,7 +67,7 @@ impl World {
         let mut c = JobsConfig::default();
         c.csp.mode = CspMode::Real;
         c.csp.base_url = self.csp.base_url();
-        c.csp.api_token = self.csp.token();
+        c.csp.api_token = self.csp.token().into();
         c.csp.connect_timeout = Duration::from_secs(1);
         c.csp.read_timeout = Duration::from_secs(1);
         c.csp.page_size = 10;

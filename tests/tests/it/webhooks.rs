@@ -118,6 +118,9 @@ async fn app_with_subscribers(backend: Backend, labs_url: String, aws_url: Strin
             .into(),
         );
         config.run_webhooks = Some(true);
+        // The receivers listen on plain http on 127.0.0.1, which production refuses.
+        config.webhook_allow_http = true;
+        config.webhook_allow_private_targets = true;
         config.webhook_retry_base_ms = 20;
         config.webhook_poll_ms = 50;
         // The default settle time: events are delivered once the (manual) clock is 2 s past
