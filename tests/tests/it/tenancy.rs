@@ -851,3 +851,137 @@ async fn an_overlong_lease_token_is_refused_everywhere() {
     }
     app.stop().await;
 }
+
+/// The real binary, logging everything it logs at debug level as JSON: across an allocation, a
+/// replay, a read, an extension and a release with the lease token, neither its log nor
+/// `/metrics` ever holds the lease token, the idempotency key, the track token or the lease
+/// key (the token is derived, and every secret setting is an unprintable type).
+#[tokio::test]
+async fn lease_tokens_and_keys_never_reach_the_log_or_metrics() {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::Duration;
+    use tests::chaos::process::{free_port, wait_healthy, ServiceProcess};
+
+    const LEASE_KEY: &str = "lease-key-for-the-log-scan-0123456789abcdef";
+    let dir =
+        std::env::temp_dir().join(format!("broker-log-scan-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let credentials = json!({"tracks": [{"track": "scan", "token": ALPHA,
+        "name_prefixes": ["lab-demo-"], "max_concurrent_allocations": 10}]})
+    .to_string();
+    let env: BTreeMap<String, String> = [
+        ("BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("STORE", "embedded".into()),
+        ("EMBEDDED_PATH", dir.join("broker.db").display().to_string()),
+        ("SEED_DEMO_POOL", "true".into()),
+        ("LOG_FORMAT", "json".into()),
+        ("RUST_LOG", "debug".into()),
+        ("LEASE_TOKEN_KEY", LEASE_KEY.into()),
+        ("TRACK_CREDENTIALS_JSON", credentials),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut api = ServiceProcess::new(
+        "api",
+        Path::new(env!("CARGO_BIN_EXE_chaos-command-api")),
+        &[],
+        env,
+    );
+    api.start();
+    let client = reqwest::Client::new();
+    assert!(
+        wait_healthy(&client, &url, Duration::from_secs(60)).await,
+        "the API did not start:\n{}",
+        api.log_tail(50)
+    );
+    let track = |method: Method, path: &str| {
+        client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(ALPHA)
+            .header("X-Instruqt-Sandbox-ID", "scan-student")
+    };
+    let key = strong_key();
+    // The demo pool is seeded in the background: wait (bounded) for the first sandbox.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (id, lease) = loop {
+        let (status, body) =
+            send(track(Method::POST, "/v1/allocate").header("Idempotency-Key", &key)).await;
+        if status == StatusCode::CREATED {
+            break (text(&body, "sandbox_id"), text(&body, "lease_token"));
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sandbox within 120 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(lease.starts_with("lt1."), "{lease}");
+    let (status, body) =
+        send(track(Method::POST, "/v1/allocate").header("Idempotency-Key", &key)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        text(&body, "lease_token"),
+        lease,
+        "the replay gives the token again"
+    );
+    let get = format!("/v1/sandboxes/{id}");
+    let (status, body) = send(track(Method::GET, &get).header("X-Lease-Token", &lease)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = send(
+        track(Method::POST, &format!("{get}/extend"))
+            .header("X-Lease-Token", &lease)
+            .json(&json!({"hours": 1})),
+    )
+    .await;
+    assert!(
+        status == StatusCode::OK || status == StatusCode::CONFLICT,
+        "{status} {body}"
+    );
+    let (status, body) = send(
+        track(Method::POST, &format!("{get}/mark-for-deletion")).header("X-Lease-Token", &lease),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A wrong token is refused and logged as a refusal, still without the token itself.
+    let wrong = format!("{lease}x");
+    let (status, _) = send(track(Method::GET, &get).header("X-Lease-Token", &wrong)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .map(|r| r.status())
+        .ok();
+    assert_eq!(metrics, Some(StatusCode::OK));
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let stopped = api.terminate(Duration::from_secs(30)).await;
+    assert!(stopped.is_some_and(|s| s.success()), "clean stop");
+    let log = api.log_tail(100_000);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        log.lines().filter(|l| l.starts_with('{')).count() > 20,
+        "the scan needs a log: {log}"
+    );
+    let lease_mac = lease.rsplit('.').next().unwrap_or_default().to_string();
+    let wrong_mac = wrong.rsplit('.').next().unwrap_or_default().to_string();
+    for (what, secret) in [
+        ("the lease token", lease_mac.as_str()),
+        ("a refused lease token", wrong_mac.as_str()),
+        ("the idempotency key", key.as_str()),
+        ("the track token", ALPHA),
+        ("the lease key", LEASE_KEY),
+    ] {
+        assert!(!log.contains(secret), "{what} is in the log");
+        assert!(!metrics.contains(secret), "{what} is in /metrics");
+    }
+}
