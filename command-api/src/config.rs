@@ -235,6 +235,11 @@ pub struct Config {
     /// `Retry-After` of a 503 MAINTENANCE, seconds.
     #[arg(long, env = "MAINTENANCE_RETRY_AFTER_SEC", default_value_t = 60)]
     pub maintenance_retry_after_sec: u64,
+    /// Seconds this instance skips a candidate whose allocation write ended with an unknown
+    /// outcome that a strong read of its stream could not settle either (the store failed twice
+    /// in a row); after it, the conditional write decides again (docs/liveness.md, path 1).
+    #[arg(long, env = "UNKNOWN_OUTCOME_HOLD_SEC", default_value_t = 10)]
+    pub unknown_outcome_hold_sec: u64,
     /// Key that derives lease tokens (at least 32 characters; unset: a dev-only key, refused
     /// on non-loopback addresses). See docs/tenancy.md for rotation.
     #[arg(long, env = "LEASE_TOKEN_KEY", hide_env_values = true)]

@@ -128,6 +128,7 @@ pub async fn build_with(
             drain_cache_ttl: Duration::from_millis(config.drain_cache_ms),
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
             quotas,
+            unknown_outcome_hold: Duration::from_secs(config.unknown_outcome_hold_sec),
             ..BrokerConfig::default()
         },
     );
