@@ -245,9 +245,11 @@ pub async fn build_with(
     let webhooks = if subscribers.is_empty() {
         None
     } else {
-        let feed: Arc<dyn domain::audit::EventFeed> = match (&embedded, &dynamo) {
-            (Some(store), _) => Arc::new(store.clone()),
-            (None, Some(store)) => Arc::new(store.clone()),
+        // The embedded store has a log (one total order, nothing late); DynamoDB's only order
+        // over all events is the time index (ADR 0024).
+        let source = match (&embedded, &dynamo) {
+            (Some(store), _) => crate::webhooks::EventSource::Log(Arc::new(store.clone())),
+            (None, Some(store)) => crate::webhooks::EventSource::TimeIndex(Arc::new(store.clone())),
             (None, None) => bail!("webhooks need the embedded or the DynamoDB store"),
         };
         let dispatcher = Arc::new(crate::webhooks::Dispatcher::new(
@@ -265,7 +267,7 @@ pub async fn build_with(
                 overlap: Duration::from_millis(config.webhook_overlap_ms),
             },
             events.clone(),
-            feed,
+            source,
             view.clone(),
             clock.clone(),
         )?);

@@ -14,6 +14,7 @@
 //!   command service directly.
 //! - [`chaos`] — the fault-testing harness: killable service processes, a DynamoDB fault proxy.
 //! - [`fake_csp`] — a scriptable fake CSP API over HTTP (paging, 5xx, 429, delays, bad JSON, DELETE counts).
+//! - [`webhook_receiver`] — a webhook subscriber on 127.0.0.1 that counts deliveries per id.
 //!
 //! Beside the library: `tests/it/` (every integration test, one binary with a module per area),
 //! the `chaos-*` builds of the service entry points that the fault tests start, and `src/bin/`
@@ -28,3 +29,4 @@ pub mod history;
 pub mod intercepted;
 pub mod pool;
 pub mod tee_events;
+pub mod webhook_receiver;

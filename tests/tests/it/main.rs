@@ -37,5 +37,6 @@ mod store_metering;
 mod tenancy;
 mod track_credentials;
 mod webhook_dispatch;
+mod webhook_progress;
 mod webhooks;
 mod worker_shutdown;
