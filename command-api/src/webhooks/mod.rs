@@ -372,13 +372,8 @@ impl Dispatcher {
         let tasks: Vec<_> = (0..self.subscribers.len())
             .map(|i| {
                 let dispatcher = Arc::clone(&self);
-                let mut stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = dispatcher.serve(i) => {}
-                        _ = stop.wait_for(|s| *s) => {}
-                    }
-                })
+                let stop = stop.clone();
+                tokio::spawn(async move { dispatcher.serve(i, stop).await })
             })
             .collect();
         for task in tasks {
@@ -402,12 +397,20 @@ impl Dispatcher {
     }
 
     /// Delivers a subscriber's notifications while this instance holds its lease; waits for the
-    /// lease otherwise (another instance delivers meanwhile).
-    async fn serve(&self, index: usize) {
+    /// lease otherwise (another instance delivers meanwhile). Returns once `stop` is set, after
+    /// saving what the tenure delivered.
+    async fn serve(&self, index: usize, mut stop: tokio::sync::watch::Receiver<bool>) {
         let subscriber = &self.subscribers[index];
         let lease = self.lease_of(subscriber);
         loop {
-            let tenure = match lease.claim().await {
+            if *stop.borrow() {
+                return;
+            }
+            let claimed = tokio::select! {
+                claimed = lease.claim() => claimed,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let tenure = match claimed {
                 Ok(Some(tenure)) => tenure,
                 Ok(None) => {
                     tokio::time::sleep(lease.renew_every()).await;
@@ -424,21 +427,29 @@ impl Dispatcher {
             // resends from the saved state, and receivers de-duplicate on the id), or when a save
             // finds a later tenure's epoch.
             let mut progress = None;
-            tokio::select! {
-                () = lease.keep(tenure) => {}
-                () = self.deliver_into(subscriber, tenure.epoch, &mut progress) => {
-                    // Fenced out: whoever did it holds the lease; wait before asking for it.
-                    tokio::time::sleep(lease.renew_every()).await;
-                    continue;
+            let (stopping, fenced) = tokio::select! {
+                () = lease.keep(tenure) => (false, false),
+                _ = stop.wait_for(|s| *s) => (true, false),
+                () = self.deliver_into(subscriber, tenure.epoch, &mut progress) => (false, true),
+            };
+            if fenced {
+                // Whoever fenced this tenure out holds the lease; wait before asking for it.
+                tokio::select! {
+                    () = tokio::time::sleep(lease.renew_every()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
                 }
+                continue;
             }
-            // The lease lapsed (a slow store, a paused process) or went to another instance.
-            // What was delivered since the last save is saved now, under the fence: refused if
-            // a later tenure has stamped the state, so it can only spare the next tenure
-            // re-sending, never move a position someone else owns.
+            // The lease lapsed (a slow store, a paused process), went to another instance, or
+            // the process is stopping. What was delivered since the last save is saved now,
+            // under the fence: refused if a later tenure has stamped the state, so it can only
+            // spare the next tenure re-sending, never move a position someone else owns.
             if let Some(progress) = progress.as_mut().filter(|p| p.dirty) {
                 let _ = tokio::time::timeout(lease.renew_every(), self.save(subscriber, progress))
                     .await;
+            }
+            if stopping {
+                return;
             }
         }
     }
