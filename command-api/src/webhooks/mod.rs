@@ -369,16 +369,15 @@ impl Dispatcher {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let stop = tokio_util_stop(shutdown);
-        let tasks: Vec<_> = (0..self.subscribers.len())
-            .map(|i| {
-                let dispatcher = Arc::clone(&self);
-                let stop = stop.clone();
-                tokio::spawn(async move { dispatcher.serve(i, stop).await })
-            })
-            .collect();
-        for task in tasks {
-            let _ = task.await;
+        // A set, not loose tasks: should this future be dropped (its task aborted), the
+        // subscriber tasks end with it instead of delivering on unowned.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.subscribers.len() {
+            let dispatcher = Arc::clone(&self);
+            let stop = stop.clone();
+            tasks.spawn(async move { dispatcher.serve(i, stop).await });
         }
+        while tasks.join_next().await.is_some() {}
         // A graceful stop hands the subscribers over at once instead of after the lease lapses.
         for subscriber in &self.subscribers {
             if let Err(e) = self.lease_of(subscriber).release().await {

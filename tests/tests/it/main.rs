@@ -23,6 +23,7 @@ mod jobs;
 mod lease_lifecycle;
 mod live_feed_limits;
 mod liveness;
+mod liveness_model;
 mod openapi_constraints;
 mod pool_alerts;
 mod pool_metrics;
