@@ -12,6 +12,7 @@ mod audit;
 mod candidate_pages;
 mod chaos;
 mod chaos_disk_full;
+mod chaos_liveness;
 mod csp_hardening;
 mod drain_cache;
 mod edge_cors;
