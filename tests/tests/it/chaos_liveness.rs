@@ -330,12 +330,28 @@ impl Rig {
             .count()
     }
 
+    /// Waits (bounded, 60 s) until two counts of the free `prefix` sandboxes 200 ms apart agree:
+    /// an abandoned request's write may still be landing (DynamoDB finishes a request whose
+    /// client has gone). Returns the count.
+    async fn settled_free(&self, prefix: &str) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut last = self.free(prefix).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.free(prefix).await;
+            if now == last || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// Allocates the free `prefix` sandboxes to fresh callers, eight requests at a time, each
     /// worker until its first 409. Sandboxes are single-use, so if any is still free once every
     /// request has ended, each of those 409s was answered while it was free: all of them count
-    /// as false. Every sandbox free when the drain began must have been allocated by it.
+    /// as false.
     async fn drain(&self, prefix: &str, tag: &str) -> Drain {
-        let free_before = self.free(prefix).await;
+        let free_before = self.settled_free(prefix).await;
         let started = Instant::now();
         let first = Mutex::new(None::<Duration>);
         let allocated = AtomicU64::new(0);
@@ -369,12 +385,13 @@ impl Rig {
         let free_after = self.free(prefix).await;
         let allocated = allocated.load(Ordering::Relaxed);
         let first = first.into_inner().unwrap_or_else(PoisonError::into_inner);
-        assert_eq!(
-            allocated, free_before as u64,
+        assert!(
+            allocated <= free_before as u64,
             "{tag}: {free_before} sandboxes were free, the drain allocated {allocated}"
         );
         Drain {
             free_before,
+            allocated,
             false_409s: if free_after > 0 {
                 refused.load(Ordering::Relaxed)
             } else {
@@ -390,6 +407,8 @@ impl Rig {
 struct Drain {
     /// Sandboxes free when it began.
     free_before: usize,
+    /// Sandboxes it allocated (fewer than were free only if an abandoned write landed late).
+    allocated: u64,
     /// 409s answered while a sandbox was free.
     false_409s: u64,
     /// From its start to its first allocation.
@@ -639,11 +658,11 @@ async fn run(backend: Backend) -> (Vec<AllocationRow>, NotificationRow) {
 
 fn print_tables(allocations: &[AllocationRow], notifications: &[NotificationRow]) {
     let mut out = String::from(
-        "| store | phase | requests | cancelled / faulted | acknowledged | false 409s | free after the faults | first allocation after the faults | all of them allocated in |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| store | phase | requests | cancelled / faulted | acknowledged | false 409s | free after the faults | allocated by the drain | first allocation after the faults | drain time |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in allocations {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s |\n",
             row.store,
             row.phase,
             row.requests,
@@ -651,6 +670,7 @@ fn print_tables(allocations: &[AllocationRow], notifications: &[NotificationRow]
             row.acknowledged,
             row.false_409s,
             row.drain.free_before,
+            row.drain.allocated,
             row.drain
                 .first
                 .map_or("none free".into(), |d| format!("{} ms", d.as_millis())),
