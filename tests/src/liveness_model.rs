@@ -215,15 +215,17 @@ struct Env {
     view: Arc<dyn ViewStore>,
     source: EventSource,
     log: Option<Arc<dyn EventLog>>,
+    /// The embedded store's directory, removed after the run.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Env {
     async fn open(store: ModelStore) -> Env {
         match store {
             ModelStore::EmbeddedFile => {
-                let path = std::env::temp_dir()
-                    .join(format!("broker-model-{}", uuid::Uuid::new_v4()))
-                    .join("broker.db");
+                let dir =
+                    std::env::temp_dir().join(format!("broker-model-{}", uuid::Uuid::new_v4()));
+                let path = dir.join("broker.db");
                 let store = Arc::new(
                     EmbeddedStore::open(&path, 4)
                         .unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
@@ -233,6 +235,7 @@ impl Env {
                     view: store.clone(),
                     source: EventSource::Log(store.clone()),
                     log: Some(store),
+                    dir: Some(dir),
                 }
             }
             ModelStore::DynamoLocal => {
@@ -242,6 +245,7 @@ impl Env {
                     view: store.clone(),
                     source: EventSource::TimeIndex(store),
                     log: None,
+                    dir: None,
                 }
             }
         }
@@ -805,6 +809,13 @@ pub fn run(options: &RunOptions) -> Result<RunReport, String> {
     let outcome = runner.run(&strategy, |(pool, ops)| {
         runtime.block_on(run_case(&env, pool, &ops, &tally))
     });
+    let dir = env.dir.clone();
+    drop(env);
+    // The runtime's tasks (receivers, lingering reads) hold the store too: end them first.
+    drop(runtime);
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let report = RunReport {
         cases: u32::try_from(tally.cases.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
         steps: tally.steps.load(Ordering::Relaxed),

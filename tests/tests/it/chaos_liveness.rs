@@ -105,6 +105,8 @@ impl StoreHook for FaultHook {
 /// One store's ports as the rig uses them.
 struct Ports {
     label: &'static str,
+    /// The embedded store's directory, removed at the end.
+    dir: Option<std::path::PathBuf>,
     events: Arc<dyn EventStore>,
     view: Arc<dyn ViewStore>,
     source: EventSource,
@@ -115,12 +117,13 @@ struct Ports {
 async fn ports(backend: Backend) -> Ports {
     match backend {
         Backend::Embedded => {
-            let path = std::env::temp_dir()
-                .join(format!("broker-chaos-liveness-{}", uuid::Uuid::new_v4()))
-                .join("broker.db");
+            let dir = std::env::temp_dir()
+                .join(format!("broker-chaos-liveness-{}", uuid::Uuid::new_v4()));
+            let path = dir.join("broker.db");
             let store = Arc::new(EmbeddedStore::open(&path, 4).unwrap_or_else(|e| panic!("{e}")));
             Ports {
                 label: "embedded",
+                dir: Some(dir),
                 events: store.clone(),
                 view: store.clone(),
                 source: EventSource::Log(store.clone()),
@@ -131,6 +134,7 @@ async fn ports(backend: Backend) -> Ports {
             let store = Arc::new(tests::ddb_local::fresh_store(4).await);
             Ports {
                 label: "dynamodb",
+                dir: None,
                 events: store.clone(),
                 view: store.clone(),
                 source: EventSource::TimeIndex(store),
@@ -143,6 +147,7 @@ async fn ports(backend: Backend) -> Ports {
 /// The store, the broker over the faulty events, and the webhook subscriber.
 struct Rig {
     label: &'static str,
+    dir: Option<std::path::PathBuf>,
     events: Arc<dyn EventStore>,
     view: Arc<dyn ViewStore>,
     source: EventSource,
@@ -163,6 +168,7 @@ impl Rig {
     async fn start(backend: Backend, seed: u64) -> Rig {
         let Ports {
             label,
+            dir,
             events,
             view,
             source,
@@ -191,6 +197,7 @@ impl Rig {
         let receiver = Receiver::start().await;
         let rig = Rig {
             label,
+            dir,
             events,
             view,
             source,
@@ -653,6 +660,9 @@ async fn run(backend: Backend) -> (Vec<AllocationRow>, NotificationRow) {
     }
     assert_eq!(notifications.lost, 0, "lost notifications");
     assert_eq!(notifications.duplicates, 0, "repeated notifications");
+    if let Some(dir) = &rig.dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     (vec![burst, unknown], notifications)
 }
 
