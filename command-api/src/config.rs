@@ -260,14 +260,19 @@ pub struct Config {
     /// Idle poll interval of the webhook dispatcher, ms.
     #[arg(long, env = "WEBHOOK_POLL_MS", default_value_t = 1_000)]
     pub webhook_poll_ms: u64,
-    /// Events younger than this wait for the next poll, ms (the time index may lag a little).
+    /// DynamoDB: events younger than this wait for the next webhook poll, ms (the time index
+    /// may lag a little; what it shows later the re-read finds). The embedded store's log needs
+    /// no wait.
     #[arg(long, env = "WEBHOOK_SETTLE_MS", default_value_t = 2_000)]
     pub webhook_settle_ms: u64,
     /// How long an instance's claim to dispatch a subscriber lasts without renewal, ms.
     #[arg(long, env = "WEBHOOK_LEASE_MS", default_value_t = 30_000)]
     pub webhook_lease_ms: u64,
-    /// How far behind its position the dispatcher re-reads the feed for late events, ms (0: off).
-    #[arg(long, env = "WEBHOOK_OVERLAP_MS", default_value_t = 60_000)]
+    /// DynamoDB: how late an event may show up in the time index after its timestamp, ms (an
+    /// append's retries, clock skew, index lag); the webhook watermark stays this far behind and
+    /// the window above it is re-read every quarter of it. Later events are not delivered (0:
+    /// no re-read). The embedded store's log needs none.
+    #[arg(long, env = "WEBHOOK_OVERLAP_MS", default_value_t = 90_000)]
     pub webhook_overlap_ms: u64,
     /// `expiring_soon` webhooks go out this many minutes before `expires_at`.
     #[arg(long, env = "EXPIRY_WARNING_MINUTES", default_value_t = 30)]
@@ -285,6 +290,11 @@ pub struct Config {
     /// `Retry-After` of a 503 MAINTENANCE, seconds.
     #[arg(long, env = "MAINTENANCE_RETRY_AFTER_SEC", default_value_t = 60)]
     pub maintenance_retry_after_sec: u64,
+    /// Seconds this instance skips a candidate whose allocation write ended with an unknown
+    /// outcome that a strong read of its stream could not settle either (the store failed twice
+    /// in a row); after it, the conditional write decides again (docs/liveness.md, path 1).
+    #[arg(long, env = "UNKNOWN_OUTCOME_HOLD_SEC", default_value_t = 10)]
+    pub unknown_outcome_hold_sec: u64,
     /// Key that derives lease tokens (at least 32 characters and 128 bits by the strength
     /// estimate; environment or `LEASE_TOKEN_KEY_FILE` only; unset: a dev-only key, refused
     /// on non-loopback addresses). See docs/tenancy.md for rotation.

@@ -157,6 +157,7 @@ pub async fn build_with(
             drain_cache_ttl: Duration::from_millis(config.drain_cache_ms),
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
             quotas,
+            unknown_outcome_hold: Duration::from_secs(config.unknown_outcome_hold_sec),
             ..BrokerConfig::default()
         },
     );
@@ -278,9 +279,11 @@ pub async fn build_with(
     let webhooks = if subscribers.is_empty() {
         None
     } else {
-        let feed: Arc<dyn domain::audit::EventFeed> = match (&embedded, &dynamo) {
-            (Some(store), _) => Arc::new(store.clone()),
-            (None, Some(store)) => Arc::new(store.clone()),
+        // The embedded store has a log (one total order, nothing late); DynamoDB's only order
+        // over all events is the time index (ADR 0027).
+        let source = match (&embedded, &dynamo) {
+            (Some(store), _) => crate::webhooks::EventSource::Log(Arc::new(store.clone())),
+            (None, Some(store)) => crate::webhooks::EventSource::TimeIndex(Arc::new(store.clone())),
             (None, None) => bail!("webhooks need the embedded or the DynamoDB store"),
         };
         let dispatcher = Arc::new(crate::webhooks::Dispatcher::new(
@@ -299,7 +302,7 @@ pub async fn build_with(
                 targets,
             },
             events.clone(),
-            feed,
+            source,
             view.clone(),
             clock.clone(),
         )?);

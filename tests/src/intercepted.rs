@@ -1,8 +1,9 @@
 //! [`InterceptedStore`]: one event store wrapper for every test that needs to see or steer the
 //! calls a component makes, instead of one hand-written delegating `EventStore` per test. It
 //! passes every call through to the store under test and calls a [`StoreHook`] around the ones
-//! a test cares about: before a stream read (to count it, or to force an interleaving) and after
-//! a successful append (to tee it elsewhere).
+//! a test cares about: before a stream read (to count it, fail it, or force an interleaving),
+//! before an append (to give it an unknown outcome: applied or not, or no answer at all) and
+//! after a successful append (to tee it elsewhere).
 
 use std::sync::Arc;
 
@@ -19,6 +20,22 @@ pub enum StreamRead {
     Latest,
 }
 
+/// How an append goes, as [`StoreHook::before_append`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppendPlan {
+    /// Passed through and answered as the inner store answers.
+    #[default]
+    Proceed,
+    /// Passed through, then answered `Unavailable` whatever the inner store said: the write
+    /// landed (if its versions were free) but the caller cannot know.
+    ApplyThenFail,
+    /// Answered `Unavailable` without reaching the inner store: nothing landed, and the caller
+    /// cannot know that either.
+    Fail,
+    /// Never answered (the caller's timeout or cancellation ends it); nothing lands.
+    Hang,
+}
+
 /// What a test does around the calls of an [`InterceptedStore`]; every method defaults to doing
 /// nothing, so a hook writes only the one it needs. An error a hook returns is the call's error,
 /// and the inner store is then not called.
@@ -27,6 +44,11 @@ pub trait StoreHook: Send + Sync + 'static {
     /// Runs before `stream_id` is read from the inner store.
     async fn before_read(&self, _stream_id: &str, _read: StreamRead) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Runs before `events` are appended; decides how the append goes.
+    async fn before_append(&self, _events: &[EventEnvelope]) -> AppendPlan {
+        AppendPlan::Proceed
     }
 
     /// Runs after the inner store accepted `events` (not after a refused append).
@@ -80,6 +102,18 @@ impl<H: StoreHook> EventStore for InterceptedStore<H> {
     }
 
     async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError> {
+        let injected = || StoreError::Unavailable("injected: outcome unknown".into());
+        match self.hook.before_append(&events).await {
+            AppendPlan::Proceed => {}
+            AppendPlan::Fail => return Err(injected()),
+            AppendPlan::Hang => std::future::pending::<()>().await,
+            AppendPlan::ApplyThenFail => {
+                if self.inner.append(events.clone()).await.is_ok() {
+                    self.hook.after_append(&events).await?;
+                }
+                return Err(injected());
+            }
+        }
         // The hook sees the events only once the inner store accepted them, so a refused append
         // (a lost version race) leaves no trace in what the hook records.
         self.inner.append(events.clone()).await?;

@@ -1,22 +1,36 @@
 //! Signed webhooks (ADR 0018): notifications about sandboxes and the pool, POSTed to
-//! subscribers at least once, each subscriber at its own pace.
+//! subscribers, each subscriber at its own pace.
 //!
-//! Each subscriber has one task. It tails the time-ordered event feed from its own saved
-//! position (a checkpoint named `webhooks:<name>`), turns the events it wants into
-//! notifications ([`config::KIND_OF_EVENT`]) and delivers them in order, retrying a failing
-//! endpoint with capped exponential backoff; the position moves past an event only once its
-//! notification was delivered or given up, so a crash or restart re-sends rather than loses.
-//! Besides the feed, the task checks the view for allocations about to expire and the pool
-//! counters for low groups, which no single event announces. Commands never wait for any of
-//! this: delivery runs beside them, reading what they recorded.
+//! Each subscriber has one task. It reads the events from its own saved position (a checkpoint
+//! named `webhooks:<name>`), turns the ones it wants into notifications
+//! ([`config::KIND_OF_EVENT`]) and delivers them in order, retrying a failing endpoint with capped
+//! exponential backoff; the position moves past an event only once its notification was
+//! delivered or given up, so a crash or restart re-sends rather than loses. Besides the events,
+//! the task checks the view for allocations about to expire and the pool counters for low groups,
+//! which no single event announces. Commands never wait for any of this: delivery runs beside
+//! them, reading what they recorded.
 //!
-//! Of several API instances only the one holding a subscriber's lease ([`lease`]) delivers for
-//! it; the others wait to take over. Each pass also re-reads a window behind the position for
-//! events the feed showed late, skipping those already handled (ADR 0018 addendum).
+//! **The position is durable and exact (ADR 0027).** On a store with a log ([`EventSource::Log`],
+//! the embedded store) it is a log position: one total order in which nothing arrives late, so
+//! every event is read once, at any rate. On a store whose only order is the time index
+//! ([`EventSource::TimeIndex`], DynamoDB) an event may show up behind events stamped after it (a
+//! slow or retried commit, writers' clocks, the index catching up), so the state holds a
+//! *watermark* — every event stamped before it was handled — kept `WEBHOOK_OVERLAP_MS` (the bound
+//! on how late an event shows up) behind the reading position, and the keys handled above the
+//! watermark. The window above the watermark is re-read every quarter of that bound and what is
+//! not among the handled keys is delivered; keys at or below the watermark are forgotten. Memory
+//! is the events of that window, whatever the rate, and nothing is sent twice by one holder.
 //!
-//! Every request carries `X-Broker-Webhook-Id` (stable across retries: de-duplicate on it),
-//! `X-Broker-Webhook-Timestamp` (Unix seconds) and `X-Broker-Webhook-Signature`:
-//! `v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the subscriber's secret>`.
+//! **Deliveries are fenced.** Of several API instances only the one holding a subscriber's lease
+//! ([`lease`]) delivers for it. Each tenure of the lease has an epoch, and the delivery state is
+//! saved only with an epoch at least the stored one: the next holder stamps the state with its
+//! epoch as soon as it takes over, after which an earlier holder that has not noticed (a paused
+//! process) can no longer move the position, and stops delivering at its next save or renewal.
+//!
+//! Every request carries `X-Broker-Webhook-Id` (stable across retries and across holders:
+//! de-duplicate on it), `X-Broker-Webhook-Timestamp` (Unix seconds) and
+//! `X-Broker-Webhook-Signature`: `v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the
+//! subscriber's secret>`.
 //!
 //! Targets are held to a [`TargetPolicy`]: `https` only, and public addresses only — a name is
 //! resolved at every delivery and refused when any of its addresses is private, loopback or
@@ -38,7 +52,7 @@ use domain::audit::{feed_key, EventFeed, FeedFilter, FeedQuery};
 use domain::model::events::{format_time, BrokerEvent, SandboxEvent};
 use domain::model::ids::{sandbox_id_of, sandbox_stream};
 use domain::model::pool_prefix::{pool_prefix, LowWater};
-use domain::store::ViewStore;
+use domain::store::{EventLog, ViewStore};
 use domain::{EventEnvelope, EventStore, SandboxStatus, SharedClock, StoreError};
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -47,20 +61,24 @@ use sha2::Digest;
 pub use config::{
     kind_of_event, load_subscribers, Subscriber, TargetPolicy, WebhookKind, KIND_OF_EVENT,
 };
-pub use lease::DispatchLease;
+pub use lease::{DispatchLease, Tenure};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// Events read from the feed per page.
+/// Events read per page.
 const FEED_PAGE: usize = 100;
 /// Given-up notifications remembered per subscriber for the admin view.
 const RECENT_FAILURES: usize = 20;
 /// Synthetic notification ids remembered (expiring soon, pool low) to send each once.
 const SENT_MEMORY: usize = 100_000;
-/// Feed keys of handled notifications remembered for the overlap re-read (ADR 0018 addendum):
-/// enough for 60 s of 30 notifications a second, and a checkpoint item well under DynamoDB's
-/// 400 KB. Past it the oldest are dropped, which can only repeat a delivery, never lose one.
-const HANDLED_MEMORY: usize = 2_000;
+/// Handled keys above the watermark written into the saved state, newest first (time index
+/// only): a checkpoint item well under DynamoDB's 400 KB. The holder keeps all of them in
+/// memory; a *new* holder re-sends the ones the saved state could not hold, once (receivers
+/// de-duplicate on the id), and never loses one.
+const HANDLED_SAVED: usize = 2_000;
+/// How often a busy subscriber saves its position (and learns whether it was fenced out); an
+/// idle one saves after each pass that moved it.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Delivery settings.
 #[derive(Debug, Clone)]
@@ -73,10 +91,10 @@ pub struct DeliverySettings {
     pub max_attempts: u32,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// How often the feed and the expiry/pool checks run when idle.
+    /// How often the events and the expiry/pool checks are read when idle.
     pub poll: Duration,
-    /// Events younger than this are left for the next poll (the time index may still be
-    /// filling in slightly older ones).
+    /// Time index only: events younger than this are left for the next poll (the index may
+    /// still be filling in slightly older ones; what it fills in later the re-read finds).
     pub settle: Duration,
     /// `expiring_soon` is sent this long before `expires_at`.
     pub expiry_warning: chrono::Duration,
@@ -84,8 +102,10 @@ pub struct DeliverySettings {
     pub low_water: LowWater,
     /// How long one instance's claim to dispatch a subscriber lasts without renewal.
     pub lease: Duration,
-    /// How far behind its position each subscriber re-reads the feed for events the time index
-    /// showed late; the re-read runs every quarter of this (in real time).
+    /// Time index only: how late an event may show up behind events stamped after it (clock
+    /// skew between writers, a commit's retries, the index's propagation). The watermark stays
+    /// this far behind the reading position, and the window above it is re-read every quarter of
+    /// it (in real time). Zero turns the re-read off.
     pub overlap: Duration,
     /// Which targets may be delivered to.
     pub targets: TargetPolicy,
@@ -123,8 +143,19 @@ pub struct PendingDelivery {
 /// show it and a restart resumes where it stopped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryState {
-    /// Feed position: every event up to here was handled.
+    /// Feed key (`{occurred_at}#{event_id}`) of the last event read. On the time index it is
+    /// where reading goes on; with a log, `sequence` decides and this one is for people (and
+    /// for a release from before the log position, should one read the state).
     pub position: String,
+    /// Log position (stores with a log): every event up to it was handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// Time index: every event whose feed key is at or below this was handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    /// The lease epoch of the tenure that saved this state (its fencing token).
+    #[serde(default)]
+    pub fence: u64,
     /// Notifications delivered.
     pub delivered: u64,
     /// Attempts that failed (retried or not).
@@ -137,14 +168,33 @@ pub struct DeliveryState {
     pub pending: Option<PendingDelivery>,
     /// The most recent notifications given up.
     pub recent_failures: VecDeque<FailedDelivery>,
-    /// Feed keys of the notifications handled (delivered or given up) within the overlap
-    /// window behind `position`: the re-read skips them, so a late event is sent once.
+    /// Time index: feed keys above the watermark whose notifications were handled (delivered or
+    /// given up), the newest [`HANDLED_SAVED`] of them: the re-read skips them.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub handled: VecDeque<String>,
     /// Prefix groups below low water at the last check: an instance taking over the
     /// subscriber does not announce them again.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub low_groups: BTreeSet<String>,
+}
+
+/// Where the dispatcher reads events, which decides what its position is (ADR 0027).
+#[derive(Clone)]
+pub enum EventSource {
+    /// A store with a log (the embedded store): the position is a log position.
+    Log(Arc<dyn EventLog>),
+    /// A store whose only order over all events is the time index (DynamoDB): a watermark held
+    /// back by `overlap`, and de-duplication by key above it.
+    TimeIndex(Arc<dyn EventFeed>),
+}
+
+impl std::fmt::Debug for EventSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EventSource::Log(_) => "Log",
+            EventSource::TimeIndex(_) => "TimeIndex",
+        })
+    }
 }
 
 /// One notification ready to send.
@@ -157,12 +207,72 @@ struct Notification {
     body: serde_json::Value,
 }
 
+/// Why a pass stopped short.
+#[derive(Debug)]
+enum Halt {
+    /// A read or write failed; the pass is tried again after the poll interval.
+    Store(StoreError),
+    /// A save was refused: a later tenure saved the state, so this one stops delivering.
+    Fenced,
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        Halt::Store(e)
+    }
+}
+
+/// A store whose log position replaced a time position (state saved by a release from before
+/// log positions): the events read again from just before the old position's overlap window are
+/// skipped when the old position had handled them.
+#[derive(Debug)]
+struct Legacy {
+    /// The old time position.
+    position: String,
+    /// Keys at or below this were behind the old re-read window: handled as far as it knew.
+    from: String,
+    /// The keys the old state had handled inside its window.
+    handled: HashSet<String>,
+    /// The log head when moved: past it, every event is new to both.
+    until: u64,
+}
+
+impl Legacy {
+    fn handled(&self, key: &str) -> bool {
+        key <= self.position.as_str() && (key <= self.from.as_str() || self.handled.contains(key))
+    }
+}
+
+/// A subscriber's progress while one tenure delivers for it.
+#[derive(Debug)]
+struct Progress {
+    /// The lease epoch every save carries.
+    epoch: u64,
+    /// What is saved (and shown to operators).
+    state: DeliveryState,
+    /// Time index: every handled key above the watermark (the saved state holds the newest).
+    handled: BTreeSet<String>,
+    /// See [`Legacy`].
+    legacy: Option<Legacy>,
+    /// Changed since the last save.
+    dirty: bool,
+    /// When the state was last saved.
+    saved_at: tokio::time::Instant,
+}
+
+impl Progress {
+    fn remember(&mut self, key: String) {
+        self.handled.insert(key);
+        self.dirty = true;
+    }
+}
+
 /// The dispatcher: subscribers, their tasks, and what the admin endpoint reads.
 pub struct Dispatcher {
     subscribers: Vec<Subscriber>,
     settings: DeliverySettings,
     events: Arc<dyn EventStore>,
-    feed: Arc<dyn EventFeed>,
+    source: EventSource,
     view: Arc<dyn ViewStore>,
     clock: SharedClock,
     client: reqwest::Client,
@@ -176,6 +286,7 @@ impl std::fmt::Debug for Dispatcher {
         f.debug_struct("Dispatcher")
             .field("subscribers", &self.subscribers.len())
             .field("settings", &self.settings)
+            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
@@ -231,12 +342,12 @@ fn derived_id(parts: &[&str]) -> String {
 }
 
 impl Dispatcher {
-    /// A dispatcher over the stores; `client` sends the requests.
+    /// A dispatcher over the stores, reading events from `source`; `client` sends the requests.
     pub fn new(
         subscribers: Vec<Subscriber>,
         settings: DeliverySettings,
         events: Arc<dyn EventStore>,
-        feed: Arc<dyn EventFeed>,
+        source: EventSource,
         view: Arc<dyn ViewStore>,
         clock: SharedClock,
     ) -> anyhow::Result<Self> {
@@ -252,7 +363,7 @@ impl Dispatcher {
             subscribers,
             settings,
             events,
-            feed,
+            source,
             view,
             clock,
             client,
@@ -276,7 +387,7 @@ impl Dispatcher {
                 .await?
                 .and_then(|raw| serde_json::from_str::<DeliveryState>(&raw).ok())
                 .map(|mut state| {
-                    // Bookkeeping of the overlap re-read, not something an operator reads.
+                    // Bookkeeping of the re-read, not something an operator reads.
                     state.handled.clear();
                     state
                 });
@@ -291,21 +402,15 @@ impl Dispatcher {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let stop = tokio_util_stop(shutdown);
-        let tasks: Vec<_> = (0..self.subscribers.len())
-            .map(|i| {
-                let dispatcher = Arc::clone(&self);
-                let mut stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = dispatcher.serve(i) => {}
-                        _ = stop.wait_for(|s| *s) => {}
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            let _ = task.await;
+        // A set, not loose tasks: should this future be dropped (its task aborted), the
+        // subscriber tasks end with it instead of delivering on unowned.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.subscribers.len() {
+            let dispatcher = Arc::clone(&self);
+            let stop = stop.clone();
+            tasks.spawn(async move { dispatcher.serve(i, stop).await });
         }
+        while tasks.join_next().await.is_some() {}
         // A graceful stop hands the subscribers over at once instead of after the lease lapses.
         for subscriber in &self.subscribers {
             if let Err(e) = self.lease_of(subscriber).release().await {
@@ -324,13 +429,21 @@ impl Dispatcher {
     }
 
     /// Delivers a subscriber's notifications while this instance holds its lease; waits for the
-    /// lease otherwise (another instance delivers meanwhile).
-    async fn serve(&self, index: usize) {
+    /// lease otherwise (another instance delivers meanwhile). Returns once `stop` is set, after
+    /// saving what the tenure delivered.
+    async fn serve(&self, index: usize, mut stop: tokio::sync::watch::Receiver<bool>) {
         let subscriber = &self.subscribers[index];
         let lease = self.lease_of(subscriber);
         loop {
-            let deadline = match lease.claim().await {
-                Ok(Some(deadline)) => deadline,
+            if *stop.borrow() {
+                return;
+            }
+            let claimed = tokio::select! {
+                claimed = lease.claim() => claimed,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let tenure = match claimed {
+                Ok(Some(tenure)) => tenure,
                 Ok(None) => {
                     tokio::time::sleep(lease.renew_every()).await;
                     continue;
@@ -341,43 +454,86 @@ impl Dispatcher {
                     continue;
                 }
             };
-            tracing::info!(target: "webhooks", subscriber = %subscriber.name, instance = %self.instance, "dispatch lease taken; delivering");
+            tracing::info!(target: "webhooks", subscriber = %subscriber.name, instance = %self.instance, epoch = tenure.epoch, "dispatch lease taken; delivering");
             // Delivery stops the moment the lease is lost (even mid-request: the next holder
-            // resends from the saved state, and receivers de-duplicate on the id).
-            tokio::select! {
-                () = lease.keep(deadline) => {}
-                () = self.deliver_while_held(subscriber) => {}
+            // resends from the saved state, and receivers de-duplicate on the id), or when a save
+            // finds a later tenure's epoch.
+            let mut progress = None;
+            let (stopping, fenced) = tokio::select! {
+                () = lease.keep(tenure) => (false, false),
+                _ = stop.wait_for(|s| *s) => (true, false),
+                () = self.deliver_into(subscriber, tenure.epoch, &mut progress) => (false, true),
+            };
+            if fenced {
+                // Whoever fenced this tenure out holds the lease; wait before asking for it.
+                tokio::select! {
+                    () = tokio::time::sleep(lease.renew_every()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            // The lease lapsed (a slow store, a paused process), went to another instance, or
+            // the process is stopping. What was delivered since the last save is saved now,
+            // under the fence: refused if a later tenure has stamped the state, so it can only
+            // spare the next tenure re-sending, never move a position someone else owns.
+            if let Some(progress) = progress.as_mut().filter(|p| p.dirty) {
+                let _ = tokio::time::timeout(lease.renew_every(), self.save(subscriber, progress))
+                    .await;
+            }
+            if stopping {
+                return;
             }
         }
     }
 
-    async fn deliver_while_held(&self, subscriber: &Subscriber) {
-        // Read afresh on every takeover: another instance may have moved it since.
-        let mut state = loop {
-            match self.load_state(subscriber).await {
-                Ok(state) => break state,
-                Err(e) => {
+    /// Delivers subscriber `index`'s notifications as the tenure with lease epoch `epoch`, until
+    /// a save of its state is refused because a later tenure saved with a greater epoch; then
+    /// returns. [`Dispatcher::run`] calls it once this instance holds the lease (and stops it
+    /// when the lease is lost); public so that tests can run a stale tenure beside a new one.
+    pub async fn deliver_under(&self, index: usize, epoch: u64) {
+        if let Some(subscriber) = self.subscribers.get(index) {
+            self.deliver_into(subscriber, epoch, &mut None).await;
+        }
+    }
+
+    /// [`Dispatcher::deliver_under`], keeping the tenure's progress in `slot`, where it stays
+    /// when the future is dropped (the lease was lost), consistent at every await: each event's
+    /// notification is delivered before the position passes it.
+    async fn deliver_into(&self, subscriber: &Subscriber, epoch: u64, slot: &mut Option<Progress>) {
+        let progress = loop {
+            match self.start_tenure(subscriber, epoch).await {
+                Ok(progress) => break slot.insert(progress),
+                Err(Halt::Fenced) => {
+                    tracing::warn!(target: "webhooks", subscriber = %subscriber.name, epoch, "a later tenure holds the delivery state; not delivering");
+                    return;
+                }
+                Err(Halt::Store(e)) => {
                     tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery state unreadable; retrying");
                     tokio::time::sleep(self.settings.poll).await;
                 }
             }
         };
         let mut sent: HashSet<String> = HashSet::new();
-        let mut low_before: HashSet<String> = state.low_groups.iter().cloned().collect();
-        let rescan_every = self.settings.overlap / 4;
-        let mut last_rescan: Option<tokio::time::Instant> = None;
+        let mut low_before: HashSet<String> = progress.state.low_groups.iter().cloned().collect();
+        let sweep_every = self.settings.overlap / 4;
+        let mut last_sweep: Option<tokio::time::Instant> = None;
         loop {
-            let rescan = !self.settings.overlap.is_zero()
-                && last_rescan.is_none_or(|at| at.elapsed() >= rescan_every);
-            if rescan {
-                last_rescan = Some(tokio::time::Instant::now());
+            let sweep = matches!(self.source, EventSource::TimeIndex(_))
+                && !self.settings.overlap.is_zero()
+                && last_sweep.is_none_or(|at| at.elapsed() >= sweep_every);
+            if sweep {
+                last_sweep = Some(tokio::time::Instant::now());
             }
             let busy = match self
-                .pass(subscriber, &mut state, &mut sent, &mut low_before, rescan)
+                .pass(subscriber, progress, &mut sent, &mut low_before, sweep)
                 .await
             {
                 Ok(busy) => busy,
-                Err(e) => {
+                Err(Halt::Fenced) => {
+                    tracing::warn!(target: "webhooks", subscriber = %subscriber.name, epoch, "a later tenure saved the delivery state; this instance stops delivering");
+                    return;
+                }
+                Err(Halt::Store(e)) => {
                     tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery pass failed; retrying");
                     false
                 }
@@ -391,70 +547,131 @@ impl Dispatcher {
         }
     }
 
-    async fn load_state(&self, subscriber: &Subscriber) -> Result<DeliveryState, StoreError> {
+    /// Loads the saved state (or starts a new subscriber at the present), moves a state saved
+    /// by an older release onto this source's position, and stamps it with `epoch` at once: from
+    /// then on no earlier tenure can save, even before this one has anything to save.
+    async fn start_tenure(&self, subscriber: &Subscriber, epoch: u64) -> Result<Progress, Halt> {
         let saved = self
             .view
             .checkpoint(&checkpoint_of(&subscriber.name))
             .await?
             .and_then(|raw| serde_json::from_str::<DeliveryState>(&raw).ok());
-        Ok(saved.unwrap_or_else(|| DeliveryState {
+        let fresh = saved.is_none();
+        let mut state = saved.unwrap_or_else(|| DeliveryState {
             // A new subscriber hears what happens from now on, not the whole history.
             position: format_time(&self.clock.now()),
             ..DeliveryState::default()
-        }))
+        });
+        let overlap = chrono::Duration::from_std(self.settings.overlap).unwrap_or_default();
+        let mut handled = BTreeSet::new();
+        let mut legacy = None;
+        match &self.source {
+            EventSource::Log(log) => {
+                if state.sequence.is_none() {
+                    if fresh {
+                        state.sequence = Some(log.log_head().await?);
+                    } else {
+                        // Saved by a release that kept a time position: start the log just
+                        // before that position's re-read window and skip what it had handled.
+                        let at = position_time(&state.position).unwrap_or_else(|| self.clock.now());
+                        let from = at - overlap;
+                        state.sequence = Some(log.log_position_before(from).await?);
+                        legacy = Some(Legacy {
+                            position: state.position.clone(),
+                            from: format_time(&from),
+                            handled: state.handled.iter().cloned().collect(),
+                            until: log.log_head().await?,
+                        });
+                    }
+                }
+                state.handled.clear();
+                state.watermark = None;
+            }
+            EventSource::TimeIndex(_) => {
+                let watermark = match state.watermark.take() {
+                    Some(watermark) => watermark,
+                    // A new subscriber: nothing before its start is its business.
+                    None if fresh => state.position.clone(),
+                    // A state from before watermarks: the window its re-read covered behind
+                    // the position is still open.
+                    None => match position_time(&state.position) {
+                        Some(at) if !overlap.is_zero() => format_time(&(at - overlap)),
+                        _ => state.position.clone(),
+                    },
+                };
+                handled = state
+                    .handled
+                    .drain(..)
+                    .filter(|key| *key > watermark)
+                    .collect();
+                state.watermark = Some(watermark);
+            }
+        }
+        let mut progress = Progress {
+            epoch,
+            state,
+            handled,
+            legacy,
+            dirty: true,
+            saved_at: tokio::time::Instant::now(),
+        };
+        self.save(subscriber, &mut progress).await?;
+        Ok(progress)
     }
 
-    async fn save_state(&self, subscriber: &Subscriber, state: &DeliveryState) {
-        let Ok(raw) = serde_json::to_string(state) else {
-            return;
-        };
-        if let Err(e) = self
+    /// Saves the state with the tenure's epoch. Refused (a later tenure saved): [`Halt::Fenced`].
+    /// A store error leaves it unsaved (the next save carries it) and delivery goes on: a lost
+    /// save costs a re-send after a restart, never a notification.
+    async fn save(&self, subscriber: &Subscriber, progress: &mut Progress) -> Result<(), Halt> {
+        progress.state.fence = progress.epoch;
+        let skip = progress.handled.len().saturating_sub(HANDLED_SAVED);
+        progress.state.handled = progress.handled.iter().skip(skip).cloned().collect();
+        let raw = serde_json::to_string(&progress.state)
+            .map_err(|e| StoreError::Corrupt(format!("delivery state: {e}")))?;
+        match self
             .view
-            .save_checkpoint(&checkpoint_of(&subscriber.name), &raw)
+            .save_checkpoint_fenced(&checkpoint_of(&subscriber.name), progress.epoch, &raw)
             .await
         {
-            tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery state not saved");
+            Ok(true) => {
+                progress.dirty = false;
+                progress.saved_at = tokio::time::Instant::now();
+                Ok(())
+            }
+            Ok(false) => Err(Halt::Fenced),
+            Err(e) => {
+                tracing::warn!(target: "webhooks", subscriber = %subscriber.name, error = %e, "delivery state not saved");
+                Ok(())
+            }
         }
     }
 
-    /// One pass: the overlap re-read when `rescan`, the feed (one page), then the expiry and
-    /// pool checks. `true` when the feed had more to read.
+    /// One pass: the events (one page; on the time index also the re-read when `sweep`), a save
+    /// when due, then the expiry and pool checks. `true` when there was more to read.
     async fn pass(
         &self,
         subscriber: &Subscriber,
-        state: &mut DeliveryState,
+        progress: &mut Progress,
         sent: &mut HashSet<String>,
         low_before: &mut HashSet<String>,
-        rescan: bool,
-    ) -> Result<bool, StoreError> {
+        sweep: bool,
+    ) -> Result<bool, Halt> {
         let now = self.clock.now();
-        let settle = chrono::Duration::from_std(self.settings.settle).unwrap_or_default();
-        let until = now - settle + chrono::Duration::milliseconds(1);
-        if rescan {
-            self.reread_overlap(subscriber, state, until).await?;
-        }
-        let query = FeedQuery {
-            after: state.position.clone(),
-            until,
-            filter: FeedFilter::default(),
-        };
-        let before = state.clone();
-        let page = self.feed.feed(&query, FEED_PAGE).await?;
-        for envelope in &page.events {
-            if let Some(notification) = self.notification_of(envelope).await? {
-                if subscriber.wants(notification.kind, &notification.name) {
-                    self.deliver(subscriber, state, &notification).await;
-                    remember_handled(state, feed_key(envelope));
+        let more = match &self.source {
+            EventSource::Log(log) => self.read_log(subscriber, log.as_ref(), progress).await?,
+            EventSource::TimeIndex(feed) => {
+                let settle = chrono::Duration::from_std(self.settings.settle).unwrap_or_default();
+                let until = now - settle + chrono::Duration::milliseconds(1);
+                if sweep {
+                    self.sweep(subscriber, feed.as_ref(), progress, now, until)
+                        .await?;
                 }
+                self.read_forward(subscriber, feed.as_ref(), progress, until)
+                    .await?
             }
-            state.position = feed_key(envelope);
-        }
-        let more = page.next.is_some() && !page.events.is_empty();
-        if let Some(next) = page.next {
-            state.position = next;
-        }
-        if *state != before {
-            self.save_state(subscriber, state).await;
+        };
+        if progress.dirty && (!more || progress.saved_at.elapsed() >= CHECKPOINT_EVERY) {
+            self.save(subscriber, progress).await?;
         }
 
         for notification in self.expiring_soon(now).await? {
@@ -463,79 +680,159 @@ impl Dispatcher {
             {
                 continue;
             }
-            self.deliver(subscriber, state, &notification).await;
+            self.deliver(subscriber, progress, &notification).await?;
             sent.insert(notification.id.clone());
-            self.save_state(subscriber, state).await;
+            self.save(subscriber, progress).await?;
         }
         let low = self.pool_low(now, low_before).await?;
         let low_groups: BTreeSet<String> = low_before.iter().cloned().collect();
-        let groups_changed = low_groups != state.low_groups;
-        state.low_groups = low_groups;
+        let groups_changed = low_groups != progress.state.low_groups;
+        progress.state.low_groups = low_groups;
         let mut saved = false;
         for notification in low {
             if subscriber.wants(notification.kind, &notification.name) {
-                self.deliver(subscriber, state, &notification).await;
-                self.save_state(subscriber, state).await;
+                self.deliver(subscriber, progress, &notification).await?;
+                self.save(subscriber, progress).await?;
                 saved = true;
             }
         }
         if groups_changed && !saved {
-            self.save_state(subscriber, state).await;
+            self.save(subscriber, progress).await?;
         }
         Ok(more)
     }
 
-    /// Reads the feed again from `overlap` before the position up to the position and sends what
-    /// is not among the handled keys: events the time index showed only after the position had
-    /// passed their timestamp (a slow append, an index catching up). Handled keys older than the
-    /// window are forgotten; the re-read never goes back that far.
-    async fn reread_overlap(
+    /// The next page of the log after the saved log position. `true` when the page was full.
+    async fn read_log(
         &self,
         subscriber: &Subscriber,
-        state: &mut DeliveryState,
+        log: &dyn EventLog,
+        progress: &mut Progress,
+    ) -> Result<bool, Halt> {
+        let after = progress.state.sequence.unwrap_or_default();
+        let page = log.read_log(after, FEED_PAGE).await?;
+        for (sequence, envelope) in &page {
+            let key = feed_key(envelope);
+            let skip = progress
+                .legacy
+                .as_ref()
+                .is_some_and(|legacy| legacy.handled(&key));
+            if !skip {
+                if let Some(notification) = self.notification_of(envelope).await? {
+                    if subscriber.wants(notification.kind, &notification.name) {
+                        self.deliver(subscriber, progress, &notification).await?;
+                    }
+                }
+            }
+            progress.state.sequence = Some(*sequence);
+            progress.state.position = key;
+            progress.dirty = true;
+            if progress
+                .legacy
+                .as_ref()
+                .is_some_and(|legacy| *sequence >= legacy.until)
+            {
+                progress.legacy = None;
+            }
+        }
+        Ok(page.len() == FEED_PAGE)
+    }
+
+    /// Time index: the next page after the reading position, up to `until`. Every key delivered
+    /// is remembered for the re-read. `true` when the range holds more.
+    async fn read_forward(
+        &self,
+        subscriber: &Subscriber,
+        feed: &dyn EventFeed,
+        progress: &mut Progress,
         until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let Some(position_at) = position_time(&state.position) else {
-            return Ok(());
+    ) -> Result<bool, Halt> {
+        let query = FeedQuery {
+            after: progress.state.position.clone(),
+            until,
+            filter: FeedFilter::default(),
         };
+        let page = feed.feed(&query, FEED_PAGE).await?;
+        for envelope in &page.events {
+            let key = feed_key(envelope);
+            if !progress.handled.contains(&key) {
+                if let Some(notification) = self.notification_of(envelope).await? {
+                    if subscriber.wants(notification.kind, &notification.name) {
+                        self.deliver(subscriber, progress, &notification).await?;
+                        progress.remember(key.clone());
+                    }
+                }
+            }
+            progress.state.position = key;
+            progress.dirty = true;
+        }
+        let mut more = false;
+        if let Some(next) = page.next {
+            more = next != query.after;
+            if next != progress.state.position {
+                progress.state.position = next;
+                progress.dirty = true;
+            }
+        }
+        if self.settings.overlap.is_zero() {
+            // No re-read: the watermark is the position, and nothing needs remembering.
+            progress.state.watermark = Some(progress.state.position.clone());
+            progress.handled.clear();
+        }
+        Ok(more)
+    }
+
+    /// Time index: reads the window from the watermark up to the reading position again and
+    /// delivers what is not among the handled keys — events the index showed only after the
+    /// position had passed their key (a slow or retried commit, a writer's clock behind, the
+    /// index catching up). Then moves the watermark to `overlap` before `now` (never past the
+    /// position): every event stamped earlier was visible to this read if it ever will be, so it
+    /// was handled, and its key can be forgotten.
+    async fn sweep(
+        &self,
+        subscriber: &Subscriber,
+        feed: &dyn EventFeed,
+        progress: &mut Progress,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<(), Halt> {
         let overlap = chrono::Duration::from_std(self.settings.overlap).unwrap_or_default();
-        let from = format_time(&(position_at - overlap));
-        let before = state.handled.len();
-        state.handled.retain(|key| *key > from);
-        let mut changed = state.handled.len() != before;
-        let handled: HashSet<String> = state.handled.iter().cloned().collect();
-        let mut after = from;
+        let watermark = progress.state.watermark.clone().unwrap_or_default();
+        let mut after = watermark.clone();
         'pages: loop {
             let query = FeedQuery {
                 after: after.clone(),
                 until,
                 filter: FeedFilter::default(),
             };
-            let page = self.feed.feed(&query, FEED_PAGE).await?;
+            let page = feed.feed(&query, FEED_PAGE).await?;
             for envelope in &page.events {
                 let key = feed_key(envelope);
-                if key > state.position {
+                if key > progress.state.position {
                     break 'pages;
                 }
-                if handled.contains(&key) {
+                if progress.handled.contains(&key) {
                     continue;
                 }
                 if let Some(notification) = self.notification_of(envelope).await? {
                     if subscriber.wants(notification.kind, &notification.name) {
                         tracing::info!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, "event found behind the position; delivering");
-                        self.deliver(subscriber, state, &notification).await;
-                        remember_handled(state, key);
-                        changed = true;
+                        self.deliver(subscriber, progress, &notification).await?;
+                        progress.remember(key);
                     }
                 }
             }
             match page.next {
-                Some(next) if next < state.position && next > after => after = next,
+                Some(next) if next < progress.state.position && next > after => after = next,
                 _ => break,
             }
         }
-        if changed {
-            self.save_state(subscriber, state).await;
+        let horizon = format_time(&(now - overlap)).min(progress.state.position.clone());
+        if horizon > watermark {
+            progress.handled = progress.handled.split_off(&horizon);
+            progress.handled.remove(&horizon);
+            progress.state.watermark = Some(horizon);
+            progress.dirty = true;
         }
         Ok(())
     }
@@ -679,15 +976,17 @@ impl Dispatcher {
 
     /// Sends one notification until it is accepted (2xx) or the attempts are spent, recording
     /// each failure in the state admins see.
+    /// Only a refused save ([`Halt::Fenced`]) ends it early.
     async fn deliver(
         &self,
         subscriber: &Subscriber,
-        state: &mut DeliveryState,
+        progress: &mut Progress,
         notification: &Notification,
-    ) {
+    ) -> Result<(), Halt> {
         let body = serde_json::to_vec(&notification.body).unwrap_or_default();
         let mut attempt = 0;
         loop {
+            let state = &mut progress.state;
             attempt += 1;
             let timestamp = Utc::now().timestamp();
             let result = self
@@ -709,8 +1008,9 @@ impl Dispatcher {
                     state.delivered += 1;
                     state.pending = None;
                     state.last_delivered_at = Some(format_time(&Utc::now()));
+                    progress.dirty = true;
                     tracing::info!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, kind = notification.kind.as_str(), attempt, "webhook delivered");
-                    return;
+                    return Ok(());
                 }
                 Ok(resp) if resp.status().is_redirection() => format!(
                     "answered {} (a redirect; redirects are not followed)",
@@ -733,8 +1033,7 @@ impl Dispatcher {
                     state.recent_failures.pop_front();
                 }
                 tracing::warn!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, kind = notification.kind.as_str(), attempt, error = %error, "webhook given up");
-                self.save_state(subscriber, state).await;
-                return;
+                return self.save(subscriber, progress).await;
             }
             let delay = self
                 .settings
@@ -751,7 +1050,7 @@ impl Dispatcher {
                 ),
             });
             tracing::warn!(target: "webhooks", subscriber = %subscriber.name, id = %notification.id, attempt, error = %error, "webhook attempt failed; retrying");
-            self.save_state(subscriber, state).await;
+            self.save(subscriber, progress).await?;
             tokio::time::sleep(delay).await;
         }
     }
@@ -803,14 +1102,6 @@ fn failure_of(error: &reqwest::Error) -> &'static str {
         "redirected; redirects are not followed"
     } else {
         "request failed"
-    }
-}
-
-/// Adds a handled feed key, dropping the oldest past [`HANDLED_MEMORY`].
-fn remember_handled(state: &mut DeliveryState, key: String) {
-    state.handled.push_back(key);
-    while state.handled.len() > HANDLED_MEMORY {
-        state.handled.pop_front();
     }
 }
 

@@ -88,8 +88,9 @@ pub struct BrokerConfig {
     /// Concurrent allocations allowed per track name (`TRACK_QUOTAS`, `DEFAULT_TRACK_QUOTA`).
     pub quotas: TrackQuotas,
     /// How long this process skips a candidate whose allocation write ended with an unknown
-    /// outcome that a strong read of its stream could not settle either (10 s; the store was
-    /// unreachable twice in a row). After it, the conditional write decides again.
+    /// outcome that a strong read of its stream could not settle either
+    /// (`UNKNOWN_OUTCOME_HOLD_SEC`, 10 s; the store was unreachable twice in a row). After it,
+    /// the conditional write decides again.
     pub unknown_outcome_hold: StdDuration,
 }
 

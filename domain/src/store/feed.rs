@@ -1,7 +1,11 @@
 //! The time-ordered feed port: every event of the store in feed-key order
 //! (`{occurred_at}#{event_id}`), filtered. Kept apart from [`EventStore`](super::EventStore)
-//! because only auditors, exports and the live stream read it; `crate::audit` builds its queries
-//! on top of it.
+//! because only auditors, exports, the live stream and the webhook dispatcher read it;
+//! `crate::audit` builds its queries on top of it.
+//!
+//! Beside it, [`EventLog`]: the stronger port of a store whose events have one total order in
+//! which nothing arrives late (the embedded store's log). A consumer that must see every event
+//! exactly once keeps its progress as a log position where a store offers one (ADR 0027).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -91,4 +95,27 @@ pub trait EventFeed: Send + Sync + 'static {
     /// `occurred_at` of the earliest event, `None` for an empty store: where an unbounded read
     /// starts.
     async fn first_event_time(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+}
+
+/// One total order over every event in which nothing arrives late: positions are handed out in
+/// commit order, so a reader that has seen position `n` never later finds an event at or below
+/// `n`. The embedded store's log is one (one writer, positions assigned inside the commit).
+/// DynamoDB has none across writers: its time index orders by writers' clocks and shows a slow
+/// commit after faster, later-stamped ones (ADR 0027).
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Events at positions greater than `after`, ascending, at most `limit`.
+    async fn read_log(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, EventEnvelope)>, StoreError>;
+
+    /// The newest position (0 for an empty log).
+    async fn log_head(&self) -> Result<u64, StoreError>;
+
+    /// A position from which a reader sees every event stamped at or after `at`: the position
+    /// just before the first such event (the head when there is none). Moves a time position
+    /// onto the log, once.
+    async fn log_position_before(&self, at: DateTime<Utc>) -> Result<u64, StoreError>;
 }

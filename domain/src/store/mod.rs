@@ -33,7 +33,7 @@ pub mod repair;
 pub mod unknown;
 
 pub use append::validate_append;
-pub use feed::{EventFeed, FeedFilter, FeedPage, FeedQuery};
+pub use feed::{EventFeed, EventLog, FeedFilter, FeedPage, FeedQuery};
 pub use repair::{repair_row, RepairOutcome};
 
 /// A stored event decoded into the model; an envelope of a known type the model cannot read is
@@ -290,6 +290,24 @@ pub trait ViewStore: PoolView {
     ) -> Result<bool, StoreError> {
         Err(StoreError::Unavailable(format!(
             "this view cannot write checkpoint {source} conditionally"
+        )))
+    }
+
+    /// Saves `position` under `source` together with the fencing token `fence`, unless a
+    /// greater token is already stored there; `Ok(false)` (nothing written) when one is. A
+    /// consumer that holds a lease passes the lease's epoch: once a later holder has saved
+    /// with its greater epoch, the earlier holder can no longer move the position, whatever it
+    /// still believes about its lease (ADR 0027). The token lives beside the position, so a
+    /// plain [`ViewStore::save_checkpoint`] of another source is unaffected. The default
+    /// refuses, like [`ViewStore::swap_checkpoint`].
+    async fn save_checkpoint_fenced(
+        &self,
+        source: &str,
+        _fence: u64,
+        _position: &str,
+    ) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable(format!(
+            "this view cannot fence checkpoint {source}"
         )))
     }
 

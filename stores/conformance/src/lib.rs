@@ -11,7 +11,7 @@
 //! - the fixtures [`event`], [`row`], [`delta`], [`now_ms`], shared with the adapter-specific checks;
 //! - the checks, one function each: the event store (appends, conflicts, atomic batches, races,
 //!   large streams, envelopes, refused batches, scans), then the view (conditional rows, stats,
-//!   candidates, listings, the due index, checkpoints).
+//!   candidates, listings, the due index, checkpoints, fenced checkpoints).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -76,7 +76,8 @@ macro_rules! conformance_tests {
             candidates_wrap_around_and_filter_by_prefix,
             list_pages_with_cursor,
             due_returns_oldest_first,
-            checkpoints_and_clear
+            checkpoints_and_clear,
+            fenced_checkpoints_refuse_an_older_token
         );
     };
     (@cases $ports:expr; $($case:ident),+ $(,)?) => {
@@ -876,5 +877,34 @@ pub async fn checkpoints_and_clear(p: Ports) -> CheckResult {
         .write_row(None, &r, &delta(&[(SandboxStatus::Available, 1)]))
         .await?;
     assert_eq!(p.view.stats().await?.total(), 1);
+    Ok(())
+}
+
+/// A fenced checkpoint save takes the token it is given and refuses, writing nothing, a token
+/// below the stored one (a consumer whose lease a later holder took can no longer move its
+/// position); an equal token saves again (a retried save of the same holder); a rebuild's clear
+/// keeps the position and its token.
+pub async fn fenced_checkpoints_refuse_an_older_token(p: Ports) -> CheckResult {
+    let source = "webhooks:fenced";
+    assert!(p.view.save_checkpoint_fenced(source, 5, "a").await?);
+    assert_eq!(p.view.checkpoint(source).await?.as_deref(), Some("a"));
+    assert!(p.view.save_checkpoint_fenced(source, 5, "b").await?);
+    assert!(p.view.save_checkpoint_fenced(source, 7, "c").await?);
+    assert!(
+        !p.view.save_checkpoint_fenced(source, 6, "stale").await?,
+        "an older token moved the position"
+    );
+    assert_eq!(p.view.checkpoint(source).await?.as_deref(), Some("c"));
+    p.view.clear().await?;
+    assert_eq!(p.view.checkpoint(source).await?.as_deref(), Some("c"));
+    assert!(!p.view.save_checkpoint_fenced(source, 6, "stale").await?);
+    assert!(p.view.save_checkpoint_fenced(source, 8, "d").await?);
+    assert_eq!(p.view.checkpoint(source).await?.as_deref(), Some("d"));
+    // Other sources are not fenced by it.
+    assert!(
+        p.view
+            .save_checkpoint_fenced("webhooks:other", 1, "x")
+            .await?
+    );
     Ok(())
 }

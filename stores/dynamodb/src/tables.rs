@@ -45,6 +45,8 @@ pub const STATS_KEY: &str = "shard";
 pub const CHECKPOINT_KEY: &str = "shard_id";
 /// The saved position attribute of a checkpoint item.
 pub const CHECKPOINT_POSITION: &str = "position";
+/// The fencing token of a checkpoint item saved with `save_checkpoint_fenced` (a number).
+pub const CHECKPOINT_FENCE: &str = "fence";
 
 /// A key attribute: `(name, type)` with type `S` or `N`; serialised as `["name","S"]`.
 pub type KeyAttribute = (String, String);

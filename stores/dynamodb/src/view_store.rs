@@ -235,6 +235,44 @@ impl ViewStore for DynamoStore {
         }
     }
 
+    async fn save_checkpoint_fenced(
+        &self,
+        source: &str,
+        fence: u64,
+        position: &str,
+    ) -> Result<bool, StoreError> {
+        let mut retry = self.retry("PutItem(checkpoint fenced)");
+        loop {
+            // `<=`, not `<`: a retry of an attempt that landed but whose answer was lost finds
+            // its own token and succeeds again, instead of reading as fenced out.
+            let request = self
+                .client
+                .put_item()
+                .table_name(&self.checkpoints)
+                .item(tables::CHECKPOINT_KEY, s(source))
+                .item(tables::CHECKPOINT_POSITION, s(position))
+                .item(
+                    tables::CHECKPOINT_FENCE,
+                    aws_sdk_dynamodb::types::AttributeValue::N(fence.to_string()),
+                )
+                .condition_expression("attribute_not_exists(#f) OR #f <= :f")
+                .expression_attribute_names("#f", tables::CHECKPOINT_FENCE)
+                .expression_attribute_values(
+                    ":f",
+                    aws_sdk_dynamodb::types::AttributeValue::N(fence.to_string()),
+                );
+            match request.send().await {
+                Ok(_) => return Ok(true),
+                Err(SdkError::ServiceError(ctx))
+                    if matches!(ctx.err(), PutItemError::ConditionalCheckFailedException(_)) =>
+                {
+                    return Ok(false);
+                }
+                Err(err) => retry.after(classify(&err, refused)).await?,
+            }
+        }
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         let all = |_: &str| true;
         self.delete_all(&self.pool, pool_attr::SANDBOX_ID, all)

@@ -3,6 +3,10 @@
 //! `(occurred_at, event_id)` is the text order of the feed key `{occurred_at}#{event_id}`, and a
 //! position splits at its first `#` into the two columns. The filter is pushed into SQL as exactly
 //! the predicate of [`FeedFilter::matches`] (SQLite's JSON functions read the payload).
+//!
+//! [`EventLog`] is the log's own order (`events.position`): SQLite has one writer and assigns
+//! positions inside the committing transaction, so a reader never sees a position filled in
+//! behind one it has already read.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,7 +17,9 @@ use super::{db_err, EmbeddedStore};
 use domain::audit::{feed_key, EventFeed, FeedPage, FeedQuery};
 use domain::model::events::format_time;
 use domain::model::ids::SANDBOX_STREAM_PREFIX;
+use domain::store::EventLog;
 use domain::store::StoreError;
+use domain::EventEnvelope;
 
 #[async_trait]
 impl EventFeed for EmbeddedStore {
@@ -96,5 +102,40 @@ impl EventFeed for EmbeddedStore {
                     .map_err(|e| StoreError::Corrupt(format!("occurred_at {raw}: {e}")))
             })
             .transpose()
+    }
+}
+
+#[async_trait]
+impl EventLog for EmbeddedStore {
+    async fn read_log(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, EventEnvelope)>, StoreError> {
+        EmbeddedStore::read_log(self, after, limit).await
+    }
+
+    async fn log_head(&self) -> Result<u64, StoreError> {
+        EmbeddedStore::log_head(self).await
+    }
+
+    async fn log_position_before(&self, at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let at = format_time(&at);
+        let first: Option<i64> = self
+            .with_reader(move |conn, _| {
+                // The by-time index bounds the range to the recent tail; MIN over it is the
+                // earliest log position among the events stamped at or after `at`.
+                conn.query_row(
+                    "SELECT MIN(position) FROM events WHERE occurred_at >= ?1",
+                    [at],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)
+            })
+            .await?;
+        match first {
+            Some(position) => Ok(u64::try_from(position).unwrap_or(1).saturating_sub(1)),
+            None => EmbeddedStore::log_head(self).await,
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The schema of the embedded store: the event log (with its global position and by-time index),
-//! the view rows, stats shards and projector checkpoints.
+//! the view rows, stats shards, checkpoints and the fencing tokens of consumers' checkpoints (a
+//! table of its own, so files written before it gain it with `CREATE TABLE IF NOT EXISTS`).
 
 pub(super) const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -43,5 +44,9 @@ CREATE TABLE IF NOT EXISTS stats (
 CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoint_fences (
+    source TEXT PRIMARY KEY,
+    fence  INTEGER NOT NULL
 );
 ";

@@ -146,6 +146,49 @@ impl ViewStore for EmbeddedStore {
         .await
     }
 
+    async fn save_checkpoint_fenced(
+        &self,
+        source: &str,
+        fence: u64,
+        position: &str,
+    ) -> Result<bool, StoreError> {
+        let (source, position) = (source.to_string(), position.to_string());
+        let fence = i64::try_from(fence).unwrap_or(i64::MAX);
+        self.with_conn(move |conn, _| {
+            // One immediate transaction on the write connection: the token is compared and
+            // both rows written with no other writer in between.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let stored: Option<i64> = tx
+                .query_row(
+                    "SELECT fence FROM checkpoint_fences WHERE source = ?1",
+                    params![source],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if stored.is_some_and(|stored| stored > fence) {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO checkpoint_fences (source, fence) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET fence = excluded.fence",
+                params![source, fence],
+            )
+            .map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO checkpoints (source, position) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                params![source, position],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         self.with_conn(|conn, _| {
             // One transaction: the counters never outlive (or outcount) the rows they follow.

@@ -1,6 +1,7 @@
 //! Liveness under partial failure over real HTTP, on both stores (docs/liveness.md): a retried
 //! extension with the same `Idempotency-Key` adds its hours once, and a replayed allocation
-//! past its `expires_at` expires the ended lab and answers as a fresh request would.
+//! past its `expires_at` expires the ended lab and answers as a fresh request would; the
+//! unknown-outcome hold is a setting.
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -174,4 +175,30 @@ async fn body_expires(
     .await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     Ok(body["expires_at"].as_i64().unwrap_or_default())
+}
+
+/// `UNKNOWN_OUTCOME_HOLD_SEC` reaches the allocator: 10 s when unset, the given seconds
+/// otherwise (the command-line spelling is parsed by the same clap definition as the variable).
+#[tokio::test]
+async fn the_unknown_outcome_hold_is_a_setting() -> TestResult {
+    let defaults = spawn_app_with(AppOptions::new(Backend::Embedded)).await;
+    assert_eq!(
+        defaults.state.broker.config().unknown_outcome_hold,
+        std::time::Duration::from_secs(10)
+    );
+    defaults.stop().await;
+
+    let parsed: command_api::config::Config =
+        runtime::try_parse_settings_from(["command-api", "--unknown-outcome-hold-sec", "3"])?;
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(move |config| {
+        config.unknown_outcome_hold_sec = parsed.unknown_outcome_hold_sec;
+    });
+    let configured = spawn_app_with(options).await;
+    assert_eq!(
+        configured.state.broker.config().unknown_outcome_hold,
+        std::time::Duration::from_secs(3)
+    );
+    configured.stop().await;
+    Ok(())
 }

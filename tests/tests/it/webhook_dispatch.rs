@@ -3,12 +3,9 @@
 //! the lease lapses when its holder goes silent; an event the feed shows only after the position
 //! passed its timestamp is still delivered, once.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::post;
-use axum::Router;
 use command_api::webhooks::DispatchLease;
 use domain::model::events::SandboxEvent;
 use domain::model::ids::sandbox_stream;
@@ -17,68 +14,9 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use store_embedded::EmbeddedStore;
 use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
+use tests::webhook_receiver::Receiver;
 
 const SECRET: &str = "receiver-secret-0123456789abcdefghij";
-
-/// Every notification body a receiver accepted, in arrival order.
-type Seen = Arc<Mutex<Vec<Value>>>;
-
-/// An HTTP receiver on 127.0.0.1 that accepts everything and keeps the bodies.
-async fn start_receiver() -> (Seen, String) {
-    let seen: Seen = Arc::default();
-    let shared = Arc::clone(&seen);
-    let app = Router::new().route(
-        "/hook",
-        post(move |body: axum::body::Bytes| {
-            let shared = Arc::clone(&shared);
-            async move {
-                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
-                    shared.lock().unwrap_or_else(|p| p.into_inner()).push(value);
-                }
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (seen, format!("http://{addr}/hook"))
-}
-
-fn bodies(seen: &Seen) -> Vec<Value> {
-    seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// Waits (bounded, 60 s) until the receiver holds a body matching `wanted`; returns it.
-async fn wait_for(seen: &Seen, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(found) = bodies(seen).into_iter().find(|b| wanted(b)) {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {what} delivered; seen: {:?}",
-            bodies(seen)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// How many times each notification id arrived.
-fn counts(seen: &Seen) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for body in bodies(seen) {
-        *counts
-            .entry(body["id"].as_str().unwrap_or_default().to_string())
-            .or_insert(0) += 1;
-    }
-    counts
-}
 
 /// An app with one subscriber `labs` at `url`; `table_prefix` shares DynamoDB tables.
 async fn app(backend: Backend, url: String, table_prefix: Option<String>) -> TestApp {
@@ -121,8 +59,8 @@ async fn allocate(app: &TestApp, caller: &str) -> String {
     body["sandbox_id"].as_str().unwrap_or_default().to_string()
 }
 
-async fn allocation_delivered(seen: &Seen, sandbox_id: &str) -> Value {
-    wait_for(seen, "allocation", |b| {
+async fn allocation_delivered(seen: &Receiver, sandbox_id: &str) -> Value {
+    seen.wait_for("allocation", |b| {
         b["kind"] == "allocation" && b["sandbox"]["sandbox_id"] == sandbox_id
     })
     .await
@@ -132,7 +70,8 @@ async fn allocation_delivered(seen: &Seen, sandbox_id: &str) -> Value {
 /// exactly once, and after the delivering instance stops the other delivers the rest.
 #[tokio::test]
 async fn two_instances_deliver_once_and_hand_over_dynamo() {
-    let (seen, url) = start_receiver().await;
+    let seen = Receiver::start().await;
+    let url = seen.url.clone();
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
     let first = app(Backend::Dynamo, url.clone(), Some(prefix.clone())).await;
     first.seed("lab", 6).await;
@@ -165,8 +104,9 @@ async fn two_instances_deliver_once_and_hand_over_dynamo() {
         allocation_delivered(&seen, id).await;
     }
 
-    let counts = counts(&seen);
-    let allocations: Vec<Value> = bodies(&seen)
+    let counts = seen.counts();
+    let allocations: Vec<Value> = seen
+        .bodies()
         .into_iter()
         .filter(|b| b["kind"] == "allocation")
         .collect();
@@ -179,29 +119,46 @@ async fn two_instances_deliver_once_and_hand_over_dynamo() {
 }
 
 /// The lease is exclusive while its holder renews it and passes to another instance once the
-/// holder goes silent past its duration (a crashed holder), on both stores.
+/// holder goes silent past its duration (a crashed holder), on both stores; every taking of it
+/// has a greater epoch (fencing token) than the one before.
 async fn lease_lapses_without_renewal(view: Arc<dyn ViewStore>) {
     let duration = Duration::from_secs(3);
     let a = DispatchLease::new(Arc::clone(&view), "labs", "api-a", duration);
     let b = DispatchLease::new(Arc::clone(&view), "labs", "api-b", duration);
-    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
-    assert!(b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
-    // The holder renews: still its own, still not the other's.
-    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
-    assert!(b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    let claim = |lease: &DispatchLease| {
+        let lease = lease.clone();
+        async move { lease.claim().await.unwrap_or_else(|e| panic!("{e}")) }
+    };
+    let first = claim(&a)
+        .await
+        .unwrap_or_else(|| panic!("a free lease is taken"));
+    assert!(claim(&b).await.is_none());
+    // The holder takes it again: still its own, still not the other's, a new tenure.
+    let again = claim(&a)
+        .await
+        .unwrap_or_else(|| panic!("the holder keeps it"));
+    assert!(again.epoch > first.epoch);
+    assert!(claim(&b).await.is_none());
     // The holder goes silent: the other one gets it once the lease lapsed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if b.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some() {
-            break;
+    let taken = loop {
+        if let Some(tenure) = claim(&b).await {
+            break tenure;
         }
         assert!(tokio::time::Instant::now() < deadline, "lease never lapsed");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    };
+    assert!(
+        taken.epoch > again.epoch,
+        "a takeover must fence out the old holder"
+    );
+    assert!(claim(&a).await.is_none());
     // A graceful stop hands it over at once.
     b.release().await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(a.claim().await.unwrap_or_else(|e| panic!("{e}")).is_some());
+    let back = claim(&a)
+        .await
+        .unwrap_or_else(|| panic!("a released lease is free"));
+    assert!(back.epoch > taken.epoch);
 }
 
 /// Embedded store: the dispatch lease is exclusive and lapses without renewal.
@@ -314,13 +271,13 @@ async fn a_stalled_lease_renewal_stops_delivery_in_time() {
         duration,
     );
     let taken = tokio::time::Instant::now();
-    let deadline = lease
+    let tenure = lease
         .claim()
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|| panic!("a free lease is taken"));
     view.stall.store(true, std::sync::atomic::Ordering::SeqCst);
-    let kept = tokio::time::timeout(Duration::from_secs(5), lease.keep(deadline)).await;
+    let kept = tokio::time::timeout(Duration::from_secs(5), lease.keep(tenure)).await;
     assert!(kept.is_ok(), "a stalled renewal kept the lease held");
     assert!(
         taken.elapsed() < duration,
@@ -362,7 +319,8 @@ async fn append_late(app: &TestApp, sandbox_id: &str, at: chrono::DateTime<chron
 }
 
 async fn late_event_is_delivered_once(backend: Backend) {
-    let (seen, url) = start_receiver().await;
+    let seen = Receiver::start().await;
+    let url = seen.url.clone();
     let app = app(backend, url, None).await;
     app.seed("lab", 4).await;
     app.clock.advance(chrono::Duration::seconds(1));
@@ -385,7 +343,9 @@ async fn late_event_is_delivered_once(backend: Backend) {
         delivered_at - chrono::Duration::milliseconds(800),
     )
     .await;
-    let first = wait_for(&seen, "late quarantine", quarantined("lab-id-2")).await;
+    let first = seen
+        .wait_for("late quarantine", quarantined("lab-id-2"))
+        .await;
     assert_eq!(first["event"]["payload"]["last_error"], "recorded late");
     // A second late event can only arrive through a later re-read of the same window, which
     // must have skipped the first one.
@@ -395,13 +355,14 @@ async fn late_event_is_delivered_once(backend: Backend) {
         delivered_at - chrono::Duration::milliseconds(400),
     )
     .await;
-    wait_for(&seen, "second late quarantine", quarantined("lab-id-3")).await;
-    let counts = counts(&seen);
+    seen.wait_for("second late quarantine", quarantined("lab-id-3"))
+        .await;
+    let counts = seen.counts();
     assert!(
         counts.values().all(|n| *n == 1),
         "a notification arrived twice: {counts:?}"
     );
-    assert_eq!(counts.len(), 3, "{:?}", bodies(&seen));
+    assert_eq!(counts.len(), 3, "{:?}", seen.bodies());
     app.stop().await;
 }
 
