@@ -8,6 +8,11 @@
 //! capacity units DynamoDB reported for those requests (the adapter asks for
 //! `ReturnConsumedCapacity=TOTAL` on every operation that supports it), so cost per allocation is
 //! also a number in the unit DynamoDB bills and throttles.
+//!
+//! And `broker_store_transaction_cancellations_total{op,target,reason}`: the transactions
+//! DynamoDB cancelled, by their first reason (`ConditionalCheckFailed`: a version was taken;
+//! `TransactionConflict`: another transaction held an item), so the price of contention — a
+//! cancelled transaction is sent again — is read off `/metrics` too.
 
 use std::sync::Arc;
 
@@ -23,6 +28,7 @@ use crate::store::Stores;
 pub struct StoreRequestMetrics {
     counter: IntCounterVec,
     capacity: CounterVec,
+    cancellations: IntCounterVec,
     source: Arc<RequestCounts>,
 }
 
@@ -43,9 +49,17 @@ impl StoreRequestMetrics {
             ),
             &["op", "target", "kind"],
         )?;
+        let cancellations = IntCounterVec::new(
+            Opts::new(
+                "broker_store_transaction_cancellations_total",
+                "Transactions DynamoDB cancelled, by API operation, table and first reason",
+            ),
+            &["op", "target", "reason"],
+        )?;
         let metrics = Self {
             counter,
             capacity,
+            cancellations,
             source,
         };
         registry.register(Box::new(metrics.clone()))?;
@@ -85,6 +99,17 @@ impl StoreRequestMetrics {
                 series.inc_by(units - copied);
             }
         }
+        for (op, target, reason, count) in self.source.cancellation_snapshot() {
+            let series = self.cancellations.with_label_values(&[
+                op.as_str(),
+                target.as_str(),
+                reason.as_str(),
+            ]);
+            let copied = series.get();
+            if count > copied {
+                series.inc_by(count - copied);
+            }
+        }
     }
 
     /// All requests so far.
@@ -97,6 +122,7 @@ impl Collector for StoreRequestMetrics {
     fn desc(&self) -> Vec<&Desc> {
         let mut descs = self.counter.desc();
         descs.extend(self.capacity.desc());
+        descs.extend(self.cancellations.desc());
         descs
     }
 
@@ -104,6 +130,7 @@ impl Collector for StoreRequestMetrics {
         self.sync();
         let mut families = self.counter.collect();
         families.extend(self.capacity.collect());
+        families.extend(self.cancellations.collect());
         families
     }
 }
