@@ -15,6 +15,7 @@ use super::items::{
     cursor_from_key, envelope_from_item, envelope_to_sharded_item, event_attr, key_from_cursor,
     key_s, Item, EVENTS_KEY,
 };
+use super::metering::transaction_units;
 use super::retry::{classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
 use super::{
     build_error, limit_i32, n, refused, refused_cursor, s, DynamoStore, CONDITIONAL_CHECK_FAILED,
@@ -96,7 +97,15 @@ impl DynamoStore {
                 .send()
                 .await;
             let err = match result {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    let (count, units) = transaction_units(&items);
+                    self.requests.count_transaction_items(
+                        "TransactWriteItems(events)",
+                        count,
+                        units,
+                    );
+                    return Ok(());
+                }
                 Err(err) => err,
             };
             if let SdkError::ServiceError(ctx) = &err {

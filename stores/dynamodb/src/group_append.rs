@@ -18,6 +18,7 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::items::{envelope_to_sharded_item, event_attr, key_s, Item};
+use super::metering::transaction_units;
 use super::retry::{classify, Failure, TRANSIENT_CANCELLATION_CODES};
 use super::{build_error, n, refused, s, DynamoStore, CONDITIONAL_CHECK_FAILED};
 use domain::model::events::EventEnvelope;
@@ -144,6 +145,7 @@ impl DynamoStore {
                 owner.extend(std::iter::repeat_n(a, members[*j].len()));
                 events.extend(members[*j].iter());
             }
+            let (count, units) = transaction_units(&items);
             let result = self
                 .client
                 .transact_write_items()
@@ -152,6 +154,7 @@ impl DynamoStore {
                 .await;
             let err = match result {
                 Ok(_) => {
+                    self.requests.count_transaction_items(CALL, count, units);
                     for j in &active {
                         outcomes[*j] = Some(MemberOutcome::Stored);
                     }

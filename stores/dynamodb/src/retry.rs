@@ -132,6 +132,8 @@ pub struct RequestCounts {
     capacity: Mutex<BTreeMap<(&'static str, String, CapacityKind), f64>>,
     /// Cancelled transactions, per `(call name, first reason code other than "None")`.
     cancellations: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Items of committed transactions and the write units DynamoDB bills for them, per call.
+    transaction_items: Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 /// Which capacity a request consumed: reads (GetItem, Query, …) or writes (PutItem,
@@ -173,6 +175,33 @@ impl RequestCounts {
             .to_string();
         let mut cancellations = self.cancellations.lock().unwrap_or_else(|p| p.into_inner());
         *cancellations.entry((what, code)).or_default() += 1;
+    }
+
+    /// Counts the items of one committed transaction of the call named `what` and the write
+    /// units they cost (`metering::transaction_units`).
+    pub fn count_transaction_items(&self, what: &'static str, items: u64, units: u64) {
+        let mut counts = self
+            .transaction_items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = counts.entry(what).or_default();
+        entry.0 += items;
+        entry.1 += units;
+    }
+
+    /// Every `(operation, target, items, write units)` of the committed transactions so far.
+    pub fn transaction_items_snapshot(&self) -> Vec<(String, String, u64, u64)> {
+        let counts = self
+            .transaction_items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .map(|(what, (items, units))| {
+                let (op, target) = split_call(what);
+                (op.to_string(), target.to_string(), *items, *units)
+            })
+            .collect()
     }
 
     /// Every `(operation, target, reason, count)` of the cancelled transactions so far.
