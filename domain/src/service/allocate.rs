@@ -292,6 +292,28 @@ impl Broker {
                 }
                 let Some(candidate) = self.next_candidate(prefix.as_deref(), &mut search).await?
                 else {
+                    if let Some(group) = grouped {
+                        // Grouped requests of one caller or track may hold the last candidates
+                        // while the committer decides their slots; when a slot filled meanwhile,
+                        // its refusal (or the replay) is the true answer, not "none free".
+                        for (take, _) in &slots {
+                            if group.reload(take).await?.in_use() >= take.limit as usize {
+                                match self
+                                    .slot_refusal(
+                                        &slots,
+                                        take,
+                                        &claim_id,
+                                        claim_reads,
+                                        quota.as_ref(),
+                                    )
+                                    .await?
+                                {
+                                    SlotRefusal::Replay => continue 'claim,
+                                    SlotRefusal::Refuse(e) => return Err(e),
+                                }
+                            }
+                        }
+                    }
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
                     });

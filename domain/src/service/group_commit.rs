@@ -517,7 +517,10 @@ impl Leader {
                     }
                     Err(_) => {
                         if tails.contains_key(&take.stream_id) {
-                            // Full only counting members of this group, which may yet fail.
+                            // Full only counting members of this group, which may yet fail:
+                            // read it again once the group is answered (a busy stream is not
+                            // read before), so the next round decides this member at once.
+                            self.stale.insert(take.stream_id.clone());
                             wait = true;
                         } else if fresh.contains(&take.stream_id) {
                             refusal = Some(i);
