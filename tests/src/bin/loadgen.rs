@@ -266,8 +266,9 @@ fn metric_total(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
 type Labels = &'static [(&'static str, &'static str)];
 
 /// What the allocations of a level cost in transactions and contention, from two `/metrics`
-/// texts: (figure name, count).
-fn contention(before: &str, after: &str) -> Vec<(&'static str, f64)> {
+/// texts: (figure name, count); `None` for a figure the service does not export (an older
+/// build).
+fn contention(before: &str, after: &str) -> Vec<(&'static str, Option<f64>)> {
     let figures: [(&str, &str, Labels); 7] = [
         (
             "event_transactions",
@@ -300,8 +301,9 @@ fn contention(before: &str, after: &str) -> Vec<(&'static str, f64)> {
     figures
         .iter()
         .map(|(name, metric, labels)| {
+            let exported = after.lines().any(|l| l.starts_with(metric));
             let delta = metric_total(after, metric, labels) - metric_total(before, metric, labels);
-            (*name, delta.max(0.0))
+            (*name, exported.then_some(delta.max(0.0)))
         })
         .collect()
 }
@@ -610,16 +612,17 @@ async fn main() -> anyhow::Result<()> {
         let contended_json: serde_json::Map<String, serde_json::Value> = contended
             .iter()
             .map(|(name, n)| {
-                (
-                    format!("{name}_per_201"),
-                    serde_json::json!(per_created(*n)),
-                )
+                let per = n.and_then(&per_created);
+                (format!("{name}_per_201"), serde_json::json!(per))
             })
             .collect();
         let contended_text = if metered && created > 0 {
             contended
                 .iter()
-                .map(|(name, n)| format!("{name} {:.3}", n / created as f64))
+                .map(|(name, n)| match n {
+                    Some(n) => format!("{name} {:.3}", n / created as f64),
+                    None => format!("{name} –"),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         } else {
