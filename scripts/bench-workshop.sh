@@ -4,11 +4,13 @@
 # child process with its projector, on fresh tables with the pool registered beforehand).
 #
 #   bash scripts/bench-workshop.sh --build NAME=PATH [--build NAME=PATH …] [--runs N] [--pool P]
-#                                  [--write docs/benchmarks.md]
+#                                  [--write docs/benchmarks.md] [--keep DIR]
 #
 # Shapes (each run of each build, in turn):
 #   workshop   300 students of one track with a quota of 300, all at once (concurrency 300)
 #   10-tracks  1,000 students over 10 tracks with a quota of 100 each, concurrency 100
+#   one-client 200 students one after the other (concurrency 1): group commit must not slow it
+# --keep DIR keeps every run's loadgen output and JSON there.
 # A build given as NAME=PATH@ENV=VALUE runs with that setting (e.g. DDB_GROUP_COMMIT_ITEMS=0).
 # Prints, per shape and build, the range over the runs of: 201/s, p50, p99, event transactions,
 # cancelled transactions, candidate conflicts, allocations decided again, store requests, the
@@ -19,24 +21,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-builds=() runs=3 pool=2000 write=
+builds=() runs=3 pool=2000 write= keep=
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) builds+=("$2"); shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --pool) pool=$2; shift 2 ;;
     --write) write=$2; shift 2 ;;
+    --keep) keep=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ ${#builds[@]} -gt 0 ] || { echo "give at least one --build NAME=PATH" >&2; exit 2; }
 loadgen=${LOADGEN:-target/release/loadgen}
 [ -x "$loadgen" ] || { echo "$loadgen is missing: cargo build --release -p tests --features bench --bins" >&2; exit 2; }
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+if [ -n "$keep" ]; then
+  out=$keep
+  mkdir -p "$out"
+else
+  out=$(mktemp -d)
+  trap 'rm -rf "$out"' EXIT
+fi
 
 shapes=("workshop:--concurrency 300 --requests 300 --tracks 1 --track-quota 300"
-        "10-tracks:--concurrency 100 --requests 1000 --tracks 10 --track-quota 100")
+        "10-tracks:--concurrency 100 --requests 1000 --tracks 10 --track-quota 100"
+        "one-client:--concurrency 1 --requests 200 --tracks 1")
 for run in $(seq 1 "$runs"); do
   for shape in "${shapes[@]}"; do
     name=${shape%%:*} shape_args=${shape#*:}
@@ -88,9 +97,13 @@ lines = [f"Produced by `scripts/bench-workshop.sh` at commit `{commit}` on {date
          f"{cpu()} ({os.cpu_count()} cores), DynamoDB Local, pool {pool}, {runs} run(s) per build "
          "(ranges are min–max over the runs); each build ran as its own process with its projector, "
          "driven by the same load generator. \"–\": the build does not export that figure.", ""]
-for shape in ("workshop", "10-tracks"):
-    lines.append(f"**{shape}**" + (" — 300 students of one track, quota 300, all at once" if shape == "workshop"
-                 else " — 1,000 students over 10 tracks, quota 100 each, 100 at a time"))
+titles = {
+    "workshop": "300 students of one track, quota 300, all at once",
+    "10-tracks": "1,000 students over 10 tracks, quota 100 each, 100 at a time",
+    "one-client": "200 students one after the other, no quota",
+}
+for shape, title in titles.items():
+    lines.append(f"**{shape}** — {title}")
     lines.append("")
     lines.append("| figure | " + " | ".join(labels) + " |")
     lines.append("|---|" + "---|" * len(labels))

@@ -78,6 +78,11 @@ impl StoreRequestMetrics {
             ),
             &["op", "target"],
         )?;
+        // The event transactions' two reasons exist from the start (at 0), so "none cancelled"
+        // reads as 0, not as a series this build lacks.
+        for reason in ["ConditionalCheckFailed", "TransactionConflict"] {
+            cancellations.with_label_values(&["TransactWriteItems", "events", reason]);
+        }
         let metrics = Self {
             counter,
             capacity,
