@@ -4,24 +4,26 @@
 # child process with its projector, on fresh tables with the pool registered beforehand).
 #
 #   bash scripts/bench-workshop.sh --build NAME=PATH [--build NAME=PATH …] [--runs N] [--pool P]
-#                                  [--write docs/benchmarks.md] [--keep DIR]
+#                                  [--write docs/benchmarks.md] [--keep DIR | --from DIR]
 #
 # Shapes (each run of each build, in turn):
 #   workshop   300 students of one track with a quota of 300, all at once (concurrency 300)
 #   10-tracks  1,000 students over 10 tracks with a quota of 100 each, concurrency 100
 #   one-client 200 students one after the other (concurrency 1): group commit must not slow it
-# --keep DIR keeps every run's loadgen output and JSON there.
+# --keep DIR keeps every run's loadgen output and JSON there; --from DIR reports on runs kept
+# earlier, running nothing.
 # A build given as NAME=PATH@ENV=VALUE runs with that setting (e.g. DDB_GROUP_COMMIT_ITEMS=0).
 # Prints, per shape and build, the range over the runs of: 201/s, p50, p99, event transactions,
-# cancelled transactions, candidate conflicts, allocations decided again, store requests, the
+# cancelled transactions, candidate conflicts, allocations decided again, store requests and the
 # write units of the event items (computed from the items; DynamoDB Local's own report is a flat
-# figure per transaction), and the projector lag p99; with --write, replaces the generated part
-# of that page. Needs release builds of loadgen (cargo build --release -p tests --features bench
+# figure per transaction); with --write, replaces the generated part of that page. Projector lag
+# is left out: each run starts right after its pool was projected, whose lag the gauge still
+# shows, so the samples do not describe the allocations. Needs release builds of loadgen (cargo build --release -p tests --features bench
 # --bins) and python3. Traffic stays on 127.0.0.1; every level is bounded in requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-builds=() runs=3 pool=2000 write= keep=
+builds=() runs=3 pool=2000 write= keep= from=
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) builds+=("$2"); shift 2 ;;
@@ -29,13 +31,16 @@ while [ $# -gt 0 ]; do
     --pool) pool=$2; shift 2 ;;
     --write) write=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
+    --from) from=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ ${#builds[@]} -gt 0 ] || { echo "give at least one --build NAME=PATH" >&2; exit 2; }
 loadgen=${LOADGEN:-target/release/loadgen}
-[ -x "$loadgen" ] || { echo "$loadgen is missing: cargo build --release -p tests --features bench --bins" >&2; exit 2; }
-if [ -n "$keep" ]; then
+[ -n "$from" ] || [ -x "$loadgen" ] || { echo "$loadgen is missing: cargo build --release -p tests --features bench --bins" >&2; exit 2; }
+if [ -n "$from" ]; then
+  out=$from
+elif [ -n "$keep" ]; then
   out=$keep
   mkdir -p "$out"
 else
@@ -46,7 +51,13 @@ fi
 shapes=("workshop:--concurrency 300 --requests 300 --tracks 1 --track-quota 300"
         "10-tracks:--concurrency 100 --requests 1000 --tracks 10 --track-quota 100"
         "one-client:--concurrency 1 --requests 200 --tracks 1")
-for run in $(seq 1 "$runs"); do
+# What the runs were made from, kept beside them for a later --from.
+if [ -z "$from" ]; then
+  git rev-parse --short=12 HEAD >"$out/commit"
+  date -u +%Y-%m-%d >"$out/date"
+fi
+[ -n "$from" ] && runs=$(find "$out" -name 'workshop--*--*.json' | sed 's/.*--//; s/\.json$//' | sort -un | wc -l)
+for run in $( [ -z "$from" ] && seq 1 "$runs"); do
   for shape in "${shapes[@]}"; do
     name=${shape%%:*} shape_args=${shape#*:}
     for build in "${builds[@]}"; do
@@ -74,7 +85,13 @@ def cpu():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+def kept(name, fallback):
+    try:
+        return open(os.path.join(out, name)).read().strip() or fallback
+    except OSError:
+        return fallback
+commit = kept("commit", subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip())
+date = kept("date", str(datetime.date.today()))
 figures = [
     ("201/s", lambda l: l["created_per_s"], 0),
     ("p50 ms", lambda l: l["p50_ms"], 0),
@@ -85,7 +102,6 @@ figures = [
     ("decided again / 201", lambda l: l["contention"].get("redecided_per_201"), 2),
     ("store requests / 201", lambda l: l["store_requests_per_201"], 2),
     ("event write units / 201", lambda l: l["contention"].get("event_write_units_per_201"), 1),
-    ("lag p99 ms", lambda l: l["lag_p99_ms"], 0),
 ]
 def cell(values, digits):
     values = [v for v in values if v is not None]
@@ -93,7 +109,7 @@ def cell(values, digits):
         return "–"
     lo, hi = min(values), max(values)
     return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}–{hi:.{digits}f}"
-lines = [f"Produced by `scripts/bench-workshop.sh` at commit `{commit}` on {datetime.date.today()}, on "
+lines = [f"Produced by `scripts/bench-workshop.sh` at commit `{commit}` on {date}, on "
          f"{cpu()} ({os.cpu_count()} cores), DynamoDB Local, pool {pool}, {runs} run(s) per build "
          "(ranges are min–max over the runs); each build ran as its own process with its projector, "
          "driven by the same load generator. \"–\": the build does not export that figure.", ""]
