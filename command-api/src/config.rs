@@ -141,6 +141,14 @@ pub struct Config {
     /// Allocation requests worked on at once per instance; the rest queue in order.
     #[arg(long, env = "ALLOCATE_CONCURRENCY", default_value_t = 64)]
     pub allocate_concurrency: usize,
+    /// Groups of concurrent allocations written at once when the store groups them (DynamoDB,
+    /// `DDB_GROUP_COMMIT_ITEMS`): the next group is formed while fewer are in flight.
+    #[arg(long, env = "ALLOCATE_GROUPS_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub allocate_groups_in_flight: u32,
+    /// Milliseconds one group write may take before its allocations are answered as unknown
+    /// outcomes (each then settles with a strong read of its sandbox).
+    #[arg(long, env = "ALLOCATE_GROUP_DEADLINE_MS", default_value_t = 20_000)]
+    pub allocate_group_deadline_ms: u64,
     /// Live event streams (`/v1/admin/events/stream`) open at once per instance.
     #[arg(long, env = "SSE_MAX_SUBSCRIBERS", default_value_t = 64)]
     pub sse_max_subscribers: usize,

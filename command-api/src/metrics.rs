@@ -190,3 +190,72 @@ pub fn render(registry: &Registry) -> String {
     }
     String::from_utf8(buf).unwrap_or_default()
 }
+
+/// `broker_allocate_groups_total`, `broker_allocate_group_members_total` and
+/// `broker_allocate_group_redecided_total`: what group commit of allocations did (ADR 0025),
+/// copied from the broker's counts whenever the registry is gathered. Registered only when the
+/// event store groups allocations (DynamoDB).
+#[derive(Clone, Debug)]
+pub struct GroupCommitMetrics {
+    groups: IntCounter,
+    members: IntCounter,
+    redecided: IntCounter,
+    source: std::sync::Arc<domain::service::GroupCommitStats>,
+}
+
+impl GroupCommitMetrics {
+    /// Registers the series over the broker's counts.
+    pub fn new(
+        registry: &Registry,
+        source: std::sync::Arc<domain::service::GroupCommitStats>,
+    ) -> Result<Self, prometheus::Error> {
+        let metrics = Self {
+            groups: IntCounter::new(
+                "broker_allocate_groups_total",
+                "Grouped writes of concurrent allocations sent to the store (one transaction each)",
+            )?,
+            members: IntCounter::new(
+                "broker_allocate_group_members_total",
+                "Allocations sent in grouped writes (one decided again counts again)",
+            )?,
+            redecided: IntCounter::new(
+                "broker_allocate_group_redecided_total",
+                "Allocations decided again because a group member they continued failed or their quota stream moved",
+            )?,
+            source,
+        };
+        registry.register(Box::new(metrics.clone()))?;
+        Ok(metrics)
+    }
+
+    fn sync(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (series, count) in [
+            (&self.groups, self.source.groups.load(Relaxed)),
+            (&self.members, self.source.members.load(Relaxed)),
+            (&self.redecided, self.source.redecided.load(Relaxed)),
+        ] {
+            let copied = series.get();
+            if count > copied {
+                series.inc_by(count - copied);
+            }
+        }
+    }
+}
+
+impl prometheus::core::Collector for GroupCommitMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.groups.desc();
+        descs.extend(self.members.desc());
+        descs.extend(self.redecided.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.sync();
+        let mut families = self.groups.collect();
+        families.extend(self.members.collect());
+        families.extend(self.redecided.collect());
+        families
+    }
+}

@@ -153,6 +153,8 @@ pub async fn build_with(
             max_sweeps: config.allocate_max_sweeps.max(1),
             max_sweep_rows: config.allocate_max_sweep_rows.max(100),
             allocate_concurrency: config.allocate_concurrency.max(1),
+            group_commit_in_flight: config.allocate_groups_in_flight.max(1) as usize,
+            group_write_deadline: Duration::from_millis(config.allocate_group_deadline_ms.max(1)),
             max_extension: chrono::Duration::hours(i64::from(config.max_lab_extension_hours)),
             drain_cache_ttl: Duration::from_millis(config.drain_cache_ms),
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
@@ -251,6 +253,9 @@ pub async fn build_with(
         )?),
         None => None,
     };
+    if let Some(stats) = broker.group_commit_stats() {
+        crate::metrics::GroupCommitMetrics::new(&registry, stats)?;
+    }
     let pool_alerts = Arc::new(crate::pool_alerts::PoolAlerts::new(
         config.pool_low_water.clone(),
         &registry,

@@ -8,8 +8,8 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use domain::store::{EventStore, ViewStore};
 use store_dynamodb::{
-    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS,
-    DEFAULT_MAX_RETRIES,
+    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_GROUP_COMMIT_ITEMS,
+    DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES,
 };
 use store_embedded::EmbeddedStore;
 
@@ -71,6 +71,11 @@ pub struct StoreArgs {
     /// the same value (readers query each shard).
     #[arg(long, env = "VIEW_INDEX_SHARDS", default_value_t = DEFAULT_INDEX_SHARDS, value_parser = clap::value_parser!(u32).range(1..=64), global = true)]
     pub view_index_shards: u32,
+    /// Most events one grouped DynamoDB `TransactWriteItems` of concurrent allocations may
+    /// carry (at most 100, DynamoDB's limit); 0 or 1 turns group commit off, so each allocation
+    /// is its own transaction (ADR 0025).
+    #[arg(long, env = "DDB_GROUP_COMMIT_ITEMS", default_value_t = DEFAULT_GROUP_COMMIT_ITEMS, value_parser = clap::value_parser!(u32).range(0..=100), global = true)]
+    pub ddb_group_commit_items: u32,
     /// Create missing DynamoDB tables at start-up (default: yes with `DDB_ENDPOINT_URL`, no
     /// against AWS, where terraform owns the tables).
     #[arg(long, env = "ENSURE_TABLES", value_parser = BoolishValueParser::new(), global = true)]
@@ -89,6 +94,7 @@ impl StoreArgs {
             ddb_max_retries: DEFAULT_MAX_RETRIES,
             stats_shards: 8,
             view_index_shards: DEFAULT_INDEX_SHARDS,
+            ddb_group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
             ensure_tables: None,
         }
     }
@@ -109,6 +115,7 @@ impl StoreArgs {
             stats_shards: self.stats_shards,
             max_retries: self.ddb_max_retries,
             index_shards: self.view_index_shards,
+            group_commit_items: self.ddb_group_commit_items,
         }
     }
 

@@ -8,6 +8,17 @@
 //! capacity units DynamoDB reported for those requests (the adapter asks for
 //! `ReturnConsumedCapacity=TOTAL` on every operation that supports it), so cost per allocation is
 //! also a number in the unit DynamoDB bills and throttles.
+//!
+//! And `broker_store_transaction_cancellations_total{op,target,reason}`: the transactions
+//! DynamoDB cancelled, by their first reason (`ConditionalCheckFailed`: a version was taken;
+//! `TransactionConflict`: another transaction held an item), so the price of contention — a
+//! cancelled transaction is sent again — is read off `/metrics` too.
+//!
+//! And `broker_store_transaction_items_total{op,target}` with
+//! `broker_store_transaction_write_units_total{op,target}`: the items of committed transactions
+//! and the write units DynamoDB bills for them (two per started KB of each item, computed from the
+//! items' sizes; the base table only). DynamoDB Local reports one flat figure per table for a
+//! transaction, whatever its item count, so on the emulator these are the honest write units.
 
 use std::sync::Arc;
 
@@ -23,6 +34,9 @@ use crate::store::Stores;
 pub struct StoreRequestMetrics {
     counter: IntCounterVec,
     capacity: CounterVec,
+    cancellations: IntCounterVec,
+    transaction_items: IntCounterVec,
+    transaction_units: IntCounterVec,
     source: Arc<RequestCounts>,
 }
 
@@ -43,9 +57,38 @@ impl StoreRequestMetrics {
             ),
             &["op", "target", "kind"],
         )?;
+        let cancellations = IntCounterVec::new(
+            Opts::new(
+                "broker_store_transaction_cancellations_total",
+                "Transactions DynamoDB cancelled, by API operation, table and first reason",
+            ),
+            &["op", "target", "reason"],
+        )?;
+        let transaction_items = IntCounterVec::new(
+            Opts::new(
+                "broker_store_transaction_items_total",
+                "Items written by committed DynamoDB transactions, by API operation and table",
+            ),
+            &["op", "target"],
+        )?;
+        let transaction_units = IntCounterVec::new(
+            Opts::new(
+                "broker_store_transaction_write_units_total",
+                "Write units DynamoDB bills for the items of committed transactions (2 per started KB of each item, base table)",
+            ),
+            &["op", "target"],
+        )?;
+        // The event transactions' two reasons exist from the start (at 0), so "none cancelled"
+        // reads as 0, not as a series this build lacks.
+        for reason in ["ConditionalCheckFailed", "TransactionConflict"] {
+            cancellations.with_label_values(&["TransactWriteItems", "events", reason]);
+        }
         let metrics = Self {
             counter,
             capacity,
+            cancellations,
+            transaction_items,
+            transaction_units,
             source,
         };
         registry.register(Box::new(metrics.clone()))?;
@@ -85,6 +128,29 @@ impl StoreRequestMetrics {
                 series.inc_by(units - copied);
             }
         }
+        for (op, target, items, units) in self.source.transaction_items_snapshot() {
+            for (series, count) in [
+                (&self.transaction_items, items),
+                (&self.transaction_units, units),
+            ] {
+                let series = series.with_label_values(&[op.as_str(), target.as_str()]);
+                let copied = series.get();
+                if count > copied {
+                    series.inc_by(count - copied);
+                }
+            }
+        }
+        for (op, target, reason, count) in self.source.cancellation_snapshot() {
+            let series = self.cancellations.with_label_values(&[
+                op.as_str(),
+                target.as_str(),
+                reason.as_str(),
+            ]);
+            let copied = series.get();
+            if count > copied {
+                series.inc_by(count - copied);
+            }
+        }
     }
 
     /// All requests so far.
@@ -97,6 +163,9 @@ impl Collector for StoreRequestMetrics {
     fn desc(&self) -> Vec<&Desc> {
         let mut descs = self.counter.desc();
         descs.extend(self.capacity.desc());
+        descs.extend(self.cancellations.desc());
+        descs.extend(self.transaction_items.desc());
+        descs.extend(self.transaction_units.desc());
         descs
     }
 
@@ -104,6 +173,9 @@ impl Collector for StoreRequestMetrics {
         self.sync();
         let mut families = self.counter.collect();
         families.extend(self.capacity.collect());
+        families.extend(self.cancellations.collect());
+        families.extend(self.transaction_items.collect());
+        families.extend(self.transaction_units.collect());
         families
     }
 }

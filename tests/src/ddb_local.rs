@@ -13,7 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use store_dynamodb::{DynamoConfig, DynamoStore, DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES};
+use store_dynamodb::{
+    DynamoConfig, DynamoStore, DEFAULT_GROUP_COMMIT_ITEMS, DEFAULT_INDEX_SHARDS,
+    DEFAULT_MAX_RETRIES,
+};
 use tokio::sync::OnceCell;
 
 /// How long DynamoDB Local may take to answer after it was started (Java start-up on a busy
@@ -54,6 +57,7 @@ pub async fn fresh_config(stats_shards: u32) -> DynamoConfig {
         max_retries: DEFAULT_MAX_RETRIES,
         // More than one shard, so every DynamoDB test reads merged shards (ADR 0014).
         index_shards: DEFAULT_INDEX_SHARDS,
+        group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use domain::store::{EventPage, EventStore, StoreError};
+use domain::store::{EventPage, EventStore, MemberOutcome, StoreError};
 use domain::EventEnvelope;
 
 /// Which read of one stream is about to be made.
@@ -118,6 +118,27 @@ impl<H: StoreHook> EventStore for InterceptedStore<H> {
         // (a lost version race) leaves no trace in what the hook records.
         self.inner.append(events.clone()).await?;
         self.hook.after_append(&events).await
+    }
+
+    fn group_commit_items(&self) -> usize {
+        self.inner.group_commit_items()
+    }
+
+    async fn append_group(&self, members: Vec<Vec<EventEnvelope>>) -> Vec<MemberOutcome> {
+        let outcomes = self.inner.append_group(members.clone()).await;
+        let mut answered = Vec::with_capacity(outcomes.len());
+        for (member, outcome) in members.iter().zip(outcomes) {
+            // As for a lone append: the hook sees only what the store accepted, and its error
+            // is the member's.
+            answered.push(match outcome {
+                MemberOutcome::Stored => match self.hook.after_append(member).await {
+                    Ok(()) => MemberOutcome::Stored,
+                    Err(e) => MemberOutcome::Failed(e),
+                },
+                other => other,
+            });
+        }
+        answered
     }
 
     async fn scan(

@@ -9,9 +9,10 @@ use std::time::Duration as StdDuration;
 use chrono::Duration;
 
 use super::candidates::{Fill, InFlight, MAX_PAGE, MAX_PAGE_WAITS, PAGE_WAIT};
+use super::group_commit::{Committed, Member, SlotTake};
 use super::{
     envelopes, fair_share, quota, AllocateRequest, Allocation, AllocationLimits, Broker,
-    BrokerError, QUOTA_RETRIES,
+    BrokerError, CapKind, QUOTA_RETRIES,
 };
 use crate::model::claim::ClaimCommand;
 use crate::model::events::{BrokerEvent, CommandMeta, EventEnvelope};
@@ -31,6 +32,14 @@ enum Settled {
     NotLanded,
     /// The read failed too.
     Unknown,
+}
+
+/// What a full quota slot means for a grouped allocation.
+enum SlotRefusal {
+    /// A concurrent duplicate of the request holds the claim: read it again (a replay).
+    Replay,
+    /// The quota or cap refuses the request.
+    Refuse(BrokerError),
 }
 
 /// Where one allocation request is in its search for a candidate.
@@ -191,20 +200,65 @@ impl Broker {
                     retry_after_s: self.config.maintenance_retry_after_s,
                 });
             }
-            // Held until this pass ends: the track's other requests in this process wait here
-            // instead of racing this one for the quota stream's next version.
-            let _quota_turn = match &quota {
-                Some((track, _)) => Some(self.track_locks.lock(track).await),
-                None => None,
+            let grouped = self.group.as_ref();
+            // Alone, held until this pass ends: the track's other requests in this process wait
+            // here instead of racing this one for the quota stream's next version. Grouped, the
+            // committer decides the track's slots in order, so the requests need no turn.
+            let _quota_turn = match (&quota, grouped) {
+                (Some((track, _)), None) => Some(self.track_locks.lock(track).await),
+                _ => None,
             };
-            let mut usage = match &quota {
-                Some((track, _)) => Some(quota::load_usage(self.events.as_ref(), track).await?),
-                None => None,
+            let mut usage = match (&quota, grouped) {
+                (Some((track, _)), None) => {
+                    Some(quota::load_usage(self.events.as_ref(), track).await?)
+                }
+                _ => None,
             };
             let mut quota_conflicts = 0usize;
             let mut cap_usage = Vec::with_capacity(caps.len());
-            for cap in caps {
-                cap_usage.push(fair_share::load(self.events.as_ref(), &cap.stream_id).await?);
+            if grouped.is_none() {
+                for cap in caps {
+                    cap_usage.push(fair_share::load(self.events.as_ref(), &cap.stream_id).await?);
+                }
+            }
+            // Grouped: the slots this allocation takes (the track quota first, then the caps),
+            // checked before a candidate is taken against what the committer knows; a full count
+            // is read strongly again before it refuses, as alone.
+            let slots: Vec<(SlotTake, Option<CapKind>)> = quota
+                .iter()
+                .map(|(track, limit)| {
+                    let take = SlotTake {
+                        stream_id: quota_stream(track),
+                        limit: *limit,
+                        prunable: false,
+                    };
+                    (take, None)
+                })
+                .chain(caps.iter().map(|cap| {
+                    let take = SlotTake {
+                        stream_id: cap.stream_id.clone(),
+                        limit: cap.limit,
+                        prunable: true,
+                    };
+                    (take, Some(cap.kind))
+                }))
+                .collect();
+            if let Some(group) = grouped {
+                for (take, _) in &slots {
+                    let mut known = group.usage(take).await?;
+                    if known.in_use() >= take.limit as usize {
+                        known = group.reload(take).await?;
+                    }
+                    if known.in_use() >= take.limit as usize {
+                        match self
+                            .slot_refusal(&slots, take, &claim_id, claim_reads, quota.as_ref())
+                            .await?
+                        {
+                            SlotRefusal::Replay => continue 'claim,
+                            SlotRefusal::Refuse(e) => return Err(e),
+                        }
+                    }
+                }
             }
             loop {
                 for (cap, usage) in caps.iter().zip(cap_usage.iter_mut()) {
@@ -238,6 +292,28 @@ impl Broker {
                 }
                 let Some(candidate) = self.next_candidate(prefix.as_deref(), &mut search).await?
                 else {
+                    if let Some(group) = grouped {
+                        // Grouped requests of one caller or track may hold the last candidates
+                        // while the committer decides their slots; when a slot filled meanwhile,
+                        // its refusal (or the replay) is the true answer, not "none free".
+                        for (take, _) in &slots {
+                            if group.reload(take).await?.in_use() >= take.limit as usize {
+                                match self
+                                    .slot_refusal(
+                                        &slots,
+                                        take,
+                                        &claim_id,
+                                        claim_reads,
+                                        quota.as_ref(),
+                                    )
+                                    .await?
+                                {
+                                    SlotRefusal::Replay => continue 'claim,
+                                    SlotRefusal::Refuse(e) => return Err(e),
+                                }
+                            }
+                        }
+                    }
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
                     });
@@ -315,7 +391,46 @@ impl Broker {
                     }
                 }
                 let first_event = batch.first().map(|e| e.event_id);
-                match self.events.append(batch).await {
+                let appended = match grouped {
+                    None => self.events.append(batch).await,
+                    Some(group) => {
+                        let member = Member {
+                            fixed: batch,
+                            sandbox_id: row.sandbox_id.clone(),
+                            takes: slots.iter().map(|(take, _)| take.clone()).collect(),
+                            meta: meta.clone(),
+                            now,
+                        };
+                        match group.commit(member).await {
+                            Committed::Stored => Ok(()),
+                            Committed::Failed(e) => Err(e),
+                            Committed::Full { take } => {
+                                // Decided on a strong read: the candidate is untouched.
+                                candidate.give_back(cache_key);
+                                let Some((take, _)) = slots.get(take) else {
+                                    return Err(StoreError::Unavailable(
+                                        "a slot refusal named no slot".into(),
+                                    )
+                                    .into());
+                                };
+                                match self
+                                    .slot_refusal(
+                                        &slots,
+                                        take,
+                                        &claim_id,
+                                        claim_reads,
+                                        quota.as_ref(),
+                                    )
+                                    .await?
+                                {
+                                    SlotRefusal::Replay => continue 'claim,
+                                    SlotRefusal::Refuse(e) => return Err(e),
+                                }
+                            }
+                        }
+                    }
+                };
+                match appended {
                     Ok(()) => {
                         candidate.taken();
                         let mut sandbox = state;
@@ -422,6 +537,43 @@ impl Broker {
                     }
                 }
             }
+        }
+    }
+
+    /// What a full slot means for this request (grouped allocations): a cap may have been filled
+    /// by a concurrent duplicate of this very request, whose claim then answers it (a replay);
+    /// otherwise the quota or cap refuses.
+    async fn slot_refusal(
+        &self,
+        slots: &[(SlotTake, Option<CapKind>)],
+        take: &SlotTake,
+        claim_id: &str,
+        claim_reads: usize,
+        quota: Option<&(String, u32)>,
+    ) -> Result<SlotRefusal, BrokerError> {
+        let kind = slots
+            .iter()
+            .find(|(t, _)| t == take)
+            .and_then(|(_, kind)| *kind);
+        let retry_after_s = self.config.no_sandbox_retry_after_s;
+        match kind {
+            Some(kind) => {
+                if self.load_claim(claim_id).await?.active.is_some()
+                    && claim_reads <= self.config.command_retries
+                {
+                    return Ok(SlotRefusal::Replay);
+                }
+                Ok(SlotRefusal::Refuse(BrokerError::FairShareExceeded {
+                    kind,
+                    limit: take.limit,
+                    retry_after_s,
+                }))
+            }
+            None => Ok(SlotRefusal::Refuse(BrokerError::QuotaExceeded {
+                track: quota.map(|(track, _)| track.clone()).unwrap_or_default(),
+                limit: take.limit,
+                retry_after_s,
+            })),
         }
     }
 

@@ -28,11 +28,12 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 use super::fault_store::{AppendFault, FaultStore};
-use super::liveness_tests::broker_with_pool;
+use super::liveness_tests::broker_on;
 use super::{AllocateRequest, Allocation, Broker, BrokerConfig, BrokerError};
 use crate::clock::ManualClock;
 use crate::model::events::{Actor, BrokerEvent, CommandMeta, SandboxEvent};
 use crate::model::lifecycle::SandboxStatus;
+use crate::store::MAX_TRANSACTION_ITEMS;
 
 /// One step of a run.
 #[derive(Debug, Clone)]
@@ -278,18 +279,26 @@ fn poll_then_drop<F: Future>(call: F, polls: u8) -> Option<F::Output> {
 fn property_config() -> BrokerConfig {
     BrokerConfig {
         unknown_outcome_hold: StdDuration::ZERO,
+        // Grouped runs: a hung group write is abandoned well within one call's bound.
+        group_write_deadline: CALL_BOUND / 2,
         ..BrokerConfig::default()
     }
 }
 
-/// One run: a pool of `pool` sandboxes and the steps `ops`.
-fn run_case(pool: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+/// One run: a pool of `pool` sandboxes and the steps `ops`; `grouped`: on a store that groups
+/// concurrent allocations (ADR 0025), a fault then striking a whole group.
+fn run_case(pool: usize, ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     runtime.block_on(async {
-        let (_, store) = broker_with_pool(pool, StdDuration::ZERO).await;
+        let store = if grouped {
+            FaultStore::grouping(MAX_TRANSACTION_ITEMS)
+        } else {
+            FaultStore::default()
+        };
+        let (_, store, _) = broker_on(store, pool, StdDuration::ZERO).await;
         let mut run = Run {
             broker: Broker::new(
                 store.clone(),
@@ -309,7 +318,7 @@ fn run_case(pool: usize, ops: &[Op]) -> Result<(), TestCaseError> {
 
 /// Runs `cases` random runs from `ALLOCATION_PROPERTY_SEED` (else a random seed); a failure
 /// names the seed that reproduces it and the shrunk steps.
-fn cases(cases: u32) -> Result<(), String> {
+fn cases(cases: u32, grouped: bool) -> Result<(), String> {
     let seed: u64 = std::env::var("ALLOCATION_PROPERTY_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -326,14 +335,22 @@ fn cases(cases: u32) -> Result<(), String> {
     );
     let strategy = (1usize..6, proptest::collection::vec(op(), 1..40));
     runner
-        .run(&strategy, |(pool, ops)| run_case(pool, &ops))
+        .run(&strategy, |(pool, ops)| run_case(pool, &ops, grouped))
         .map_err(|e| format!("ALLOCATION_PROPERTY_SEED={seed}: {e}"))
 }
 
 /// The allocator keeps its promises (module docs) over a bounded number of random runs.
 #[test]
 fn allocation_properties() {
-    if let Err(failure) = cases(48) {
+    if let Err(failure) = cases(48, false) {
+        panic!("{failure}");
+    }
+}
+
+/// The same promises with concurrent allocations written in groups (ADR 0025).
+#[test]
+fn allocation_properties_grouped() {
+    if let Err(failure) = cases(48, true) {
         panic!("{failure}");
     }
 }
@@ -347,7 +364,7 @@ fn allocation_properties_long() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
     let started = Instant::now();
-    let outcome = cases(n);
+    let outcome = cases(n, false).and_then(|()| cases(n, true));
     let secs = started.elapsed().as_secs_f64();
     println!(
         "allocation properties: {n} cases in {secs:.1} s ({:.0} cases/s)",

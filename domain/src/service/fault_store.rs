@@ -14,8 +14,8 @@ use crate::model::events::{BrokerEvent, EventEnvelope};
 use crate::model::lifecycle::SandboxStatus;
 use crate::model::projection::{project, PoolRow, PoolStats};
 use crate::store::{
-    validate_append, CandidateQuery, EventPage, EventStore, ListFilter, PoolView, RowPage,
-    StoreError,
+    group, validate_append, CandidateQuery, EventPage, EventStore, ListFilter, MemberOutcome,
+    PoolView, RowPage, StoreError,
 };
 
 /// What the next append does instead of answering plainly.
@@ -37,9 +37,20 @@ pub(crate) struct FaultStore {
     streams: Mutex<BTreeMap<String, Vec<EventEnvelope>>>,
     faults: Mutex<VecDeque<AppendFault>>,
     failing_reads: AtomicUsize,
+    /// What [`EventStore::group_commit_items`] answers (0: the broker appends alone).
+    group_items: usize,
 }
 
 impl FaultStore {
+    /// A store whose brokers group allocations (up to `items` events a group); a fault then
+    /// applies to a whole group, as to one transaction.
+    pub(crate) fn grouping(items: usize) -> Self {
+        Self {
+            group_items: items,
+            ..Self::default()
+        }
+    }
+
     /// Queues faults for the next appends, in order.
     pub(crate) fn inject(&self, faults: impl IntoIterator<Item = AppendFault>) {
         self.faults.lock().unwrap().extend(faults);
@@ -149,6 +160,54 @@ impl EventStore for FaultStore {
             }
             Some(AppendFault::Hang) => std::future::pending().await,
         }
+    }
+
+    fn group_commit_items(&self) -> usize {
+        self.group_items
+    }
+
+    async fn append_group(&self, members: Vec<Vec<EventEnvelope>>) -> Vec<MemberOutcome> {
+        tokio::task::yield_now().await;
+        let fault = self.faults.lock().unwrap().pop_front();
+        let unknown = || {
+            members
+                .iter()
+                .map(|_| MemberOutcome::Failed(Self::unavailable()))
+                .collect()
+        };
+        match fault {
+            Some(AppendFault::FailNotApplied) => return unknown(),
+            Some(AppendFault::FailNotAppliedThenReads(n)) => {
+                self.failing_reads.store(n, Ordering::SeqCst);
+                return unknown();
+            }
+            Some(AppendFault::Hang) => return std::future::pending().await,
+            None | Some(AppendFault::FailApplied) => {}
+        }
+        // Member by member, with the group's rules: what one transaction re-sent without its
+        // conflicting members would store.
+        let continued = group::continued_members(&members);
+        let valid = group::validate_group(&members);
+        let mut outcomes: Vec<Option<MemberOutcome>> = vec![None; members.len()];
+        for (j, (member, valid)) in members.iter().zip(valid).enumerate() {
+            outcomes[j] = Some(if let Err(e) = valid {
+                MemberOutcome::Failed(e)
+            } else if group::orphaned_by(&continued[j], &outcomes) {
+                MemberOutcome::Orphaned
+            } else {
+                match self.store(member.clone()) {
+                    Ok(()) => MemberOutcome::Stored,
+                    Err(e) => MemberOutcome::Failed(e),
+                }
+            });
+        }
+        if fault == Some(AppendFault::FailApplied) {
+            return unknown();
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(MemberOutcome::Orphaned))
+            .collect()
     }
 
     async fn scan(

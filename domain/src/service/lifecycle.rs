@@ -82,8 +82,17 @@ impl Broker {
                     ));
                 }
             }
+            let released_slots = batch
+                .iter()
+                .any(|e| e.stream_id.starts_with(QUOTA_STREAM_PREFIX));
             match self.events.append(batch).await {
                 Ok(()) => {
+                    if let (true, Some(group), Some(track)) =
+                        (released_slots, &self.group, &sandbox.track_name)
+                    {
+                        // The committer's count of the track is one too high now.
+                        group.forget(&quota_stream(track));
+                    }
                     for event in &events {
                         sandbox.fold(event);
                     }

@@ -39,7 +39,16 @@ pub(crate) async fn broker_with_clock(
     n: usize,
     hold: StdDuration,
 ) -> (Broker, Arc<FaultStore>, ManualClock) {
-    let store = Arc::new(FaultStore::default());
+    broker_on(FaultStore::default(), n, hold).await
+}
+
+/// [`broker_with_clock`] on a given store (e.g. one whose brokers group allocations).
+pub(crate) async fn broker_on(
+    store: FaultStore,
+    n: usize,
+    hold: StdDuration,
+) -> (Broker, Arc<FaultStore>, ManualClock) {
+    let store = Arc::new(store);
     let manual = ManualClock::new(chrono::Utc::now());
     let clock: SharedClock = Arc::new(manual.clone());
     let broker = Broker::new(

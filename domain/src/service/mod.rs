@@ -13,6 +13,9 @@
 //!   [`Broker::execute`] that runs any sandbox command and releases the claim and quota slot);
 //! - `pool_control` — drain and resume, and the drain state cache of the allocation path;
 //! - `quota` — per-track quotas: limits, the quota stream's strong read, the per-track lock;
+//! - `group_commit` — group commit of allocations on stores that write a group in one request:
+//!   one committer task, slot streams decided in order, conflicts answered member by member
+//!   (ADR 0025);
 //! - `fair_share` — the fair-share caps (per caller, per client address, per principal), each a
 //!   quota stream taken in the allocation's own transaction (ADR 0021).
 
@@ -23,6 +26,9 @@ mod candidates;
 mod fair_share;
 #[cfg(test)]
 mod fault_store;
+mod group_commit;
+#[cfg(test)]
+mod group_commit_tests;
 mod lifecycle;
 #[cfg(test)]
 mod liveness_tests;
@@ -30,6 +36,7 @@ mod pool_control;
 mod quota;
 
 pub use fair_share::{CapKind, FairShareCap};
+pub use group_commit::GroupCommitStats;
 pub use quota::TrackQuotas;
 
 use std::collections::HashSet;
@@ -92,6 +99,13 @@ pub struct BrokerConfig {
     /// (`UNKNOWN_OUTCOME_HOLD_SEC`, 10 s; the store was unreachable twice in a row). After it,
     /// the conditional write decides again.
     pub unknown_outcome_hold: StdDuration,
+    /// Groups of concurrent allocations written at once when the event store groups appends
+    /// (`ALLOCATE_GROUPS_IN_FLIGHT`, 2; ADR 0025): the next group is formed while fewer are in
+    /// flight, so a slow write holds up only the allocations that need what it writes.
+    pub group_commit_in_flight: usize,
+    /// How long one group write may take before its allocations are answered as unknown
+    /// outcomes, which each settles with its strong read (`ALLOCATE_GROUP_DEADLINE_MS`, 20,000).
+    pub group_write_deadline: StdDuration,
 }
 
 impl Default for BrokerConfig {
@@ -111,6 +125,8 @@ impl Default for BrokerConfig {
             maintenance_retry_after_s: 60,
             quotas: TrackQuotas::default(),
             unknown_outcome_hold: StdDuration::from_secs(10),
+            group_commit_in_flight: 2,
+            group_write_deadline: StdDuration::from_secs(20),
         }
     }
 }
@@ -239,6 +255,8 @@ pub struct Broker {
     drain_cache: pool_control::DrainCache,
     /// Queues this process's quota-bound commands per track.
     track_locks: quota::TrackLocks,
+    /// Writes concurrent allocations together, when the event store groups appends.
+    group: Option<group_commit::GroupCommit>,
 }
 
 /// Bound on reloads of a track's quota after another allocation (or release) of the track
@@ -277,6 +295,15 @@ impl Broker {
         config: BrokerConfig,
     ) -> Self {
         let allocating = tokio::sync::Semaphore::new(config.allocate_concurrency.max(1));
+        let group_items = events.group_commit_items();
+        let group = (group_items > 1).then(|| {
+            let limits = group_commit::GroupLimits {
+                max_items: group_items,
+                in_flight: config.group_commit_in_flight,
+                deadline: config.group_write_deadline,
+            };
+            group_commit::GroupCommit::new(Arc::clone(&events), limits)
+        });
         Self {
             events,
             view,
@@ -289,7 +316,14 @@ impl Broker {
             repaired_rows: Arc::default(),
             drain_cache: pool_control::DrainCache::default(),
             track_locks: quota::TrackLocks::default(),
+            group,
         }
+    }
+
+    /// What group commit did since start; `None` when the event store does not group appends
+    /// (each allocation is then its own append).
+    pub fn group_commit_stats(&self) -> Option<Arc<GroupCommitStats>> {
+        self.group.as_ref().map(group_commit::GroupCommit::stats)
     }
 
     /// Enables read repair: whenever a strong load shows a sandbox ahead of its view row, the

@@ -6,6 +6,8 @@
 //! - this module — the ports, [`StoreError`], the projector's `apply_event`, cursors;
 //! - `append` — the batch rules every adapter checks before writing ([`validate_append`]);
 //! - `feed` — the [`EventFeed`] port and its query types;
+//! - `group` — grouped appends: several independent appends in one store request, each answered
+//!   on its own ([`EventStore::append_group`], ADR 0025);
 //! - `batch` — the projector's batch planning into view chunks;
 //! - `repair` — re-projecting one row from its stream;
 //! - `unknown` — the tally of events a newer release wrote, which readers skip (ADR 0023).
@@ -13,6 +15,7 @@
 pub mod append;
 pub mod batch;
 pub mod feed;
+pub mod group;
 
 use std::collections::HashMap;
 
@@ -34,6 +37,7 @@ pub mod unknown;
 
 pub use append::validate_append;
 pub use feed::{EventFeed, EventLog, FeedFilter, FeedPage, FeedQuery};
+pub use group::MemberOutcome;
 pub use repair::{repair_row, RepairOutcome};
 
 /// A stored event decoded into the model; an envelope of a known type the model cannot read is
@@ -106,6 +110,41 @@ pub trait EventStore: Send + Sync + 'static {
     /// taken version is a [`StoreError::VersionConflict`] naming that stream, and then nothing
     /// of the batch is stored). At most [`MAX_TRANSACTION_ITEMS`] events.
     async fn append(&self, events: Vec<EventEnvelope>) -> Result<(), StoreError>;
+
+    /// Most events one [`EventStore::append_group`] may carry when the store writes a group in
+    /// one request; 0 (the default): the store gains nothing from grouping, and the command
+    /// service appends each allocation on its own.
+    fn group_commit_items(&self) -> usize {
+        0
+    }
+
+    /// Appends several independent members (each what [`EventStore::append`] takes), one
+    /// outcome per member in order (`group` module: the rules). Each member is stored entirely
+    /// or not at all, on its own version conditions; a member that continues another member's
+    /// stream is stored only together with it, else it is [`MemberOutcome::Orphaned`]. The
+    /// default appends the members one after the other.
+    async fn append_group(&self, members: Vec<Vec<EventEnvelope>>) -> Vec<MemberOutcome> {
+        let continued = group::continued_members(&members);
+        let valid = group::validate_group(&members);
+        let mut outcomes: Vec<Option<MemberOutcome>> = vec![None; members.len()];
+        for (j, (member, valid)) in members.into_iter().zip(valid).enumerate() {
+            let outcome = if let Err(e) = valid {
+                MemberOutcome::Failed(e)
+            } else if group::orphaned_by(&continued[j], &outcomes) {
+                MemberOutcome::Orphaned
+            } else {
+                match self.append(member).await {
+                    Ok(()) => MemberOutcome::Stored,
+                    Err(e) => MemberOutcome::Failed(e),
+                }
+            };
+            outcomes[j] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(MemberOutcome::Orphaned))
+            .collect()
+    }
 
     /// One page of a (parallel) scan over every event: `segment` of `segments`, resuming at
     /// `cursor`. Each stream lies in exactly one segment and comes in version order.

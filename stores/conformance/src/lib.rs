@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             append_and_load_round_trip,
             version_conflict_names_the_stream,
             multi_stream_batch_is_atomic,
+            grouped_members_are_answered_one_by_one,
             concurrent_appenders_take_distinct_versions,
             large_stream_loads_completely,
             envelope_is_preserved_exactly,
@@ -209,6 +210,68 @@ pub async fn multi_stream_batch_is_atomic(p: Ports) -> CheckResult {
     p.events.append(vec![event(a, 2), event(b, 1)]).await?;
     assert_eq!(p.events.load(a).await?.len(), 2);
     assert_eq!(p.events.load(b).await?.len(), 1);
+    Ok(())
+}
+
+/// A grouped append answers each member on its own (ADR 0025): a member whose version is taken
+/// fails alone with the conflict naming its stream, a member continuing it on another stream is
+/// orphaned, the independent members are stored; chained members are stored together; a member
+/// repeating an earlier member's item is refused.
+pub async fn grouped_members_are_answered_one_by_one(p: Ports) -> CheckResult {
+    use domain::store::MemberOutcome::{Failed, Orphaned, Stored};
+    let taken = "sandbox#group-taken";
+    p.events.append(vec![event(taken, 1)]).await?;
+    let members = vec![
+        vec![event("sandbox#group-a", 1), event("claim#1:a#group", 1)],
+        vec![event(taken, 1), event("quota#group", 1)],
+        vec![event("sandbox#group-b", 1), event("quota#group", 2)],
+        vec![event("sandbox#group-c", 1), event("claim#1:c#group", 1)],
+    ];
+    let outcomes = p.events.append_group(members).await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Stored,
+            Failed(StoreError::VersionConflict {
+                stream_id: taken.to_string()
+            }),
+            Orphaned,
+            Stored
+        ]
+    );
+    assert_eq!(p.events.load("sandbox#group-a").await?.len(), 1);
+    assert_eq!(p.events.load("claim#1:c#group").await?.len(), 1);
+    assert_eq!(p.events.load("quota#group").await?, vec![]);
+    assert_eq!(p.events.load("sandbox#group-b").await?, vec![]);
+    assert_eq!(p.events.load(taken).await?.len(), 1);
+    let chained = p
+        .events
+        .append_group(vec![
+            vec![event("sandbox#group-b", 1), event("quota#group", 1)],
+            vec![event("sandbox#group-d", 1), event("quota#group", 2)],
+        ])
+        .await;
+    assert_eq!(chained, vec![Stored, Stored]);
+    let versions: Vec<u64> = p
+        .events
+        .load("quota#group")
+        .await?
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    let repeated = p
+        .events
+        .append_group(vec![
+            vec![event("sandbox#group-e", 1)],
+            vec![event("sandbox#group-e", 1)],
+        ])
+        .await;
+    assert_eq!(repeated[0], Stored);
+    assert!(
+        matches!(repeated[1], Failed(StoreError::InvalidAppend(_))),
+        "{repeated:?}"
+    );
     Ok(())
 }
 

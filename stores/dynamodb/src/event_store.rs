@@ -15,12 +15,13 @@ use super::items::{
     cursor_from_key, envelope_from_item, envelope_to_sharded_item, event_attr, key_from_cursor,
     key_s, Item, EVENTS_KEY,
 };
+use super::metering::transaction_units;
 use super::retry::{classify, describe, Failure, Retry, TRANSIENT_CANCELLATION_CODES};
 use super::{
     build_error, limit_i32, n, refused, refused_cursor, s, DynamoStore, CONDITIONAL_CHECK_FAILED,
 };
 use domain::model::events::EventEnvelope;
-use domain::store::{validate_append, EventPage, EventStore, StoreError};
+use domain::store::{validate_append, EventPage, EventStore, MemberOutcome, StoreError};
 
 /// Whether `old` (the item a failed condition found) is `envelope` itself: then an earlier
 /// attempt of this very call stored it and only its answer was lost (timeout, 5xx).
@@ -96,12 +97,24 @@ impl DynamoStore {
                 .send()
                 .await;
             let err = match result {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    let (count, units) = transaction_units(&items);
+                    self.requests.count_transaction_items(
+                        "TransactWriteItems(events)",
+                        count,
+                        units,
+                    );
+                    return Ok(());
+                }
                 Err(err) => err,
             };
             if let SdkError::ServiceError(ctx) = &err {
                 if let TransactWriteItemsError::TransactionCanceledException(cancelled) = ctx.err()
                 {
+                    self.requests.count_cancellation(
+                        "TransactWriteItems(events)",
+                        cancelled.cancellation_reasons(),
+                    );
                     let failure = self
                         .cancelled_append(events, cancelled.cancellation_reasons(), &retry)
                         .await?;
@@ -265,6 +278,19 @@ impl EventStore for DynamoStore {
             [single] => self.put_event(single).await,
             several => self.put_events(several).await,
         }
+    }
+
+    fn group_commit_items(&self) -> usize {
+        // A group of one is a lone append: nothing to gain.
+        if self.group_commit_items > 1 {
+            self.group_commit_items
+        } else {
+            0
+        }
+    }
+
+    async fn append_group(&self, members: Vec<Vec<EventEnvelope>>) -> Vec<MemberOutcome> {
+        self.transact_group(members).await
     }
 
     async fn scan(

@@ -18,6 +18,9 @@
 //!   index, stats;
 //! - `view_store` — [`ViewStore`](domain::store::ViewStore): version-conditioned row writes,
 //!   checkpoints, clear;
+//! - `group_append` — grouped appends ([`EventStore::append_group`](domain::store::EventStore::append_group)):
+//!   concurrent allocations in one `TransactWriteItems`, each member on its own conditions, the
+//!   cancellation reasons read member by member (ADR 0025);
 //! - `feed` — [`EventFeed`](domain::store::EventFeed) over the `by-time` index;
 //! - `tables` — the table definitions (also the terraform drift-check JSON) and `ensure_tables`;
 //! - `items` — events and pool rows as items, stream images, cursors;
@@ -26,6 +29,7 @@
 
 mod event_store;
 mod feed;
+mod group_append;
 mod items;
 mod metering;
 mod pool_view;
@@ -72,6 +76,8 @@ pub const DEFAULT_STATS_SHARDS: u32 = 8;
 /// status's rows (`by-status-pick`, `by-status-name`, `by-due`) are spread over this many
 /// partitions.
 pub const DEFAULT_INDEX_SHARDS: u32 = 8;
+/// Default most events of one grouped append: DynamoDB's item limit of a transaction.
+pub const DEFAULT_GROUP_COMMIT_ITEMS: u32 = domain::store::MAX_TRANSACTION_ITEMS as u32;
 /// Default retry budget per call (after the first attempt).
 pub const DEFAULT_MAX_RETRIES: u32 = 6;
 /// Region used with a local endpoint when none is configured anywhere.
@@ -109,6 +115,9 @@ pub struct DynamoConfig {
     /// `by-status-name` (default
     /// [`DEFAULT_INDEX_SHARDS`]); readers query every shard, so it must match every writer's.
     pub index_shards: u32,
+    /// Most events the command service may write in one grouped `TransactWriteItems` (default
+    /// [`DEFAULT_GROUP_COMMIT_ITEMS`], at most 100); 0 or 1 turns group commit off.
+    pub group_commit_items: u32,
 }
 
 impl Default for DynamoConfig {
@@ -120,6 +129,7 @@ impl Default for DynamoConfig {
             stats_shards: DEFAULT_STATS_SHARDS,
             max_retries: DEFAULT_MAX_RETRIES,
             index_shards: DEFAULT_INDEX_SHARDS,
+            group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
         }
     }
 }
@@ -190,6 +200,7 @@ pub struct DynamoStore {
     stats_shards: u32,
     index_shards: u32,
     max_retries: u32,
+    group_commit_items: usize,
     requests: Arc<RequestCounts>,
     /// What candidate reads recently found per partition (shared by clones: one memory per
     /// process).
@@ -269,6 +280,9 @@ impl DynamoStore {
             stats_shards: config.stats_shards.max(1),
             index_shards: config.index_shards.max(1),
             max_retries: config.max_retries,
+            group_commit_items: usize::try_from(config.group_commit_items)
+                .unwrap_or(usize::MAX)
+                .min(domain::store::MAX_TRANSACTION_ITEMS),
             requests,
             shard_sizes: Arc::default(),
         }

@@ -9,6 +9,10 @@
 //!   (`DescribeStream`, `GetShardIterator`, `GetRecords`, `ListStreams`) in the same
 //!   `broker_store_requests_total{op,target="stream"}` as the adapter's own requests. The Streams
 //!   client keeps the SDK's retries, so the count is taken per attempt, where the SDK sends.
+//!
+//! [`transaction_units`] prices the items of a committed transaction the way DynamoDB bills them
+//! (two write units per started KB of each item), because DynamoDB Local reports one flat figure
+//! per table for a whole transaction, whatever the number of items it wrote.
 
 use std::sync::Arc;
 
@@ -31,12 +35,57 @@ use aws_sdk_dynamodb::operation::transact_write_items::{
     TransactWriteItemsInput, TransactWriteItemsOutput,
 };
 use aws_sdk_dynamodb::operation::update_item::{UpdateItemInput, UpdateItemOutput};
-use aws_sdk_dynamodb::types::{ConsumedCapacity, ReturnConsumedCapacity};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConsumedCapacity, ReturnConsumedCapacity, TransactWriteItem,
+};
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 
+use super::items::Item;
 use super::retry::{CapacityKind, RequestCounts};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An attribute value's size as DynamoDB counts it (strings and binaries by their bytes, numbers
+/// by about half their digits, one byte for booleans and nulls, three bytes of overhead and one
+/// per element for lists and maps).
+fn value_size(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(v) => v.len(),
+        AttributeValue::N(v) => v.len().div_ceil(2) + 1,
+        AttributeValue::B(v) => v.as_ref().len(),
+        AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+        AttributeValue::Ss(v) => v.iter().map(String::len).sum(),
+        AttributeValue::Ns(v) => v.iter().map(|n| n.len().div_ceil(2) + 1).sum(),
+        AttributeValue::Bs(v) => v.iter().map(|b| b.as_ref().len()).sum(),
+        AttributeValue::L(v) => 3 + v.iter().map(|e| value_size(e) + 1).sum::<usize>(),
+        AttributeValue::M(v) => {
+            3 + v
+                .iter()
+                .map(|(k, e)| k.len() + value_size(e) + 1)
+                .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+/// An item's size as DynamoDB counts it: attribute names plus values.
+pub(crate) fn item_size(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| name.len() + value_size(value))
+        .sum()
+}
+
+/// The items a transaction puts and the write units DynamoDB bills for them when it commits:
+/// two per started KB of each item (the base table; index writes are not included).
+pub(crate) fn transaction_units(items: &[TransactWriteItem]) -> (u64, u64) {
+    items
+        .iter()
+        .filter_map(|i| i.put())
+        .fold((0, 0), |(count, units), put| {
+            let kb = item_size(put.item()).div_ceil(1024).max(1) as u64;
+            (count + 1, units + 2 * kb)
+        })
+}
 
 /// Asks DynamoDB for the consumed capacity of every request and adds it to the store's counts.
 #[derive(Debug, Clone)]
@@ -239,6 +288,29 @@ mod tests {
             CapacityKind::Write,
             3.0
         )));
+    }
+
+    /// An item is priced by its started KB, two units each; names count, and so do values.
+    #[test]
+    fn transactional_items_are_priced_per_started_kb() {
+        use aws_sdk_dynamodb::types::Put;
+        let put = |bytes: usize| {
+            let item = Item::from([
+                ("k".to_string(), AttributeValue::S("id".into())),
+                ("p".to_string(), AttributeValue::S("x".repeat(bytes))),
+            ]);
+            let put = Put::builder().table_name("t").set_item(Some(item)).build();
+            TransactWriteItem::builder()
+                .put(put.unwrap_or_else(|e| panic!("{e}")))
+                .build()
+        };
+        assert_eq!(transaction_units(&[put(10)]), (1, 2));
+        assert_eq!(
+            transaction_units(&[put(10), put(1_500), put(3_000)]),
+            (3, 2 + 4 + 6)
+        );
+        let item = Item::from([("n".to_string(), AttributeValue::N("12345".into()))]);
+        assert_eq!(item_size(&item), 1 + 4);
     }
 
     /// Streams operations get their own static counter names, unknown ones one shared name.

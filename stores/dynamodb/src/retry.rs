@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::CancellationReason;
 use rand::Rng;
 
 use domain::store::StoreError;
@@ -129,6 +130,10 @@ pub struct RequestCounts {
     counts: Mutex<BTreeMap<&'static str, u64>>,
     /// Capacity units DynamoDB reported, per `(operation, table, kind)`.
     capacity: Mutex<BTreeMap<(&'static str, String, CapacityKind), f64>>,
+    /// Cancelled transactions, per `(call name, first reason code other than "None")`.
+    cancellations: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Items of committed transactions and the write units DynamoDB bills for them, per call.
+    transaction_items: Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 /// Which capacity a request consumed: reads (GetItem, Query, …) or writes (PutItem,
@@ -156,6 +161,59 @@ impl RequestCounts {
     pub fn count(&self, what: &'static str) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         *counts.entry(what).or_default() += 1;
+    }
+
+    /// Counts one cancelled transaction of the call named `what` under its first reason code
+    /// other than `None` (`ConditionalCheckFailed`, `TransactionConflict`, …; `None` when every
+    /// item says `None`).
+    pub fn count_cancellation(&self, what: &'static str, reasons: &[CancellationReason]) {
+        let code = reasons
+            .iter()
+            .filter_map(CancellationReason::code)
+            .find(|c| *c != "None")
+            .unwrap_or("None")
+            .to_string();
+        let mut cancellations = self.cancellations.lock().unwrap_or_else(|p| p.into_inner());
+        *cancellations.entry((what, code)).or_default() += 1;
+    }
+
+    /// Counts the items of one committed transaction of the call named `what` and the write
+    /// units they cost (`metering::transaction_units`).
+    pub fn count_transaction_items(&self, what: &'static str, items: u64, units: u64) {
+        let mut counts = self
+            .transaction_items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = counts.entry(what).or_default();
+        entry.0 += items;
+        entry.1 += units;
+    }
+
+    /// Every `(operation, target, items, write units)` of the committed transactions so far.
+    pub fn transaction_items_snapshot(&self) -> Vec<(String, String, u64, u64)> {
+        let counts = self
+            .transaction_items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .map(|(what, (items, units))| {
+                let (op, target) = split_call(what);
+                (op.to_string(), target.to_string(), *items, *units)
+            })
+            .collect()
+    }
+
+    /// Every `(operation, target, reason, count)` of the cancelled transactions so far.
+    pub fn cancellation_snapshot(&self) -> Vec<(String, String, String, u64)> {
+        let cancellations = self.cancellations.lock().unwrap_or_else(|p| p.into_inner());
+        cancellations
+            .iter()
+            .map(|((what, reason), n)| {
+                let (op, target) = split_call(what);
+                (op.to_string(), target.to_string(), reason.clone(), *n)
+            })
+            .collect()
     }
 
     /// Adds the capacity units one response reported for `table`.
@@ -193,10 +251,7 @@ impl RequestCounts {
         counts
             .iter()
             .map(|(what, n)| {
-                let (op, target) = match what.split_once('(') {
-                    Some((op, rest)) => (op, rest.trim_end_matches(')')),
-                    None => (*what, ""),
-                };
+                let (op, target) = split_call(what);
                 (op.to_string(), target.to_string(), *n)
             })
             .collect()
@@ -206,6 +261,14 @@ impl RequestCounts {
     pub fn total(&self) -> u64 {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.values().sum()
+    }
+}
+
+/// `Operation(target)` as `(operation, target)`.
+fn split_call(what: &str) -> (&str, &str) {
+    match what.split_once('(') {
+        Some((op, rest)) => (op, rest.trim_end_matches(')')),
+        None => (what, ""),
     }
 }
 

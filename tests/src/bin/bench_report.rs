@@ -350,7 +350,7 @@ fn render(results: &Value, baseline: Option<&Value>, out_dir: &Path, page: &Path
         rel("lag.svg")
     );
     out.push_str(
-        "| store | clients | requests | 201/s | p50 ms | p99 ms | store requests / 201 | RCU / 201 | WCU / 201 | lag p99 ms | statuses |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| store | clients | requests | 201/s | p50 ms | p99 ms | store requests / 201 | RCU / 201 | WCU / 201 | event transactions / 201 | cancelled / 201 | lag p99 ms | statuses |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let base_levels: BTreeMap<(String, u64), Value> = baseline
         .map(|b| {
@@ -369,9 +369,12 @@ fn render(results: &Value, baseline: Option<&Value>, out_dir: &Path, page: &Path
             let base = base_levels.get(&(backend.clone(), c as u64));
             let field = |name: &str| level[name].as_f64();
             let base_field = |name: &str| base.and_then(|b| b[name].as_f64());
+            // Absent from reports of builds before these figures existed.
+            let contention = |name: &str| level["contention"][name].as_f64();
+            let base_contention = |name: &str| base.and_then(|b| b["contention"][name].as_f64());
             let _ = writeln!(
                 out,
-                "| {backend} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {backend} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 level["requests"],
                 with_ratio(field("created_per_s"), base_field("created_per_s"), 0),
                 with_ratio(field("p50_ms"), base_field("p50_ms"), 1),
@@ -383,6 +386,16 @@ fn render(results: &Value, baseline: Option<&Value>, out_dir: &Path, page: &Path
                 ),
                 with_ratio(field("rcu_per_201"), base_field("rcu_per_201"), 2),
                 with_ratio(field("wcu_per_201"), base_field("wcu_per_201"), 2),
+                with_ratio(
+                    contention("event_transactions_per_201"),
+                    base_contention("event_transactions_per_201"),
+                    2
+                ),
+                with_ratio(
+                    contention("cancellations_per_201"),
+                    base_contention("cancellations_per_201"),
+                    2
+                ),
                 with_ratio(field("lag_p99_ms"), base_field("lag_p99_ms"), 0),
                 level["statuses"]
             );

@@ -17,7 +17,23 @@
 //! Traffic goes to 127.0.0.1 only unless `--url` says otherwise; every run is bounded by
 //! `--requests` per level, or by `--duration` seconds when given. `--json FILE` also writes the
 //! figures of every level as JSON (with the lag samples over time): what `bench-report` reads.
+//!
+//! Per level it also counts, per 201, the event transactions (`TransactWriteItems` on the events
+//! table), the items they wrote and the write units DynamoDB bills for those items (two per
+//! started KB of each; DynamoDB Local's own report undercounts transactions), the transactions
+//! DynamoDB cancelled, the candidates lost to concurrent allocators, and with group commit
+//! (ADR 0025) the groups written and the allocations decided again.
+//!
+//! The workshop shapes: `--tracks N` spreads the requests over N tracks (`loadgen-0` …), and
+//! `--track-quota Q` gives each a quota of Q. `--api-binary PATH` (with `--backend dynamo`) runs
+//! that build of `command-api` as a child process on fresh DynamoDB Local tables instead of the
+//! in-process service, so two builds are measured by the same load generator:
+//!
+//! ```text
+//! cargo run --release -p tests --features bench --bin loadgen -- --backend dynamo --api-binary target/release/chaos-command-api --concurrency 300 --requests 300 --pool 2000 --track-quota 250
+//! ```
 
+use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +41,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tests::app::{spawn_app_with, AppOptions, Backend, TestApp, ADMIN_TOKEN, TRACK_TOKEN};
+use tests::chaos::process::{free_port, wait_healthy, ServiceProcess};
 use tests::history::{all_events, AllocationAudit};
 use tokio::sync::Mutex;
 
@@ -68,6 +85,37 @@ struct Args {
     /// Also write every level's figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Spread the requests over this many tracks (`loadgen-0` …; one track is named `loadgen`).
+    #[arg(long, default_value_t = 1)]
+    tracks: usize,
+    /// Give every track a quota of this many live allocations (`TRACK_QUOTAS` of the service).
+    #[arg(long)]
+    track_quota: Option<u32>,
+    /// With `--backend dynamo`: run this `command-api` build as a child process (projector in
+    /// it) on fresh DynamoDB Local tables, instead of the service in this process.
+    #[arg(long)]
+    api_binary: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    /// The track of request number `i`.
+    fn track(&self, i: usize) -> String {
+        match self.tracks {
+            0 | 1 => "loadgen".to_string(),
+            n => format!("loadgen-{}", i % n),
+        }
+    }
+
+    /// `TRACK_QUOTAS` for `--track-quota` (blank without one).
+    fn track_quotas(&self) -> String {
+        let Some(quota) = self.track_quota else {
+            return String::new();
+        };
+        (0..self.tracks.max(1))
+            .map(|i| format!("{}={quota}", self.track(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// When a level stops sending.
@@ -86,6 +134,7 @@ struct LevelResult {
     statuses: BTreeMap<u16, usize>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn level(
     client: &reqwest::Client,
     url: &str,
@@ -94,6 +143,7 @@ async fn level(
     concurrency: usize,
     bound: Bound,
     run_id: &str,
+    tracks: Arc<Vec<String>>,
 ) -> LevelResult {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let latency = Arc::new(Mutex::new(
@@ -106,6 +156,7 @@ async fn level(
         let client = client.clone();
         let (url, token, prefix) = (url.to_string(), token.to_string(), prefix.to_string());
         let run_id = run_id.to_string();
+        let tracks = tracks.clone();
         async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -124,7 +175,10 @@ async fn level(
                         "X-Instruqt-Sandbox-ID",
                         format!("load-{run_id}-{concurrency}-{i}"),
                     )
-                    .header("X-Instruqt-Track-ID", "loadgen")
+                    .header(
+                        "X-Instruqt-Track-ID",
+                        tracks[i % tracks.len().max(1)].as_str(),
+                    )
                     .header("X-Sandbox-Name-Prefix", &prefix)
                     .send()
                     .await
@@ -187,6 +241,71 @@ fn sum_by_label(metrics: &str, metric: &str, label: &str) -> OpCounts {
         }
     }
     by_label
+}
+
+/// The sum of every series of `metric` whose labels include all of `labels` (0 when absent).
+fn metric_total(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?;
+            let (series, value) = rest.rsplit_once(' ')?;
+            if !(series.is_empty() || series.starts_with('{')) {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// The labels a [`contention`] figure is summed over.
+type Labels = &'static [(&'static str, &'static str)];
+
+/// What the allocations of a level cost in transactions and contention, from two `/metrics`
+/// texts: (figure name, count); `None` for a figure the service does not export (an older
+/// build).
+fn contention(before: &str, after: &str) -> Vec<(&'static str, Option<f64>)> {
+    let figures: [(&str, &str, Labels); 7] = [
+        (
+            "event_transactions",
+            "broker_store_requests_total",
+            &[("op", "TransactWriteItems"), ("target", "events")],
+        ),
+        (
+            "event_items",
+            "broker_store_transaction_items_total",
+            &[("target", "events")],
+        ),
+        (
+            "event_write_units",
+            "broker_store_transaction_write_units_total",
+            &[("target", "events")],
+        ),
+        (
+            "cancellations",
+            "broker_store_transaction_cancellations_total",
+            &[("target", "events")],
+        ),
+        (
+            "candidate_conflicts",
+            "broker_allocate_conflicts_total",
+            &[],
+        ),
+        ("groups", "broker_allocate_groups_total", &[]),
+        ("redecided", "broker_allocate_group_redecided_total", &[]),
+    ];
+    figures
+        .iter()
+        .map(|(name, metric, labels)| {
+            let exported = after.lines().any(|l| l.starts_with(metric));
+            let delta = metric_total(after, metric, labels) - metric_total(before, metric, labels);
+            (*name, exported.then_some(delta.max(0.0)))
+        })
+        .collect()
 }
 
 /// The `broker_projector_lag_ms` gauge, if the process runs a projector.
@@ -290,16 +409,23 @@ fn quantile(sorted: &[i64], q: f64) -> i64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut spawned: Option<TestApp> = None;
+    let mut child: Option<ChildService> = None;
     let mut ticker = None;
     let tick_gap_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (url, token, admin_token) = match &args.url {
-        Some(url) => (
+    let (url, token, admin_token) = match (&args.url, &args.api_binary) {
+        (Some(url), _) => (
             url.trim_end_matches('/').to_string(),
             args.token.clone(),
             args.admin_token.clone(),
         ),
-        None => {
+        (None, Some(binary)) => {
+            let service = ChildService::start(binary, &args).await?;
+            let url = service.url.clone();
+            child = Some(service);
+            (url, TRACK_TOKEN.to_string(), ADMIN_TOKEN.to_string())
+        }
+        (None, None) => {
             let backend = match args.backend.as_str() {
                 "dynamo" | "dynamodb" => Backend::Dynamo,
                 _ => Backend::Embedded,
@@ -320,6 +446,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let shards = setting("VIEW_INDEX_SHARDS")?;
             let allocating = setting("ALLOCATE_CONCURRENCY")?;
+            let grouping = setting("DDB_GROUP_COMMIT_ITEMS")?;
+            let in_flight = setting("ALLOCATE_GROUPS_IN_FLIGHT")?;
+            let quotas = args.track_quotas();
             options.configure = Box::new(move |config| {
                 if let Some(shards) = shards {
                     config.store.view_index_shards = shards;
@@ -327,6 +456,13 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(allocating) = allocating {
                     config.allocate_concurrency = allocating as usize;
                 }
+                if let Some(items) = grouping {
+                    config.store.ddb_group_commit_items = items;
+                }
+                if let Some(groups) = in_flight {
+                    config.allocate_groups_in_flight = groups;
+                }
+                config.track_quotas = quotas;
             });
             let app = spawn_app_with(options).await;
             // The test app's clock only moves when told to; the projector measures lag against
@@ -371,8 +507,12 @@ async fn main() -> anyhow::Result<()> {
         spawned: spawned.as_ref().map(|app| app.state.clone()),
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let tracks: Arc<Vec<String>> =
+        Arc::new((0..args.tracks.max(1)).map(|i| args.track(i)).collect());
     let mode = if args.url.is_some() {
         "external".to_string()
+    } else if args.api_binary.is_some() {
+        format!("{} (child)", args.backend)
     } else {
         args.backend.clone()
     };
@@ -392,7 +532,17 @@ async fn main() -> anyhow::Result<()> {
             Some(secs) => Bound::Until(Instant::now() + Duration::from_secs(secs)),
             None => Bound::Requests(args.requests),
         };
-        let r = level(&client, &url, &token, &args.prefix, c, bound, &run_id).await;
+        let r = level(
+            &client,
+            &url,
+            &token,
+            &args.prefix,
+            c,
+            bound,
+            &run_id,
+            tracks.clone(),
+        )
+        .await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let lag_series = sampler.await.unwrap_or_default();
         let mut lags: Vec<i64> = lag_series.iter().map(|(_, lag)| *lag).collect();
@@ -458,6 +608,26 @@ async fn main() -> anyhow::Result<()> {
         // `None` where the store is not metered (the embedded store counts no requests).
         let metered = !level_requests.is_empty();
         let per_created = |n: f64| (created > 0 && metered).then(|| n / created as f64);
+        let contended = contention(&metrics_before, &quiet_metrics);
+        let contended_json: serde_json::Map<String, serde_json::Value> = contended
+            .iter()
+            .map(|(name, n)| {
+                let per = n.and_then(&per_created);
+                (format!("{name}_per_201"), serde_json::json!(per))
+            })
+            .collect();
+        let contended_text = if metered && created > 0 {
+            contended
+                .iter()
+                .map(|(name, n)| match n {
+                    Some(n) => format!("{name} {:.3}", n / created as f64),
+                    None => format!("{name} –"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            "–".to_string()
+        };
         levels_json.push(serde_json::json!({
             "concurrency": r.concurrency,
             "requests": sent,
@@ -477,6 +647,7 @@ async fn main() -> anyhow::Result<()> {
             "lag_max_ms": lags.last().copied().unwrap_or(0),
             "lag_series": lag_series,
             "caught_up_ms": converged.map(|(after, _)| after.as_millis() as u64),
+            "contention": contended_json,
         }));
         let capacity_per_allocation = if level_capacity.is_empty() || created == 0 {
             "–".to_string()
@@ -486,7 +657,7 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.2} / {:.2}", units("read"), units("write"))
         };
         rows.push(format!(
-            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} | {capacity_per_allocation} |",
+            "| {mode} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:?} | {per_allocation} | {capacity_per_allocation} | {contended_text} |",
             r.concurrency,
             sent,
             sent as f64 / r.elapsed.as_secs_f64(),
@@ -529,7 +700,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = ticker.join();
     }
     println!(
-        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) | RCU / WCU per 201 |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| mode | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | statuses | store requests / 201 (by op) | RCU / WCU per 201 | per 201 |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &rows {
         println!("{row}");
@@ -541,6 +712,13 @@ async fn main() -> anyhow::Result<()> {
         println!("{row}");
     }
     let mut audit_ok = None;
+    if let Some(service) = child {
+        let clean = service.audit_and_stop().await;
+        audit_ok = Some(clean);
+        if !clean {
+            anyhow::bail!("double allocation detected");
+        }
+    }
     if let Some(app) = spawned {
         let events = all_events(app.state.broker.events().as_ref()).await;
         let audit = AllocationAudit::replay(&events);
@@ -564,10 +742,163 @@ async fn main() -> anyhow::Result<()> {
         let report = serde_json::json!({
             "mode": mode,
             "pool": args.pool,
+            "tracks": args.tracks.max(1),
+            "track_quota": args.track_quota,
             "levels": levels_json,
             "no_double_allocation": audit_ok,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// A `command-api` build run as a child process on fresh DynamoDB Local tables (`--api-binary`),
+/// its projector in-process, the pool registered in its event table beforehand.
+struct ChildService {
+    url: String,
+    process: ServiceProcess,
+    store: Arc<store_dynamodb::DynamoStore>,
+}
+
+impl ChildService {
+    async fn start(binary: &std::path::Path, args: &Args) -> anyhow::Result<Self> {
+        if !matches!(args.backend.as_str(), "dynamo" | "dynamodb") {
+            anyhow::bail!("--api-binary runs on DynamoDB Local only (--backend dynamo)");
+        }
+        let store = Arc::new(tests::ddb_local::fresh_store(8).await);
+        eprintln!("registering {} sandboxes on DynamoDB Local …", args.pool);
+        let seeding = Instant::now();
+        let broker = Arc::new(domain::Broker::new(
+            store.clone(),
+            store.clone(),
+            Arc::new(domain::SystemClock),
+            domain::BrokerConfig::default(),
+        ));
+        let meta = domain::CommandMeta {
+            actor: domain::Actor::Admin,
+            request_id: None,
+            correlation_id: Some("loadgen-seed".into()),
+        };
+        let registrations = (0..args.pool).map(|i| {
+            let (broker, meta) = (broker.clone(), meta.clone());
+            let id = format!("{}-id-{i}", args.prefix);
+            let name = format!("{}-{i:05}", args.prefix);
+            async move {
+                let command = domain::model::sandbox::SandboxCommand::Register {
+                    sandbox_id: id.clone(),
+                    name,
+                    external_id: format!("identity/accounts/{}", uuid::Uuid::new_v4()),
+                    sfdc_account_id: None,
+                    csp_created_at: None,
+                };
+                broker
+                    .execute(&id, command, &meta)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow::anyhow!("register {id}: {e}"))
+            }
+        });
+        let registered: Vec<anyhow::Result<()>> = futures::stream::iter(registrations)
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        registered
+            .into_iter()
+            .collect::<anyhow::Result<Vec<()>>>()?;
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let endpoint = tests::ddb_local::endpoint().await;
+        let mut env: BTreeMap<String, String> = [
+            ("BIND_ADDR", format!("127.0.0.1:{port}")),
+            ("BROKER_API_TOKEN", TRACK_TOKEN.to_string()),
+            ("BROKER_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("SEED_DEMO_POOL", "false".into()),
+            ("RUN_JOBS", "false".into()),
+            ("RUN_PROJECTOR", "true".into()),
+            ("CSP_MODE", "mock".into()),
+            ("RATE_LIMIT_RPS", "100000".into()),
+            ("RATE_LIMIT_BURST", "100000".into()),
+            ("STORE", "dynamodb".into()),
+            ("DDB_ENDPOINT_URL", endpoint),
+            ("AWS_REGION", "us-east-1".into()),
+            ("TABLE_PREFIX", store.table_prefix().to_string()),
+            ("ENSURE_TABLES", "false".into()),
+            ("TRACK_QUOTAS", args.track_quotas()),
+            ("LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "warn".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // Passed through as for the in-process service, so builds are compared on equal terms.
+        for name in [
+            "ALLOCATE_CONCURRENCY",
+            "VIEW_INDEX_SHARDS",
+            "DDB_GROUP_COMMIT_ITEMS",
+            "ALLOCATE_GROUPS_IN_FLIGHT",
+        ] {
+            if let Ok(value) = std::env::var(name) {
+                println!("{name}={value}");
+                env.insert(name.to_string(), value);
+            }
+        }
+        let mut process = ServiceProcess::new("command-api", binary, &[], env);
+        process.start();
+        let client = reqwest::Client::new();
+        if !wait_healthy(&client, &url, Duration::from_secs(120)).await {
+            anyhow::bail!(
+                "{} did not become healthy:\n{}",
+                binary.display(),
+                process.log_tail(30)
+            );
+        }
+        // Its projector brings the registrations into the view.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let stats = client
+                .get(format!("{url}/v1/admin/stats"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await;
+            let available = match stats {
+                Ok(response) => response
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|b| b.get("available").and_then(serde_json::Value::as_i64)),
+                Err(_) => None,
+            };
+            if available.is_some_and(|a| a >= args.pool as i64) {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the view did not show the pool within 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "registered and projected in {:.1} s",
+            seeding.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            url,
+            process,
+            store,
+        })
+    }
+
+    /// Replays the history (no sandbox twice, no caller holding two), then stops the process.
+    async fn audit_and_stop(mut self) -> bool {
+        let events = all_events(self.store.as_ref()).await;
+        let audit = AllocationAudit::replay(&events);
+        println!(
+            "double-allocation check (replayed {} events): {} sandboxes allocated, {} allocated twice, {} callers holding two",
+            events.len(),
+            audit.allocations.len(),
+            audit.double_allocations().len(),
+            audit.callers_holding_two().len(),
+        );
+        let _ = self.process.terminate(Duration::from_secs(10)).await;
+        audit.double_allocations().is_empty() && audit.callers_holding_two().is_empty()
+    }
 }

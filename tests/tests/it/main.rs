@@ -19,6 +19,7 @@ mod drain_cache;
 mod edge_cors;
 mod edge_security;
 mod embedded_durability;
+mod group_commit;
 mod idle_traffic;
 mod index_shards;
 mod jobs;

@@ -128,6 +128,8 @@ fn store_series(metrics: &str) -> std::collections::BTreeMap<String, f64> {
         .filter(|l| {
             l.starts_with("broker_store_requests_total{")
                 || l.starts_with("broker_store_consumed_capacity_units_total{")
+                || l.starts_with("broker_store_transaction_items_total{")
+                || l.starts_with("broker_store_transaction_write_units_total{")
         })
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
@@ -140,7 +142,10 @@ fn store_series(metrics: &str) -> std::collections::BTreeMap<String, f64> {
 /// requests and the capacity units DynamoDB reports per allocation (docs/aws-capacity-cost.md
 /// quotes this test's output). The events' transaction writes two items (the sandbox's
 /// `SandboxAllocated`, the claim's `ClaimGranted`), each under 1 KB, at 2 WCU per
-/// transactional item: 4 write units per allocation.
+/// transactional item: 4 write units per allocation. DynamoDB Local reports one flat figure per
+/// table for a transaction whatever its item count, so the items and the units they cost by
+/// the rules are counted too (`broker_store_transaction_items_total`,
+/// `broker_store_transaction_write_units_total`): at least 2 per item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_allocation_requests_and_capacity() {
     const ALLOCATIONS: usize = 20;
@@ -180,6 +185,19 @@ async fn per_allocation_requests_and_capacity() {
     assert!(
         (4.0..=8.0).contains(&events_wcu),
         "events write units per allocation: {events_wcu}\n{report}"
+    );
+    let items =
+        per("broker_store_transaction_items_total{op=\"TransactWriteItems\",target=\"events\"}");
+    let units = per(
+        "broker_store_transaction_write_units_total{op=\"TransactWriteItems\",target=\"events\"}",
+    );
+    assert!(
+        items >= 2.0,
+        "event items per allocation: {items}\n{report}"
+    );
+    assert!(
+        units >= 2.0 * items,
+        "write units per allocation: {units} for {items} items\n{report}"
     );
     app.stop().await;
 }
