@@ -199,3 +199,23 @@ async fn wait_until_ready(url: &str, child: &mut Child) -> Result<(), String> {
         "no answer within {STARTUP_TIMEOUT:?}: {last_error}"
     ))
 }
+
+/// The tests that load DynamoDB Local hardest (thousands of writes in a burst, 64 writers on
+/// one item, model runs with injected faults) take turns: on two cores, two of them at once
+/// slowed single requests of the others past the SDK's 10 s attempt timeout. Lighter tests
+/// still run beside them. Hold the permit for the whole test.
+static HEAVY_LOAD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Waits for the heavy-load turn (see [`HEAVY_LOAD`]).
+pub async fn heavy_load() -> tokio::sync::SemaphorePermit<'static> {
+    // The semaphore is never closed, so acquiring cannot fail.
+    HEAVY_LOAD
+        .acquire()
+        .await
+        .unwrap_or_else(|_| unreachable!("the heavy-load semaphore is never closed"))
+}
+
+/// [`heavy_load`] for a test without an async context (the semaphore needs no runtime).
+pub fn heavy_load_blocking() -> tokio::sync::SemaphorePermit<'static> {
+    futures::executor::block_on(heavy_load())
+}

@@ -721,6 +721,7 @@ async fn liveness_figures_embedded() {
 /// and under 10 % unknown outcomes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_figures_dynamodb() {
+    let _turn = tests::ddb_local::heavy_load().await;
     let (allocations, notifications) = run(Backend::Dynamo).await;
     print_tables(&allocations, &[notifications]);
 }

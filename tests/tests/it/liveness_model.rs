@@ -45,5 +45,6 @@ fn embedded_file_store() {
 /// DynamoDB Local: 24 random cases of up to 20 steps keep every invariant of the model.
 #[test]
 fn dynamodb_local() {
+    let _turn = tests::ddb_local::heavy_load_blocking();
     run_bounded(ModelStore::DynamoLocal, 24, 20);
 }

@@ -351,6 +351,10 @@ async fn wait_two_sweeps(store: &Store, burst: &Burst) {
 /// re-read while the holder remembers more keys than the old 2,000 (capping its memory at 2,000
 /// makes this test fail).
 async fn a_burst_is_delivered_once_per_event(backend: Backend) -> TestResult {
+    let _turn = match backend {
+        Backend::Dynamo => Some(tests::ddb_local::heavy_load().await),
+        Backend::Embedded => None,
+    };
     let store = store(backend).await;
     let receiver = Receiver::start().await;
     let dispatcher = dispatcher_with(&store, &receiver.url, settings(Duration::from_secs(60)));
