@@ -40,16 +40,9 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/lambda-local.XXXXXX")"
 DDB_PID=""
 WATCH_PID=""
 
-log() { echo "lambda-local: $*" >&2; }
-die() {
-    log "FAILED: $*"
-    for f in "$WORK"/*.log; do
-        [ -f "$f" ] || continue
-        echo "----- $(basename "$f") (last 30 lines)" >&2
-        tail -n 30 "$f" >&2
-    done
-    exit 1
-}
+LOG_NAME=lambda-local
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 cleanup() {
     # Stop only what this script started: the emulator's process group, then DynamoDB Local.
@@ -67,19 +60,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Waits until something accepts TCP connections on 127.0.0.1:$1, for at most $2 seconds.
-wait_port() {
-    local port="$1" limit="$2" start=$SECONDS
-    while ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-        [ $((SECONDS - start)) -lt "$limit" ] || return 1
-        sleep 0.5
-    done
-}
 
 command -v python3 >/dev/null || die "python3 is needed"
 if ! cargo lambda --version >/dev/null 2>&1; then

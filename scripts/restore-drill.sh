@@ -31,24 +31,10 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/restore-drill.XXXXXX")"
 DDB_PID=""
 API_PID=""
 
-log() { echo "restore-drill: $*" >&2; }
-die() {
-    log "FAILED: $*"
-    for f in "$WORK"/*.log; do
-        [ -f "$f" ] || continue
-        echo "----- $(basename "$f") (last 30 lines)" >&2
-        tail -n 30 "$f" >&2
-    done
-    exit 1
-}
+LOG_NAME=restore-drill
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
-stop_pid() {
-    local pid="$1"
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.25; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 cleanup() {
     stop_pid "$API_PID"
     stop_pid "$DDB_PID"
@@ -56,18 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-wait_port() {
-    local port="$1" limit="$2" start=$SECONDS
-    while ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-        [ $((SECONDS - start)) -lt "$limit" ] || return 1
-        sleep 0.5
-    done
-}
-random_token() { python3 -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 
 command -v python3 >/dev/null || die "python3 is needed"
 command -v curl >/dev/null || die "curl is needed"
