@@ -25,30 +25,6 @@ type FeedCase = (
     Option<DateTime<Utc>>,
 );
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     feed_pages_through_everything_in_time_order_with_filters,
     sandbox_state_at_an_instant_names_the_holder,

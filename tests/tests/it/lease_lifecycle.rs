@@ -14,30 +14,6 @@ use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 type Reply = (StatusCode, HeaderMap, Value);
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     extension_moves_the_window_and_auto_expiry_follows,
     drain_refuses_new_allocations_and_nothing_else,

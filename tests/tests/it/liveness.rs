@@ -11,30 +11,6 @@ use tests::app::{spawn_app_with, AppOptions, Backend, TestApp};
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 type Reply = (StatusCode, HeaderMap, Value);
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     a_retried_extension_adds_its_hours_once,
     a_replay_past_expires_at_answers_as_a_fresh_request,

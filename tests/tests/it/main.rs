@@ -4,6 +4,39 @@
 //! Everything in one process shares its statics: DynamoDB Local is started once for all of them
 //! (`tests::ddb_local`), and the fault tests serialise among themselves (`chaos::SERIAL`).
 
+/// Runs each named `async fn case(backend: Backend)` of the calling module once on the embedded
+/// store (`module::embedded::case`) and once on DynamoDB Local (`module::dynamodb::case`). The
+/// cases return the module's `TestResult`; `both_stores!(panics: ...)` is for cases that return
+/// nothing and fail by panicking. Defined before the modules, so every module below can use it.
+macro_rules! both_stores {
+    (@each $ret:ty; $($case:ident),+) => {
+        mod embedded {
+            $(
+                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> $ret {
+                    super::$case(super::Backend::Embedded).await
+                }
+            )+
+        }
+        mod dynamodb {
+            $(
+                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> $ret {
+                    super::$case(super::Backend::Dynamo).await
+                }
+            )+
+        }
+    };
+    (panics: $($case:ident),+ $(,)?) => {
+        both_stores!(@each (); $($case),+);
+    };
+    ($($case:ident),+ $(,)?) => {
+        both_stores!(@each super::TestResult; $($case),+);
+    };
+}
+
 mod admin_job_progress;
 mod admin_jobs;
 mod allocation_concurrency;

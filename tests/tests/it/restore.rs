@@ -20,30 +20,6 @@ use tests::history::all_events;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     an_export_imported_into_a_fresh_store_serves_the_same_students,
     the_check_finds_what_a_broken_log_gets_wrong,

@@ -30,30 +30,6 @@ const CHECKPOINT: &str = "webhooks:labs";
 /// than the saved state holds ([`command_api::webhooks::DeliveryState::handled`]).
 const BURST: usize = 3_000;
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     a_burst_is_delivered_once_per_event,
     a_taken_over_tenure_cannot_save_and_stops,
