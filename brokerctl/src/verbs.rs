@@ -277,7 +277,7 @@ fn pool_view(body: &Value, format: ViewFormat) -> String {
         ViewFormat::Json => pretty(body),
         ViewFormat::Table => {
             let mut out = format!(
-                "drained: {}  (version {}, drains reach every instance within {} ms)\n\n",
+                "whole pool drained: {}  (version {}; drains reach every instance within {} ms)\n\n",
                 body["drained"], body["version"], body["drain_propagation_ms"]
             );
             out.push_str(&view(body, format, Some(POOL_DRAINS)));

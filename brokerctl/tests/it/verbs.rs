@@ -181,7 +181,7 @@ async fn drain_pool_and_resume() {
     )
     .await;
     assert_eq!(drained["drains"][0]["prefix"], "dr", "{drained}");
-    let pool = both_formats(&app, &["pool"], "drained: ").await;
+    let pool = both_formats(&app, &["pool"], "whole pool drained: false").await;
     assert_eq!(pool["drains"][0]["reason"], "maintenance", "{pool}");
     let table = stdout(&admin(&app, &["pool"]).await);
     assert!(table.contains("maintenance"), "{table}");
