@@ -125,8 +125,8 @@ pub(crate) struct HeadScan {
     head: usize,
     /// Bytes of the current request line so far.
     line: usize,
-    /// The request line's first bytes, to recognise the HTTP/2 preface.
-    start: [u8; HTTP2_PREFACE_LINE.len()],
+    /// The request line's first bytes, to recognise the HTTP/2 preface (and its `\r`).
+    start: [u8; HTTP2_PREFACE_LINE.len() + 1],
     /// Line feeds in a row (carriage returns ignored): two end a head.
     newlines: u8,
     /// The header line being read.
@@ -146,7 +146,7 @@ impl HeadScan {
             scan: Scan::Between,
             head: 0,
             line: 0,
-            start: [0; HTTP2_PREFACE_LINE.len()],
+            start: [0; HTTP2_PREFACE_LINE.len() + 1],
             newlines: 0,
             field: FieldLine::default(),
             length: None,
@@ -189,7 +189,7 @@ impl HeadScan {
                         let line = self.start[..len]
                             .strip_suffix(b"\r")
                             .unwrap_or(&self.start[..len]);
-                        if line == HTTP2_PREFACE_LINE {
+                        if self.line <= self.start.len() && line == HTTP2_PREFACE_LINE {
                             self.scan = Scan::Off;
                             return None;
                         }
@@ -420,6 +420,13 @@ mod tests {
             assert_eq!(scan.scan, Scan::Off, "{}", String::from_utf8_lossy(opening));
             assert_eq!(scan.read(&filler), None);
         }
+        let mut scan = HeadScan::new();
+        assert_eq!(scan.read(b"PRI * HTTP/2.0-not\r\n\r\n"), None);
+        assert_eq!(
+            scan.scan,
+            Scan::Between,
+            "only the preface itself is HTTP/2"
+        );
     }
 
     /// The per-connection state is a few counters (what every connection pays for the scan).
