@@ -81,7 +81,7 @@ pub(crate) struct CallerArgs {
     #[arg(long, env = "BROKER_CALLER_SECRET_FILE")]
     caller_secret_file: Option<PathBuf>,
     /// Lease file (mode 0600): `allocate` keeps a generated 128-bit idempotency key and the
-    /// lease token here; `status` and `release` send the token (X-Lease-Token).
+    /// lease token here; `status`, `release` and `extend` send the token (X-Lease-Token).
     #[arg(long, env = "BROKER_LEASE_FILE")]
     lease_file: Option<PathBuf>,
 }
