@@ -280,13 +280,27 @@ fn pool_view(body: &Value, format: ViewFormat) -> String {
                 "whole pool drained: {}  (version {}; drains reach every instance within {} ms)\n\n",
                 body["drained"], body["version"], body["drain_propagation_ms"]
             );
-            out.push_str(&view(body, format, Some(POOL_DRAINS)));
+            // `since` is epoch seconds: shown as a UTC time like the `*_at` fields.
+            let mut drains = body.clone();
+            for drain in drains["drains"].as_array_mut().into_iter().flatten() {
+                if let Some(secs) = drain["since"].as_i64() {
+                    drain["since"] =
+                        with_readable_times(&json!({ "since_at": secs }))["since_at"].clone();
+                }
+            }
+            match drains["drains"].as_array().map(Vec::len) {
+                Some(n) if n > 0 => out.push_str(&view(&drains, format, Some(POOL_DRAINS))),
+                _ => out.push_str("no drains in force\n"),
+            }
             out.push('\n');
-            out.push_str(&view(
-                body,
-                format,
-                Some(("quotas", &["track", "limit", "in_use"])),
-            ));
+            match body["quotas"].as_array().map(Vec::len) {
+                Some(n) if n > 0 => out.push_str(&view(
+                    body,
+                    format,
+                    Some(("quotas", &["track", "limit", "in_use"])),
+                )),
+                _ => out.push_str("no track quota in use (--track names one)\n"),
+            }
             out.push_str(&format!(
                 "\ndefault track quota: {}\n",
                 match &body["default_track_quota"] {

@@ -184,7 +184,16 @@ async fn drain_pool_and_resume() {
     let pool = both_formats(&app, &["pool"], "whole pool drained: false").await;
     assert_eq!(pool["drains"][0]["reason"], "maintenance", "{pool}");
     let table = stdout(&admin(&app, &["pool"]).await);
-    assert!(table.contains("maintenance"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("dr "))
+        .unwrap_or_default();
+    let since = row.split_whitespace().nth(1).unwrap_or_default();
+    assert!(
+        since.contains('T') && since.ends_with('Z'),
+        "the drain's start reads as a UTC time: {table}"
+    );
+    assert!(row.ends_with("maintenance"), "{table}");
     let refused = track(
         &app,
         &[
@@ -200,7 +209,7 @@ async fn drain_pool_and_resume() {
     )
     .await;
     assert_ne!(code(&refused), 0, "a drained prefix does not allocate");
-    let resumed = both_formats(&app, &["resume", "--prefix", "dr"], "PREFIX").await;
+    let resumed = both_formats(&app, &["resume", "--prefix", "dr"], "no drains in force").await;
     assert_eq!(resumed["drains"], serde_json::json!([]), "{resumed}");
     ok(&track(&app, &["allocate", "--caller", "s", "--prefix", "dr"]).await);
     app.stop().await;
