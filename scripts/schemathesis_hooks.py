@@ -33,8 +33,11 @@ def _positive(case) -> bool:
 def _time(raw):
     if not isinstance(raw, str):
         return None
+    # Read as the server reads it: exactly as sent (spaces around a time are a 400 there).
+    if raw != raw.strip():
+        return None
     try:
-        parsed = datetime.fromisoformat(raw.strip().replace("z", "Z").replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(raw.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None

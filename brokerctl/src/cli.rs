@@ -17,6 +17,7 @@ use crate::failure::{Failure, EXIT_CODES_HELP};
 use crate::lease_file;
 use crate::live_feed::LiveFeed;
 use crate::render::{env_lines, flat_fields, table, with_readable_times};
+use crate::verbs::view;
 
 /// Environment variable holding the track token.
 pub const TRACK_TOKEN_ENV: &str = "BROKER_TRACK_TOKEN";
@@ -72,7 +73,7 @@ struct Global {
 
 /// Who a track command acts for.
 #[derive(Debug, Args)]
-struct CallerArgs {
+pub(crate) struct CallerArgs {
     /// The student (sent as X-Instruqt-Sandbox-ID); in Instruqt, the participant or sandbox id.
     #[arg(long, env = "BROKER_CALLER")]
     caller: String,
@@ -80,23 +81,25 @@ struct CallerArgs {
     #[arg(long, env = "BROKER_CALLER_SECRET_FILE")]
     caller_secret_file: Option<PathBuf>,
     /// Lease file (mode 0600): `allocate` keeps a generated 128-bit idempotency key and the
-    /// lease token here; `status` and `release` send the token (X-Lease-Token).
+    /// lease token here; `status`, `release` and `extend` send the token (X-Lease-Token).
     #[arg(long, env = "BROKER_LEASE_FILE")]
     lease_file: Option<PathBuf>,
 }
 
 /// How a track command prints a sandbox.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum SandboxFormat {
+pub(crate) enum SandboxFormat {
     /// The service's JSON.
     Json,
     /// `export SANDBOX_…='…'` lines, to `source` from a lab's env file.
     Env,
+    /// One row per field, times as UTC dates.
+    Table,
 }
 
 /// How an operator command prints.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum ViewFormat {
+pub(crate) enum ViewFormat {
     /// Aligned columns.
     Table,
     /// JSON.
@@ -142,6 +145,9 @@ enum Command {
         sandbox_id: String,
         #[command(flatten)]
         caller: CallerArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: SandboxFormat,
     },
     /// Pool counts (admin token).
     Stats {
@@ -171,6 +177,9 @@ enum Command {
     History {
         /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
+        /// Output format (table: one row per event).
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
     },
     /// A sandbox's state at an instant: who held it then (admin token).
     At {
@@ -178,18 +187,36 @@ enum Command {
         time: String,
         /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
     },
     /// Re-queue a quarantined (deletion_failed) sandbox for cleanup (admin token).
     RetryDeletion {
         /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
         sandbox_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
     },
     /// Run the sync job once, now: register new CSP accounts, mark missing ones stale (admin token).
-    Sync,
+    Sync {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
+    },
     /// Run the cleanup job once, now: delete the CSP accounts of ended allocations (admin token).
-    Cleanup,
+    Cleanup {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
+    },
     /// Run the expiry job once, now: end allocations past their lab window (admin token).
-    AutoExpire,
+    AutoExpire {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ViewFormat,
+    },
     /// The event history as NDJSON, all pages, progress on stderr (admin token).
     Export {
         /// From this time, inclusive (RFC 3339; default: the beginning).
@@ -223,13 +250,42 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Add hours to the caller's lab window (track token).
+    Extend(crate::verbs::ExtendArgs),
+    /// Drains in force and quota usage, with a track's usage on --track (admin token).
+    Pool(crate::verbs::PoolArgs),
+    /// Stop new allocations for a name prefix, or the whole pool: they answer 503 MAINTENANCE
+    /// (admin token).
+    Drain(crate::verbs::DrainArgs),
+    /// End a drain (admin token).
+    Resume(crate::verbs::ResumeArgs),
+    /// Allocation answers by outcome, counted by the instance that answers (admin token).
+    Outcomes(crate::verbs::FormatArgs),
+    /// Admin jobs: list, show, start in the background, wait for one to end (admin token).
+    Jobs {
+        #[command(subcommand)]
+        command: crate::verbs::JobsCommand,
+    },
+    /// Retire sandboxes stale for longer than the grace period, now (admin token).
+    DeleteStale(crate::verbs::DeleteStaleArgs),
+    /// Retire every sandbox of one status, as a background job (admin token).
+    BulkDelete(crate::verbs::BulkDeleteArgs),
+    /// How each webhook subscriber's deliveries stand (admin token).
+    Webhooks(crate::verbs::FormatArgs),
+    /// Every sandbox a caller was allocated, with how each allocation ended (admin token).
+    Allocations(crate::verbs::AllocationsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(crate::verbs::CompletionsArgs),
 }
 
 impl Command {
     fn is_track(&self) -> bool {
         matches!(
             self,
-            Command::Allocate { .. } | Command::Status { .. } | Command::Release { .. }
+            Command::Allocate { .. }
+                | Command::Status { .. }
+                | Command::Release { .. }
+                | Command::Extend(_)
         )
     }
 }
@@ -237,6 +293,10 @@ impl Command {
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     let global = &cli.global;
+    // A completion script needs no token and no service.
+    if let Command::Completions(args) = cli.command {
+        return crate::verbs::completions(args);
+    }
     let token = token(global, cli.command.is_track())?;
     let broker = Broker::new(&global.url, token.clone(), global.timeout)?;
     let policy = RetryPolicy::within(global.deadline);
@@ -326,7 +386,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let body = success(send(call).await?)?;
             emit(&sandbox_text(&body, format), None)
         }
-        Command::Release { sandbox_id, caller } => {
+        Command::Release {
+            sandbox_id,
+            caller,
+            format,
+        } => {
             let mut call = Call::new(
                 Method::POST,
                 format!("/v1/sandboxes/{}/mark-for-deletion", segment(&sandbox_id)),
@@ -338,7 +402,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             // sandbox has that id or name, so nothing was released (exit 6).
             let reply = send(call).await?;
             let body = success(reply)?;
-            emit(&format!("{body}\n"), None)
+            emit(&sandbox_text(&body, format), None)
         }
         Command::Stats { format } => {
             let body = success(send(Call::new(Method::GET, "/v1/admin/stats")).await?)?;
@@ -400,33 +464,39 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             };
             emit(&text, None)
         }
-        Command::History { sandbox_id } => {
+        Command::History { sandbox_id, format } => {
             let path = format!("/v1/admin/sandboxes/{}/history", segment(&sandbox_id));
             let body = success(send(Call::new(Method::GET, path)).await?)?;
-            emit(&pretty(&body), None)
+            let columns: &[&str] = &["occurred_at", "event_type", "version", "actor"];
+            emit(&view(&body, format, Some(("events", columns))), None)
         }
-        Command::At { time, sandbox_id } => {
+        Command::At {
+            time,
+            sandbox_id,
+            format,
+        } => {
             let path = format!("/v1/admin/sandboxes/{}", segment(&sandbox_id));
             let call = Call::new(Method::GET, path).param("at", Some(&time));
             let body = success(send(call).await?)?;
-            emit(&pretty(&body), None)
+            emit(&view(&body, format, None), None)
         }
-        Command::RetryDeletion { sandbox_id } => {
+        Command::RetryDeletion { sandbox_id, format } => {
             let path = format!(
                 "/v1/admin/sandboxes/{}/retry-deletion",
                 segment(&sandbox_id)
             );
             let body = success(send(Call::new(Method::POST, path)).await?)?;
-            emit(&pretty(&body), None)
+            emit(&view(&body, format, None), None)
         }
-        job @ (Command::Sync | Command::Cleanup | Command::AutoExpire) => {
-            let path = match job {
-                Command::Sync => "/v1/admin/sync",
-                Command::Cleanup => "/v1/admin/cleanup",
-                _ => "/v1/admin/auto-expire",
+        job @ (Command::Sync { .. } | Command::Cleanup { .. } | Command::AutoExpire { .. }) => {
+            let (path, format) = match job {
+                Command::Sync { format } => ("/v1/admin/sync", format),
+                Command::Cleanup { format } => ("/v1/admin/cleanup", format),
+                Command::AutoExpire { format } => ("/v1/admin/auto-expire", format),
+                _ => return Err(Failure::Unexpected("not a job command".into())),
             };
             let body = success(send(Call::new(Method::POST, path)).await?)?;
-            emit(&pretty(&body), None)
+            emit(&view(&body, format, None), None)
         }
         Command::Export {
             since,
@@ -546,6 +616,27 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             .await?;
             failure.map_or(Ok(()), Err)
         }
+        command => {
+            let ctx = crate::verbs::Context {
+                broker: broker.clone(),
+                policy,
+                quiet,
+                deadline: global.deadline,
+            };
+            match command {
+                Command::Extend(args) => crate::verbs::extend(&ctx, args).await,
+                Command::Pool(args) => crate::verbs::pool(&ctx, args).await,
+                Command::Drain(args) => crate::verbs::drain(&ctx, args).await,
+                Command::Resume(args) => crate::verbs::resume(&ctx, args).await,
+                Command::Outcomes(args) => crate::verbs::outcomes(&ctx, args).await,
+                Command::Jobs { command } => crate::verbs::jobs(&ctx, command).await,
+                Command::DeleteStale(args) => crate::verbs::delete_stale(&ctx, args).await,
+                Command::BulkDelete(args) => crate::verbs::bulk_delete(&ctx, args).await,
+                Command::Webhooks(args) => crate::verbs::webhooks(&ctx, args).await,
+                Command::Allocations(args) => crate::verbs::allocations(&ctx, args).await,
+                _ => Err(Failure::Unexpected("command not dispatched".into())),
+            }
+        }
     }
 }
 
@@ -567,7 +658,7 @@ fn token(global: &Global, track: bool) -> Result<Token, Failure> {
     }
 }
 
-fn caller_of(args: &CallerArgs) -> Result<Caller, Failure> {
+pub(crate) fn caller_of(args: &CallerArgs) -> Result<Caller, Failure> {
     if args.caller.trim().is_empty() {
         return Err(Failure::BadInput("--caller is empty".into()));
     }
@@ -587,7 +678,7 @@ fn caller_of(args: &CallerArgs) -> Result<Caller, Failure> {
 }
 
 /// Adds the lease file's token (X-Lease-Token) to a per-sandbox call, when there is one.
-fn with_lease_token(call: &mut Call, args: &CallerArgs) -> Result<(), Failure> {
+pub(crate) fn with_lease_token(call: &mut Call, args: &CallerArgs) -> Result<(), Failure> {
     if let Some(path) = &args.lease_file {
         if let Some(token) = lease_file::load(path)?.lease_token {
             call.headers.push(("X-Lease-Token", token));
@@ -597,7 +688,7 @@ fn with_lease_token(call: &mut Call, args: &CallerArgs) -> Result<(), Failure> {
 }
 
 /// The body of a 2xx reply, or the reply's failure.
-fn success(reply: Reply) -> Result<Value, Failure> {
+pub(crate) fn success(reply: Reply) -> Result<Value, Failure> {
     if reply.status.is_success() {
         Ok(reply.body)
     } else {
@@ -605,14 +696,15 @@ fn success(reply: Reply) -> Result<Value, Failure> {
     }
 }
 
-fn sandbox_text(body: &Value, format: SandboxFormat) -> String {
+pub(crate) fn sandbox_text(body: &Value, format: SandboxFormat) -> String {
     match format {
         SandboxFormat::Json => format!("{body}\n"),
         SandboxFormat::Env => env_lines(body, SANDBOX_ENV_FIELDS),
+        SandboxFormat::Table => crate::verbs::fields_table(body),
     }
 }
 
-fn pretty(value: &Value) -> String {
+pub(crate) fn pretty(value: &Value) -> String {
     format!(
         "{}\n",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
@@ -620,7 +712,7 @@ fn pretty(value: &Value) -> String {
 }
 
 /// A path segment: ids may contain `/`, `#`, `?` or spaces, which must not change the route.
-fn segment(raw: &str) -> String {
+pub(crate) fn segment(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     for byte in raw.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
@@ -633,7 +725,7 @@ fn segment(raw: &str) -> String {
 }
 
 /// Prints to stdout, or writes `path` atomically (a lab never reads a half-written file).
-fn emit(text: &str, path: Option<&Path>) -> Result<(), Failure> {
+pub(crate) fn emit(text: &str, path: Option<&Path>) -> Result<(), Failure> {
     match path {
         Some(path) => write_atomically(path, text),
         None => {

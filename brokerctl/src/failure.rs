@@ -32,7 +32,8 @@ Exit codes:
   2  bad input (command line, or 400/413 from the service)
   3  not authorised: missing or wrong token, or not the caller's sandbox (401/403)
   4  no sandbox became free before --deadline (409/429 until then)
-  5  the service failed or was unreachable until --deadline (5xx)
+  5  the service failed or was unreachable until --deadline (5xx); a followed job
+     (jobs wait, --wait) failed, stopped or was still running at --deadline
   6  no sandbox has this id or name (404); nothing was done
   7  refused in the sandbox's current state (409)
   8  no sandbox in the pool has a name with this --prefix (UNKNOWN_PREFIX); not retried";

@@ -2,7 +2,7 @@
 //! track commands (`allocate`, `status`, `release`), which retry what is worth retrying (409 no
 //! sandbox yet, 429, 5xx, an unreachable service) with jittered waits that honour `Retry-After`
 //! up to a deadline, and end with an exit code a script can branch on. Operators use the admin
-//! commands (stats, listings, history, job runs, event export and the live tail).
+//! commands (stats, listings, history, job runs, drains, jobs, event export and the live tail).
 //!
 //! # Layout
 //! - [`failure`] — what can go wrong, and the documented exit code of each outcome.
@@ -12,11 +12,16 @@
 //! - [`live_feed`] — a resumable reader of the server-sent event stream (`Last-Event-ID`).
 //! - [`render`] — output formats: JSON, `export` lines for an env file, tables.
 //! - [`cli`] — the command line (clap, every setting also from the environment) and each command.
+//! - [`verbs`] — the commands over the rest of the API (extend, pool, drain, resume, outcomes,
+//!   jobs, delete-stale, bulk-delete, webhooks, allocations) and shell completions.
+//! - [`coverage`] — which command calls each operation of the API, and the few that none does.
 
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod coverage;
 pub mod failure;
 pub mod lease_file;
 pub mod live_feed;
 pub mod render;
+pub mod verbs;

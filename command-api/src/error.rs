@@ -235,6 +235,19 @@ impl ApiError {
         )
     }
 
+    /// 414 URI_TOO_LONG: the request line is longer than the service reads.
+    pub fn uri_too_long(max_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::URI_TOO_LONG,
+            "URI_TOO_LONG",
+            format!(
+                "The request's target (path and query) is too long; keep the request line under \
+                 {} KiB, e.g. by sending fewer or shorter query parameters",
+                max_bytes.div_ceil(1024)
+            ),
+        )
+    }
+
     /// 408 BODY_TIMEOUT: the request's body did not arrive within `BODY_READ_TIMEOUT_SEC` of
     /// its headers.
     pub fn body_timeout(seconds: u64) -> Self {
@@ -560,6 +573,7 @@ mod tests {
             ApiError::sandbox_not_found("lab-demo-017"),
             ApiError::unknown_prefix("aws-lab"),
             ApiError::headers_too_large(65536, 100),
+            ApiError::uri_too_long(65534),
             ApiError::job_not_found("j"),
             ApiError::no_sandboxes(30),
             ApiError::maintenance(Some("lab"), 60),

@@ -21,6 +21,7 @@
 //!   `dashboard`.
 //! - [`listener`] — accepting connections and serving them with hyper; each connection's
 //!   watchdog (silent, slow and idle clients), the per-address connection cap.
+//! - [`head_guard`] — HTTP/1 request heads too large for hyper, answered with the envelope.
 //! - [`network`] — trusted proxy networks (`TRUSTED_PROXIES`) and which addresses are public.
 //! - [`live_feed`] — the live event stream: the feed tail, its broadcast and the per-client
 //!   SSE session (over `Arc<dyn EventFeed>`, no concrete store).
@@ -42,6 +43,7 @@ pub mod config;
 pub mod credentials;
 pub mod edge;
 pub mod error;
+pub mod head_guard;
 pub mod lease;
 pub mod listener;
 pub mod live_feed;

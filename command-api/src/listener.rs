@@ -15,6 +15,9 @@
 //! * it has been idle, no request open, for `IDLE_TIMEOUT_SEC` (HTTP/2 pings and window updates
 //!   do not count as activity).
 //!
+//! Request heads too large for hyper are answered from the connection's reader with the envelope
+//! ([`crate::head_guard`]).
+//!
 //! Request bodies have their own deadline (`BODY_READ_TIMEOUT_SEC`, [`crate::edge::body_deadline`]).
 //! A client address may hold at most `MAX_CONNECTIONS_PER_ADDRESS` connections; further ones are
 //! closed on arrival. The trusted proxies are exempt: every request behind the load balancer
@@ -36,6 +39,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
+use crate::head_guard::{HeadScan, Refusal, MAX_DRAIN_BYTES};
 use crate::network::TrustedProxies;
 
 /// Limits of the listener itself, below the router.
@@ -194,6 +198,9 @@ async fn serve_connection(
     let io = TokioIo::new(Watched {
         stream,
         activity: activity.clone(),
+        scan: HeadScan::new(),
+        refusal: None,
+        metrics: limits.metrics.clone(),
     });
     let tracked = activity.clone();
     let service =
@@ -420,10 +427,54 @@ impl HttpBody for Tracked {
     }
 }
 
-/// The connection's socket, telling its [`Activity`] when bytes arrive.
+/// The connection's socket, telling its [`Activity`] when bytes arrive, and answering request
+/// heads too large for hyper itself ([`crate::head_guard`]).
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+    scan: HeadScan,
+    /// Set once a head was refused: from then on hyper reads nothing more and writes nothing.
+    refusal: Option<Refusal>,
+    metrics: Option<crate::metrics::ApiMetrics>,
+}
+
+impl Watched {
+    /// Sends the refusal's answer and discards the rest of the refused head; then reports the
+    /// end of the stream to hyper, which ends the connection.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(refusal) = self.refusal.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while refusal.written < refusal.answer.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &refusal.answer[refusal.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(n)) => refusal.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        // Closing with unread bytes would reset the connection, and the client could lose the
+        // answer: read the head to its end first (the watchdog bounds how long that may take).
+        let mut scratch = [0u8; 8 * 1024];
+        while !refusal.drain_done {
+            let mut discard = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut discard) {
+                Poll::Ready(Ok(())) => {
+                    let bytes = discard.filled();
+                    refusal.drained += bytes.len();
+                    refusal.drain_done = bytes.is_empty()
+                        || self.scan.drain(bytes)
+                        || refusal.drained >= MAX_DRAIN_BYTES;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if refusal.written < refusal.answer.len() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for Watched {
@@ -432,10 +483,33 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.refusal.is_some() {
+            return self.poll_refusal(cx);
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.bytes_read();
+            let this = &mut *self;
+            if let Some(why) = this.scan.read(&buf.filled()[before..]) {
+                // None of these bytes reach hyper: it never sees a head it would refuse bare.
+                buf.set_filled(before);
+                let request_id = uuid::Uuid::new_v4().to_string();
+                tracing::warn!(
+                    target: "listener",
+                    request_id = %request_id,
+                    reason = why.reason(),
+                    "request head refused before parsing"
+                );
+                if let Some(metrics) = &this.metrics {
+                    metrics
+                        .connections_refused
+                        .with_label_values(&[why.reason()])
+                        .inc();
+                }
+                this.refusal = Some(Refusal::new(why, &request_id));
+                return this.poll_refusal(cx);
+            }
         }
         polled
     }
@@ -447,6 +521,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.refusal.is_some() {
+            // The refusal has answered; whatever hyper would add is dropped.
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -455,6 +533,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.refusal.is_some() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

@@ -33,7 +33,8 @@ pub struct ApiMetrics {
     /// `caller_secret:<track>`); 0 for a while means the rotation can end.
     pub previous_secret_used: IntCounterVec,
     /// `broker_connections_refused_total{reason}`: connections closed on arrival
-    /// (`per_address`: over `MAX_CONNECTIONS_PER_ADDRESS`).
+    /// (`per_address`: over `MAX_CONNECTIONS_PER_ADDRESS`), or answered and closed because a
+    /// request head was too large (`head_too_large`, `uri_too_long`; see `head_guard`).
     pub connections_refused: IntCounterVec,
     /// `broker_connections_timed_out_total{phase}`: connections the server closed because the
     /// client was too slow or silent (`first_request`, `headers`, `idle`).

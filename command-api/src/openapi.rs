@@ -51,7 +51,8 @@ impl Modify for BearerAuth {
 }
 
 /// Documents the error responses the outer layers can give on every operation, whatever its
-/// handler does: 408 (request timeout), 413 (body over the limit), 431 (headers over the limit),
+/// handler does: 408 (request timeout), 413 (body over the limit), 414 (request line over the
+/// limit), 431 (headers over the limit),
 /// 500 (panic guard) and, except
 /// on the probes and the scrape that rate limit and load shedding exempt, 429 and 503. Each is the [`ErrorBody`] envelope;
 /// a status an operation already documents is left as it is. Other `OpenApi` documents merged
@@ -59,9 +60,13 @@ impl Modify for BearerAuth {
 pub struct EdgeResponses;
 
 impl EdgeResponses {
-    const ALWAYS: [(&'static str, &'static str); 4] = [
+    const ALWAYS: [(&'static str, &'static str); 5] = [
         ("408", "Request timed out"),
         ("413", "Request body too large"),
+        (
+            "414",
+            "`URI_TOO_LONG`: a request line (method, path and query) over 64 KiB",
+        ),
         (
             "431",
             "`HEADERS_TOO_LARGE`: more than 64 KiB of headers, or more than 100 of them",
@@ -132,7 +137,7 @@ mod tests {
         for (path, item) in &doc.paths.paths {
             for operation in [&item.get, &item.post].into_iter().flatten() {
                 let documented = |s: &str| operation.responses.responses.contains_key(s);
-                for status in ["408", "413", "431", "500"] {
+                for status in ["408", "413", "414", "431", "500"] {
                     assert!(documented(status), "{path}: {status} undocumented");
                 }
                 let exempt = crate::edge::EXEMPT.contains(&path.as_str());

@@ -5,3 +5,4 @@ mod brokerctl;
 mod event_contract;
 mod grafana_dashboard;
 mod instruqt;
+mod verbs;

@@ -166,11 +166,28 @@ fn only_params(raw: &HashMap<String, String>, allowed: &[&str]) -> Result<(), Ap
     }
 }
 
+/// A time parameter, exactly as sent: RFC 3339 (the document's `format: date-time`) has no room
+/// for surrounding whitespace, so a value with some is refused rather than silently trimmed (a
+/// stray space usually means a script built the query wrongly).
 fn time_param(raw: Option<&String>, field: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
     raw.map(|v| {
-        DateTime::parse_from_rfc3339(v.trim())
+        if v.trim() != v {
+            return Err(ApiError::validation(
+                "query",
+                field,
+                "must be an RFC 3339 time without surrounding spaces (e.g. 2026-01-05T12:00:00Z); \
+                 remove the spaces and retry",
+            ));
+        }
+        DateTime::parse_from_rfc3339(v)
             .map(|t| t.with_timezone(&Utc))
-            .map_err(|_| ApiError::validation("query", field, "must be an RFC 3339 time"))
+            .map_err(|_| {
+                ApiError::validation(
+                    "query",
+                    field,
+                    "must be an RFC 3339 time, e.g. 2026-01-05T12:00:00Z",
+                )
+            })
     })
     .transpose()
 }

@@ -62,6 +62,7 @@ mod liveness;
 mod liveness_model;
 mod metrics_endpoint;
 mod openapi_constraints;
+mod oversized_requests;
 mod pool_alerts;
 mod pool_metrics;
 mod projector;
