@@ -29,11 +29,12 @@ mod fault_store;
 mod group_commit;
 #[cfg(test)]
 mod group_commit_tests;
+mod held_claim;
 mod lifecycle;
 #[cfg(test)]
 mod liveness_tests;
 mod pool_control;
-mod quota;
+mod quota; // the claim read of the pseudonym switch (ADR 0031)
 
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;

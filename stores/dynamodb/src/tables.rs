@@ -26,6 +26,11 @@ pub const POOL: &str = "pool";
 pub const STATS: &str = "stats";
 /// Suffix of the projector-checkpoint table's name.
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Suffix of the subjects table's name: student ids and their pseudonyms' salts, outside the
+/// event log, the one table whose items are deleted (ADR 0031).
+pub const SUBJECTS: &str = "subjects";
+/// Key attribute of the subjects table (`subject#…` and `pseudonym#…` items).
+pub const SUBJECT_KEY: &str = "subject_key";
 
 /// `by-time` (events): an hour's events in time order, for auditors.
 pub const INDEX_BY_TIME: &str = "by-time";
@@ -179,6 +184,7 @@ pub fn table_definitions(prefix: &str) -> Vec<TableDef> {
             None,
             Vec::new(),
         ),
+        table(SUBJECTS, key(SUBJECT_KEY, "S"), None, None, Vec::new()),
     ];
     defs.sort_by(|a, b| a.name_suffix.cmp(&b.name_suffix));
     for def in &mut defs {
