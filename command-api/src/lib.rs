@@ -95,6 +95,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::events::router())
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
+        .merge(routes::students::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),
