@@ -393,7 +393,11 @@ impl FromRequestParts<SharedState> for Caller {
         }
         // The one place a student id enters: from here on only its pseudonym travels.
         let student = caller.ok_or_else(ApiError::missing_sandbox_id)?;
-        state.subjects.caller(student).await
+        let caller = state.subjects.caller(student).await?;
+        if let Some(logged) = parts.extensions.get::<crate::subjects::LoggedCaller>() {
+            logged.set(&caller.0);
+        }
+        Ok(caller)
     }
 }
 

@@ -43,6 +43,24 @@ const PSEUDONYM_HEX: usize = 24;
 /// Most attempts at a fresh salt when a new pseudonym collides with another student's.
 const SALT_ATTEMPTS: usize = 3;
 
+/// What the access log may print as a request's caller: the edge puts an empty slot in the
+/// request, and the caller-id extractor fills it with what the handlers see (the pseudonym when
+/// pseudonyms are on), so the access line never carries a clear id the log must not hold.
+#[derive(Debug, Clone, Default)]
+pub struct LoggedCaller(Arc<std::sync::OnceLock<String>>);
+
+impl LoggedCaller {
+    /// Records the caller the request acts for (the first value wins).
+    pub fn set(&self, caller: &str) {
+        let _ = self.0.set(caller.to_string());
+    }
+
+    /// The recorded caller, if the request named one that was accepted.
+    pub fn get(&self) -> Option<String> {
+        self.0.get().cloned()
+    }
+}
+
 /// How student ids are stored (`STUDENT_IDS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StudentIds {

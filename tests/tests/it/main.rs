@@ -29,6 +29,7 @@ mod liveness;
 mod liveness_model;
 mod metrics_endpoint;
 mod openapi_constraints;
+mod personal_data;
 mod pool_alerts;
 mod pool_metrics;
 mod projector;
