@@ -223,6 +223,19 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// A student's pseudonym and sandboxes while the subject record exists (admin token). The
+    /// id travels in the request body, never in a URL.
+    Student {
+        /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+        student: String,
+    },
+    /// Erase a student: delete the subject record, so the pseudonyms in the log can no longer be
+    /// linked to the id (admin token). Refused (exit 7) while the student holds a live sandbox;
+    /// exit 6 when there is no subject record (never seen, or erased already).
+    Erase {
+        /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+        student: String,
+    },
 }
 
 impl Command {
@@ -545,6 +558,18 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             failure.map_or(Ok(()), Err)
+        }
+        Command::Student { student } => {
+            let call = Call::new(Method::POST, "/v1/admin/students/lookup")
+                .json(serde_json::json!({ "student": student }));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::Erase { student } => {
+            let call = Call::new(Method::POST, "/v1/admin/students/erase")
+                .json(serde_json::json!({ "student": student }));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Call {
     pub headers: Vec<(&'static str, String)>,
     /// The caller, for track routes.
     pub caller: Option<Caller>,
+    /// A JSON body (routes that take personal data in the body, never in the path).
+    pub body: Option<serde_json::Value>,
 }
 
 impl Call {
@@ -87,7 +89,14 @@ impl Call {
             query: Vec::new(),
             headers: Vec::new(),
             caller: None,
+            body: None,
         }
+    }
+
+    /// Sends `body` as the JSON body.
+    pub fn json(mut self, body: serde_json::Value) -> Self {
+        self.body = Some(body);
+        self
     }
 
     /// Adds a query parameter when `value` is set.
@@ -205,6 +214,9 @@ impl Broker {
             .query(&call.query);
         for (name, value) in &call.headers {
             request = request.header(*name, value);
+        }
+        if let Some(body) = &call.body {
+            request = request.json(body);
         }
         if let Some(caller) = &call.caller {
             request = request.header("X-Instruqt-Sandbox-ID", &caller.id);
