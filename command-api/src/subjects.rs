@@ -14,6 +14,7 @@
 //! [`owning_caller`]) and acts as the clear id where one is found, so a student is never handed
 //! a second sandbox because the stored form of their id changed.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -270,10 +271,59 @@ impl Subjects {
         Ok(erased)
     }
 
+    /// Who each pseudonym named in `text` is, for admin views: the student id while the subject
+    /// record exists, `erased` after an erasure, `unknown` for one this deployment never issued.
+    /// `None` with clear ids (the views show the ids themselves).
+    pub async fn identities(
+        &self,
+        text: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        if !self.pseudonymised() {
+            return Ok(None);
+        }
+        let named = pseudonyms_in(text);
+        let answers =
+            futures::future::try_join_all(named.iter().map(|p| self.store.pseudonym_status(p)))
+                .await?;
+        Ok(Some(
+            named
+                .into_iter()
+                .zip(answers)
+                .map(|(pseudonym, status)| {
+                    let who = match status {
+                        Some(PseudonymStatus::Linked { student_id, .. }) => student_id,
+                        Some(PseudonymStatus::Erased { .. }) => "erased".to_string(),
+                        None => "unknown".to_string(),
+                    };
+                    (pseudonym, who)
+                })
+                .collect(),
+        ))
+    }
+
     /// Counts an erasure request's outcome.
     pub fn count_erasure(&self, outcome: &str) {
         self.erasures.with_label_values(&[outcome]).inc();
     }
+}
+
+/// Every pseudonym in `text` (in payloads, actors and stream keys alike), once each.
+fn pseudonyms_in(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(PSEUDONYM_PREFIX) {
+        let candidate = &rest[at..];
+        let digits = &candidate[PSEUDONYM_PREFIX.len()..];
+        if digits.len() >= PSEUDONYM_HEX
+            && digits.as_bytes()[..PSEUDONYM_HEX]
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        {
+            found.insert(candidate[..PSEUDONYM_PREFIX.len() + PSEUDONYM_HEX].to_string());
+        }
+        rest = &candidate[PSEUDONYM_PREFIX.len()..];
+    }
+    found
 }
 
 /// The caller an allocation acts for. During the transition fallback, a student whose clear id
@@ -325,4 +375,22 @@ pub async fn owning_caller(
     } else {
         Caller(pseudonym, None)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pseudonyms are found wherever they stand (actors, stream keys, payloads), once each, and
+    /// a look-alike that is too short or not hex is not one.
+    #[test]
+    fn pseudonyms_are_found_in_any_text() {
+        let p = "p1:0123456789abcdef01234567";
+        let q = "p1:fedcba9876543210fedcba98";
+        let text = format!(
+            r#"{{"actor":"track:{p}","stream_id":"claim#x:{q}#{q}","caller":"{p}","other":"p1:12","upper":"p1:0123456789ABCDEF01234567"}}"#
+        );
+        let found: Vec<String> = pseudonyms_in(&text).into_iter().collect();
+        assert_eq!(found, vec![p.to_string(), q.to_string()]);
+    }
 }

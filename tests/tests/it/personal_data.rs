@@ -174,6 +174,16 @@ async fn events_hold_pseudonyms_only(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(mark(&app, &student, &sandbox).await, StatusCode::OK);
+    // The admin listing shows the pseudonym as owner and names the student beside it.
+    let (status, _, listing) = app
+        .get_json(&format!("/v1/admin/sandboxes?owner={pseudonym}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{listing}");
+    assert_eq!(
+        listing["sandboxes"][0]["allocated_to_track"],
+        json!(pseudonym)
+    );
+    assert_eq!(listing["subjects"][&pseudonym], json!(student), "{listing}");
     let log = stored_events(&app).await;
     assert!(log.contains(&pseudonym), "the log names the pseudonym");
     assert!(!log.contains(&student), "the log holds the clear id: {log}");
@@ -237,6 +247,11 @@ async fn erasure_unlinks_the_student(backend: Backend) {
     let (_, _, history) = app
         .get_json(&format!("/v1/admin/sandboxes/{sandbox}/history"))
         .await;
+    assert_eq!(
+        history["subjects"][&pseudonym],
+        json!("erased"),
+        "{history}"
+    );
     let history = history.to_string();
     assert!(history.contains(&pseudonym) && !history.contains(&student));
     let (status, body) = erase(&app, &student).await;
@@ -316,8 +331,10 @@ async fn switch_keeps_running_labs(backend: Backend) {
     let (_, _, history) = after
         .get_json(&format!("/v1/admin/sandboxes/{next}/history"))
         .await;
-    let history = history.to_string();
-    assert!(history.contains(&pseudonym) && !history.contains(&student));
+    // The events carry the pseudonym; the admin view names the student beside it.
+    assert_eq!(history["subjects"][&pseudonym], json!(student), "{history}");
+    let events = history["events"].to_string();
+    assert!(events.contains(&pseudonym) && !events.contains(&student));
     after.stop().await;
 }
 
