@@ -381,6 +381,71 @@ pub async fn owning_caller(
 mod tests {
     use super::*;
 
+    fn subjects(configure: impl FnOnce(&mut Config)) -> Result<Subjects, String> {
+        let mut config = Config::defaults();
+        configure(&mut config);
+        let store = store_embedded::EmbeddedStore::open_in_memory(1).map_err(|e| e.to_string())?;
+        let clock: SharedClock = Arc::new(domain::ManualClock::new(Utc::now()));
+        Subjects::from_config(&config, Arc::new(store), clock, &Registry::new())
+    }
+
+    /// With pseudonyms on, the dev key is refused off loopback and a weak key anywhere; the
+    /// errors name the setting, never the value.
+    #[test]
+    fn keys_follow_the_secret_rules() {
+        let public = |c: &mut Config| {
+            c.student_ids = StudentIds::Pseudonymised;
+            c.bind_addr = std::net::SocketAddr::from(([0, 0, 0, 0], 8080));
+        };
+        let problem = subjects(public).err().unwrap_or_default();
+        assert!(problem.contains("PSEUDONYM_KEY"), "{problem}");
+        let problem = subjects(|c| {
+            c.student_ids = StudentIds::Pseudonymised;
+            c.pseudonym_key = Some(Secret::from("short-key"));
+        })
+        .err()
+        .unwrap_or_default();
+        assert!(
+            problem.contains("too weak") && !problem.contains("short-key"),
+            "{problem}"
+        );
+        assert!(subjects(|c| c.clear_id_fallback_until = "tomorrow".into()).is_err());
+        // Clear ids need no key, wherever the service listens.
+        assert!(
+            subjects(|c| c.bind_addr = std::net::SocketAddr::from(([0, 0, 0, 0], 8080))).is_ok()
+        );
+    }
+
+    /// One student keeps one pseudonym; another student gets another; the record maps back.
+    #[tokio::test]
+    async fn a_student_keeps_one_pseudonym() -> Result<(), String> {
+        let subjects = subjects(|c| {
+            c.student_ids = StudentIds::Pseudonymised;
+            c.pseudonym_key = Some(Secret::from("pseudonym-key-for-unit-tests-0123456789abc"));
+        })?;
+        let first = subjects
+            .pseudonym("student-1")
+            .await
+            .map_err(|e| e.to_string())?;
+        let again = subjects
+            .pseudonym("student-1")
+            .await
+            .map_err(|e| e.to_string())?;
+        let other = subjects
+            .pseudonym("student-2")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(first, again);
+        assert_ne!(first, other);
+        assert!(first.starts_with(PSEUDONYM_PREFIX) && first.len() == 3 + PSEUDONYM_HEX);
+        let record = subjects
+            .lookup("student-1")
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(record.map(|r| r.pseudonym), Some(first));
+        Ok(())
+    }
+
     /// Pseudonyms are found wherever they stand (actors, stream keys, payloads), once each, and
     /// a look-alike that is too short or not hex is not one.
     #[test]
