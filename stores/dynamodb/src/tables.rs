@@ -1,6 +1,7 @@
-//! The four tables (DESIGN.md §5) as data: one definition drives `ensure_tables` here and is
-//! serialised for the terraform drift check (`terraform/tables.expected.json`), so the code and
-//! the deployed tables cannot disagree silently.
+//! The tables (the four of DESIGN.md §5, and the subjects table of ADR 0031) as data: one
+//! definition drives `ensure_tables` here and is serialised for the terraform drift check
+//! (`terraform/tables.expected.json`), so the code and the deployed tables cannot disagree
+//! silently.
 
 use std::time::{Duration, Instant};
 
@@ -357,7 +358,16 @@ mod tests {
         }
         let defs = table_definitions("p");
         let names: Vec<_> = defs.iter().map(|d| d.table_name.as_str()).collect();
-        assert_eq!(names, ["p-checkpoints", "p-events", "p-pool", "p-stats"]);
+        assert_eq!(
+            names,
+            [
+                "p-checkpoints",
+                "p-events",
+                "p-pool",
+                "p-stats",
+                "p-subjects"
+            ]
+        );
         let pool = &defs[2];
         assert_eq!(pool.gsis.len(), 4);
         assert!(pool.gsis.windows(2).all(|w| w[0].name < w[1].name));
