@@ -386,6 +386,44 @@ async fn pseudonyms_survive_a_restart_dynamo() {
     pseudonyms_survive_a_restart(Backend::Dynamo).await;
 }
 
+async fn first_requests_agree_on_one_pseudonym(backend: Backend) {
+    let spot = Spot::new(backend);
+    let app = spot.start(StudentIds::Pseudonymised, "").await;
+    app.seed("pd", 4).await;
+    let student = format!("student-{}", uuid::Uuid::new_v4().simple());
+    // Twenty first requests at once: each creates the subject record unless another did first.
+    let answers = futures::future::join_all((0..20).map(|_| allocate(&app, &student))).await;
+    let created = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::CREATED)
+        .count();
+    let sandboxes: std::collections::BTreeSet<&String> =
+        answers.iter().map(|(_, sandbox)| sandbox).collect();
+    assert_eq!(created, 1, "{answers:?}");
+    assert_eq!(
+        sandboxes.len(),
+        1,
+        "one sandbox for one student: {answers:?}"
+    );
+    assert!(answers
+        .iter()
+        .all(|(status, _)| *status == StatusCode::CREATED || *status == StatusCode::OK));
+    app.stop().await;
+}
+
+/// Concurrent first requests of one student agree on one pseudonym (the subject record is
+/// created once), so the student gets exactly one sandbox (embedded).
+#[tokio::test]
+async fn first_requests_agree_on_one_pseudonym_embedded() {
+    first_requests_agree_on_one_pseudonym(Backend::Embedded).await;
+}
+
+/// The same on DynamoDB Local.
+#[tokio::test]
+async fn first_requests_agree_on_one_pseudonym_dynamo() {
+    first_requests_agree_on_one_pseudonym(Backend::Dynamo).await;
+}
+
 /// With clear ids there is nothing to erase: the admin routes say how to turn pseudonyms on, and
 /// a malformed body is a 400 naming the field.
 #[tokio::test]
