@@ -18,8 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use domain::store::{Erasure, PseudonymStatus, StoreError, SubjectRecord, SubjectStore};
-use domain::{AllocateRequest, SharedClock};
+use domain::store::{
+    Erasure, ListFilter, PseudonymStatus, StoreError, SubjectRecord, SubjectStore,
+};
+use domain::{AllocateRequest, SandboxStatus, SharedClock};
 use hmac::{KeyInit, Mac};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
@@ -40,6 +42,10 @@ pub const PSEUDONYM_PREFIX: &str = "p1:";
 /// Hex digits of the HMAC kept in a pseudonym (96 bits: short in keys and listings, and far from
 /// colliding among the students of a deployment).
 const PSEUDONYM_HEX: usize = 24;
+
+/// Most of a clear id's view rows confirmed from their events during the switch's fallback (a
+/// student holds one or a few).
+const MAX_CONFIRMED_ROWS: usize = 10;
 
 /// Most attempts at a fresh salt when a new pseudonym collides with another student's.
 const SALT_ATTEMPTS: usize = 3;
@@ -327,9 +333,11 @@ fn pseudonyms_in(text: &str) -> BTreeSet<String> {
 }
 
 /// The caller an allocation acts for. During the transition fallback, a student whose clear id
-/// holds the claim this request names (the same key, or the id as the default key) acts as the
-/// clear id, so the request replays that allocation instead of making a second one under the
-/// pseudonym.
+/// still holds a live allocation acts as the clear id, exactly as before the switch: the claim
+/// this request names (the same key, or the id as the default key) is replayed, and a request
+/// with a fresh key meets the clear id's caps instead of a second sandbox under the pseudonym.
+/// The claim is read strongly; other live allocations come from the view's `by-owner` rows,
+/// which hold every allocation made before the switch once the projection caught up.
 pub async fn allocating_caller(
     state: &SharedState,
     caller: Caller,
@@ -342,15 +350,49 @@ pub async fn allocating_caller(
         .idempotency_key
         .clone()
         .unwrap_or_else(|| clear.clone());
-    let held = state
+    let claimed = state
         .broker
         .held_by_claim(&clear, &key)
         .await
-        .map_err(|e| ApiError::from_broker(e, ""))?;
-    Ok(match held {
-        Some(_) => Caller(clear, None),
-        None => Caller(pseudonym, None),
+        .map_err(|e| ApiError::from_broker(e, ""))?
+        .is_some();
+    let holds = claimed || holds_live_sandbox(state, &clear).await?;
+    Ok(if holds {
+        Caller(clear, None)
+    } else {
+        Caller(pseudonym, None)
     })
+}
+
+/// Whether `owner` holds a live allocation: candidates from the view's `by-owner` rows, each
+/// confirmed from the sandbox's own events (a row the projection has not moved on yet from a
+/// release does not count).
+async fn holds_live_sandbox(state: &SharedState, owner: &str) -> Result<bool, ApiError> {
+    let live = ListFilter {
+        status: Some(SandboxStatus::Allocated),
+        owner: Some(owner.to_string()),
+        prefix: None,
+    };
+    let rows = state
+        .broker
+        .view()
+        .list(&live, MAX_CONFIRMED_ROWS, None)
+        .await?
+        .rows;
+    for row in rows {
+        let sandbox = state
+            .broker
+            .load_sandbox(&row.sandbox_id)
+            .await
+            .map_err(|e| ApiError::from_broker(e, &row.sandbox_id))?
+            .sandbox;
+        if sandbox.status == Some(SandboxStatus::Allocated)
+            && sandbox.owner.as_deref() == Some(owner)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The caller a per-sandbox request acts for. During the transition fallback, a sandbox allocated

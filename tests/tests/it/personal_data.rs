@@ -302,6 +302,21 @@ async fn switch_keeps_running_labs(backend: Backend) {
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
     let after = spot.start(StudentIds::Pseudonymised, &until).await;
+    after
+        .wait_until(|s| s.get(SandboxStatus::Allocated) == 1)
+        .await;
+    // A fresh key meets the clear id's cap, as before the switch, not a second sandbox.
+    let (status, body) = send(
+        after
+            .allocate(&student)
+            .header("Idempotency-Key", uuid::Uuid::new_v4().simple().to_string()),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "CALLER_LIMIT"),
+        "{body}"
+    );
     // The running lab's replay finds the clear-id claim: no second sandbox.
     let (status, replayed) = allocate(&after, &student).await;
     assert_eq!(
