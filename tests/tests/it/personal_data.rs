@@ -367,6 +367,52 @@ async fn switch_keeps_running_labs_dynamo() {
     switch_keeps_running_labs(Backend::Dynamo).await;
 }
 
+async fn fallback_ends_at_its_time(backend: Backend) {
+    let spot = Spot::new(backend);
+    let student = format!("student-{}", uuid::Uuid::new_v4().simple());
+    let before = spot.start(StudentIds::Clear, "").await;
+    before.seed("pd", 3).await;
+    let (status, running) = allocate(&before, &student).await;
+    assert_eq!(status, StatusCode::CREATED);
+    before.stop().await;
+    let until = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let after = spot.start(StudentIds::Pseudonymised, &until).await;
+    after
+        .wait_until(|s| s.get(SandboxStatus::Allocated) == 1)
+        .await;
+    let read = || {
+        after
+            .track(Method::GET, &format!("/v1/sandboxes/{running}"))
+            .header("X-Instruqt-Sandbox-ID", &student)
+    };
+    let (status, body) = send(read()).await;
+    assert_eq!(status, StatusCode::OK, "within the window: {body}");
+    // Past the configured end the clear id is no longer looked for: the pseudonym is a new
+    // caller (which is why the window must outlast the longest lab).
+    after.clock.advance(chrono::Duration::hours(2));
+    let (status, body) = send(read()).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "NOT_SANDBOX_OWNER"),
+        "{body}"
+    );
+    after.stop().await;
+}
+
+/// The switch's fallback lasts until `CLEAR_ID_FALLBACK_UNTIL` and no longer (embedded).
+#[tokio::test]
+async fn fallback_ends_at_its_time_embedded() {
+    fallback_ends_at_its_time(Backend::Embedded).await;
+}
+
+/// The same on DynamoDB Local.
+#[tokio::test]
+async fn fallback_ends_at_its_time_dynamo() {
+    fallback_ends_at_its_time(Backend::Dynamo).await;
+}
+
 async fn pseudonyms_survive_a_restart(backend: Backend) {
     let spot = Spot::new(backend);
     let student = format!("student-{}", uuid::Uuid::new_v4().simple());
