@@ -92,6 +92,7 @@ resource "aws_ecs_task_definition" "api" {
     aws_secretsmanager_secret_version.lease_token_key,
     aws_secretsmanager_secret_version.track_credentials,
     aws_secretsmanager_secret_version.lease_token_key_previous,
+    aws_secretsmanager_secret_version.pseudonym_key,
   ]
 }
 

@@ -23,6 +23,7 @@ locals {
     pool        = aws_dynamodb_table.pool.arn
     stats       = aws_dynamodb_table.stats.arn
     checkpoints = aws_dynamodb_table.checkpoints.arn
+    subjects    = aws_dynamodb_table.subjects.arn
   }
 
   # Environment shared by every component that talks to the store. Values are
@@ -61,7 +62,7 @@ locals {
     },
   )
 
-  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, {
+  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, local.personal_data_env, {
     AWS_REGION           = var.aws_region
     BIND_ADDR            = "0.0.0.0:8080"
     API_BASE_PATH        = "/v1"
@@ -127,6 +128,8 @@ locals {
     local.tenancy_secrets,
     # The previous values of tokens being rotated (rotation.tf).
     local.rotation_secrets,
+    # The pseudonym key (personal_data.tf).
+    local.personal_data_secrets,
   )
   # The jobs act through commands directly on the store, not through the HTTP
   # API, so they get the CSP token only (the reference handed the worker every

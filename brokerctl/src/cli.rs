@@ -276,6 +276,25 @@ enum Command {
     Allocations(crate::verbs::AllocationsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(crate::verbs::CompletionsArgs),
+    /// A student's pseudonym and sandboxes while the subject record exists (admin token). The
+    /// id travels in the request body, never in a URL.
+    Student {
+        /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+        student: String,
+    },
+    /// Erase a student: delete the subject record, so the pseudonyms in the log can no longer be
+    /// linked to the id (admin token). Refused (exit 7) while the student holds a live sandbox;
+    /// exit 6 when there is no subject record (never seen, or erased already).
+    Erase {
+        /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+        student: String,
+    },
+    /// Whether a pseudonym seen in the log still names a student: `linked` (with the id),
+    /// `erased` or `unknown` (admin token).
+    Pseudonym {
+        /// The pseudonym as the log shows it (`p1:` and 24 hex digits).
+        pseudonym: String,
+    },
 }
 
 impl Command {
@@ -615,6 +634,23 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             failure.map_or(Ok(()), Err)
+        }
+        Command::Student { student } => {
+            let call = Call::new(Method::POST, "/v1/admin/students/lookup")
+                .json(serde_json::json!({ "student": student }));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::Erase { student } => {
+            let call = Call::new(Method::POST, "/v1/admin/students/erase")
+                .json(serde_json::json!({ "student": student }));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
+        }
+        Command::Pseudonym { pseudonym } => {
+            let call = Call::new(Method::GET, format!("/v1/admin/pseudonyms/{pseudonym}"));
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
         }
         command => {
             let ctx = crate::verbs::Context {

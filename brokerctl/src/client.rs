@@ -93,6 +93,12 @@ impl Call {
         }
     }
 
+    /// Sends `body` as the JSON body.
+    pub fn json(mut self, body: serde_json::Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
     /// Adds a query parameter when `value` is set.
     pub fn param(mut self, name: &str, value: Option<&str>) -> Self {
         if let Some(value) = value {

@@ -40,6 +40,9 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "/v1/admin/callers/{caller}/allocations",
         "allocations",
     ),
+    ("post", "/v1/admin/students/lookup", "student"),
+    ("post", "/v1/admin/students/erase", "erase"),
+    ("get", "/v1/admin/pseudonyms/{pseudonym}", "pseudonym"),
 ];
 
 /// `(method, path, why)`: operations that are not for people at a terminal, so no command.

@@ -347,9 +347,20 @@ pub async fn require_admin(State(state): State<SharedState>, req: Request, next:
 }
 
 /// The student a track request acts for: `X-Instruqt-Sandbox-ID`, else `X-Track-ID` (each
-/// trimmed; an empty or whitespace value falls through to the next header).
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
+/// trimmed; an empty or whitespace value falls through to the next header). With
+/// `STUDENT_IDS=pseudonymised` the first field is the student's pseudonym, never the id
+/// (`crate::subjects`); the second holds the clear id only while the switch's fallback lasts,
+/// for the handlers that look for allocations made before it. Never stored, never printed.
+#[derive(Clone)]
+pub struct Caller(pub String, pub Option<String>);
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Caller")
+            .field(&self.0)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Reads a header as UTF-8 text; a value that is not valid UTF-8 is a 400.
 pub fn header_text(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, ApiError> {
@@ -361,10 +372,13 @@ pub fn header_text(headers: &HeaderMap, name: &'static str) -> Result<Option<Str
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl FromRequestParts<SharedState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &SharedState,
+    ) -> Result<Self, Self::Rejection> {
         // Both headers are checked even when the first one decides: a malformed id header is a
         // 400 wherever it appears, as the OpenAPI document states for each of them.
         let mut caller = None;
@@ -373,11 +387,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
                 if !value.is_empty() {
                     let id = domain::model::ids::validate_id("caller id", &value)
                         .map_err(|e| ApiError::validation("header", name, e.to_string()))?;
-                    caller.get_or_insert(Caller(id));
+                    caller.get_or_insert(id);
                 }
             }
         }
-        caller.ok_or_else(ApiError::missing_sandbox_id)
+        // The one place a student id enters: from here on only its pseudonym travels.
+        let student = caller.ok_or_else(ApiError::missing_sandbox_id)?;
+        let caller = state.subjects.caller(student).await?;
+        if let Some(logged) = parts.extensions.get::<crate::subjects::LoggedCaller>() {
+            logged.set(&caller.0);
+        }
+        Ok(caller)
     }
 }
 

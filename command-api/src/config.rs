@@ -351,6 +351,29 @@ pub struct Config {
     /// track header is the client's choice, so it does not pick the bucket).
     #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
     pub default_track_quota: Option<u32>,
+    /// How student ids are stored: `clear` (as sent) or `pseudonymised` (a keyed pseudonym; the
+    /// id itself only in an erasable subject record). See docs/personal-data.md.
+    #[arg(
+        long,
+        env = "STUDENT_IDS",
+        value_enum,
+        ignore_case = true,
+        default_value = "clear"
+    )]
+    pub student_ids: crate::subjects::StudentIds,
+    /// Key of the student pseudonyms (at least 32 characters and 128 bits by the strength
+    /// estimate; environment or `PSEUDONYM_KEY_FILE` only; unset: a dev-only key, refused on
+    /// non-loopback addresses). It never rotates: a new key unlinks every student.
+    #[arg(long, env = "PSEUDONYM_KEY", hide_env_values = true)]
+    pub pseudonym_key: Option<Secret>,
+    /// File holding `PSEUDONYM_KEY` (instead of the variable; trailing whitespace ignored).
+    #[arg(long, env = "PSEUDONYM_KEY_FILE")]
+    pub pseudonym_key_file: Option<PathBuf>,
+    /// Switching to `STUDENT_IDS=pseudonymised` while labs run: until this time (RFC 3339) a
+    /// student's requests also find the allocations made under their clear id, so the switch
+    /// never hands one student a second sandbox. Blank: no fallback.
+    #[arg(long, env = "CLEAR_ID_FALLBACK_UNTIL", default_value = "")]
+    pub clear_id_fallback_until: String,
 }
 
 impl Config {

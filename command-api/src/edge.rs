@@ -309,6 +309,8 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         .or_else(|| req.headers().get("x-track-id"))
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(256).collect::<String>());
+    let logged_caller = crate::subjects::LoggedCaller::default();
+    req.extensions_mut().insert(logged_caller.clone());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -321,6 +323,13 @@ pub async fn edge(State(state): State<SharedState>, mut req: Request, next: Next
         ApiError::headers_too_large(MAX_HEADER_BYTES, MAX_HEADER_COUNT).into_response()
     } else {
         next.run(req).await
+    };
+    // With pseudonyms on, the access line names the pseudonym the handler acted for, never the
+    // header's clear id (docs/personal-data.md).
+    let caller = if state.subjects.pseudonymised() {
+        logged_caller.get()
+    } else {
+        caller
     };
     // A redirect (`/v1/docs` → `/v1/docs/`) says where to go in its body too, for a client that
     // does not follow it.

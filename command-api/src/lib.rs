@@ -36,6 +36,8 @@
 //!   (what the dashboard charts).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
+//! - [`subjects`] — student ids to pseudonyms at the one place they enter, and their erasure
+//!   (`STUDENT_IDS`, ADR 0031).
 
 pub mod admin_jobs;
 pub mod auth;
@@ -58,6 +60,7 @@ pub mod rotation;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod subjects;
 pub mod webhooks;
 
 use std::time::Duration;
@@ -94,6 +97,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::events::router())
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
+        .merge(routes::students::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),

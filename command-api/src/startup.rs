@@ -316,6 +316,18 @@ pub async fn build_with(
         }
         Some(dispatcher)
     };
+    let subject_store: Arc<dyn domain::store::SubjectStore> = match (&embedded, &dynamo) {
+        (Some(store), _) => Arc::new(store.clone()),
+        (None, Some(store)) => Arc::new(store.clone()),
+        (None, None) => bail!("no store opened for the subject records"),
+    };
+    let subjects = Arc::new(
+        crate::subjects::Subjects::from_config(config, subject_store, clock.clone(), &registry)
+            .map_err(|p| anyhow::anyhow!(p))?,
+    );
+    if subjects.pseudonymised() {
+        tracing::info!(target: "startup", fallback = subjects.fallback_active(), "student ids are pseudonymised");
+    }
     let state = Arc::new(AppState {
         webhooks,
         admin_jobs,
@@ -370,6 +382,7 @@ pub async fn build_with(
         base_path: config.api_base_path.trim_end_matches('/').to_string(),
         store_requests,
         feed,
+        subjects,
     });
     Ok(Service {
         state,

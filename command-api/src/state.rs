@@ -80,6 +80,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<crate::webhooks::Dispatcher>>,
     /// Low-water thresholds and per-prefix gauges.
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
+    /// Student ids to pseudonyms, and their erasure (`STUDENT_IDS`, ADR 0031).
+    pub subjects: Arc<crate::subjects::Subjects>,
 }
 
 /// The state handle handlers receive.

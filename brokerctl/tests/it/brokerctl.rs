@@ -631,3 +631,41 @@ async fn operator_output_is_written_for_people() {
     }
     app.stop().await;
 }
+
+/// `brokerctl student` and `brokerctl erase` with pseudonyms on: the lookup names the pseudonym,
+/// erasure is refused while the student holds a sandbox (exit 7), succeeds after the release,
+/// and a second erasure finds no record (exit 6).
+#[tokio::test]
+async fn operators_look_up_and_erase_students() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|c| {
+        c.student_ids = command_api::subjects::StudentIds::Pseudonymised;
+        c.pseudonym_key = Some("pseudonym-key-for-brokerctl-0123456789abcdef".into());
+    });
+    let app = spawn_app_with(options).await;
+    app.seed("pd", 2).await;
+    let student = "student-erase-me";
+    let allocated = track(&app, &["allocate", "--caller", student]).await;
+    ok(&allocated);
+    let sandbox = json(&allocated)["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let found = admin(&app, &["student", student]).await;
+    ok(&found);
+    let pseudonym = json(&found)["pseudonym"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(pseudonym.starts_with("p1:"), "{pseudonym}");
+    assert_eq!(code(&admin(&app, &["erase", student]).await), 7);
+    ok(&track(&app, &["release", &sandbox, "--caller", student]).await);
+    app.wait_until(|s| s.get(domain::SandboxStatus::Allocated) == 0)
+        .await;
+    let erased = admin(&app, &["erase", student]).await;
+    ok(&erased);
+    assert_eq!(json(&erased)["pseudonym"], Value::from(pseudonym));
+    assert_eq!(code(&admin(&app, &["erase", student]).await), 6);
+    assert_eq!(code(&admin(&app, &["student", student]).await), 6);
+    app.stop().await;
+}

@@ -84,6 +84,10 @@ pub struct ListResponse {
     /// Cursor of the next page (`sandboxes.…`, for this listing with these filters only),
     /// `null` at the end.
     pub cursor: Option<String>,
+    /// With `STUDENT_IDS=pseudonymised`: who each owner pseudonym on the page is (the student
+    /// id, `erased` or `unknown`; docs/personal-data.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Pool counts (O(1): the stats shards).
@@ -175,6 +179,10 @@ pub struct HistoryResponse {
     /// Its events in version order, envelopes included.
     #[schema(value_type = Vec<Object>)]
     pub events: Vec<EventEnvelope>,
+    /// With `STUDENT_IDS=pseudonymised`: who each pseudonym in the events is (the student id,
+    /// `erased` or `unknown`; docs/personal-data.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The admin routes (auth is layered on by the caller).
@@ -297,10 +305,16 @@ pub async fn list_sandboxes(
         .list(&filter, limit, position.as_deref())
         .await?;
     let sandboxes: Vec<AdminSandbox> = page.rows.into_iter().map(AdminSandbox::from).collect();
+    let owners: Vec<&str> = sandboxes
+        .iter()
+        .filter_map(|s| s.allocated_to_track.as_deref())
+        .collect();
+    let subjects = state.subjects.identities(&owners.join(" ")).await?;
     Ok(Json(ListResponse {
         count: sandboxes.len(),
         sandboxes,
         cursor: Listing::Sandboxes.issue(&scope, page.cursor),
+        subjects,
     }))
 }
 
@@ -369,7 +383,13 @@ pub async fn get_history(
         .history(&sandbox_id)
         .await
         .map_err(|e| ApiError::from_broker(e, &sandbox_id))?;
-    Ok(Json(HistoryResponse { sandbox_id, events }))
+    let text = serde_json::to_string(&events).unwrap_or_default();
+    let subjects = state.subjects.identities(&text).await?;
+    Ok(Json(HistoryResponse {
+        sandbox_id,
+        events,
+        subjects,
+    }))
 }
 
 /// Re-queue a quarantined (`deletion_failed`) sandbox for cleanup.

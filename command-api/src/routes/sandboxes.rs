@@ -396,6 +396,8 @@ pub async fn allocate_sandbox(
         // The credential, not a header, names the track: ownership checks rely on it.
         request.track_name = Some(credential.track.clone());
     }
+    let caller = crate::subjects::allocating_caller(&state, caller, &request).await?;
+    request.caller = caller.0.clone();
     let peer = connect.map(|Extension(ConnectInfo(addr))| addr.ip());
     let limits = allocation_limits(&state, credential.as_deref(), &caller, &headers, peer);
     let result = state
@@ -523,6 +525,7 @@ pub async fn get_sandbox(
     headers: HeaderMap,
 ) -> Result<Json<SandboxResponse>, ApiError> {
     lease_header_in_bounds(&headers)?;
+    let caller = crate::subjects::owning_caller(&state, caller, &sandbox_id).await?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let sandbox = state
@@ -561,6 +564,7 @@ pub async fn mark_for_deletion(
     headers: HeaderMap,
 ) -> Result<Json<MarkResponse>, ApiError> {
     lease_header_in_bounds(&headers)?;
+    let caller = crate::subjects::owning_caller(&state, caller, &sandbox_id).await?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     check_sandbox_access(&state, &principal, &sandbox_id, &headers).await?;
     let result = state
@@ -661,6 +665,7 @@ pub async fn extend_lease(
     body: axum::body::Bytes,
 ) -> Result<Json<ExtendResponse>, ApiError> {
     lease_header_in_bounds(&headers)?;
+    let caller = crate::subjects::owning_caller(&state, caller, &sandbox_id).await?;
     let sandbox_id = resolve_sandbox_id(&state, &sandbox_id, Visibility::Owner(&caller.0)).await?;
     let hours = extension_hours(&body)?;
     let idempotency_key = match header_text(&headers, "idempotency-key")? {

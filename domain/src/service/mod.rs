@@ -17,7 +17,8 @@
 //!   one committer task, slot streams decided in order, conflicts answered member by member
 //!   (ADR 0025);
 //! - `fair_share` — the fair-share caps (per caller, per client address, per principal), each a
-//!   quota stream taken in the allocation's own transaction (ADR 0021).
+//!   quota stream taken in the allocation's own transaction (ADR 0021);
+//! - `held_claim` — a strong read of one claim, for the switch to pseudonymised ids (ADR 0031).
 
 mod allocate;
 #[cfg(test)]
@@ -29,6 +30,7 @@ mod fault_store;
 mod group_commit;
 #[cfg(test)]
 mod group_commit_tests;
+mod held_claim;
 mod lifecycle;
 #[cfg(test)]
 mod liveness_tests;

@@ -10,7 +10,9 @@
 //!   on its own ([`EventStore::append_group`], ADR 0025);
 //! - `batch` — the projector's batch planning into view chunks;
 //! - `repair` — re-projecting one row from its stream;
-//! - `unknown` — the tally of events a newer release wrote, which readers skip (ADR 0023).
+//! - `unknown` — the tally of events a newer release wrote, which readers skip (ADR 0023);
+//! - `subjects` — the [`SubjectStore`] port: student ids and their pseudonyms' salts, outside
+//!   the log (ADR 0031).
 
 pub mod append;
 pub mod batch;
@@ -33,12 +35,14 @@ use crate::model::projection::{project, project_unknown, PoolRow, PoolStats, Sta
 use batch::{BatchLimits, ViewChunk};
 
 pub mod repair;
+pub mod subjects;
 pub mod unknown;
 
 pub use append::validate_append;
 pub use feed::{EventFeed, EventLog, FeedFilter, FeedPage, FeedQuery};
 pub use group::MemberOutcome;
 pub use repair::{repair_row, RepairOutcome};
+pub use subjects::{Erasure, PseudonymStatus, SubjectRecord, SubjectStore};
 
 /// A stored event decoded into the model; an envelope of a known type the model cannot read is
 /// [`StoreError::Corrupt`] naming its stream and version (the one rule for every reader). An

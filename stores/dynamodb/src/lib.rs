@@ -25,6 +25,7 @@
 //! - `tables` — the table definitions (also the terraform drift-check JSON) and `ensure_tables`;
 //! - `items` — events and pool rows as items, stream images, cursors;
 //! - `retry` — error classification and full-jitter backoff;
+//! - `subjects` — [`SubjectStore`](domain::store::SubjectStore) on the subjects table (ADR 0031);
 //! - `view_batch` — the projector's batched row loads and the one view-transaction loop.
 
 mod event_store;
@@ -35,6 +36,7 @@ mod metering;
 mod pool_view;
 mod prefix_stats; // per-prefix counters beside the stats shards (ADR 0018)
 mod retry;
+mod subjects;
 mod tables;
 mod view_batch;
 mod view_store;

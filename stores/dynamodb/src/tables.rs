@@ -1,6 +1,7 @@
-//! The four tables (DESIGN.md §5) as data: one definition drives `ensure_tables` here and is
-//! serialised for the terraform drift check (`terraform/tables.expected.json`), so the code and
-//! the deployed tables cannot disagree silently.
+//! The tables (the four of DESIGN.md §5, and the subjects table of ADR 0031) as data: one
+//! definition drives `ensure_tables` here and is serialised for the terraform drift check
+//! (`terraform/tables.expected.json`), so the code and the deployed tables cannot disagree
+//! silently.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,11 @@ pub const POOL: &str = "pool";
 pub const STATS: &str = "stats";
 /// Suffix of the projector-checkpoint table's name.
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Suffix of the subjects table's name: student ids and their pseudonyms' salts, outside the
+/// event log, the one table whose items are deleted (ADR 0031).
+pub const SUBJECTS: &str = "subjects";
+/// Key attribute of the subjects table (`subject#…` and `pseudonym#…` items).
+pub const SUBJECT_KEY: &str = "subject_key";
 
 /// `by-time` (events): an hour's events in time order, for auditors.
 pub const INDEX_BY_TIME: &str = "by-time";
@@ -179,6 +185,7 @@ pub fn table_definitions(prefix: &str) -> Vec<TableDef> {
             None,
             Vec::new(),
         ),
+        table(SUBJECTS, key(SUBJECT_KEY, "S"), None, None, Vec::new()),
     ];
     defs.sort_by(|a, b| a.name_suffix.cmp(&b.name_suffix));
     for def in &mut defs {
@@ -351,7 +358,16 @@ mod tests {
         }
         let defs = table_definitions("p");
         let names: Vec<_> = defs.iter().map(|d| d.table_name.as_str()).collect();
-        assert_eq!(names, ["p-checkpoints", "p-events", "p-pool", "p-stats"]);
+        assert_eq!(
+            names,
+            [
+                "p-checkpoints",
+                "p-events",
+                "p-pool",
+                "p-stats",
+                "p-subjects"
+            ]
+        );
         let pool = &defs[2];
         assert_eq!(pool.gsis.len(), 4);
         assert!(pool.gsis.windows(2).all(|w| w[0].name < w[1].name));

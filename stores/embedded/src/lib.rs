@@ -29,7 +29,9 @@
 //! - `view_store` — [`ViewStore`](domain::store::ViewStore): version-conditioned writes, chunks
 //!   in one transaction, checkpoints, clear;
 //! - `feed` — [`EventFeed`](domain::store::EventFeed) over the `events_by_time` index;
-//! - `tables` — the schema.
+//! - `tables` — the schema;
+//! - `subjects` — [`SubjectStore`](domain::store::SubjectStore): student ids and the salts of
+//!   their pseudonyms, outside the log (ADR 0031).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +50,7 @@ mod event_store;
 mod feed;
 mod pool_view;
 mod prefix_stats; // per-prefix counters, moved by the view writes (ADR 0018)
+mod subjects;
 mod tables;
 mod view_store;
 

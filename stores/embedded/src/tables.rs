@@ -49,4 +49,15 @@ CREATE TABLE IF NOT EXISTS checkpoint_fences (
     source TEXT PRIMARY KEY,
     fence  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS subjects (
+    subject_key TEXT PRIMARY KEY,
+    pseudonym   TEXT NOT NULL UNIQUE,
+    salt        TEXT NOT NULL,
+    student_id  TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erased_subjects (
+    pseudonym TEXT PRIMARY KEY,
+    erased_at TEXT NOT NULL
+);
 ";

@@ -63,6 +63,7 @@ mod liveness_model;
 mod metrics_endpoint;
 mod openapi_constraints;
 mod oversized_requests;
+mod personal_data;
 mod pool_alerts;
 mod pool_metrics;
 mod projector;
