@@ -174,6 +174,7 @@ impl EventsFeed {
             closing: self.closing.subscribe(),
             pending: VecDeque::new(),
             position: resume.clone().unwrap_or_else(|| format_time(&clock.now())),
+            resumed_after: resume.clone(),
             replay_from: resume,
             replayed: BTreeSet::new(),
             clock,
@@ -283,6 +284,9 @@ struct Session {
     pending: VecDeque<Arc<LiveEvent>>,
     /// The last position sent (or the start).
     position: String,
+    /// The client's resume position (`Last-Event-ID`), when it resumed: it had every event up to
+    /// there before this stream opened.
+    resumed_after: Option<String>,
     /// Where the replay continues; `None` once live.
     replay_from: Option<String>,
     /// Keys replayed recently: their live copies are dropped.
@@ -328,7 +332,7 @@ impl Session {
             tokio::select! {
                 received = self.live.recv() => match received {
                     Ok(item) => {
-                        if self.replayed.remove(&item.key) {
+                        if sent_before(&mut self.replayed, self.resumed_after.as_deref(), &item.key) {
                             continue;
                         }
                         self.position.clone_from(&item.key);
@@ -359,5 +363,35 @@ impl Session {
             );
             self.replayed = self.replayed.split_off(&keep_from);
         }
+    }
+}
+
+/// Whether a live event was already sent to this client: replayed on this stream, or at or before
+/// the position it resumed from. The tail publishes an event when it first reads it, which can be
+/// after a stream that ended sent it from the replay; the client's next stream must not send it
+/// again (its replay reads only after the resume position, so it never carries such an event).
+fn sent_before(replayed: &mut BTreeSet<String>, resumed_after: Option<&str>, key: &str) -> bool {
+    replayed.remove(key) || resumed_after.is_some_and(|after| key <= after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A late broadcast of an event at or before the resume position is dropped, a replayed
+    /// event's live copy is dropped once, and a new event goes out.
+    #[test]
+    fn a_resumed_stream_drops_what_the_client_already_had() {
+        let t = format_time(&Utc::now());
+        let key = |n: u8| format!("{t}#{n:02}");
+        let mut replayed = BTreeSet::from([key(5)]);
+        let resumed = Some(key(3));
+        assert!(sent_before(&mut replayed, resumed.as_deref(), &key(1)));
+        assert!(sent_before(&mut replayed, resumed.as_deref(), &key(3)));
+        assert!(sent_before(&mut replayed, resumed.as_deref(), &key(5)));
+        assert!(!sent_before(&mut replayed, resumed.as_deref(), &key(5)));
+        assert!(!sent_before(&mut replayed, resumed.as_deref(), &key(7)));
+        // A stream opened without a resume position drops only its replays' live copies.
+        assert!(!sent_before(&mut BTreeSet::new(), None, &key(1)));
     }
 }
