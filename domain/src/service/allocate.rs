@@ -711,6 +711,7 @@ fn sandbox_from_row(row: &PoolRow) -> Sandbox {
         external_id: row.external_id.clone(),
         sfdc_account_id: row.sfdc_account_id.clone(),
         version: row.version,
+        earmark: row.earmark.clone(),
         ..Sandbox::default()
     }
 }
