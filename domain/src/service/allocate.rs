@@ -703,7 +703,7 @@ impl Broker {
 
 /// The aggregate state a view row stands for. Valid for deciding an allocation because the
 /// append is conditioned on the row's version: if the row is stale, the write conflicts.
-fn sandbox_from_row(row: &PoolRow) -> Sandbox {
+pub(super) fn sandbox_from_row(row: &PoolRow) -> Sandbox {
     Sandbox {
         sandbox_id: row.sandbox_id.clone(),
         status: Some(row.status),

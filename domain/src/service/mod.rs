@@ -17,7 +17,9 @@
 //!   one committer task, slot streams decided in order, conflicts answered member by member
 //!   (ADR 0025);
 //! - `fair_share` — the fair-share caps (per caller, per client address, per principal), each a
-//!   quota stream taken in the allocation's own transaction (ADR 0021).
+//!   quota stream taken in the allocation's own transaction (ADR 0021);
+//! - `reservations` — reservations: creation with its capacity answer, earmarking, top-up,
+//!   shortfall, cancel and the window's end, and the capacity figures (ADR 0028).
 
 mod allocate;
 #[cfg(test)]
@@ -34,10 +36,14 @@ mod lifecycle;
 mod liveness_tests;
 mod pool_control;
 mod quota;
+mod reservations;
 
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;
 pub use quota::TrackQuotas;
+pub use reservations::{
+    ReservationError, ReservationPass, ReservationSettings, ReservationStatus,
+};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
