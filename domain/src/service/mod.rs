@@ -37,6 +37,7 @@ mod liveness_tests;
 mod pool_control;
 mod quota;
 mod reservations;
+mod reserved_draw;
 
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;
@@ -263,6 +264,8 @@ pub struct Broker {
     track_locks: quota::TrackLocks,
     /// Writes concurrent allocations together, when the event store groups appends.
     group: Option<group_commit::GroupCommit>,
+    /// The open reservations this process draws earmarked candidates from (ADR 0028).
+    reservations: reserved_draw::ReservationDirectory,
 }
 
 /// Bound on reloads of a track's quota after another allocation (or release) of the track
@@ -323,6 +326,7 @@ impl Broker {
             drain_cache: pool_control::DrainCache::default(),
             track_locks: quota::TrackLocks::default(),
             group,
+            reservations: reserved_draw::ReservationDirectory::default(),
         }
     }
 
