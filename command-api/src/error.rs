@@ -31,6 +31,13 @@ pub struct ErrorDetail {
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
+    /// `INSUFFICIENT_CAPACITY`: sandboxes the request is short of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shortfall: Option<u32>,
+    /// `INSUFFICIENT_CAPACITY`: the numbers behind the refusal (as in `GET /v1/capacity`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub capacity: Option<serde_json::Value>,
 }
 
 /// One problem in a validation error.
@@ -68,6 +75,8 @@ pub struct ApiError {
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
     pub cause: Option<String>,
+    /// Shortfall and capacity numbers of an `INSUFFICIENT_CAPACITY` refusal.
+    pub capacity: Option<(u32, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -80,6 +89,7 @@ impl ApiError {
             limit: None,
             details: None,
             cause: None,
+            capacity: None,
         }
     }
 
@@ -455,6 +465,8 @@ impl ApiError {
                 retry_after: self.retry_after,
                 limit: self.limit,
                 details: self.details.clone(),
+                shortfall: self.capacity.as_ref().map(|(s, _)| *s),
+                capacity: self.capacity.as_ref().map(|(_, c)| c.clone()),
             },
         }
     }
@@ -469,6 +481,46 @@ impl ApiError {
         }
         response.extensions_mut().insert(self.clone());
         response
+    }
+}
+
+/// Reservation refusals (ADR 0028).
+impl ApiError {
+    /// 409 RESERVATIONS_DISABLED: the write flag is off.
+    pub fn reservations_off() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "RESERVATIONS_DISABLED",
+            "Reservations are not written by this deployment yet: set WRITE_EVENTS_RESERVATIONS=true \
+             (terraform: write_events_reservations) once every API, job and projector process runs \
+             this release (docs/upgrades.md)",
+        )
+    }
+
+    /// 404 RESERVATION_NOT_FOUND.
+    pub fn reservation_not_found(reservation_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "RESERVATION_NOT_FOUND",
+            format!(
+                "Reservation {reservation_id} not found; list reservations with GET \
+                 /v1/admin/reservations (brokerctl reservations list)"
+            ),
+        )
+    }
+
+    /// 409 INSUFFICIENT_CAPACITY with the shortfall and the numbers behind it.
+    pub fn insufficient_capacity(shortfall: u32, capacity: serde_json::Value) -> Self {
+        let mut e = Self::new(
+            StatusCode::CONFLICT,
+            "INSUFFICIENT_CAPACITY",
+            format!(
+                "The pool cannot honour this reservation: {shortfall} sandbox(es) short (numbers in \
+                 capacity); reserve fewer, pick a later window, or run a sync to register more"
+            ),
+        );
+        e.capacity = Some((shortfall, capacity));
+        e
     }
 }
 

@@ -92,7 +92,10 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::events::router())
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
+        .merge(routes::reservations::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
+    let capacity = routes::reservations::capacity_router()
+        .route_layer(from_fn_with_state(state.clone(), auth::require_any));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
@@ -101,6 +104,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.
     let versioned = track
         .merge(admin)
+        .merge(capacity)
         .layer(axum::middleware::map_response(no_store));
     let routes = Router::new()
         .nest(&base, versioned)

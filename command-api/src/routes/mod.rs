@@ -11,3 +11,4 @@ pub mod pool;
 pub mod sandbox_ref;
 pub mod sandboxes;
 pub mod webhooks;
+pub mod reservations;
