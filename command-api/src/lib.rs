@@ -35,6 +35,8 @@
 //!   (what the dashboard charts).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
+//! - [`reservation_watch`] — reservation gauges and the run-dry forecast per prefix group with
+//!   its `CAPACITY_LOW_WATER_HOURS` alert (ADR 0028).
 
 pub mod admin_jobs;
 pub mod auth;
@@ -51,6 +53,7 @@ pub mod openapi;
 pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
+pub mod reservation_watch;
 pub mod readiness;
 pub mod rotation;
 pub mod routes;

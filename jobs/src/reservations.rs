@@ -66,6 +66,10 @@ pub struct ReservationArgs {
     /// Seconds between runs of the reservation job in the worker (and the embedded API).
     #[arg(long, env = "RESERVATION_INTERVAL_SEC", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub reservation_interval_sec: u64,
+    /// Hours: a prefix group whose open pool runs dry sooner than this at the current
+    /// allocation rate is flagged (`broker_capacity_low_water`, log line `pool runs dry soon`).
+    #[arg(long, env = "CAPACITY_LOW_WATER_HOURS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=720))]
+    pub capacity_low_water_hours: u32,
 }
 
 impl Default for ReservationArgs {
@@ -79,6 +83,7 @@ impl Default for ReservationArgs {
             reservation_max_ahead_days: 90,
             capacity_forecast_lookback_hours: 168,
             reservation_interval_sec: 60,
+            capacity_low_water_hours: 2,
         }
     }
 }
@@ -101,6 +106,11 @@ impl ReservationArgs {
                 self.capacity_forecast_lookback_hours,
             )),
         }
+    }
+
+    /// The run-dry horizon of the capacity low-water alert.
+    pub fn low_water(&self) -> chrono::Duration {
+        chrono::Duration::hours(i64::from(self.capacity_low_water_hours))
     }
 
     /// The worker's interval between runs.

@@ -618,7 +618,7 @@ pub async fn get_capacity(
         .map_err(reservation_error)?;
     let rate = state
         .broker
-        .allocation_rate()
+        .allocation_rate(prefix.as_deref())
         .await
         .map_err(|e| ApiError::from_broker(e, ""))?;
     let runs_dry = PrefixForecast {
@@ -637,4 +637,34 @@ pub async fn get_capacity(
         numbers: figures.into(),
         runs_dry,
     }))
+}
+
+/// The reservations not yet closed, with their earmarks' usage (the admin stats and the
+/// dashboard show them).
+pub(crate) async fn active_views(state: &SharedState) -> Result<Vec<ReservationView>, ApiError> {
+    let now = state.broker.clock().now();
+    let mut views = Vec::new();
+    for reservation in state
+        .broker
+        .list_reservations()
+        .await
+        .map_err(reservation_error)?
+    {
+        if !matches!(
+            reservation.phase(now),
+            ReservationPhase::Scheduled | ReservationPhase::Earmarking | ReservationPhase::Open
+        ) {
+            continue;
+        }
+        let usage = state
+            .broker
+            .earmark_usage(&reservation)
+            .await
+            .map_err(|e| ApiError::from_broker(e, ""))?;
+        views.push(ReservationView::of(
+            &ReservationStatus { reservation, usage },
+            now,
+        ));
+    }
+    Ok(views)
 }

@@ -238,19 +238,21 @@ impl Broker {
             at,
             settings.forecast_lookback,
         );
-        figures.expected_allocations = expected_allocations(self.allocation_rate().await?, now, at);
+        figures.expected_allocations =
+            expected_allocations(self.allocation_rate(prefix).await?, now, at);
         Ok(figures)
     }
 
-    /// Allocations per hour lately: live allocations made in the last hour (a lower bound, as
-    /// one released within the hour is not counted).
-    pub async fn allocation_rate(&self) -> Result<f64, BrokerError> {
+    /// Allocations per hour lately (of names starting with `prefix`, if given): live
+    /// allocations made in the last hour (a lower bound, as one released within the hour is not
+    /// counted).
+    pub async fn allocation_rate(&self, prefix: Option<&str>) -> Result<f64, BrokerError> {
         let since = self.clock.now() - Duration::hours(1);
         let mut recent = 0u64;
         let filter = ListFilter {
             status: Some(SandboxStatus::Allocated),
             owner: None,
-            prefix: None,
+            prefix: prefix.map(str::to_string),
         };
         self.sweep_rows(&filter, |row| {
             if row.allocated_at.is_some_and(|at| at >= since) {
