@@ -862,26 +862,26 @@ mod tests {
             &meta(),
             Utc::now(),
         );
-        reserved.event_type = "SandboxHeartbeatMissed".into();
+        reserved.event_type = "SandboxRelabelled".into();
         reserved.schema_version = 2;
-        reserved.payload = serde_json::json!({"type": "SandboxHeartbeatMissed", "missed": 3});
+        reserved.payload = serde_json::json!({"type": "SandboxRelabelled", "label": "blue"});
         assert_eq!(
             reserved.decode().ok(),
             Some(BrokerEvent::Unknown(UnknownEvent {
                 stream_id: "sandbox#7".into(),
                 version: 4,
-                event_type: "SandboxHeartbeatMissed".into(),
+                event_type: "SandboxRelabelled".into(),
                 schema_version: 2,
             }))
         );
         assert!(matches!(reserved.sandbox_event(), Ok(None)));
 
         let mut stream = reserved.clone();
-        stream.stream_id = "waitline#t1".into();
-        stream.event_type = "WaitlineJoined".into();
+        stream.stream_id = "maintenance#m1".into();
+        stream.event_type = "MaintenanceWindowPlanned".into();
         stream.schema_version = 1;
         assert!(
-            matches!(stream.decode(), Ok(BrokerEvent::Unknown(u)) if u.stream_id == "waitline#t1")
+            matches!(stream.decode(), Ok(BrokerEvent::Unknown(u)) if u.stream_id == "maintenance#m1")
         );
 
         // A known type on a known stream whose payload is garbage is corrupt, as before.

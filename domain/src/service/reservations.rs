@@ -7,6 +7,8 @@
 //! took the same version and one of the two loses, so an earmark never lands on an allocated
 //! sandbox and an allocation never ignores an earmark it could have seen.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Duration, Utc};
 use thiserror::Error;
 use uuid::Uuid;
@@ -165,10 +167,23 @@ impl Broker {
                     .is_some_and(|e| e.reservation_id == reservation.reservation_id)
             };
             match row {
-                Some(row) if ours(&row) && row.status == SandboxStatus::Available => {
+                // A row without the earmark yet is one the projector has not caught up with:
+                // the earmark is on the stream (only this reservation's cancel or end lifts it).
+                Some(row)
+                    if row.status == SandboxStatus::Available
+                        && (ours(&row) || (row.earmark.is_none() && !reservation.is_closed())) =>
+                {
                     usage.free += 1;
                 }
-                Some(row) if ours(&row) && row.allocated_at.is_some() => usage.used += 1,
+                Some(row)
+                    if ours(&row)
+                        && row.allocated_at.is_some()
+                        && row.track_name.as_deref() == Some(reservation.track.as_str()) =>
+                {
+                    usage.used += 1;
+                }
+                // Allocated to another track once the window had ended: neither used nor lost.
+                Some(row) if ours(&row) && row.allocated_at.is_some() => {}
                 // Lifted (cancel, end), or gone before use: stale, deleted, retired.
                 Some(row) if ours(&row) => usage.lost += 1,
                 _ => {}
@@ -206,6 +221,13 @@ impl Broker {
             count,
             ..CapacityFigures::default()
         };
+        let reservations = self.list_reservations().await?;
+        // Earmarks the view may not show yet: the reservation streams already hold them.
+        let pending: HashMap<&str, &str> = reservations
+            .iter()
+            .filter(|r| !r.is_closed() && r.ends_at.is_some_and(|end| now < end))
+            .flat_map(|r| r.earmarked.iter().map(|id| (id.as_str(), r.track.as_str())))
+            .collect();
         let filter = ListFilter {
             status: Some(SandboxStatus::Available),
             owner: None,
@@ -215,14 +237,18 @@ impl Broker {
             if row.held_by.is_some() {
                 return;
             }
-            match row.earmark.as_ref().and_then(|e| e.binding_at(now)) {
+            let binding = match row.earmark.as_ref() {
+                Some(earmark) => earmark.binding_at(now),
+                None => pending.get(row.sandbox_id.as_str()).copied(),
+            };
+            match binding {
                 None => figures.available_now += 1,
                 Some(owner) if Some(owner) == track => figures.reserved_for_track += 1,
                 Some(_) => {}
             }
         })
         .await?;
-        for other in self.list_reservations().await? {
+        for other in reservations {
             if Some(other.track.as_str()) == track
                 || !other.overlaps(window.0, window.1)
                 || !other.competes_with(prefix)

@@ -49,3 +49,4 @@ mod webhook_progress;
 mod webhook_targets;
 mod webhooks;
 mod worker_shutdown;
+mod reservations;
