@@ -392,7 +392,7 @@ pub async fn create_reservation(
 #[utoipa::path(
     get, path = "/v1/admin/reservations", tag = "Admin", security(("bearer" = [])),
     params(
-        ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this track's reservations"),
+        ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this track's reservations; not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("state" = Option<String>, Query, example = "open", description = "Only reservations in this state: scheduled, earmarking, open, cancelled, ended, or active (scheduled, earmarking or open)"),
     ),
     responses(
@@ -477,7 +477,7 @@ pub async fn list_reservations(
 /// One reservation: its window, state and what its earmarks are now.
 #[utoipa::path(
     get, path = "/v1/admin/reservations/{reservation_id}", tag = "Admin", security(("bearer" = [])),
-    params(("reservation_id" = String, Path, example = "0190f6c27b3a7d4e9f102b3c4d5e6f70", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The id from the creation's answer")),
+    params(("reservation_id" = String, Path, example = "0190f6c27b3a7d4e9f102b3c4d5e6f70", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The id from the creation's answer; not blank, no control characters, at most 256 bytes (UTF-8)")),
     responses(
         (status = 200, description = "The reservation", body = ReservationView),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -506,7 +506,7 @@ pub async fn get_reservation(
 /// used ones stay with their students. Cancelling a closed reservation changes nothing.
 #[utoipa::path(
     delete, path = "/v1/admin/reservations/{reservation_id}", tag = "Admin", security(("bearer" = [])),
-    params(("reservation_id" = String, Path, example = "0190f6c27b3a7d4e9f102b3c4d5e6f70", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The id from the creation's answer")),
+    params(("reservation_id" = String, Path, example = "0190f6c27b3a7d4e9f102b3c4d5e6f70", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The id from the creation's answer; not blank, no control characters, at most 256 bytes (UTF-8)")),
     responses(
         (status = 200, description = "Cancelled (or already closed): the reservation", body = ReservationView),
         (status = 400, description = "Bad id", body = ErrorBody),
@@ -542,8 +542,8 @@ pub async fn cancel_reservation(
 #[utoipa::path(
     get, path = "/v1/capacity", tag = "Sandboxes", security(("bearer" = [])),
     params(
-        ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The track; a per-track credential may name only its own (default: its own)"),
-        ("prefix" = Option<String>, Query, example = "lab-eu-", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only sandboxes whose name starts with this"),
+        ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The track; a per-track credential may name only its own (default: its own); not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("prefix" = Option<String>, Query, example = "lab-eu-", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only sandboxes whose name starts with this; not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("count" = Option<u32>, Query, example = 300, minimum = 1, maximum = 100000, description = "Students (default 1)"),
         ("at" = Option<String>, Query, example = "2026-12-08T09:00:00Z", description = "RFC 3339 time the students start (default now; a past time means now)"),
     ),
