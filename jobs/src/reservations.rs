@@ -96,9 +96,7 @@ impl ReservationArgs {
                 max_count: self.reservation_max_count,
                 max_window: chrono::Duration::hours(i64::from(self.reservation_max_window_hours)),
                 max_ahead: chrono::Duration::days(i64::from(self.reservation_max_ahead_days)),
-                lead_time: chrono::Duration::minutes(i64::from(
-                    self.reservation_lead_time_minutes,
-                )),
+                lead_time: chrono::Duration::minutes(i64::from(self.reservation_lead_time_minutes)),
             },
             write_events: self.write_events_reservations,
             default_overflow: self.reservation_default_overflow.into(),

@@ -12,9 +12,7 @@ use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use domain::model::events::{format_time, OverflowPolicy};
 use domain::model::ids::validate_id;
-use domain::model::reservation::{
-    runs_dry_at, CapacityFigures, ReservationPhase, ReservationSpec,
-};
+use domain::model::reservation::{runs_dry_at, CapacityFigures, ReservationPhase, ReservationSpec};
 use domain::service::{ReservationError, ReservationStatus};
 use domain::{Actor, CommandMeta};
 use serde::{Deserialize, Serialize};
@@ -499,7 +497,10 @@ pub async fn get_reservation(
         .reservation_status(&id)
         .await
         .map_err(reservation_error)?;
-    Ok(Json(ReservationView::of(&status, state.broker.clock().now())))
+    Ok(Json(ReservationView::of(
+        &status,
+        state.broker.clock().now(),
+    )))
 }
 
 /// Cancel a reservation: its unused earmarks return to the pool at once (`SandboxUnreserved`),
@@ -532,7 +533,10 @@ pub async fn cancel_reservation(
         .await
         .map_err(reservation_error)?;
     tracing::info!(target: "reservations", reservation = %id, "reservation cancelled");
-    Ok(Json(ReservationView::of(&status, state.broker.clock().now())))
+    Ok(Json(ReservationView::of(
+        &status,
+        state.broker.clock().now(),
+    )))
 }
 
 /// Whether `count` students of a track can start now or at `at`, with the numbers behind it,

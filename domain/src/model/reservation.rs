@@ -495,7 +495,10 @@ mod tests {
         );
         assert_eq!(r.earmarked.len(), 2);
         assert!(r.overlaps(t(3), t(5)) && !r.overlaps(t(4), t(5)));
-        r.fold(&ReservationEvent::ReservationCancelled { returned: 2 }, t(1));
+        r.fold(
+            &ReservationEvent::ReservationCancelled { returned: 2 },
+            t(1),
+        );
         assert_eq!(r.phase(t(3)), ReservationPhase::Cancelled);
         assert!(!r.overlaps(t(3), t(5)));
     }

@@ -42,9 +42,7 @@ mod reserved_draw;
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;
 pub use quota::TrackQuotas;
-pub use reservations::{
-    ReservationError, ReservationPass, ReservationSettings, ReservationStatus,
-};
+pub use reservations::{ReservationError, ReservationPass, ReservationSettings, ReservationStatus};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

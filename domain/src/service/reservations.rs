@@ -66,7 +66,9 @@ pub enum ReservationError {
     #[error(transparent)]
     Invalid(#[from] ReservationInvalid),
     /// The prefix matches no sandbox the pool has ever registered.
-    #[error("no sandbox name starts with prefix {prefix}; check the prefix against GET /v1/admin/pool")]
+    #[error(
+        "no sandbox name starts with prefix {prefix}; check the prefix against GET /v1/admin/pool"
+    )]
     UnknownPrefix {
         /// The prefix asked for.
         prefix: String,
@@ -258,12 +260,8 @@ impl Broker {
             let usage = self.earmark_usage(&other).await?;
             figures.reserved_for_others += usage.missing(other.count);
         }
-        figures.expected_registrations = expected_registrations(
-            &self.listings().await?,
-            now,
-            at,
-            settings.forecast_lookback,
-        );
+        figures.expected_registrations =
+            expected_registrations(&self.listings().await?, now, at, settings.forecast_lookback);
         figures.expected_allocations =
             expected_allocations(self.allocation_rate(prefix).await?, now, at);
         Ok(figures)
@@ -419,7 +417,9 @@ impl Broker {
             ));
             match self.events.append(batch).await {
                 Ok(()) => break,
-                Err(StoreError::VersionConflict { .. }) if attempts < self.config.command_retries => {
+                Err(StoreError::VersionConflict { .. })
+                    if attempts < self.config.command_retries =>
+                {
                     attempts += 1;
                 }
                 Err(e) => return Err(BrokerError::from(e).into()),
@@ -491,7 +491,8 @@ impl Broker {
                 let (earmarked, missing) = self.earmark(&mut reservation, meta).await?;
                 pass.earmarked += earmarked;
                 if missing > 0 {
-                    pass.short.push((reservation.reservation_id.clone(), missing));
+                    pass.short
+                        .push((reservation.reservation_id.clone(), missing));
                 }
             }
         }
@@ -530,7 +531,10 @@ impl Broker {
                     }
                     let now = self.clock.now();
                     if row.held_by.is_some()
-                        || row.earmark.as_ref().is_some_and(|e| e.binding_at(now).is_some())
+                        || row
+                            .earmark
+                            .as_ref()
+                            .is_some_and(|e| e.binding_at(now).is_some())
                     {
                         continue;
                     }
@@ -548,8 +552,13 @@ impl Broker {
                     let noted = ReservationEvent::ReservationEarmarked {
                         sandbox_ids: vec![row.sandbox_id.clone()],
                     };
-                    let mut batch =
-                        envelopes(&sandbox_stream(&row.sandbox_id), row.version, &events, meta, now);
+                    let mut batch = envelopes(
+                        &sandbox_stream(&row.sandbox_id),
+                        row.version,
+                        &events,
+                        meta,
+                        now,
+                    );
                     batch.extend(envelopes(
                         &reservation_stream(&reservation.reservation_id),
                         reservation.version,
@@ -568,9 +577,8 @@ impl Broker {
                             if stream_id.starts_with("sandbox#") => {}
                         // Another pass wrote to the reservation: read it again and go on.
                         Err(StoreError::VersionConflict { .. }) => {
-                            *reservation = self
-                                .load_reservation(&reservation.reservation_id)
-                                .await?;
+                            *reservation =
+                                self.load_reservation(&reservation.reservation_id).await?;
                         }
                         Err(e) => return Err(BrokerError::from(e).into()),
                     }
@@ -678,9 +686,7 @@ impl Broker {
                     if attempts < self.config.command_retries =>
                 {
                     attempts += 1;
-                    *reservation = self
-                        .load_reservation(&reservation.reservation_id)
-                        .await?;
+                    *reservation = self.load_reservation(&reservation.reservation_id).await?;
                 }
                 Err(e) => return Err(BrokerError::from(e).into()),
             }

@@ -151,21 +151,51 @@ async fn bad_requests_are_refused_with_the_field_named(backend: Backend) -> Test
     let app = app_with(backend, true).await;
     app.seed("lab", 3).await;
     let cases = [
-        (json!({"track": "ws", "count": 1, "starts_at": at(&app, -120), "ends_at": at(&app, -60)}), "ends_at"),
-        (json!({"track": "ws", "count": 1, "starts_at": at(&app, 60), "ends_at": at(&app, 30)}), "ends_at"),
-        (json!({"track": "ws", "count": 0, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}), "count"),
-        (json!({"track": "ws", "count": 1_000_000, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}), "count"),
-        (json!({"track": "ws", "count": 1, "starts_at": at(&app, 10), "ends_at": at(&app, 60 * 24 * 10)}), "ends_at"),
-        (json!({"track": "ws", "count": 1, "prefix": "nosuch", "starts_at": at(&app, 10), "ends_at": at(&app, 60)}), "prefix"),
-        (json!({"track": "ws", "count": 1, "overflow": "sometimes", "starts_at": at(&app, 10), "ends_at": at(&app, 60)}), "overflow"),
-        (json!({"track": " ", "count": 1, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}), "track"),
-        (json!({"track": "ws", "count": 1, "starts_at": "tomorrow", "ends_at": at(&app, 60)}), "starts_at"),
+        (
+            json!({"track": "ws", "count": 1, "starts_at": at(&app, -120), "ends_at": at(&app, -60)}),
+            "ends_at",
+        ),
+        (
+            json!({"track": "ws", "count": 1, "starts_at": at(&app, 60), "ends_at": at(&app, 30)}),
+            "ends_at",
+        ),
+        (
+            json!({"track": "ws", "count": 0, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}),
+            "count",
+        ),
+        (
+            json!({"track": "ws", "count": 1_000_000, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}),
+            "count",
+        ),
+        (
+            json!({"track": "ws", "count": 1, "starts_at": at(&app, 10), "ends_at": at(&app, 60 * 24 * 10)}),
+            "ends_at",
+        ),
+        (
+            json!({"track": "ws", "count": 1, "prefix": "nosuch", "starts_at": at(&app, 10), "ends_at": at(&app, 60)}),
+            "prefix",
+        ),
+        (
+            json!({"track": "ws", "count": 1, "overflow": "sometimes", "starts_at": at(&app, 10), "ends_at": at(&app, 60)}),
+            "overflow",
+        ),
+        (
+            json!({"track": " ", "count": 1, "starts_at": at(&app, 10), "ends_at": at(&app, 60)}),
+            "track",
+        ),
+        (
+            json!({"track": "ws", "count": 1, "starts_at": "tomorrow", "ends_at": at(&app, 60)}),
+            "starts_at",
+        ),
     ];
     for (body, field) in cases {
         let (status, reply) = reserve(&app, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {reply}");
         assert_eq!(reply["detail"]["code"], "VALIDATION_ERROR", "{reply}");
-        assert_eq!(reply["detail"]["details"][0]["field"], field, "{body} → {reply}");
+        assert_eq!(
+            reply["detail"]["details"][0]["field"], field,
+            "{body} → {reply}"
+        );
     }
     let (status, _, reply) = app
         .admin(Method::POST, "/v1/admin/reservations")
@@ -216,9 +246,17 @@ async fn earmarks_serve_only_their_track(backend: Backend) -> TestResult {
         assert!(!reserved.contains(&sandbox), "{sandbox} is earmarked");
     }
     let (status, _) = allocate(&app, "other-6", "other").await;
-    assert_eq!(status, StatusCode::CONFLICT, "earmarked sandboxes went to another track");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "earmarked sandboxes went to another track"
+    );
     let (status, _, _) = app.allocate("no-track").sent_json().await;
-    assert_eq!(status, StatusCode::CONFLICT, "a request without a track got an earmark");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a request without a track got an earmark"
+    );
 
     let mut taken = BTreeSet::new();
     for i in 0..4 {
@@ -230,11 +268,19 @@ async fn earmarks_serve_only_their_track(backend: Backend) -> TestResult {
     let (status, _) = allocate(&app, "ws-4", "ws").await;
     assert_eq!(status, StatusCode::CONFLICT);
     let shown = reservation_when(&app, &id, |r| r["used"] == 4).await;
-    assert_eq!((shown["free"].as_u64(), shown["shortfall"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (shown["free"].as_u64(), shown["shortfall"].as_u64()),
+        (Some(0), Some(0))
+    );
 
     let (_, _, stats) = app.get_json("/v1/admin/stats").await;
-    let listed = stats["reservations"].as_array().cloned().unwrap_or_default();
-    assert!(listed.iter().any(|r| r["reservation_id"] == id.as_str() && r["used"] == 4));
+    let listed = stats["reservations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(listed
+        .iter()
+        .any(|r| r["reservation_id"] == id.as_str() && r["used"] == 4));
     app.stop().await;
     Ok(())
 }
@@ -349,7 +395,11 @@ async fn the_window_end_frees_earmarks_before_and_after_the_job(backend: Backend
     assert_eq!(status, StatusCode::CONFLICT);
     app.clock.advance(chrono::Duration::minutes(61));
     let (status, _) = allocate(&app, "other-1", "other").await;
-    assert_eq!(status, StatusCode::CREATED, "an ended window still bound the sandbox");
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "an ended window still bound the sandbox"
+    );
     let summary = app.state.jobs.reservations().await?;
     assert_eq!((summary.ended, summary.returned), (1, 2));
     let shown = reservation_when(&app, &id, |r| r["state"] == "ended").await;
@@ -382,7 +432,11 @@ async fn the_job_earmarks_a_lead_time_ahead_and_tops_up(backend: Backend) -> Tes
     reservation_when(&app, &id, |r| r["free"] == 2 && r["state"] == "earmarking").await;
 
     // One earmarked sandbox is retired before use: the next run tops the reservation up.
-    let lost = earmarked(&app, &id).await.into_iter().next().unwrap_or_default();
+    let lost = earmarked(&app, &id)
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     app.state
         .broker
         .execute(
@@ -558,14 +612,27 @@ async fn burst_keeps_earmarks_for_their_track(
 
     let mut handed: BTreeSet<&str> = BTreeSet::new();
     for (caller, (track, sandbox)) in &outcome.granted {
-        assert!(handed.insert(sandbox.as_str()), "{sandbox} handed out twice");
+        assert!(
+            handed.insert(sandbox.as_str()),
+            "{sandbox} handed out twice"
+        );
         if track == "ws" {
-            assert!(earmarks.contains(sandbox), "{caller} of ws got {sandbox} from the open pool");
+            assert!(
+                earmarks.contains(sandbox),
+                "{caller} of ws got {sandbox} from the open pool"
+            );
         } else {
-            assert!(!earmarks.contains(sandbox), "{caller} of {track} got earmarked {sandbox}");
+            assert!(
+                !earmarks.contains(sandbox),
+                "{caller} of {track} got earmarked {sandbox}"
+            );
         }
     }
-    assert_eq!(outcome.refused.get("ws"), None, "the reserved track was refused");
+    assert_eq!(
+        outcome.refused.get("ws"),
+        None,
+        "the reserved track was refused"
+    );
     let open = pool - reserved;
     let others_served = outcome.granted.values().filter(|(t, _)| t != "ws").count();
     assert_eq!(others_served, open.min(others));

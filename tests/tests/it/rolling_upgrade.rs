@@ -116,9 +116,9 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::OK, "{history}");
     assert!(
-        history["events"]
-            .as_array()
-            .is_some_and(|events| events.iter().any(|e| e["event_type"] == "SandboxRelabelled")),
+        history["events"].as_array().is_some_and(|events| events
+            .iter()
+            .any(|e| e["event_type"] == "SandboxRelabelled")),
         "{history}"
     );
     let (status, _, at) = app.get_json(&format!("/v1/admin/sandboxes/{held}")).await;
