@@ -76,6 +76,8 @@ pub struct Call {
     pub headers: Vec<(&'static str, String)>,
     /// The caller, for track routes.
     pub caller: Option<Caller>,
+    /// A JSON body, for the routes that take one.
+    pub body: Option<Value>,
 }
 
 impl Call {
@@ -87,6 +89,7 @@ impl Call {
             query: Vec::new(),
             headers: Vec::new(),
             caller: None,
+            body: None,
         }
     }
 
@@ -205,6 +208,9 @@ impl Broker {
             .query(&call.query);
         for (name, value) in &call.headers {
             request = request.header(*name, value);
+        }
+        if let Some(body) = &call.body {
+            request = request.json(body);
         }
         if let Some(caller) = &call.caller {
             request = request.header("X-Instruqt-Sandbox-ID", &caller.id);
