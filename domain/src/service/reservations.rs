@@ -592,6 +592,7 @@ impl Broker {
         if missing != reservation.shortfall {
             if missing > 0 {
                 tracing::warn!(
+                    target: "reservations",
                     reservation = %reservation.reservation_id,
                     track = %reservation.track,
                     missing,
