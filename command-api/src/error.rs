@@ -31,13 +31,6 @@ pub struct ErrorDetail {
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
-    /// `INSUFFICIENT_CAPACITY`: sandboxes the request is short of.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shortfall: Option<u32>,
-    /// `INSUFFICIENT_CAPACITY`: the numbers behind the refusal (as in `GET /v1/capacity`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub capacity: Option<serde_json::Value>,
 }
 
 /// One problem in a validation error.
@@ -75,8 +68,6 @@ pub struct ApiError {
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
     pub cause: Option<String>,
-    /// Shortfall and capacity numbers of an `INSUFFICIENT_CAPACITY` refusal.
-    pub capacity: Option<(u32, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -89,7 +80,6 @@ impl ApiError {
             limit: None,
             details: None,
             cause: None,
-            capacity: None,
         }
     }
 
@@ -465,8 +455,6 @@ impl ApiError {
                 retry_after: self.retry_after,
                 limit: self.limit,
                 details: self.details.clone(),
-                shortfall: self.capacity.as_ref().map(|(s, _)| *s),
-                capacity: self.capacity.as_ref().map(|(_, c)| c.clone()),
             },
         }
     }
@@ -509,17 +497,28 @@ impl ApiError {
         )
     }
 
-    /// 409 INSUFFICIENT_CAPACITY with the shortfall and the numbers behind it.
-    pub fn insufficient_capacity(shortfall: u32, capacity: serde_json::Value) -> Self {
+    /// 409 INSUFFICIENT_CAPACITY: the shortfall and each number behind it are entries of
+    /// `details` (`location` = `capacity`, `field` = the figure, `problem` = its value), so the
+    /// envelope keeps its one shape.
+    pub fn insufficient_capacity(shortfall: u32, numbers: &[(&str, u32)]) -> Self {
         let mut e = Self::new(
             StatusCode::CONFLICT,
             "INSUFFICIENT_CAPACITY",
             format!(
-                "The pool cannot honour this reservation: {shortfall} sandbox(es) short (numbers in \
-                 capacity); reserve fewer, pick a later window, or run a sync to register more"
+                "The pool cannot honour this reservation: {shortfall} sandbox(es) short (the numbers \
+                 are in details); reserve fewer, pick a later window, or run a sync to register more"
             ),
         );
-        e.capacity = Some((shortfall, capacity));
+        let entry = |field: &str, value: u32| FieldProblem {
+            location: "capacity".into(),
+            field: field.into(),
+            problem: value.to_string(),
+        };
+        e.details = Some(
+            std::iter::once(entry("shortfall", shortfall))
+                .chain(numbers.iter().map(|(field, value)| entry(field, *value)))
+                .collect(),
+        );
         e
     }
 }

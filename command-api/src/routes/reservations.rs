@@ -289,7 +289,16 @@ fn reservation_error(e: ReservationError) -> ApiError {
         }
         ReservationError::InsufficientCapacity(figures) => ApiError::insufficient_capacity(
             figures.shortfall_forecast().max(figures.shortfall_now()),
-            serde_json::to_value(CapacityNumbers::from(figures)).unwrap_or_default(),
+            &[
+                ("count", figures.count),
+                ("available_now", figures.available_now),
+                ("reserved_for_track", figures.reserved_for_track),
+                ("reserved_for_others", figures.reserved_for_others),
+                ("expected_registrations", figures.expected_registrations),
+                ("expected_allocations", figures.expected_allocations),
+                ("guaranteed", figures.guaranteed()),
+                ("forecast", figures.forecast()),
+            ],
         ),
     }
 }
@@ -307,7 +316,7 @@ fn reservation_error(e: ReservationError) -> ApiError {
         (status = 400, description = "`VALIDATION_ERROR`: malformed body, a window in the past or ending before it starts, a count or window beyond the limits, a prefix no sandbox has", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
-        (status = 409, description = "`INSUFFICIENT_CAPACITY`: the pool cannot honour the window (`shortfall` and the numbers in `capacity`); `RESERVATIONS_DISABLED`: `WRITE_EVENTS_RESERVATIONS` is off", body = ErrorBody),
+        (status = 409, description = "`INSUFFICIENT_CAPACITY`: the pool cannot honour the window; `details` holds the shortfall and the numbers behind it (`location` `capacity`, `field` the figure, `problem` its value); `RESERVATIONS_DISABLED`: `WRITE_EVENTS_RESERVATIONS` is off", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     )

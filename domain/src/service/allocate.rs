@@ -299,7 +299,7 @@ impl Broker {
                     None => ReservedDraw::OpenPool,
                 };
                 let next = match reserved {
-                    ReservedDraw::Candidate(candidate) => Some(candidate),
+                    ReservedDraw::Candidate(candidate) => Some(*candidate),
                     ReservedDraw::ReservationOnly => None,
                     ReservedDraw::OpenPool => {
                         self.next_candidate(prefix.as_deref(), &mut search).await?

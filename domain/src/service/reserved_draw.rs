@@ -47,8 +47,9 @@ struct DirectoryState {
 
 /// What the reservation side has for one allocation request.
 pub(super) enum ReservedDraw<'a> {
-    /// An earmarked sandbox of the track's reservation, in flight for this request.
-    Candidate(InFlight<'a>),
+    /// An earmarked sandbox of the track's reservation, in flight for this request (boxed:
+    /// the guard holds a whole view row, the other answers nothing).
+    Candidate(Box<InFlight<'a>>),
     /// The track has a reservation in its window whose policy is `reservation_only`, and no
     /// earmarked sandbox is left: answer "none available" rather than take from the open pool.
     ReservationOnly,
@@ -160,7 +161,7 @@ impl Broker {
         let mut waits = 0usize;
         loop {
             if let Some(candidate) = self.candidates.pop(&key) {
-                return Ok(ReservedDraw::Candidate(candidate));
+                return Ok(ReservedDraw::Candidate(Box::new(candidate)));
             }
             let fetched = self.candidates.fetched.notified();
             tokio::pin!(fetched);
