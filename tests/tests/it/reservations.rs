@@ -645,6 +645,18 @@ async fn burst_keeps_earmarks_for_their_track(
         None,
         "the reserved track was refused"
     );
+    // The log agrees: every earmarked sandbox's stream holds an allocation to the reserved
+    // track, or none at all.
+    for sandbox_id in &earmarks {
+        let loaded = app.state.broker.load_sandbox(sandbox_id).await?;
+        if loaded.sandbox.allocated_at.is_some() {
+            assert_eq!(
+                loaded.sandbox.track_name.as_deref(),
+                Some("ws"),
+                "{sandbox_id}"
+            );
+        }
+    }
     let open = pool - reserved;
     let others_served = outcome.granted.values().filter(|(t, _)| t != "ws").count();
     assert_eq!(others_served, open.min(others));
