@@ -561,6 +561,59 @@ mod tests {
         assert!(sandbox.decide(allocate(Some("other")), t(1)).is_ok());
     }
 
+    /// The view row carries the earmark from `SandboxReserved` on, keeps it through the
+    /// allocation (so usage can count it as used), and drops it on `SandboxUnreserved`; the
+    /// status and the counters do not move.
+    #[test]
+    fn the_view_row_carries_the_earmark() {
+        use crate::model::events::{Actor, CommandMeta, EventEnvelope, SandboxEvent};
+        use crate::model::lifecycle::SandboxStatus;
+        use crate::model::projection::project;
+        let meta = CommandMeta {
+            actor: Actor::Admin,
+            request_id: None,
+            correlation_id: None,
+        };
+        let mut row = None;
+        let mut deltas = Vec::new();
+        let events = [
+            SandboxEvent::SandboxRegistered {
+                sandbox_id: "s1".into(),
+                name: "lab-1".into(),
+                external_id: "x".into(),
+                sfdc_account_id: None,
+                csp_created_at: None,
+            },
+            SandboxEvent::SandboxReserved {
+                reservation_id: "r1".into(),
+                track: "ws".into(),
+                ends_at: t(4),
+            },
+        ];
+        for (i, event) in events.iter().enumerate() {
+            let envelope = EventEnvelope::new("sandbox#s1", i as u64 + 1, event, &meta, t(0));
+            let (next, delta) = project(row.take(), &envelope, event);
+            row = next;
+            deltas.push(delta);
+        }
+        let Some(reserved) = row.clone() else {
+            panic!("no row after the earmark");
+        };
+        assert_eq!(reserved.status, SandboxStatus::Available);
+        assert_eq!(
+            reserved.earmark.as_ref().map(|e| e.track.as_str()),
+            Some("ws")
+        );
+        assert!(deltas[1].is_zero());
+        let lift = SandboxEvent::SandboxUnreserved {
+            reservation_id: "r1".into(),
+        };
+        let envelope = EventEnvelope::new("sandbox#s1", 3, &lift, &meta, t(1));
+        let (lifted, delta) = project(row, &envelope, &lift);
+        assert!(delta.is_zero());
+        assert!(lifted.is_some_and(|r| r.earmark.is_none() && r.version == 3));
+    }
+
     /// Prefixes compete when either is absent or one extends the other.
     #[test]
     fn prefixes_compete_when_their_supplies_overlap() {

@@ -633,6 +633,16 @@ mod tests {
     fn row_round_trips_through_an_item() -> Result<(), StoreError> {
         let full = row();
         assert_eq!(row_from_item(&row_to_item(&full))?, full);
+        // A reservation's earmark survives too (the allocator decides on it).
+        let earmarked = PoolRow {
+            earmark: Some(domain::model::sandbox::Earmark {
+                reservation_id: "r-1".into(),
+                track: "ws".into(),
+                ends_at: full.updated_at,
+            }),
+            ..full.clone()
+        };
+        assert_eq!(row_from_item(&row_to_item(&earmarked))?, earmarked);
         let sparse = PoolRow {
             name: String::new(),
             sfdc_account_id: None,
