@@ -359,9 +359,11 @@ impl Broker {
             }
         }
         let earmark_from = spec.earmark_from(settings.limits.lead_time, now);
+        // A new reservation needs sandboxes of its own: the track's earmarks for its other
+        // reservations are theirs, so they count as any other reservation's (no track here).
         let figures = self
             .capacity_figures(
-                Some(&track),
+                None,
                 prefix.as_deref(),
                 spec.count,
                 earmark_from,

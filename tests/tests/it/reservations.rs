@@ -335,6 +335,15 @@ async fn a_window_the_pool_cannot_honour_is_refused_with_the_numbers(
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // The pool is all earmarked now; a second reservation of the same track needs sandboxes
+    // of its own and cannot count the first one's.
+    let (status, body) = reserve(
+        &app,
+        json!({"track": "ws", "count": 1, "starts_at": at(&app, 20), "ends_at": at(&app, 60)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(figure(&body, "available_now"), "0", "{body}");
     app.stop().await;
     Ok(())
 }
