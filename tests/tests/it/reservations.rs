@@ -48,6 +48,7 @@ both_stores!(
     the_window_end_frees_earmarks_before_and_after_the_job,
     the_job_earmarks_a_lead_time_ahead_and_tops_up,
     capacity_answers_add_up,
+    overflow_policy_decides_what_follows_a_used_up_reservation,
 );
 
 /// A service with reservations written (or not).
@@ -553,6 +554,39 @@ async fn capacity_answers_add_up(backend: Backend) -> TestResult {
         .sent_json()
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.stop().await;
+    Ok(())
+}
+
+/// Once its earmarks are used, a `reservation_only` track is refused during its window though
+/// open sandboxes remain; an `open_pool` track goes on to them.
+async fn overflow_policy_decides_what_follows_a_used_up_reservation(
+    backend: Backend,
+) -> TestResult {
+    let app = app_with(backend, true).await;
+    app.seed("lab", 6).await;
+    for (track, overflow) in [("strict", "reservation_only"), ("loose", "open_pool")] {
+        let (status, created) = reserve(
+            &app,
+            json!({"track": track, "count": 1, "overflow": overflow,
+                   "starts_at": at(&app, 0), "ends_at": at(&app, 120)}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["reservation"]["overflow"], overflow);
+    }
+    let (status, _) = allocate(&app, "strict-0", "strict").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = allocate(&app, "strict-1", "strict").await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "reservation_only overflowed to the open pool"
+    );
+    for i in 0..2 {
+        let (status, _) = allocate(&app, &format!("loose-{i}"), "loose").await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
     app.stop().await;
     Ok(())
 }
