@@ -180,6 +180,19 @@ locals {
       pattern   = "{ $.target = \"projector\" && $.level = \"ERROR\" }"
       metric    = "ProjectorErrors"
     }
+    # Reservations (docs/reservations.md): a shortfall found by the reservation
+    # job before a window opens, and a prefix group that runs dry within
+    # CAPACITY_LOW_WATER_HOURS at the current allocation rate.
+    reservation-shortfall = {
+      log_group = aws_cloudwatch_log_group.jobs.name
+      pattern   = "{ $.target = \"reservations\" && $.message = \"reservation is short of sandboxes\" }"
+      metric    = "ReservationShortfall"
+    }
+    capacity-runs-dry = {
+      log_group = aws_cloudwatch_log_group.api.name
+      pattern   = "{ $.target = \"pool\" && $.message = \"pool runs dry soon\" }"
+      metric    = "CapacityRunsDry"
+    }
   }
 }
 
@@ -300,6 +313,18 @@ locals {
       metric      = "JobFailures"
       period      = 900
       threshold   = var.alarm_thresholds.job_failures
+    }
+    reservation-shortfall = {
+      description = "A reservation holds fewer earmarked sandboxes than it reserved (brokerctl reservations list shows the shortfall): run a sync or add accounts before its window opens, or reduce it."
+      metric      = "ReservationShortfall"
+      period      = 900
+      threshold   = 1
+    }
+    capacity-runs-dry = {
+      description = "A name prefix group's open pool runs dry within CAPACITY_LOW_WATER_HOURS at the current allocation rate (GET /v1/capacity shows when): add accounts and run a sync."
+      metric      = "CapacityRunsDry"
+      period      = 300
+      threshold   = 1
     }
   }
 }

@@ -381,11 +381,12 @@ variable "job_schedules" {
     "cleanup"      = "rate(5 minutes)"
     "auto-expire"  = "rate(5 minutes)"
     "delete-stale" = "rate(1 hour)"
+    "reservations" = "rate(5 minutes)"
   }
 
   validation {
-    condition     = alltrue([for k in keys(var.job_schedules) : contains(["sync", "cleanup", "auto-expire", "delete-stale"], k)])
-    error_message = "job_schedules keys must be among: sync, cleanup, auto-expire, delete-stale."
+    condition     = alltrue([for k in keys(var.job_schedules) : contains(["sync", "cleanup", "auto-expire", "delete-stale", "reservations"], k)])
+    error_message = "job_schedules keys must be among: sync, cleanup, auto-expire, delete-stale, reservations."
   }
 
   validation {

@@ -295,6 +295,118 @@ enum Command {
         /// The pseudonym as the log shows it (`p1:` and 24 hex digits).
         pseudonym: String,
     },
+    /// Reserve sandboxes for a track over a time window; list, show and cancel reservations
+    /// (admin token).
+    Reservations {
+        #[command(subcommand)]
+        action: ReservationAction,
+    },
+    /// Whether --count students can start now or at --at, with the numbers behind the answer
+    /// and when the prefix runs dry (admin token; a track token through --token-file asks for
+    /// its own track).
+    Capacity {
+        /// The track (a per-track credential's own by default).
+        #[arg(long)]
+        track: Option<String>,
+        /// Only sandboxes whose name starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Students.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// When they start, RFC 3339 (default: now).
+        #[arg(long)]
+        at: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+}
+
+/// What `brokerctl reservations` does.
+#[derive(Debug, Subcommand)]
+enum ReservationAction {
+    /// Reserve --count sandboxes for --track from --starts-at to --ends-at; refused (exit 7,
+    /// `INSUFFICIENT_CAPACITY`) when the pool cannot honour the window.
+    Create {
+        /// The track whose students the sandboxes are for.
+        #[arg(long)]
+        track: String,
+        /// How many sandboxes.
+        #[arg(long)]
+        count: u32,
+        /// Only sandboxes whose name starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// When the window opens, RFC 3339.
+        #[arg(long)]
+        starts_at: String,
+        /// When it closes, RFC 3339.
+        #[arg(long)]
+        ends_at: String,
+        /// `open_pool` or `reservation_only` (default: the service's setting).
+        #[arg(long)]
+        overflow: Option<String>,
+        /// A note for other operators.
+        #[arg(long)]
+        note: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+    /// Every reservation, oldest first.
+    List {
+        /// Only this track's.
+        #[arg(long)]
+        track: Option<String>,
+        /// Only those in this state: scheduled, earmarking, open, cancelled, ended or active.
+        #[arg(long)]
+        state: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+    /// One reservation: window, state, free / used / lost earmarks, shortfall.
+    Show {
+        /// The reservation id.
+        reservation_id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+    /// Cancel a reservation: its unused earmarks return to the pool.
+    Cancel {
+        /// The reservation id.
+        reservation_id: String,
+    },
+}
+
+/// The columns of a reservation listing.
+const RESERVATION_COLUMNS: [&str; 10] = [
+    "reservation_id",
+    "track",
+    "count",
+    "state",
+    "starts_at",
+    "ends_at",
+    "free",
+    "used",
+    "lost",
+    "shortfall",
+];
+
+/// An object as a two-column table of its (flattened) fields, or pretty JSON.
+fn object_text(body: &Value, format: ViewFormat) -> String {
+    match format {
+        ViewFormat::Json => pretty(body),
+        ViewFormat::Table => {
+            let rows: Vec<Value> = flat_fields(body)
+                .into_iter()
+                .map(|(k, v)| serde_json::json!({"field": k, "value": v}))
+                .collect();
+            table(&rows, &["field", "value"])
+        }
+    }
 }
 
 impl Command {
@@ -590,6 +702,75 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             sink.flush().map_err(|e| local_io("write", e))?;
             progress.done(exported);
             Ok(())
+        }
+        Command::Reservations { action } => match action {
+            ReservationAction::Create {
+                track,
+                count,
+                prefix,
+                starts_at,
+                ends_at,
+                overflow,
+                note,
+                format,
+            } => {
+                let mut call = Call::new(Method::POST, "/v1/admin/reservations");
+                call.body = Some(serde_json::json!({
+                    "track": track,
+                    "count": count,
+                    "prefix": prefix,
+                    "starts_at": starts_at,
+                    "ends_at": ends_at,
+                    "overflow": overflow,
+                    "note": note,
+                }));
+                let body = success(send(call).await?)?;
+                emit(&object_text(&body, format), None)
+            }
+            ReservationAction::List {
+                track,
+                state,
+                format,
+            } => {
+                let call = Call::new(Method::GET, "/v1/admin/reservations")
+                    .param("track", track.as_deref())
+                    .param("state", state.as_deref());
+                let body = success(send(call).await?)?;
+                let rows = body["reservations"].as_array().cloned().unwrap_or_default();
+                let text = match format {
+                    ViewFormat::Json => pretty(&Value::Array(rows)),
+                    ViewFormat::Table => table(&rows, &RESERVATION_COLUMNS),
+                };
+                emit(&text, None)
+            }
+            ReservationAction::Show {
+                reservation_id,
+                format,
+            } => {
+                let path = format!("/v1/admin/reservations/{}", segment(&reservation_id));
+                let body = success(send(Call::new(Method::GET, path)).await?)?;
+                emit(&object_text(&body, format), None)
+            }
+            ReservationAction::Cancel { reservation_id } => {
+                let path = format!("/v1/admin/reservations/{}", segment(&reservation_id));
+                let body = success(send(Call::new(Method::DELETE, path)).await?)?;
+                emit(&pretty(&body), None)
+            }
+        },
+        Command::Capacity {
+            track,
+            prefix,
+            count,
+            at,
+            format,
+        } => {
+            let call = Call::new(Method::GET, "/v1/capacity")
+                .param("track", track.as_deref())
+                .param("prefix", prefix.as_deref())
+                .param("count", Some(&count.to_string()))
+                .param("at", at.as_deref());
+            let body = success(send(call).await?)?;
+            emit(&object_text(&body, format), None)
         }
         Command::Tail {
             since_id,

@@ -43,6 +43,19 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("post", "/v1/admin/students/lookup", "student"),
     ("post", "/v1/admin/students/erase", "erase"),
     ("get", "/v1/admin/pseudonyms/{pseudonym}", "pseudonym"),
+    ("post", "/v1/admin/reservations", "reservations create"),
+    ("get", "/v1/admin/reservations", "reservations list"),
+    (
+        "get",
+        "/v1/admin/reservations/{reservation_id}",
+        "reservations show",
+    ),
+    (
+        "delete",
+        "/v1/admin/reservations/{reservation_id}",
+        "reservations cancel",
+    ),
+    ("get", "/v1/capacity", "capacity"),
 ];
 
 /// `(method, path, why)`: operations that are not for people at a terminal, so no command.

@@ -346,6 +346,20 @@ pub async fn require_admin(State(state): State<SharedState>, req: Request, next:
     }
 }
 
+/// Route layer of routes both kinds of token may call (`GET /v1/capacity`): a per-track
+/// credential (its signature checked), the shared track token or the admin token; the handler
+/// narrows what each may ask.
+pub async fn require_any(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    match authenticate(&state, req.headers()) {
+        Ok(Principal::Track(credential)) => match check_signature(&state, &credential, &req) {
+            Ok(()) => admit(&state, Principal::Track(credential), req, next).await,
+            Err(e) => deny(&state, &req, e),
+        },
+        Ok(principal) => admit(&state, principal, req, next).await,
+        Err(e) => deny(&state, &req, e),
+    }
+}
+
 /// The student a track request acts for: `X-Instruqt-Sandbox-ID`, else `X-Track-ID` (each
 /// trimmed; an empty or whitespace value falls through to the next header). With
 /// `STUDENT_IDS=pseudonymised` the first field is the student's pseudonym, never the id

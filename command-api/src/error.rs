@@ -485,6 +485,57 @@ impl ApiError {
     }
 }
 
+/// Reservation refusals (ADR 0028).
+impl ApiError {
+    /// 409 RESERVATIONS_DISABLED: the write flag is off.
+    pub fn reservations_off() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "RESERVATIONS_DISABLED",
+            "Reservations are not written by this deployment yet: set WRITE_EVENTS_RESERVATIONS=true \
+             (terraform: write_events_reservations) once every API, job and projector process runs \
+             this release (docs/upgrades.md)",
+        )
+    }
+
+    /// 404 RESERVATION_NOT_FOUND.
+    pub fn reservation_not_found(reservation_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "RESERVATION_NOT_FOUND",
+            format!(
+                "Reservation {reservation_id} not found; list reservations with GET \
+                 /v1/admin/reservations (brokerctl reservations list)"
+            ),
+        )
+    }
+
+    /// 409 INSUFFICIENT_CAPACITY: the shortfall and each number behind it are entries of
+    /// `details` (`location` = `capacity`, `field` = the figure, `problem` = its value), so the
+    /// envelope keeps its one shape.
+    pub fn insufficient_capacity(shortfall: u32, numbers: &[(&str, u32)]) -> Self {
+        let mut e = Self::new(
+            StatusCode::CONFLICT,
+            "INSUFFICIENT_CAPACITY",
+            format!(
+                "The pool cannot honour this reservation: {shortfall} sandbox(es) short (the numbers \
+                 are in details); reserve fewer, pick a later window, or run a sync to register more"
+            ),
+        );
+        let entry = |field: &str, value: u32| FieldProblem {
+            location: "capacity".into(),
+            field: field.into(),
+            problem: value.to_string(),
+        };
+        e.details = Some(
+            std::iter::once(entry("shortfall", shortfall))
+                .chain(numbers.iter().map(|(field, value)| entry(field, *value)))
+                .collect(),
+        );
+        e
+    }
+}
+
 impl IntoResponse for ApiError {
     /// Rendered without the request id; the edge middleware re-renders with it.
     fn into_response(self) -> Response {

@@ -38,6 +38,8 @@
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
 //! - [`subjects`] — student ids to pseudonyms at the one place they enter, and their erasure
 //!   (`STUDENT_IDS`, ADR 0031).
+//! - [`reservation_watch`] — reservation gauges and the run-dry forecast per prefix group with
+//!   its `CAPACITY_LOW_WATER_HOURS` alert (ADR 0028).
 
 pub mod admin_jobs;
 pub mod auth;
@@ -56,6 +58,7 @@ pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
+pub mod reservation_watch;
 pub mod rotation;
 pub mod routes;
 pub mod startup;
@@ -98,7 +101,10 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
         .merge(routes::students::router())
+        .merge(routes::reservations::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
+    let capacity = routes::reservations::capacity_router()
+        .route_layer(from_fn_with_state(state.clone(), auth::require_any));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
@@ -107,6 +113,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.
     let versioned = track
         .merge(admin)
+        .merge(capacity)
         .layer(axum::middleware::map_response(no_store));
     let routes = Router::new()
         .nest(&base, versioned)

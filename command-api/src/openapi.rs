@@ -6,7 +6,9 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, students, webhooks};
+use crate::routes::{
+    admin, admin_jobs, ops, outcomes, pool, reservations, sandboxes, students, webhooks,
+};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -22,6 +24,9 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, students,
         pool::get_pool_control, pool::drain_pool, pool::resume_pool, outcomes::get_outcomes,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
         students::lookup_student, students::erase_student, students::get_pseudonym,
+        reservations::create_reservation, reservations::list_reservations,
+        reservations::get_reservation, reservations::cancel_reservation,
+        reservations::get_capacity,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
@@ -31,7 +36,11 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, students,
         sandboxes::ExtendRequest, sandboxes::ExtendResponse,
         pool::PoolControlResponse, pool::DrainView, pool::QuotaView,
         students::StudentRequest, students::StudentResponse, students::PseudonymResponse,
-        students::ErasureResponse)),
+        students::ErasureResponse,
+        reservations::CreateReservationRequest, reservations::ReservationView,
+        reservations::ReservationCreated, reservations::ReservationList,
+        reservations::CapacityNumbers, reservations::CapacityAnswer,
+        reservations::PrefixForecast)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

@@ -266,6 +266,18 @@ pub async fn build_with(
         Duration::from_secs(config.pool_watch_interval_sec),
         stop.stopped(),
     )));
+    // The reservation gauges and the run-dry forecast sweep the view: only where reservations
+    // are in use (the flag is on), not on every deployment.
+    if jobs.config().reservations.write_events_reservations {
+        tasks.push(tokio::spawn(crate::reservation_watch::watch(
+            crate::reservation_watch::ReservationGauges::new(&registry)?,
+            broker.clone(),
+            jobs.config().reservations.settings(),
+            jobs.config().reservations.low_water(),
+            Duration::from_secs(config.pool_watch_interval_sec),
+            stop.stopped(),
+        )));
+    }
     let admin_jobs = crate::admin_jobs::AdminJobs::new(
         broker.events().clone(),
         clock.clone(),

@@ -60,6 +60,8 @@ pub enum OneShot {
     AutoExpire,
     /// Retire sandboxes stale past the grace period.
     DeleteStale,
+    /// Earmark, top up and close reservations.
+    Reservations,
 }
 
 impl From<OneShot> for JobKind {
@@ -69,6 +71,7 @@ impl From<OneShot> for JobKind {
             OneShot::Cleanup => JobKind::Cleanup,
             OneShot::AutoExpire => JobKind::AutoExpire,
             OneShot::DeleteStale => JobKind::DeleteStale,
+            OneShot::Reservations => JobKind::Reservations,
         }
     }
 }

@@ -149,6 +149,8 @@ pub struct JobsConfig {
     pub worker: WorkerConfig,
     /// The NIOSXaaS pre-delete step.
     pub niosxaas: NiosxaasConfig,
+    /// Reservations: the write flag, limits, lead time and the job's interval (ADR 0028).
+    pub reservations: crate::reservations::ReservationArgs,
 }
 
 impl Default for JobsConfig {
@@ -168,6 +170,7 @@ impl Default for JobsConfig {
             store_concurrency: 8,
             worker: WorkerConfig::default(),
             niosxaas: NiosxaasConfig::default(),
+            reservations: crate::reservations::ReservationArgs::default(),
         }
     }
 }
@@ -342,6 +345,9 @@ pub struct JobsArgs {
     /// NIOSXaaS: count what would be deleted, delete nothing.
     #[arg(long, env = "NIOSXAAS_SHADOW_MODE", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub niosxaas_shadow_mode: bool,
+    /// Reservation settings (ADR 0028), shared with the API.
+    #[command(flatten)]
+    pub reservations: crate::reservations::ReservationArgs,
 }
 
 impl JobsArgs {
@@ -421,6 +427,7 @@ impl JobsArgs {
                 enabled: self.niosxaas_enabled,
                 shadow_mode: self.niosxaas_shadow_mode,
             },
+            reservations: self.reservations.clone(),
         };
         config.validate()?;
         Ok(config)

@@ -21,6 +21,8 @@
 //! - [`metrics`] — Prometheus series (reference names kept) registered into a caller's registry.
 //! - [`error`] — [`JobError`] and [`InitError`].
 //! - [`worker`] — the jittered loops and graceful shutdown.
+//! - [`reservations`] — the reservation job (earmark, top up, shortfall, window end) and its
+//!   settings, shared with the API (ADR 0028).
 //! - [`cli`] — the `jobs` binary's arguments (`worker`, `run <job>`).
 //! - [`startup`] — the binary's broker over the shared bootstrap (`runtime`), one-shot and worker
 //!   runners.
@@ -36,6 +38,7 @@ pub mod log_fields;
 pub mod metrics;
 pub mod niosxaas;
 pub mod progress;
+pub mod reservations;
 pub mod runner;
 pub mod startup;
 pub mod summary;

@@ -73,6 +73,9 @@ pub struct JobsMetrics {
     pub expiry_total: IntCounterVec,
     /// `broker_expiry_orphaned_total` (reference): allocations ended by auto-expiry.
     pub expiry_orphaned: IntCounter,
+    /// `broker_reservation_shortfall_sandboxes`: sandboxes the open reservations lack after the
+    /// reservation job's last run (alert on > 0 before a window opens).
+    pub reservation_shortfall: IntGauge,
 }
 
 impl JobsMetrics {
@@ -133,6 +136,10 @@ impl JobsMetrics {
             "broker_expiry_orphaned_total",
             "Allocations ended by auto-expiry",
         )?;
+        let reservation_shortfall = IntGauge::new(
+            "broker_reservation_shortfall_sandboxes",
+            "Sandboxes the open reservations lack after the reservation job's last run",
+        )?;
         for collector in [
             Box::new(runs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -147,6 +154,7 @@ impl JobsMetrics {
             Box::new(cleanup_duration.clone()),
             Box::new(expiry_total.clone()),
             Box::new(expiry_orphaned.clone()),
+            Box::new(reservation_shortfall.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -165,6 +173,7 @@ impl JobsMetrics {
             cleanup_duration,
             expiry_total,
             expiry_orphaned,
+            reservation_shortfall,
         })
     }
 

@@ -157,6 +157,7 @@ impl Jobs {
             JobKind::BulkDelete => Err(JobError::InvalidRequest(
                 "bulk delete needs an explicit status; use Jobs::bulk_delete".into(),
             )),
+            JobKind::Reservations => self.reservations().await.map(|s| to_json(&s)),
         }
     }
 

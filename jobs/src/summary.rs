@@ -22,6 +22,8 @@ pub enum JobKind {
     DeleteStale,
     /// Admin: retire every sandbox in one status.
     BulkDelete,
+    /// Earmarks, tops up and closes reservations (ADR 0028).
+    Reservations,
 }
 
 impl JobKind {
@@ -33,6 +35,7 @@ impl JobKind {
             JobKind::AutoExpire => "auto_expire",
             JobKind::DeleteStale => "delete_stale",
             JobKind::BulkDelete => "bulk_delete",
+            JobKind::Reservations => "reservations",
         }
     }
 }

@@ -187,6 +187,10 @@ try {
   const before = await countsMatch(page, "before the allocation");
   const lag = (await page.textContent("#lag")).trim();
   check(/^\d+ ms$/.test(lag) || lag === "external", "projector lag is shown", lag);
+  check(
+    (await page.isVisible("#reservations")) && (await page.isVisible("#reservations-empty")),
+    "the reservations panel is shown, empty without reservations",
+  );
   const beforeTotal = Number(await page.getAttribute("#alloc-total", "data-total"));
 
   const caller = "browser-test-" + Date.now();

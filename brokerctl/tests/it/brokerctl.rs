@@ -669,3 +669,69 @@ async fn operators_look_up_and_erase_students() {
     assert_eq!(code(&admin(&app, &["student", student]).await), 6);
     app.stop().await;
 }
+
+/// `reservations create|list|show|cancel` and `capacity` against the service: a reservation is
+/// created and shown in JSON and tables, one the pool cannot honour exits 7
+/// (`INSUFFICIENT_CAPACITY`), an unknown id exits 6, and capacity reports the numbers.
+#[tokio::test]
+async fn reservation_and_capacity_commands() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.jobs.reservations.write_events_reservations = true;
+    let app = spawn_app_with(options).await;
+    app.seed("lab", 5).await;
+    let starts = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
+    let ends = (chrono::Utc::now() + chrono::Duration::minutes(120)).to_rfc3339();
+    let window = ["--starts-at", starts.as_str(), "--ends-at", ends.as_str()];
+    let mut create = vec!["reservations", "create", "--track", "ws", "--count", "3"];
+    create.extend(window);
+    create.extend(["--format", "json"]);
+    let created = admin(&app, &create).await;
+    ok(&created);
+    let body = json(&created);
+    assert_eq!(body["reservation"]["count"], 3);
+    let id = body["reservation"]["reservation_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    let mut too_many = vec!["reservations", "create", "--track", "conf", "--count", "3"];
+    too_many.extend(window);
+    let refused = admin(&app, &too_many).await;
+    assert_eq!(
+        code(&refused),
+        7,
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("INSUFFICIENT_CAPACITY"));
+
+    let listed = admin(&app, &["reservations", "list"]).await;
+    ok(&listed);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        table.contains("RESERVATION_ID") && table.contains(&id),
+        "{table}"
+    );
+    let shown = admin(&app, &["reservations", "show", &id, "--format", "json"]).await;
+    ok(&shown);
+    assert_eq!(json(&shown)["track"], "ws");
+    let missing = admin(&app, &["reservations", "show", "nosuch"]).await;
+    assert_eq!(code(&missing), 6);
+
+    let capacity = admin(
+        &app,
+        &[
+            "capacity", "--track", "other", "--count", "2", "--format", "json",
+        ],
+    )
+    .await;
+    ok(&capacity);
+    let answer = json(&capacity);
+    assert_eq!(answer["numbers"]["count"], 2);
+    assert_eq!(answer["can_start_guaranteed"], true);
+
+    let cancelled = admin(&app, &["reservations", "cancel", &id]).await;
+    ok(&cancelled);
+    assert_eq!(json(&cancelled)["state"], "cancelled");
+    app.stop().await;
+}

@@ -23,6 +23,7 @@
 //   live events in words                 <- the live stream above; sandbox names from the
 //                                           registrations seen and GET {base}/admin/sandboxes/{id}
 //   admin jobs                           <- GET {base}/admin/jobs (every 5 s)
+//   reservations (reserved/free/used)    <- the same GET {base}/admin/stats (reservations)
 "use strict";
 
 (function () {
@@ -155,6 +156,7 @@
       drawLag();
     }
     drawPrefixes(stats.by_prefix || {}, stats.low_water || []);
+    drawReservations(stats.reservations || []);
     document.body.setAttribute("data-stats-loaded", "true");
   }
 
@@ -174,6 +176,23 @@
       tr.appendChild(el("td", {}, g ? `below ${g.threshold}` : ""));
       tbody.appendChild(tr);
     }
+  }
+
+  // Reservations not yet closed, from the same GET {base}/admin/stats (reservations).
+  function drawReservations(reservations) {
+    const tbody = $("reservations").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const r of reservations) {
+      const tr = el("tr", { "data-reservation": r.reservation_id, class: r.shortfall > 0 ? "low" : "" });
+      tr.appendChild(el("td", {}, r.track + (r.prefix ? " (" + r.prefix + "…)" : "")));
+      tr.appendChild(el("td", {}, r.starts_at.slice(0, 16).replace("T", " ") + " – " + r.ends_at.slice(11, 16)));
+      tr.appendChild(el("td", {}, r.state));
+      for (const field of ["count", "free", "used", "lost", "shortfall"]) {
+        tr.appendChild(el("td", { "data-field": field }, String(r[field])));
+      }
+      tbody.appendChild(tr);
+    }
+    $("reservations-empty").hidden = reservations.length > 0;
   }
 
   function drawLag() {

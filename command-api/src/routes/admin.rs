@@ -114,6 +114,8 @@ pub struct StatsResponse {
     pub by_prefix: BTreeMap<String, PrefixCounts>,
     /// Prefix groups below their `POOL_LOW_WATER` threshold.
     pub low_water: Vec<LowWaterGroup>,
+    /// Reservations not yet closed, with reserved / free / used per reservation (ADR 0028).
+    pub reservations: Vec<crate::routes::reservations::ReservationView>,
 }
 
 /// Counts of one name prefix group.
@@ -356,6 +358,7 @@ pub async fn get_stats(State(state): State<SharedState>) -> Result<Json<StatsRes
         deletion_failed: stats.get(SandboxStatus::DeletionFailed),
         deleted: stats.get(SandboxStatus::Deleted),
         projector_lag_ms: state.projector_metrics.as_ref().map(|m| m.last_lag_ms()),
+        reservations: crate::routes::reservations::active_views(&state).await?,
     }))
 }
 

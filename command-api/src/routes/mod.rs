@@ -8,6 +8,7 @@ pub mod events;
 pub mod ops;
 pub mod outcomes;
 pub mod pool;
+pub mod reservations;
 pub mod sandbox_ref;
 pub mod sandboxes;
 pub mod students;

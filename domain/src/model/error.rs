@@ -70,6 +70,20 @@ pub enum DomainError {
         /// The sandbox held.
         sandbox_id: String,
     },
+    /// The sandbox is earmarked for another track's reservation until `until` (ADR 0028).
+    #[error("sandbox is reserved for track {track} until {until}; allocate another one")]
+    ReservedForTrack {
+        /// The track the reservation is for.
+        track: String,
+        /// When the earmark stops binding.
+        until: DateTime<Utc>,
+    },
+    /// An earmark command found the sandbox earmarked already (or not by this reservation).
+    #[error("sandbox is earmarked for reservation {reservation_id}; lift that earmark first")]
+    AlreadyEarmarked {
+        /// The reservation holding it.
+        reservation_id: String,
+    },
 }
 
 /// What an attempted transition is, in words (the object is "the sandbox").
@@ -88,6 +102,8 @@ fn attempt(transition: Transition) -> &'static str {
         Transition::Retire => "retire the sandbox",
         Transition::LeaseDeletion => "lease the sandbox's deletion",
         Transition::ExtendLease => "extend the lab window",
+        Transition::Reserve => "earmark the sandbox for a reservation",
+        Transition::Unreserve => "lift the sandbox's earmark",
     }
 }
 

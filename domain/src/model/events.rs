@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::ids::{
     ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
-    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+    RESERVATION_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
 };
 
 /// The payload schema version written today.
@@ -148,6 +148,23 @@ pub enum SandboxEvent {
         /// before keys existed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+    },
+    /// The reservation job earmarked this available sandbox for a track's reservation: until
+    /// `ends_at` only that track may be allocated it (ADR 0028). Written only with
+    /// `WRITE_EVENTS_RESERVATIONS` on.
+    SandboxReserved {
+        /// The reservation (`reservation#<id>`).
+        reservation_id: String,
+        /// The only track that may be allocated the sandbox until `ends_at`.
+        track: String,
+        /// The end of the reservation's window: from then on the earmark binds nobody.
+        ends_at: DateTime<Utc>,
+    },
+    /// The earmark was lifted before the sandbox was allocated (the reservation was cancelled
+    /// or its window ended): the sandbox is open to every track again.
+    SandboxUnreserved {
+        /// The reservation whose earmark is lifted.
+        reservation_id: String,
     },
 }
 
@@ -309,6 +326,78 @@ pub enum QuotaEvent {
     },
 }
 
+/// What a reservation's track does once its earmarked sandboxes are all in use.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Its students are served from the open pool after the reservation.
+    OpenPool,
+    /// Its students are served from the reservation only.
+    ReservationOnly,
+}
+
+/// Events of a reservation stream (`reservation#<id>`) and of the reservation index
+/// (`reservation#index`): an operator's reservation of sandboxes for a track over a time window
+/// (ADR 0028). Written only with `WRITE_EVENTS_RESERVATIONS` on.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ReservationEvent {
+    /// On the index stream: a reservation was created (what the listing and the job read).
+    ReservationListed {
+        /// The reservation.
+        reservation_id: String,
+    },
+    /// An operator reserved `count` sandboxes for `track` from `starts_at` to `ends_at`.
+    ReservationCreated {
+        /// The reservation.
+        reservation_id: String,
+        /// The track whose students the sandboxes are for (the allocation's track name).
+        track: String,
+        /// How many sandboxes.
+        count: u32,
+        /// Only sandboxes whose name starts with this, if given.
+        prefix: Option<String>,
+        /// When the window opens.
+        starts_at: DateTime<Utc>,
+        /// When the window closes (unused earmarks return to the pool then).
+        ends_at: DateTime<Utc>,
+        /// What the track does once the reservation is used up.
+        overflow: OverflowPolicy,
+        /// When earmarking begins (`starts_at` less the lead time, or creation if later).
+        earmark_from: DateTime<Utc>,
+        /// The operator's note.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// Sandboxes were earmarked for the reservation (each carries `SandboxReserved`, appended
+    /// in the same transaction).
+    ReservationEarmarked {
+        /// The sandboxes earmarked by this event.
+        sandbox_ids: Vec<String>,
+    },
+    /// Earmarking found too few sandboxes: the reservation is short by `missing`.
+    ReservationShortfallRecorded {
+        /// Sandboxes the reservation still lacks.
+        missing: u32,
+        /// Sandboxes earmarked and usable (free or used) when recorded.
+        earmarked: u32,
+    },
+    /// An operator cancelled the reservation; its unused earmarks were lifted.
+    ReservationCancelled {
+        /// Unused earmarks lifted (returned to the pool).
+        returned: u32,
+    },
+    /// The window closed; its unused earmarks were lifted.
+    ReservationEnded {
+        /// Unused earmarks lifted (returned to the pool).
+        returned: u32,
+        /// Earmarked sandboxes allocated to the track during the window.
+        used: u32,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -335,12 +424,13 @@ domain_event!(SyncEvent);
 domain_event!(AdminJobEvent);
 domain_event!(PoolControlEvent);
 domain_event!(QuotaEvent);
+domain_event!(ReservationEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
-/// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`] and
-/// [`QuotaEvent`]): what audit filters
+/// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`],
+/// [`QuotaEvent`] and [`ReservationEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 24] = [
+pub const EVENT_TYPES: [&str; 32] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -354,6 +444,8 @@ pub const EVENT_TYPES: [&str; 24] = [
     "SandboxDeleted",
     "SandboxRetired",
     "LeaseExtended",
+    "SandboxReserved",
+    "SandboxUnreserved",
     "ClaimGranted",
     "ClaimReleased",
     "ListingRecorded",
@@ -365,6 +457,12 @@ pub const EVENT_TYPES: [&str; 24] = [
     "PoolResumed",
     "QuotaSlotTaken",
     "QuotaSlotReleased",
+    "ReservationListed",
+    "ReservationCreated",
+    "ReservationEarmarked",
+    "ReservationShortfallRecorded",
+    "ReservationCancelled",
+    "ReservationEnded",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -382,6 +480,8 @@ pub enum BrokerEvent {
     PoolControl(PoolControlEvent),
     /// From a `quota#` stream.
     Quota(QuotaEvent),
+    /// From a `reservation#` stream.
+    Reservation(ReservationEvent),
     /// An event this build does not know: a newer release wrote it (an event type, a stream
     /// kind or a schema version this build has never seen). Readers skip and count it, and
     /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
@@ -419,6 +519,7 @@ pub fn is_known_stream(stream_id: &str) -> bool {
         || stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX)
         || stream_id == POOL_CONTROL_STREAM_ID
         || stream_id.starts_with(QUOTA_STREAM_PREFIX)
+        || stream_id.starts_with(RESERVATION_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -622,6 +723,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::PoolControl)
                 .map_err(err)
+        } else if stream.starts_with(RESERVATION_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Reservation)
+                .map_err(err)
         } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
@@ -757,26 +862,26 @@ mod tests {
             &meta(),
             Utc::now(),
         );
-        reserved.event_type = "SandboxReserved".into();
+        reserved.event_type = "SandboxRelabelled".into();
         reserved.schema_version = 2;
-        reserved.payload = serde_json::json!({"type": "SandboxReserved", "reservation": "r1"});
+        reserved.payload = serde_json::json!({"type": "SandboxRelabelled", "label": "blue"});
         assert_eq!(
             reserved.decode().ok(),
             Some(BrokerEvent::Unknown(UnknownEvent {
                 stream_id: "sandbox#7".into(),
                 version: 4,
-                event_type: "SandboxReserved".into(),
+                event_type: "SandboxRelabelled".into(),
                 schema_version: 2,
             }))
         );
         assert!(matches!(reserved.sandbox_event(), Ok(None)));
 
         let mut stream = reserved.clone();
-        stream.stream_id = "reservation#r1".into();
-        stream.event_type = "ReservationCreated".into();
+        stream.stream_id = "maintenance#m1".into();
+        stream.event_type = "MaintenanceWindowPlanned".into();
         stream.schema_version = 1;
         assert!(
-            matches!(stream.decode(), Ok(BrokerEvent::Unknown(u)) if u.stream_id == "reservation#r1")
+            matches!(stream.decode(), Ok(BrokerEvent::Unknown(u)) if u.stream_id == "maintenance#m1")
         );
 
         // A known type on a known stream whose payload is garbage is corrupt, as before.
@@ -808,6 +913,7 @@ mod tests {
             "AdminJobEvent",
             "PoolControlEvent",
             "QuotaEvent",
+            "ReservationEvent",
         ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))

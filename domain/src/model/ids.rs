@@ -44,6 +44,15 @@ pub const POOL_CONTROL_STREAM_ID: &str = "pool#control";
 /// Prefix of per-track quota streams (`quota#<track name>`): the counter whose version every
 /// quota-bound allocation of the track checks in its own transaction.
 pub const QUOTA_STREAM_PREFIX: &str = "quota#";
+/// Prefix of reservation streams (`reservation#<id>`, and the index below; ADR 0028).
+pub const RESERVATION_STREAM_PREFIX: &str = "reservation#";
+/// The stream listing every reservation created, one `ReservationListed` each.
+pub const RESERVATION_INDEX_STREAM: &str = "reservation#index";
+
+/// The stream of one reservation.
+pub fn reservation_stream(reservation_id: &str) -> String {
+    format!("{RESERVATION_STREAM_PREFIX}{reservation_id}")
+}
 
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

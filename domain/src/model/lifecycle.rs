@@ -104,11 +104,15 @@ pub enum Transition {
     LeaseDeletion,
     /// `LeaseExtended`
     ExtendLease,
+    /// `SandboxReserved`
+    Reserve,
+    /// `SandboxUnreserved`
+    Unreserve,
 }
 
 impl Transition {
     /// Every transition kind.
-    pub const ALL: [Transition; 13] = [
+    pub const ALL: [Transition; 15] = [
         Transition::Register,
         Transition::Allocate,
         Transition::RequestDeletion,
@@ -122,6 +126,8 @@ impl Transition {
         Transition::Retire,
         Transition::LeaseDeletion,
         Transition::ExtendLease,
+        Transition::Reserve,
+        Transition::Unreserve,
     ];
 }
 
@@ -151,6 +157,9 @@ pub const TRANSITIONS: &[(Option<SandboxStatus>, Transition, SandboxStatus)] = &
     (Some(PendingDeletion), LeaseDeletion, PendingDeletion),
     // The owner moves the end of the lab window; the allocation goes on.
     (Some(Allocated), ExtendLease, Allocated),
+    // A reservation's earmark, and its lifting: the sandbox stays available, to one track.
+    (Some(Available), Reserve, Available),
+    (Some(Available), Unreserve, Available),
 ];
 
 /// The status after `transition` from `from`, or `None` if the table forbids it.

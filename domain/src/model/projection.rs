@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::events::{EventEnvelope, SandboxEvent};
 use super::ids::sandbox_id_of;
 use super::lifecycle::SandboxStatus;
+use super::sandbox::Earmark;
 
 /// One sandbox as the read side sees it (the `pool` table's item).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,10 @@ pub struct PoolRow {
     /// Absent in rows written before the field existed, which read as not held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
+    /// The reservation earmark on the sandbox (ADR 0028), kept after its allocation so the
+    /// reservation can count it as used. Absent in rows written before reservations existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earmark: Option<Earmark>,
 }
 
 /// Counter changes per status caused by one event (index = [`SandboxStatus::index`]).
@@ -152,6 +157,7 @@ pub fn project(
             version: 0,
             updated_at: at,
             held_by: None,
+            earmark: None,
         },
         (None, _) => return (None, StatsDelta::default()),
         (Some(row), _) => row,
@@ -235,6 +241,20 @@ pub fn project(
         // The row stays due: a worker that finds it leased skips it on its strong load, and a
         // lapsed lease (a crashed worker) needs no view change to be picked up again.
         E::DeletionLeased { .. } => {}
+        E::SandboxReserved {
+            reservation_id,
+            track,
+            ends_at,
+        } => {
+            row.earmark = Some(Earmark {
+                reservation_id: reservation_id.clone(),
+                track: track.clone(),
+                ends_at: *ends_at,
+            });
+        }
+        E::SandboxUnreserved { .. } => {
+            row.earmark = None;
+        }
     }
     row.version = envelope.version;
     row.pick = pick_for(&row.sandbox_id, row.version);
@@ -280,6 +300,7 @@ pub fn project_unknown(
                 version: 0,
                 updated_at: envelope.occurred_at,
                 held_by: None,
+                earmark: None,
             };
             (placeholder, StatsDelta::moved(None, SandboxStatus::Deleted))
         }

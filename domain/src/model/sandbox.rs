@@ -108,6 +108,41 @@ pub enum SandboxCommand {
         /// it is answered again and nothing is appended.
         idempotency_key: Option<String>,
     },
+    /// The reservation job earmarks the available sandbox for a track until `ends_at`.
+    Reserve {
+        /// The reservation.
+        reservation_id: String,
+        /// The only track that may be allocated it meanwhile.
+        track: String,
+        /// The end of the reservation's window.
+        ends_at: DateTime<Utc>,
+    },
+    /// The reservation's unused earmark is lifted (cancel, window end).
+    Unreserve {
+        /// The reservation whose earmark is lifted; another reservation's is left alone.
+        reservation_id: String,
+    },
+}
+
+/// A reservation's hold on an available sandbox (ADR 0028): until `ends_at` only `track` may be
+/// allocated it. It stays on the state (and the view row) after the allocation, so that the
+/// reservation can count the sandbox as used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Earmark {
+    /// The reservation.
+    pub reservation_id: String,
+    /// The track it is for.
+    pub track: String,
+    /// When it stops binding.
+    pub ends_at: DateTime<Utc>,
+}
+
+impl Earmark {
+    /// The track this earmark keeps the sandbox for at `now`; `None` once the window has ended
+    /// (an ended window binds nobody, even before the reservation job lifts the earmark).
+    pub fn binding_at(&self, now: DateTime<Utc>) -> Option<&str> {
+        (now < self.ends_at).then_some(self.track.as_str())
+    }
 }
 
 /// One extension of the current allocation made with an `Idempotency-Key`, as it answered.
@@ -181,6 +216,9 @@ pub struct Sandbox {
     pub lease_until: Option<DateTime<Utc>>,
     /// Events applied (= the stream's version).
     pub version: u64,
+    /// The reservation earmark, if one was set and not lifted (ADR 0028).
+    #[serde(default)]
+    pub earmark: Option<Earmark>,
 }
 
 impl Sandbox {
@@ -235,6 +273,8 @@ impl Sandbox {
             SandboxEvent::SandboxRetired { .. } => Transition::Retire,
             SandboxEvent::DeletionLeased { .. } => Transition::LeaseDeletion,
             SandboxEvent::LeaseExtended { .. } => Transition::ExtendLease,
+            SandboxEvent::SandboxReserved { .. } => Transition::Reserve,
+            SandboxEvent::SandboxUnreserved { .. } => Transition::Unreserve,
         }
     }
 
@@ -276,6 +316,18 @@ impl Sandbox {
                 lab_duration,
             } => {
                 self.check(Transition::Allocate)?;
+                // An earmark binds until its window ends: another track (or a request without
+                // one) is refused, on the sandbox's own stream, so the rule holds under any race.
+                if let Some(earmark) = &self.earmark {
+                    if let Some(track) = earmark.binding_at(now) {
+                        if track_name.as_deref() != Some(track) {
+                            return Err(DomainError::ReservedForTrack {
+                                track: track.to_string(),
+                                until: earmark.ends_at,
+                            });
+                        }
+                    }
+                }
                 E::SandboxAllocated {
                     caller,
                     track_name,
@@ -412,6 +464,37 @@ impl Sandbox {
                     idempotency_key,
                 }
             }
+            C::Reserve {
+                reservation_id,
+                track,
+                ends_at,
+            } => {
+                self.check(Transition::Reserve)?;
+                if let Some(earmark) = &self.earmark {
+                    if earmark.binding_at(now).is_some() {
+                        return Err(DomainError::AlreadyEarmarked {
+                            reservation_id: earmark.reservation_id.clone(),
+                        });
+                    }
+                }
+                E::SandboxReserved {
+                    reservation_id,
+                    track,
+                    ends_at: truncate_to_millis(ends_at),
+                }
+            }
+            C::Unreserve { reservation_id } => {
+                // Only an available sandbox still earmarked by this reservation has anything to
+                // lift: an allocated one was used, another reservation's earmark is not ours.
+                let ours = self
+                    .earmark
+                    .as_ref()
+                    .is_some_and(|e| e.reservation_id == reservation_id);
+                if !ours || self.status != Some(SandboxStatus::Available) {
+                    return Ok(vec![]);
+                }
+                E::SandboxUnreserved { reservation_id }
+            }
         };
         Ok(vec![event])
     }
@@ -516,6 +599,20 @@ impl Sandbox {
             E::DeletionLeased { worker, until } => {
                 self.lease_holder = Some(worker.clone());
                 self.lease_until = Some(*until);
+            }
+            E::SandboxReserved {
+                reservation_id,
+                track,
+                ends_at,
+            } => {
+                self.earmark = Some(Earmark {
+                    reservation_id: reservation_id.clone(),
+                    track: track.clone(),
+                    ends_at: *ends_at,
+                });
+            }
+            E::SandboxUnreserved { .. } => {
+                self.earmark = None;
             }
         }
         // Whatever the holder (or an operator) records next ends the lease.

@@ -11,8 +11,8 @@ use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
 use super::events::{
-    AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, SandboxEvent,
-    SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
+    AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, ReservationEvent,
+    SandboxEvent, SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
 };
 
 /// The JSON Schema dialect of every generated document.
@@ -65,6 +65,7 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         ("adminjob", schema_value::<AdminJobEvent>()),
         ("pool-control", schema_value::<PoolControlEvent>()),
         ("quota", schema_value::<QuotaEvent>()),
+        ("reservation", schema_value::<ReservationEvent>()),
     ] {
         let defs = root.get("$defs").cloned();
         let variants = root

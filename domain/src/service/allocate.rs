@@ -10,11 +10,13 @@ use chrono::Duration;
 
 use super::candidates::{Fill, InFlight, MAX_PAGE, MAX_PAGE_WAITS, PAGE_WAIT};
 use super::group_commit::{Committed, Member, SlotTake};
+use super::reserved_draw::{open_pool, ReservedDraw};
 use super::{
     envelopes, fair_share, quota, AllocateRequest, Allocation, AllocationLimits, Broker,
     BrokerError, CapKind, QUOTA_RETRIES,
 };
 use crate::model::claim::ClaimCommand;
+use crate::model::error::DomainError;
 use crate::model::events::{BrokerEvent, CommandMeta, EventEnvelope};
 use crate::model::ids::{claim_stream, quota_stream, sandbox_stream, validate_id};
 use crate::model::lifecycle::SandboxStatus;
@@ -290,8 +292,20 @@ impl Broker {
                         });
                     }
                 }
-                let Some(candidate) = self.next_candidate(prefix.as_deref(), &mut search).await?
-                else {
+                // A reservation's track draws from its earmarks first (ADR 0028); the open pool
+                // never offers an earmarked row to anyone.
+                let reserved = match request.track_name.as_deref() {
+                    Some(track) => self.reserved_candidate(track, prefix.as_deref()).await?,
+                    None => ReservedDraw::OpenPool,
+                };
+                let next = match reserved {
+                    ReservedDraw::Candidate(candidate) => Some(*candidate),
+                    ReservedDraw::ReservationOnly => None,
+                    ReservedDraw::OpenPool => {
+                        self.next_candidate(prefix.as_deref(), &mut search).await?
+                    }
+                };
+                let Some(candidate) = next else {
                     if let Some(group) = grouped {
                         // Grouped requests of one caller or track may hold the last candidates
                         // while the committer decides their slots; when a slot filled meanwhile,
@@ -332,6 +346,12 @@ impl Broker {
                     now,
                 ) {
                     Ok(events) => events,
+                    // Earmarked for another track (the view showed the earmark after the row was
+                    // queued): not taken, so the reservation's own track still finds it.
+                    Err(DomainError::ReservedForTrack { .. }) => {
+                        drop(candidate);
+                        continue;
+                    }
                     Err(_) => {
                         candidate.taken();
                         continue;
@@ -636,7 +656,7 @@ impl Broker {
                     after_name: prefix.and_then(|_| self.candidates.cursor(cache_key)),
                     limit,
                 };
-                let rows = self.view.candidates(&query).await?;
+                let rows = open_pool(self.view.candidates(&query).await?, self.clock.now());
                 let last_name = rows.last().map(|r| r.name.clone());
                 let filled = self.candidates.fill(cache_key, rows, last_name);
                 drop(turn);
@@ -680,7 +700,10 @@ impl Broker {
         loop {
             let page = self.view.list(&filter, 100, cursor.as_deref()).await?;
             read += page.rows.len();
-            match self.candidates.fill(cache_key, page.rows, None) {
+            match self
+                .candidates
+                .fill(cache_key, open_pool(page.rows, self.clock.now()), None)
+            {
                 Fill::Queued => return Ok(Fill::Queued),
                 Fill::OnlyInFlight => in_flight = true,
                 Fill::AllTaken => {}
@@ -703,7 +726,7 @@ impl Broker {
 
 /// The aggregate state a view row stands for. Valid for deciding an allocation because the
 /// append is conditioned on the row's version: if the row is stale, the write conflicts.
-fn sandbox_from_row(row: &PoolRow) -> Sandbox {
+pub(super) fn sandbox_from_row(row: &PoolRow) -> Sandbox {
     Sandbox {
         sandbox_id: row.sandbox_id.clone(),
         status: Some(row.status),
@@ -711,6 +734,7 @@ fn sandbox_from_row(row: &PoolRow) -> Sandbox {
         external_id: row.external_id.clone(),
         sfdc_account_id: row.sfdc_account_id.clone(),
         version: row.version,
+        earmark: row.earmark.clone(),
         ..Sandbox::default()
     }
 }

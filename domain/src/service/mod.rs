@@ -19,6 +19,8 @@
 //! - `fair_share` — the fair-share caps (per caller, per client address, per principal), each a
 //!   quota stream taken in the allocation's own transaction (ADR 0021);
 //! - `held_claim` — a strong read of one claim, for the switch to pseudonymised ids (ADR 0031).
+//! - `reservations` — reservations: creation with its capacity answer, earmarking, top-up,
+//!   shortfall, cancel and the window's end, and the capacity figures (ADR 0028).
 
 mod allocate;
 #[cfg(test)]
@@ -36,10 +38,13 @@ mod lifecycle;
 mod liveness_tests;
 mod pool_control;
 mod quota;
+mod reservations;
+mod reserved_draw;
 
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;
 pub use quota::TrackQuotas;
+pub use reservations::{ReservationError, ReservationPass, ReservationSettings, ReservationStatus};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,6 +264,8 @@ pub struct Broker {
     track_locks: quota::TrackLocks,
     /// Writes concurrent allocations together, when the event store groups appends.
     group: Option<group_commit::GroupCommit>,
+    /// The open reservations this process draws earmarked candidates from (ADR 0028).
+    reservations: reserved_draw::ReservationDirectory,
 }
 
 /// Bound on reloads of a track's quota after another allocation (or release) of the track
@@ -319,6 +326,7 @@ impl Broker {
             drain_cache: pool_control::DrainCache::default(),
             track_locks: quota::TrackLocks::default(),
             group,
+            reservations: reserved_draw::ReservationDirectory::default(),
         }
     }
 

@@ -139,6 +139,7 @@ pub fn row(id: &str, name: &str, status: SandboxStatus, pick: u32, version: u64)
         version,
         updated_at: now_ms(),
         held_by: None,
+        earmark: None,
     }
 }
 
@@ -518,6 +519,7 @@ pub async fn write_row_is_conditional(p: Ports) -> CheckResult {
         version: 2,
         updated_at: at,
         held_by: None,
+        earmark: None,
         ..v1.clone()
     };
     let allocate = delta(&[

@@ -63,6 +63,8 @@ pub(crate) mod pool_attr {
     /// The unknown event type that holds the row out of allocation (ADR 0023); absent when not
     /// held, so candidate queries filter on its absence.
     pub const HELD_BY: &str = "held_by";
+    /// A reservation's earmark on the row, as JSON (ADR 0028).
+    pub const EARMARK: &str = "earmark";
 }
 
 /// A string attribute.
@@ -354,6 +356,12 @@ pub fn row_to_sharded_item(row: &PoolRow, shards: u32) -> Item {
     item.insert(PICK.into(), n(row.pick));
     item.insert(VERSION.into(), n(row.version));
     item.insert(UPDATED_AT.into(), millis(&row.updated_at));
+    if let Some(earmark) = &row.earmark {
+        // A plain struct of strings and a time always serialises.
+        if let Ok(json) = serde_json::to_string(earmark) {
+            item.insert(EARMARK.into(), s(json));
+        }
+    }
     item
 }
 
@@ -381,6 +389,9 @@ pub fn row_from_item(item: &Item) -> Result<PoolRow, StoreError> {
         version: get_n(item, VERSION)?,
         updated_at: time_from_millis(UPDATED_AT, get_n(item, UPDATED_AT)?)?,
         held_by: get_opt_s(item, HELD_BY)?,
+        earmark: get_opt_s(item, EARMARK)?
+            .map(|json| serde_json::from_str(&json).map_err(|e| corrupt(EARMARK, e.to_string())))
+            .transpose()?,
     })
 }
 
@@ -563,6 +574,7 @@ mod tests {
             version: 9,
             updated_at: at,
             held_by: None,
+            earmark: None,
         }
     }
 
@@ -621,6 +633,16 @@ mod tests {
     fn row_round_trips_through_an_item() -> Result<(), StoreError> {
         let full = row();
         assert_eq!(row_from_item(&row_to_item(&full))?, full);
+        // A reservation's earmark survives too (the allocator decides on it).
+        let earmarked = PoolRow {
+            earmark: Some(domain::model::sandbox::Earmark {
+                reservation_id: "r-1".into(),
+                track: "ws".into(),
+                ends_at: full.updated_at,
+            }),
+            ..full.clone()
+        };
+        assert_eq!(row_from_item(&row_to_item(&earmarked))?, earmarked);
         let sparse = PoolRow {
             name: String::new(),
             sfdc_account_id: None,

@@ -789,6 +789,7 @@ mod tests {
             version: 1,
             updated_at: at,
             held_by: None,
+            earmark: None,
         }
     }
 

@@ -225,6 +225,7 @@ mod tests {
             version,
             updated_at: Utc::now(),
             held_by: None,
+            earmark: None,
         }
     }
 

@@ -72,6 +72,7 @@ fn due_row(id: &str, due_at: DateTime<Utc>) -> PoolRow {
         version: 1,
         updated_at: due_at,
         held_by: None,
+        earmark: None,
     }
 }
 
@@ -257,6 +258,7 @@ fn available_row(id: &str, name: &str, pick: u32) -> PoolRow {
         version: 1,
         updated_at: at,
         held_by: None,
+        earmark: None,
     }
 }
 

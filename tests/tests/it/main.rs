@@ -68,6 +68,7 @@ mod pool_alerts;
 mod pool_metrics;
 mod projector;
 mod redrive;
+mod reservations;
 mod restore;
 mod rolling_upgrade;
 mod rotation;

@@ -740,15 +740,15 @@ async fn lambda_tolerates_events_of_a_newer_release() {
     let sandbox_stream = stream_of(&records[index]);
     let mut reservation = records[index].clone();
     let image = &mut records[index]["dynamodb"]["NewImage"];
-    image["event_type"] = serde_json::json!({"S": "SandboxReserved"});
+    image["event_type"] = serde_json::json!({"S": "SandboxRelabelled"});
     image["schema_version"] = serde_json::json!({"N": "2"});
-    image["payload"] = serde_json::json!({"S": "{\"type\":\"SandboxReserved\",\"seats\":3}"});
+    image["payload"] = serde_json::json!({"S": "{\"type\":\"SandboxRelabelled\",\"seats\":3}"});
     for part in ["Keys", "NewImage"] {
-        reservation["dynamodb"][part]["stream_id"] = serde_json::json!({"S": "reservation#r9"});
+        reservation["dynamodb"][part]["stream_id"] = serde_json::json!({"S": "maintenance#m9"});
         reservation["dynamodb"][part]["version"] = serde_json::json!({"N": "1"});
     }
     reservation["dynamodb"]["NewImage"]["event_type"] =
-        serde_json::json!({"S": "ReservationCreated"});
+        serde_json::json!({"S": "MaintenanceWindowPlanned"});
     reservation["dynamodb"]["SequenceNumber"] = serde_json::json!("000000000000000009999");
     records.push(reservation);
 
@@ -762,7 +762,7 @@ async fn lambda_tolerates_events_of_a_newer_release() {
         response.batch_item_failures
     );
     let after = domain::store::unknown::counts();
-    for event_type in ["SandboxReserved", "ReservationCreated"] {
+    for event_type in ["SandboxRelabelled", "MaintenanceWindowPlanned"] {
         assert!(
             after.get(event_type).copied().unwrap_or(0)
                 > before.get(event_type).copied().unwrap_or(0),
@@ -775,7 +775,7 @@ async fn lambda_tolerates_events_of_a_newer_release() {
         .await
         .expect("read the row")
         .unwrap_or_else(|| panic!("no row for {sandbox_id}"));
-    assert_eq!(row.held_by.as_deref(), Some("SandboxReserved"));
+    assert_eq!(row.held_by.as_deref(), Some("SandboxRelabelled"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 //! Rolling upgrades (ADR 0023, docs/upgrades.md): this release reading a log that a newer
 //! release wrote — an event type it does not know, with a newer schema version, on a sandbox
 //! stream, and a stream kind it does not know. It stands in for "the previous release's
-//! binaries read the current release's log": the events are exactly what the next release
-//! (reservations) will append, written straight into the event store.
+//! binaries read the current release's log": events of a kind no release writes yet (a sandbox
+//! relabelling with a newer schema, a maintenance-window stream), written straight into the
+//! event store.
 //!
 //! On both stores, the projector keeps going (later events apply, the new sandbox appears), the
 //! unknown events are counted, the sandbox whose stream holds one is held out of allocation
@@ -24,7 +25,7 @@ use tests::app::{spawn_app, Backend, Sent, TestApp};
 
 fn newer_release() -> CommandMeta {
     CommandMeta {
-        actor: Actor::Job("reservations"),
+        actor: Actor::Job("maintenance"),
         request_id: None,
         correlation_id: Some("next-release".into()),
     }
@@ -45,8 +46,8 @@ fn future_event(stream_id: &str, version: u64, event_type: &str, schema: u32) ->
     envelope.schema_version = schema;
     envelope.payload = serde_json::json!({
         "type": event_type,
-        "reservation_id": "r-1",
-        "window": {"from": "2026-12-08T09:00:00Z", "seats": 30},
+        "window_id": "m-1",
+        "window": {"from": "2026-12-08T09:00:00Z", "label": "blue"},
     });
     envelope
 }
@@ -81,17 +82,17 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
         counts.get(t).copied().unwrap_or(0)
     };
 
-    // The next release earmarks one sandbox and opens a reservation stream.
+    // A newer release relabels one sandbox and opens a maintenance-window stream.
     let events = app.state.broker.events().clone();
     events
         .append(vec![
-            future_event(&format!("sandbox#{held}"), 2, "SandboxReserved", 2),
-            future_event("reservation#r-1", 1, "ReservationCreated", 1),
+            future_event(&format!("sandbox#{held}"), 2, "SandboxRelabelled", 2),
+            future_event("maintenance#m-1", 1, "MaintenanceWindowPlanned", 1),
         ])
         .await
         .unwrap_or_else(|e| panic!("append future events: {e}"));
     let row = row_at(&app, held, 2).await;
-    assert_eq!(row.held_by.as_deref(), Some("SandboxReserved"));
+    assert_eq!(row.held_by.as_deref(), Some("SandboxRelabelled"));
     assert_eq!(row.status, domain::SandboxStatus::Available);
 
     // The command side refuses to decide on a stream it cannot fully read.
@@ -104,7 +105,7 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
         matches!(
             refused,
             Err(BrokerError::Domain(DomainError::WrittenByNewerRelease { ref event_type, .. }))
-                if event_type == "SandboxReserved"
+                if event_type == "SandboxRelabelled"
         ),
         "{refused:?}"
     );
@@ -115,9 +116,9 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::OK, "{history}");
     assert!(
-        history["events"]
-            .as_array()
-            .is_some_and(|events| events.iter().any(|e| e["event_type"] == "SandboxReserved")),
+        history["events"].as_array().is_some_and(|events| events
+            .iter()
+            .any(|e| e["event_type"] == "SandboxRelabelled")),
         "{history}"
     );
     let (status, _, at) = app.get_json(&format!("/v1/admin/sandboxes/{held}")).await;
@@ -155,14 +156,14 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
     assert_eq!(row.status, domain::SandboxStatus::Stale);
     assert_eq!(
         row.held_by.as_deref(),
-        Some("SandboxReserved"),
+        Some("SandboxRelabelled"),
         "the hold stays"
     );
     app.seed("late", 1).await;
 
     let after = unknown::counts();
-    assert!(seen(&after, "SandboxReserved") > seen(&before, "SandboxReserved"));
-    assert!(seen(&after, "ReservationCreated") > seen(&before, "ReservationCreated"));
+    assert!(seen(&after, "SandboxRelabelled") > seen(&before, "SandboxRelabelled"));
+    assert!(seen(&after, "MaintenanceWindowPlanned") > seen(&before, "MaintenanceWindowPlanned"));
     let metrics = app
         .admin(reqwest::Method::GET, "/metrics")
         .sent()
@@ -171,7 +172,7 @@ async fn reads_a_log_written_by_a_newer_release(backend: Backend) {
         .await
         .unwrap_or_default();
     assert!(
-        metrics.contains("broker_projector_unknown_events_total{event_type=\"SandboxReserved\"}"),
+        metrics.contains("broker_projector_unknown_events_total{event_type=\"SandboxRelabelled\"}"),
         "{metrics}"
     );
 

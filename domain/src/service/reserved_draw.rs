@@ -1,0 +1,231 @@
+//! How the allocator serves a reservation's track from its earmarked sandboxes first
+//! (ADR 0028): the open reservations this process knows (read again at most once a second, only
+//! the events it has not seen), per-track candidate queues filled from the earmarked sandboxes'
+//! view rows, and the overflow policy once they are used up. Other tracks never queue an
+//! earmarked row (the open pool is filtered before it is queued), so they are neither slowed
+//! down nor refused because of a reservation.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::candidates::{Fill, InFlight, PAGE_WAIT};
+use super::{Broker, BrokerError};
+use crate::model::events::{BrokerEvent, OverflowPolicy, ReservationEvent};
+use crate::model::ids::{reservation_stream, RESERVATION_INDEX_STREAM};
+use crate::model::lifecycle::SandboxStatus;
+use crate::model::projection::PoolRow;
+use crate::model::reservation::Reservation;
+use crate::store::{decode_stored, EventStore, StoreError};
+
+/// How long this process trusts the reservations it read: the bound on how late a new
+/// reservation's track starts drawing from its earmarks here (the earmarks bind at once on the
+/// sandbox streams either way).
+const DIRECTORY_TTL: StdDuration = StdDuration::from_secs(1);
+/// Earmarked rows read per refill of a track's queue: all the untried ones (a reservation holds
+/// at most `RESERVATION_MAX_COUNT`), so a free earmark is never left unread behind used ones.
+const REFILL_ROWS: usize = 10_000;
+/// Waits for another request's decision on the track's last earmarked candidates.
+const MAX_IN_FLIGHT_WAITS: usize = 200;
+
+/// The open reservations this process knows, read incrementally.
+#[derive(Debug, Default)]
+pub(super) struct ReservationDirectory {
+    state: tokio::sync::Mutex<DirectoryState>,
+}
+
+#[derive(Debug, Default)]
+struct DirectoryState {
+    read_at: Option<Instant>,
+    index_version: u64,
+    /// Reservation id → the folded stream, while not closed.
+    open: BTreeMap<String, Reservation>,
+    /// Earmarked sandboxes seen allocated or gone: never read again for a refill.
+    exhausted: HashSet<String>,
+}
+
+/// What the reservation side has for one allocation request.
+pub(super) enum ReservedDraw<'a> {
+    /// An earmarked sandbox of the track's reservation, in flight for this request (boxed:
+    /// the guard holds a whole view row, the other answers nothing).
+    Candidate(Box<InFlight<'a>>),
+    /// The track has a reservation in its window whose policy is `reservation_only`, and no
+    /// earmarked sandbox is left: answer "none available" rather than take from the open pool.
+    ReservationOnly,
+    /// Nothing reserved for the track (or used up, overflow allowed): use the open pool.
+    OpenPool,
+}
+
+/// Keeps the rows the open pool may offer: none earmarked for a track at `now`.
+pub(super) fn open_pool(mut rows: Vec<PoolRow>, now: DateTime<Utc>) -> Vec<PoolRow> {
+    rows.retain(|row| {
+        row.earmark
+            .as_ref()
+            .and_then(|e| e.binding_at(now))
+            .is_none()
+    });
+    rows
+}
+
+impl ReservationDirectory {
+    /// The reservations of `track` not closed at `now`, after reading what changed if the
+    /// last read is older than [`DIRECTORY_TTL`].
+    async fn open_for(
+        &self,
+        events: &dyn EventStore,
+        track: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        let mut state = self.state.lock().await;
+        if state.read_at.is_none_or(|at| at.elapsed() >= DIRECTORY_TTL) {
+            for envelope in events
+                .load_after(RESERVATION_INDEX_STREAM, state.index_version)
+                .await?
+            {
+                state.index_version = envelope.version;
+                if let Ok(BrokerEvent::Reservation(ReservationEvent::ReservationListed {
+                    reservation_id,
+                })) = decode_stored(&envelope)
+                {
+                    state.open.entry(reservation_id).or_default();
+                }
+            }
+            let ids: Vec<String> = state.open.keys().cloned().collect();
+            for id in ids {
+                let Some(reservation) = state.open.get_mut(&id) else {
+                    continue;
+                };
+                for envelope in events
+                    .load_after(&reservation_stream(&id), reservation.version)
+                    .await?
+                {
+                    match decode_stored(&envelope) {
+                        Ok(BrokerEvent::Reservation(event)) => {
+                            reservation.fold(&event, envelope.occurred_at)
+                        }
+                        // A newer release's event: skip it, keep the version moving.
+                        _ => reservation.version = envelope.version,
+                    }
+                }
+                if reservation.is_closed() {
+                    state.open.remove(&id);
+                }
+            }
+            state.read_at = Some(Instant::now());
+        }
+        Ok(state
+            .open
+            .values()
+            .filter(|r| r.track == track && r.ends_at.is_some_and(|end| now < end))
+            .cloned()
+            .collect())
+    }
+
+    /// Up to `limit` earmarked sandboxes of `reservations` not known to be used or gone.
+    async fn untried(&self, reservations: &[Reservation], limit: usize) -> Vec<String> {
+        let state = self.state.lock().await;
+        reservations
+            .iter()
+            .flat_map(|r| r.earmarked.iter())
+            .filter(|id| !state.exhausted.contains(*id))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    async fn exhaust(&self, sandbox_ids: Vec<String>) {
+        if sandbox_ids.is_empty() {
+            return;
+        }
+        self.state.lock().await.exhausted.extend(sandbox_ids);
+    }
+}
+
+impl Broker {
+    /// The track's next earmarked candidate, or what to do without one (see [`ReservedDraw`]).
+    pub(super) async fn reserved_candidate(
+        &self,
+        track: &str,
+        prefix: Option<&str>,
+    ) -> Result<ReservedDraw<'_>, BrokerError> {
+        let now = self.clock.now();
+        let reservations = self
+            .reservations
+            .open_for(self.events.as_ref(), track, now)
+            .await?;
+        if reservations.is_empty() {
+            return Ok(ReservedDraw::OpenPool);
+        }
+        let key = reserved_queue_key(track, prefix);
+        let mut waits = 0usize;
+        loop {
+            if let Some(candidate) = self.candidates.pop(&key) {
+                return Ok(ReservedDraw::Candidate(Box::new(candidate)));
+            }
+            let fetched = self.candidates.fetched.notified();
+            tokio::pin!(fetched);
+            fetched.as_mut().enable();
+            let Some(turn) = self.candidates.page_turn(&key) else {
+                // Another request of the track is reading the earmarked rows: use them.
+                if waits < MAX_IN_FLIGHT_WAITS {
+                    waits += 1;
+                    let _ = tokio::time::timeout(PAGE_WAIT, fetched).await;
+                    continue;
+                }
+                break;
+            };
+            let ids = self.reservations.untried(&reservations, REFILL_ROWS).await;
+            let mut rows = Vec::with_capacity(ids.len());
+            let mut gone = Vec::new();
+            for id in ids {
+                match self.view.get(&id).await? {
+                    Some(row)
+                        if row.status == SandboxStatus::Available
+                            && row
+                                .earmark
+                                .as_ref()
+                                .and_then(|e| e.binding_at(now))
+                                .is_some_and(|t| t == track) =>
+                    {
+                        if prefix.is_none_or(|p| row.name.starts_with(p)) {
+                            rows.push(row);
+                        }
+                    }
+                    // Still available without a visible earmark: the view may lag the earmark.
+                    Some(row) if row.status == SandboxStatus::Available => {}
+                    _ => gone.push(id),
+                }
+            }
+            self.reservations.exhaust(gone).await;
+            let filled = self.candidates.fill(&key, rows, None);
+            drop(turn);
+            match filled {
+                Fill::Queued => continue,
+                Fill::OnlyInFlight if waits < MAX_IN_FLIGHT_WAITS => {
+                    // The track's other requests are trying its last earmarks; one may give
+                    // its candidate back (a replay). Wait for a decision, bounded.
+                    waits += 1;
+                    let decided = self.candidates.decided.notified();
+                    let _ = tokio::time::timeout(StdDuration::from_millis(50), decided).await;
+                }
+                _ => break,
+            }
+        }
+        let reservation_only = reservations.iter().any(|r| {
+            r.overflow == Some(OverflowPolicy::ReservationOnly)
+                && r.starts_at.is_some_and(|start| now >= start)
+        });
+        Ok(if reservation_only {
+            ReservedDraw::ReservationOnly
+        } else {
+            ReservedDraw::OpenPool
+        })
+    }
+}
+
+/// The candidate-queue key of a track's earmarked rows (kept apart from the prefix queues by a
+/// control character no prefix may contain).
+pub(super) fn reserved_queue_key(track: &str, prefix: Option<&str>) -> String {
+    format!("\u{1}{track}\u{1}{}", prefix.unwrap_or(""))
+}
