@@ -592,6 +592,7 @@ mod tests {
             allocated_at: at,
             expires_at: at + Duration::hours(1),
             lab_duration_s: 3600,
+            waited_ms: None,
         }
     }
 
@@ -715,6 +716,8 @@ mod tests {
                 &SandboxEvent::DeletionRequested {
                     caller: "stu".into(),
                     requested_at: t0 + Duration::minutes(5),
+                    reason: None,
+                    last_heartbeat_at: None,
                 },
                 &m,
                 t0 + Duration::minutes(5),

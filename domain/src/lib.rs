@@ -24,6 +24,7 @@ pub mod model;
 pub mod restore;
 pub mod service;
 pub mod store;
+pub mod usage;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use model::error::DomainError;

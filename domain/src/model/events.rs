@@ -52,6 +52,9 @@ pub enum SandboxEvent {
         expires_at: DateTime<Utc>,
         /// The lab duration in force when allocated.
         lab_duration_s: i64,
+        /// How long the request waited in line before this allocation, when it waited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waited_ms: Option<u64>,
     },
     /// The owner marked the sandbox for deletion; releases the claim in the same transaction.
     DeletionRequested {
@@ -59,6 +62,14 @@ pub enum SandboxEvent {
         caller: String,
         /// When.
         requested_at: DateTime<Utc>,
+        /// Why, when the owner did not ask: `heartbeat_missed` for the heartbeat reclaim.
+        /// Absent when the owner marked the sandbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The last heartbeat the reclaim saw (the allocation time when none came), so an
+        /// auditor sees why it acted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_heartbeat_at: Option<DateTime<Utc>>,
     },
     /// The expiry job ended an allocation past `expires_at + grace`; releases the claim.
     AllocationExpired {
@@ -700,6 +711,8 @@ mod tests {
         let event = SandboxEvent::DeletionRequested {
             caller: "stu".into(),
             requested_at: truncate_to_millis(Utc::now()),
+            reason: None,
+            last_heartbeat_at: None,
         };
         let env = EventEnvelope::new("sandbox#1", 3, &event, &meta(), Utc::now());
         assert_eq!(env.event_type, "DeletionRequested");

@@ -345,6 +345,7 @@ mod tests {
                 allocated_at: now,
                 expires_at: now + Duration::hours(48),
                 lab_duration_s: 172_800,
+                waited_ms: None,
             },
         );
         assert_eq!(d, StatsDelta([-1, 1, 0, 0, 0, 0]));
@@ -356,6 +357,8 @@ mod tests {
             SandboxEvent::DeletionRequested {
                 caller: "stu".into(),
                 requested_at: now,
+                reason: None,
+                last_heartbeat_at: None,
             },
         );
         assert_eq!(d, StatsDelta([0, -1, 1, 0, 0, 0]));

@@ -284,6 +284,7 @@ impl Sandbox {
                     allocated_at: now,
                     expires_at: now + lab_duration,
                     lab_duration_s: lab_duration.num_seconds(),
+                    waited_ms: None,
                 }
             }
             C::MarkForDeletion { caller } => {
@@ -301,6 +302,8 @@ impl Sandbox {
                 E::DeletionRequested {
                     caller,
                     requested_at: now,
+                    reason: None,
+                    last_heartbeat_at: None,
                 }
             }
             C::Expire { grace } => {
@@ -445,6 +448,7 @@ impl Sandbox {
                 allocated_at,
                 expires_at,
                 lab_duration_s,
+                ..
             } => {
                 self.owner = Some(caller.clone());
                 self.track_name.clone_from(track_name);
@@ -586,6 +590,7 @@ mod tests {
             allocated_at: t0(),
             expires_at: t0() + Duration::hours(48),
             lab_duration_s: 48 * 3600,
+            waited_ms: None,
         }
     }
 
@@ -643,6 +648,8 @@ mod tests {
             .then_expect_events(vec![SandboxEvent::DeletionRequested {
                 caller: "stu".into(),
                 requested_at: t0(),
+                reason: None,
+                last_heartbeat_at: None,
             }]);
         TestFramework::<Sandbox>::with(services())
             .given(vec![
@@ -651,6 +658,8 @@ mod tests {
                 SandboxEvent::DeletionRequested {
                     caller: "stu".into(),
                     requested_at: t0(),
+                    reason: None,
+                    last_heartbeat_at: None,
                 },
             ])
             .when_async(SandboxCommand::MarkForDeletion {
