@@ -92,10 +92,13 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::events::router())
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
+        .merge(routes::usage::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),
-        openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
+        openapi::ApiDoc::openapi()
+            .merge_from(routes::events::EventsApi::openapi())
+            .merge_from(routes::usage::UsageApi::openapi()),
     );
     // Track and admin answers carry sandbox details (names, account paths): never kept by a
     // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.
