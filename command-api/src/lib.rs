@@ -85,6 +85,7 @@ async fn no_store(mut response: axum::response::Response) -> axum::response::Res
 pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let base = state.base_path.clone();
     let track = routes::sandboxes::router()
+        .merge(routes::heartbeat::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::admin_jobs::router())
@@ -98,7 +99,8 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         format!("{base}/openapi.json"),
         openapi::ApiDoc::openapi()
             .merge_from(routes::events::EventsApi::openapi())
-            .merge_from(routes::usage::UsageApi::openapi()),
+            .merge_from(routes::usage::UsageApi::openapi())
+            .merge_from(routes::heartbeat::HeartbeatApi::openapi()),
     );
     // Track and admin answers carry sandbox details (names, account paths): never kept by a
     // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.

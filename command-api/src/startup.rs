@@ -160,6 +160,7 @@ pub async fn build_with(
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
             quotas,
             unknown_outcome_hold: Duration::from_secs(config.unknown_outcome_hold_sec),
+            heartbeats: config.jobs.heartbeat_policies()?,
             ..BrokerConfig::default()
         },
     );
@@ -226,7 +227,10 @@ pub async fn build_with(
     jobs_config.expiry_grace = expiry_grace;
     let jobs = Arc::new(
         jobs::Jobs::from_config(broker.clone(), jobs_config, clock.clone(), &registry)
-            .context("jobs")?,
+            .context("jobs")?
+            .with_heartbeats(Arc::new(domain::heartbeat::CheckpointHeartbeats::new(
+                view.clone(),
+            ))),
     );
 
     if let (Some(store), true) = (&embedded, config.seed_demo_pool) {

@@ -592,6 +592,8 @@ mod tests {
             allocated_at: at,
             expires_at: at + Duration::hours(1),
             lab_duration_s: 3600,
+            heartbeat_interval_s: None,
+            heartbeat_grace_s: None,
             waited_ms: None,
         }
     }

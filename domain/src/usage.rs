@@ -31,6 +31,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::audit::{EventFeed, FeedFilter, FeedQuery, FEED_PAGE};
+use crate::heartbeat::RECLAIM_REASON;
 use crate::model::events::{format_time, BrokerEvent, EventEnvelope, SandboxEvent};
 use crate::model::ids::{sandbox_id_of, sandbox_stream};
 use crate::model::pool_prefix::pool_prefix;
@@ -530,9 +531,6 @@ impl UsageAggregator {
     }
 }
 
-/// The `reason` the heartbeat reclaim writes on its `DeletionRequested` events.
-pub const RECLAIM_REASON: &str = "heartbeat_missed";
-
 /// Runs [`UsageAggregator`] over the feed: every event in `[from, to)` in time order, page by
 /// page ([`FEED_PAGE`] events each). When grouping by prefix, the name of a sandbox allocated
 /// in the range but registered before it is read from the first event of its stream.
@@ -705,6 +703,8 @@ mod tests {
                 allocated_at: at,
                 expires_at: at + Duration::hours(8),
                 lab_duration_s: 8 * 3600,
+                heartbeat_interval_s: None,
+                heartbeat_grace_s: None,
                 waited_ms: waited.then_some(1_500),
             },
         )
@@ -899,7 +899,7 @@ mod tests {
     /// Refusal summaries count per group and reason; without any the note says how to get them.
     #[test]
     fn refusals_from_summaries() {
-        let mut agg = UsageAggregator::new(query(UsageGroupBy::Track));
+        let agg = UsageAggregator::new(query(UsageGroupBy::Track));
         assert!(agg
             .finish(t0())
             .refusals_note

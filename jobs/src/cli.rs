@@ -60,6 +60,8 @@ pub enum OneShot {
     AutoExpire,
     /// Retire sandboxes stale past the grace period.
     DeleteStale,
+    /// Warn about, then reclaim, allocations whose labs stopped sending heartbeats.
+    ReclaimOrphans,
 }
 
 impl From<OneShot> for JobKind {
@@ -69,6 +71,7 @@ impl From<OneShot> for JobKind {
             OneShot::Cleanup => JobKind::Cleanup,
             OneShot::AutoExpire => JobKind::AutoExpire,
             OneShot::DeleteStale => JobKind::DeleteStale,
+            OneShot::ReclaimOrphans => JobKind::ReclaimOrphans,
         }
     }
 }

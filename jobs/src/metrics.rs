@@ -73,6 +73,8 @@ pub struct JobsMetrics {
     pub expiry_total: IntCounterVec,
     /// `broker_expiry_orphaned_total` (reference): allocations ended by auto-expiry.
     pub expiry_orphaned: IntCounter,
+    /// Heartbeats and the heartbeat reclaim.
+    pub heartbeat: crate::heartbeat::HeartbeatMetrics,
 }
 
 impl JobsMetrics {
@@ -165,6 +167,7 @@ impl JobsMetrics {
             cleanup_duration,
             expiry_total,
             expiry_orphaned,
+            heartbeat: crate::heartbeat::HeartbeatMetrics::new(registry)?,
         })
     }
 

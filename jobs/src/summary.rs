@@ -22,6 +22,8 @@ pub enum JobKind {
     DeleteStale,
     /// Admin: retire every sandbox in one status.
     BulkDelete,
+    /// Reclaims allocations whose labs stopped sending heartbeats (ADR 0030).
+    ReclaimOrphans,
 }
 
 impl JobKind {
@@ -33,6 +35,7 @@ impl JobKind {
             JobKind::AutoExpire => "auto_expire",
             JobKind::DeleteStale => "delete_stale",
             JobKind::BulkDelete => "bulk_delete",
+            JobKind::ReclaimOrphans => "reclaim_orphans",
         }
     }
 }

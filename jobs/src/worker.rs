@@ -13,11 +13,12 @@ use crate::runner::Jobs;
 use crate::summary::JobKind;
 
 /// The jobs the worker loops over.
-pub const WORKER_JOBS: [JobKind; 4] = [
+pub const WORKER_JOBS: [JobKind; 5] = [
     JobKind::Sync,
     JobKind::Cleanup,
     JobKind::AutoExpire,
     JobKind::DeleteStale,
+    JobKind::ReclaimOrphans,
 ];
 
 /// Runs every loop until `shutdown` resolves, then stops the jobs and waits for the loops.
@@ -62,6 +63,7 @@ fn interval_of(jobs: &Jobs, kind: JobKind) -> Duration {
         JobKind::Cleanup => w.cleanup_interval,
         JobKind::AutoExpire => w.auto_expiry_interval,
         JobKind::DeleteStale | JobKind::BulkDelete => w.stale_interval,
+        JobKind::ReclaimOrphans => jobs.config().heartbeats.check_interval,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod admin_jobs;
 pub mod cursor;
 pub mod dashboard;
 pub mod events;
+pub mod heartbeat;
 pub mod ops;
 pub mod outcomes;
 pub mod pool;

@@ -88,6 +88,7 @@ fn attempt(transition: Transition) -> &'static str {
         Transition::Retire => "retire the sandbox",
         Transition::LeaseDeletion => "lease the sandbox's deletion",
         Transition::ExtendLease => "extend the lab window",
+        Transition::MissHeartbeat => "warn about missed heartbeats",
     }
 }
 

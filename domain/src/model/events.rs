@@ -52,6 +52,15 @@ pub enum SandboxEvent {
         expires_at: DateTime<Utc>,
         /// The lab duration in force when allocated.
         lab_duration_s: i64,
+        /// The heartbeat interval the track declared (seconds), when it opted in to heartbeats
+        /// (ADR 0030): the reclaim reads its policy from here, never from a setting it would
+        /// have to mirror.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_interval_s: Option<u32>,
+        /// How long heartbeats may be missed before the sandbox is reclaimed (seconds), when
+        /// the track opted in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_grace_s: Option<u32>,
         /// How long the request waited in line before this allocation, when it waited.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         waited_ms: Option<u64>,
@@ -159,6 +168,15 @@ pub enum SandboxEvent {
         /// before keys existed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+    },
+    /// The holder of an allocation that opted in to heartbeats has missed them for half its
+    /// grace period: the warning before the reclaim (ADR 0030). Written only with
+    /// `WRITE_EVENTS_HEARTBEATS=true`; the allocation goes on.
+    HeartbeatMissed {
+        /// The last heartbeat seen (the allocation time when none came).
+        last_heartbeat_at: DateTime<Utc>,
+        /// When the sandbox is reclaimed unless a heartbeat comes first.
+        reclaim_at: DateTime<Utc>,
     },
 }
 
@@ -351,7 +369,7 @@ domain_event!(QuotaEvent);
 /// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`] and
 /// [`QuotaEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 24] = [
+pub const EVENT_TYPES: [&str; 25] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -365,6 +383,7 @@ pub const EVENT_TYPES: [&str; 24] = [
     "SandboxDeleted",
     "SandboxRetired",
     "LeaseExtended",
+    "HeartbeatMissed",
     "ClaimGranted",
     "ClaimReleased",
     "ListingRecorded",

@@ -104,11 +104,13 @@ pub enum Transition {
     LeaseDeletion,
     /// `LeaseExtended`
     ExtendLease,
+    /// `HeartbeatMissed`
+    MissHeartbeat,
 }
 
 impl Transition {
     /// Every transition kind.
-    pub const ALL: [Transition; 13] = [
+    pub const ALL: [Transition; 14] = [
         Transition::Register,
         Transition::Allocate,
         Transition::RequestDeletion,
@@ -122,6 +124,7 @@ impl Transition {
         Transition::Retire,
         Transition::LeaseDeletion,
         Transition::ExtendLease,
+        Transition::MissHeartbeat,
     ];
 }
 
@@ -151,6 +154,8 @@ pub const TRANSITIONS: &[(Option<SandboxStatus>, Transition, SandboxStatus)] = &
     (Some(PendingDeletion), LeaseDeletion, PendingDeletion),
     // The owner moves the end of the lab window; the allocation goes on.
     (Some(Allocated), ExtendLease, Allocated),
+    // The heartbeat reclaim's warning; the allocation goes on.
+    (Some(Allocated), MissHeartbeat, Allocated),
 ];
 
 /// The status after `transition` from `from`, or `None` if the table forbids it.

@@ -235,6 +235,7 @@ pub fn project(
         // The row stays due: a worker that finds it leased skips it on its strong load, and a
         // lapsed lease (a crashed worker) needs no view change to be picked up again.
         E::DeletionLeased { .. } => {}
+        E::HeartbeatMissed { .. } => {}
     }
     row.version = envelope.version;
     row.pick = pick_for(&row.sandbox_id, row.version);
@@ -345,6 +346,8 @@ mod tests {
                 allocated_at: now,
                 expires_at: now + Duration::hours(48),
                 lab_duration_s: 172_800,
+                heartbeat_interval_s: None,
+                heartbeat_grace_s: None,
                 waited_ms: None,
             },
         );

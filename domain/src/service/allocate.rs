@@ -331,7 +331,12 @@ impl Broker {
                     },
                     now,
                 ) {
-                    Ok(events) => events,
+                    Ok(events) => crate::heartbeat::with_policy(
+                        events,
+                        self.config
+                            .heartbeats
+                            .policy_for(request.track_name.as_deref()),
+                    ),
                     Err(_) => {
                         candidate.taken();
                         continue;

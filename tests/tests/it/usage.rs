@@ -246,7 +246,10 @@ async fn csv_and_bad_ranges(backend: Backend) -> TestResult {
             .await?;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query}");
         let body: Value = resp.json().await?;
-        assert_eq!(body["detail"]["code"], "VALIDATION_ERROR", "{query}: {body}");
+        assert_eq!(
+            body["detail"]["code"], "VALIDATION_ERROR",
+            "{query}: {body}"
+        );
         let message = body.to_string();
         assert!(message.contains(field), "{query}: {body}");
         assert!(!message.contains("Some("), "{body}");
