@@ -20,6 +20,7 @@ mod edge_cors;
 mod edge_security;
 mod embedded_durability;
 mod group_commit;
+mod heartbeats;
 mod idle_traffic;
 mod index_shards;
 mod jobs;
