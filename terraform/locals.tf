@@ -61,7 +61,7 @@ locals {
     },
   )
 
-  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, {
+  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, local.heartbeat_usage_env, {
     AWS_REGION           = var.aws_region
     BIND_ADDR            = "0.0.0.0:8080"
     API_BASE_PATH        = "/v1"
@@ -91,7 +91,7 @@ locals {
     RUN_JOBS      = "false"
   })
 
-  jobs_env = merge(local.store_env, local.lifecycle_env, local.csp_env,
+  jobs_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.heartbeat_usage_env,
     {
       AWS_REGION          = var.aws_region
       CLEANUP_CONCURRENCY = tostring(var.cleanup_concurrency)
