@@ -351,6 +351,14 @@ pub struct Config {
     /// track header is the client's choice, so it does not pick the bucket).
     #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
     pub default_track_quota: Option<u32>,
+    /// Append a summary of the allocation requests this instance refused (`RefusalsSummarized`,
+    /// counted by usage reports) every `USAGE_SUMMARY_INTERVAL_SEC`. Turn on once every process
+    /// runs this release (docs/upgrades.md).
+    #[arg(long, env = "WRITE_EVENTS_USAGE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub write_events_usage: bool,
+    /// Seconds between two refusal summaries of this instance.
+    #[arg(long, env = "USAGE_SUMMARY_INTERVAL_SEC", default_value_t = 60)]
+    pub usage_summary_interval_sec: u64,
 }
 
 impl Config {

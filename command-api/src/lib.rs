@@ -29,6 +29,8 @@
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`readiness`] — the cached store check of `/readyz`.
+//! - [`refusals`] — refused allocations counted per interval and written as one summary event
+//!   (`WRITE_EVENTS_USAGE`), which usage reports count (ADR 0030).
 //! - [`state`] — `AppState`, what every handler shares (imports no route module).
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`outcomes`] — allocation outcomes since the process started, per minute for the last hour
@@ -52,6 +54,7 @@ pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
+pub mod refusals;
 pub mod rotation;
 pub mod routes;
 pub mod startup;

@@ -320,7 +320,19 @@ pub async fn build_with(
         }
         Some(dispatcher)
     };
+    let refusals = Arc::new(crate::refusals::RefusalCounter::new(clock.now()));
+    tasks.push(tokio::spawn(crate::refusals::run(
+        Arc::clone(&refusals),
+        crate::refusals::SummaryWriter::new(
+            events.clone(),
+            clock.clone(),
+            config.write_events_usage,
+        ),
+        Duration::from_secs(config.usage_summary_interval_sec.max(1)),
+        stop.stopped(),
+    )));
     let state = Arc::new(AppState {
+        refusals,
         webhooks,
         admin_jobs,
         pool_alerts,

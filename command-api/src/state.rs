@@ -80,6 +80,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<crate::webhooks::Dispatcher>>,
     /// Low-water thresholds and per-prefix gauges.
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
+    /// Refused allocation requests counted for the next refusal summary (ADR 0030).
+    pub refusals: Arc<crate::refusals::RefusalCounter>,
 }
 
 /// The state handle handlers receive.

@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::audit::{EventFeed, FeedFilter, FeedQuery, FEED_PAGE};
 use crate::heartbeat::RECLAIM_REASON;
-use crate::model::events::{format_time, BrokerEvent, EventEnvelope, SandboxEvent};
+use crate::model::events::{format_time, BrokerEvent, EventEnvelope, SandboxEvent, UsageEvent};
 use crate::model::ids::{sandbox_id_of, sandbox_stream};
 use crate::model::pool_prefix::pool_prefix;
 use crate::store::{EventStore, StoreError};
@@ -285,7 +285,7 @@ pub struct RefusalCount<'a> {
     pub track: Option<&'a str>,
     /// The name prefix asked for, if any.
     pub prefix: Option<&'a str>,
-    /// The refusal's error code (e.g. `NO_SANDBOX_AVAILABLE`).
+    /// Why (the allocation outcome, e.g. `no_sandboxes`).
     pub reason: &'a str,
     /// Requests refused.
     pub count: u64,
@@ -361,6 +361,20 @@ impl UsageAggregator {
         }
         self.events_read += 1;
         let Some(sandbox_id) = sandbox_id_of(&event.stream_id) else {
+            if let Ok(BrokerEvent::Usage(UsageEvent::RefusalsSummarized { refusals, .. })) =
+                event.decode()
+            {
+                let counts: Vec<RefusalCount<'_>> = refusals
+                    .iter()
+                    .map(|r| RefusalCount {
+                        track: r.track.as_deref(),
+                        prefix: r.prefix.as_deref(),
+                        reason: &r.reason,
+                        count: r.count,
+                    })
+                    .collect();
+                self.count_refusals(at, &counts);
+            }
             return;
         };
         let Ok(BrokerEvent::Sandbox(payload)) = event.decode() else {
@@ -469,11 +483,15 @@ impl UsageAggregator {
         let _ = tally.holds.record(held_s);
     }
 
-    /// Folds one refusal count of a summary written at `at` (ignored outside the range).
+    /// Folds the counts of one refusal summary written at `at` (ignored outside the range).
     pub fn observe_refusals(&mut self, at: DateTime<Utc>, counts: &[RefusalCount<'_>]) {
         if at < self.query.from || at >= self.query.to {
             return;
         }
+        self.count_refusals(at, counts);
+    }
+
+    fn count_refusals(&mut self, at: DateTime<Utc>, counts: &[RefusalCount<'_>]) {
         self.refusal_summaries += 1;
         for c in counts {
             let group = match self.query.group_by {

@@ -434,6 +434,11 @@ pub async fn allocate_sandbox(
     };
     state.metrics.allocate.with_label_values(&[outcome]).inc();
     state.outcomes.record(outcome);
+    state.refusals.record(
+        outcome,
+        request.track_name.as_deref(),
+        request.name_prefix.as_deref(),
+    );
     state
         .metrics
         .allocation_latency

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::ids::{
     ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
-    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID, USAGE_STREAM_PREFIX,
 };
 
 /// The payload schema version written today.
@@ -338,6 +338,40 @@ pub enum QuotaEvent {
     },
 }
 
+/// One line of a refusal summary: `count` allocation requests of `track` (and `prefix`)
+/// refused for `reason`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalTally {
+    /// The track named by the request, if any.
+    pub track: Option<String>,
+    /// The name prefix asked for, if any.
+    pub prefix: Option<String>,
+    /// Why: the allocation outcome (`no_sandboxes`, `quota_exceeded`, `caller_limit`,
+    /// `address_limit`, `maintenance`, `unknown_prefix`).
+    pub reason: String,
+    /// Requests refused.
+    pub count: u64,
+}
+
+/// Events of an API instance's usage stream (`usage#<instance>`): what usage reports count that
+/// no other event records (ADR 0030). Written only with `WRITE_EVENTS_USAGE=true`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum UsageEvent {
+    /// The allocation requests this instance refused in `[since, until)`, by track, prefix
+    /// and reason; written only for an interval with at least one refusal.
+    RefusalsSummarized {
+        /// Start of the interval.
+        since: DateTime<Utc>,
+        /// End of the interval.
+        until: DateTime<Utc>,
+        /// The counts (each non-zero).
+        refusals: Vec<RefusalTally>,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -364,12 +398,13 @@ domain_event!(SyncEvent);
 domain_event!(AdminJobEvent);
 domain_event!(PoolControlEvent);
 domain_event!(QuotaEvent);
+domain_event!(UsageEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
 /// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`] and
 /// [`QuotaEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 25] = [
+pub const EVENT_TYPES: [&str; 26] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -395,6 +430,7 @@ pub const EVENT_TYPES: [&str; 25] = [
     "PoolResumed",
     "QuotaSlotTaken",
     "QuotaSlotReleased",
+    "RefusalsSummarized",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -412,6 +448,8 @@ pub enum BrokerEvent {
     PoolControl(PoolControlEvent),
     /// From a `quota#` stream.
     Quota(QuotaEvent),
+    /// From a `usage#` stream.
+    Usage(UsageEvent),
     /// An event this build does not know: a newer release wrote it (an event type, a stream
     /// kind or a schema version this build has never seen). Readers skip and count it, and
     /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
@@ -449,6 +487,7 @@ pub fn is_known_stream(stream_id: &str) -> bool {
         || stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX)
         || stream_id == POOL_CONTROL_STREAM_ID
         || stream_id.starts_with(QUOTA_STREAM_PREFIX)
+        || stream_id.starts_with(USAGE_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -652,6 +691,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::PoolControl)
                 .map_err(err)
+        } else if stream.starts_with(USAGE_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Usage)
+                .map_err(err)
         } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
@@ -840,6 +883,7 @@ mod tests {
             "AdminJobEvent",
             "PoolControlEvent",
             "QuotaEvent",
+            "UsageEvent",
         ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))

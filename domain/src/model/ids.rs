@@ -44,6 +44,14 @@ pub const POOL_CONTROL_STREAM_ID: &str = "pool#control";
 /// Prefix of per-track quota streams (`quota#<track name>`): the counter whose version every
 /// quota-bound allocation of the track checks in its own transaction.
 pub const QUOTA_STREAM_PREFIX: &str = "quota#";
+/// Prefix of an API instance's usage stream (`usage#<instance>`): its periodic summaries of the
+/// allocation requests it refused (ADR 0030). One writer per stream.
+pub const USAGE_STREAM_PREFIX: &str = "usage#";
+
+/// The usage stream of the API instance `instance`.
+pub fn usage_stream(instance: &str) -> String {
+    format!("{USAGE_STREAM_PREFIX}{instance}")
+}
 
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

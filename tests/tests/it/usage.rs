@@ -41,6 +41,7 @@ macro_rules! both_stores {
 both_stores!(
     report_of_a_known_scenario_has_exact_figures,
     csv_and_bad_ranges,
+    refusals_are_counted_from_summaries,
 );
 
 fn time(at: &DateTime<Utc>) -> String {
@@ -254,6 +255,52 @@ async fn csv_and_bad_ranges(backend: Backend) -> TestResult {
         assert!(message.contains(field), "{query}: {body}");
         assert!(!message.contains("Some("), "{body}");
     }
+    app.stop().await;
+    Ok(())
+}
+
+/// With `WRITE_EVENTS_USAGE` on, refused allocations (an empty pool, an unknown prefix) are
+/// written as a summary event and the report counts them by track and reason; the log holds one
+/// summary, not one event per refusal.
+async fn refusals_are_counted_from_summaries(backend: Backend) -> TestResult {
+    let mut options = tests::app::AppOptions::new(backend);
+    options.configure = Box::new(|config| {
+        config.write_events_usage = true;
+        config.usage_summary_interval_sec = 3;
+    });
+    let app = tests::app::spawn_app_with(options).await;
+    let from = now(&app);
+    app.seed("ref", 1).await;
+    allocate(&app, "stu-a", "aws-lab").await?;
+    // One burst: the five refusals fall in one interval, or two when the burst straddles an
+    // interval's end.
+    let refused = futures::future::join_all((0..5).map(|i| {
+        app.allocate(&format!("stu-late-{i}"))
+            .header("X-Instruqt-Track-ID", "aws-lab")
+            .send()
+    }))
+    .await;
+    for resp in refused {
+        assert_eq!(resp?.status(), StatusCode::CONFLICT);
+    }
+    let to = now(&app) + chrono::Duration::hours(1);
+    let range = format!("from={}&to={}", time(&from), time(&to));
+    let report = usage_when(&app, &range, |r| {
+        group(r, "aws-lab")["refusals"]["no_sandboxes"] == 5
+    })
+    .await?;
+    assert_eq!(group(&report, "aws-lab")["allocations"], 1);
+    assert_eq!(report["totals"]["refusals"]["no_sandboxes"], 5);
+    let summaries = all_events(app.state.broker.events().as_ref())
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "RefusalsSummarized")
+        .count();
+    assert!(
+        (1..=2).contains(&summaries),
+        "{summaries} summaries for 5 refusals"
+    );
+    assert_eq!(report["refusal_summaries"], summaries as u64, "{report}");
     app.stop().await;
     Ok(())
 }
