@@ -381,18 +381,18 @@ impl UsageAggregator {
             return;
         };
         match payload {
-            SandboxEvent::SandboxRegistered { name, .. } => {
-                // A name seen in the range spares the caller a lookup at the allocation.
-                if self.query.group_by == UsageGroupBy::Prefix {
-                    self.in_flight.insert(
-                        sandbox_id.to_string(),
-                        InFlight {
-                            group: pool_prefix(&name).to_string(),
-                            allocated_at: None,
-                            prefix: Some(pool_prefix(&name).to_string()),
-                        },
-                    );
-                }
+            // A name seen in the range spares the caller a lookup at the allocation.
+            SandboxEvent::SandboxRegistered { name, .. }
+                if self.query.group_by == UsageGroupBy::Prefix =>
+            {
+                self.in_flight.insert(
+                    sandbox_id.to_string(),
+                    InFlight {
+                        group: pool_prefix(&name).to_string(),
+                        allocated_at: None,
+                        prefix: Some(pool_prefix(&name).to_string()),
+                    },
+                );
             }
             SandboxEvent::SandboxAllocated {
                 track_name,
