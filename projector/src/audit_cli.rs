@@ -49,7 +49,7 @@ pub struct UsageArgs {
     /// Inclusive start: RFC 3339, or a day (`YYYY-MM-DD`, its midnight UTC).
     #[arg(long, value_parser = domain::usage::parse_usage_time)]
     pub from: DateTime<Utc>,
-    /// Exclusive end: RFC 3339 or a day; default: now.
+    /// Exclusive end: RFC 3339 or a day; default: now (plus five minutes for writers' clocks).
     #[arg(long, value_parser = domain::usage::parse_usage_time)]
     pub to: Option<DateTime<Utc>>,
     /// `track`, `prefix` or `day`.

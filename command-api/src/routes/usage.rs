@@ -158,7 +158,7 @@ fn wants_csv(q: &HashMap<String, String>, headers: &HeaderMap) -> Result<bool, A
     get, path = "/v1/admin/usage", tag = "Admin", security(("bearer" = [])),
     params(
         ("from" = Option<String>, Query, example = "2026-03-02", description = "Inclusive start: RFC 3339, or a day (`YYYY-MM-DD`, its midnight UTC); default: 7 days before `to`"),
-        ("to" = Option<String>, Query, example = "2026-03-03", description = "Exclusive end: RFC 3339 or a day; default: now. Must be after `from`, at most 400 days later (else 400 `VALIDATION_ERROR`)"),
+        ("to" = Option<String>, Query, example = "2026-03-03", description = "Exclusive end: RFC 3339 or a day; default: now (plus 5 minutes for writers' clock skew). Must be after `from`, at most 400 days later (else 400 `VALIDATION_ERROR`)"),
         ("group_by" = Option<String>, Query, example = "track", pattern = "^(track|prefix|day)$", description = "`track` (default), `prefix` or `day`"),
         ("format" = Option<String>, Query, example = "csv", pattern = "^(json|csv)$", description = "`csv` for CSV (as `Accept: text/csv` does); default JSON"),
     ),
@@ -187,7 +187,10 @@ pub async fn get_usage(
     }
     let csv = wants_csv(&q, &headers)?;
     let now = state.broker.clock().now();
-    let to = time_param(q.get("to"), "to")?.unwrap_or(now);
+    // Without `to`, everything recorded so far: the audit feed's slack for writers' clocks
+    // (allocations still held count up to now, not to this bound).
+    let to = time_param(q.get("to"), "to")?
+        .unwrap_or(now + Duration::seconds(domain::audit::FUTURE_SLACK_S));
     let from =
         time_param(q.get("from"), "from")?.unwrap_or(to - Duration::days(DEFAULT_RANGE_DAYS));
     let group_by = match q.get("group_by") {

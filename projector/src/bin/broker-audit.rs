@@ -107,7 +107,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `usage`: the report over the store's feed or over an export, as JSON or CSV on stdout.
 async fn usage(store: &StoreArgs, args: &UsageArgs) -> anyhow::Result<()> {
     let now = Utc::now();
-    let query = domain::usage::UsageQuery::new(args.from, args.to.unwrap_or(now), args.group_by)?;
+    let to = args
+        .to
+        .unwrap_or(now + chrono::Duration::seconds(domain::audit::FUTURE_SLACK_S));
+    let query = domain::usage::UsageQuery::new(args.from, to, args.group_by)?;
     let report = match args.file.as_deref() {
         Some("-") => projector::usage_cli::usage_from_export(
             std::io::BufReader::new(std::io::stdin()),
