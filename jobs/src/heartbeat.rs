@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use domain::heartbeat::{judge, HeartbeatBook, Verdict};
 use domain::model::events::{truncate_to_millis, BrokerEvent, SandboxEvent};
+use domain::model::ids::sandbox_stream;
 use domain::model::sandbox::SandboxCommand;
 use domain::store::ListFilter;
 use domain::SandboxStatus;
@@ -205,14 +206,17 @@ impl Jobs {
         let now = self.broker.clock().now();
         let last_seen = book.last_seen(sandbox_id).await?;
         let (last, verdict) = judge(allocated_at, last_seen, grace_s, now);
+        let warned = sandbox.heartbeat_warned_for == Some(truncate_to_millis(last));
         let command = match verdict {
             Verdict::Alive => return Ok(()),
+            // Warned about this silence already: nothing to do until the whole grace is over.
+            Verdict::Warn { .. } if warned => return Ok(()),
             Verdict::Warn { reclaim_at } => SandboxCommand::WarnHeartbeat {
                 allocated_at,
                 last_heartbeat_at: last,
                 reclaim_at,
             },
-            Verdict::Reclaim if sandbox.heartbeat_warned_for != Some(truncate_to_millis(last)) => {
+            Verdict::Reclaim if !warned => {
                 // Never reclaim without the warning first (a check interval longer than half
                 // the grace, or a run that missed the warning window): warn now, reclaim at
                 // the next run.
@@ -230,7 +234,10 @@ impl Jobs {
         let reclaim = matches!(command, SandboxCommand::Reclaim { .. });
         let version_before = sandbox.version;
         match self.broker.execute(sandbox_id, command, meta).await {
-            Ok(after) if after.version > version_before => {
+            Ok(after)
+                if after.version > version_before
+                    && self.appended_by(sandbox_id, version_before, meta).await? =>
+            {
                 if reclaim {
                     summary.reclaimed += 1;
                     self.metrics.heartbeat.reclaims.inc();
@@ -242,14 +249,39 @@ impl Jobs {
                 }
                 Ok(())
             }
-            // Nothing appended: already warned about this silence, or the allocation ended.
-            Ok(_) => Ok(()),
+            // Nothing appended by this run: already warned about this silence, the allocation
+            // ended, or another instance acted first (its events made this decision a no-op).
+            Ok(_) => {
+                summary.skipped_conflicts += 1;
+                Ok(())
+            }
             Err(e) if is_refusal(&e) => {
                 summary.skipped_conflicts += 1;
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl Jobs {
+    /// True when an event after `version` on the sandbox's stream was appended by this run
+    /// (its correlation id): `execute` answers the same way whether this run or a concurrent
+    /// one appended, and only this run's actions are counted.
+    async fn appended_by(
+        &self,
+        sandbox_id: &str,
+        version: u64,
+        meta: &domain::CommandMeta,
+    ) -> Result<bool, JobError> {
+        let after = self
+            .broker
+            .events()
+            .load_after(&sandbox_stream(sandbox_id), version)
+            .await?;
+        Ok(after
+            .iter()
+            .any(|e| e.correlation_id.is_some() && e.correlation_id == meta.correlation_id))
     }
 }
 

@@ -44,6 +44,7 @@ both_stores!(
     heartbeats_keep_the_allocation_and_move_the_clock,
     a_release_under_way_is_not_raced,
     with_the_flag_off_nothing_is_written,
+    concurrent_reclaims_act_once,
 );
 
 /// The opted-in track: a heartbeat a minute, 30 minutes of grace.
@@ -356,6 +357,38 @@ async fn with_the_flag_off_nothing_is_written(backend: Backend) -> TestResult {
         .as_deref()
         .is_some_and(|d| d.contains("WRITE_EVENTS_HEARTBEATS")));
     assert_eq!(status_of(&app, "stu", &id).await?, "allocated");
+    app.stop().await;
+    Ok(())
+}
+
+/// Three reclaim runs at once (as on three instances) write one warning, then one reclaim:
+/// the conditional append lets one win and the others re-decide on its events.
+async fn concurrent_reclaims_act_once(backend: Backend) -> TestResult {
+    let app = app(backend, true, None).await;
+    app.seed("lab", 2).await;
+    let id = allocate(&app, "stu", TRACK).await?;
+    let jobs = &app.state.jobs;
+    for (advance, kind) in [(16, "HeartbeatMissed"), (15, "DeletionRequested")] {
+        app.clock.advance(Duration::minutes(advance));
+        let (a, b, c) = tokio::join!(
+            jobs.reclaim_orphans(),
+            jobs.reclaim_orphans(),
+            jobs.reclaim_orphans()
+        );
+        let acted: u64 = [a?, b?, c?].iter().map(|s| s.warned + s.reclaimed).sum();
+        assert_eq!(acted, 1, "{kind}");
+        let written = app
+            .state
+            .broker
+            .events()
+            .load(&sandbox_stream(&id))
+            .await?
+            .iter()
+            .filter(|e| e.event_type == kind)
+            .count();
+        assert_eq!(written, 1, "{kind}");
+    }
+    assert_eq!(status_of(&app, "stu", &id).await?, "pending_deletion");
     app.stop().await;
     Ok(())
 }
