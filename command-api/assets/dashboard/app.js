@@ -582,6 +582,9 @@
       case "SandboxAllocated":
         return { text: `${p.caller} got ${n()}` + (p.track_name ? ` (track ${p.track_name})` : "") + (p.expires_at ? `, until ${at(p.expires_at)}` : "") };
       case "DeletionRequested":
+        if (p.reason === "heartbeat_missed") {
+          return { text: `${n()} reclaimed from ${p.caller}: no heartbeat since ${at(p.last_heartbeat_at)}; queued for deletion` };
+        }
         return { text: `${p.caller} released ${n()}; it is queued for deletion` };
       case "AllocationExpired":
         return { text: `${n()}: the lab ended (expired); queued for deletion` };
@@ -627,6 +630,10 @@
         return { text: (p.prefix ? `allocation drained for names starting ${p.prefix}` : "allocation drained for the whole pool") + (p.reason ? ` (${p.reason})` : "") };
       case "PoolResumed":
         return { text: p.prefix ? `allocation resumed for names starting ${p.prefix}` : "allocation resumed for the whole pool" };
+      case "HeartbeatMissed":
+        return { text: `${n()}: no heartbeat since ${at(p.last_heartbeat_at)}; reclaimed at ${at(p.reclaim_at)} unless one comes` };
+      case "RefusalsSummarized":
+        return { text: `refused allocations: ${(p.refusals || []).map((r) => `${r.count} × ${String(r.reason).replace(/_/g, " ")}` + (r.track ? ` (${r.track})` : "")).join(", ")}`, internal: true };
       default:
         return { text: `${event.event_type} (an event this page does not describe)` };
     }
