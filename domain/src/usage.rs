@@ -201,15 +201,16 @@ pub struct UsageReport {
 struct GroupTally {
     figures: UsageFigures,
     hold_ms_total: i64,
-    holds: Histogram<u64>,
+    /// `None` only if the histogram could not be created, which constant, valid bounds rule
+    /// out; the percentiles are then absent rather than a panic on a request path.
+    holds: Option<Histogram<u64>>,
 }
 
 impl GroupTally {
     fn new(group: &str) -> Self {
         // Three significant digits over 1 s .. MAX_HOLD_S: a fixed ~30 KiB per group, and every
         // hold up to 2047 s is resolved to the second.
-        let holds = Histogram::new_with_bounds(1, MAX_HOLD_S, 3)
-            .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+        let holds = Histogram::new_with_bounds(1, MAX_HOLD_S, 3).ok();
         Self {
             figures: UsageFigures {
                 group: group.to_string(),
@@ -236,19 +237,18 @@ impl GroupTally {
         }
         self.hold_ms_total += other.hold_ms_total;
         // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.holds.add(&other.holds);
+        if let (Some(mine), Some(theirs)) = (self.holds.as_mut(), other.holds.as_ref()) {
+            let _ = mine.add(theirs);
+        }
     }
 
     fn finish(mut self) -> UsageFigures {
         self.figures.sandbox_hours =
             ((self.hold_ms_total as f64) / 3_600_000.0 * 1_000.0).round() / 1_000.0;
-        if !self.holds.is_empty() {
+        if let Some(holds) = self.holds.as_ref().filter(|h| !h.is_empty()) {
             // The lowest value of the histogram bucket: exact to the second up to 2047 s,
             // within 0.1 % above (a hold recorded as 3600 s reads back as 3600 s).
-            let at = |q: f64| {
-                self.holds
-                    .lowest_equivalent(self.holds.value_at_quantile(q))
-            };
+            let at = |q: f64| holds.lowest_equivalent(holds.value_at_quantile(q));
             self.figures.hold_median_s = Some(at(0.5));
             self.figures.hold_p95_s = Some(at(0.95));
         }
@@ -480,7 +480,10 @@ impl UsageAggregator {
         tally.hold_ms_total += held_ms;
         // Rounded to the second, at least 1 s (the histogram's lowest value).
         let held_s = ((held_ms + 500) / 1_000).clamp(1, MAX_HOLD_S as i64) as u64;
-        let _ = tally.holds.record(held_s);
+        if let Some(holds) = tally.holds.as_mut() {
+            // Clamped to the histogram's bounds above, so recording cannot fail.
+            let _ = holds.record(held_s);
+        }
     }
 
     /// Folds the counts of one refusal summary written at `at` (ignored outside the range).
@@ -865,7 +868,8 @@ mod tests {
     #[test]
     fn state_does_not_grow_with_events() {
         let mut agg = UsageAggregator::new(query(UsageGroupBy::Track));
-        let fresh = GroupTally::new("x").holds.distinct_values();
+        let fresh = GroupTally::new("x").holds.map(|h| h.distinct_values());
+        assert!(fresh.is_some());
         for i in 0..100_000u32 {
             let at = t0() + Duration::milliseconds(i64::from(i) * 100);
             let id = format!("s{}", i % 50);
@@ -890,8 +894,8 @@ mod tests {
             .groups
             .values()
             .next()
-            .map(|t| t.holds.distinct_values());
-        assert_eq!(tally, Some(fresh));
+            .and_then(|t| t.holds.as_ref().map(|h| h.distinct_values()));
+        assert_eq!(tally, fresh);
         let report = agg.finish(t0() + Duration::days(1));
         assert_eq!(report.totals.allocations, 100_000);
         assert_eq!(report.totals.ended, 100_000);
