@@ -321,7 +321,10 @@ impl UsageAggregator {
     pub fn needs_name(&self, event: &EventEnvelope) -> bool {
         self.query.group_by == UsageGroupBy::Prefix
             && event.event_type == "SandboxAllocated"
-            && sandbox_id_of(&event.stream_id).is_some()
+            && sandbox_id_of(&event.stream_id).is_some_and(|id| {
+                // A registration read in the range already named it.
+                self.in_flight.get(id).is_none_or(|f| f.prefix.is_none())
+            })
     }
 
     fn tally(&mut self, group: &str) -> &mut GroupTally {
