@@ -382,11 +382,14 @@ variable "job_schedules" {
     "auto-expire"  = "rate(5 minutes)"
     "delete-stale" = "rate(1 hour)"
     "reservations" = "rate(5 minutes)"
+    # The heartbeat reclaim acts only for tracks in heartbeat_tracks and with
+    # write_events_heartbeats on; otherwise each run finds nothing to do.
+    "reclaim-orphans" = "rate(1 minute)"
   }
 
   validation {
-    condition     = alltrue([for k in keys(var.job_schedules) : contains(["sync", "cleanup", "auto-expire", "delete-stale", "reservations"], k)])
-    error_message = "job_schedules keys must be among: sync, cleanup, auto-expire, delete-stale, reservations."
+    condition     = alltrue([for k in keys(var.job_schedules) : contains(["sync", "cleanup", "auto-expire", "delete-stale", "reservations", "reclaim-orphans"], k)])
+    error_message = "job_schedules keys must be among: sync, cleanup, auto-expire, delete-stale, reservations, reclaim-orphans."
   }
 
   validation {

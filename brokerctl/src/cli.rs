@@ -321,6 +321,32 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: ViewFormat,
     },
+    /// Tell the broker the lab holding this sandbox is alive (track token); with --every, keep
+    /// sending until the allocation ends (exit 0) or a heartbeat is refused.
+    Heartbeat {
+        /// The sandbox: its broker id (`sandbox_id`, e.g. mock-001) or its name (e.g. lab-demo-001).
+        sandbox_id: String,
+        #[command(flatten)]
+        caller: CallerArgs,
+        /// Send a heartbeat every this many seconds (at least 5) until the allocation ends.
+        #[arg(long)]
+        every: Option<u64>,
+    },
+    /// Usage over a range by track, prefix or day (admin token).
+    Usage {
+        /// Inclusive start: RFC 3339 or a day (YYYY-MM-DD); default: 7 days before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// Exclusive end: RFC 3339 or a day; default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// track, prefix or day.
+        #[arg(long, default_value = "track")]
+        group_by: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
 }
 
 /// What `brokerctl reservations` does.
@@ -417,6 +443,7 @@ impl Command {
                 | Command::Status { .. }
                 | Command::Release { .. }
                 | Command::Extend(_)
+                | Command::Heartbeat { .. }
         )
     }
 }
@@ -832,6 +859,85 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let call = Call::new(Method::GET, format!("/v1/admin/pseudonyms/{pseudonym}"));
             let body = success(send(call).await?)?;
             emit(&pretty(&body), None)
+        }
+        Command::Heartbeat {
+            sandbox_id,
+            caller,
+            every,
+        } => {
+            let beat = || async {
+                let mut call = Call::new(
+                    Method::POST,
+                    format!("/v1/sandboxes/{}/heartbeat", segment(&sandbox_id)),
+                );
+                call.caller = Some(caller_of(&caller)?);
+                with_lease_token(&mut call, &caller)?;
+                send(call).await
+            };
+            let Some(every) = every else {
+                let body = success(beat().await?)?;
+                return emit(&format!("{body}\n"), None);
+            };
+            if every < 5 {
+                return Err(Failure::BadInput(
+                    "--every must be at least 5 seconds; the grace covers many missed beats".into(),
+                ));
+            }
+            loop {
+                let reply = beat().await?;
+                if reply.status == reqwest::StatusCode::CONFLICT {
+                    // The allocation ended (released, expired or reclaimed): nothing to keep alive.
+                    if !quiet {
+                        eprintln!(
+                            "brokerctl: the allocation of {sandbox_id} has ended; heartbeats stop"
+                        );
+                    }
+                    return Ok(());
+                }
+                let body = success(reply)?;
+                if !quiet {
+                    eprintln!(
+                        "brokerctl: heartbeat recorded at {}",
+                        body["last_heartbeat_at"].as_str().unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(every)).await;
+            }
+        }
+        Command::Usage {
+            from,
+            to,
+            group_by,
+            format,
+        } => {
+            let call = Call::new(Method::GET, "/v1/admin/usage")
+                .param("from", from.as_deref())
+                .param("to", to.as_deref())
+                .param("group_by", Some(group_by.as_str()));
+            let body = success(send(call).await?)?;
+            let text = match format {
+                ViewFormat::Json => pretty(&body),
+                ViewFormat::Table => {
+                    let mut rows = body["groups"].as_array().cloned().unwrap_or_default();
+                    rows.push(body["totals"].clone());
+                    table(
+                        &rows,
+                        &[
+                            "group",
+                            "allocations",
+                            "sandbox_hours",
+                            "hold_median_s",
+                            "hold_p95_s",
+                            "extensions",
+                            "waits",
+                            "reclaims",
+                            "deletions",
+                            "quarantines",
+                        ],
+                    )
+                }
+            };
+            emit(&text, None)
         }
         command => {
             let ctx = crate::verbs::Context {

@@ -56,6 +56,8 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "reservations cancel",
     ),
     ("get", "/v1/capacity", "capacity"),
+    ("post", "/v1/sandboxes/{sandbox_id}/heartbeat", "heartbeat"),
+    ("get", "/v1/admin/usage", "usage"),
 ];
 
 /// `(method, path, why)`: operations that are not for people at a terminal, so no command.

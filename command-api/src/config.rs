@@ -374,6 +374,14 @@ pub struct Config {
     /// never hands one student a second sandbox. Blank: no fallback.
     #[arg(long, env = "CLEAR_ID_FALLBACK_UNTIL", default_value = "")]
     pub clear_id_fallback_until: String,
+    /// Append a summary of the allocation requests this instance refused (`RefusalsSummarized`,
+    /// counted by usage reports) every `USAGE_SUMMARY_INTERVAL_SEC`. Turn on once every process
+    /// runs this release (docs/upgrades.md).
+    #[arg(long, env = "WRITE_EVENTS_USAGE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub write_events_usage: bool,
+    /// Seconds between two refusal summaries of this instance.
+    #[arg(long, env = "USAGE_SUMMARY_INTERVAL_SEC", default_value_t = 60)]
+    pub usage_summary_interval_sec: u64,
 }
 
 impl Config {

@@ -30,6 +30,8 @@
 //! - [`error`] — `ApiError` and the contract's error envelope.
 //! - [`rate_limit`] — token buckets with bounded, sharded memory.
 //! - [`readiness`] — the cached store check of `/readyz`.
+//! - [`refusals`] — refused allocations counted per interval and written as one summary event
+//!   (`WRITE_EVENTS_USAGE`), which usage reports count (ADR 0030).
 //! - [`state`] — `AppState`, what every handler shares (imports no route module).
 //! - [`metrics`] — Prometheus series (reference names kept).
 //! - [`outcomes`] — allocation outcomes since the process started, per minute for the last hour
@@ -58,6 +60,7 @@ pub mod outcomes;
 pub mod pool_alerts;
 pub mod rate_limit;
 pub mod readiness;
+pub mod refusals;
 pub mod reservation_watch;
 pub mod rotation;
 pub mod routes;
@@ -93,6 +96,7 @@ async fn no_store(mut response: axum::response::Response) -> axum::response::Res
 pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let base = state.base_path.clone();
     let track = routes::sandboxes::router()
+        .merge(routes::heartbeat::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::admin_jobs::router())
@@ -102,12 +106,16 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::outcomes::router())
         .merge(routes::students::router())
         .merge(routes::reservations::router())
+        .merge(routes::usage::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let capacity = routes::reservations::capacity_router()
         .route_layer(from_fn_with_state(state.clone(), auth::require_any));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),
-        openapi::ApiDoc::openapi().merge_from(routes::events::EventsApi::openapi()),
+        openapi::ApiDoc::openapi()
+            .merge_from(routes::events::EventsApi::openapi())
+            .merge_from(routes::usage::UsageApi::openapi())
+            .merge_from(routes::heartbeat::HeartbeatApi::openapi()),
     );
     // Track and admin answers carry sandbox details (names, account paths): never kept by a
     // browser or a shared cache. A route that chose its own policy (the live stream) keeps it.

@@ -160,6 +160,7 @@ pub async fn build_with(
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
             quotas,
             unknown_outcome_hold: Duration::from_secs(config.unknown_outcome_hold_sec),
+            heartbeats: config.jobs.heartbeat_policies()?,
             ..BrokerConfig::default()
         },
     );
@@ -226,7 +227,10 @@ pub async fn build_with(
     jobs_config.expiry_grace = expiry_grace;
     let jobs = Arc::new(
         jobs::Jobs::from_config(broker.clone(), jobs_config, clock.clone(), &registry)
-            .context("jobs")?,
+            .context("jobs")?
+            .with_heartbeats(Arc::new(domain::heartbeat::CheckpointHeartbeats::new(
+                view.clone(),
+            ))),
     );
 
     if let (Some(store), true) = (&embedded, config.seed_demo_pool) {
@@ -340,7 +344,19 @@ pub async fn build_with(
     if subjects.pseudonymised() {
         tracing::info!(target: "startup", fallback = subjects.fallback_active(), "student ids are pseudonymised");
     }
+    let refusals = Arc::new(crate::refusals::RefusalCounter::new(clock.now()));
+    tasks.push(tokio::spawn(crate::refusals::run(
+        Arc::clone(&refusals),
+        crate::refusals::SummaryWriter::new(
+            events.clone(),
+            clock.clone(),
+            config.write_events_usage,
+        ),
+        Duration::from_secs(config.usage_summary_interval_sec.max(1)),
+        stop.stopped(),
+    )));
     let state = Arc::new(AppState {
+        refusals,
         webhooks,
         admin_jobs,
         pool_alerts,

@@ -82,6 +82,8 @@ pub struct AppState {
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
     /// Student ids to pseudonyms, and their erasure (`STUDENT_IDS`, ADR 0031).
     pub subjects: Arc<crate::subjects::Subjects>,
+    /// Refused allocation requests counted for the next refusal summary (ADR 0030).
+    pub refusals: Arc<crate::refusals::RefusalCounter>,
 }
 
 /// The state handle handlers receive.

@@ -592,6 +592,9 @@ mod tests {
             allocated_at: at,
             expires_at: at + Duration::hours(1),
             lab_duration_s: 3600,
+            heartbeat_interval_s: None,
+            heartbeat_grace_s: None,
+            waited_ms: None,
         }
     }
 
@@ -715,6 +718,8 @@ mod tests {
                 &SandboxEvent::DeletionRequested {
                     caller: "stu".into(),
                     requested_at: t0 + Duration::minutes(5),
+                    reason: None,
+                    last_heartbeat_at: None,
                 },
                 &m,
                 t0 + Duration::minutes(5),

@@ -15,15 +15,19 @@
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
 //! - [`audit`] — the auditor's side over the `EventFeed` port: paged audit queries,
 //!   point-in-time state, a caller's allocations, pool replay at an instant, the live-feed tail.
+//! - [`heartbeat`] — heartbeat policies per track and the reclaim decision (ADR 0030).
+//! - [`usage`] — usage reports folded from the event log in bounded memory (ADR 0030).
 //! - [`restore`] — importing an export into a fresh event table, and the cross-stream
 //!   consistency check of a (restored) log.
 
 pub mod audit;
 pub mod clock;
+pub mod heartbeat;
 pub mod model;
 pub mod restore;
 pub mod service;
 pub mod store;
+pub mod usage;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use model::error::DomainError;

@@ -62,6 +62,8 @@ pub enum OneShot {
     DeleteStale,
     /// Earmark, top up and close reservations.
     Reservations,
+    /// Warn about, then reclaim, allocations whose labs stopped sending heartbeats.
+    ReclaimOrphans,
 }
 
 impl From<OneShot> for JobKind {
@@ -72,6 +74,7 @@ impl From<OneShot> for JobKind {
             OneShot::AutoExpire => JobKind::AutoExpire,
             OneShot::DeleteStale => JobKind::DeleteStale,
             OneShot::Reservations => JobKind::Reservations,
+            OneShot::ReclaimOrphans => JobKind::ReclaimOrphans,
         }
     }
 }

@@ -151,6 +151,8 @@ pub struct JobsConfig {
     pub niosxaas: NiosxaasConfig,
     /// Reservations: the write flag, limits, lead time and the job's interval (ADR 0028).
     pub reservations: crate::reservations::ReservationArgs,
+    /// The heartbeat reclaim.
+    pub heartbeats: crate::heartbeat::HeartbeatJobConfig,
 }
 
 impl Default for JobsConfig {
@@ -171,6 +173,7 @@ impl Default for JobsConfig {
             worker: WorkerConfig::default(),
             niosxaas: NiosxaasConfig::default(),
             reservations: crate::reservations::ReservationArgs::default(),
+            heartbeats: crate::heartbeat::HeartbeatJobConfig::default(),
         }
     }
 }
@@ -348,9 +351,32 @@ pub struct JobsArgs {
     /// Reservation settings (ADR 0028), shared with the API.
     #[command(flatten)]
     pub reservations: crate::reservations::ReservationArgs,
+    /// Tracks whose labs send heartbeats: `track=INTERVAL[/GRACE],…` in seconds (grace default
+    /// 2700, at least 300 and three intervals); blank: none. Allocations of these tracks record
+    /// the policy; the reclaim warns at half the grace and reclaims at the whole (ADR 0030).
+    #[arg(long, env = "HEARTBEAT_TRACKS", default_value = "")]
+    pub heartbeat_tracks: String,
+    /// Worker: the heartbeat reclaim every this many seconds.
+    #[arg(long, env = "HEARTBEAT_CHECK_INTERVAL_SEC", default_value_t = 60.0, value_parser = non_negative)]
+    pub heartbeat_check_interval_sec: f64,
+    /// Write `HeartbeatMissed` events (the reclaim's warning; the reclaim acts only with it on).
+    /// Turn on once every process runs this release (docs/upgrades.md).
+    #[arg(long, env = "WRITE_EVENTS_HEARTBEATS", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub write_events_heartbeats: bool,
 }
 
 impl JobsArgs {
+    /// The tracks that opted in to heartbeats (`HEARTBEAT_TRACKS`).
+    pub fn heartbeat_policies(&self) -> Result<domain::heartbeat::HeartbeatPolicies, ConfigError> {
+        domain::heartbeat::HeartbeatPolicies::parse(&self.heartbeat_tracks).map_err(|reason| {
+            ConfigError::Invalid {
+                name: "HEARTBEAT_TRACKS",
+                value: self.heartbeat_tracks.clone(),
+                reason,
+            }
+        })
+    }
+
     /// The auto-expiry grace (`GRACE_PERIOD_MINUTES`).
     pub fn expiry_grace(&self) -> Result<Duration, ConfigError> {
         scaled("GRACE_PERIOD_MINUTES", self.grace_period_minutes, 60.0)
@@ -428,6 +454,13 @@ impl JobsArgs {
                 shadow_mode: self.niosxaas_shadow_mode,
             },
             reservations: self.reservations.clone(),
+            heartbeats: crate::heartbeat::HeartbeatJobConfig {
+                write_events: self.write_events_heartbeats,
+                check_interval: secs(
+                    "HEARTBEAT_CHECK_INTERVAL_SEC",
+                    self.heartbeat_check_interval_sec,
+                )?,
+            },
         };
         config.validate()?;
         Ok(config)

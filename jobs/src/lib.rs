@@ -14,6 +14,8 @@
 //! - [`sync`] — sync with the two-listing stale debounce recorded on `sync#csp`.
 //! - [`cleanup`] — CSP deletes: strong re-check, backoff, quarantine, deferral on an open circuit.
 //! - [`expiry`] — auto-expiry and stale removal (store only).
+//! - [`heartbeat`] — the heartbeat reclaim: warn, then reclaim allocations whose labs went
+//!   silent (ADR 0030); its settings and metrics.
 //! - [`admin`] — retry a quarantined deletion; bulk delete by explicit status.
 //! - [`niosxaas`] — the NIOSXaaS pre-delete hook point (no-op; follow-up documented there).
 //! - [`summary`] — the serialisable run summaries and [`JobKind`].
@@ -34,6 +36,7 @@ pub mod config;
 pub mod csp;
 pub mod error;
 pub mod expiry;
+pub mod heartbeat;
 pub mod log_fields;
 pub mod metrics;
 pub mod niosxaas;

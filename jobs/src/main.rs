@@ -32,7 +32,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let broker = startup::broker(&stores, clock.clone(), &config);
     let registry = Registry::new();
     runtime::StoreRequestMetrics::for_stores(&registry, &stores).context("store metrics")?;
-    let jobs = Jobs::from_config(broker, config, clock, &registry).context("jobs")?;
+    let jobs = Jobs::from_config(broker, config, clock, &registry)
+        .context("jobs")?
+        .with_heartbeats(Arc::new(domain::heartbeat::CheckpointHeartbeats::new(
+            stores.view.clone(),
+        )));
     match cli.command {
         Command::Worker { metrics_addr } => {
             startup::run_worker(

@@ -76,6 +76,8 @@ pub struct JobsMetrics {
     /// `broker_reservation_shortfall_sandboxes`: sandboxes the open reservations lack after the
     /// reservation job's last run (alert on > 0 before a window opens).
     pub reservation_shortfall: IntGauge,
+    /// Heartbeats and the heartbeat reclaim.
+    pub heartbeat: crate::heartbeat::HeartbeatMetrics,
 }
 
 impl JobsMetrics {
@@ -174,6 +176,7 @@ impl JobsMetrics {
             expiry_total,
             expiry_orphaned,
             reservation_shortfall,
+            heartbeat: crate::heartbeat::HeartbeatMetrics::new(registry)?,
         })
     }
 

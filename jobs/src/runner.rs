@@ -33,6 +33,9 @@ pub struct Jobs {
     /// each other's lease for their own.
     pub(crate) worker_id: String,
     stop: watch::Sender<bool>,
+    /// Where heartbeats are recorded (the API writes, the reclaim reads); `None` until
+    /// [`Jobs::with_heartbeats`]: the reclaim then does nothing.
+    pub(crate) heartbeats: Option<Arc<dyn domain::heartbeat::HeartbeatBook>>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -84,7 +87,19 @@ impl Jobs {
             pre_delete,
             worker_id: format!("worker-{}", uuid::Uuid::now_v7()),
             stop: watch::Sender::new(false),
+            heartbeats: None,
         }
+    }
+
+    /// Records and reads heartbeats in `book` (ADR 0030).
+    pub fn with_heartbeats(mut self, book: Arc<dyn domain::heartbeat::HeartbeatBook>) -> Self {
+        self.heartbeats = Some(book);
+        self
+    }
+
+    /// Where heartbeats are recorded, if this process has the store for them.
+    pub fn heartbeats(&self) -> Option<&Arc<dyn domain::heartbeat::HeartbeatBook>> {
+        self.heartbeats.as_ref()
     }
 
     /// Everything from configuration: registers [`JobsMetrics`] into `registry` (the one the
@@ -154,6 +169,7 @@ impl Jobs {
             JobKind::Cleanup => self.cleanup().await.map(|s| to_json(&s)),
             JobKind::AutoExpire => self.auto_expire().await.map(|s| to_json(&s)),
             JobKind::DeleteStale => self.delete_stale(None).await.map(|s| to_json(&s)),
+            JobKind::ReclaimOrphans => self.reclaim_orphans().await.map(|s| to_json(&s)),
             JobKind::BulkDelete => Err(JobError::InvalidRequest(
                 "bulk delete needs an explicit status; use Jobs::bulk_delete".into(),
             )),

@@ -24,6 +24,8 @@ pub enum JobKind {
     BulkDelete,
     /// Earmarks, tops up and closes reservations (ADR 0028).
     Reservations,
+    /// Reclaims allocations whose labs stopped sending heartbeats (ADR 0030).
+    ReclaimOrphans,
 }
 
 impl JobKind {
@@ -36,6 +38,7 @@ impl JobKind {
             JobKind::DeleteStale => "delete_stale",
             JobKind::BulkDelete => "bulk_delete",
             JobKind::Reservations => "reservations",
+            JobKind::ReclaimOrphans => "reclaim_orphans",
         }
     }
 }

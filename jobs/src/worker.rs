@@ -13,12 +13,13 @@ use crate::runner::Jobs;
 use crate::summary::JobKind;
 
 /// The jobs the worker loops over.
-pub const WORKER_JOBS: [JobKind; 5] = [
+pub const WORKER_JOBS: [JobKind; 6] = [
     JobKind::Sync,
     JobKind::Cleanup,
     JobKind::AutoExpire,
     JobKind::DeleteStale,
     JobKind::Reservations,
+    JobKind::ReclaimOrphans,
 ];
 
 /// Runs every loop until `shutdown` resolves, then stops the jobs and waits for the loops.
@@ -64,6 +65,7 @@ fn interval_of(jobs: &Jobs, kind: JobKind) -> Duration {
         JobKind::AutoExpire => w.auto_expiry_interval,
         JobKind::DeleteStale | JobKind::BulkDelete => w.stale_interval,
         JobKind::Reservations => jobs.config().reservations.interval(),
+        JobKind::ReclaimOrphans => jobs.config().heartbeats.check_interval,
     }
 }
 

@@ -39,6 +39,28 @@ pub enum Command {
     Import(ImportArgs),
     /// Check the log against itself: live claims, allocations and quota slots agree (exit 1 if not).
     Check(CheckArgs),
+    /// Usage over a range by track, prefix or day, as `GET /v1/admin/usage` reports it.
+    Usage(UsageArgs),
+}
+
+/// `broker-audit usage`.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Inclusive start: RFC 3339, or a day (`YYYY-MM-DD`, its midnight UTC).
+    #[arg(long, value_parser = domain::usage::parse_usage_time)]
+    pub from: DateTime<Utc>,
+    /// Exclusive end: RFC 3339 or a day; default: now (plus five minutes for writers' clocks).
+    #[arg(long, value_parser = domain::usage::parse_usage_time)]
+    pub to: Option<DateTime<Utc>>,
+    /// `track`, `prefix` or `day`.
+    #[arg(long, default_value = "track")]
+    pub group_by: domain::usage::UsageGroupBy,
+    /// Print CSV instead of JSON.
+    #[arg(long)]
+    pub csv: bool,
+    /// Read an export (from `export`; `-`: standard input) instead of the store.
+    #[arg(long)]
+    pub file: Option<String>,
 }
 
 /// `broker-audit import`.

@@ -29,6 +29,8 @@
 //!   their stream, corrupted rows, counters) through version-conditioned writes.
 //! - [`redrive`] — `projector redrive`: re-applies the batches the Lambda's on-failure
 //!   destination received, from the stream while it holds them, else from the event table.
+//! - [`usage_cli`] — `broker-audit usage` over an export (the store path is
+//!   `domain::usage::usage_from_feed`).
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `redrive`,
 //!   `capture`);
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
@@ -45,6 +47,7 @@ pub mod poller;
 pub mod rebuild;
 pub mod redrive;
 pub mod repair;
+pub mod usage_cli;
 
 use std::sync::Arc;
 

@@ -735,3 +735,45 @@ async fn reservation_and_capacity_commands() {
     assert_eq!(json(&cancelled)["state"], "cancelled");
     app.stop().await;
 }
+
+/// `heartbeat` records one (JSON answer); `heartbeat --every` stops with exit 0 once the
+/// allocation has ended; `usage` shows the allocation in a table and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_and_usage_commands() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.seed("lab", 2).await;
+    let first = track(
+        &app,
+        &["allocate", "--caller", "stu-hb", "--track", "hb-track"],
+    )
+    .await;
+    ok(&first);
+    let id = json(&first)["sandbox_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let beat = track(&app, &["heartbeat", &id, "--caller", "stu-hb"]).await;
+    ok(&beat);
+    assert_eq!(json(&beat)["sandbox_id"], id.as_str());
+    assert_eq!(json(&beat)["heartbeats_required"], false);
+    ok(&track(&app, &["release", &id, "--caller", "stu-hb"]).await);
+    let looped = track(
+        &app,
+        &["heartbeat", &id, "--caller", "stu-hb", "--every", "5"],
+    )
+    .await;
+    ok(&looped);
+    assert!(String::from_utf8_lossy(&looped.stderr).contains("has ended"));
+
+    let table = admin(&app, &["usage", "--group-by", "track"]).await;
+    ok(&table);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("hb-track"), "{text}");
+    assert!(text.contains("total"), "{text}");
+    let as_json = admin(&app, &["usage", "--format", "json"]).await;
+    ok(&as_json);
+    assert_eq!(json(&as_json)["totals"]["allocations"], 1);
+    let bad = admin(&app, &["usage", "--group-by", "week"]).await;
+    assert_ne!(code(&bad), 0);
+    app.stop().await;
+}

@@ -272,6 +272,53 @@
     $("outcomes-chart").replaceChildren(root);
   }
 
+  // ---- usage by day (GET /admin/usage, folded from the event log) -------------------------------
+
+  const USAGE_DAYS = 14;
+  const USAGE_EVERY_MS = 300000;
+
+  async function refreshUsage() {
+    const dayMs = 86400000;
+    const today = Math.floor(serverNow() / dayMs) * dayMs;
+    const from = new Date(today - (USAGE_DAYS - 1) * dayMs).toISOString().slice(0, 10);
+    const body = await api("/admin/usage?group_by=day&from=" + from);
+    const byDay = new Map((body.groups || []).map((g) => [g.group, g]));
+    const days = [];
+    for (let i = USAGE_DAYS - 1; i >= 0; i--) {
+      const day = new Date(today - i * dayMs).toISOString().slice(0, 10);
+      const g = byDay.get(day);
+      days.push({ day, allocations: g ? g.allocations : 0, hours: g ? g.sandbox_hours : 0 });
+    }
+    const totals = body.totals || {};
+    $("usage-allocations").textContent = String(totals.allocations || 0);
+    $("usage-allocations").setAttribute("data-total", String(totals.allocations || 0));
+    $("usage-hours").textContent = String(totals.sandbox_hours || 0);
+    $("usage-reclaims").textContent = String(totals.reclaims || 0);
+    drawUsage(days);
+    document.body.setAttribute("data-usage-loaded", "true");
+  }
+
+  function drawUsage(days) {
+    const width = 360, height = 150, top = 16, bottom = 24, left = 24;
+    const max = Math.max(1, ...days.map((d) => d.allocations));
+    const slot = (width - left) / days.length;
+    const root = svg("svg", { viewBox: `0 0 ${width} ${height}` });
+    root.appendChild(svg("line", { x1: left, x2: width, y1: height - bottom, y2: height - bottom, class: "axis" }));
+    root.appendChild(svg("text", { x: left - 4, y: top + 4, "text-anchor": "end" }, max));
+    root.appendChild(svg("text", { x: left - 4, y: height - bottom, "text-anchor": "end" }, 0));
+    days.forEach((d, i) => {
+      const h = d.allocations ? Math.max(1, Math.round(((height - top - bottom) * d.allocations) / max)) : 0;
+      const bar = svg("rect", { x: left + i * slot + 1, y: height - bottom - h, width: Math.max(1, slot - 2), height: h, class: "bar-o201", "data-day": d.day, "data-value": d.allocations });
+      bar.appendChild(svg("title", {}, `${d.day}: ${d.allocations} allocations, ${d.hours} sandbox-hours`));
+      root.appendChild(bar);
+    });
+    for (const [i, anchor] of [[0, "start"], [days.length - 1, "end"]]) {
+      const x = left + (i === 0 ? 0 : days.length) * slot;
+      root.appendChild(svg("text", { x, y: height - 6, "text-anchor": anchor }, days[i].day.slice(5)));
+    }
+    $("usage-chart").replaceChildren(root);
+  }
+
   // ---- admin jobs ------------------------------------------------------------------------------
 
   async function refreshJobs() {
@@ -554,6 +601,9 @@
       case "SandboxAllocated":
         return { text: `${p.caller} got ${n()}` + (p.track_name ? ` (track ${p.track_name})` : "") + (p.expires_at ? `, until ${at(p.expires_at)}` : "") };
       case "DeletionRequested":
+        if (p.reason === "heartbeat_missed") {
+          return { text: `${n()} reclaimed from ${p.caller}: no heartbeat since ${at(p.last_heartbeat_at)}; queued for deletion` };
+        }
         return { text: `${p.caller} released ${n()}; it is queued for deletion` };
       case "AllocationExpired":
         return { text: `${n()}: the lab ended (expired); queued for deletion` };
@@ -599,6 +649,10 @@
         return { text: (p.prefix ? `allocation drained for names starting ${p.prefix}` : "allocation drained for the whole pool") + (p.reason ? ` (${p.reason})` : "") };
       case "PoolResumed":
         return { text: p.prefix ? `allocation resumed for names starting ${p.prefix}` : "allocation resumed for the whole pool" };
+      case "HeartbeatMissed":
+        return { text: `${n()}: no heartbeat since ${at(p.last_heartbeat_at)}; reclaimed at ${at(p.reclaim_at)} unless one comes` };
+      case "RefusalsSummarized":
+        return { text: `refused allocations: ${(p.refusals || []).map((r) => `${r.count} × ${String(r.reason).replace(/_/g, " ")}` + (r.track ? ` (${r.track})` : "")).join(", ")}`, internal: true };
       default:
         return { text: `${event.event_type} (an event this page does not describe)` };
     }
@@ -766,6 +820,7 @@
       await refreshQuarantine();
       await refreshJobs();
       await refreshOutcomes();
+      await refreshUsage();
     } catch (e) {
       if (e.message !== "unauthorized") showError("loading: " + e.message);
       if (!token) return;
@@ -777,6 +832,7 @@
     timers.push(setInterval(drawAllocations, 30000));
     timers.push(setInterval(() => refreshJobs().catch(() => {}), STATS_EVERY_MS));
     timers.push(setInterval(() => refreshOutcomes().catch(() => {}), OUTCOMES_EVERY_MS));
+    timers.push(setInterval(() => refreshUsage().catch(() => {}), USAGE_EVERY_MS));
   }
 
   function logout(message) {

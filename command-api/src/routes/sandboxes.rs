@@ -111,7 +111,7 @@ pub fn router() -> Router<SharedState> {
         .route("/sandboxes/{sandbox_id}/extend", post(extend_lease))
 }
 
-fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
+pub(crate) fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
     CommandMeta {
         actor: Actor::Track(caller.to_string()),
         request_id: Some(request_id.0.clone()),
@@ -204,7 +204,7 @@ const MAX_LEASE_TOKEN_CHARS: usize = 256;
 /// Refuses an `X-Lease-Token` longer than the document allows on every route that declares the
 /// header, whether or not the lease capability applies to this caller: the contract's rule holds
 /// both ways.
-fn lease_header_in_bounds(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn lease_header_in_bounds(headers: &HeaderMap) -> Result<(), ApiError> {
     match header_text(headers, LEASE_TOKEN_HEADER)? {
         Some(token) if token.chars().count() > MAX_LEASE_TOKEN_CHARS => Err(ApiError::validation(
             "header",
@@ -237,7 +237,7 @@ fn lease_token_proves(
 /// credential's track, stamped at allocation); where the lease capability applies, the
 /// `X-Lease-Token` of the sandbox's current allocation (derived again from its `SandboxAllocated`
 /// event id and compared in constant time).
-async fn check_sandbox_access(
+pub(crate) async fn check_sandbox_access(
     state: &SharedState,
     principal: &Principal,
     sandbox_id: &str,
@@ -436,6 +436,11 @@ pub async fn allocate_sandbox(
     };
     state.metrics.allocate.with_label_values(&[outcome]).inc();
     state.outcomes.record(outcome);
+    state.refusals.record(
+        outcome,
+        request.track_name.as_deref(),
+        request.name_prefix.as_deref(),
+    );
     state
         .metrics
         .allocation_latency

@@ -25,6 +25,10 @@ pub enum WebhookKind {
     Quarantine,
     /// A name prefix group dropped below its `POOL_LOW_WATER` threshold.
     PoolLow,
+    /// An allocation's lab missed its heartbeats for half the grace: the reclaim follows at
+    /// `reclaim_at` unless a heartbeat comes (ADR 0030). The reclaim itself is a `release` whose
+    /// payload says `reason: heartbeat_missed`.
+    HeartbeatMissed,
 }
 
 impl WebhookKind {
@@ -38,6 +42,7 @@ impl WebhookKind {
             Self::Deletion => "deletion",
             Self::Quarantine => "quarantine",
             Self::PoolLow => "pool_low",
+            Self::HeartbeatMissed => "heartbeat_missed",
         }
     }
 }
@@ -51,6 +56,7 @@ pub const KIND_OF_EVENT: &[(&str, WebhookKind)] = &[
     ("SandboxDeleted", WebhookKind::Deletion),
     ("SandboxRetired", WebhookKind::Deletion),
     ("DeletionFailed", WebhookKind::Quarantine),
+    ("HeartbeatMissed", WebhookKind::HeartbeatMissed),
 ];
 
 /// The notification an event type raises, if any.

@@ -104,6 +104,7 @@ fn attempt(transition: Transition) -> &'static str {
         Transition::ExtendLease => "extend the lab window",
         Transition::Reserve => "earmark the sandbox for a reservation",
         Transition::Unreserve => "lift the sandbox's earmark",
+        Transition::MissHeartbeat => "warn about missed heartbeats",
     }
 }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::ids::{
     ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
-    RESERVATION_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+    RESERVATION_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID, USAGE_STREAM_PREFIX,
 };
 
 /// The payload schema version written today.
@@ -52,6 +52,18 @@ pub enum SandboxEvent {
         expires_at: DateTime<Utc>,
         /// The lab duration in force when allocated.
         lab_duration_s: i64,
+        /// The heartbeat interval the track declared (seconds), when it opted in to heartbeats
+        /// (ADR 0030): the reclaim reads its policy from here, never from a setting it would
+        /// have to mirror.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_interval_s: Option<u32>,
+        /// How long heartbeats may be missed before the sandbox is reclaimed (seconds), when
+        /// the track opted in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_grace_s: Option<u32>,
+        /// How long the request waited in line before this allocation, when it waited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waited_ms: Option<u64>,
     },
     /// The owner marked the sandbox for deletion; releases the claim in the same transaction.
     DeletionRequested {
@@ -59,6 +71,14 @@ pub enum SandboxEvent {
         caller: String,
         /// When.
         requested_at: DateTime<Utc>,
+        /// Why, when the owner did not ask: `heartbeat_missed` for the heartbeat reclaim.
+        /// Absent when the owner marked the sandbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The last heartbeat the reclaim saw (the allocation time when none came), so an
+        /// auditor sees why it acted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_heartbeat_at: Option<DateTime<Utc>>,
     },
     /// The expiry job ended an allocation past `expires_at + grace`; releases the claim.
     AllocationExpired {
@@ -165,6 +185,15 @@ pub enum SandboxEvent {
     SandboxUnreserved {
         /// The reservation whose earmark is lifted.
         reservation_id: String,
+    },
+    /// The holder of an allocation that opted in to heartbeats has missed them for half its
+    /// grace period: the warning before the reclaim (ADR 0030). Written only with
+    /// `WRITE_EVENTS_HEARTBEATS=true`; the allocation goes on.
+    HeartbeatMissed {
+        /// The last heartbeat seen (the allocation time when none came).
+        last_heartbeat_at: DateTime<Utc>,
+        /// When the sandbox is reclaimed unless a heartbeat comes first.
+        reclaim_at: DateTime<Utc>,
     },
 }
 
@@ -398,6 +427,40 @@ pub enum ReservationEvent {
     },
 }
 
+/// One line of a refusal summary: `count` allocation requests of `track` (and `prefix`)
+/// refused for `reason`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalTally {
+    /// The track named by the request, if any.
+    pub track: Option<String>,
+    /// The name prefix asked for, if any.
+    pub prefix: Option<String>,
+    /// Why: the allocation outcome (`no_sandboxes`, `quota_exceeded`, `caller_limit`,
+    /// `address_limit`, `maintenance`, `unknown_prefix`).
+    pub reason: String,
+    /// Requests refused.
+    pub count: u64,
+}
+
+/// Events of an API instance's usage stream (`usage#<instance>`): what usage reports count that
+/// no other event records (ADR 0030). Written only with `WRITE_EVENTS_USAGE=true`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum UsageEvent {
+    /// The allocation requests this instance refused in `[since, until)`, by track, prefix
+    /// and reason; written only for an interval with at least one refusal.
+    RefusalsSummarized {
+        /// Start of the interval.
+        since: DateTime<Utc>,
+        /// End of the interval.
+        until: DateTime<Utc>,
+        /// The counts (each non-zero).
+        refusals: Vec<RefusalTally>,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -425,12 +488,13 @@ domain_event!(AdminJobEvent);
 domain_event!(PoolControlEvent);
 domain_event!(QuotaEvent);
 domain_event!(ReservationEvent);
+domain_event!(UsageEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
 /// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`],
 /// [`QuotaEvent`] and [`ReservationEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 32] = [
+pub const EVENT_TYPES: [&str; 34] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -446,6 +510,7 @@ pub const EVENT_TYPES: [&str; 32] = [
     "LeaseExtended",
     "SandboxReserved",
     "SandboxUnreserved",
+    "HeartbeatMissed",
     "ClaimGranted",
     "ClaimReleased",
     "ListingRecorded",
@@ -463,6 +528,7 @@ pub const EVENT_TYPES: [&str; 32] = [
     "ReservationShortfallRecorded",
     "ReservationCancelled",
     "ReservationEnded",
+    "RefusalsSummarized",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -482,6 +548,8 @@ pub enum BrokerEvent {
     Quota(QuotaEvent),
     /// From a `reservation#` stream.
     Reservation(ReservationEvent),
+    /// From a `usage#` stream.
+    Usage(UsageEvent),
     /// An event this build does not know: a newer release wrote it (an event type, a stream
     /// kind or a schema version this build has never seen). Readers skip and count it, and
     /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
@@ -520,6 +588,7 @@ pub fn is_known_stream(stream_id: &str) -> bool {
         || stream_id == POOL_CONTROL_STREAM_ID
         || stream_id.starts_with(QUOTA_STREAM_PREFIX)
         || stream_id.starts_with(RESERVATION_STREAM_PREFIX)
+        || stream_id.starts_with(USAGE_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -727,6 +796,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Reservation)
                 .map_err(err)
+        } else if stream.starts_with(USAGE_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Usage)
+                .map_err(err)
         } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
@@ -805,6 +878,8 @@ mod tests {
         let event = SandboxEvent::DeletionRequested {
             caller: "stu".into(),
             requested_at: truncate_to_millis(Utc::now()),
+            reason: None,
+            last_heartbeat_at: None,
         };
         let env = EventEnvelope::new("sandbox#1", 3, &event, &meta(), Utc::now());
         assert_eq!(env.event_type, "DeletionRequested");
@@ -914,6 +989,7 @@ mod tests {
             "PoolControlEvent",
             "QuotaEvent",
             "ReservationEvent",
+            "UsageEvent",
         ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))

@@ -54,6 +54,15 @@ pub fn reservation_stream(reservation_id: &str) -> String {
     format!("{RESERVATION_STREAM_PREFIX}{reservation_id}")
 }
 
+/// Prefix of an API instance's usage stream (`usage#<instance>`): its periodic summaries of the
+/// allocation requests it refused (ADR 0030). One writer per stream.
+pub const USAGE_STREAM_PREFIX: &str = "usage#";
+
+/// The usage stream of the API instance `instance`.
+pub fn usage_stream(instance: &str) -> String {
+    format!("{USAGE_STREAM_PREFIX}{instance}")
+}
+
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IdError {

@@ -108,11 +108,13 @@ pub enum Transition {
     Reserve,
     /// `SandboxUnreserved`
     Unreserve,
+    /// `HeartbeatMissed`
+    MissHeartbeat,
 }
 
 impl Transition {
     /// Every transition kind.
-    pub const ALL: [Transition; 15] = [
+    pub const ALL: [Transition; 16] = [
         Transition::Register,
         Transition::Allocate,
         Transition::RequestDeletion,
@@ -128,6 +130,7 @@ impl Transition {
         Transition::ExtendLease,
         Transition::Reserve,
         Transition::Unreserve,
+        Transition::MissHeartbeat,
     ];
 }
 
@@ -160,6 +163,8 @@ pub const TRANSITIONS: &[(Option<SandboxStatus>, Transition, SandboxStatus)] = &
     // A reservation's earmark, and its lifting: the sandbox stays available, to one track.
     (Some(Available), Reserve, Available),
     (Some(Available), Unreserve, Available),
+    // The heartbeat reclaim's warning; the allocation goes on.
+    (Some(Allocated), MissHeartbeat, Allocated),
 ];
 
 /// The status after `transition` from `from`, or `None` if the table forbids it.

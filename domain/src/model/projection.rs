@@ -255,6 +255,7 @@ pub fn project(
         E::SandboxUnreserved { .. } => {
             row.earmark = None;
         }
+        E::HeartbeatMissed { .. } => {}
     }
     row.version = envelope.version;
     row.pick = pick_for(&row.sandbox_id, row.version);
@@ -366,6 +367,9 @@ mod tests {
                 allocated_at: now,
                 expires_at: now + Duration::hours(48),
                 lab_duration_s: 172_800,
+                heartbeat_interval_s: None,
+                heartbeat_grace_s: None,
+                waited_ms: None,
             },
         );
         assert_eq!(d, StatsDelta([-1, 1, 0, 0, 0, 0]));
@@ -377,6 +381,8 @@ mod tests {
             SandboxEvent::DeletionRequested {
                 caller: "stu".into(),
                 requested_at: now,
+                reason: None,
+                last_heartbeat_at: None,
             },
         );
         assert_eq!(d, StatsDelta([0, -1, 1, 0, 0, 0]));

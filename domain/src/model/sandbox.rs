@@ -122,6 +122,26 @@ pub enum SandboxCommand {
         /// The reservation whose earmark is lifted; another reservation's is left alone.
         reservation_id: String,
     },
+    /// The heartbeat reclaim ends an allocation whose lab stopped sending heartbeats (ADR 0030):
+    /// recorded as a `DeletionRequested` with `reason: heartbeat_missed`, releasing the claim
+    /// like the owner's mark. Only the allocation that began at `allocated_at`, only while it
+    /// is still allocated: a sandbox already being deleted is left alone.
+    Reclaim {
+        /// When the allocation the job judged began.
+        allocated_at: DateTime<Utc>,
+        /// The last heartbeat the job saw (the allocation time when none came).
+        last_heartbeat_at: DateTime<Utc>,
+    },
+    /// The heartbeat reclaim warns that the allocation that began at `allocated_at` has missed
+    /// its heartbeats since `last_heartbeat_at` (once per silence).
+    WarnHeartbeat {
+        /// When the allocation the job judged began.
+        allocated_at: DateTime<Utc>,
+        /// The last heartbeat the job saw (the allocation time when none came).
+        last_heartbeat_at: DateTime<Utc>,
+        /// When the reclaim follows unless a heartbeat comes first.
+        reclaim_at: DateTime<Utc>,
+    },
 }
 
 /// A reservation's hold on an available sandbox (ADR 0028): until `ends_at` only `track` may be
@@ -219,6 +239,15 @@ pub struct Sandbox {
     /// The reservation earmark, if one was set and not lifted (ADR 0028).
     #[serde(default)]
     pub earmark: Option<Earmark>,
+    /// The heartbeat grace of the current allocation (seconds), when its track opted in.
+    #[serde(default)]
+    pub heartbeat_grace_s: Option<u32>,
+    /// The heartbeat interval of the current allocation (seconds), when its track opted in.
+    #[serde(default)]
+    pub heartbeat_interval_s: Option<u32>,
+    /// The last heartbeat time a `HeartbeatMissed` of the current allocation warned about.
+    #[serde(default)]
+    pub heartbeat_warned_for: Option<DateTime<Utc>>,
 }
 
 impl Sandbox {
@@ -275,6 +304,7 @@ impl Sandbox {
             SandboxEvent::LeaseExtended { .. } => Transition::ExtendLease,
             SandboxEvent::SandboxReserved { .. } => Transition::Reserve,
             SandboxEvent::SandboxUnreserved { .. } => Transition::Unreserve,
+            SandboxEvent::HeartbeatMissed { .. } => Transition::MissHeartbeat,
         }
     }
 
@@ -336,6 +366,9 @@ impl Sandbox {
                     allocated_at: now,
                     expires_at: now + lab_duration,
                     lab_duration_s: lab_duration.num_seconds(),
+                    heartbeat_interval_s: None,
+                    heartbeat_grace_s: None,
+                    waited_ms: None,
                 }
             }
             C::MarkForDeletion { caller } => {
@@ -353,6 +386,43 @@ impl Sandbox {
                 E::DeletionRequested {
                     caller,
                     requested_at: now,
+                    reason: None,
+                    last_heartbeat_at: None,
+                }
+            }
+            C::WarnHeartbeat {
+                allocated_at,
+                last_heartbeat_at,
+                reclaim_at,
+            } => {
+                if self.status != Some(SandboxStatus::Allocated)
+                    || self.allocated_at != Some(truncate_to_millis(allocated_at))
+                    || self.heartbeat_warned_for == Some(truncate_to_millis(last_heartbeat_at))
+                {
+                    // Ended, or already warned about this silence: nothing to add.
+                    return Ok(vec![]);
+                }
+                E::HeartbeatMissed {
+                    last_heartbeat_at: truncate_to_millis(last_heartbeat_at),
+                    reclaim_at: truncate_to_millis(reclaim_at),
+                }
+            }
+            C::Reclaim {
+                allocated_at,
+                last_heartbeat_at,
+            } => {
+                if self.status != Some(SandboxStatus::Allocated)
+                    || self.allocated_at != Some(truncate_to_millis(allocated_at))
+                {
+                    // Already ended (the owner marked it, expiry or cleanup got there first):
+                    // nothing to reclaim.
+                    return Ok(vec![]);
+                }
+                E::DeletionRequested {
+                    caller: self.owner.clone().unwrap_or_default(),
+                    requested_at: now,
+                    reason: Some(crate::heartbeat::RECLAIM_REASON.to_string()),
+                    last_heartbeat_at: Some(truncate_to_millis(last_heartbeat_at)),
                 }
             }
             C::Expire { grace } => {
@@ -528,7 +598,13 @@ impl Sandbox {
                 allocated_at,
                 expires_at,
                 lab_duration_s,
+                heartbeat_grace_s,
+                heartbeat_interval_s,
+                ..
             } => {
+                self.heartbeat_grace_s = *heartbeat_grace_s;
+                self.heartbeat_interval_s = *heartbeat_interval_s;
+                self.heartbeat_warned_for = None;
                 self.owner = Some(caller.clone());
                 self.track_name.clone_from(track_name);
                 self.idempotency_key = Some(idempotency_key.clone());
@@ -614,6 +690,11 @@ impl Sandbox {
             E::SandboxUnreserved { .. } => {
                 self.earmark = None;
             }
+            E::HeartbeatMissed {
+                last_heartbeat_at, ..
+            } => {
+                self.heartbeat_warned_for = Some(*last_heartbeat_at);
+            }
         }
         // Whatever the holder (or an operator) records next ends the lease.
         if !matches!(event, E::DeletionLeased { .. }) {
@@ -683,6 +764,9 @@ mod tests {
             allocated_at: t0(),
             expires_at: t0() + Duration::hours(48),
             lab_duration_s: 48 * 3600,
+            heartbeat_interval_s: None,
+            heartbeat_grace_s: None,
+            waited_ms: None,
         }
     }
 
@@ -740,6 +824,8 @@ mod tests {
             .then_expect_events(vec![SandboxEvent::DeletionRequested {
                 caller: "stu".into(),
                 requested_at: t0(),
+                reason: None,
+                last_heartbeat_at: None,
             }]);
         TestFramework::<Sandbox>::with(services())
             .given(vec![
@@ -748,6 +834,8 @@ mod tests {
                 SandboxEvent::DeletionRequested {
                     caller: "stu".into(),
                     requested_at: t0(),
+                    reason: None,
+                    last_heartbeat_at: None,
                 },
             ])
             .when_async(SandboxCommand::MarkForDeletion {

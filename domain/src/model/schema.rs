@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::events::{
     AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, ReservationEvent,
-    SandboxEvent, SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
+    SandboxEvent, SyncEvent, UsageEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
 };
 
 /// The JSON Schema dialect of every generated document.
@@ -66,6 +66,7 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         ("pool-control", schema_value::<PoolControlEvent>()),
         ("quota", schema_value::<QuotaEvent>()),
         ("reservation", schema_value::<ReservationEvent>()),
+        ("usage", schema_value::<UsageEvent>()),
     ] {
         let defs = root.get("$defs").cloned();
         let variants = root
@@ -115,7 +116,7 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         }
     }
     if let Some(event_type) = envelope.pointer_mut("/properties/event_type") {
-        event_type["enum"] = json!(EVENT_TYPES);
+        event_type["enum"] = json!(EVENT_TYPES.as_slice());
     }
     envelope["$schema"] = json!(DIALECT);
     envelope["x-schema-version"] = json!(CURRENT_SCHEMA_VERSION);

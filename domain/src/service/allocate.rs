@@ -345,7 +345,12 @@ impl Broker {
                     },
                     now,
                 ) {
-                    Ok(events) => events,
+                    Ok(events) => crate::heartbeat::with_policy(
+                        events,
+                        self.config
+                            .heartbeats
+                            .policy_for(request.track_name.as_deref()),
+                    ),
                     // Earmarked for another track (the view showed the earmark after the row was
                     // queued): not taken, so the reservation's own track still finds it.
                     Err(DomainError::ReservedForTrack { .. }) => {

@@ -113,6 +113,9 @@ pub struct BrokerConfig {
     /// How long one group write may take before its allocations are answered as unknown
     /// outcomes, which each settles with its strong read (`ALLOCATE_GROUP_DEADLINE_MS`, 20,000).
     pub group_write_deadline: StdDuration,
+    /// The tracks whose labs send heartbeats (`HEARTBEAT_TRACKS`, none): each allocation of
+    /// such a track records the track's policy in its `SandboxAllocated` event (ADR 0030).
+    pub heartbeats: crate::heartbeat::HeartbeatPolicies,
 }
 
 impl Default for BrokerConfig {
@@ -134,6 +137,7 @@ impl Default for BrokerConfig {
             unknown_outcome_hold: StdDuration::from_secs(10),
             group_commit_in_flight: 2,
             group_write_deadline: StdDuration::from_secs(20),
+            heartbeats: crate::heartbeat::HeartbeatPolicies::default(),
         }
     }
 }

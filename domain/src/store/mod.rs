@@ -369,6 +369,7 @@ pub const WEBHOOK_CHECKPOINT_PREFIX: &str = "webhooks:";
 /// position, which survives a rebuild (docs/liveness.md, path 3).
 pub fn is_view_checkpoint(source: &str) -> bool {
     !source.starts_with(WEBHOOK_CHECKPOINT_PREFIX)
+        && !source.starts_with(crate::heartbeat::HEARTBEAT_CHECKPOINT_PREFIX)
 }
 
 /// What applying one event did.

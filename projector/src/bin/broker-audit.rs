@@ -9,6 +9,7 @@
 //! | `verify [--json]` | the projector's verify: replay into a scratch view and compare with the live one; exit 1 on drift |
 //! | `import [--file F] [--resume] [--json]` | append an export to the configured store (a restore), in per-stream version order, 100 events per transaction; refuses a non-empty target without `--resume` |
 //! | `check [--json]` | fold every claim, quota and sandbox stream and check they agree; exit 1 on a problem |
+//! | `usage --from T [--to T] [--group-by track\|prefix\|day] [--csv] [--file F]` | the usage report of `GET /v1/admin/usage`, over the store or an export |
 //!
 //! Exit codes: 0 success, 1 drift (`verify`), an incomplete export (`import`) or an
 //! inconsistent log (`check`), 2 an error.
@@ -26,7 +27,9 @@ use domain::restore::{check_log, import_envelopes, ImportOptions, ImportReport};
 use domain::store::EventStore;
 use domain::SandboxStatus;
 use domain::{EventEnvelope, StoreError};
-use projector::audit_cli::{CheckArgs, Cli, Command, ExportArgs, ImportArgs, ReplayAtArgs};
+use projector::audit_cli::{
+    CheckArgs, Cli, Command, ExportArgs, ImportArgs, ReplayAtArgs, UsageArgs,
+};
 use projector::cli::{print_report, verify_exit_code, verify_live, VerifyArgs, EXIT_ERROR};
 use runtime::{LogFormat, StoreArgs, StoreKind};
 
@@ -94,7 +97,46 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (events, _) = open(&cli.store).await?;
             check(events, &args).await
         }
+        Command::Usage(args) => {
+            usage(&cli.store, &args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `usage`: the report over the store's feed or over an export, as JSON or CSV on stdout.
+async fn usage(store: &StoreArgs, args: &UsageArgs) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let to = args
+        .to
+        .unwrap_or(now + chrono::Duration::seconds(domain::audit::FUTURE_SLACK_S));
+    let query = domain::usage::UsageQuery::new(args.from, to, args.group_by)?;
+    let report = match args.file.as_deref() {
+        Some("-") => projector::usage_cli::usage_from_export(
+            std::io::BufReader::new(std::io::stdin()),
+            query,
+            now,
+        )?,
+        Some(path) => projector::usage_cli::usage_from_export(
+            std::io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
+            ),
+            query,
+            now,
+        )?,
+        None => {
+            let (events, feed) = open(store).await?;
+            domain::usage::usage_from_feed(feed.as_ref(), events.as_ref(), query, now).await?
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.csv {
+        out.write_all(domain::usage::usage_csv(&report).as_bytes())?;
+    } else {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 /// Reads the export line by line (constant memory apart from the per-stream counters) and

@@ -548,6 +548,8 @@ mod tests {
             &SandboxEvent::DeletionRequested {
                 caller: "stü".into(),
                 requested_at: truncate_to_millis(Utc::now()),
+                reason: None,
+                last_heartbeat_at: None,
             },
             &meta,
             Utc::now(),
