@@ -351,6 +351,19 @@ pub struct Config {
     /// track header is the client's choice, so it does not pick the bucket).
     #[arg(long, env = "DEFAULT_TRACK_QUOTA")]
     pub default_track_quota: Option<u32>,
+    /// Longest wait an allocation with `Prefer: wait=N` is granted, seconds (a longer N is cut
+    /// to it; the wait also ends a second before `REQUEST_TIMEOUT_SEC`). Keep it below the load
+    /// balancer's idle timeout (60 s on the ALB).
+    #[arg(long, env = "WAIT_MAX_SEC", default_value_t = 25)]
+    pub wait_max_sec: u64,
+    /// Requests one instance keeps waiting at once, all lines together; one more is answered
+    /// 409 at once (each waiter holds one of `MAX_CONCURRENT_REQUESTS`).
+    #[arg(long, env = "WAIT_MAX_WAITERS", default_value_t = 64)]
+    pub wait_max_waiters: usize,
+    /// After an event frees a sandbox, how long the head of a line keeps retrying while the
+    /// pool's projection catches up with the event, ms.
+    #[arg(long, env = "WAIT_SETTLE_MS", default_value_t = 2_000)]
+    pub wait_settle_ms: u64,
 }
 
 impl Config {

@@ -31,6 +31,10 @@ pub struct ErrorDetail {
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
+    /// `NO_SANDBOXES_AVAILABLE` after waiting in line (`Prefer: wait`): the request's place in
+    /// its line when its wait ended (1 = next), as in the `Queue-Position` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
 }
 
 /// One problem in a validation error.
@@ -68,6 +72,8 @@ pub struct ApiError {
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
     pub cause: Option<String>,
+    /// The place in a waiting line the request left (`Queue-Position`).
+    pub position: Option<u64>,
 }
 
 impl ApiError {
@@ -80,6 +86,7 @@ impl ApiError {
             limit: None,
             details: None,
             cause: None,
+            position: None,
         }
     }
 
@@ -455,6 +462,7 @@ impl ApiError {
                 retry_after: self.retry_after,
                 limit: self.limit,
                 details: self.details.clone(),
+                position: self.position,
             },
         }
     }
@@ -466,6 +474,11 @@ impl ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert("retry-after", v);
             }
+        }
+        if let Some(position) = self.position {
+            response
+                .headers_mut()
+                .insert(crate::waiting_line::QUEUE_POSITION_HEADER, position.into());
         }
         response.extensions_mut().insert(self.clone());
         response

@@ -35,6 +35,8 @@
 //!   (what the dashboard charts).
 //! - [`openapi`] — the generated OpenAPI document; Swagger UI is served from vendored assets.
 //! - [`pool_alerts`] — per-prefix pool gauges and `POOL_LOW_WATER` alerts (checked in a loop).
+//! - [`waiting_line`] — `Prefer: wait`: first-come lines per track and prefix, woken by the
+//!   events that free supply.
 
 pub mod admin_jobs;
 pub mod auth;
@@ -56,6 +58,7 @@ pub mod rotation;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod waiting_line;
 pub mod webhooks;
 
 use std::time::Duration;

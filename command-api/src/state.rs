@@ -80,6 +80,8 @@ pub struct AppState {
     pub webhooks: Option<Arc<crate::webhooks::Dispatcher>>,
     /// Low-water thresholds and per-prefix gauges.
     pub pool_alerts: Arc<crate::pool_alerts::PoolAlerts>,
+    /// The waiting lines of `Prefer: wait` allocations on this instance.
+    pub waiting_line: Arc<crate::waiting_line::WaitingLine>,
 }
 
 /// The state handle handlers receive.

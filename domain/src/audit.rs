@@ -592,6 +592,7 @@ mod tests {
             allocated_at: at,
             expires_at: at + Duration::hours(1),
             lab_duration_s: 3600,
+            waited_ms: None,
         }
     }
 

@@ -10,4 +10,5 @@ pub mod outcomes;
 pub mod pool;
 pub mod sandbox_ref;
 pub mod sandboxes;
+pub mod waiting;
 pub mod webhooks;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
@@ -22,6 +23,7 @@ use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::lease::{self, LEASE_TOKEN_HEADER};
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
+use crate::routes::waiting;
 use crate::state::SharedState;
 
 /// Body of a successful allocation (201 new, 200 replay).
@@ -165,6 +167,7 @@ fn allocation_limits(
         track_limit: credential.and_then(|c| c.max_concurrent_allocations),
         named_track_quota_only: credential.is_none(),
         caps,
+        waited_ms: None,
     }
 }
 
@@ -347,7 +350,7 @@ pub async fn allocate_sandbox(
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     caller: Caller,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     lease_header_in_bounds(&headers)?;
     let bounded = |name: &'static str| -> Result<Option<String>, ApiError> {
@@ -398,10 +401,21 @@ pub async fn allocate_sandbox(
     }
     let peer = connect.map(|Extension(ConnectInfo(addr))| addr.ip());
     let limits = allocation_limits(&state, credential.as_deref(), &caller, &headers, peer);
-    let result = state
-        .broker
-        .allocate_limited(&request, &meta(&caller.0, &request_id), &limits)
-        .await;
+    let command_meta = meta(&caller.0, &request_id);
+    let wait = waiting::requested_wait(&state, &headers, &request);
+    let mut result = match &wait {
+        // Somebody already waits in this line: the request joins at the back instead of
+        // overtaking them (docs/waiting-line.md).
+        Some(line) if line.behind_others => Err(BrokerError::NoSandboxAvailable {
+            retry_after_s: state.broker.config().no_sandbox_retry_after_s,
+        }),
+        _ => {
+            state
+                .broker
+                .allocate_limited(&request, &command_meta, &limits)
+                .await
+        }
+    };
     // Nothing allocatable under a prefix that no sandbox has is a typo, not a busy pool: it gets
     // its own answer, which no client retries. Only this refusal pays for the check.
     let unknown_prefix = match (&result, request.name_prefix.as_deref()) {
@@ -410,6 +424,22 @@ pub async fn allocate_sandbox(
         }
         _ => false,
     };
+    let mut waited = None;
+    if let (Some(line), false) = (&wait, unknown_prefix) {
+        if let Err(BrokerError::NoSandboxAvailable { retry_after_s }) = result {
+            let (answer, end) = waiting::wait(
+                &state,
+                line,
+                retry_after_s,
+                &request,
+                &command_meta,
+                &limits,
+            )
+            .await;
+            result = answer;
+            waited = Some(end);
+        }
+    }
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
@@ -444,7 +474,7 @@ pub async fn allocate_sandbox(
             request.name_prefix.as_deref().unwrap_or_default(),
         ));
     }
-    let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    let allocation = result.map_err(|e| waiting::refusal(wait.as_ref(), waited.as_ref(), e))?;
     let token_proves = lease_token_proves(&state, &headers, allocation.allocation_event_id)?;
     if lease && allocation.replayed && keyless && !token_proves {
         // A caller id is no proof: the live allocation stays unnamed.
@@ -492,7 +522,7 @@ pub async fn allocate_sandbox(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(body)))
+    Ok((status, waiting::applied_headers(&wait), Json(body)).into_response())
 }
 
 /// The caller's sandbox (strongly consistent): its live allocation, or, after the allocation

@@ -52,6 +52,9 @@ pub enum SandboxEvent {
         expires_at: DateTime<Utc>,
         /// The lab duration in force when allocated.
         lab_duration_s: i64,
+        /// How long the request waited in line before this allocation, when it waited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waited_ms: Option<u64>,
     },
     /// The owner marked the sandbox for deletion; releases the claim in the same transaction.
     DeletionRequested {

@@ -345,6 +345,7 @@ mod tests {
                 allocated_at: now,
                 expires_at: now + Duration::hours(48),
                 lab_duration_s: 172_800,
+                waited_ms: None,
             },
         );
         assert_eq!(d, StatsDelta([-1, 1, 0, 0, 0, 0]));

@@ -45,6 +45,8 @@ pub enum SandboxCommand {
         claim_stream: String,
         /// Lab window length.
         lab_duration: Duration,
+        /// How long the request waited in line first, when it waited.
+        waited_ms: Option<u64>,
     },
     /// The owner ends the allocation.
     MarkForDeletion {
@@ -274,6 +276,7 @@ impl Sandbox {
                 idempotency_key,
                 claim_stream,
                 lab_duration,
+                waited_ms,
             } => {
                 self.check(Transition::Allocate)?;
                 E::SandboxAllocated {
@@ -284,6 +287,7 @@ impl Sandbox {
                     allocated_at: now,
                     expires_at: now + lab_duration,
                     lab_duration_s: lab_duration.num_seconds(),
+                    waited_ms,
                 }
             }
             C::MarkForDeletion { caller } => {
@@ -445,6 +449,7 @@ impl Sandbox {
                 allocated_at,
                 expires_at,
                 lab_duration_s,
+                ..
             } => {
                 self.owner = Some(caller.clone());
                 self.track_name.clone_from(track_name);
@@ -586,6 +591,7 @@ mod tests {
             allocated_at: t0(),
             expires_at: t0() + Duration::hours(48),
             lab_duration_s: 48 * 3600,
+            waited_ms: None,
         }
     }
 
@@ -600,6 +606,7 @@ mod tests {
                 idempotency_key: "stu".into(),
                 claim_stream: "claim#3:stu#stu".into(),
                 lab_duration: Duration::hours(48),
+                waited_ms: None,
             })
             .await
             .then_expect_events(vec![allocated()]);
@@ -616,6 +623,7 @@ mod tests {
                 idempotency_key: "other".into(),
                 claim_stream: "claim#5:other#other".into(),
                 lab_duration: Duration::hours(48),
+                waited_ms: None,
             })
             .await
             .then_expect_error(DomainError::InvalidTransition {
