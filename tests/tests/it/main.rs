@@ -44,6 +44,7 @@ mod store_conformance;
 mod store_metering;
 mod tenancy;
 mod track_credentials;
+mod waiting_line;
 mod webhook_dispatch;
 mod webhook_progress;
 mod webhook_targets;

@@ -1,0 +1,349 @@
+//! The waiting line (`Prefer: wait=N`) over real HTTP, on both stores: waiters on an empty pool
+//! are served in arrival order as sandboxes register; a wait that runs out answers 409 with
+//! `Retry-After` and the place in line; a client that hangs up leaves the line; the wait is cut
+//! to `WAIT_MAX_SEC`; closing the line (shutdown) answers waiters at once; without the header
+//! nothing changes. On DynamoDB, two API instances on one table each wake their own waiters
+//! from the events a registration records.
+
+use std::time::{Duration, Instant};
+
+use domain::Clock;
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tests::app::{read_json, spawn_app_with, AppOptions, Backend, Sent, TestApp};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type Reply = (StatusCode, HeaderMap, Value);
+
+/// Instantiates every case for both stores.
+macro_rules! both_stores {
+    ($($case:ident),+ $(,)?) => {
+        mod embedded {
+            $(
+                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> super::TestResult {
+                    super::$case(super::Backend::Embedded).await
+                }
+            )+
+        }
+        mod dynamodb {
+            $(
+                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> super::TestResult {
+                    super::$case(super::Backend::Dynamo).await
+                }
+            )+
+        }
+    };
+}
+
+both_stores!(
+    waiters_are_served_in_arrival_order,
+    a_wait_that_runs_out_answers_409_with_its_place,
+    a_client_that_hangs_up_leaves_the_line,
+    the_wait_is_cut_to_the_setting,
+    closing_the_line_answers_waiters_at_once,
+    without_the_header_nothing_changes,
+);
+
+/// The line every test here waits in: names starting `wl-`.
+const PREFIX: &str = "wl-";
+
+/// A condition is given this long to hold (generous: the suite shares two busy cores).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn app_with(backend: Backend, wait_max_sec: u64) -> TestApp {
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |config| {
+        config.wait_max_sec = wait_max_sec;
+    });
+    spawn_app_with(options).await
+}
+
+fn waiting_allocate(app: &TestApp, caller: &str, wait_s: u64) -> reqwest::RequestBuilder {
+    app.allocate(caller)
+        .header("X-Sandbox-Name-Prefix", PREFIX)
+        .header("Prefer", format!("wait={wait_s}"))
+}
+
+/// Seeds one sandbox of the line's prefix and hands it out, so the prefix is known and the pool
+/// holds nothing allocatable for it.
+async fn empty_but_known_pool(app: &TestApp) {
+    app.seed("wl-seed", 1).await;
+    let (status, _, body) = app
+        .allocate("first")
+        .header("X-Sandbox-Name-Prefix", PREFIX)
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// Requests waiting in the line of `PREFIX` on `app`.
+fn line_length(app: &TestApp) -> usize {
+    app.state
+        .waiting_line
+        .lengths()
+        .into_iter()
+        .filter(|(key, _)| key.prefix.as_deref() == Some(PREFIX))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Waits (bounded) until the line of `PREFIX` on `app` holds `n` requests.
+async fn line_reaches(app: &TestApp, n: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while line_length(app) != n {
+        assert!(
+            Instant::now() < deadline,
+            "the line holds {} requests, not {n}",
+            line_length(app)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spawn_reply(request: reqwest::RequestBuilder) -> tokio::task::JoinHandle<Reply> {
+    tokio::spawn(async move { read_json(request.sent().await).await })
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// The `waited_ms` of the allocation event in `sandbox_id`'s history.
+async fn waited_ms(app: &TestApp, sandbox_id: &str) -> Option<u64> {
+    let (status, _, body) = app
+        .get_json(&format!("/v1/admin/sandboxes/{sandbox_id}/history"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["event_type"] == "SandboxAllocated")
+        .and_then(|e| e["payload"]["waited_ms"].as_u64())
+}
+
+/// Three requests that wait on an empty pool are answered 201 one by one, in the order they
+/// arrived, as sandboxes register one at a time; each allocation records how long it waited.
+async fn waiters_are_served_in_arrival_order(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        waiters.push(spawn_reply(waiting_allocate(&app, &format!("w{i}"), 25)));
+        line_reaches(&app, i + 1).await;
+    }
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        // One more sandbox: only the head of the line may take it.
+        app.register(&format!("wl-new{i}"), 1).await;
+        let (status, headers, body) = tokio::time::timeout(PATIENCE, waiter).await??;
+        assert_eq!(status, StatusCode::CREATED, "waiter {i}: {body}");
+        assert_eq!(header(&headers, "preference-applied"), "wait=25");
+        assert_eq!(
+            body["name"],
+            format!("wl-new{i}-0000"),
+            "waiter {i}: {body}"
+        );
+        line_reaches(&app, 2 - i).await;
+        let sandbox_id = body["sandbox_id"].as_str().unwrap_or_default();
+        assert!(
+            waited_ms(&app, sandbox_id).await.is_some(),
+            "waiter {i}: no waited_ms recorded"
+        );
+    }
+    // An allocation that did not wait records none.
+    app.seed("wl-plain", 1).await;
+    let (status, headers, body) = app
+        .allocate("plain")
+        .header("X-Sandbox-Name-Prefix", PREFIX)
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(headers.get("preference-applied").is_none());
+    let sandbox_id = body["sandbox_id"].as_str().unwrap_or_default();
+    assert_eq!(waited_ms(&app, sandbox_id).await, None);
+    app.stop().await;
+    Ok(())
+}
+
+/// A wait that runs out answers 409 `NO_SANDBOXES_AVAILABLE` with `Retry-After` and the
+/// request's place in line, in the `Queue-Position` header and in the envelope.
+async fn a_wait_that_runs_out_answers_409_with_its_place(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let head = spawn_reply(waiting_allocate(&app, "head", 8));
+    line_reaches(&app, 1).await;
+    let started = Instant::now();
+    let (status, headers, body) = waiting_allocate(&app, "second", 1).sent_json().await;
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["detail"]["code"], "NO_SANDBOXES_AVAILABLE", "{body}");
+    assert_eq!(body["detail"]["position"], 2, "{body}");
+    assert_eq!(header(&headers, "queue-position"), "2");
+    assert!(!header(&headers, "retry-after").is_empty());
+    assert!(body["detail"]["retry_after"].as_u64().is_some(), "{body}");
+    let (status, headers, body) = tokio::time::timeout(PATIENCE, head).await??;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(header(&headers, "queue-position"), "1");
+    assert_eq!(body["detail"]["position"], 1, "{body}");
+    line_reaches(&app, 0).await;
+    app.stop().await;
+    Ok(())
+}
+
+/// A client that hangs up while waiting leaves the line at once, and the sandbox that registers
+/// next goes to the request behind it.
+async fn a_client_that_hangs_up_leaves_the_line(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let gone = waiting_allocate(&app, "gone", 25)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client should have given up first");
+    line_reaches(&app, 0).await;
+    let patient = spawn_reply(waiting_allocate(&app, "patient", 25));
+    line_reaches(&app, 1).await;
+    app.register("wl-late", 1).await;
+    let (status, _, body) = tokio::time::timeout(PATIENCE, patient).await??;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["name"], "wl-late-0000", "{body}");
+    let text = app
+        .admin(Method::GET, "/metrics")
+        .sent()
+        .await
+        .text()
+        .await?;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("broker_waiting_line_outcomes_total{outcome=\"cancelled\"} 1")),
+        "{text}"
+    );
+    app.stop().await;
+    Ok(())
+}
+
+/// `Prefer: wait=3600` is cut to `WAIT_MAX_SEC` (2 s here): `Preference-Applied: wait=2` and
+/// the 409 comes after about two seconds.
+async fn the_wait_is_cut_to_the_setting(backend: Backend) -> TestResult {
+    let app = app_with(backend, 2).await;
+    empty_but_known_pool(&app).await;
+    let started = Instant::now();
+    let (status, _, body) = waiting_allocate(&app, "hopeful", 3600).sent_json().await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(took >= Duration::from_secs(2), "answered after {took:?}");
+    assert!(took < Duration::from_secs(30), "answered after {took:?}");
+    assert!(
+        body["detail"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("within the 2 s"),
+        "{body}"
+    );
+    // A served request shows the granted wait.
+    app.seed("wl-more", 1).await;
+    let (status, headers, body) = waiting_allocate(&app, "lucky", 3600).sent_json().await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(header(&headers, "preference-applied"), "wait=2");
+    app.stop().await;
+    Ok(())
+}
+
+/// Closing the line (as shutdown does) answers every waiter at once with 409 and
+/// `Retry-After: 1`, long before their waits would run out.
+async fn closing_the_line_answers_waiters_at_once(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let waiters: Vec<_> = (0..2)
+        .map(|i| spawn_reply(waiting_allocate(&app, &format!("c{i}"), 25)))
+        .collect();
+    line_reaches(&app, 2).await;
+    let started = Instant::now();
+    app.state.waiting_line.close();
+    for waiter in waiters {
+        let (status, headers, body) = tokio::time::timeout(PATIENCE, waiter).await??;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(header(&headers, "retry-after"), "1");
+        assert!(body["detail"]["position"].as_u64().is_some(), "{body}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    app.stop().await;
+    Ok(())
+}
+
+/// Without `Prefer: wait` an empty pool answers 409 at once, as before, even while others wait
+/// in line; `wait=0` and a value that is not a number are the same as no header.
+async fn without_the_header_nothing_changes(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let waiter = spawn_reply(waiting_allocate(&app, "waiter", 25));
+    line_reaches(&app, 1).await;
+    for prefer in [None, Some("wait=0"), Some("wait=soon")] {
+        let mut request = app
+            .allocate("impatient")
+            .header("X-Sandbox-Name-Prefix", PREFIX);
+        if let Some(prefer) = prefer {
+            request = request.header("Prefer", prefer);
+        }
+        let started = Instant::now();
+        let (status, headers, body) = request.sent_json().await;
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(status, StatusCode::CONFLICT, "{prefer:?}: {body}");
+        assert_eq!(body["detail"]["code"], "NO_SANDBOXES_AVAILABLE");
+        assert!(body["detail"].get("position").is_none(), "{body}");
+        assert!(headers.get("queue-position").is_none());
+        assert!(headers.get("preference-applied").is_none());
+        assert!(!header(&headers, "retry-after").is_empty());
+        assert_eq!(line_length(&app), 1);
+    }
+    app.register("wl-end", 1).await;
+    let (status, _, body) = tokio::time::timeout(PATIENCE, waiter).await??;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    app.stop().await;
+    Ok(())
+}
+
+/// Two API instances on one DynamoDB table: each has a waiter, and the registrations recorded
+/// through one instance wake the waiters of both (each instance follows the events itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_wake_waiters_on_every_instance() -> TestResult {
+    let tables = format!("t{}", uuid::Uuid::new_v4().simple());
+    let on_shared_tables = |run_projector: bool| {
+        let tables = tables.clone();
+        let mut options = AppOptions::new(Backend::Dynamo);
+        options.configure = Box::new(move |config| {
+            config.store.table_prefix = tables.clone();
+            config.run_projector = Some(run_projector);
+        });
+        options
+    };
+    let first = spawn_app_with(on_shared_tables(true)).await;
+    let second = spawn_app_with(on_shared_tables(false)).await;
+    // One time for both instances: each follows the feed from its own clock's now.
+    second.clock.set(first.clock.now());
+    empty_but_known_pool(&first).await;
+    let on_first = spawn_reply(waiting_allocate(&first, "on-first", 25));
+    let on_second = spawn_reply(waiting_allocate(&second, "on-second", 25));
+    line_reaches(&first, 1).await;
+    line_reaches(&second, 1).await;
+    first.register("wl-both", 2).await;
+    let mut names = Vec::new();
+    for waiter in [on_first, on_second] {
+        let (status, _, body) = tokio::time::timeout(PATIENCE, waiter).await??;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        names.push(body["name"].as_str().unwrap_or_default().to_string());
+    }
+    names.sort();
+    assert_eq!(names, ["wl-both-0000", "wl-both-0001"]);
+    second.stop().await;
+    first.stop().await;
+    Ok(())
+}
