@@ -124,6 +124,11 @@ enum Command {
         /// Write the output to this file (atomically) instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// When no sandbox is free, wait up to this many seconds in the broker's line
+        /// (`Prefer: wait`, cut to the broker's WAIT_MAX_SEC) before each retry; served in
+        /// arrival order. --deadline and Retry-After still bound the whole run.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Show the caller's sandbox (track token).
     Status {
@@ -263,8 +268,20 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             track,
             format,
             output,
+            wait,
         } => {
             let mut call = Call::new(Method::POST, "/v1/allocate");
+            // A waiting request stays open for the wait: its HTTP bound must outlast it.
+            let broker = match wait.filter(|w| *w > 0) {
+                Some(w) => {
+                    call.headers.push(("Prefer", format!("wait={w}")));
+                    let bound = global
+                        .timeout
+                        .max(Duration::from_secs(w.saturating_add(10)));
+                    Broker::new(&global.url, token.clone(), bound)?
+                }
+                None => broker.clone(),
+            };
             call.caller = Some(caller_of(&caller)?);
             // With a lease file, the key is generated once and kept before the request is sent,
             // so a re-run after a lost answer replays with the same key.

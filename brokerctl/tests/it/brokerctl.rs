@@ -631,3 +631,48 @@ async fn operator_output_is_written_for_people() {
     }
     app.stop().await;
 }
+
+/// `allocate --wait 20` waits in the broker's line (`Prefer: wait`) instead of retrying: it is
+/// served as soon as a sandbox registers, without a single retry.
+#[tokio::test]
+async fn allocate_wait_is_served_from_the_line() {
+    let app = spawn_app(Backend::Embedded).await;
+    let url = app.url.clone();
+    let waiting = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)],
+            &[
+                "allocate",
+                "--caller",
+                "patient",
+                "--wait",
+                "20",
+                "--deadline",
+                "60s",
+            ],
+        )
+        .await
+    });
+    wait_for(|| async {
+        let waiting: usize = app
+            .state
+            .waiting_line
+            .lengths()
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    app.seed("queued", 1).await;
+    let output = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    assert_eq!(json(&output)["sandbox_id"], "queued-id-0");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("retrying"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    app.stop().await;
+}
