@@ -364,6 +364,17 @@ pub struct Config {
     /// pool's projection catches up with the event, ms.
     #[arg(long, env = "WAIT_SETTLE_MS", default_value_t = 2_000)]
     pub wait_settle_ms: u64,
+    /// Write the waiting line's ticket events (`Prefer: respond-async`, `ticket#` streams).
+    /// Turn on only once every process runs a release that reads them (docs/upgrades.md); off,
+    /// `Prefer: respond-async` is ignored.
+    #[arg(long, env = "WRITE_EVENTS_WAITING_LINE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub write_events_waiting_line: bool,
+    /// A waiting-line ticket not polled for this long drops out of the line, seconds.
+    #[arg(long, env = "TICKET_IDLE_SEC", default_value_t = 120)]
+    pub ticket_idle_sec: u64,
+    /// The longest a waiting-line ticket stays in line, seconds.
+    #[arg(long, env = "TICKET_MAX_WAIT_SEC", default_value_t = 1_800)]
+    pub ticket_max_wait_sec: u64,
 }
 
 impl Config {

@@ -618,3 +618,45 @@ mod tests {
             .contains("concurrent allocations"));
     }
 }
+
+/// The waiting line's tickets (`Prefer: respond-async`, docs/waiting-line.md).
+impl ApiError {
+    /// 404 TICKET_NOT_FOUND.
+    pub fn ticket_not_found(ticket_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "TICKET_NOT_FOUND",
+            format!(
+                "No waiting-line ticket has the id {ticket_id}; use the poll_url of the 202 that \
+                 issued it"
+            ),
+        )
+    }
+
+    /// 403 NOT_TICKET_OWNER (never names the owner).
+    pub fn not_ticket_owner(ticket_id: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "NOT_TICKET_OWNER",
+            format!(
+                "Ticket {ticket_id} was issued to another caller; send the caller id (and \
+                 credential) that asked for it"
+            ),
+        )
+    }
+
+    /// 410 TICKET_DROPPED: the ticket left the line without a sandbox.
+    pub fn ticket_dropped(ticket_id: &str, reason: &str) -> Self {
+        let why = match reason {
+            "not_polled" => "it was not polled within its idle bound",
+            "expired" => "no sandbox became free before its longest wait ran out",
+            "refused" => "its allocation was refused when its turn came",
+            _ => "the line was full",
+        };
+        Self::new(
+            StatusCode::GONE,
+            "TICKET_DROPPED",
+            format!("Ticket {ticket_id} left the waiting line because {why}; allocate again"),
+        )
+    }
+}

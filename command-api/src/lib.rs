@@ -88,6 +88,7 @@ async fn no_store(mut response: axum::response::Response) -> axum::response::Res
 pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let base = state.base_path.clone();
     let track = routes::sandboxes::router()
+        .merge(routes::tickets::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::admin_jobs::router())

@@ -6,7 +6,7 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, webhooks};
+use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, tickets, webhooks};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -21,6 +21,7 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, webhooks}
         webhooks::get_deliveries,
         pool::get_pool_control, pool::drain_pool, pool::resume_pool, outcomes::get_outcomes,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
+        tickets::get_ticket,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
@@ -28,7 +29,8 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, webhooks}
         admin::RetryDeletionResponse, admin_jobs::AdminJob, admin_jobs::JobAccepted,
         admin_jobs::JobList, webhooks::DeliveriesResponse, webhooks::SubscriberDeliveries,
         sandboxes::ExtendRequest, sandboxes::ExtendResponse,
-        pool::PoolControlResponse, pool::DrainView, pool::QuotaView)),
+        pool::PoolControlResponse, pool::DrainView, pool::QuotaView,
+        tickets::TicketResponse)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

@@ -331,6 +331,11 @@ pub async fn build_with(
             ),
             max_waiters: config.wait_max_waiters,
             settle: Duration::from_millis(config.wait_settle_ms),
+            tickets: crate::waiting_line::tickets::TicketSettings {
+                write: config.write_events_waiting_line,
+                idle: Duration::from_secs(config.ticket_idle_sec.max(1)),
+                max_wait: Duration::from_secs(config.ticket_max_wait_sec.max(1)),
+            },
         },
         &registry,
     )?);

@@ -10,5 +10,6 @@ pub mod outcomes;
 pub mod pool;
 pub mod sandbox_ref;
 pub mod sandboxes;
+pub mod tickets;
 pub mod waiting;
 pub mod webhooks;

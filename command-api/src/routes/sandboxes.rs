@@ -113,7 +113,7 @@ pub fn router() -> Router<SharedState> {
         .route("/sandboxes/{sandbox_id}/extend", post(extend_lease))
 }
 
-fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
+pub(crate) fn meta(caller: &str, request_id: &RequestId) -> CommandMeta {
     CommandMeta {
         actor: Actor::Track(caller.to_string()),
         request_id: Some(request_id.0.clone()),
@@ -134,7 +134,7 @@ const SHARED_TOKEN_SCOPE: &str = "shared-track";
 /// * live allocations per client address (`MAX_ALLOCATIONS_PER_ADDRESS`, off by default).
 ///
 /// Every cap is taken in the allocation's own transaction, so each holds under any burst.
-fn allocation_limits(
+pub(crate) fn allocation_limits(
     state: &SharedState,
     credential: Option<&TrackCredential>,
     caller: &Caller,
@@ -330,11 +330,12 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes. Where the lease capability applies (per-track credentials; the shared token with `REQUIRE_LEASE_TOKEN=true`) it is a credential: at least 32 random characters of `[A-Za-z0-9_-]` (400 otherwise), stored only as its SHA-256, and the only key that proves a replay (the caller-id default never does)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
-        ("Prefer" = Option<String>, Header, example = "wait=20", description = "RFC 7240. `wait=N`: when no sandbox is free (the 409 `NO_SANDBOXES_AVAILABLE` case only), wait up to N seconds (cut to `WAIT_MAX_SEC`) in a first-come line per track and prefix; answered `Preference-Applied: wait=<granted>`. Other preferences (`respond-async`) are ignored. See docs/waiting-line.md"),
+        ("Prefer" = Option<String>, Header, example = "wait=20", description = "RFC 7240. `wait=N`: when no sandbox is free (the 409 `NO_SANDBOXES_AVAILABLE` case only), wait up to N seconds (cut to `WAIT_MAX_SEC`) in a first-come line per track and prefix; answered `Preference-Applied: wait=<granted>`. `respond-async` (with `WRITE_EVENTS_WAITING_LINE`; ignored without): in the same case, 202 with a ticket to poll at `GET /v1/tickets/{ticket_id}`. See docs/waiting-line.md"),
     ),
     responses(
         (status = 201, description = "Allocated (after waiting in line with `Prefer: wait`, `Preference-Applied: wait=<granted seconds>`)", body = AllocateResponse),
         (status = 200, description = "Idempotent replay of the live allocation", body = AllocateResponse),
+        (status = 202, description = "`Prefer: respond-async` and nothing free: a waiting-line ticket (`Location`, `Retry-After`, `Preference-Applied: respond-async`)", body = crate::routes::tickets::TicketResponse),
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
@@ -425,6 +426,20 @@ pub async fn allocate_sandbox(
         }
         _ => false,
     };
+    if let (Err(BrokerError::NoSandboxAvailable { .. }), false) = (&result, unknown_prefix) {
+        if let Some(response) = crate::routes::tickets::issue_if_asked(
+            &state,
+            &headers,
+            &request,
+            &command_meta,
+            &limits,
+        )
+        .await?
+        {
+            state.metrics.allocate.with_label_values(&["ticket"]).inc();
+            return Ok(response);
+        }
+    }
     let mut waited = None;
     if let (Some(line), false) = (&wait, unknown_prefix) {
         if let Err(BrokerError::NoSandboxAvailable { retry_after_s }) = result {

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`supply`] — which events make a sandbox allocatable ([`supply::frees_supply`]).
 //! - [`prefer`] — reading the `Prefer` header.
+//! - [`tickets`] — `Prefer: respond-async`: tickets as events on `ticket#<id>` streams.
 //! - this module — the lines of one API instance, the waiter's guard, the task that turns the
 //!   instance's live feed into wake-ups, and the line's metrics.
 //!
@@ -17,6 +18,7 @@
 
 pub mod prefer;
 pub mod supply;
+pub mod tickets;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -45,6 +47,8 @@ pub struct WaitSettings {
     /// After a wake-up, how long the head keeps retrying while the pool's projection catches up
     /// with the event that woke it (`WAIT_SETTLE_MS`).
     pub settle: Duration,
+    /// `Prefer: respond-async` tickets.
+    pub tickets: tickets::TicketSettings,
 }
 
 /// One line: requests for the same track and name prefix.
@@ -69,6 +73,8 @@ impl LineKey {
 #[derive(Debug)]
 struct Place {
     id: u64,
+    /// The ticket the place stands for (`Prefer: respond-async`), if any.
+    ticket: Option<String>,
     /// Signalled when the place becomes the head, when supply may have been freed for its head,
     /// and at shutdown. A `Notify` keeps one signal for a waiter not listening yet.
     wake: Arc<Notify>,
@@ -91,6 +97,8 @@ enum Outcome {
     Refused,
     /// The instance is shutting down.
     Closed,
+    /// A ticket that was not polled for its idle bound left the line.
+    Dropped,
 }
 
 impl Outcome {
@@ -101,6 +109,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Refused => "refused",
             Outcome::Closed => "closed",
+            Outcome::Dropped => "dropped",
         }
     }
 }
@@ -136,7 +145,7 @@ impl LineMetrics {
         let outcomes = IntCounterVec::new(
             Opts::new(
                 "broker_waiting_line_outcomes_total",
-                "Waits by how they ended: served, timed_out, cancelled, refused, closed, full",
+                "Waits by how they ended: served, timed_out, cancelled, refused, closed, dropped, full",
             ),
             &["outcome"],
         )?;
@@ -162,6 +171,8 @@ pub struct Waited {
     pub closed: bool,
     /// True when the line was full and the request did not wait at all.
     pub full: bool,
+    /// True when a ticket left the line unpolled.
+    pub dropped: bool,
 }
 
 /// The waiting lines of one API instance.
@@ -188,6 +199,11 @@ impl WaitingLine {
             listening: watch::channel(false).0,
             closing: watch::channel(false).0,
         })
+    }
+
+    /// The settings of tickets.
+    pub fn ticket_settings(&self) -> tickets::TicketSettings {
+        self.settings.tickets
     }
 
     /// The wait granted for a request that asks for `requested_s` seconds.
@@ -248,20 +264,68 @@ impl WaitingLine {
         key: LineKey,
         wait: Duration,
         refused: BrokerError,
+        attempt: F,
+    ) -> Waited
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: Future<Output = Result<Allocation, BrokerError>>,
+    {
+        self.wait_in_line(key, None, wait, refused, attempt, std::future::pending())
+            .await
+    }
+
+    /// [`WaitingLine::wait_for_sandbox`] for a ticket: its place is found by the ticket id
+    /// ([`WaitingLine::ticket_position`]), and it leaves the line (`dropped`) when `drop_when`
+    /// resolves.
+    pub async fn wait_for_ticket<F, Fut>(
+        &self,
+        key: LineKey,
+        ticket_id: &str,
+        wait: Duration,
+        refused: BrokerError,
+        attempt: F,
+        drop_when: impl Future<Output = ()>,
+    ) -> Waited
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: Future<Output = Result<Allocation, BrokerError>>,
+    {
+        self.wait_in_line(key, Some(ticket_id), wait, refused, attempt, drop_when)
+            .await
+    }
+
+    /// The 1-based place of `ticket_id` in its line on this instance, when it waits here.
+    pub fn ticket_position(&self, ticket_id: &str) -> Option<usize> {
+        self.lock().by_key.values().find_map(|line| {
+            line.iter()
+                .position(|p| p.ticket.as_deref() == Some(ticket_id))
+                .map(|i| i + 1)
+        })
+    }
+
+    async fn wait_in_line<F, Fut>(
+        &self,
+        key: LineKey,
+        ticket: Option<&str>,
+        wait: Duration,
+        refused: BrokerError,
         mut attempt: F,
+        drop_when: impl Future<Output = ()>,
     ) -> Waited
     where
         F: FnMut(u64) -> Fut,
         Fut: Future<Output = Result<Allocation, BrokerError>>,
     {
         let deadline = tokio::time::Instant::now() + wait;
-        let Some(mut guard) = self.join(key) else {
+        tokio::pin!(drop_when);
+        let Some(mut guard) = self.join(key, ticket) else {
             self.metrics.outcomes.with_label_values(&["full"]).inc();
             return Waited {
                 result: Err(refused),
                 position: None,
                 closed: false,
                 full: true,
+                dropped: false,
             };
         };
         // The feed must be followed before the head's next attempt, or an event recorded
@@ -315,12 +379,13 @@ impl WaitingLine {
                 () = tokio::time::sleep_until(deadline) => {
                     return guard.finish(Outcome::TimedOut, Err(last));
                 }
+                () = &mut drop_when => return guard.finish(Outcome::Dropped, Err(last)),
             }
         }
     }
 
     /// Takes a place at the back of `key`'s line; `None` when the instance's lines are full.
-    fn join(&self, key: LineKey) -> Option<PlaceGuard<'_>> {
+    fn join(&self, key: LineKey, ticket: Option<&str>) -> Option<PlaceGuard<'_>> {
         let wake = Arc::new(Notify::new());
         let id = {
             let mut lines = self.lock();
@@ -333,6 +398,7 @@ impl WaitingLine {
             let line = lines.by_key.entry(key.clone()).or_default();
             line.push_back(Place {
                 id,
+                ticket: ticket.map(str::to_string),
                 wake: Arc::clone(&wake),
             });
             let length = line.len();
@@ -494,6 +560,7 @@ impl PlaceGuard<'_> {
             position,
             closed: outcome == Outcome::Closed,
             full: false,
+            dropped: outcome == Outcome::Dropped,
         }
     }
 

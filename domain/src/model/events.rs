@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::ids::{
     ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
-    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID,
+    SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID, TICKET_STREAM_PREFIX,
 };
 
 /// The payload schema version written today.
@@ -312,6 +312,47 @@ pub enum QuotaEvent {
     },
 }
 
+/// Events of a waiting-line ticket stream (`ticket#<id>`): an allocation request that asked
+/// `Prefer: respond-async` and found nothing free. Written only with
+/// `WRITE_EVENTS_WAITING_LINE` (docs/upgrades.md); any API instance serves and answers it.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum TicketEvent {
+    /// The request joined the line; the allocation it stands for is made when it is served.
+    TicketIssued {
+        /// The student.
+        caller: String,
+        /// The track the allocation is for.
+        track_name: Option<String>,
+        /// The name prefix asked for.
+        name_prefix: Option<String>,
+        /// The idempotency key the allocation uses (stored hashed where it is a credential).
+        idempotency_key: String,
+        /// When the request joined the line.
+        issued_at: DateTime<Utc>,
+        /// The ticket drops out of the line when not polled for this long.
+        idle_drop_after_s: u64,
+    },
+    /// The owner asked for the ticket (recorded at most every quarter of the idle bound).
+    TicketPolled {
+        /// When.
+        polled_at: DateTime<Utc>,
+    },
+    /// A sandbox was allocated for the ticket.
+    TicketServed {
+        /// The sandbox allocated.
+        sandbox_id: String,
+        /// How long the ticket waited, ms.
+        waited_ms: u64,
+    },
+    /// The ticket left the line without a sandbox.
+    TicketDropped {
+        /// `not_polled`, `refused` (another refusal when its turn came) or `expired`.
+        reason: String,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -338,12 +379,13 @@ domain_event!(SyncEvent);
 domain_event!(AdminJobEvent);
 domain_event!(PoolControlEvent);
 domain_event!(QuotaEvent);
+domain_event!(TicketEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
-/// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`] and
-/// [`QuotaEvent`]): what audit filters
+/// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`],
+/// [`QuotaEvent`] and [`TicketEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 24] = [
+pub const EVENT_TYPES: [&str; 28] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -368,6 +410,10 @@ pub const EVENT_TYPES: [&str; 24] = [
     "PoolResumed",
     "QuotaSlotTaken",
     "QuotaSlotReleased",
+    "TicketIssued",
+    "TicketPolled",
+    "TicketServed",
+    "TicketDropped",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -389,6 +435,8 @@ pub enum BrokerEvent {
     /// kind or a schema version this build has never seen). Readers skip and count it, and
     /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
     Unknown(UnknownEvent),
+    /// From a `ticket#` stream (the waiting line's `Prefer: respond-async` tickets).
+    Ticket(TicketEvent),
 }
 
 /// What a reader knows about an event written by a newer release: only its envelope.
@@ -422,6 +470,7 @@ pub fn is_known_stream(stream_id: &str) -> bool {
         || stream_id.starts_with(ADMIN_JOB_STREAM_PREFIX)
         || stream_id == POOL_CONTROL_STREAM_ID
         || stream_id.starts_with(QUOTA_STREAM_PREFIX)
+        || stream_id.starts_with(TICKET_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -625,6 +674,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::PoolControl)
                 .map_err(err)
+        } else if stream.starts_with(TICKET_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Ticket)
+                .map_err(err)
         } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
@@ -811,6 +864,7 @@ mod tests {
             "AdminJobEvent",
             "PoolControlEvent",
             "QuotaEvent",
+            "TicketEvent",
         ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))

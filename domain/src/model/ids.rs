@@ -44,6 +44,14 @@ pub const POOL_CONTROL_STREAM_ID: &str = "pool#control";
 /// Prefix of per-track quota streams (`quota#<track name>`): the counter whose version every
 /// quota-bound allocation of the track checks in its own transaction.
 pub const QUOTA_STREAM_PREFIX: &str = "quota#";
+/// Prefix of waiting-line ticket streams (`ticket#<ticket id>`): one `Prefer: respond-async`
+/// allocation request, from its issue to its service or drop.
+pub const TICKET_STREAM_PREFIX: &str = "ticket#";
+
+/// The stream of one waiting-line ticket.
+pub fn ticket_stream(ticket_id: &str) -> String {
+    format!("{TICKET_STREAM_PREFIX}{ticket_id}")
+}
 
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

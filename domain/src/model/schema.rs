@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::events::{
     AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, SandboxEvent,
-    SyncEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
+    SyncEvent, TicketEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
 };
 
 /// The JSON Schema dialect of every generated document.
@@ -65,6 +65,7 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         ("adminjob", schema_value::<AdminJobEvent>()),
         ("pool-control", schema_value::<PoolControlEvent>()),
         ("quota", schema_value::<QuotaEvent>()),
+        ("ticket", schema_value::<TicketEvent>()),
     ] {
         let defs = root.get("$defs").cloned();
         let variants = root

@@ -2,8 +2,10 @@
 //! are served in arrival order as sandboxes register; a wait that runs out answers 409 with
 //! `Retry-After` and the place in line; a client that hangs up leaves the line; the wait is cut
 //! to `WAIT_MAX_SEC`; closing the line (shutdown) answers waiters at once; without the header
-//! nothing changes. On DynamoDB, two API instances on one table each wake their own waiters
-//! from the events a registration records.
+//! nothing changes. `Prefer: respond-async` (with `WRITE_EVENTS_WAITING_LINE`) answers 202
+//! with a ticket that is polled, served with the allocation's answer, or dropped when not
+//! polled. On DynamoDB, two API instances on one table each wake their own waiters from the
+//! events a registration records, and a ticket issued on one is served through the other.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,9 @@ both_stores!(
     the_wait_is_cut_to_the_setting,
     closing_the_line_answers_waiters_at_once,
     without_the_header_nothing_changes,
+    a_ticket_is_polled_and_served,
+    an_unpolled_ticket_drops_out,
+    respond_async_is_ignored_without_the_flag,
 );
 
 /// The line every test here waits in: names starting `wl-`.
@@ -343,6 +348,157 @@ async fn registrations_wake_waiters_on_every_instance() -> TestResult {
     }
     names.sort();
     assert_eq!(names, ["wl-both-0000", "wl-both-0001"]);
+    second.stop().await;
+    first.stop().await;
+    Ok(())
+}
+
+async fn ticket_app(backend: Backend, idle_s: u64) -> TestApp {
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |config| {
+        config.write_events_waiting_line = true;
+        config.ticket_idle_sec = idle_s;
+    });
+    spawn_app_with(options).await
+}
+
+fn async_allocate(app: &TestApp, caller: &str) -> reqwest::RequestBuilder {
+    app.allocate(caller)
+        .header("X-Sandbox-Name-Prefix", PREFIX)
+        .header("Prefer", "respond-async")
+}
+
+fn poll(app: &TestApp, caller: &str, poll_url: &str) -> reqwest::RequestBuilder {
+    app.track(Method::GET, poll_url)
+        .header("X-Instruqt-Sandbox-ID", caller)
+}
+
+/// Polls `poll_url` until the ticket is served (bounded).
+async fn poll_until_served(app: &TestApp, caller: &str, poll_url: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, _, body) = poll(app, caller, poll_url).sent_json().await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["status"] == "served" {
+            return body;
+        }
+        assert_eq!(body["status"], "pending", "{body}");
+        assert!(Instant::now() < deadline, "never served: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `Prefer: respond-async` on an empty pool answers 202 with a ticket; its owner polls it
+/// (pending, then served with the allocation's answer and lease token, once a sandbox
+/// registers); another caller may not read it.
+async fn a_ticket_is_polled_and_served(backend: Backend) -> TestResult {
+    let app = ticket_app(backend, 60).await;
+    empty_but_known_pool(&app).await;
+    let (status, headers, body) = async_allocate(&app, "ticketed").sent_json().await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(header(&headers, "preference-applied"), "respond-async");
+    assert_eq!(body["status"], "pending", "{body}");
+    let poll_url = body["poll_url"].as_str().unwrap_or_default().to_string();
+    assert!(poll_url.starts_with("/v1/tickets/"), "{body}");
+    assert_eq!(header(&headers, "location"), poll_url);
+    assert!(!header(&headers, "retry-after").is_empty());
+    line_reaches(&app, 1).await;
+    let (status, _, body) = poll(&app, "ticketed", &poll_url).sent_json().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "pending", "{body}");
+    assert_eq!(body["position"], 1, "{body}");
+    let (status, _, body) = poll(&app, "someone-else", &poll_url).sent_json().await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["detail"]["code"], "NOT_TICKET_OWNER", "{body}");
+    app.register("wl-tk", 1).await;
+    let body = poll_until_served(&app, "ticketed", &poll_url).await;
+    assert_eq!(body["allocation"]["name"], "wl-tk-0000", "{body}");
+    assert!(
+        body["allocation"]["lease_token"].as_str().is_some(),
+        "{body}"
+    );
+    let sandbox_id = body["allocation"]["sandbox_id"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(waited_ms(&app, sandbox_id).await.is_some());
+    // The sandbox is the caller's: a plain allocation replays it.
+    let (status, _, replay) = app
+        .allocate("ticketed")
+        .header("X-Sandbox-Name-Prefix", PREFIX)
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replay}");
+    assert_eq!(replay["sandbox_id"], sandbox_id);
+    let (status, _, body) = poll(&app, "ticketed", "/v1/tickets/no-such-ticket")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    app.stop().await;
+    Ok(())
+}
+
+/// A ticket nobody polls for its idle bound leaves the line by itself and answers 410; the
+/// sandbox that registers afterwards stays in the pool.
+async fn an_unpolled_ticket_drops_out(backend: Backend) -> TestResult {
+    let app = ticket_app(backend, 2).await;
+    empty_but_known_pool(&app).await;
+    let (status, _, body) = async_allocate(&app, "forgetful").sent_json().await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let poll_url = body["poll_url"].as_str().unwrap_or_default().to_string();
+    line_reaches(&app, 1).await;
+    app.clock.advance(chrono::Duration::seconds(10));
+    line_reaches(&app, 0).await;
+    let (status, _, body) = poll(&app, "forgetful", &poll_url).sent_json().await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["detail"]["code"], "TICKET_DROPPED", "{body}");
+    app.seed("wl-after", 1).await;
+    let available = app.stats().await.get(domain::SandboxStatus::Available);
+    assert_eq!(available, 1);
+    app.stop().await;
+    Ok(())
+}
+
+/// Without `WRITE_EVENTS_WAITING_LINE`, `Prefer: respond-async` is ignored: 409 at once, as
+/// without the header.
+async fn respond_async_is_ignored_without_the_flag(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let (status, headers, body) = async_allocate(&app, "early").sent_json().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["detail"]["code"], "NO_SANDBOXES_AVAILABLE");
+    assert!(headers.get("preference-applied").is_none());
+    app.stop().await;
+    Ok(())
+}
+
+/// Two API instances on one DynamoDB table: a ticket issued through one is polled through the
+/// other, and served there once a sandbox registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_is_answered_by_another_instance() -> TestResult {
+    let tables = format!("t{}", uuid::Uuid::new_v4().simple());
+    let on_shared_tables = |run_projector: bool| {
+        let tables = tables.clone();
+        let mut options = AppOptions::new(Backend::Dynamo);
+        options.configure = Box::new(move |config| {
+            config.store.table_prefix = tables.clone();
+            config.run_projector = Some(run_projector);
+            config.write_events_waiting_line = true;
+        });
+        options
+    };
+    let first = spawn_app_with(on_shared_tables(true)).await;
+    let second = spawn_app_with(on_shared_tables(false)).await;
+    second.clock.set(first.clock.now());
+    empty_but_known_pool(&first).await;
+    let (status, _, body) = async_allocate(&first, "roaming").sent_json().await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let poll_url = body["poll_url"].as_str().unwrap_or_default().to_string();
+    let (status, _, body) = poll(&second, "roaming", &poll_url).sent_json().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "pending", "{body}");
+    first.register("wl-roam", 1).await;
+    let body = poll_until_served(&second, "roaming", &poll_url).await;
+    assert_eq!(body["allocation"]["name"], "wl-roam-0000", "{body}");
     second.stop().await;
     first.stop().await;
     Ok(())
