@@ -208,11 +208,11 @@ async fn a_wait_that_runs_out_answers_409_with_its_place(backend: Backend) -> Te
 async fn a_client_that_hangs_up_leaves_the_line(backend: Backend) -> TestResult {
     let app = app_with(backend, 25).await;
     empty_but_known_pool(&app).await;
-    let gone = waiting_allocate(&app, "gone", 25)
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await;
-    assert!(gone.is_err(), "the client should have given up first");
+    // The client hangs up once it is in line: its task, and with it the connection, ends.
+    let gone = spawn_reply(waiting_allocate(&app, "gone", 25));
+    line_reaches(&app, 1).await;
+    gone.abort();
+    assert!(gone.await.is_err(), "the client should have hung up first");
     line_reaches(&app, 0).await;
     let patient = spawn_reply(waiting_allocate(&app, "patient", 25));
     line_reaches(&app, 1).await;
