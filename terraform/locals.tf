@@ -61,7 +61,7 @@ locals {
     },
   )
 
-  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, {
+  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, local.waiting_line_env, {
     AWS_REGION           = var.aws_region
     BIND_ADDR            = "0.0.0.0:8080"
     API_BASE_PATH        = "/v1"
