@@ -25,6 +25,8 @@ pub enum WebhookKind {
     Quarantine,
     /// A name prefix group dropped below its `POOL_LOW_WATER` threshold.
     PoolLow,
+    /// A waiting-line ticket (`Prefer: respond-async`) was served: its sandbox is allocated.
+    TicketServed,
 }
 
 impl WebhookKind {
@@ -38,6 +40,7 @@ impl WebhookKind {
             Self::Deletion => "deletion",
             Self::Quarantine => "quarantine",
             Self::PoolLow => "pool_low",
+            Self::TicketServed => "ticket_served",
         }
     }
 }
@@ -51,6 +54,7 @@ pub const KIND_OF_EVENT: &[(&str, WebhookKind)] = &[
     ("SandboxDeleted", WebhookKind::Deletion),
     ("SandboxRetired", WebhookKind::Deletion),
     ("DeletionFailed", WebhookKind::Quarantine),
+    ("TicketServed", WebhookKind::TicketServed),
 ];
 
 /// The notification an event type raises, if any.

@@ -52,6 +52,7 @@ both_stores!(
     a_ticket_is_polled_and_served,
     an_unpolled_ticket_drops_out,
     respond_async_is_ignored_without_the_flag,
+    a_served_ticket_sends_a_webhook,
 );
 
 /// The line every test here waits in: names starting `wl-`.
@@ -501,5 +502,90 @@ async fn a_ticket_is_answered_by_another_instance() -> TestResult {
     assert_eq!(body["allocation"]["name"], "wl-roam-0000", "{body}");
     second.stop().await;
     first.stop().await;
+    Ok(())
+}
+
+/// A receiver on 127.0.0.1 that keeps the JSON body of every notification and answers 200.
+async fn start_receiver() -> (std::sync::Arc<std::sync::Mutex<Vec<Value>>>, String) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let shared = std::sync::Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let shared = std::sync::Arc::clone(&shared);
+            async move {
+                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                    shared.lock().unwrap_or_else(|p| p.into_inner()).push(value);
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (seen, format!("http://{addr}/hook"))
+}
+
+/// A served ticket sends a `ticket_served` webhook naming the sandbox (to subscribers of that
+/// kind only).
+async fn a_served_ticket_sends_a_webhook(backend: Backend) -> TestResult {
+    let (seen, url) = start_receiver().await;
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |config| {
+        config.write_events_waiting_line = true;
+        config.webhooks_json = Some(
+            serde_json::json!({"subscribers": [
+                {"name": "line", "url": url, "secret": "receiver-secret-0123456789abcdefghij",
+                 "kinds": ["ticket_served"]},
+            ]})
+            .to_string()
+            .into(),
+        );
+        config.run_webhooks = Some(true);
+        // The receiver listens on plain http on 127.0.0.1, which production refuses.
+        config.webhook_allow_http = true;
+        config.webhook_allow_private_targets = true;
+        config.webhook_poll_ms = 50;
+    });
+    let app = spawn_app_with(options).await;
+    empty_but_known_pool(&app).await;
+    let (status, _, body) = async_allocate(&app, "hooked").sent_json().await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let poll_url = body["poll_url"].as_str().unwrap_or_default().to_string();
+    line_reaches(&app, 1).await;
+    app.register("wl-hook", 1).await;
+    let served = poll_until_served(&app, "hooked", &poll_url).await;
+    let sandbox_id = served["allocation"]["sandbox_id"].clone();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        // DynamoDB's webhooks wait until the (manual) clock is past the settle time.
+        app.clock.advance(chrono::Duration::seconds(1));
+        let found = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|n| n["kind"] == "ticket_served")
+            .cloned();
+        if let Some(notification) = found {
+            assert_eq!(notification["sandbox"]["sandbox_id"], sandbox_id);
+            assert_eq!(notification["sandbox"]["name"], "wl-hook-0000");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ticket_served webhook");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kinds: Vec<Value> = seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|n| n["kind"].clone())
+        .collect();
+    assert!(kinds.iter().all(|k| k == "ticket_served"), "{kinds:?}");
+    app.stop().await;
     Ok(())
 }
