@@ -159,7 +159,7 @@ async fn served(
     security(("bearer" = [])),
     params(
         ("ticket_id" = String, Path, description = "The `ticket_id` of the 202; not blank, no control characters, at most 256 bytes (UTF-8)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
-        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The caller id the allocation was asked with", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ("X-Instruqt-Sandbox-ID" = Option<String>, Header, description = "The caller id the allocation was asked with; no control characters, at most 256 bytes", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
     ),
     responses(
