@@ -789,57 +789,6 @@ fn progress_line(exported: u64, reached: &str, done: Option<f64>) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// No flag of any command takes a token or a secret (they would show in process listings
-    /// and shell histories); only the `--…-file` flags that name where one is kept.
-    #[test]
-    fn no_flag_takes_a_secret() {
-        let mut cli = <Cli as clap::CommandFactory>::command();
-        cli.build();
-        let mut commands = vec![&cli];
-        while let Some(command) = commands.pop() {
-            for arg in command.get_arguments() {
-                let long = arg.get_long().unwrap_or_default();
-                let secret =
-                    (long.contains("token") || long.contains("secret")) && !long.ends_with("-file");
-                assert!(!secret, "brokerctl {} takes --{long}", command.get_name());
-            }
-            commands.extend(command.get_subcommands());
-        }
-    }
-
-    /// The bar follows the time reached through the range, and falls back to counts alone
-    /// when a bound is unknown.
-    #[test]
-    fn progress_bar_follows_the_time_range() {
-        let done = range_fraction(
-            Some("2026-05-01T00:00:00Z"),
-            "2026-05-01T06:00:00Z",
-            Some("2026-05-02T00:00:00Z"),
-        );
-        assert_eq!(done, Some(0.25));
-        assert_eq!(
-            progress_line(42, "2026-05-01T06:00:00Z", done),
-            "[#####---------------]  25% exported 42 events (up to 2026-05-01T06:00:00Z)"
-        );
-        assert_eq!(
-            range_fraction(None, "2026-05-01T06:00:00Z", Some("x")),
-            None
-        );
-        assert_eq!(progress_line(7, "t", None), "exported 7 events (up to t)");
-    }
-
-    /// Ids with route characters stay one path segment.
-    #[test]
-    fn ids_are_percent_encoded() {
-        assert_eq!(segment("a/b#c d"), "a%2Fb%23c%20d");
-        assert_eq!(segment("lab-id-1"), "lab-id-1");
-    }
-}
-
 /// Polls the ticket of a 202 (its `poll_url`, as often as `Retry-After` says) until it is served
 /// (the allocation's body), leaves the line (410: exit 4, like a deadline), or `deadline`
 /// passes.
@@ -894,5 +843,56 @@ async fn poll_ticket(
             return Ok(body["allocation"].clone());
         }
         wait = reply.retry_after.unwrap_or(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No flag of any command takes a token or a secret (they would show in process listings
+    /// and shell histories); only the `--…-file` flags that name where one is kept.
+    #[test]
+    fn no_flag_takes_a_secret() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let mut commands = vec![&cli];
+        while let Some(command) = commands.pop() {
+            for arg in command.get_arguments() {
+                let long = arg.get_long().unwrap_or_default();
+                let secret =
+                    (long.contains("token") || long.contains("secret")) && !long.ends_with("-file");
+                assert!(!secret, "brokerctl {} takes --{long}", command.get_name());
+            }
+            commands.extend(command.get_subcommands());
+        }
+    }
+
+    /// The bar follows the time reached through the range, and falls back to counts alone
+    /// when a bound is unknown.
+    #[test]
+    fn progress_bar_follows_the_time_range() {
+        let done = range_fraction(
+            Some("2026-05-01T00:00:00Z"),
+            "2026-05-01T06:00:00Z",
+            Some("2026-05-02T00:00:00Z"),
+        );
+        assert_eq!(done, Some(0.25));
+        assert_eq!(
+            progress_line(42, "2026-05-01T06:00:00Z", done),
+            "[#####---------------]  25% exported 42 events (up to 2026-05-01T06:00:00Z)"
+        );
+        assert_eq!(
+            range_fraction(None, "2026-05-01T06:00:00Z", Some("x")),
+            None
+        );
+        assert_eq!(progress_line(7, "t", None), "exported 7 events (up to t)");
+    }
+
+    /// Ids with route characters stay one path segment.
+    #[test]
+    fn ids_are_percent_encoded() {
+        assert_eq!(segment("a/b#c d"), "a%2Fb%23c%20d");
+        assert_eq!(segment("lab-id-1"), "lab-id-1");
     }
 }

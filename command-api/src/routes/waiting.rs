@@ -103,7 +103,7 @@ pub fn refusal(line: Option<&LineRequest>, end: Option<&WaitEnd>, e: BrokerError
         return error;
     };
     let retry_after = error.retry_after.unwrap_or(1);
-    error.position = end.position.and_then(|p| u64::try_from(p).ok());
+    error.position = end.position.map(|p| u16::try_from(p).unwrap_or(u16::MAX));
     error.message = if end.full {
         format!("No sandbox is free and this instance's waiting lines are full; retry in {retry_after} s")
     } else if end.closed {
