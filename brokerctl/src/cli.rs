@@ -127,7 +127,7 @@ enum Command {
         /// When no sandbox is free, wait up to this many seconds in the broker's line
         /// (`Prefer: wait`, cut to the broker's WAIT_MAX_SEC) before each retry; served in
         /// arrival order. --deadline and Retry-After still bound the whole run.
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, env = "BROKER_WAIT", value_name = "SECONDS")]
         wait: Option<u64>,
         /// When no sandbox is free, take a ticket in the broker's line (`Prefer: respond-async`;
         /// the broker needs WRITE_EVENTS_WAITING_LINE) and poll it, as its Retry-After says,
