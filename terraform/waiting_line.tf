@@ -25,10 +25,17 @@ variable "ticket_idle_sec" {
   default     = 120
 }
 
+variable "wait_sync_on_line" {
+  description = "Each API task requests a sync (an admin job) when a waiting line forms, at most once per 5 minutes."
+  type        = bool
+  default     = false
+}
+
 locals {
   waiting_line_env = {
     WRITE_EVENTS_WAITING_LINE = tostring(var.write_events_waiting_line)
     WAIT_MAX_SEC              = tostring(var.wait_max_sec)
     TICKET_IDLE_SEC           = tostring(var.ticket_idle_sec)
+    WAIT_SYNC_ON_LINE         = tostring(var.wait_sync_on_line)
   }
 }

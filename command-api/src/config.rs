@@ -375,6 +375,12 @@ pub struct Config {
     /// The longest a waiting-line ticket stays in line, seconds.
     #[arg(long, env = "TICKET_MAX_WAIT_SEC", default_value_t = 1_800)]
     pub ticket_max_wait_sec: u64,
+    /// Request a sync (an admin job) when a waiting line forms on this instance.
+    #[arg(long, env = "WAIT_SYNC_ON_LINE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub wait_sync_on_line: bool,
+    /// Least time between two syncs requested by waiting lines on one instance, seconds.
+    #[arg(long, env = "WAIT_SYNC_MIN_INTERVAL_SEC", default_value_t = 300)]
+    pub wait_sync_min_interval_sec: u64,
 }
 
 impl Config {

@@ -397,6 +397,15 @@ pub async fn build_with(
         feed: feed.clone(),
         waiting_line: waiting_line.clone(),
     });
+    if config.wait_sync_on_line {
+        tasks.push(tokio::spawn(
+            crate::waiting_line::auto_sync::sync_when_lines_form(
+                state.clone(),
+                Duration::from_secs(config.wait_sync_min_interval_sec),
+                stop.stopped(),
+            ),
+        ));
+    }
     Ok(Service {
         state,
         embedded,

@@ -6,6 +6,7 @@
 //! - [`supply`] — which events make a sandbox allocatable ([`supply::frees_supply`]).
 //! - [`prefer`] — reading the `Prefer` header.
 //! - [`tickets`] — `Prefer: respond-async`: tickets as events on `ticket#<id>` streams.
+//! - [`auto_sync`] — the optional sync requested when a line forms (`WAIT_SYNC_ON_LINE`).
 //! - this module — the lines of one API instance, the waiter's guard, the task that turns the
 //!   instance's live feed into wake-ups, and the line's metrics.
 //!
@@ -16,6 +17,7 @@
 //! is dropped (the client went away): the guard's `Drop` takes it out and hands the head's turn
 //! on, so nothing is left behind to serve nobody.
 
+pub mod auto_sync;
 pub mod prefer;
 pub mod supply;
 pub mod tickets;
@@ -183,6 +185,8 @@ pub struct WaitingLine {
     metrics: LineMetrics,
     /// Signalled when a line forms: the wake-up task starts following the feed.
     formed: Notify,
+    /// Signalled when a line that was empty gets its first request ([`auto_sync`]).
+    line_formed: Notify,
     /// True while the wake-up task follows the feed.
     listening: watch::Sender<bool>,
     closing: watch::Sender<bool>,
@@ -196,6 +200,7 @@ impl WaitingLine {
             settings,
             metrics: LineMetrics::new(registry)?,
             formed: Notify::new(),
+            line_formed: Notify::new(),
             listening: watch::channel(false).0,
             closing: watch::channel(false).0,
         })
@@ -209,6 +214,11 @@ impl WaitingLine {
     /// The wait granted for a request that asks for `requested_s` seconds.
     pub fn granted_wait(&self, requested_s: u64) -> Duration {
         Duration::from_secs(requested_s).min(self.settings.max_wait)
+    }
+
+    /// Resolves when a line forms (one signal is kept for a listener not waiting yet).
+    pub async fn line_formed(&self) {
+        self.line_formed.notified().await;
     }
 
     /// Whether anybody waits in the line of `key` on this instance.
@@ -407,6 +417,7 @@ impl WaitingLine {
                 .with_label_values(&key.labels())
                 .set(i64::try_from(length).unwrap_or(i64::MAX));
             if length == 1 {
+                self.line_formed.notify_one();
                 tracing::warn!(
                     target: "waiting_line",
                     track = key.track.as_deref().unwrap_or(""),

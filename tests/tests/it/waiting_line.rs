@@ -53,6 +53,7 @@ both_stores!(
     an_unpolled_ticket_drops_out,
     respond_async_is_ignored_without_the_flag,
     a_served_ticket_sends_a_webhook,
+    a_line_that_forms_requests_a_sync,
 );
 
 /// The line every test here waits in: names starting `wl-`.
@@ -586,6 +587,36 @@ async fn a_served_ticket_sends_a_webhook(backend: Backend) -> TestResult {
         .map(|n| n["kind"].clone())
         .collect();
     assert!(kinds.iter().all(|k| k == "ticket_served"), "{kinds:?}");
+    app.stop().await;
+    Ok(())
+}
+
+/// With `WAIT_SYNC_ON_LINE`, the first request to wait on an empty pool makes the instance run
+/// a sync (an admin job, against the mock CSP here), whose registrations serve the request.
+async fn a_line_that_forms_requests_a_sync(backend: Backend) -> TestResult {
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(|config| {
+        config.wait_sync_on_line = true;
+    });
+    let app = spawn_app_with(options).await;
+    assert_eq!(app.stats().await.total(), 0);
+    let (status, headers, body) = app
+        .allocate("first-of-the-day")
+        .header("Prefer", "wait=20")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(header(&headers, "preference-applied"), "wait=20");
+    let (status, _, jobs) = app.get_json("/v1/admin/jobs").await;
+    assert_eq!(status, StatusCode::OK, "{jobs}");
+    assert!(
+        jobs["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|job| job["kind"] == "sync"),
+        "{jobs}"
+    );
     app.stop().await;
     Ok(())
 }
