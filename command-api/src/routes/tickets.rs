@@ -191,9 +191,16 @@ pub async fn get_ticket(
         Principal::Track(credential) => Some(credential.clone()),
         _ => None,
     };
-    let other_track = credential
-        .as_ref()
-        .is_some_and(|c| ticket.track_name.as_deref() != Some(c.track.as_str()));
+    // A per-track credential reads only its track's tickets; the shared token never reads the
+    // ticket of a track that has its own credential (as with sandboxes).
+    let other_track = match (&principal, &credential) {
+        (_, Some(c)) => ticket.track_name.as_deref() != Some(c.track.as_str()),
+        (Principal::SharedTrack, None) => ticket
+            .track_name
+            .as_deref()
+            .is_some_and(|track| state.credentials.owns_track(track)),
+        _ => false,
+    };
     if ticket.caller != caller.0 || other_track {
         return Err(ApiError::not_ticket_owner(&ticket_id));
     }
