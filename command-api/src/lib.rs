@@ -18,7 +18,7 @@
 //! - [`rotation`] — secrets with a previous value accepted until a set time (rotation overlap).
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `outcomes`, `ops`, `events` (the audit endpoints),
-//!   `dashboard`.
+//!   `dashboard`, and the waiting line's `waiting` (on allocate), `tickets`, `waiting_lines`.
 //! - [`listener`] — accepting connections and serving them with hyper; each connection's
 //!   watchdog (silent, slow and idle clients), the per-address connection cap.
 //! - [`network`] — trusted proxy networks (`TRUSTED_PROXIES`) and which addresses are public.
@@ -96,6 +96,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::events::router())
         .merge(routes::pool::router())
         .merge(routes::outcomes::router())
+        .merge(routes::waiting_lines::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let docs = SwaggerUi::new(format!("{base}/docs")).url(
         format!("{base}/openapi.json"),

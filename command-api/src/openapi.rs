@@ -6,7 +6,9 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
-use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, tickets, webhooks};
+use crate::routes::{
+    admin, admin_jobs, ops, outcomes, pool, sandboxes, tickets, waiting_lines, webhooks,
+};
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
 #[derive(OpenApi)]
@@ -21,7 +23,7 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, tickets, 
         webhooks::get_deliveries,
         pool::get_pool_control, pool::drain_pool, pool::resume_pool, outcomes::get_outcomes,
         ops::service_root, ops::healthz, ops::readyz, ops::metrics,
-        tickets::get_ticket,
+        tickets::get_ticket, waiting_lines::list_waiting_lines,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
@@ -30,7 +32,8 @@ use crate::routes::{admin, admin_jobs, ops, outcomes, pool, sandboxes, tickets, 
         admin_jobs::JobList, webhooks::DeliveriesResponse, webhooks::SubscriberDeliveries,
         sandboxes::ExtendRequest, sandboxes::ExtendResponse,
         pool::PoolControlResponse, pool::DrainView, pool::QuotaView,
-        tickets::TicketResponse)),
+        tickets::TicketResponse, waiting_lines::WaitingLinesResponse,
+        waiting_lines::WaitingLineView)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

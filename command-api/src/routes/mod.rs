@@ -12,4 +12,5 @@ pub mod sandbox_ref;
 pub mod sandboxes;
 pub mod tickets;
 pub mod waiting;
+pub mod waiting_lines;
 pub mod webhooks;

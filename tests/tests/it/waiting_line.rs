@@ -54,6 +54,7 @@ both_stores!(
     respond_async_is_ignored_without_the_flag,
     a_served_ticket_sends_a_webhook,
     a_line_that_forms_requests_a_sync,
+    operators_see_the_lines,
 );
 
 /// The line every test here waits in: names starting `wl-`.
@@ -617,6 +618,50 @@ async fn a_line_that_forms_requests_a_sync(backend: Backend) -> TestResult {
             .any(|job| job["kind"] == "sync"),
         "{jobs}"
     );
+    app.stop().await;
+    Ok(())
+}
+
+/// `GET /v1/admin/waiting-lines` shows this instance's lines with their track, prefix and
+/// length, and the dashboard page has the panel that reads it.
+async fn operators_see_the_lines(backend: Backend) -> TestResult {
+    let app = app_with(backend, 25).await;
+    empty_but_known_pool(&app).await;
+    let waiters: Vec<_> = (0..2)
+        .map(|i| {
+            spawn_reply(
+                waiting_allocate(&app, &format!("seen{i}"), 25)
+                    .header("X-Instruqt-Track-ID", "workshop"),
+            )
+        })
+        .collect();
+    line_reaches(&app, 2).await;
+    let (status, _, body) = app.get_json("/v1/admin/waiting-lines").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["waiting"], 2, "{body}");
+    assert_eq!(body["lines"][0]["track"], "workshop", "{body}");
+    assert_eq!(body["lines"][0]["prefix"], PREFIX, "{body}");
+    assert_eq!(body["lines"][0]["waiting"], 2, "{body}");
+    let (status, _, _) = app
+        .track(Method::GET, "/v1/admin/waiting-lines")
+        .sent_json()
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let page = app
+        .client
+        .get(format!("{}/dashboard", app.url))
+        .sent()
+        .await
+        .text()
+        .await?;
+    assert!(page.contains("id=\"waiting-lines\""));
+    app.register("wl-seen", 2).await;
+    for waiter in waiters {
+        let (status, _, body) = tokio::time::timeout(PATIENCE, waiter).await??;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (_, _, body) = app.get_json("/v1/admin/waiting-lines").await;
+    assert_eq!(body["waiting"], 0, "{body}");
     app.stop().await;
     Ok(())
 }
