@@ -411,6 +411,11 @@ pub async fn allocate_sandbox(
         Some(line) if line.behind_others => Err(BrokerError::NoSandboxAvailable {
             retry_after_s: state.broker.config().no_sandbox_retry_after_s,
         }),
+        _ if waiting::ticket_behind_others(&state, &headers, &request) => {
+            Err(BrokerError::NoSandboxAvailable {
+                retry_after_s: state.broker.config().no_sandbox_retry_after_s,
+            })
+        }
         _ => {
             state
                 .broker

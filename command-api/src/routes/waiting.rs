@@ -35,14 +35,9 @@ pub struct WaitEnd {
     pub full: bool,
 }
 
-/// The wait a request asked for with `Prefer: wait=N` (`None`: it did not ask, or asked for 0).
-pub fn requested_wait(
-    state: &SharedState,
-    headers: &HeaderMap,
-    request: &AllocateRequest,
-) -> Option<LineRequest> {
-    let requested = prefer::preferences(headers).wait_s.filter(|s| *s > 0)?;
-    let key = LineKey {
+/// The line a request would wait in.
+fn line_key(request: &AllocateRequest) -> LineKey {
+    LineKey {
         track: request.track_name.clone(),
         prefix: request
             .name_prefix
@@ -50,13 +45,35 @@ pub fn requested_wait(
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(str::to_string),
-    };
+    }
+}
+
+/// The wait a request asked for with `Prefer: wait=N` (`None`: it did not ask, or asked for 0).
+pub fn requested_wait(
+    state: &SharedState,
+    headers: &HeaderMap,
+    request: &AllocateRequest,
+) -> Option<LineRequest> {
+    let requested = prefer::preferences(headers).wait_s.filter(|s| *s > 0)?;
+    let key = line_key(request);
     let behind_others = state.waiting_line.has_waiters(&key);
     Some(LineRequest {
         key,
         wait: state.waiting_line.granted_wait(requested),
         behind_others,
     })
+}
+
+/// Whether a request that asked for a ticket (`Prefer: respond-async`, tickets written) finds
+/// others waiting in its line on this instance: it then takes its ticket without trying first.
+pub fn ticket_behind_others(
+    state: &SharedState,
+    headers: &HeaderMap,
+    request: &AllocateRequest,
+) -> bool {
+    state.waiting_line.ticket_settings().write
+        && prefer::preferences(headers).respond_async
+        && state.waiting_line.has_waiters(&line_key(request))
 }
 
 /// Waits in `line` after a `NO_SANDBOXES_AVAILABLE` refusal; each attempt as the head records
