@@ -62,7 +62,7 @@ locals {
     },
   )
 
-  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, local.personal_data_env, local.reservations_env, local.heartbeat_usage_env, {
+  api_env = merge(local.store_env, local.lifecycle_env, local.csp_env, local.tenancy_env, local.rotation_env, local.personal_data_env, local.reservations_env, local.heartbeat_usage_env, local.waiting_line_env, {
     AWS_REGION           = var.aws_region
     BIND_ADDR            = "0.0.0.0:8080"
     API_BASE_PATH        = "/v1"

@@ -127,6 +127,16 @@ enum Command {
         /// Write the output to this file (atomically) instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// When no sandbox is free, wait up to this many seconds in the broker's line
+        /// (`Prefer: wait`, cut to the broker's WAIT_MAX_SEC) before each retry; served in
+        /// arrival order. --deadline and Retry-After still bound the whole run.
+        #[arg(long, env = "BROKER_WAIT", value_name = "SECONDS")]
+        wait: Option<u64>,
+        /// When no sandbox is free, take a ticket in the broker's line (`Prefer: respond-async`;
+        /// the broker needs WRITE_EVENTS_WAITING_LINE) and poll it, as its Retry-After says,
+        /// until it is served or --deadline passes.
+        #[arg(long = "async")]
+        ticket: bool,
     },
     /// Show the caller's sandbox (track token).
     Status {
@@ -347,6 +357,31 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: ViewFormat,
     },
+    /// Waiting-line tickets of `allocate --async` (track token).
+    Tickets {
+        #[command(subcommand)]
+        command: TicketsCommand,
+    },
+    /// The waiting lines of the instance that answers: track, prefix and requests waiting
+    /// (admin token; behind a load balancer each instance has its own).
+    WaitingLines {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ViewFormat,
+    },
+}
+
+/// What `brokerctl tickets` does.
+#[derive(Debug, Subcommand)]
+enum TicketsCommand {
+    /// Show a ticket: pending (with its place in line), served (with the allocation), or the
+    /// 410 of a ticket that left the line.
+    Show {
+        /// The `ticket_id` of the ticket.
+        ticket_id: String,
+        #[command(flatten)]
+        caller: CallerArgs,
+    },
 }
 
 /// What `brokerctl reservations` does.
@@ -444,6 +479,7 @@ impl Command {
                 | Command::Release { .. }
                 | Command::Extend(_)
                 | Command::Heartbeat { .. }
+                | Command::Tickets { .. }
         )
     }
 }
@@ -481,8 +517,24 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             track,
             format,
             output,
+            wait,
+            ticket,
         } => {
             let mut call = Call::new(Method::POST, "/v1/allocate");
+            if ticket {
+                call.headers.push(("Prefer", "respond-async".to_string()));
+            }
+            // A waiting request stays open for the wait: its HTTP bound must outlast it.
+            let broker = match wait.filter(|w| *w > 0) {
+                Some(w) => {
+                    call.headers.push(("Prefer", format!("wait={w}")));
+                    let bound = global
+                        .timeout
+                        .max(Duration::from_secs(w.saturating_add(10)));
+                    Broker::new(&global.url, token.clone(), bound)?
+                }
+                None => broker.clone(),
+            };
             call.caller = Some(caller_of(&caller)?);
             // With a lease file, the key is generated once and kept before the request is sent,
             // so a re-run after a lost answer replays with the same key.
@@ -521,7 +573,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .send_with_retries(&call, Retry::TransientAndNoSandbox, &policy, on_retry)
                 .await
                 .map_err(|gave_up| gave_up.into_failure(true))?;
-            let body = success(reply)?;
+            let body = if reply.status == reqwest::StatusCode::ACCEPTED {
+                let poll_caller = caller_of(&caller)?;
+                poll_ticket(&broker, &reply, poll_caller, global.deadline, quiet).await?
+            } else {
+                success(reply)?
+            };
             if let Some((path, mut state)) = lease {
                 let text = |field: &str| body[field].as_str().map(str::to_string);
                 state.lease_token = text("lease_token").or(state.lease_token);
@@ -798,6 +855,29 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .param("at", at.as_deref());
             let body = success(send(call).await?)?;
             emit(&object_text(&body, format), None)
+        }
+        Command::WaitingLines { format } => {
+            let body = success(send(Call::new(Method::GET, "/v1/admin/waiting-lines")).await?)?;
+            let text = match format {
+                ViewFormat::Json => pretty(&body),
+                ViewFormat::Table => {
+                    let rows = body["lines"].as_array().cloned().unwrap_or_default();
+                    format!(
+                        "{}waiting in all: {}\n",
+                        table(&rows, &["track", "prefix", "waiting"]),
+                        body["waiting"]
+                    )
+                }
+            };
+            emit(&text, None)
+        }
+        Command::Tickets {
+            command: TicketsCommand::Show { ticket_id, caller },
+        } => {
+            let mut call = Call::new(Method::GET, format!("/v1/tickets/{}", segment(&ticket_id)));
+            call.caller = Some(caller_of(&caller)?);
+            let body = success(send(call).await?)?;
+            emit(&pretty(&body), None)
         }
         Command::Tail {
             since_id,
@@ -1141,6 +1221,63 @@ fn progress_line(exported: u64, reached: &str, done: Option<f64>) -> String {
             )
         }
         None => format!("exported {exported} events (up to {reached})"),
+    }
+}
+
+/// Polls the ticket of a 202 (its `poll_url`, as often as `Retry-After` says) until it is served
+/// (the allocation's body), leaves the line (410: exit 4, like a deadline), or `deadline`
+/// passes.
+async fn poll_ticket(
+    broker: &Broker,
+    issued: &Reply,
+    caller: Caller,
+    deadline: Duration,
+    quiet: bool,
+) -> Result<Value, Failure> {
+    let ends = std::time::Instant::now() + deadline;
+    let poll_url = issued.body["poll_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if poll_url.is_empty() {
+        return Err(Failure::Unexpected(
+            "the 202 named no poll_url; upgrade brokerctl or the broker".to_string(),
+        ));
+    }
+    let mut wait = issued.retry_after.unwrap_or(Duration::from_secs(2));
+    loop {
+        if !quiet {
+            eprintln!(
+                "brokerctl: waiting in line (ticket {}); polling in {:.0}s",
+                issued.body["ticket_id"].as_str().unwrap_or_default(),
+                wait.as_secs_f64()
+            );
+        }
+        if std::time::Instant::now() + wait > ends {
+            return Err(Failure::NoSandbox(
+                "the ticket was still waiting in line at --deadline".to_string(),
+            ));
+        }
+        tokio::time::sleep(wait).await;
+        let mut call = Call::new(Method::GET, poll_url.clone());
+        call.caller = Some(caller.clone());
+        let reply = broker
+            .send_with_retries(
+                &call,
+                Retry::Transient,
+                &RetryPolicy::within(deadline),
+                |_, _| {},
+            )
+            .await
+            .map_err(|gave_up| gave_up.into_failure(false))?;
+        if reply.status.as_u16() == 410 {
+            return Err(Failure::NoSandbox(reply.describe()));
+        }
+        let body = success(reply.clone())?;
+        if body["status"] == "served" {
+            return Ok(body["allocation"].clone());
+        }
+        wait = reply.retry_after.unwrap_or(Duration::from_secs(2));
     }
 }
 

@@ -58,6 +58,8 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("get", "/v1/capacity", "capacity"),
     ("post", "/v1/sandboxes/{sandbox_id}/heartbeat", "heartbeat"),
     ("get", "/v1/admin/usage", "usage"),
+    ("get", "/v1/tickets/{ticket_id}", "tickets show"),
+    ("get", "/v1/admin/waiting-lines", "waiting-lines"),
 ];
 
 /// `(method, path, why)`: operations that are not for people at a terminal, so no command.

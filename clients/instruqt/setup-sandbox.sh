@@ -8,7 +8,8 @@
 # Environment: BROKER_URL, BROKER_TRACK_TOKEN (or BROKER_TOKEN_FILE), BROKER_CALLER (default:
 # INSTRUQT_PARTICIPANT_ID), BROKER_NAME_PREFIX, BROKER_TRACK_ID (default: INSTRUQT_TRACK_SLUG),
 # BROKER_DEADLINE (default 10m), BROKER_CALLER_SECRET for per-track credentials, BROKER_LEASE_FILE
-# (default: `lease` next to the sandbox file).
+# (default: `lease` next to the sandbox file), BROKER_WAIT (seconds to wait in the broker's line
+# per attempt when the pool is empty, served first come first served; unset: plain retries).
 # Exit codes are brokerctl's: 0 ok, 2 bad input, 3 auth, 4 no sandbox before the deadline,
 # 5 broker failing or unreachable, 8 no sandbox has a name with BROKER_NAME_PREFIX (not retried).
 set -euo pipefail

@@ -382,6 +382,36 @@ pub struct Config {
     /// Seconds between two refusal summaries of this instance.
     #[arg(long, env = "USAGE_SUMMARY_INTERVAL_SEC", default_value_t = 60)]
     pub usage_summary_interval_sec: u64,
+    /// Longest wait an allocation with `Prefer: wait=N` is granted, seconds (a longer N is cut
+    /// to it; the wait also ends a second before `REQUEST_TIMEOUT_SEC`). Keep it below the load
+    /// balancer's idle timeout (60 s on the ALB).
+    #[arg(long, env = "WAIT_MAX_SEC", default_value_t = 25)]
+    pub wait_max_sec: u64,
+    /// Requests one instance keeps waiting at once, all lines together; one more is answered
+    /// 409 at once (each waiter holds one of `MAX_CONCURRENT_REQUESTS`).
+    #[arg(long, env = "WAIT_MAX_WAITERS", default_value_t = 64)]
+    pub wait_max_waiters: usize,
+    /// After an event frees a sandbox, how long the head of a line keeps retrying while the
+    /// pool's projection catches up with the event, ms.
+    #[arg(long, env = "WAIT_SETTLE_MS", default_value_t = 2_000)]
+    pub wait_settle_ms: u64,
+    /// Write the waiting line's ticket events (`Prefer: respond-async`, `ticket#` streams).
+    /// Turn on only once every process runs a release that reads them (docs/upgrades.md); off,
+    /// `Prefer: respond-async` is ignored.
+    #[arg(long, env = "WRITE_EVENTS_WAITING_LINE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub write_events_waiting_line: bool,
+    /// A waiting-line ticket not polled for this long drops out of the line, seconds.
+    #[arg(long, env = "TICKET_IDLE_SEC", default_value_t = 120)]
+    pub ticket_idle_sec: u64,
+    /// The longest a waiting-line ticket stays in line, seconds.
+    #[arg(long, env = "TICKET_MAX_WAIT_SEC", default_value_t = 1_800)]
+    pub ticket_max_wait_sec: u64,
+    /// Request a sync (an admin job) when a waiting line forms on this instance.
+    #[arg(long, env = "WAIT_SYNC_ON_LINE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub wait_sync_on_line: bool,
+    /// Least time between two syncs requested by waiting lines on one instance, seconds.
+    #[arg(long, env = "WAIT_SYNC_MIN_INTERVAL_SEC", default_value_t = 300)]
+    pub wait_sync_min_interval_sec: u64,
 }
 
 impl Config {

@@ -31,6 +31,10 @@ pub struct ErrorDetail {
     /// Per-field problems of a validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldProblem>>,
+    /// `NO_SANDBOXES_AVAILABLE` after waiting in line (`Prefer: wait`): the request's place in
+    /// its line when its wait ended (1 = next), as in the `Queue-Position` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u16>,
 }
 
 /// One problem in a validation error.
@@ -68,6 +72,9 @@ pub struct ApiError {
     pub details: Option<Vec<FieldProblem>>,
     /// The cause of a 5xx, logged (with the request id) and never returned.
     pub cause: Option<String>,
+    /// The place in a waiting line the request left (`Queue-Position`); `u16` keeps the error
+    /// small (the lines of one instance hold far fewer).
+    pub position: Option<u16>,
 }
 
 impl ApiError {
@@ -80,6 +87,7 @@ impl ApiError {
             limit: None,
             details: None,
             cause: None,
+            position: None,
         }
     }
 
@@ -468,6 +476,7 @@ impl ApiError {
                 retry_after: self.retry_after,
                 limit: self.limit,
                 details: self.details.clone(),
+                position: self.position,
             },
         }
     }
@@ -479,6 +488,11 @@ impl ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert("retry-after", v);
             }
+        }
+        if let Some(position) = self.position {
+            response
+                .headers_mut()
+                .insert(crate::waiting_line::QUEUE_POSITION_HEADER, position.into());
         }
         response.extensions_mut().insert(self.clone());
         response
@@ -590,6 +604,48 @@ impl ApiError {
                 retry_after_s,
             } => ApiError::quota_exceeded(&track, limit, retry_after_s),
         }
+    }
+}
+
+/// The waiting line's tickets (`Prefer: respond-async`, docs/waiting-line.md).
+impl ApiError {
+    /// 404 TICKET_NOT_FOUND.
+    pub fn ticket_not_found(ticket_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "TICKET_NOT_FOUND",
+            format!(
+                "No waiting-line ticket has the id {ticket_id}; use the poll_url of the 202 that \
+                 issued it"
+            ),
+        )
+    }
+
+    /// 403 NOT_TICKET_OWNER (never names the owner).
+    pub fn not_ticket_owner(ticket_id: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "NOT_TICKET_OWNER",
+            format!(
+                "Ticket {ticket_id} was issued to another caller; send the caller id (and \
+                 credential) that asked for it"
+            ),
+        )
+    }
+
+    /// 410 TICKET_DROPPED: the ticket left the line without a sandbox.
+    pub fn ticket_dropped(ticket_id: &str, reason: &str) -> Self {
+        let why = match reason {
+            "not_polled" => "it was not polled within its idle bound",
+            "expired" => "no sandbox became free before its longest wait ran out",
+            "refused" => "its allocation was refused when its turn came",
+            _ => "the line was full",
+        };
+        Self::new(
+            StatusCode::GONE,
+            "TICKET_DROPPED",
+            format!("Ticket {ticket_id} left the waiting line because {why}; allocate again"),
+        )
     }
 }
 

@@ -18,7 +18,7 @@
 //! - [`rotation`] — secrets with a previous value accepted until a set time (rotation overlap).
 //! - [`routes`] — one router per resource: `sandboxes` (track), `admin`, `admin_jobs`, `webhooks`,
 //!   `pool` (drain, resume, quotas), `outcomes`, `ops`, `events` (the audit endpoints),
-//!   `dashboard`.
+//!   `dashboard`, and the waiting line's `waiting` (on allocate), `tickets`, `waiting_lines`.
 //! - [`listener`] — accepting connections and serving them with hyper; each connection's
 //!   watchdog (silent, slow and idle clients), the per-address connection cap.
 //! - [`head_guard`] — HTTP/1 request heads too large for hyper, answered with the envelope.
@@ -42,6 +42,8 @@
 //!   (`STUDENT_IDS`, ADR 0031).
 //! - [`reservation_watch`] — reservation gauges and the run-dry forecast per prefix group with
 //!   its `CAPACITY_LOW_WATER_HOURS` alert (ADR 0028).
+//! - [`waiting_line`] — `Prefer: wait`: first-come lines per track and prefix, woken by the
+//!   events that free supply.
 
 pub mod admin_jobs;
 pub mod auth;
@@ -67,6 +69,7 @@ pub mod routes;
 pub mod startup;
 pub mod state;
 pub mod subjects;
+pub mod waiting_line;
 pub mod webhooks;
 
 use std::time::Duration;
@@ -97,6 +100,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
     let base = state.base_path.clone();
     let track = routes::sandboxes::router()
         .merge(routes::heartbeat::router())
+        .merge(routes::tickets::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_track));
     let admin = routes::admin::router()
         .merge(routes::admin_jobs::router())
@@ -107,6 +111,7 @@ pub fn app(state: SharedState, request_timeout: Duration) -> Router {
         .merge(routes::students::router())
         .merge(routes::reservations::router())
         .merge(routes::usage::router())
+        .merge(routes::waiting_lines::router())
         .route_layer(from_fn_with_state(state.clone(), auth::require_admin));
     let capacity = routes::reservations::capacity_router()
         .route_layer(from_fn_with_state(state.clone(), auth::require_any));

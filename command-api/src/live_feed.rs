@@ -143,6 +143,12 @@ impl EventsFeed {
         self.limits.max_subscribers
     }
 
+    /// A receiver of the live broadcast, for an in-process reader (the waiting line): it keeps
+    /// the tail reading the feed while it is held, and takes no stream slot.
+    pub fn subscribe_live(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
+        self.live.subscribe()
+    }
+
     /// Opens one client's stream: replays the events after `resume` (when given) from the feed,
     /// then follows the live broadcast; without `resume` it starts at `clock`'s now. `None` when
     /// [`LiveLimits::max_subscribers`] streams are already open.

@@ -7,7 +7,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail, FieldProblem};
 use crate::routes::{
-    admin, admin_jobs, ops, outcomes, pool, reservations, sandboxes, students, webhooks,
+    admin, admin_jobs, ops, outcomes, pool, reservations, sandboxes, students, tickets,
+    waiting_lines, webhooks,
 };
 
 /// The API description served at `{API_BASE_PATH}/openapi.json`.
@@ -27,6 +28,7 @@ use crate::routes::{
         reservations::create_reservation, reservations::list_reservations,
         reservations::get_reservation, reservations::cancel_reservation,
         reservations::get_capacity,
+        tickets::get_ticket, waiting_lines::list_waiting_lines,
     ),
     components(schemas(ErrorBody, ErrorDetail, FieldProblem,
         sandboxes::AllocateResponse, sandboxes::SandboxResponse, sandboxes::MarkResponse,
@@ -40,7 +42,9 @@ use crate::routes::{
         reservations::CreateReservationRequest, reservations::ReservationView,
         reservations::ReservationCreated, reservations::ReservationList,
         reservations::CapacityNumbers, reservations::CapacityAnswer,
-        reservations::PrefixForecast)),
+        reservations::PrefixForecast,
+        tickets::TicketResponse, waiting_lines::WaitingLinesResponse,
+        waiting_lines::WaitingLineView)),
     modifiers(&BearerAuth, &EdgeResponses),
     tags(
         (name = "Sandboxes", description = "Track scripts (track token)"),

@@ -64,6 +64,11 @@ pub async fn build(config: &Config, clock: SharedClock) -> anyhow::Result<Servic
     let service = build_with(config, clock, jobs_config).await?;
     // Live streams never end by themselves: close them as shutdown begins, so the drain can end.
     service.state.feed.close_on(runtime::shutdown_signal());
+    // Waiting requests are answered at once too (409 with Retry-After; the client retries).
+    service
+        .state
+        .waiting_line
+        .close_on(runtime::shutdown_signal());
     Ok(service)
 }
 
@@ -355,6 +360,26 @@ pub async fn build_with(
         Duration::from_secs(config.usage_summary_interval_sec.max(1)),
         stop.stopped(),
     )));
+    // The waiting line follows this instance's live feed for the events that free supply.
+    let waiting_line = Arc::new(crate::waiting_line::WaitingLine::new(
+        crate::waiting_line::WaitSettings {
+            max_wait: Duration::from_secs(
+                config
+                    .wait_max_sec
+                    .min(config.request_timeout_sec.saturating_sub(1)),
+            ),
+            max_waiters: config.wait_max_waiters,
+            settle: Duration::from_millis(config.wait_settle_ms),
+            tickets: crate::waiting_line::tickets::TicketSettings {
+                write: config.write_events_waiting_line,
+                idle: Duration::from_secs(config.ticket_idle_sec.max(1)),
+                max_wait: Duration::from_secs(config.ticket_max_wait_sec.max(1)),
+            },
+        },
+        &registry,
+    )?);
+    tasks.push(tokio::spawn(Arc::clone(&waiting_line).follow(feed.clone())));
+    waiting_line.close_on(stop.stopped());
     let state = Arc::new(AppState {
         refusals,
         webhooks,
@@ -409,9 +434,19 @@ pub async fn build_with(
         ready_max_lag_ms: config.ready_max_lag_ms,
         base_path: config.api_base_path.trim_end_matches('/').to_string(),
         store_requests,
-        feed,
+        feed: feed.clone(),
         subjects,
+        waiting_line: waiting_line.clone(),
     });
+    if config.wait_sync_on_line {
+        tasks.push(tokio::spawn(
+            crate::waiting_line::auto_sync::sync_when_lines_form(
+                state.clone(),
+                Duration::from_secs(config.wait_sync_min_interval_sec),
+                stop.stopped(),
+            ),
+        ));
+    }
     Ok(Service {
         state,
         embedded,

@@ -84,6 +84,8 @@ pub struct AppState {
     pub subjects: Arc<crate::subjects::Subjects>,
     /// Refused allocation requests counted for the next refusal summary (ADR 0030).
     pub refusals: Arc<crate::refusals::RefusalCounter>,
+    /// The waiting lines of `Prefer: wait` allocations on this instance.
+    pub waiting_line: Arc<crate::waiting_line::WaitingLine>,
 }
 
 /// The state handle handlers receive.

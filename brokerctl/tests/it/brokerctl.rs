@@ -777,3 +777,118 @@ async fn heartbeat_and_usage_commands() {
     assert_ne!(code(&bad), 0);
     app.stop().await;
 }
+
+/// `allocate --wait 20` waits in the broker's line (`Prefer: wait`) instead of retrying: it is
+/// served as soon as a sandbox registers, without a single retry.
+#[tokio::test]
+async fn allocate_wait_is_served_from_the_line() {
+    let app = spawn_app(Backend::Embedded).await;
+    let url = app.url.clone();
+    let waiting = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)],
+            &[
+                "allocate",
+                "--caller",
+                "patient",
+                "--wait",
+                "20",
+                "--deadline",
+                "60s",
+            ],
+        )
+        .await
+    });
+    wait_for(|| async {
+        let waiting: usize = app
+            .state
+            .waiting_line
+            .lengths()
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    app.seed("queued", 1).await;
+    let output = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    assert_eq!(json(&output)["sandbox_id"], "queued-id-0");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("retrying"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    app.stop().await;
+}
+
+/// `allocate --async` takes a ticket in the broker's line and polls it until it is served;
+/// `tickets show` shows a ticket to its caller.
+#[tokio::test]
+async fn allocate_async_polls_its_ticket() {
+    let mut options = AppOptions::new(Backend::Embedded);
+    options.configure = Box::new(|config| {
+        config.write_events_waiting_line = true;
+        config.ticket_idle_sec = 8;
+    });
+    let app = spawn_app_with(options).await;
+    let url = app.url.clone();
+    let waiting = tokio::spawn(async move {
+        brokerctl(
+            &url,
+            &[("BROKER_TRACK_TOKEN", TRACK_TOKEN)],
+            &[
+                "allocate",
+                "--caller",
+                "ticketed",
+                "--async",
+                "--deadline",
+                "60s",
+            ],
+        )
+        .await
+    });
+    wait_for(|| async {
+        let waiting: usize = app
+            .state
+            .waiting_line
+            .lengths()
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    let other = app
+        .allocate("other")
+        .header("Prefer", "respond-async")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(other.status(), reqwest::StatusCode::ACCEPTED);
+    let ticket: Value = other.json().await.unwrap_or_default();
+    let ticket_id = ticket["ticket_id"].as_str().unwrap_or_default().to_string();
+    let shown = track(&app, &["tickets", "show", &ticket_id, "--caller", "other"]).await;
+    ok(&shown);
+    assert_eq!(json(&shown)["status"], "pending");
+    assert_eq!(json(&shown)["position"], 2);
+    app.seed("served", 1).await;
+    let output = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    ok(&output);
+    assert_eq!(json(&output)["sandbox_id"], "served-id-0");
+    assert!(json(&output)["lease_token"].as_str().is_some());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("waiting in line"));
+    let foreign = track(
+        &app,
+        &["tickets", "show", &ticket_id, "--caller", "ticketed"],
+    )
+    .await;
+    assert_eq!(
+        code(&foreign),
+        3,
+        "{}",
+        String::from_utf8_lossy(&foreign.stderr)
+    );
+    app.stop().await;
+}

@@ -339,6 +339,22 @@
     $("admin-jobs-empty").hidden = body.jobs.length > 0;
   }
 
+  // ---- waiting lines ---------------------------------------------------------------------------
+
+  async function refreshLines() {
+    const body = await api("/admin/waiting-lines");
+    const tbody = $("waiting-lines").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const line of body.lines) {
+      const tr = el("tr", { "data-waiting": String(line.waiting) });
+      tr.appendChild(el("td", {}, line.track || "(any)"));
+      tr.appendChild(el("td", {}, line.prefix || "(any)"));
+      tr.appendChild(el("td", {}, String(line.waiting)));
+      tbody.appendChild(tr);
+    }
+    $("waiting-lines-empty").hidden = body.lines.length > 0;
+  }
+
   async function refreshControl() {
     const control = await api("/admin/pool");
     const whole = control.drains.find((d) => d.prefix === null);
@@ -833,6 +849,8 @@
     timers.push(setInterval(() => refreshJobs().catch(() => {}), STATS_EVERY_MS));
     timers.push(setInterval(() => refreshOutcomes().catch(() => {}), OUTCOMES_EVERY_MS));
     timers.push(setInterval(() => refreshUsage().catch(() => {}), USAGE_EVERY_MS));
+    refreshLines().catch(() => {});
+    timers.push(setInterval(() => refreshLines().catch(() => {}), STATS_EVERY_MS));
   }
 
   function logout(message) {

@@ -13,5 +13,8 @@ pub mod reservations;
 pub mod sandbox_ref;
 pub mod sandboxes;
 pub mod students;
+pub mod tickets;
 pub mod usage;
+pub mod waiting;
+pub mod waiting_lines;
 pub mod webhooks;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::model::sandbox::Sandbox;
@@ -22,6 +23,7 @@ use crate::edge::RequestId;
 use crate::error::{ApiError, ErrorBody};
 use crate::lease::{self, LEASE_TOKEN_HEADER};
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
+use crate::routes::waiting;
 use crate::state::SharedState;
 
 /// Body of a successful allocation (201 new, 200 replay).
@@ -132,7 +134,7 @@ const SHARED_TOKEN_SCOPE: &str = "shared-track";
 /// * live allocations per client address (`MAX_ALLOCATIONS_PER_ADDRESS`, off by default).
 ///
 /// Every cap is taken in the allocation's own transaction, so each holds under any burst.
-fn allocation_limits(
+pub(crate) fn allocation_limits(
     state: &SharedState,
     credential: Option<&TrackCredential>,
     caller: &Caller,
@@ -165,6 +167,7 @@ fn allocation_limits(
         track_limit: credential.and_then(|c| c.max_concurrent_allocations),
         named_track_quota_only: credential.is_none(),
         caps,
+        waited_ms: None,
     }
 }
 
@@ -327,15 +330,17 @@ pub fn path_id(raw: &str) -> Result<String, ApiError> {
         ("Idempotency-Key" = Option<String>, Header, description = "Defaults to the caller; scoped to the caller; no control characters, at most 256 bytes. Where the lease capability applies (per-track credentials; the shared token with `REQUIRE_LEASE_TOKEN=true`) it is a credential: at least 32 random characters of `[A-Za-z0-9_-]` (400 otherwise), stored only as its SHA-256, and the only key that proves a replay (the caller-id default never does)", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"),
         ("X-Caller-Signature" = Option<String>, Header, description = "Per-track credentials: hex HMAC-SHA256 of the caller id with the track's secret"),
         ("X-Lease-Token" = Option<String>, Header, description = "The `lease_token` of the allocation's 201: required with a per-track credential, and with the shared token when `REQUIRE_LEASE_TOKEN=true`", max_length = 256),
+        ("Prefer" = Option<String>, Header, example = "wait=20", description = "RFC 7240. `wait=N`: when no sandbox is free (the 409 `NO_SANDBOXES_AVAILABLE` case only), wait up to N seconds (cut to `WAIT_MAX_SEC`) in a first-come line per track and prefix; answered `Preference-Applied: wait=<granted>`. `respond-async` (with `WRITE_EVENTS_WAITING_LINE`; ignored without): in the same case, 202 with a ticket to poll at `GET /v1/tickets/{ticket_id}`. See docs/waiting-line.md"),
     ),
     responses(
-        (status = 201, description = "Allocated", body = AllocateResponse),
+        (status = 201, description = "Allocated (after waiting in line with `Prefer: wait`, `Preference-Applied: wait=<granted seconds>`)", body = AllocateResponse),
         (status = 200, description = "Idempotent replay of the live allocation", body = AllocateResponse),
+        (status = 202, description = "`Prefer: respond-async` and nothing free: a waiting-line ticket (`Location`, `Retry-After`, `Preference-Applied: respond-async`)", body = crate::routes::tickets::TicketResponse),
         (status = 400, description = "Missing or invalid header; `NAME_PREFIX_REQUIRED` when a per-track credential has several prefixes and none was chosen", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Wrong token; `PREFIX_NOT_ALLOWED`, `INVALID_CALLER_SIGNATURE`, or `NOT_SANDBOX_OWNER` (the caller's live allocation belongs to another track)", body = ErrorBody),
         (status = 404, description = "`UNKNOWN_PREFIX`: no sandbox in the pool has a name starting with `X-Sandbox-Name-Prefix` (or all of them are deleted); waiting does not help, so there is no `Retry-After`", body = ErrorBody),
-        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
+        (status = 409, description = "`NO_SANDBOXES_AVAILABLE` (with `retry_after`; after an unserved `Prefer: wait`, also `position` and the `Queue-Position` header: the place in line when the wait ended); `ALREADY_ALLOCATED`: where the lease capability applies, a request without `Idempotency-Key` whose caller already holds a live allocation, unless `X-Lease-Token` proves it (the sandbox is not named)", body = ErrorBody),
         (status = 429, description = "`RATE_LIMIT_EXCEEDED`; `QUOTA_EXCEEDED` when the track holds its quota of concurrent allocations (`TRACK_QUOTAS`, the per-track credential's maximum, or — for the shared token as a whole — `DEFAULT_TRACK_QUOTA`); `CALLER_LIMIT` when the caller already holds `MAX_ALLOCATIONS_PER_CALLER` live allocations in this track; `ADDRESS_LIMIT` when the client address holds `MAX_ALLOCATIONS_PER_ADDRESS`: `limit` and `retry_after` in the envelope", body = ErrorBody),
         (status = 503, description = "`MAINTENANCE`: allocation is drained for the pool or this prefix (`Retry-After`); `SERVICE_UNAVAILABLE`: store unavailable", body = ErrorBody),
     )
@@ -347,7 +352,7 @@ pub async fn allocate_sandbox(
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     caller: Caller,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<AllocateResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     lease_header_in_bounds(&headers)?;
     let bounded = |name: &'static str| -> Result<Option<String>, ApiError> {
@@ -400,10 +405,26 @@ pub async fn allocate_sandbox(
     request.caller = caller.0.clone();
     let peer = connect.map(|Extension(ConnectInfo(addr))| addr.ip());
     let limits = allocation_limits(&state, credential.as_deref(), &caller, &headers, peer);
-    let result = state
-        .broker
-        .allocate_limited(&request, &meta(&caller.0, &request_id), &limits)
-        .await;
+    let command_meta = meta(&caller.0, &request_id);
+    let wait = waiting::requested_wait(&state, &headers, &request);
+    let mut result = match &wait {
+        // Somebody already waits in this line: the request joins at the back instead of
+        // overtaking them (docs/waiting-line.md).
+        Some(line) if line.behind_others => Err(BrokerError::NoSandboxAvailable {
+            retry_after_s: state.broker.config().no_sandbox_retry_after_s,
+        }),
+        _ if waiting::ticket_behind_others(&state, &headers, &request) => {
+            Err(BrokerError::NoSandboxAvailable {
+                retry_after_s: state.broker.config().no_sandbox_retry_after_s,
+            })
+        }
+        _ => {
+            state
+                .broker
+                .allocate_limited(&request, &command_meta, &limits)
+                .await
+        }
+    };
     // Nothing allocatable under a prefix that no sandbox has is a typo, not a busy pool: it gets
     // its own answer, which no client retries. Only this refusal pays for the check.
     let unknown_prefix = match (&result, request.name_prefix.as_deref()) {
@@ -412,6 +433,36 @@ pub async fn allocate_sandbox(
         }
         _ => false,
     };
+    if let (Err(BrokerError::NoSandboxAvailable { .. }), false) = (&result, unknown_prefix) {
+        if let Some(response) = crate::routes::tickets::issue_if_asked(
+            &state,
+            &headers,
+            &request,
+            &command_meta,
+            &limits,
+        )
+        .await?
+        {
+            state.metrics.allocate.with_label_values(&["ticket"]).inc();
+            return Ok(response);
+        }
+    }
+    let mut waited = None;
+    if let (Some(line), false) = (&wait, unknown_prefix) {
+        if let Err(BrokerError::NoSandboxAvailable { retry_after_s }) = result {
+            let (answer, end) = waiting::wait(
+                &state,
+                line,
+                retry_after_s,
+                &request,
+                &command_meta,
+                &limits,
+            )
+            .await;
+            result = answer;
+            waited = Some(end);
+        }
+    }
     let outcome = match &result {
         Ok(a) if a.replayed => "idempotent",
         Ok(_) => "success",
@@ -451,7 +502,7 @@ pub async fn allocate_sandbox(
             request.name_prefix.as_deref().unwrap_or_default(),
         ));
     }
-    let allocation = result.map_err(|e| ApiError::from_broker(e, ""))?;
+    let allocation = result.map_err(|e| waiting::refusal(wait.as_ref(), waited.as_ref(), e))?;
     let token_proves = lease_token_proves(&state, &headers, allocation.allocation_event_id)?;
     if lease && allocation.replayed && keyless && !token_proves {
         // A caller id is no proof: the live allocation stays unnamed.
@@ -499,7 +550,7 @@ pub async fn allocate_sandbox(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(body)))
+    Ok((status, waiting::applied_headers(&wait), Json(body)).into_response())
 }
 
 /// The caller's sandbox (strongly consistent): its live allocation, or, after the allocation

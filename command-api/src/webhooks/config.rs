@@ -29,6 +29,8 @@ pub enum WebhookKind {
     /// `reclaim_at` unless a heartbeat comes (ADR 0030). The reclaim itself is a `release` whose
     /// payload says `reason: heartbeat_missed`.
     HeartbeatMissed,
+    /// A waiting-line ticket (`Prefer: respond-async`) was served: its sandbox is allocated.
+    TicketServed,
 }
 
 impl WebhookKind {
@@ -43,6 +45,7 @@ impl WebhookKind {
             Self::Quarantine => "quarantine",
             Self::PoolLow => "pool_low",
             Self::HeartbeatMissed => "heartbeat_missed",
+            Self::TicketServed => "ticket_served",
         }
     }
 }
@@ -57,6 +60,7 @@ pub const KIND_OF_EVENT: &[(&str, WebhookKind)] = &[
     ("SandboxRetired", WebhookKind::Deletion),
     ("DeletionFailed", WebhookKind::Quarantine),
     ("HeartbeatMissed", WebhookKind::HeartbeatMissed),
+    ("TicketServed", WebhookKind::TicketServed),
 ];
 
 /// The notification an event type raises, if any.

@@ -845,9 +845,15 @@ impl Dispatcher {
         let Some(kind) = kind_of_event(&envelope.event_type) else {
             return Ok(None);
         };
-        let Some(sandbox_id) = sandbox_id_of(&envelope.stream_id) else {
-            return Ok(None);
+        let sandbox_id = match sandbox_id_of(&envelope.stream_id) {
+            Some(id) => id.to_string(),
+            // A served ticket's stream is the ticket's: its payload names the sandbox.
+            None => match envelope.payload.get("sandbox_id").and_then(|v| v.as_str()) {
+                Some(id) if kind == WebhookKind::TicketServed => id.to_string(),
+                _ => return Ok(None),
+            },
         };
+        let sandbox_id = sandbox_id.as_str();
         let name = self.name_of(sandbox_id).await?;
         Ok(Some(Notification {
             id: envelope.event_id.to_string(),

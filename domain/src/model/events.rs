@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use super::ids::{
     ADMIN_JOB_STREAM_PREFIX, CLAIM_STREAM_PREFIX, POOL_CONTROL_STREAM_ID, QUOTA_STREAM_PREFIX,
-    RESERVATION_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID, USAGE_STREAM_PREFIX,
+    RESERVATION_STREAM_PREFIX, SANDBOX_STREAM_PREFIX, SYNC_STREAM_ID, TICKET_STREAM_PREFIX,
+    USAGE_STREAM_PREFIX,
 };
 
 /// The payload schema version written today.
@@ -461,6 +462,47 @@ pub enum UsageEvent {
     },
 }
 
+/// Events of a waiting-line ticket stream (`ticket#<id>`): an allocation request that asked
+/// `Prefer: respond-async` and found nothing free. Written only with
+/// `WRITE_EVENTS_WAITING_LINE` (docs/upgrades.md); any API instance serves and answers it.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum TicketEvent {
+    /// The request joined the line; the allocation it stands for is made when it is served.
+    TicketIssued {
+        /// The student.
+        caller: String,
+        /// The track the allocation is for.
+        track_name: Option<String>,
+        /// The name prefix asked for.
+        name_prefix: Option<String>,
+        /// The idempotency key the allocation uses (stored hashed where it is a credential).
+        idempotency_key: String,
+        /// When the request joined the line.
+        issued_at: DateTime<Utc>,
+        /// The ticket drops out of the line when not polled for this long.
+        idle_drop_after_s: u64,
+    },
+    /// The owner asked for the ticket (recorded at most every quarter of the idle bound).
+    TicketPolled {
+        /// When.
+        polled_at: DateTime<Utc>,
+    },
+    /// A sandbox was allocated for the ticket.
+    TicketServed {
+        /// The sandbox allocated.
+        sandbox_id: String,
+        /// How long the ticket waited, ms.
+        waited_ms: u64,
+    },
+    /// The ticket left the line without a sandbox.
+    TicketDropped {
+        /// `not_polled`, `refused` (another refusal when its turn came) or `expired`.
+        reason: String,
+    },
+}
+
 macro_rules! domain_event {
     ($ty:ty) => {
         impl DomainEvent for $ty {
@@ -489,12 +531,13 @@ domain_event!(PoolControlEvent);
 domain_event!(QuotaEvent);
 domain_event!(ReservationEvent);
 domain_event!(UsageEvent);
+domain_event!(TicketEvent);
 
 /// Every event type the broker records (the `type` tag of each variant of [`SandboxEvent`],
 /// [`ClaimEvent`], [`SyncEvent`], [`AdminJobEvent`], [`PoolControlEvent`],
-/// [`QuotaEvent`] and [`ReservationEvent`]): what audit filters
+/// [`QuotaEvent`], [`ReservationEvent`], [`UsageEvent`] and [`TicketEvent`]): what audit filters
 /// and schemas accept. A unit test keeps it equal to the enums.
-pub const EVENT_TYPES: [&str; 34] = [
+pub const EVENT_TYPES: [&str; 38] = [
     "SandboxRegistered",
     "SandboxAllocated",
     "DeletionRequested",
@@ -529,6 +572,10 @@ pub const EVENT_TYPES: [&str; 34] = [
     "ReservationCancelled",
     "ReservationEnded",
     "RefusalsSummarized",
+    "TicketIssued",
+    "TicketPolled",
+    "TicketServed",
+    "TicketDropped",
 ];
 
 /// Any decoded event, by the kind of stream it belongs to.
@@ -550,6 +597,8 @@ pub enum BrokerEvent {
     Reservation(ReservationEvent),
     /// From a `usage#` stream.
     Usage(UsageEvent),
+    /// From a `ticket#` stream (the waiting line's `Prefer: respond-async` tickets).
+    Ticket(TicketEvent),
     /// An event this build does not know: a newer release wrote it (an event type, a stream
     /// kind or a schema version this build has never seen). Readers skip and count it, and
     /// never act on a stream that holds one (ADR 0023); audit and feeds pass its envelope on.
@@ -589,6 +638,7 @@ pub fn is_known_stream(stream_id: &str) -> bool {
         || stream_id.starts_with(QUOTA_STREAM_PREFIX)
         || stream_id.starts_with(RESERVATION_STREAM_PREFIX)
         || stream_id.starts_with(USAGE_STREAM_PREFIX)
+        || stream_id.starts_with(TICKET_STREAM_PREFIX)
 }
 
 /// Who caused an event: `track:<caller>`, `admin` or `job:<name>`.
@@ -800,6 +850,10 @@ impl EventEnvelope {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Usage)
                 .map_err(err)
+        } else if stream.starts_with(TICKET_STREAM_PREFIX) {
+            serde_json::from_value(payload)
+                .map(BrokerEvent::Ticket)
+                .map_err(err)
         } else {
             serde_json::from_value(payload)
                 .map(BrokerEvent::Quota)
@@ -990,6 +1044,7 @@ mod tests {
             "QuotaEvent",
             "ReservationEvent",
             "UsageEvent",
+            "TicketEvent",
         ] {
             let start = source
                 .find(&format!("pub enum {name} {{"))

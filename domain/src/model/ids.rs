@@ -63,6 +63,15 @@ pub fn usage_stream(instance: &str) -> String {
     format!("{USAGE_STREAM_PREFIX}{instance}")
 }
 
+/// Prefix of waiting-line ticket streams (`ticket#<ticket id>`): one `Prefer: respond-async`
+/// allocation request, from its issue to its service or drop.
+pub const TICKET_STREAM_PREFIX: &str = "ticket#";
+
+/// The stream of one waiting-line ticket.
+pub fn ticket_stream(ticket_id: &str) -> String {
+    format!("{TICKET_STREAM_PREFIX}{ticket_id}")
+}
+
 /// Why an identifier supplied by a caller was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum IdError {

@@ -537,6 +537,7 @@ mod tests {
             idempotency_key: "k".into(),
             claim_stream: "claim#3:stu#k".into(),
             lab_duration: Duration::hours(1),
+            waited_ms: None,
         };
         assert!(matches!(
             sandbox.decide(allocate(Some("other")), t(1)),

@@ -45,6 +45,8 @@ pub enum SandboxCommand {
         claim_stream: String,
         /// Lab window length.
         lab_duration: Duration,
+        /// How long the request waited in line first, when it waited.
+        waited_ms: Option<u64>,
     },
     /// The owner ends the allocation.
     MarkForDeletion {
@@ -344,6 +346,7 @@ impl Sandbox {
                 idempotency_key,
                 claim_stream,
                 lab_duration,
+                waited_ms,
             } => {
                 self.check(Transition::Allocate)?;
                 // An earmark binds until its window ends: another track (or a request without
@@ -368,7 +371,7 @@ impl Sandbox {
                     lab_duration_s: lab_duration.num_seconds(),
                     heartbeat_interval_s: None,
                     heartbeat_grace_s: None,
-                    waited_ms: None,
+                    waited_ms,
                 }
             }
             C::MarkForDeletion { caller } => {
@@ -781,6 +784,7 @@ mod tests {
                 idempotency_key: "stu".into(),
                 claim_stream: "claim#3:stu#stu".into(),
                 lab_duration: Duration::hours(48),
+                waited_ms: None,
             })
             .await
             .then_expect_events(vec![allocated()]);
@@ -797,6 +801,7 @@ mod tests {
                 idempotency_key: "other".into(),
                 claim_stream: "claim#5:other#other".into(),
                 lab_duration: Duration::hours(48),
+                waited_ms: None,
             })
             .await
             .then_expect_error(DomainError::InvalidTransition {

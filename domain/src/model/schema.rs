@@ -12,7 +12,8 @@ use serde_json::{json, Map, Value};
 
 use super::events::{
     AdminJobEvent, ClaimEvent, EventEnvelope, PoolControlEvent, QuotaEvent, ReservationEvent,
-    SandboxEvent, SyncEvent, UsageEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES, UPCASTERS,
+    SandboxEvent, SyncEvent, TicketEvent, UsageEvent, CURRENT_SCHEMA_VERSION, EVENT_TYPES,
+    UPCASTERS,
 };
 
 /// The JSON Schema dialect of every generated document.
@@ -67,6 +68,7 @@ pub fn generate() -> Result<EventSchemas, SchemaError> {
         ("quota", schema_value::<QuotaEvent>()),
         ("reservation", schema_value::<ReservationEvent>()),
         ("usage", schema_value::<UsageEvent>()),
+        ("ticket", schema_value::<TicketEvent>()),
     ] {
         let defs = root.get("$defs").cloned();
         let variants = root

@@ -342,6 +342,7 @@ impl Broker {
                         idempotency_key: key.clone(),
                         claim_stream: claim_id.clone(),
                         lab_duration: self.config.lab_duration,
+                        waited_ms: limits.waited_ms,
                     },
                     now,
                 ) {

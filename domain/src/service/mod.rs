@@ -231,6 +231,9 @@ pub struct AllocationLimits {
     pub named_track_quota_only: bool,
     /// Fair-share caps taken in the allocation's own transaction.
     pub caps: Vec<FairShareCap>,
+    /// How long the request waited in line before this attempt (`Prefer: wait`), recorded on
+    /// the `SandboxAllocated` it makes; `None` for a request that did not wait.
+    pub waited_ms: Option<u64>,
 }
 
 /// A granted (or replayed) allocation.

@@ -82,6 +82,7 @@ mod store_metering;
 mod tenancy;
 mod track_credentials;
 mod usage;
+mod waiting_line;
 mod webhook_dispatch;
 mod webhook_progress;
 mod webhook_targets;
