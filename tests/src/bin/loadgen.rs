@@ -95,6 +95,14 @@ struct Args {
     /// it) on fresh DynamoDB Local tables, instead of the service in this process.
     #[arg(long)]
     api_binary: Option<std::path::PathBuf>,
+    /// Before the levels, reserve this many sandboxes (of `--prefix`) for the first track, with
+    /// its window open for the whole run (the service then writes reservations, ADR 0028); the
+    /// run starts once all of them are earmarked.
+    #[arg(long)]
+    reserve: Option<u32>,
+    /// Send `Prefer: wait=SECONDS` with every request (the waiting line, ADR 0029).
+    #[arg(long, value_name = "SECONDS")]
+    prefer_wait: Option<u64>,
 }
 
 impl Args {
@@ -144,6 +152,7 @@ async fn level(
     bound: Bound,
     run_id: &str,
     tracks: Arc<Vec<String>>,
+    prefer_wait: Option<u64>,
 ) -> LevelResult {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let latency = Arc::new(Mutex::new(
@@ -168,8 +177,11 @@ async fn level(
                     return;
                 }
                 let t = Instant::now();
-                let status = client
-                    .post(format!("{url}/v1/allocate"))
+                let mut request = client.post(format!("{url}/v1/allocate"));
+                if let Some(seconds) = prefer_wait {
+                    request = request.header("Prefer", format!("wait={seconds}"));
+                }
+                let status = request
                     .bearer_auth(&token)
                     .header(
                         "X-Instruqt-Sandbox-ID",
@@ -405,6 +417,60 @@ fn quantile(sorted: &[i64], q: f64) -> i64 {
     sorted[rank - 1]
 }
 
+/// Reserves `count` sandboxes of `--prefix` for the first track, its window open for three hours
+/// from a minute from now (inside the lead time, so they are earmarked at creation), and waits
+/// until the reservation shows all of them earmarked.
+async fn reserve(
+    client: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    args: &Args,
+    count: u32,
+) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let track = args.track(0);
+    let created = client
+        .post(format!("{url}/v1/admin/reservations"))
+        .bearer_auth(admin_token)
+        .json(&serde_json::json!({
+            "track": track,
+            "count": count,
+            "prefix": args.prefix,
+            "starts_at": (now + chrono::Duration::minutes(1)).to_rfc3339(),
+            "ends_at": (now + chrono::Duration::hours(3)).to_rfc3339(),
+        }))
+        .send()
+        .await?;
+    let status = created.status();
+    let body: serde_json::Value = created.json().await.unwrap_or_default();
+    if status.as_u16() != 201 {
+        anyhow::bail!("reserving {count} for {track}: {status} {body}");
+    }
+    let id = body["reservation"]["reservation_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let shown: serde_json::Value = client
+            .get(format!("{url}/v1/admin/reservations/{id}"))
+            .bearer_auth(admin_token)
+            .send()
+            .await?
+            .json()
+            .await
+            .unwrap_or_default();
+        if shown["earmarked"].as_u64() == Some(u64::from(count)) {
+            println!("reserved {count} sandboxes for {track} (reservation {id}), all earmarked");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("reservation {id} not fully earmarked within 300 s: {shown}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -464,6 +530,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 config.track_quotas = quotas;
             });
+            options.jobs.reservations.write_events_reservations = args.reserve.is_some();
             let app = spawn_app_with(options).await;
             // The test app's clock only moves when told to; the projector measures lag against
             // the wall clock, so events (the seed's too) must carry wall-clock times. Ticking
@@ -516,6 +583,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.backend.clone()
     };
+    if let Some(count) = args.reserve {
+        reserve(&client, &url, &probe.admin_token, &args, count).await?;
+    }
+    if let Some(seconds) = args.prefer_wait {
+        println!("every request sends Prefer: wait={seconds}");
+    }
     let baseline = probe.allocated().await.unwrap_or(0);
     let mut created_so_far = 0i64;
     let mut rows = Vec::new();
@@ -541,6 +614,7 @@ async fn main() -> anyhow::Result<()> {
             bound,
             &run_id,
             tracks.clone(),
+            args.prefer_wait,
         )
         .await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -824,6 +898,10 @@ impl ChildService {
             ("TABLE_PREFIX", store.table_prefix().to_string()),
             ("ENSURE_TABLES", "false".into()),
             ("TRACK_QUOTAS", args.track_quotas()),
+            (
+                "WRITE_EVENTS_RESERVATIONS",
+                args.reserve.is_some().to_string(),
+            ),
             ("LOG_FORMAT", "json".into()),
             ("RUST_LOG", "warn".into()),
         ]

@@ -36,7 +36,10 @@ async fn app(backend: Backend, url: String, table_prefix: Option<String>) -> Tes
         config.webhook_retry_base_ms = 20;
         config.webhook_poll_ms = 50;
         config.webhook_settle_ms = 2_000;
-        config.webhook_lease_ms = 1_500;
+        // Long enough that a renewal slowed by a loaded store does not end the tenure mid-burst
+        // (each lapse starts a new tenure and re-sends what was not saved yet), short enough
+        // that the handover below comes within the delivery deadline.
+        config.webhook_lease_ms = 5_000;
         // Domain time (the manual clock); re-read every quarter of it in real time.
         config.webhook_overlap_ms = 4_000;
         if let Some(prefix) = table_prefix {
@@ -70,6 +73,9 @@ async fn allocation_delivered(seen: &Receiver, sandbox_id: &str) -> Value {
 /// exactly once, and after the delivering instance stops the other delivers the rest.
 #[tokio::test]
 async fn two_instances_deliver_once_and_hand_over_dynamo() {
+    // Lease renewals time the handover: this test takes its turn with the other tests that load
+    // DynamoDB Local heavily.
+    let _turn = tests::ddb_local::heavy_load().await;
     let seen = Receiver::start().await;
     let url = seen.url.clone();
     let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
