@@ -1,4 +1,4 @@
-"""Schemathesis hooks for scripts/schemathesis.sh: the two request rules OpenAPI cannot state.
+"""Schemathesis hooks for scripts/schemathesis.sh: the request rules OpenAPI cannot state.
 
 Everything else the server checks is in the document itself (patterns, lengths, enums, each
 cursor parameter's listing name), so schemathesis judges those on its own. Two rules remain:
@@ -7,6 +7,9 @@ cursor parameter's listing name), so schemathesis judges those on its own. Two r
   words and answers 400; equal is an empty window). A positive case that breaks it gets
   `until = since`, so it stays a valid request and the server must accept it; negative cases are
   sent as generated.
+* The usage report's range: `to` after `from`, at most 400 days apart (`from` defaults to 7 days
+  before `to`, `to` to now). A positive case that breaks it gets `from` one day before the
+  effective `to` (or loses both times when that cannot be written), so it stays valid.
 * A cursor is valid only if the server issued it, for the same listing with the same filters.
   The document's pattern names the listing, so a cursor of another listing is negative data by
   the document; but a generated string that fits the pattern is still not a position. Positive
@@ -15,7 +18,7 @@ cursor parameter's listing name), so schemathesis judges those on its own. Two r
   dropped. Negative cases keep theirs.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import schemathesis
 
@@ -50,6 +53,26 @@ def _listing(case) -> tuple:
     return (case.path, others)
 
 
+def _usage_range(query) -> None:
+    """Keeps a positive usage request's range inside the server's rule (see the module doc)."""
+    raw_from, raw_to = query.get("from"), query.get("to")
+    if raw_from is None:
+        return
+    start = _time(raw_from)
+    end = _time(raw_to) if raw_to is not None else datetime.now(timezone.utc)
+    if start is None or end is None:
+        query.pop("from", None)
+        query.pop("to", None)
+        return
+    if start < end and end - start <= timedelta(days=400):
+        return
+    try:
+        query["from"] = (end - timedelta(days=1)).isoformat()
+    except OverflowError:
+        query.pop("from", None)
+        query.pop("to", None)
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     if not _positive(case) or not isinstance(case.query, dict):
@@ -63,6 +86,8 @@ def before_call(ctx, case, **kwargs):
             del query["until"]
         elif until < since:
             query["until"] = query["since"]
+    if case.path == "/v1/admin/usage":
+        _usage_range(query)
     # Checked after the edit above, against the parameters as they will be sent.
     cursor = query.get("cursor")
     if cursor and cursor not in _ISSUED.get(_listing(case), ()):

@@ -29,27 +29,54 @@ use crate::state::SharedState;
 pub struct CreateReservationRequest {
     /// The track whose students the sandboxes are for: the allocation's track (a per-track
     /// credential's track, or `X-Instruqt-Track-ID` under the shared token).
-    #[schema(example = "dns-workshop", max_length = 256)]
+    #[schema(
+        example = "dns-workshop",
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub track: String,
-    /// How many sandboxes (1 to `RESERVATION_MAX_COUNT`).
-    #[schema(example = 300, minimum = 1)]
+    /// How many sandboxes: 1 to `RESERVATION_MAX_COUNT` (the document states its default, 5,000).
+    #[schema(value_type = u32, example = 300, minimum = 1, maximum = 5000)]
+    #[serde(deserialize_with = "whole_number")]
     pub count: u32,
     /// Only sandboxes whose name starts with this.
-    #[schema(example = "lab-eu-", max_length = 256)]
+    #[schema(
+        example = "lab-eu-",
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub prefix: Option<String>,
     /// When the window opens (RFC 3339).
-    #[schema(example = "2026-12-08T09:00:00Z")]
+    #[schema(example = "2026-12-08T09:00:00Z", format = DateTime)]
     pub starts_at: String,
     /// When it closes (RFC 3339); unused earmarks return to the pool then.
-    #[schema(example = "2026-12-08T13:00:00Z")]
+    #[schema(example = "2026-12-08T13:00:00Z", format = DateTime)]
     pub ends_at: String,
     /// `open_pool` (the track's students go on to the open pool once the reservation is used
     /// up) or `reservation_only`; default `RESERVATION_DEFAULT_OVERFLOW`.
-    #[schema(example = "open_pool")]
+    #[schema(
+        example = "open_pool",
+        pattern = r"^\s*(open_pool|reservation_only)?\s*$"
+    )]
     pub overflow: Option<String>,
     /// A note for other operators.
-    #[schema(max_length = 256)]
+    #[schema(max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     pub note: Option<String>,
+}
+
+/// A JSON number without a fraction as a `u32`: JSON does not tell 300 from 300.0.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    number
+        .as_u64()
+        .or_else(|| {
+            number
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
+                .map(|f| f as u64)
+        })
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| serde::de::Error::custom("count must be a whole number"))
 }
 
 /// One reservation and what its earmarks are now.
@@ -400,7 +427,7 @@ pub async fn create_reservation(
     get, path = "/v1/admin/reservations", tag = "Admin", security(("bearer" = [])),
     params(
         ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only this track's reservations; not blank, no control characters, at most 256 bytes (UTF-8)"),
-        ("state" = Option<String>, Query, example = "open", description = "Only reservations in this state: scheduled, earmarking, open, cancelled, ended, or active (scheduled, earmarking or open)"),
+        ("state" = Option<String>, Query, example = "open", pattern = "^(scheduled|earmarking|open|cancelled|ended|active)$", description = "Only reservations in this state: scheduled, earmarking, open, cancelled, ended, or active (scheduled, earmarking or open)"),
     ),
     responses(
         (status = 200, description = "Reservations", body = ReservationList),
@@ -558,7 +585,7 @@ pub async fn cancel_reservation(
         ("track" = Option<String>, Query, example = "dns-workshop", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The track; a per-track credential may name only its own (default: its own); not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("prefix" = Option<String>, Query, example = "lab-eu-", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only sandboxes whose name starts with this; not blank, no control characters, at most 256 bytes (UTF-8)"),
         ("count" = Option<u32>, Query, example = 300, minimum = 1, maximum = 100000, description = "Students (default 1)"),
-        ("at" = Option<String>, Query, example = "2026-12-08T09:00:00Z", description = "RFC 3339 time the students start (default now; a past time means now)"),
+        ("at" = Option<String>, Query, format = DateTime, example = "2026-12-08T09:00:00Z", description = "RFC 3339 time the students start (default now; a past time means now)"),
     ),
     responses(
         (status = 200, description = "The answer and its numbers", body = CapacityAnswer),

@@ -77,7 +77,12 @@ pub fn router() -> Router<SharedState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct StudentRequest {
     /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
-    #[schema(example = "student-42", max_length = 256)]
+    #[schema(
+        example = "student-42",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub student: String,
 }
 

@@ -157,13 +157,13 @@ fn wants_csv(q: &HashMap<String, String>, headers: &HeaderMap) -> Result<bool, A
 #[utoipa::path(
     get, path = "/v1/admin/usage", tag = "Admin", security(("bearer" = [])),
     params(
-        ("from" = Option<String>, Query, example = "2026-03-02", description = "Inclusive start: RFC 3339, or a day (`YYYY-MM-DD`, its midnight UTC); default: 7 days before `to`"),
-        ("to" = Option<String>, Query, example = "2026-03-03", description = "Exclusive end: RFC 3339 or a day; default: now (plus 5 minutes for writers' clock skew). Must be after `from`, at most 400 days later (else 400 `VALIDATION_ERROR`)"),
+        ("from" = Option<String>, Query, format = DateTime, example = "2026-03-02T00:00:00Z", description = "Inclusive start: RFC 3339 (a day, `YYYY-MM-DD`, is accepted too: its midnight UTC); default: 7 days before `to`"),
+        ("to" = Option<String>, Query, format = DateTime, example = "2026-03-03T00:00:00Z", description = "Exclusive end: RFC 3339 (or a day); default: now (plus 5 minutes for writers' clock skew). Must be after `from`, at most 400 days later (else 400 `VALIDATION_ERROR`)"),
         ("group_by" = Option<String>, Query, example = "track", pattern = "^(track|prefix|day)$", description = "`track` (default), `prefix` or `day`"),
         ("format" = Option<String>, Query, example = "csv", pattern = "^(json|csv)$", description = "`csv` for CSV (as `Accept: text/csv` does); default JSON"),
     ),
     responses(
-        (status = 200, description = "The report (JSON, or CSV with a header line, a line per group and a `total` line)", body = UsageResponse, content_type = "application/json"),
+        (status = 200, description = "The report (JSON, or CSV with a header line, a line per group and a `total` line)", content((UsageResponse = "application/json"), (String = "text/csv"))),
         (status = 400, description = "Bad parameter: a time that does not parse, an empty or reversed range, a range over 400 days, an unknown grouping", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
