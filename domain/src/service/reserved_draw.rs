@@ -178,8 +178,9 @@ impl Broker {
             let ids = self.reservations.untried(&reservations, REFILL_ROWS).await;
             let mut rows = Vec::with_capacity(ids.len());
             let mut gone = Vec::new();
+            let mut found = self.view.get_many(&ids).await?;
             for id in ids {
-                match self.view.get(&id).await? {
+                match found.remove(&id) {
                     Some(row)
                         if row.status == SandboxStatus::Available
                             && row

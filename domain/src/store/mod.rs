@@ -205,6 +205,21 @@ pub trait PoolView: Send + Sync + 'static {
     /// One row (eventually consistent).
     async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError>;
 
+    /// The rows of several sandboxes, keyed by id; sandboxes without a row are absent. One
+    /// [`PoolView::get`] each unless the adapter reads them in batches (DynamoDB: 100 a request).
+    async fn get_many(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        let mut rows = HashMap::with_capacity(sandbox_ids.len());
+        for id in sandbox_ids {
+            if let Some(row) = self.get(id).await? {
+                rows.insert(id.clone(), row);
+            }
+        }
+        Ok(rows)
+    }
+
     /// Available rows for allocation: without a prefix, from `start_pick` upwards on the
     /// `by-status-pick` index, wrapping to the bottom; with a prefix, the `by-status-name` index's
     /// range of names starting with `prefix`, after `after_name` and wrapping to its start.

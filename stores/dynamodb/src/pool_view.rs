@@ -502,6 +502,15 @@ impl PoolView for DynamoStore {
         self.get_row(sandbox_id, false).await
     }
 
+    async fn get_many(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<HashMap<String, PoolRow>, StoreError> {
+        // BatchGetItem, 100 keys a request: a reservation's earmarked rows are read in a few
+        // requests instead of one each (its track's first allocations wait for them).
+        self.batch_load_rows(sandbox_ids).await
+    }
+
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {
         // One shard (chosen by the random start among those not recently seen empty) serves
         // the page: one query (two when it wraps; one when the shard was lately seen small), as
