@@ -19,9 +19,9 @@ use crate::model::projection::PoolRow;
 use crate::model::reservation::Reservation;
 use crate::store::{decode_stored, EventStore, StoreError};
 
-/// How long this process trusts the reservations it read: the bound on how late a new
-/// reservation's track starts drawing from its earmarks here (the earmarks bind at once on the
-/// sandbox streams either way).
+/// How long this process trusts the reservations it read: with the time one read of the changes
+/// takes, the bound on how late a new reservation's track starts drawing from its earmarks here
+/// (the earmarks bind at once on the sandbox streams either way).
 const DIRECTORY_TTL: StdDuration = StdDuration::from_secs(1);
 /// Earmarked rows read per refill of a track's queue: all the untried ones (a reservation holds
 /// at most `RESERVATION_MAX_COUNT`), so a free earmark is never left unread behind used ones.
@@ -33,6 +33,10 @@ const MAX_IN_FLIGHT_WAITS: usize = 200;
 #[derive(Debug, Default)]
 pub(super) struct ReservationDirectory {
     state: tokio::sync::Mutex<DirectoryState>,
+    /// Held by the one request that reads what changed; the others go on with what was read
+    /// before (only the very first read is waited for), so a refresh never queues every
+    /// allocation behind its store reads.
+    refresh: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -77,49 +81,82 @@ impl ReservationDirectory {
         track: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<Reservation>, StoreError> {
-        let mut state = self.state.lock().await;
-        if state.read_at.is_none_or(|at| at.elapsed() >= DIRECTORY_TTL) {
-            for envelope in events
-                .load_after(RESERVATION_INDEX_STREAM, state.index_version)
-                .await?
-            {
-                state.index_version = envelope.version;
-                if let Ok(BrokerEvent::Reservation(ReservationEvent::ReservationListed {
-                    reservation_id,
-                })) = decode_stored(&envelope)
-                {
-                    state.open.entry(reservation_id).or_default();
-                }
+        let (due, loaded) = {
+            let state = self.state.lock().await;
+            (
+                state.read_at.is_none_or(|at| at.elapsed() >= DIRECTORY_TTL),
+                state.read_at.is_some(),
+            )
+        };
+        if due {
+            let turn = if loaded {
+                self.refresh.try_lock().ok()
+            } else {
+                Some(self.refresh.lock().await)
+            };
+            if let Some(_turn) = turn {
+                self.read_changes(events).await?;
             }
-            let ids: Vec<String> = state.open.keys().cloned().collect();
-            for id in ids {
-                let Some(reservation) = state.open.get_mut(&id) else {
-                    continue;
-                };
-                for envelope in events
-                    .load_after(&reservation_stream(&id), reservation.version)
-                    .await?
-                {
-                    match decode_stored(&envelope) {
-                        Ok(BrokerEvent::Reservation(event)) => {
-                            reservation.fold(&event, envelope.occurred_at)
-                        }
-                        // A newer release's event: skip it, keep the version moving.
-                        _ => reservation.version = envelope.version,
-                    }
-                }
-                if reservation.is_closed() {
-                    state.open.remove(&id);
-                }
-            }
-            state.read_at = Some(Instant::now());
         }
+        let state = self.state.lock().await;
         Ok(state
             .open
             .values()
             .filter(|r| r.track == track && r.ends_at.is_some_and(|end| now < end))
             .cloned()
             .collect())
+    }
+
+    /// Reads the reservations listed and the events of the open ones since the last read, without
+    /// holding the state while the store answers. Called by one request at a time (`refresh`).
+    async fn read_changes(&self, events: &dyn EventStore) -> Result<(), StoreError> {
+        let (index_version, known) = {
+            let state = self.state.lock().await;
+            if state.read_at.is_some_and(|at| at.elapsed() < DIRECTORY_TTL) {
+                // Another request read them while this one waited for its turn.
+                return Ok(());
+            }
+            let known: Vec<(String, Reservation)> = state
+                .open
+                .iter()
+                .map(|(id, r)| (id.clone(), r.clone()))
+                .collect();
+            (state.index_version, known)
+        };
+        let mut latest_index = index_version;
+        let mut folded: BTreeMap<String, Reservation> = known.into_iter().collect();
+        for envelope in events
+            .load_after(RESERVATION_INDEX_STREAM, index_version)
+            .await?
+        {
+            latest_index = envelope.version;
+            if let Ok(BrokerEvent::Reservation(ReservationEvent::ReservationListed {
+                reservation_id,
+            })) = decode_stored(&envelope)
+            {
+                folded.entry(reservation_id).or_default();
+            }
+        }
+        for (id, reservation) in folded.iter_mut() {
+            for envelope in events
+                .load_after(&reservation_stream(id), reservation.version)
+                .await?
+            {
+                match decode_stored(&envelope) {
+                    Ok(BrokerEvent::Reservation(event)) => {
+                        reservation.fold(&event, envelope.occurred_at)
+                    }
+                    // A newer release's event: skip it, keep the version moving.
+                    _ => reservation.version = envelope.version,
+                }
+            }
+        }
+        folded.retain(|_, r| !r.is_closed());
+        let mut state = self.state.lock().await;
+        state.index_version = latest_index;
+        state.open = folded;
+        state.read_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Up to `limit` earmarked sandboxes of `reservations` not known to be used or gone.
