@@ -56,7 +56,7 @@ pub(crate) fn is_public_page(path: &str, base: &str) -> bool {
 }
 
 /// Request headers a browser may send cross-origin (the broker's own and the standard ones).
-const ALLOWED_HEADERS: [&str; 11] = [
+const ALLOWED_HEADERS: [&str; 12] = [
     "authorization",
     "content-type",
     "x-track-id",
@@ -68,13 +68,18 @@ const ALLOWED_HEADERS: [&str; 11] = [
     "idempotency-key",
     "x-request-id",
     "last-event-id",
+    "prefer",
 ];
-/// Response headers a cross-origin script may read (the contract's list).
-const EXPOSED_HEADERS: [&str; 4] = [
+/// Response headers a cross-origin script may read (the contract's list, and the waiting line's:
+/// ADR 0029).
+const EXPOSED_HEADERS: [&str; 7] = [
     "x-request-id",
     "x-ratelimit-limit",
     "x-ratelimit-remaining",
     "retry-after",
+    "preference-applied",
+    "queue-position",
+    "location",
 ];
 /// How long a browser may reuse a preflight's answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(3600);

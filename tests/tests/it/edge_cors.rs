@@ -27,7 +27,13 @@ fn assert_readable_error(reply: &JsonReply, status: StatusCode, code: &str) {
     assert_eq!(b["detail"]["code"].as_str(), Some(code), "{b}");
     assert_eq!(header(h, "access-control-allow-origin"), LAB, "{h:?}");
     let exposed = header(h, "access-control-expose-headers");
-    for name in ["x-request-id", "retry-after", "x-ratelimit-remaining"] {
+    for name in [
+        "x-request-id",
+        "retry-after",
+        "x-ratelimit-remaining",
+        "queue-position",
+        "preference-applied",
+    ] {
         assert!(exposed.contains(name), "{name} not exposed: {exposed}");
     }
     let id = header(h, "x-request-id");
@@ -71,6 +77,7 @@ async fn admin_preflight_needs_no_credentials_and_no_budget() {
         assert_eq!(header(&h, "access-control-allow-origin"), LAB);
         assert!(header(&h, "access-control-allow-methods").contains("POST"));
         assert!(header(&h, "access-control-allow-headers").contains("authorization"));
+        assert!(header(&h, "access-control-allow-headers").contains("prefer"));
         assert_eq!(header(&h, "access-control-max-age"), "3600");
         assert!(header(&h, "vary").to_ascii_lowercase().contains("origin"));
         assert!(!header(&h, "x-request-id").is_empty());
