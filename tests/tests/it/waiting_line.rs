@@ -18,30 +18,6 @@ use tests::app::{read_json, spawn_app_with, AppOptions, Backend, Sent, TestApp};
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 type Reply = (StatusCode, HeaderMap, Value);
 
-/// Instantiates every case for both stores.
-macro_rules! both_stores {
-    ($($case:ident),+ $(,)?) => {
-        mod embedded {
-            $(
-                #[doc = concat!("Embedded store: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Embedded).await
-                }
-            )+
-        }
-        mod dynamodb {
-            $(
-                #[doc = concat!("DynamoDB Local: `", stringify!($case), "`.")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> super::TestResult {
-                    super::$case(super::Backend::Dynamo).await
-                }
-            )+
-        }
-    };
-}
-
 both_stores!(
     waiters_are_served_in_arrival_order,
     a_wait_that_runs_out_answers_409_with_its_place,
