@@ -116,6 +116,7 @@ impl StoreArgs {
             max_retries: self.ddb_max_retries,
             index_shards: self.view_index_shards,
             group_commit_items: self.ddb_group_commit_items,
+            ..DynamoConfig::default()
         }
     }
 

@@ -25,6 +25,12 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Start attempts (a free port found by binding port 0 may be taken again before Java binds it).
 const START_ATTEMPTS: u32 = 3;
 
+/// The SDK's attempt timeout for the tests' stores. DynamoDB Local still carries out an attempt
+/// the SDK gave up on, so on a starved two-core machine each retry adds to the work it is behind
+/// on: with the production 10 s, one burst's write timed out seven attempts in a row. How fast
+/// the emulator answers is not what these tests check; that it answers is.
+pub const EMULATOR_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
 static ENDPOINT: OnceCell<String> = OnceCell::const_new();
 /// The DynamoDB Local process of this test process, kept so it is not reaped early; the script's
 /// watchdog ends it after we exit.
@@ -58,6 +64,7 @@ pub async fn fresh_config(stats_shards: u32) -> DynamoConfig {
         // More than one shard, so every DynamoDB test reads merged shards (ADR 0014).
         index_shards: DEFAULT_INDEX_SHARDS,
         group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
+        attempt_timeout: EMULATOR_ATTEMPT_TIMEOUT,
     }
 }
 

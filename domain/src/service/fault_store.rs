@@ -39,6 +39,8 @@ pub(crate) struct FaultStore {
     failing_reads: AtomicUsize,
     /// What [`EventStore::group_commit_items`] answers (0: the broker appends alone).
     group_items: usize,
+    /// How long [`PoolView::get_many`] takes (a slow batch read of rows).
+    get_many_delay: Mutex<std::time::Duration>,
 }
 
 impl FaultStore {
@@ -54,6 +56,11 @@ impl FaultStore {
     /// Queues faults for the next appends, in order.
     pub(crate) fn inject(&self, faults: impl IntoIterator<Item = AppendFault>) {
         self.faults.lock().unwrap().extend(faults);
+    }
+
+    /// Makes every [`PoolView::get_many`] take `delay` before it answers.
+    pub(crate) fn slow_get_many(&self, delay: std::time::Duration) {
+        *self.get_many_delay.lock().unwrap() = delay;
     }
 
     /// Drops the faults not used yet, and any failing reads still due.
@@ -229,6 +236,22 @@ impl EventStore for FaultStore {
 impl PoolView for FaultStore {
     async fn get(&self, sandbox_id: &str) -> Result<Option<PoolRow>, StoreError> {
         Ok(self.rows().into_iter().find(|r| r.sandbox_id == sandbox_id))
+    }
+
+    async fn get_many(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, PoolRow>, StoreError> {
+        let delay = *self.get_many_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(self
+            .rows()
+            .into_iter()
+            .filter(|r| sandbox_ids.contains(&r.sandbox_id))
+            .map(|r| (r.sandbox_id.clone(), r))
+            .collect())
     }
 
     async fn candidates(&self, query: &CandidateQuery) -> Result<Vec<PoolRow>, StoreError> {

@@ -40,6 +40,8 @@ mod pool_control;
 mod quota;
 mod reservations;
 mod reserved_draw;
+#[cfg(test)]
+mod reserved_draw_tests;
 
 pub use fair_share::{CapKind, FairShareCap};
 pub use group_commit::GroupCommitStats;

@@ -26,8 +26,12 @@ const DIRECTORY_TTL: StdDuration = StdDuration::from_secs(1);
 /// Earmarked rows read per refill of a track's queue: all the untried ones (a reservation holds
 /// at most `RESERVATION_MAX_COUNT`), so a free earmark is never left unread behind used ones.
 const REFILL_ROWS: usize = 10_000;
-/// Waits for another request's decision on the track's last earmarked candidates.
-const MAX_IN_FLIGHT_WAITS: usize = 200;
+/// How long one request waits, at most, for the track's other requests: the one reading its
+/// earmarked rows, or those deciding on its last earmarks. Bounded by time, not by wake-ups: every
+/// refill and decision of any queue wakes the waiters, so in a burst of mixed tracks a count of
+/// wake-ups ran out within a moment while one slow read of the earmarks was still under way, and
+/// the track's students were sent to the open pool with their reservation untouched.
+const RESERVED_WAIT: StdDuration = StdDuration::from_secs(30);
 
 /// The open reservations this process knows, read incrementally.
 #[derive(Debug, Default)]
@@ -195,7 +199,7 @@ impl Broker {
             return Ok(ReservedDraw::OpenPool);
         }
         let key = reserved_queue_key(track, prefix);
-        let mut waits = 0usize;
+        let deadline = Instant::now() + RESERVED_WAIT;
         loop {
             if let Some(candidate) = self.candidates.pop(&key) {
                 return Ok(ReservedDraw::Candidate(Box::new(candidate)));
@@ -205,8 +209,7 @@ impl Broker {
             fetched.as_mut().enable();
             let Some(turn) = self.candidates.page_turn(&key) else {
                 // Another request of the track is reading the earmarked rows: use them.
-                if waits < MAX_IN_FLIGHT_WAITS {
-                    waits += 1;
+                if Instant::now() < deadline {
                     let _ = tokio::time::timeout(PAGE_WAIT, fetched).await;
                     continue;
                 }
@@ -240,10 +243,9 @@ impl Broker {
             drop(turn);
             match filled {
                 Fill::Queued => continue,
-                Fill::OnlyInFlight if waits < MAX_IN_FLIGHT_WAITS => {
+                Fill::OnlyInFlight if Instant::now() < deadline => {
                     // The track's other requests are trying its last earmarks; one may give
                     // its candidate back (a replay). Wait for a decision, bounded.
-                    waits += 1;
                     let decided = self.candidates.decided.notified();
                     let _ = tokio::time::timeout(StdDuration::from_millis(50), decided).await;
                 }

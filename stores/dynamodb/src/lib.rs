@@ -86,8 +86,9 @@ pub const DEFAULT_MAX_RETRIES: u32 = 6;
 pub const LOCAL_DEFAULT_REGION: &str = "us-east-1";
 /// How long establishing a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one attempt of one call may take before it is retried.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`DynamoConfig::attempt_timeout`]: how long one attempt of one call may take
+/// before it is retried.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `ensure_tables` waits for new tables and their indexes to become ACTIVE.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Items a filtered page asks DynamoDB to evaluate at least (a filter discards some, so asking
@@ -120,6 +121,10 @@ pub struct DynamoConfig {
     /// Most events the command service may write in one grouped `TransactWriteItems` (default
     /// [`DEFAULT_GROUP_COMMIT_ITEMS`], at most 100); 0 or 1 turns group commit off.
     pub group_commit_items: u32,
+    /// How long one attempt of one call may take before the SDK gives up on it and retries
+    /// (default [`DEFAULT_ATTEMPT_TIMEOUT`]). An emulator on a starved machine may need longer:
+    /// an abandoned attempt is still carried out there, so each retry adds to its backlog.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for DynamoConfig {
@@ -132,6 +137,7 @@ impl Default for DynamoConfig {
             max_retries: DEFAULT_MAX_RETRIES,
             index_shards: DEFAULT_INDEX_SHARDS,
             group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 }
@@ -152,7 +158,7 @@ pub async fn load_sdk_config(config: &DynamoConfig) -> Result<SdkConfig, StoreEr
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
         TimeoutConfig::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+            .operation_attempt_timeout(config.attempt_timeout)
             .build(),
     );
     let local = config.endpoint_url.is_some();
