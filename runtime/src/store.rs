@@ -8,8 +8,8 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use domain::store::{EventStore, ViewStore};
 use store_dynamodb::{
-    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_GROUP_COMMIT_ITEMS,
-    DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES,
+    table_definitions, table_name, DynamoConfig, DynamoStore, DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_GROUP_COMMIT_ITEMS, DEFAULT_INDEX_SHARDS, DEFAULT_MAX_RETRIES,
 };
 use store_embedded::EmbeddedStore;
 
@@ -76,6 +76,11 @@ pub struct StoreArgs {
     /// is its own transaction (ADR 0025).
     #[arg(long, env = "DDB_GROUP_COMMIT_ITEMS", default_value_t = DEFAULT_GROUP_COMMIT_ITEMS, value_parser = clap::value_parser!(u32).range(0..=100), global = true)]
     pub ddb_group_commit_items: u32,
+    /// How long one attempt of one DynamoDB call may take before it is retried, in
+    /// milliseconds. Raise it only for an emulator on a busy machine: DynamoDB Local still
+    /// carries out an attempt that was given up on, so short attempts add to its backlog.
+    #[arg(long, env = "DDB_ATTEMPT_TIMEOUT_MS", default_value_t = DEFAULT_ATTEMPT_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(100..=600_000), global = true)]
+    pub ddb_attempt_timeout_ms: u64,
     /// Create missing DynamoDB tables at start-up (default: yes with `DDB_ENDPOINT_URL`, no
     /// against AWS, where terraform owns the tables).
     #[arg(long, env = "ENSURE_TABLES", value_parser = BoolishValueParser::new(), global = true)]
@@ -95,6 +100,7 @@ impl StoreArgs {
             stats_shards: 8,
             view_index_shards: DEFAULT_INDEX_SHARDS,
             ddb_group_commit_items: DEFAULT_GROUP_COMMIT_ITEMS,
+            ddb_attempt_timeout_ms: DEFAULT_ATTEMPT_TIMEOUT.as_millis() as u64,
             ensure_tables: None,
         }
     }
@@ -116,7 +122,7 @@ impl StoreArgs {
             max_retries: self.ddb_max_retries,
             index_shards: self.view_index_shards,
             group_commit_items: self.ddb_group_commit_items,
-            ..DynamoConfig::default()
+            attempt_timeout: std::time::Duration::from_millis(self.ddb_attempt_timeout_ms),
         }
     }
 

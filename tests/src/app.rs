@@ -108,6 +108,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             config.store.ddb_endpoint_url = Some(crate::ddb_local::endpoint().await);
             config.store.table_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
             config.store.ensure_tables = Some(true);
+            config.store.ddb_max_retries = crate::ddb_local::EMULATOR_MAX_RETRIES;
+            config.store.ddb_attempt_timeout_ms =
+                crate::ddb_local::EMULATOR_ATTEMPT_TIMEOUT.as_millis() as u64;
         }
     }
     (options.configure)(&mut config);
