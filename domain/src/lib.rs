@@ -19,9 +19,12 @@
 //! - [`usage`] — usage reports folded from the event log in bounded memory (ADR 0030).
 //! - [`restore`] — importing an export into a fresh event table, and the cross-stream
 //!   consistency check of a (restored) log.
+//! - [`erasure`] — erasing a student's subject record: the rules the admin route and
+//!   `broker-audit erase` share (ADR 0033).
 
 pub mod audit;
 pub mod clock;
+pub mod erasure;
 pub mod heartbeat;
 pub mod model;
 pub mod restore;
