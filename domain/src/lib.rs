@@ -10,6 +10,8 @@
 //!   envelope, upcasting), [`model::lifecycle`] (the transition table), [`model::sandbox`] and
 //!   [`model::claim`] (cqrs-es aggregates), [`model::projection`] (`project`, `PoolRow`, stats),
 //!   `model::schema` (feature `schema`: JSON Schemas of the events and the compatibility check).
+//!   [`model::reader`] narrows, once per process, the event types this process reads (the
+//!   forward-direction upgrade test reads the current log knowing the previous release's set).
 //! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, `EventFeed`; the append rules
 //!   every adapter checks (`validate_append`), and the projector's idempotent `apply_event`.
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
