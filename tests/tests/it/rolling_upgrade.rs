@@ -1,14 +1,19 @@
-//! Rolling upgrades (ADR 0023, docs/upgrades.md): this release reading a log that a newer
-//! release wrote — an event type it does not know, with a newer schema version, on a sandbox
-//! stream, and a stream kind it does not know. It stands in for "the previous release's
-//! binaries read the current release's log": events of a kind no release writes yet (a sandbox
-//! relabelling with a newer schema, a maintenance-window stream), written straight into the
-//! event store.
+//! Rolling upgrades (ADR 0023, ADR 0033, docs/upgrades.md), both directions a mixed fleet sees.
 //!
-//! On both stores, the projector keeps going (later events apply, the new sandbox appears), the
-//! unknown events are counted, the sandbox whose stream holds one is held out of allocation
-//! while every other one is allocated, the command side refuses to act on it, the audit history
-//! still shows the new events, and a verify of the view against a replay reports no drift.
+//! The previous release reading the current release's log: the current release writes a real
+//! log through the HTTP API with reservations on, and a reader built with the previous event set
+//! (the event contract's baseline, `docs/events/baseline/`; `domain::model::reader::read_only`)
+//! reads it in a process of its own. Its rebuild fails no batch and counts the new event types,
+//! its rows equal the current release's except the held ones (exactly the sandboxes the new
+//! events touch), and its command side refuses the held sandboxes while allocating every other.
+//!
+//! This release reading events no release writes yet — an event type with a newer schema
+//! version on a sandbox stream, and a stream kind it does not know, written straight into the
+//! event store: on both stores, the projector keeps going (later events apply, the new sandbox
+//! appears), the unknown events are counted, the sandbox whose stream holds one is held out of
+//! allocation while every other one is allocated, the command side refuses to act on it, the
+//! audit history still shows the new events, and a verify of the view against a replay reports
+//! no drift.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,15 +230,16 @@ fn baseline_event_types() -> std::io::Result<Vec<String>> {
     Ok(types)
 }
 
-/// The store settings of a spot (`embedded` path or DynamoDB prefix) as `{"backend", "path",
-/// "prefix"}`.
-async fn store_args_of(spec: &serde_json::Value) -> runtime::StoreArgs {
+/// The store settings of a spot (`embedded` path, or DynamoDB prefix and endpoint) given as
+/// `{"backend", "path", "prefix", "endpoint"}`.
+fn store_args_of(spec: &serde_json::Value) -> runtime::StoreArgs {
     let mut store = runtime::StoreArgs::defaults();
     store.embedded_path = spec["path"].as_str().unwrap_or_default().into();
     store.table_prefix = spec["prefix"].as_str().unwrap_or_default().to_string();
     if spec["backend"] == "dynamo" {
+        // The parent's DynamoDB Local: each test process starts its own, in memory.
         store.store = runtime::StoreKind::Dynamodb;
-        store.ddb_endpoint_url = Some(tests::ddb_local::endpoint().await);
+        store.ddb_endpoint_url = spec["endpoint"].as_str().map(str::to_string);
     }
     store
 }
@@ -246,6 +252,11 @@ async fn previous_release_reads_the_current_log(backend: Backend) {
         "backend": if backend == Backend::Dynamo { "dynamo" } else { "embedded" },
         "path": dir.join("broker.db").to_string_lossy(),
         "prefix": format!("t{}", uuid::Uuid::new_v4().simple()),
+        "endpoint": if backend == Backend::Dynamo {
+            Some(tests::ddb_local::endpoint().await)
+        } else {
+            None
+        },
     });
     let (path, prefix) = (
         std::path::PathBuf::from(spec["path"].as_str().unwrap_or_default()),
@@ -385,7 +396,7 @@ async fn previous_release_reader() {
         event_set.len(),
         event_set.join(", ")
     );
-    let stores = runtime::open_stores(&store_args_of(&spec).await)
+    let stores = runtime::open_stores(&store_args_of(&spec))
         .await
         .unwrap_or_else(|e| panic!("opening the store: {e:#}"));
     let (events, live) = (stores.events.clone(), stores.view.clone());
@@ -409,7 +420,10 @@ async fn previous_release_reader() {
     .await
     .unwrap_or_else(|e| panic!("a batch failed for the previous-release reader: {e}"));
     let counts = unknown::counts();
-    println!("unknown events by type: {counts:?}");
+    println!(
+        "rebuild: {} events read, {} applied; unknown events by type: {counts:?}",
+        report.rebuild.events_read, report.rebuild.applied
+    );
     for new_type in ["ReservationCreated", "SandboxReserved"] {
         assert!(
             counts.get(new_type).copied().unwrap_or(0) > 0,
@@ -450,6 +464,14 @@ async fn previous_release_reader() {
         .map(|r| r.sandbox_id.clone())
         .collect();
     println!("held by the previous-release reader: {held:?}");
+    for row in &rows {
+        println!(
+            "  {} {} held_by={:?}",
+            row.sandbox_id,
+            row.status.as_str(),
+            row.held_by
+        );
+    }
     assert!(!held.is_empty(), "the reservation's sandboxes must be held");
     for row in &rows {
         let stream = events
