@@ -277,6 +277,7 @@ impl Subjects {
         self.count_erasure(match outcome {
             ErasureOutcome::Erased(_) => "erased",
             ErasureOutcome::Refused { .. } => "refused",
+            // `WouldErase` answers dry runs only, and this is not one.
             ErasureOutcome::NoRecord | ErasureOutcome::WouldErase { .. } => "unknown",
         });
         Ok(outcome)

@@ -78,11 +78,25 @@ fn student_id(raw: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("--student: {e}"))
 }
 
+/// The outcome of `erase`, as `--json` prints it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EraseOutcome {
+    /// The record was deleted and the tombstone written.
+    Erased,
+    /// Dry run: the record exists and nothing holds the erasure back.
+    WouldErase,
+    /// The student holds a live sandbox: nothing erased.
+    Refused,
+    /// No subject record: nothing to erase.
+    NoRecord,
+}
+
 /// What `erase` did or (dry run) would do. Never carries the student id.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EraseReport {
     /// `erased`, `would-erase` (dry run), `refused` or `no-record`.
-    pub outcome: &'static str,
+    pub outcome: EraseOutcome,
     /// Whether this was a dry run (nothing written).
     pub dry_run: bool,
     /// The student's pseudonym (absent with `no-record`).
@@ -100,9 +114,9 @@ impl EraseReport {
     /// The process exit code: 0 erased (or would be), [`EXIT_REFUSED`], [`EXIT_NO_RECORD`].
     pub fn exit_code(&self) -> u8 {
         match self.outcome {
-            "refused" => EXIT_REFUSED,
-            "no-record" => EXIT_NO_RECORD,
-            _ => 0,
+            EraseOutcome::Erased | EraseOutcome::WouldErase => 0,
+            EraseOutcome::Refused => EXIT_REFUSED,
+            EraseOutcome::NoRecord => EXIT_NO_RECORD,
         }
     }
 
@@ -110,20 +124,20 @@ impl EraseReport {
     pub fn describe(&self) -> String {
         let pseudonym = self.pseudonym.as_deref().unwrap_or("");
         match self.outcome {
-            "erased" => format!(
+            EraseOutcome::Erased => format!(
                 "erased: the subject record is deleted; pseudonym {pseudonym} stays in the log and names nobody now (tombstone at {})",
                 self.erased_at.as_deref().unwrap_or("")
             ),
-            "would-erase" => format!(
+            EraseOutcome::WouldErase => format!(
                 "dry run: the subject record of pseudonym {pseudonym} would be deleted (no live sandbox holds it back); run again without --dry-run to erase"
             ),
-            "refused" => {
+            EraseOutcome::Refused => {
                 let sandbox = self.sandbox_id.as_deref().unwrap_or("");
                 format!(
                     "refused: the student (pseudonym {pseudonym}) holds live sandbox {sandbox}; release it first (POST /v1/sandboxes/{sandbox}/mark-for-deletion, or wait for the lab's end), then erase again"
                 )
             }
-            _ => "no subject record for this student: never seen since pseudonyms were turned on, already erased, or PSEUDONYM_KEY is not the deployment's key; nothing to erase".to_string(),
+            EraseOutcome::NoRecord => "no subject record for this student: never seen since pseudonyms were turned on, already erased, or PSEUDONYM_KEY is not the deployment's key; nothing to erase".to_string(),
         }
     }
 }
@@ -164,13 +178,18 @@ pub async fn erase(
         erased_at,
     };
     Ok(match outcome {
-        ErasureOutcome::NoRecord => report("no-record", None, None, None),
+        ErasureOutcome::NoRecord => report(EraseOutcome::NoRecord, None, None, None),
         ErasureOutcome::Refused {
             pseudonym,
             sandbox_id,
-        } => report("refused", Some(pseudonym), Some(sandbox_id), None),
+        } => report(
+            EraseOutcome::Refused,
+            Some(pseudonym),
+            Some(sandbox_id),
+            None,
+        ),
         ErasureOutcome::WouldErase { pseudonym, .. } => {
-            report("would-erase", Some(pseudonym), None, None)
+            report(EraseOutcome::WouldErase, Some(pseudonym), None, None)
         }
         ErasureOutcome::Erased(erasure) => {
             // The audit record of the erasure: the pseudonym and when; never the id.
@@ -182,7 +201,7 @@ pub async fn erase(
                 "student subject record erased"
             );
             report(
-                "erased",
+                EraseOutcome::Erased,
                 Some(erasure.pseudonym),
                 None,
                 Some(format_time(&erasure.erased_at)),

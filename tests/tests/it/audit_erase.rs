@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use command_api::subjects::StudentIds;
 use domain::SandboxStatus;
-use projector::erasure_cli::{self, SubjectPorts, EXIT_NO_RECORD, EXIT_REFUSED};
+use projector::erasure_cli::{self, EraseOutcome, SubjectPorts, EXIT_NO_RECORD, EXIT_REFUSED};
 use reqwest::{Method, StatusCode};
 use runtime::{Secret, StoreArgs, StoreKind};
 use serde_json::{json, Value};
@@ -114,7 +114,11 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
     for dry_run in [true, false] {
         let refused =
             erasure_cli::erase(&ports, &key, &student, dry_run, chrono::Utc::now()).await?;
-        assert_eq!(refused.outcome, "refused", "dry run {dry_run}: {refused:?}");
+        assert_eq!(
+            refused.outcome,
+            EraseOutcome::Refused,
+            "dry run {dry_run}: {refused:?}"
+        );
         assert_eq!(refused.exit_code(), EXIT_REFUSED);
         assert_eq!(refused.sandbox_id.as_deref(), Some(sandbox.as_str()));
         assert!(refused.describe().contains("mark-for-deletion"));
@@ -142,13 +146,17 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
     let would = erasure_cli::erase(&ports, &key, &student, true, chrono::Utc::now()).await?;
     assert_eq!(
         (would.outcome, would.exit_code(), would.pseudonym.as_deref()),
-        ("would-erase", 0, Some(pseudonym.as_str()))
+        (EraseOutcome::WouldErase, 0, Some(pseudonym.as_str()))
     );
     assert!(erasure_cli::lookup(&ports, &key, &student).await?.found);
     let other_key = Secret::from("another-deployments-key-0123456789abcdefXYZ");
     let elsewhere =
         erasure_cli::erase(&ports, &other_key, &student, false, chrono::Utc::now()).await?;
-    assert_eq!(elsewhere.outcome, "no-record", "another key finds nobody");
+    assert_eq!(
+        elsewhere.outcome,
+        EraseOutcome::NoRecord,
+        "another key finds nobody"
+    );
     let erased = erasure_cli::erase(&ports, &key, &student, false, chrono::Utc::now()).await?;
     assert_eq!(
         (
@@ -156,14 +164,14 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
             erased.exit_code(),
             erased.pseudonym.as_deref()
         ),
-        ("erased", 0, Some(pseudonym.as_str())),
+        (EraseOutcome::Erased, 0, Some(pseudonym.as_str())),
         "{erased:?}"
     );
     assert!(erased.erased_at.is_some());
     let again = erasure_cli::erase(&ports, &key, &student, false, chrono::Utc::now()).await?;
     assert_eq!(
         (again.outcome, again.exit_code()),
-        ("no-record", EXIT_NO_RECORD)
+        (EraseOutcome::NoRecord, EXIT_NO_RECORD)
     );
     let gone = erasure_cli::lookup(&ports, &key, &student).await?;
     assert_eq!((gone.found, gone.exit_code()), (false, EXIT_NO_RECORD));
@@ -172,6 +180,7 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
         !report.contains(&student),
         "the report never carries the id: {report}"
     );
+    assert!(report.contains(r#""outcome":"erased""#), "{report}");
     drop(ports);
 
     // The restarted API reads the tombstone the offline erasure left.
