@@ -1,7 +1,7 @@
 //! Rolling upgrades (ADR 0023, ADR 0033, docs/upgrades.md), both directions a mixed fleet sees.
 //!
 //! The previous release reading the current release's log: the current release writes a real
-//! log through the HTTP API with reservations on, and a reader built with the previous event set
+//! log through the HTTP API with reservations and usage summaries on, and a reader built with the previous event set
 //! (the event contract's baseline, `docs/events/baseline/`; `domain::model::reader::read_only`)
 //! reads it in a process of its own. Its rebuild fails no batch and counts the new event types,
 //! its rows equal the current release's except the held ones (exactly the sandboxes the new
@@ -267,6 +267,8 @@ async fn previous_release_reads_the_current_log(backend: Backend) {
     options.configure = Box::new(move |c| {
         c.store.embedded_path = path;
         c.store.table_prefix = prefix;
+        c.write_events_usage = true;
+        c.usage_summary_interval_sec = 1;
     });
     let app = tests::app::spawn_app_with(options).await;
     app.seed("fw", 8).await;
@@ -309,6 +311,29 @@ async fn previous_release_reads_the_current_log(backend: Backend) {
         .sent_json()
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // New in this release too: a refused request ends up in a usage summary event.
+    let (status, _, body) = app
+        .allocate("refused-1")
+        .header("X-Sandbox-Name-Prefix", "no-such-prefix")
+        .sent_json()
+        .await;
+    assert_eq!(
+        (status, body["detail"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("UNKNOWN_PREFIX")),
+        "{body}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !tests::history::all_events(app.state.broker.events().as_ref())
+        .await
+        .iter()
+        .any(|e| e.event_type == "RefusalsSummarized")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no usage summary was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The full reader's view has caught up with the whole log before the narrowed reader
     // compares with it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -359,7 +384,7 @@ async fn previous_release_reads_the_current_log(backend: Backend) {
 }
 
 /// Embedded store: a reader knowing only the baseline's event set projects, verifies and serves
-/// a log the current release wrote with reservations on.
+/// a log the current release wrote with reservations and usage summaries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_previous_release_reads_the_current_log() {
     previous_release_reads_the_current_log(Backend::Embedded).await;
@@ -424,7 +449,11 @@ async fn previous_release_reader() {
         "rebuild: {} events read, {} applied; unknown events by type: {counts:?}",
         report.rebuild.events_read, report.rebuild.applied
     );
-    for new_type in ["ReservationCreated", "SandboxReserved"] {
+    for new_type in [
+        "ReservationCreated",
+        "SandboxReserved",
+        "RefusalsSummarized",
+    ] {
         assert!(
             counts.get(new_type).copied().unwrap_or(0) > 0,
             "{new_type} not counted: {counts:?}"
