@@ -18,11 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use domain::store::{
-    Erasure, ListFilter, PseudonymStatus, StoreError, SubjectRecord, SubjectStore,
-};
+use domain::erasure::{ErasureOutcome, ErasureRequest};
+use domain::store::{ListFilter, PseudonymStatus, StoreError, SubjectRecord, SubjectStore};
 use domain::{AllocateRequest, SandboxStatus, SharedClock};
-use hmac::{KeyInit, Mac};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::auth::Caller;
@@ -31,10 +29,8 @@ use crate::error::ApiError;
 use crate::routes::sandbox_ref::{resolve_sandbox_id, Visibility};
 use crate::state::SharedState;
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
-
 /// The documented dev-only pseudonym key: accepted on loopback addresses only.
-pub const DEV_PSEUDONYM_KEY: &str = "dev-only-pseudonym-key-never-use-in-production";
+pub const DEV_PSEUDONYM_KEY: &str = domain::erasure::DEV_PSEUDONYM_KEY;
 
 /// Prefix of every pseudonym (its version: how it was derived).
 pub const PSEUDONYM_PREFIX: &str = "p1:";
@@ -180,20 +176,13 @@ impl Subjects {
     }
 
     fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        // HMAC accepts keys of any length: `new_from_slice` cannot fail here.
-        let Ok(mut mac) = HmacSha256::new_from_slice(self.key.expose().as_bytes()) else {
-            return [0; 32];
-        };
-        for part in parts {
-            mac.update(part);
-        }
-        mac.finalize().into_bytes().into()
+        domain::erasure::keyed_hash(self.key.expose(), parts)
     }
 
     /// The key of `student`'s subject record: keyed, so the records cannot be found from a list
     /// of ids without the key.
     pub fn subject_key(&self, student: &str) -> String {
-        hex::encode(self.mac(&[b"subject\0", student.as_bytes()]))
+        domain::erasure::subject_key(self.key.expose(), student)
     }
 
     fn derive(&self, salt: &str, student: &str) -> String {
@@ -263,18 +252,35 @@ impl Subjects {
         self.store.pseudonym_status(pseudonym).await
     }
 
-    /// Deletes `student`'s subject record (`None`: there was none).
-    pub async fn erase(&self, student: &str) -> Result<Option<Erasure>, StoreError> {
-        let erased = self
-            .store
-            .erase_subject(&self.subject_key(student), self.clock.now())
-            .await?;
-        self.count_erasure(if erased.is_some() {
-            "erased"
-        } else {
-            "unknown"
+    /// Deletes `student`'s subject record unless the student holds a live sandbox (under the
+    /// pseudonym, or under the clear id while the switch's fallback lasts), by the rules
+    /// `broker-audit erase` shares ([`domain::erasure::erase_student`]); counts the outcome.
+    pub async fn erase(
+        &self,
+        student: &str,
+        events: &dyn domain::store::EventStore,
+        view: &dyn domain::store::PoolView,
+    ) -> Result<ErasureOutcome, domain::BrokerError> {
+        let subject_key = self.subject_key(student);
+        let outcome = domain::erasure::erase_student(
+            self.store.as_ref(),
+            events,
+            view,
+            &ErasureRequest {
+                subject_key: &subject_key,
+                clear_id: self.fallback_active().then_some(student),
+                now: self.clock.now(),
+                dry_run: false,
+            },
+        )
+        .await?;
+        self.count_erasure(match outcome {
+            ErasureOutcome::Erased(_) => "erased",
+            ErasureOutcome::Refused { .. } => "refused",
+            // `WouldErase` answers dry runs only, and this is not one.
+            ErasureOutcome::NoRecord | ErasureOutcome::WouldErase { .. } => "unknown",
         });
-        Ok(erased)
+        Ok(outcome)
     }
 
     /// Who each pseudonym named in `text` is, for admin views: the student id while the subject

@@ -10,6 +10,8 @@
 //!   envelope, upcasting), [`model::lifecycle`] (the transition table), [`model::sandbox`] and
 //!   [`model::claim`] (cqrs-es aggregates), [`model::projection`] (`project`, `PoolRow`, stats),
 //!   `model::schema` (feature `schema`: JSON Schemas of the events and the compatibility check).
+//!   [`model::reader`] narrows, once per process, the event types this process reads (the
+//!   forward-direction upgrade test reads the current log knowing the previous release's set).
 //! - [`store`] — the ports: `EventStore`, `PoolView`, `ViewStore`, `EventFeed`; the append rules
 //!   every adapter checks (`validate_append`), and the projector's idempotent `apply_event`.
 //! - [`service`] — the command side: strong loads, decisions, conditional appends, allocation.
@@ -19,9 +21,12 @@
 //! - [`usage`] — usage reports folded from the event log in bounded memory (ADR 0030).
 //! - [`restore`] — importing an export into a fresh event table, and the cross-stream
 //!   consistency check of a (restored) log.
+//! - [`erasure`] — erasing a student's subject record: the rules the admin route and
+//!   `broker-audit erase` share (ADR 0033).
 
 pub mod audit;
 pub mod clock;
+pub mod erasure;
 pub mod heartbeat;
 pub mod model;
 pub mod restore;

@@ -41,6 +41,55 @@ pub enum Command {
     Check(CheckArgs),
     /// Usage over a range by track, prefix or day, as `GET /v1/admin/usage` reports it.
     Usage(UsageArgs),
+    /// Erase a student's subject record, as `POST /v1/admin/students/erase` does, without a
+    /// running API (exit 1: refused, the student holds a live sandbox; 3: no record).
+    Erase(EraseArgs),
+    /// A student's pseudonym and sandboxes, as `POST /v1/admin/students/lookup` answers (exit 3:
+    /// no record).
+    Lookup(LookupArgs),
+}
+
+/// The pseudonym key of `erase` and `lookup`: the deployment's, or no student is found.
+#[derive(Debug, Clone, Args)]
+pub struct PseudonymKeyArgs {
+    /// The deployment's `PSEUDONYM_KEY` (environment only, or `PSEUDONYM_KEY_FILE`; unset: the
+    /// dev-only key, which finds no student of a deployment that set its own).
+    #[arg(long, env = "PSEUDONYM_KEY", hide_env_values = true)]
+    pub pseudonym_key: Option<runtime::Secret>,
+    /// File holding `PSEUDONYM_KEY` (instead of the variable; trailing whitespace ignored).
+    #[arg(long, env = "PSEUDONYM_KEY_FILE")]
+    pub pseudonym_key_file: Option<std::path::PathBuf>,
+}
+
+/// `broker-audit erase`.
+#[derive(Debug, Args)]
+pub struct EraseArgs {
+    /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+    #[arg(long)]
+    pub student: String,
+    /// Say what would happen (erase, refuse, nothing to erase) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The pseudonym key.
+    #[command(flatten)]
+    pub key: PseudonymKeyArgs,
+}
+
+/// `broker-audit lookup`.
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    /// The student id as the track sends it (X-Instruqt-Sandbox-ID).
+    #[arg(long)]
+    pub student: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The pseudonym key.
+    #[command(flatten)]
+    pub key: PseudonymKeyArgs,
 }
 
 /// `broker-audit usage`.

@@ -31,6 +31,8 @@
 //!   destination received, from the stream while it holds them, else from the event table.
 //! - [`usage_cli`] — `broker-audit usage` over an export (the store path is
 //!   `domain::usage::usage_from_feed`).
+//! - [`erasure_cli`] — `broker-audit erase` and `lookup`: a student's subject record without a
+//!   running API, by the rules of `domain::erasure`.
 //! - [`cli`] — the `projector` command line (`poll`, `tables`, `rebuild`, `verify`, `redrive`,
 //!   `capture`);
 //!   the binaries in `src/main.rs` and `src/bin/projector-lambda.rs` only call into it. Store
@@ -41,6 +43,7 @@ pub mod batch;
 pub mod cli;
 pub mod dynamo_streams;
 pub mod embedded;
+pub mod erasure_cli;
 pub mod lambda;
 pub mod metrics;
 pub mod poller;

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use domain::erasure::ErasureOutcome;
 use domain::store::{ListFilter, PseudonymStatus};
 use domain::SandboxStatus;
 use serde::{Deserialize, Serialize};
@@ -260,42 +261,23 @@ pub async fn erase_student(
     Extension(request_id): Extension<RequestId>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<ErasureResponse>), ApiError> {
-    let (student, record) = match subject(&state, &student_of(&body)?).await {
-        Ok(found) => found,
-        Err(e) => {
-            if e.code == "UNKNOWN_STUDENT" {
-                state.subjects.count_erasure("unknown");
-            }
-            return Err(e);
+    let student = student_of(&body)?;
+    if !state.subjects.pseudonymised() {
+        return Err(pseudonyms_off());
+    }
+    let broker = &state.broker;
+    let outcome = state
+        .subjects
+        .erase(&student, broker.events().as_ref(), broker.view().as_ref())
+        .await
+        .map_err(|e| ApiError::from_broker(e, ""))?;
+    let erased = match outcome {
+        ErasureOutcome::Erased(erased) => erased,
+        ErasureOutcome::Refused { sandbox_id, .. } => return Err(holds_sandbox(&sandbox_id)),
+        ErasureOutcome::NoRecord | ErasureOutcome::WouldErase { .. } => {
+            return Err(unknown_student())
         }
     };
-    // A live allocation under the pseudonym: the view's by-owner rows, and (strongly) the claim
-    // of the default key, which a request without `Idempotency-Key` makes. During the switch's
-    // fallback the student may also hold one under the clear id.
-    let mut owners = vec![record.pseudonym.clone()];
-    if state.subjects.fallback_active() {
-        owners.push(student.clone());
-    }
-    for owner in &owners {
-        let live = owned_rows(&state, owner, Some(SandboxStatus::Allocated)).await?;
-        let held = match live.first() {
-            Some(row) => Some(row.sandbox_id.clone()),
-            None => state
-                .broker
-                .held_by_claim(owner, owner)
-                .await
-                .map_err(|e| ApiError::from_broker(e, ""))?,
-        };
-        if let Some(sandbox_id) = held {
-            state.subjects.count_erasure("refused");
-            return Err(holds_sandbox(&sandbox_id));
-        }
-    }
-    let erased = state
-        .subjects
-        .erase(&student)
-        .await?
-        .ok_or_else(unknown_student)?;
     // The audit record of the erasure: the pseudonym, when and by which request; never the id.
     tracing::info!(
         target: "audit",

@@ -867,7 +867,8 @@ impl EventEnvelope {
     pub fn unknown(&self) -> Option<UnknownEvent> {
         let newer = !is_known_stream(&self.stream_id)
             || !EVENT_TYPES.contains(&self.event_type.as_str())
-            || self.schema_version > CURRENT_SCHEMA_VERSION;
+            || self.schema_version > CURRENT_SCHEMA_VERSION
+            || !super::reader::knows(&self.event_type);
         newer.then(|| UnknownEvent {
             stream_id: self.stream_id.clone(),
             version: self.version,

@@ -10,6 +10,7 @@ pub mod pool_control;
 pub mod pool_prefix;
 pub mod projection;
 pub mod quota;
+pub mod reader;
 pub mod reservation;
 pub mod sandbox;
 #[cfg(feature = "schema")]

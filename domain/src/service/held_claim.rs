@@ -3,7 +3,6 @@
 //! under the clear id before the switch is replayed, never doubled (docs/personal-data.md).
 
 use super::{Broker, BrokerError};
-use crate::model::ids::claim_stream;
 
 impl Broker {
     /// The sandbox the claim of (`caller`, `key`) holds right now, if any (strongly consistent).
@@ -12,6 +11,6 @@ impl Broker {
         caller: &str,
         key: &str,
     ) -> Result<Option<String>, BrokerError> {
-        Ok(self.load_claim(&claim_stream(caller, key)).await?.active)
+        crate::erasure::claim_holder(self.events.as_ref(), caller, key).await
     }
 }

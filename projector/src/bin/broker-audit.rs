@@ -10,9 +10,12 @@
 //! | `import [--file F] [--resume] [--json]` | append an export to the configured store (a restore), in per-stream version order, 100 events per transaction; refuses a non-empty target without `--resume` |
 //! | `check [--json]` | fold every claim, quota and sandbox stream and check they agree; exit 1 on a problem |
 //! | `usage --from T [--to T] [--group-by track\|prefix\|day] [--csv] [--file F]` | the usage report of `GET /v1/admin/usage`, over the store or an export |
+//! | `erase --student ID [--dry-run] [--json]` | `POST /v1/admin/students/erase` without a running API: deletes the subject record (needs `PSEUDONYM_KEY`) |
+//! | `lookup --student ID [--json]` | `POST /v1/admin/students/lookup` without a running API: the pseudonym and the sandboxes |
 //!
-//! Exit codes: 0 success, 1 drift (`verify`), an incomplete export (`import`) or an
-//! inconsistent log (`check`), 2 an error.
+//! Exit codes: 0 success, 1 drift (`verify`), an incomplete export (`import`), an
+//! inconsistent log (`check`) or a refused erasure (`erase`: the student holds a live sandbox),
+//! 2 an error, 3 no subject record (`erase`, `lookup`: nothing to erase or show).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,9 +31,11 @@ use domain::store::EventStore;
 use domain::SandboxStatus;
 use domain::{EventEnvelope, StoreError};
 use projector::audit_cli::{
-    CheckArgs, Cli, Command, ExportArgs, ImportArgs, ReplayAtArgs, UsageArgs,
+    CheckArgs, Cli, Command, EraseArgs, ExportArgs, ImportArgs, LookupArgs, PseudonymKeyArgs,
+    ReplayAtArgs, UsageArgs,
 };
 use projector::cli::{print_report, verify_exit_code, verify_live, VerifyArgs, EXIT_ERROR};
+use projector::erasure_cli;
 use runtime::{LogFormat, StoreArgs, StoreKind};
 
 /// How often export prints progress on stderr.
@@ -101,7 +106,59 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             usage(&cli.store, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Erase(args) => erase(&cli.store, &args).await,
+        Command::Lookup(args) => lookup(&cli.store, &args).await,
     }
+}
+
+/// The pseudonym key, with a warning on stderr when it is the dev-only one.
+fn key_of(args: &PseudonymKeyArgs) -> anyhow::Result<runtime::Secret> {
+    let (key, dev) = erasure_cli::pseudonym_key(args)?;
+    if dev {
+        eprintln!(
+            "broker-audit: PSEUDONYM_KEY is unset or the dev-only key: only a development \
+             deployment's students can be found; set PSEUDONYM_KEY (or PSEUDONYM_KEY_FILE) to the \
+             deployment's key"
+        );
+    }
+    Ok(key)
+}
+
+/// `erase`: the outcome on stdout (a sentence, or JSON), the exit code by the outcome.
+async fn erase(store: &StoreArgs, args: &EraseArgs) -> anyhow::Result<ExitCode> {
+    let key = key_of(&args.key)?;
+    let ports = erasure_cli::open_ports(store).await?;
+    let report = erasure_cli::erase(&ports, &key, &args.student, args.dry_run, Utc::now()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.describe());
+    }
+    Ok(ExitCode::from(report.exit_code()))
+}
+
+/// `lookup`: the pseudonym and the sandboxes on stdout, exit 3 without a record.
+async fn lookup(store: &StoreArgs, args: &LookupArgs) -> anyhow::Result<ExitCode> {
+    let key = key_of(&args.key)?;
+    let ports = erasure_cli::open_ports(store).await?;
+    let report = erasure_cli::lookup(&ports, &key, &args.student).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if let (Some(pseudonym), Some(first_seen)) = (&report.pseudonym, &report.first_seen) {
+        println!("pseudonym {pseudonym}, first seen {first_seen}");
+        for sandbox in &report.sandboxes {
+            println!(
+                "  {} {} {}",
+                sandbox.sandbox_id, sandbox.name, sandbox.status
+            );
+        }
+    } else {
+        println!(
+            "no subject record for this student: never seen since pseudonyms were turned on, \
+             erased, or PSEUDONYM_KEY is not the deployment's key"
+        );
+    }
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 /// `usage`: the report over the store's feed or over an export, as JSON or CSV on stdout.
@@ -368,6 +425,33 @@ mod tests {
         assert!(matches!(cli.command, Command::Replay(_)));
         assert_eq!(cli.store.store, StoreKind::Dynamodb);
         assert!(Cli::try_parse_from(["broker-audit", "replay", "--at", "noon"]).is_err());
+        Ok(())
+    }
+
+    /// `erase` parses its student and `--dry-run`; the pseudonym key is refused as a flag (it
+    /// would stay in process listings), so it comes from the environment or a file.
+    #[test]
+    fn erase_parses_and_keeps_the_key_off_the_command_line() -> Result<(), clap::Error> {
+        let cli: Cli = runtime::try_parse_settings_from([
+            "broker-audit",
+            "erase",
+            "--student",
+            "student-1",
+            "--dry-run",
+        ])?;
+        match cli.command {
+            Command::Erase(args) => assert!(args.dry_run && args.student == "student-1"),
+            other => panic!("erase parsed as {other:?}"),
+        }
+        let refused = runtime::try_parse_settings_from::<Cli>([
+            "broker-audit",
+            "erase",
+            "--student",
+            "student-1",
+            "--pseudonym-key",
+            "a-key-that-must-not-be-a-flag-0123456789",
+        ]);
+        assert!(refused.is_err_and(|e| e.to_string().contains("PSEUDONYM_KEY")));
         Ok(())
     }
 }

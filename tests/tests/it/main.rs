@@ -42,6 +42,7 @@ mod admin_jobs;
 mod allocation_concurrency;
 mod api;
 mod audit;
+mod audit_erase;
 mod candidate_pages;
 mod chaos;
 mod chaos_disk_full;
