@@ -25,10 +25,17 @@
 #    express (`until` not before `since`; a cursor is valid only where the server issued it) are
 #    taught to schemathesis by scripts/schemathesis_hooks.py. Cases per operation and phase are
 #    bounded, and so is each run's wall time;
-# 4. stops the server (trap on EXIT) and exits non-zero if either run found a failure.
+# 4. restarts the API on a fresh store with every event-write flag on (WRITE_EVENTS_RESERVATIONS,
+#    WRITE_EVENTS_WAITING_LINE, WRITE_EVENTS_HEARTBEATS, WRITE_EVENTS_USAGE), so reservations,
+#    waiting-line tickets, heartbeat policies and refusal summaries are written instead of stopping
+#    at the flag check, and runs both tokens again over the operations those flags open
+#    (SCHEMATHESIS_FLAGS_ON_PATHS) with fewer cases (SCHEMATHESIS_FLAGS_ON_MAX_EXAMPLES), every
+#    phase and check as above (SCHEMATHESIS_PASSES picks the passes);
+# 5. stops the server (trap on EXIT) and exits non-zero if any run found a failure.
 #
-# With the defaults each run generates about 6,300 cases; on two shared cores the script takes 2
-# to 3.5 minutes after the build (docs/api.md, "Contract fuzzing", has the measured figures).
+# With the defaults each flags-off run generates about 6,300 cases; on two shared cores those
+# runs take 2 to 3.5 minutes after the build (docs/api.md, "Contract fuzzing", has the measured
+# figures), and the flags-on pass adds about 2,800 cases and 1.5 to 2 minutes.
 #
 # Traffic goes to 127.0.0.1 only (proxy variables are dropped for the runs); pip reaches PyPI only.
 # Reports (JUnit XML), each run's output and the server log are kept in target/schemathesis/.
@@ -42,6 +49,9 @@
 #   SCHEMATHESIS_CHECKS        comma-separated checks               (default: all)
 #   SCHEMATHESIS_RUN_TIMEOUT   wall-time bound per run, seconds     (default: 300)
 #   SCHEMATHESIS_START_TIMEOUT wait for /healthz, seconds            (default: 120)
+#   SCHEMATHESIS_PASSES        passes to run: flags-off, flags-on  (default: flags-off,flags-on)
+#   SCHEMATHESIS_FLAGS_ON_MAX_EXAMPLES  its cases per operation, phase (default: 60)
+#   SCHEMATHESIS_FLAGS_ON_PATHS         its operations, a path regex  (default: the flagged routes)
 #   PYTHON                     interpreter that creates the venv    (default: python3)
 set -euo pipefail
 
@@ -57,6 +67,12 @@ PYTHON="${PYTHON:-python3}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="$TARGET_DIR/schemathesis"
 CHECKS="${SCHEMATHESIS_CHECKS:-all}"
+PASSES=",${SCHEMATHESIS_PASSES:-flags-off,flags-on},"
+FLAGS_ON_MAX_EXAMPLES="${SCHEMATHESIS_FLAGS_ON_MAX_EXAMPLES:-60}"
+# The routes the write flags change: allocation (waiting line, refusal summaries), tickets,
+# heartbeats, reservations, waiting lines, capacity and usage; the per-sandbox routes stay in so
+# that stateful chains from an allocation reach them.
+FLAGS_ON_PATHS="${SCHEMATHESIS_FLAGS_ON_PATHS:-^/v1/(allocate|tickets/|sandboxes/|capacity|admin/(reservations|waiting-lines|usage))}"
 
 log() { echo "schemathesis.sh: $*" >&2; }
 die() {
@@ -80,14 +96,9 @@ BIN="$TARGET_DIR/debug/command-api"
 
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
-SERVER_LOG="$OUT/server.log"
 SERVER_PID=""
 cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$SERVER_PID" 2>/dev/null || true
-    fi
+    stop_api
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -97,33 +108,53 @@ random_token() { "$VENV/bin/python" -c 'import secrets; print(secrets.token_urls
 TRACK_TOKEN="fuzz-track-$(random_token)"
 ADMIN_TOKEN="fuzz-admin-$(random_token)"
 
-# The rate limit is raised so that results do not depend on how fast this machine is (429 is
-# documented on every rate-limited route all the same).
-env STORE=embedded CSP_MODE=mock EMBEDDED_PATH="$WORK/broker.db" BIND_ADDR=127.0.0.1:0 \
-    BROKER_API_TOKEN="$TRACK_TOKEN" BROKER_ADMIN_TOKEN="$ADMIN_TOKEN" \
-    SEED_DEMO_POOL=true RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 UNAUTH_RATE_LIMIT_RPS=100000 UNAUTH_RATE_LIMIT_BURST=100000 LOG_FORMAT=json \
-    "$BIN" >"$SERVER_LOG" 2>&1 &
-SERVER_PID=$!
+# Starts the API on a fresh store under $WORK/NAME, with extra settings (NAME=VALUE ...) on top
+# of the common ones; sets SERVER_PID, SERVER_LOG and BASE. The rate limit is raised so that
+# results do not depend on how fast this machine is (429 is documented on every rate-limited route
+# all the same).
+start_api() {
+    local name="$1"
+    shift
+    mkdir -p "$WORK/$name"
+    SERVER_LOG="$OUT/server-$name.log"
+    env STORE=embedded CSP_MODE=mock EMBEDDED_PATH="$WORK/$name/broker.db" BIND_ADDR=127.0.0.1:0 \
+        BROKER_API_TOKEN="$TRACK_TOKEN" BROKER_ADMIN_TOKEN="$ADMIN_TOKEN" \
+        SEED_DEMO_POOL=true RATE_LIMIT_RPS=100000 RATE_LIMIT_BURST=100000 UNAUTH_RATE_LIMIT_RPS=100000 UNAUTH_RATE_LIMIT_BURST=100000 LOG_FORMAT=json \
+        "$@" "$BIN" >"$SERVER_LOG" 2>&1 &
+    SERVER_PID=$!
 
-PORT=""
-deadline=$(($(date +%s) + START_TIMEOUT))
-until [ -n "$PORT" ] && "$VENV/bin/python" - "http://127.0.0.1:$PORT/healthz" <<'PY' 2>/dev/null
+    local port="" deadline
+    deadline=$(($(date +%s) + START_TIMEOUT))
+    until [ -n "$port" ] && "$VENV/bin/python" - "http://127.0.0.1:$port/healthz" <<'PY' 2>/dev/null
 import sys, urllib.request
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with opener.open(sys.argv[1], timeout=2) as r:
     sys.exit(0 if r.status == 200 else 1)
 PY
-do
-    kill -0 "$SERVER_PID" 2>/dev/null || { tail -n 40 "$SERVER_LOG" >&2; die "the API exited during start-up"; }
-    [ "$(date +%s)" -lt "$deadline" ] || { tail -n 40 "$SERVER_LOG" >&2; die "no healthy API after ${START_TIMEOUT}s"; }
-    [ -n "$PORT" ] || PORT="$(sed -n 's#^Sandbox Broker listening on http://127\.0\.0\.1:\([0-9][0-9]*\)$#\1#p' "$SERVER_LOG" | head -n 1)"
-    sleep 0.5
-done
-BASE="http://127.0.0.1:$PORT"
-log "API up at $BASE (pid $SERVER_PID, store $WORK/broker.db)"
+    do
+        kill -0 "$SERVER_PID" 2>/dev/null || { tail -n 40 "$SERVER_LOG" >&2; die "the API exited during start-up"; }
+        [ "$(date +%s)" -lt "$deadline" ] || { tail -n 40 "$SERVER_LOG" >&2; die "no healthy API after ${START_TIMEOUT}s"; }
+        [ -n "$port" ] || port="$(sed -n 's#^Sandbox Broker listening on http://127\.0\.0\.1:\([0-9][0-9]*\)$#\1#p' "$SERVER_LOG" | head -n 1)"
+        sleep 0.5
+    done
+    BASE="http://127.0.0.1:$port"
+    log "API '$name' up at $BASE (pid $SERVER_PID, store $WORK/$name/broker.db)"
+}
+
+# Stops the API started last (bounded), so the next one starts on its own store.
+stop_api() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+
 
 # --- 3. the two runs -----------------------------------------------------------------------------
-# One run: NAME, then extra headers. Exits with schemathesis' status (124 when the time bound hit).
+# One run: NAME, then extra headers and options. Exits with schemathesis' status (124 when the
+# time bound hit). MAX_EXAMPLES is read at the call, so a pass may lower it.
 fuzz() {
     local name="$1"
     shift
@@ -156,21 +187,43 @@ fuzz() {
 # schemathesis' "authentication failed: N operations returned only 401/403" warning is expected).
 status=0
 SUMMARY=()
-fuzz track -H "Authorization: Bearer $TRACK_TOKEN" -H "X-Instruqt-Sandbox-ID: schemathesis-student" || status=1
-# The server-sent-events stream never ends by design (heartbeats keep the read alive), so with the
-# admin token it is left out: a request/response fuzzer would only wait on it until the time bound.
-# With the track token it answers 403 at once and stays in.
-fuzz admin -H "Authorization: Bearer $ADMIN_TOKEN" --exclude-path /v1/admin/events/stream || status=1
-
-# --- 4. verdict ----------------------------------------------------------------------------------
-if grep -q '"status":5[0-9][0-9]' "$SERVER_LOG"; then
-    log "5xx responses in the server log:"
-    grep '"status":5[0-9][0-9]' "$SERVER_LOG" | tail -n 20 >&2
+if [[ "$PASSES" == *,flags-off,* ]]; then
+    start_api flags-off
+    fuzz track -H "Authorization: Bearer $TRACK_TOKEN" -H "X-Instruqt-Sandbox-ID: schemathesis-student" || status=1
+    # The server-sent-events stream never ends by design (heartbeats keep the read alive), so with
+    # the admin token it is left out: a request/response fuzzer would only wait on it until the
+    # time bound. With the track token it answers 403 at once and stays in.
+    fuzz admin -H "Authorization: Bearer $ADMIN_TOKEN" --exclude-path /v1/admin/events/stream || status=1
 fi
+
+# --- 4. again with the event-write flags on ------------------------------------------------------
+if [[ "$PASSES" == *,flags-on,* ]]; then
+    stop_api
+    start_api flags-on WRITE_EVENTS_RESERVATIONS=true WRITE_EVENTS_WAITING_LINE=true \
+        WRITE_EVENTS_HEARTBEATS=true WRITE_EVENTS_USAGE=true HEARTBEAT_TRACKS=schemathesis-track=60/1800
+    MAX_EXAMPLES="$FLAGS_ON_MAX_EXAMPLES"
+    # `DELETE /v1/admin/reservations/{id}` cancels: the reservation stays readable, in state
+    # `cancelled`, as its 200 answer documents (an audit needs it), so the check that a deleted
+    # resource answers 404 (`use_after_free`) does not apply to this API. It can only fire here,
+    # where reservations can be created.
+    fuzz track-flags-on -H "Authorization: Bearer $TRACK_TOKEN" -H "X-Instruqt-Sandbox-ID: schemathesis-student" \
+        -H "X-Instruqt-Track-ID: schemathesis-track" --include-path-regex "$FLAGS_ON_PATHS" \
+        --exclude-checks use_after_free || status=1
+    fuzz admin-flags-on -H "Authorization: Bearer $ADMIN_TOKEN" --include-path-regex "$FLAGS_ON_PATHS" \
+        --exclude-checks use_after_free || status=1
+fi
+
+# --- 5. verdict ----------------------------------------------------------------------------------
+for server_log in "$OUT"/server-*.log; do
+    if grep -q '"status":5[0-9][0-9]' "$server_log"; then
+        log "5xx responses in $server_log:"
+        grep '"status":5[0-9][0-9]' "$server_log" | tail -n 20 >&2
+    fi
+done
 if [ "$status" -ne 0 ]; then
     printf '%s\n' "${SUMMARY[@]}" >&2
     log "FAILED (reports and server log in $OUT)"
     exit 1
 fi
 printf '%s\n' "${SUMMARY[@]}" >&2
-log "passed: both runs clean"
+log "passed: every run clean"

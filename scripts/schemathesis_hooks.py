@@ -10,6 +10,14 @@ cursor parameter's listing name), so schemathesis judges those on its own. Two r
 * The usage report's range: `to` after `from`, at most 400 days apart (`from` defaults to 7 days
   before `to`, `to` to now). A positive case that breaks it gets `from` one day before the
   effective `to` (or loses both times when that cannot be written), so it stays valid.
+* A reservation (`POST /v1/admin/reservations`) is checked against the clock and the pool: the
+  window must end after it opens and in the future, last at most 72 hours and open at most 90
+  days ahead (the defaults of RESERVATION_MAX_WINDOW_HOURS and RESERVATION_MAX_AHEAD_DAYS), and
+  some sandbox's name must start with `prefix`. The document states the shapes; these depend on
+  the time of the run (the document's own example window is a fixed date) and on the pool. A
+  positive case that breaks them gets a window from one to three hours from now and the demo
+  pool's prefix, so it stays valid; negative cases are sent as generated. A refusal for capacity
+  is a documented 409 and is left alone.
 * A cursor is valid only if the server issued it, for the same listing with the same filters.
   The document's pattern names the listing, so a cursor of another listing is negative data by
   the document; but a generated string that fits the pattern is still not a position. Positive
@@ -73,9 +81,46 @@ def _usage_range(query) -> None:
         query.pop("to", None)
 
 
+# A name of the demo pool the API seeds from the mock CSP (`lab-demo-001`, ...).
+_DEMO_NAME = "lab-demo-001"
+_MAX_WINDOW = timedelta(hours=72)
+_MAX_AHEAD = timedelta(days=90)
+
+
+def _reservation_body(body) -> None:
+    """Keeps a positive reservation request inside the clock and pool rules (module doc)."""
+    if not isinstance(body, dict):
+        return
+    prefix = body.get("prefix")
+    if isinstance(prefix, str):
+        # The server trims spaces; a blank prefix means none.
+        wanted = prefix.strip(" ")
+        if wanted and not _DEMO_NAME.startswith(wanted):
+            body["prefix"] = "lab-demo-"
+    now = datetime.now(timezone.utc)
+    starts = _time(body.get("starts_at"))
+    ends = _time(body.get("ends_at"))
+    valid = (
+        starts is not None
+        and ends is not None
+        and starts < ends
+        # A margin of a minute for the time the request takes to arrive.
+        and ends > now + timedelta(minutes=1)
+        and ends - starts <= _MAX_WINDOW
+        and starts - now <= _MAX_AHEAD - timedelta(minutes=1)
+    )
+    if not valid:
+        body["starts_at"] = (now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body["ends_at"] = (now + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
-    if not _positive(case) or not isinstance(case.query, dict):
+    if not _positive(case):
+        return
+    if case.path == "/v1/admin/reservations" and case.method.upper() == "POST":
+        _reservation_body(case.body)
+    if not isinstance(case.query, dict):
         return
     query = case.query
     if "since" in query and "until" in query:

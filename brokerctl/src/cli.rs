@@ -356,6 +356,12 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: ViewFormat,
+        /// Only allocations made for this track.
+        #[arg(long)]
+        track: Option<String>,
+        /// Only allocations of sandboxes whose name starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
     },
     /// Waiting-line tickets of `allocate --async` (track token).
     Tickets {
@@ -989,11 +995,15 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             to,
             group_by,
             format,
+            track,
+            prefix,
         } => {
             let call = Call::new(Method::GET, "/v1/admin/usage")
                 .param("from", from.as_deref())
                 .param("to", to.as_deref())
-                .param("group_by", Some(group_by.as_str()));
+                .param("group_by", Some(group_by.as_str()))
+                .param("track", track.as_deref())
+                .param("prefix", prefix.as_deref());
             let body = success(send(call).await?)?;
             let text = match format {
                 ViewFormat::Json => pretty(&body),

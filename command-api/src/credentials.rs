@@ -16,6 +16,9 @@
 //! Each track rotates on its own: `previous_token` with `previous_token_until`, and
 //! `previous_caller_secret` with `previous_caller_secret_until` (RFC 3339, at most 30 days ahead)
 //! keep the old value accepted while labs started with it finish ([`crate::rotation`]).
+//!
+//! A track may declare its heartbeat policy in its entry, `"heartbeat": {"interval_s": 60,
+//! "grace_s": 1800}` ([`crate::track_heartbeats`], ADR 0034).
 
 use std::sync::Arc;
 
@@ -79,6 +82,8 @@ struct Entry {
     previous_caller_secret: Option<String>,
     #[serde(default)]
     previous_caller_secret_until: Option<String>,
+    #[serde(default)]
+    heartbeat: Option<serde_json::Value>,
 }
 
 /// One track's credential.
@@ -98,6 +103,8 @@ pub struct TrackCredential {
     caller_secret: Option<RotatingSecret>,
     /// Whether every request must carry a valid `X-Caller-Signature`.
     pub require_caller_signature: bool,
+    /// The track's heartbeat policy, when its entry declares one (ADR 0034).
+    pub heartbeat: Option<domain::heartbeat::HeartbeatPolicy>,
 }
 
 /// What a caller signature check found.
@@ -389,6 +396,12 @@ impl TrackCredentials {
                 entry.previous_token_until.as_deref(),
                 "previous_token",
             )?;
+            let heartbeat = entry
+                .heartbeat
+                .as_ref()
+                .map(crate::track_heartbeats::policy_of)
+                .transpose()
+                .map_err(|problem| invalid(&problem))?;
             let caller_secret = match entry.caller_secret {
                 Some(current) => Some(rotating(
                     current,
@@ -406,6 +419,7 @@ impl TrackCredentials {
                 max_allocations_per_caller: entry.max_allocations_per_caller,
                 caller_secret,
                 require_caller_signature: entry.require_caller_signature,
+                heartbeat,
             }));
         }
         Ok(Self { credentials })
@@ -479,6 +493,15 @@ impl TrackCredentials {
             .iter()
             .find(|c| c.track == track)
             .and_then(|c| c.max_concurrent_allocations)
+    }
+
+    /// The heartbeat policies the credentials declare, by track.
+    pub fn heartbeat_policies(
+        &self,
+    ) -> impl Iterator<Item = (&str, domain::heartbeat::HeartbeatPolicy)> {
+        self.credentials
+            .iter()
+            .filter_map(|c| c.heartbeat.map(|p| (c.track.as_str(), p)))
     }
 
     /// The credential whose token (current, or previous inside its overlap at `now`) is

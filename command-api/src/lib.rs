@@ -44,6 +44,8 @@
 //!   its `CAPACITY_LOW_WATER_HOURS` alert (ADR 0028).
 //! - [`waiting_line`] — `Prefer: wait`: first-come lines per track and prefix, woken by the
 //!   events that free supply.
+//! - [`track_heartbeats`] — heartbeat policies declared in the track credentials file, merged
+//!   with `HEARTBEAT_TRACKS` at start-up (ADR 0034).
 
 pub mod admin_jobs;
 pub mod auth;
@@ -69,6 +71,7 @@ pub mod routes;
 pub mod startup;
 pub mod state;
 pub mod subjects;
+pub mod track_heartbeats;
 pub mod waiting_line;
 pub mod webhooks;
 

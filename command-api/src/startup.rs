@@ -165,7 +165,11 @@ pub async fn build_with(
             maintenance_retry_after_s: config.maintenance_retry_after_sec,
             quotas,
             unknown_outcome_hold: Duration::from_secs(config.unknown_outcome_hold_sec),
-            heartbeats: config.jobs.heartbeat_policies()?,
+            heartbeats: crate::track_heartbeats::merged_policies(
+                config.jobs.heartbeat_policies()?,
+                &credentials,
+            )
+            .context("track credentials")?,
             ..BrokerConfig::default()
         },
     );

@@ -42,6 +42,35 @@ pub struct HeartbeatPolicy {
     pub grace_s: u32,
 }
 
+impl HeartbeatPolicy {
+    /// A policy after the checks every source of policies applies (`HEARTBEAT_TRACKS` and the
+    /// track credentials file): an interval above 0, a grace (default
+    /// [`DEFAULT_HEARTBEAT_GRACE_S`]) of at least [`MIN_HEARTBEAT_GRACE_S`] and of at least
+    /// three intervals, so that a single lost heartbeat never reclaims a lab. The error names
+    /// the field (`interval` or `grace`) and says what to send instead.
+    pub fn checked(interval_s: u32, grace_s: Option<u32>) -> Result<Self, String> {
+        if interval_s == 0 {
+            return Err("the interval must be a whole number of seconds above 0".to_string());
+        }
+        let grace_s = grace_s.unwrap_or(DEFAULT_HEARTBEAT_GRACE_S);
+        if grace_s < MIN_HEARTBEAT_GRACE_S {
+            return Err(format!(
+                "the grace must be at least {MIN_HEARTBEAT_GRACE_S} seconds, so that a laptop that sleeps briefly keeps its lab"
+            ));
+        }
+        if u64::from(grace_s) < 3 * u64::from(interval_s) {
+            return Err(
+                "the grace must cover at least three intervals, so that one lost heartbeat never reclaims a lab; raise the grace or shorten the interval"
+                    .to_string(),
+            );
+        }
+        Ok(Self {
+            interval_s,
+            grace_s,
+        })
+    }
+}
+
 /// The tracks that opted in to heartbeats (`HEARTBEAT_TRACKS`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeartbeatPolicies {
@@ -77,20 +106,8 @@ impl HeartbeatPolicies {
                 Some((interval, grace)) => (number(interval, "interval")?, number(grace, "grace")?),
                 None => (number(policy, "interval")?, DEFAULT_HEARTBEAT_GRACE_S),
             };
-            if grace_s < MIN_HEARTBEAT_GRACE_S {
-                return Err(format!(
-                    "'{entry}': the grace must be at least {MIN_HEARTBEAT_GRACE_S} seconds, so that a laptop that sleeps briefly keeps its lab"
-                ));
-            }
-            if u64::from(grace_s) < 3 * u64::from(interval_s) {
-                return Err(format!(
-                    "'{entry}': the grace must cover at least three intervals, so that one lost heartbeat never reclaims a lab"
-                ));
-            }
-            let policy = HeartbeatPolicy {
-                interval_s,
-                grace_s,
-            };
+            let policy = HeartbeatPolicy::checked(interval_s, Some(grace_s))
+                .map_err(|problem| format!("'{entry}': {problem}"))?;
             if per_track.insert(track.to_string(), policy).is_some() {
                 return Err(format!("track '{track}' is listed twice"));
             }
@@ -106,6 +123,17 @@ impl HeartbeatPolicies {
     /// True when no track opted in.
     pub fn is_empty(&self) -> bool {
         self.per_track.is_empty()
+    }
+
+    /// Adds `track`'s policy from another source (its track credentials entry, ADR 0034);
+    /// refused when the track already has one, so one track's policy is never declared in two
+    /// places that could disagree.
+    pub fn declare(&mut self, track: &str, policy: HeartbeatPolicy) -> Result<(), String> {
+        if self.per_track.contains_key(track) {
+            return Err(format!("track '{track}' already has a heartbeat policy"));
+        }
+        self.per_track.insert(track.to_string(), policy);
+        Ok(())
     }
 }
 

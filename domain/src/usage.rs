@@ -21,6 +21,14 @@
 //! yet). Extensions, deletions and quarantines count in the group of the allocation they belong
 //! to; when that allocation started before the range, by the sandbox's name prefix (group by
 //! prefix), the event's day (group by day), or [`UNATTRIBUTED_GROUP`] (group by track).
+//!
+//! **Filters.** A [`UsageFilter`] narrows a report to one track, to the sandboxes whose name
+//! starts with a prefix, or both, under any grouping (ADR 0034). It selects allocations: an
+//! allocation counts when its track and its sandbox's name match, and the extensions, deletions
+//! and quarantines that follow it count with it. Events of an allocation that started before the
+//! range cannot be matched (the allocation event with its track is outside the range) and are
+//! left out of a filtered report. Refusal summaries count when the track and the name prefix the
+//! refused request asked for match.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -139,6 +147,47 @@ impl UsageQuery {
     }
 }
 
+/// Which allocations a report covers (ADR 0034): all of them by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageFilter {
+    /// Only allocations made for this track.
+    pub track: Option<String>,
+    /// Only allocations of sandboxes whose name starts with this.
+    pub name_prefix: Option<String>,
+}
+
+impl UsageFilter {
+    /// True when the filter selects every allocation.
+    pub fn is_empty(&self) -> bool {
+        self.track.is_none() && self.name_prefix.is_none()
+    }
+
+    /// Whether a sandbox named `name` passes the name filter.
+    fn name_matches(&self, name: &str) -> bool {
+        self.name_prefix
+            .as_deref()
+            .is_none_or(|prefix| name.starts_with(prefix))
+    }
+
+    /// Whether an allocation for `track` of a sandbox whose name matched the name filter
+    /// (`name_matches`, `None`: its name is unknown) is in the report.
+    fn selects(&self, track: Option<&str>, name_matches: Option<bool>) -> bool {
+        let track_ok = self.track.as_deref().is_none_or(|t| track == Some(t));
+        let name_ok = self.name_prefix.is_none() || name_matches == Some(true);
+        track_ok && name_ok
+    }
+
+    /// Whether a refusal of a request for `track` and `prefix` is in the report.
+    fn selects_refusal(&self, track: Option<&str>, prefix: Option<&str>) -> bool {
+        let track_ok = self.track.as_deref().is_none_or(|t| track == Some(t));
+        let name_ok = self
+            .name_prefix
+            .as_deref()
+            .is_none_or(|wanted| prefix.is_some_and(|p| p.starts_with(wanted)));
+        track_ok && name_ok
+    }
+}
+
 /// The figures of one group (or of the whole range, in [`UsageReport::totals`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct UsageFigures {
@@ -180,6 +229,12 @@ pub struct UsageReport {
     pub to: String,
     /// The grouping.
     pub group_by: UsageGroupBy,
+    /// The track filter, when the report has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track: Option<String>,
+    /// The name-prefix filter, when the report has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// One entry per group, in key order.
     pub groups: Vec<UsageFigures>,
     /// The whole range.
@@ -263,6 +318,11 @@ struct InFlight {
     group: String,
     allocated_at: Option<DateTime<Utc>>,
     prefix: Option<String>,
+    /// Whether the sandbox's name passes the name filter (`None`: not known yet).
+    name_matches: Option<bool>,
+    /// Whether its events count: false for an allocation the filter leaves out (and, under a
+    /// filter, for a sandbox only registered so far).
+    counted: bool,
 }
 
 /// Folds a time-ordered stream of events into usage figures in constant memory per group (see
@@ -270,6 +330,7 @@ struct InFlight {
 #[derive(Debug)]
 pub struct UsageAggregator {
     query: UsageQuery,
+    filter: UsageFilter,
     groups: BTreeMap<String, GroupTally>,
     in_flight: HashMap<String, InFlight>,
     events_read: u64,
@@ -296,12 +357,19 @@ impl UsageAggregator {
     pub fn new(query: UsageQuery) -> Self {
         Self {
             query,
+            filter: UsageFilter::default(),
             groups: BTreeMap::new(),
             in_flight: HashMap::new(),
             events_read: 0,
             groups_folded: false,
             refusal_summaries: 0,
         }
+    }
+
+    /// The same aggregator, counting only the allocations `filter` selects.
+    pub fn with_filter(mut self, filter: UsageFilter) -> Self {
+        self.filter = filter;
+        self
     }
 
     /// The sandboxes it remembers (allocations held or being deleted): bounded by the pool, not
@@ -319,12 +387,23 @@ impl UsageAggregator {
     /// which the allocation event does not carry: the caller then passes it to
     /// [`UsageAggregator::observe`] (from the sandbox's registration).
     pub fn needs_name(&self, event: &EventEnvelope) -> bool {
-        self.query.group_by == UsageGroupBy::Prefix
+        self.wants_names()
             && event.event_type == "SandboxAllocated"
             && sandbox_id_of(&event.stream_id).is_some_and(|id| {
                 // A registration read in the range already named it.
                 self.in_flight.get(id).is_none_or(|f| f.prefix.is_none())
             })
+    }
+
+    /// Whether sandbox names matter: grouping by prefix, or filtering by one.
+    fn wants_names(&self) -> bool {
+        self.query.group_by == UsageGroupBy::Prefix || self.filter.name_prefix.is_some()
+    }
+
+    /// Whether a filter leaves this sandbox's events out: it has one and the sandbox is not in
+    /// an allocation it selected.
+    fn left_out(&self, sandbox_id: &str) -> bool {
+        !self.filter.is_empty() && self.in_flight.get(sandbox_id).is_none_or(|f| !f.counted)
     }
 
     fn tally(&mut self, group: &str) -> &mut GroupTally {
@@ -385,15 +464,15 @@ impl UsageAggregator {
         };
         match payload {
             // A name seen in the range spares the caller a lookup at the allocation.
-            SandboxEvent::SandboxRegistered { name, .. }
-                if self.query.group_by == UsageGroupBy::Prefix =>
-            {
+            SandboxEvent::SandboxRegistered { name, .. } if self.wants_names() => {
                 self.in_flight.insert(
                     sandbox_id.to_string(),
                     InFlight {
                         group: pool_prefix(&name).to_string(),
                         allocated_at: None,
                         prefix: Some(pool_prefix(&name).to_string()),
+                        name_matches: Some(self.filter.name_matches(&name)),
+                        counted: self.filter.is_empty(),
                     },
                 );
             }
@@ -407,6 +486,25 @@ impl UsageAggregator {
                     .get(sandbox_id)
                     .and_then(|f| f.prefix.clone())
                     .or_else(|| name.map(|n| pool_prefix(n).to_string()));
+                let name_matches = self
+                    .in_flight
+                    .get(sandbox_id)
+                    .and_then(|f| f.name_matches)
+                    .or_else(|| name.map(|n| self.filter.name_matches(n)));
+                if !self.filter.selects(track_name.as_deref(), name_matches) {
+                    // Remembered, so that the events that follow this allocation stay out too.
+                    self.in_flight.insert(
+                        sandbox_id.to_string(),
+                        InFlight {
+                            group: String::new(),
+                            allocated_at: None,
+                            prefix: known_prefix,
+                            name_matches,
+                            counted: false,
+                        },
+                    );
+                    return;
+                }
                 let group = match self.query.group_by {
                     UsageGroupBy::Track => track_name
                         .filter(|t| !t.is_empty())
@@ -428,6 +526,8 @@ impl UsageAggregator {
                         group,
                         allocated_at: Some(at),
                         prefix: known_prefix,
+                        name_matches,
+                        counted: true,
                     },
                 );
             }
@@ -437,6 +537,15 @@ impl UsageAggregator {
                     SandboxEvent::DeletionRequested { reason: Some(r), .. } if r == RECLAIM_REASON
                 );
                 self.end_hold(sandbox_id, at, reclaimed);
+            }
+            SandboxEvent::LeaseExtended { .. }
+            | SandboxEvent::DeletionFailed { .. }
+            | SandboxEvent::SandboxDeleted { .. }
+                if self.left_out(sandbox_id) =>
+            {
+                if matches!(payload, SandboxEvent::SandboxDeleted { .. }) {
+                    self.in_flight.remove(sandbox_id);
+                }
             }
             SandboxEvent::LeaseExtended { .. } => {
                 let group = self.group_of(sandbox_id, &at);
@@ -500,6 +609,9 @@ impl UsageAggregator {
     fn count_refusals(&mut self, at: DateTime<Utc>, counts: &[RefusalCount<'_>]) {
         self.refusal_summaries += 1;
         for c in counts {
+            if !self.filter.selects_refusal(c.track, c.prefix) {
+                continue;
+            }
             let group = match self.query.group_by {
                 UsageGroupBy::Track => c.track.unwrap_or(NO_TRACK_GROUP).to_string(),
                 UsageGroupBy::Prefix => c.prefix.unwrap_or(UNATTRIBUTED_GROUP).to_string(),
@@ -545,6 +657,8 @@ impl UsageAggregator {
             from: format_time(&self.query.from),
             to: format_time(&self.query.to),
             group_by: self.query.group_by,
+            track: self.filter.track,
+            prefix: self.filter.name_prefix,
             groups: self.groups.into_values().map(GroupTally::finish).collect(),
             totals: totals.finish(),
             events_read: self.events_read,
@@ -564,7 +678,20 @@ pub async fn usage_from_feed(
     query: UsageQuery,
     now: DateTime<Utc>,
 ) -> Result<UsageReport, StoreError> {
-    let mut aggregator = UsageAggregator::new(query);
+    usage_from_feed_filtered(feed, store, query, UsageFilter::default(), now).await
+}
+
+/// [`usage_from_feed`] counting only the allocations `filter` selects (ADR 0034). With a name
+/// filter, the name of every allocated sandbox registered before the range is read as for
+/// grouping by prefix.
+pub async fn usage_from_feed_filtered(
+    feed: &dyn EventFeed,
+    store: &dyn EventStore,
+    query: UsageQuery,
+    filter: UsageFilter,
+    now: DateTime<Utc>,
+) -> Result<UsageReport, StoreError> {
+    let mut aggregator = UsageAggregator::new(query).with_filter(filter);
     // A position just before `from`'s millisecond: every event at or after `from` follows it.
     let mut after = format_time(&(query.from - Duration::milliseconds(1)));
     loop {
@@ -902,6 +1029,112 @@ mod tests {
         let report = agg.finish(t0() + Duration::days(1));
         assert_eq!(report.totals.allocations, 100_000);
         assert_eq!(report.totals.ended, 100_000);
+    }
+
+    /// A track filter and a name filter select exactly the matching allocations under every
+    /// grouping, with the extensions and deletions that follow them; refusals count when their
+    /// track and requested prefix match; an unknown track gives an empty report.
+    #[test]
+    fn filters_select_matching_allocations() {
+        let m = Duration::minutes;
+        let log = vec![
+            registered("a", "aws-lab-1", t0()),
+            registered("b", "aws-lab-2", t0()),
+            registered("c", "gcp-lab-1", t0()),
+            allocated("a", "aws", t0() + m(10), false),
+            allocated("b", "other", t0() + m(10), false),
+            allocated("c", "aws", t0() + m(10), false),
+            marked("a", t0() + m(40), None),
+            marked("c", t0() + m(70), None),
+            event(
+                "c",
+                4,
+                t0() + m(80),
+                SandboxEvent::SandboxDeleted {
+                    csp_status: Some(204),
+                },
+            ),
+            event(
+                "b",
+                4,
+                t0() + m(80),
+                SandboxEvent::DeletionFailed {
+                    attempts: 5,
+                    last_error: "refused".into(),
+                    transient: false,
+                },
+            ),
+        ];
+        let run = |group_by, track: Option<&str>, prefix: Option<&str>| {
+            let mut agg = UsageAggregator::new(query(group_by)).with_filter(UsageFilter {
+                track: track.map(str::to_string),
+                name_prefix: prefix.map(str::to_string),
+            });
+            for e in &log {
+                // Names come from the registrations in the log: none is asked of the caller.
+                agg.observe(e, None);
+            }
+            agg.observe_refusals(
+                t0() + m(5),
+                &[
+                    RefusalCount {
+                        track: Some("aws"),
+                        prefix: Some("gcp-lab-"),
+                        reason: "no_sandboxes",
+                        count: 2,
+                    },
+                    RefusalCount {
+                        track: Some("other"),
+                        prefix: None,
+                        reason: "no_sandboxes",
+                        count: 5,
+                    },
+                ],
+            );
+            agg.finish(t0() + m(130))
+        };
+        for group_by in [UsageGroupBy::Track, UsageGroupBy::Prefix, UsageGroupBy::Day] {
+            let aws = run(group_by, Some("aws"), None);
+            let t = &aws.totals;
+            assert_eq!(
+                (t.allocations, t.ended, t.deletions),
+                (2, 2, 1),
+                "{group_by}"
+            );
+            assert_eq!(t.quarantines, 0, "{group_by}: b is another track's");
+            assert_eq!(t.sandbox_hours, 1.5, "{group_by}: 30 + 60 minutes");
+            assert_eq!(t.refusals.get("no_sandboxes"), Some(&2), "{group_by}");
+            assert_eq!(aws.track.as_deref(), Some("aws"));
+
+            let named = run(group_by, None, Some("aws-lab-"));
+            let t = &named.totals;
+            assert_eq!(
+                (t.allocations, t.ended, t.held_at_end),
+                (2, 1, 1),
+                "{group_by}"
+            );
+            assert_eq!((t.deletions, t.quarantines), (0, 1), "{group_by}");
+            assert_eq!(t.refusals.get("no_sandboxes"), None, "{group_by}");
+
+            let both = run(group_by, Some("aws"), Some("aws-lab-"));
+            assert_eq!(both.totals.allocations, 1, "{group_by}");
+            assert_eq!(both.totals.sandbox_hours, 0.5, "{group_by}");
+
+            let unknown = run(group_by, Some("no-such-track"), None);
+            assert!(unknown.groups.is_empty(), "{group_by}");
+            assert_eq!(unknown.totals.allocations, 0, "{group_by}");
+        }
+        let by_prefix = run(UsageGroupBy::Prefix, Some("aws"), None);
+        let groups: Vec<_> = by_prefix
+            .groups
+            .iter()
+            .map(|g| (g.group.as_str(), g.allocations))
+            .collect();
+        // The refusal counts under the prefix the request asked for.
+        assert_eq!(
+            groups,
+            vec![("aws-lab", 1), ("gcp-lab", 1), ("gcp-lab-", 0)]
+        );
     }
 
     /// Past the group cap, further groups are summed in one, and the report says so.

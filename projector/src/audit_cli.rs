@@ -110,6 +110,30 @@ pub struct UsageArgs {
     /// Read an export (from `export`; `-`: standard input) instead of the store.
     #[arg(long)]
     pub file: Option<String>,
+    /// Only allocations made for this track (as the route's `track=`).
+    #[arg(long, value_parser = usage_track)]
+    pub track: Option<String>,
+    /// Only allocations of sandboxes whose name starts with this (as the route's `prefix=`).
+    #[arg(long, value_parser = usage_prefix)]
+    pub prefix: Option<String>,
+}
+
+impl UsageArgs {
+    /// The allocations the report covers.
+    pub fn filter(&self) -> domain::usage::UsageFilter {
+        domain::usage::UsageFilter {
+            track: self.track.clone(),
+            name_prefix: self.prefix.clone(),
+        }
+    }
+}
+
+fn usage_track(raw: &str) -> Result<String, String> {
+    domain::model::ids::validate_id("track", raw).map_err(|e| e.to_string())
+}
+
+fn usage_prefix(raw: &str) -> Result<String, String> {
+    domain::model::ids::validate_id("prefix", raw).map_err(|e| e.to_string())
 }
 
 /// `broker-audit import`.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use domain::model::events::{BrokerEvent, SandboxEvent};
 use domain::model::ids::sandbox_id_of;
-use domain::usage::{UsageAggregator, UsageQuery, UsageReport};
+use domain::usage::{UsageAggregator, UsageFilter, UsageQuery, UsageReport};
 use domain::EventEnvelope;
 
 /// The report over an export (NDJSON envelopes in time order, as `broker-audit export` writes
@@ -20,7 +20,18 @@ pub fn usage_from_export(
     query: UsageQuery,
     now: DateTime<Utc>,
 ) -> anyhow::Result<UsageReport> {
-    let mut aggregator = UsageAggregator::new(query);
+    usage_from_export_filtered(reader, query, UsageFilter::default(), now)
+}
+
+/// [`usage_from_export`] counting only the allocations `filter` selects, as
+/// `GET /v1/admin/usage?track=&prefix=` does (ADR 0034).
+pub fn usage_from_export_filtered(
+    reader: impl BufRead,
+    query: UsageQuery,
+    filter: UsageFilter,
+    now: DateTime<Utc>,
+) -> anyhow::Result<UsageReport> {
+    let mut aggregator = UsageAggregator::new(query).with_filter(filter);
     let mut names: HashMap<String, String> = HashMap::new();
     for (n, line) in reader.lines().enumerate() {
         let line = line.context("reading the export")?;

@@ -737,7 +737,8 @@ async fn reservation_and_capacity_commands() {
 }
 
 /// `heartbeat` records one (JSON answer); `heartbeat --every` stops with exit 0 once the
-/// allocation has ended; `usage` shows the allocation in a table and as JSON.
+/// allocation has ended; `usage` shows the allocation in a table and as JSON, and `--track`
+/// and `--prefix` keep only the matching allocations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_and_usage_commands() {
     let app = spawn_app(Backend::Embedded).await;
@@ -773,6 +774,19 @@ async fn heartbeat_and_usage_commands() {
     let as_json = admin(&app, &["usage", "--format", "json"]).await;
     ok(&as_json);
     assert_eq!(json(&as_json)["totals"]["allocations"], 1);
+    let filtered = admin(
+        &app,
+        &[
+            "usage", "--format", "json", "--track", "hb-track", "--prefix", "lab-",
+        ],
+    )
+    .await;
+    ok(&filtered);
+    assert_eq!(json(&filtered)["track"], "hb-track");
+    assert_eq!(json(&filtered)["totals"]["allocations"], 1);
+    let other = admin(&app, &["usage", "--format", "json", "--track", "other"]).await;
+    ok(&other);
+    assert_eq!(json(&other)["totals"]["allocations"], 0);
     let bad = admin(&app, &["usage", "--group-by", "week"]).await;
     assert_ne!(code(&bad), 0);
     app.stop().await;

@@ -545,7 +545,7 @@ pub async fn get_reservation(
     delete, path = "/v1/admin/reservations/{reservation_id}", tag = "Admin", security(("bearer" = [])),
     params(("reservation_id" = String, Path, example = "0190f6c27b3a7d4e9f102b3c4d5e6f70", max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "The id from the creation's answer; not blank, no control characters, at most 256 bytes (UTF-8)")),
     responses(
-        (status = 200, description = "Cancelled (or already closed): the reservation", body = ReservationView),
+        (status = 200, description = "Cancelled (or already closed): the reservation, which stays readable (`GET` answers it in state `cancelled`)", body = ReservationView),
         (status = 400, description = "Bad id", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),

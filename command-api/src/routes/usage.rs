@@ -1,6 +1,8 @@
 //! `GET /admin/usage`: who used how much of the pool over a range, by track, prefix or day,
 //! as JSON or CSV (ADR 0030). The figures come from the event log through
 //! [`domain::usage::usage_from_feed`], the same computation `broker-audit usage` runs offline.
+//! `track=` and `prefix=` narrow the report to one track's allocations or to sandboxes whose name
+//! starts with a prefix (ADR 0034).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,7 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use domain::usage::{
-    parse_usage_time, usage_csv, usage_from_feed, UsageGroupBy, UsageQuery, UsageReport,
+    parse_usage_time, usage_csv, usage_from_feed_filtered, UsageFilter, UsageGroupBy, UsageQuery,
+    UsageReport,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -63,6 +66,12 @@ pub struct UsageResponse {
     pub to: String,
     /// `track`, `prefix` or `day`.
     pub group_by: String,
+    /// The `track` filter, when the request had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track: Option<String>,
+    /// The `prefix` filter (sandbox names starting with it), when the request had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// One entry per group, in key order.
     pub groups: Vec<UsageGroup>,
     /// The whole range.
@@ -101,6 +110,8 @@ impl From<UsageReport> for UsageResponse {
             from: r.from,
             to: r.to,
             group_by: r.group_by.as_str().to_string(),
+            track: r.track,
+            prefix: r.prefix,
             groups: r.groups.into_iter().map(group_of).collect(),
             totals: group_of(r.totals),
             events_read: r.events_read,
@@ -128,6 +139,21 @@ pub struct UsageApi;
 fn time_param(raw: Option<&String>, field: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
     raw.map(|v| {
         parse_usage_time(v).map_err(|problem| ApiError::validation("query", field, problem))
+    })
+    .transpose()
+}
+
+/// An optional id filter (`track`, `prefix`): not blank, no control characters, at most
+/// 256 bytes, as every id the API takes.
+fn id_param(raw: Option<&String>, field: &'static str) -> Result<Option<String>, ApiError> {
+    raw.map(|v| {
+        domain::model::ids::validate_id(field, v).map_err(|e| {
+            ApiError::validation(
+                "query",
+                field,
+                format!("{e}; send a {field} name, or leave {field} out for every {field}"),
+            )
+        })
     })
     .transpose()
 }
@@ -161,10 +187,12 @@ fn wants_csv(q: &HashMap<String, String>, headers: &HeaderMap) -> Result<bool, A
         ("to" = Option<String>, Query, format = DateTime, example = "2026-03-03T00:00:00Z", description = "Exclusive end: RFC 3339 (or a day); default: now (plus 5 minutes for writers' clock skew). Must be after `from`, at most 400 days later (else 400 `VALIDATION_ERROR`)"),
         ("group_by" = Option<String>, Query, example = "track", pattern = "^(track|prefix|day)$", description = "`track` (default), `prefix` or `day`"),
         ("format" = Option<String>, Query, example = "csv", pattern = "^(json|csv)$", description = "`csv` for CSV (as `Accept: text/csv` does); default JSON"),
+        ("track" = Option<String>, Query, example = "aws-lab", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only allocations made for this track (with any `group_by`); an unknown track gives an empty report. Not blank, no control characters, at most 256 bytes (UTF-8)"),
+        ("prefix" = Option<String>, Query, example = "aws-lab-", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$", description = "Only allocations of sandboxes whose name starts with this (with any `group_by`). Not blank, no control characters, at most 256 bytes (UTF-8)"),
     ),
     responses(
         (status = 200, description = "The report (JSON, or CSV with a header line, a line per group and a `total` line)", content((UsageResponse = "application/json"), (String = "text/csv"))),
-        (status = 400, description = "Bad parameter: a time that does not parse, an empty or reversed range, a range over 400 days, an unknown grouping", body = ErrorBody),
+        (status = 400, description = "Bad parameter: a time that does not parse, an empty or reversed range, a range over 400 days, an unknown grouping, a blank or malformed `track` or `prefix`", body = ErrorBody),
         (status = 401, description = "Unauthorized", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -177,14 +205,18 @@ pub async fn get_usage(
 ) -> Result<Response, ApiError> {
     if let Some(unknown) = q
         .keys()
-        .find(|k| !["from", "to", "group_by", "format"].contains(&k.as_str()))
+        .find(|k| !["from", "to", "group_by", "format", "track", "prefix"].contains(&k.as_str()))
     {
         return Err(ApiError::validation(
             "query",
             unknown,
-            "unknown parameter; use from, to, group_by or format",
+            "unknown parameter; use from, to, group_by, format, track or prefix",
         ));
     }
+    let filter = UsageFilter {
+        track: id_param(q.get("track"), "track")?,
+        name_prefix: id_param(q.get("prefix"), "prefix")?,
+    };
     let csv = wants_csv(&q, &headers)?;
     let now = state.broker.clock().now();
     // Without `to`, everything recorded so far: the audit feed's slack for writers' clocks
@@ -201,10 +233,11 @@ pub async fn get_usage(
     };
     let query = UsageQuery::new(from, to, group_by)
         .map_err(|e| ApiError::validation("query", "to", e.to_string()))?;
-    let report = usage_from_feed(
+    let report = usage_from_feed_filtered(
         state.feed.feed().as_ref(),
         state.broker.events().as_ref(),
         query,
+        filter,
         now,
     )
     .await?;

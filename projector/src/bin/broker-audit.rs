@@ -9,7 +9,7 @@
 //! | `verify [--json]` | the projector's verify: replay into a scratch view and compare with the live one; exit 1 on drift |
 //! | `import [--file F] [--resume] [--json]` | append an export to the configured store (a restore), in per-stream version order, 100 events per transaction; refuses a non-empty target without `--resume` |
 //! | `check [--json]` | fold every claim, quota and sandbox stream and check they agree; exit 1 on a problem |
-//! | `usage --from T [--to T] [--group-by track\|prefix\|day] [--csv] [--file F]` | the usage report of `GET /v1/admin/usage`, over the store or an export |
+//! | `usage --from T [--to T] [--group-by track\|prefix\|day] [--track X] [--prefix P] [--csv] [--file F]` | the usage report of `GET /v1/admin/usage`, over the store or an export |
 //! | `erase --student ID [--dry-run] [--json]` | `POST /v1/admin/students/erase` without a running API: deletes the subject record (needs `PSEUDONYM_KEY`) |
 //! | `lookup --student ID [--json]` | `POST /v1/admin/students/lookup` without a running API: the pseudonym and the sandboxes |
 //!
@@ -168,22 +168,32 @@ async fn usage(store: &StoreArgs, args: &UsageArgs) -> anyhow::Result<()> {
         .to
         .unwrap_or(now + chrono::Duration::seconds(domain::audit::FUTURE_SLACK_S));
     let query = domain::usage::UsageQuery::new(args.from, to, args.group_by)?;
+    let filter = args.filter();
     let report = match args.file.as_deref() {
-        Some("-") => projector::usage_cli::usage_from_export(
+        Some("-") => projector::usage_cli::usage_from_export_filtered(
             std::io::BufReader::new(std::io::stdin()),
             query,
+            filter,
             now,
         )?,
-        Some(path) => projector::usage_cli::usage_from_export(
+        Some(path) => projector::usage_cli::usage_from_export_filtered(
             std::io::BufReader::new(
                 std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
             ),
             query,
+            filter,
             now,
         )?,
         None => {
             let (events, feed) = open(store).await?;
-            domain::usage::usage_from_feed(feed.as_ref(), events.as_ref(), query, now).await?
+            domain::usage::usage_from_feed_filtered(
+                feed.as_ref(),
+                events.as_ref(),
+                query,
+                filter,
+                now,
+            )
+            .await?
         }
     };
     let mut out = std::io::stdout().lock();

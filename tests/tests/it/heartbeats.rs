@@ -2,7 +2,8 @@
 //! goes silent is warned about (webhook) and then reclaimed (webhook, event with the reason and
 //! the last heartbeat); heartbeats keep an allocation; a track that did not opt in is never
 //! reclaimed; a release already under way is not raced; with the event flag off nothing is
-//! written.
+//! written; a policy declared in a track's credentials entry works as `HEARTBEAT_TRACKS` does
+//! and follows the file across a restart.
 
 use chrono::{DateTime, Duration, Utc};
 use domain::model::events::{BrokerEvent, SandboxEvent};
@@ -21,6 +22,8 @@ both_stores!(
     a_release_under_way_is_not_raced,
     with_the_flag_off_nothing_is_written,
     concurrent_reclaims_act_once,
+    a_policy_in_the_credentials_file_reclaims_that_track_only,
+    a_changed_credentials_file_applies_to_allocations_after_the_restart,
 );
 
 /// The opted-in track: a heartbeat a minute, 30 minutes of grace.
@@ -365,6 +368,274 @@ async fn concurrent_reclaims_act_once(backend: Backend) -> TestResult {
         assert_eq!(written, 1, "{kind}");
     }
     assert_eq!(status_of(&app, "stu", &id).await?, "pending_deletion");
+    app.stop().await;
+    Ok(())
+}
+
+/// A per-track token in the credentials file of the policy tests.
+const FILE_TRACK_TOKEN: &str = "hbfile-token-0123456789abcdefghijklmn";
+/// The token of a track whose entry declares no heartbeats.
+const PLAIN_TRACK_TOKEN: &str = "plain-token-0123456789abcdefghijklmno";
+
+/// A credentials document where `hb-file` declares `heartbeat` and `plain` declares none.
+fn credentials_with(heartbeat: Value) -> String {
+    serde_json::json!({"tracks": [
+        {"track": "hb-file", "token": FILE_TRACK_TOKEN, "name_prefixes": ["hbf-"],
+         "max_concurrent_allocations": 10, "heartbeat": heartbeat},
+        {"track": "plain", "token": PLAIN_TRACK_TOKEN, "name_prefixes": ["pln-"],
+         "max_concurrent_allocations": 10},
+    ]})
+    .to_string()
+}
+
+/// An app that reads its track credentials from `file`, on the store `store` names (an
+/// embedded file or a DynamoDB table prefix), so that a second app can start on the same log.
+async fn app_with_file(backend: Backend, file: std::path::PathBuf, store: String) -> TestApp {
+    let mut options = AppOptions::new(backend);
+    options.configure = Box::new(move |config| {
+        config.track_credentials_file = Some(file);
+        match backend {
+            Backend::Embedded => config.store.embedded_path = store.into(),
+            Backend::Dynamo => config.store.table_prefix = store,
+        }
+    });
+    let mut jobs = test_jobs_config();
+    jobs.heartbeats.write_events = true;
+    options.jobs = jobs;
+    spawn_app_with(options).await
+}
+
+/// A scratch directory and a store name for [`app_with_file`].
+fn scratch(backend: Backend) -> Result<(std::path::PathBuf, String), std::io::Error> {
+    let dir = std::env::temp_dir().join(format!("broker-hb-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let store = match backend {
+        Backend::Embedded => dir.join("broker.db").display().to_string(),
+        Backend::Dynamo => format!("t{}", uuid::Uuid::new_v4().simple()),
+    };
+    Ok((dir, store))
+}
+
+/// An allocation made with a track's own token: the sandbox id and its lease token (which
+/// per-track tokens must send back).
+struct Held {
+    id: String,
+    lease: String,
+}
+
+/// Allocates as `caller` with a track's own token; returns once the view shows it allocated
+/// (the reclaim walks the view).
+async fn allocate_as(
+    app: &TestApp,
+    token: &str,
+    caller: &str,
+) -> Result<Held, Box<dyn std::error::Error + Send + Sync>> {
+    let resp = app
+        .client
+        .post(format!("{}/v1/allocate", app.url))
+        .bearer_auth(token)
+        .header("X-Instruqt-Sandbox-ID", caller)
+        .send()
+        .await?;
+    let status = resp.status();
+    let body: Value = resp.json().await?;
+    assert_eq!(status, StatusCode::CREATED, "allocate {caller}: {body}");
+    let id = body["sandbox_id"].as_str().unwrap_or_default().to_string();
+    let lease = body["lease_token"].as_str().unwrap_or_default().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.state.broker.view().get(&id).await?.map(|r| r.status)
+        != Some(domain::SandboxStatus::Allocated)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view never showed {id} allocated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(Held { id, lease })
+}
+
+/// A request about `held` with a track's own token, as `caller`, to `/v1/sandboxes/{id}` and
+/// `suffix`; returns the status and the JSON body.
+async fn as_track(
+    app: &TestApp,
+    token: &str,
+    method: Method,
+    held: &Held,
+    suffix: &str,
+    caller: &str,
+) -> Result<(StatusCode, Value), reqwest::Error> {
+    let resp = app
+        .client
+        .request(
+            method,
+            format!("{}/v1/sandboxes/{}{suffix}", app.url, held.id),
+        )
+        .bearer_auth(token)
+        .header("X-Instruqt-Sandbox-ID", caller)
+        .header("X-Lease-Token", &held.lease)
+        .send()
+        .await?;
+    let status = resp.status();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// The policy an allocation recorded, from its `SandboxAllocated` event.
+async fn recorded_policy(
+    app: &TestApp,
+    sandbox_id: &str,
+) -> Result<(Option<u32>, Option<u32>), Box<dyn std::error::Error + Send + Sync>> {
+    Ok(events_of(app, sandbox_id)
+        .await?
+        .iter()
+        .find_map(|e| match e {
+            SandboxEvent::SandboxAllocated {
+                heartbeat_interval_s,
+                heartbeat_grace_s,
+                ..
+            } => Some((*heartbeat_interval_s, *heartbeat_grace_s)),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// A track whose credentials entry declares `{"interval_s": 60, "grace_s": 1800}` (and is not
+/// in `HEARTBEAT_TRACKS`) is warned about at half the grace and reclaimed at the whole, through
+/// the API; a track whose entry declares none keeps its sandbox however long it is silent.
+async fn a_policy_in_the_credentials_file_reclaims_that_track_only(backend: Backend) -> TestResult {
+    let (dir, store) = scratch(backend)?;
+    let file = dir.join("tracks.json");
+    std::fs::write(
+        &file,
+        credentials_with(serde_json::json!({"interval_s": 60, "grace_s": 1800})),
+    )?;
+    let app = app_with_file(backend, file, store).await;
+    app.seed("hbf", 2).await;
+    app.seed("pln", 2).await;
+    let declared = allocate_as(&app, FILE_TRACK_TOKEN, "stu-file").await?;
+    let plain = allocate_as(&app, PLAIN_TRACK_TOKEN, "stu-plain").await?;
+    assert_eq!(
+        recorded_policy(&app, &declared.id).await?,
+        (Some(60), Some(1800))
+    );
+    assert_eq!(recorded_policy(&app, &plain.id).await?, (None, None));
+
+    let (status, body) = as_track(
+        &app,
+        PLAIN_TRACK_TOKEN,
+        Method::POST,
+        &plain,
+        "/heartbeat",
+        "stu-plain",
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["heartbeats_required"], false, "{body}");
+
+    app.clock.advance(Duration::minutes(14));
+    assert_eq!(reclaim(&app).await?, (0, 0), "alive within half the grace");
+    app.clock.advance(Duration::minutes(1));
+    assert_eq!(reclaim(&app).await?, (1, 0), "warned at half the grace");
+    app.clock.advance(Duration::minutes(15));
+    assert_eq!(reclaim(&app).await?, (0, 1), "reclaimed at the whole grace");
+    app.clock.advance(Duration::hours(3));
+    assert_eq!(
+        reclaim(&app).await?,
+        (0, 0),
+        "the plain track is never reclaimed"
+    );
+
+    let (_, body) = as_track(
+        &app,
+        FILE_TRACK_TOKEN,
+        Method::GET,
+        &declared,
+        "",
+        "stu-file",
+    )
+    .await?;
+    assert_eq!(body["status"], "pending_deletion", "{body}");
+    let (_, body) = as_track(
+        &app,
+        PLAIN_TRACK_TOKEN,
+        Method::GET,
+        &plain,
+        "",
+        "stu-plain",
+    )
+    .await?;
+    assert_eq!(body["status"], "allocated", "{body}");
+    app.stop().await;
+    Ok(())
+}
+
+/// The credentials file is read at start: an allocation keeps the policy it was made under,
+/// and after a restart with a changed entry (grace 1800 s → 900 s) new allocations record and
+/// answer the new one, and are reclaimed after the new grace while the older one is not.
+async fn a_changed_credentials_file_applies_to_allocations_after_the_restart(
+    backend: Backend,
+) -> TestResult {
+    let (dir, store) = scratch(backend)?;
+    let file = dir.join("tracks.json");
+    std::fs::write(
+        &file,
+        credentials_with(serde_json::json!({"interval_s": 60, "grace_s": 1800})),
+    )?;
+    let first = app_with_file(backend, file.clone(), store.clone()).await;
+    first.seed("hbf", 2).await;
+    let before = allocate_as(&first, FILE_TRACK_TOKEN, "stu-before").await?;
+    first.stop().await;
+
+    std::fs::write(
+        &file,
+        credentials_with(serde_json::json!({"interval_s": 60, "grace_s": 900})),
+    )?;
+    let app = app_with_file(backend, file, store).await;
+    let after = allocate_as(&app, FILE_TRACK_TOKEN, "stu-after").await?;
+    assert_eq!(
+        recorded_policy(&app, &before.id).await?,
+        (Some(60), Some(1800))
+    );
+    assert_eq!(
+        recorded_policy(&app, &after.id).await?,
+        (Some(60), Some(900))
+    );
+    for (id, caller, grace) in [(&before, "stu-before", 1800), (&after, "stu-after", 900)] {
+        let (status, body) = as_track(
+            &app,
+            FILE_TRACK_TOKEN,
+            Method::POST,
+            id,
+            "/heartbeat",
+            caller,
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["heartbeat_grace_s"], grace, "{body}");
+    }
+
+    // Both heartbeats were just recorded: after 8 minutes only the new allocation is past half
+    // its grace, after 16 it is past the whole; the older one (30 minutes) is only warned.
+    app.clock.advance(Duration::minutes(8));
+    assert_eq!(reclaim(&app).await?, (1, 0), "the new grace's half");
+    app.clock.advance(Duration::minutes(8));
+    assert_eq!(
+        reclaim(&app).await?,
+        (1, 1),
+        "the new grace's whole, the old one's half"
+    );
+    let (_, body) = as_track(&app, FILE_TRACK_TOKEN, Method::GET, &after, "", "stu-after").await?;
+    assert_eq!(body["status"], "pending_deletion", "{body}");
+    let (_, body) = as_track(
+        &app,
+        FILE_TRACK_TOKEN,
+        Method::GET,
+        &before,
+        "",
+        "stu-before",
+    )
+    .await?;
+    assert_eq!(body["status"], "allocated", "{body}");
     app.stop().await;
     Ok(())
 }

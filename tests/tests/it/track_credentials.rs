@@ -304,3 +304,48 @@ async fn credentials_file_is_loaded_and_checked() {
         "the error echoes the token: {error}"
     );
 }
+
+/// A heartbeat policy in a credentials entry is checked at start: a bad value stops start-up
+/// with the track and the field named, and so does a track also listed in `HEARTBEAT_TRACKS`.
+#[tokio::test]
+async fn heartbeat_policies_in_the_file_are_checked_at_start() {
+    let dir = std::env::temp_dir().join(format!("broker-creds-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("create the temp dir");
+    let start = |heartbeat: Value, heartbeat_tracks: &str| {
+        let file = dir.join(format!("{}.json", uuid::Uuid::new_v4()));
+        let doc = json!({"tracks": [{"track": "alpha", "token": ALPHA, "name_prefixes": ["alpha-"],
+                                     "max_concurrent_allocations": 5, "heartbeat": heartbeat}]});
+        std::fs::write(&file, doc.to_string()).expect("write the credentials file");
+        let mut config = command_api::config::Config::defaults();
+        config.api_token = Some(tests::app::TRACK_TOKEN.into());
+        config.admin_token = Some(tests::app::ADMIN_TOKEN.into());
+        config.store.embedded_path = dir.join("broker.db");
+        config.track_credentials_file = Some(file);
+        config.jobs.heartbeat_tracks = heartbeat_tracks.to_string();
+        async move {
+            command_api::startup::build_with(
+                &config,
+                std::sync::Arc::new(domain::ManualClock::new(chrono::Utc::now())),
+                tests::app::test_jobs_config(),
+            )
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+        }
+    };
+    for (heartbeat, tracks, wanted) in [
+        (json!({"interval_s": 0}), "", "heartbeat.interval_s"),
+        (
+            json!({"interval_s": 60, "grace_s": 120}),
+            "",
+            "heartbeat.grace_s",
+        ),
+        (json!({"grace_s": 1800}), "", "heartbeat.interval_s"),
+        (json!({"interval_s": 60}), "alpha=30", "HEARTBEAT_TRACKS"),
+    ] {
+        let error = start(heartbeat.clone(), tracks).await;
+        assert!(error.contains("\"alpha\""), "{heartbeat}: {error}");
+        assert!(error.contains(wanted), "{heartbeat}: {error}");
+    }
+}

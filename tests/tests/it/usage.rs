@@ -1,11 +1,12 @@
 //! Usage reports over real HTTP, on both stores: exact figures of a known scenario by track,
 //! prefix and day, the CSV shape, bad ranges refused with the error envelope, and the offline
-//! report over an export agreeing with the API's.
+//! report over an export agreeing with the API's, unfiltered and filtered by track and name
+//! prefix.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use domain::usage::{UsageGroupBy, UsageQuery, USAGE_CSV_HEADER};
+use domain::usage::{UsageFilter, UsageGroupBy, UsageQuery, USAGE_CSV_HEADER};
 use domain::Clock;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -18,6 +19,7 @@ both_stores!(
     report_of_a_known_scenario_has_exact_figures,
     csv_and_bad_ranges,
     refusals_are_counted_from_summaries,
+    filters_select_exactly_the_matching_allocations,
 );
 
 fn time(at: &DateTime<Utc>) -> String {
@@ -33,11 +35,21 @@ async fn allocate(
     caller: &str,
     track: &str,
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let resp = app
-        .allocate(caller)
-        .header("X-Instruqt-Track-ID", track)
-        .send()
-        .await?;
+    allocate_from(app, caller, track, None).await
+}
+
+/// Allocates for `track`, from the sandboxes named with `prefix` when given.
+async fn allocate_from(
+    app: &TestApp,
+    caller: &str,
+    track: &str,
+    prefix: Option<&str>,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let mut request = app.allocate(caller).header("X-Instruqt-Track-ID", track);
+    if let Some(prefix) = prefix {
+        request = request.header("X-Sandbox-Name-Prefix", prefix);
+    }
+    let resp = request.send().await?;
     let status = resp.status();
     let body: Value = resp.json().await?;
     assert!(status.is_success(), "allocate {caller}: {status} {body}");
@@ -168,6 +180,37 @@ async fn report_of_a_known_scenario_has_exact_figures(backend: Backend) -> TestR
         assert_eq!(offline["groups"], online["groups"], "{group_by}");
         assert_eq!(offline["totals"], online["totals"], "{group_by}");
     }
+    // Filtered, the same: the route's `track=`/`prefix=` and the offline filter agree.
+    for (group_by, track, prefix, allocations) in [
+        (UsageGroupBy::Prefix, Some("gcp-lab"), None, 1),
+        (UsageGroupBy::Day, Some("aws-lab"), Some("usg-"), 3),
+        (UsageGroupBy::Track, None, Some("usg-0"), 4),
+        (UsageGroupBy::Track, None, Some("other-"), 0),
+    ] {
+        let mut params = format!("{range}&group_by={group_by}");
+        for (name, value) in [("track", track), ("prefix", prefix)] {
+            if let Some(value) = value {
+                params.push_str(&format!("&{name}={value}"));
+            }
+        }
+        let online =
+            usage_when(&app, &params, |r| r["totals"]["allocations"] == allocations).await?;
+        let filter = UsageFilter {
+            track: track.map(str::to_string),
+            name_prefix: prefix.map(str::to_string),
+        };
+        let offline = projector::usage_cli::usage_from_export_filtered(
+            export.as_bytes(),
+            UsageQuery::new(from, to, group_by)?,
+            filter,
+            app.clock.now(),
+        )?;
+        let offline = serde_json::to_value(&offline)?;
+        assert_eq!(offline["groups"], online["groups"], "{params}");
+        assert_eq!(offline["totals"], online["totals"], "{params}");
+        assert_eq!(offline["track"], online["track"], "{params}");
+        assert_eq!(offline["prefix"], online["prefix"], "{params}");
+    }
     app.stop().await;
     Ok(())
 }
@@ -277,6 +320,122 @@ async fn refusals_are_counted_from_summaries(backend: Backend) -> TestResult {
         "{summaries} summaries for 5 refusals"
     );
     assert_eq!(report["refusal_summaries"], summaries as u64, "{report}");
+    app.stop().await;
+    Ok(())
+}
+
+/// `track=` and `prefix=` select exactly the allocations of that track and of sandboxes whose
+/// name starts with the prefix, alone or together, under every grouping; an unknown track is
+/// an empty report, not an error; a blank or malformed filter is a 400 in the envelope.
+async fn filters_select_exactly_the_matching_allocations(backend: Backend) -> TestResult {
+    let app = spawn_app(backend).await;
+    let from = now(&app);
+    app.seed("usa", 2).await;
+    app.seed("usb", 2).await;
+    app.clock.advance(chrono::Duration::minutes(1));
+    let first = allocate_from(&app, "stu-1", "t-one", Some("usa")).await?;
+    allocate_from(&app, "stu-2", "t-one", Some("usb")).await?;
+    allocate_from(&app, "stu-3", "t-two", Some("usa")).await?;
+    app.clock.advance(chrono::Duration::minutes(30));
+    mark(&app, "stu-1", &first).await?;
+    app.clock.advance(chrono::Duration::minutes(30));
+    let to = now(&app) + chrono::Duration::milliseconds(1);
+    let range = format!("from={}&to={}", time(&from), time(&to));
+    // Every allocation, so that the DynamoDB time index has caught up before the filters run.
+    usage_when(&app, &range, |r| {
+        r["totals"]["allocations"] == 3 && r["totals"]["ended"] == 1
+    })
+    .await?;
+
+    let one = usage_when(
+        &app,
+        &format!("{range}&track=t-one&group_by=prefix"),
+        |_| true,
+    )
+    .await?;
+    assert_eq!(one["track"], "t-one", "{one}");
+    assert_eq!(one["totals"]["allocations"], 2, "{one}");
+    assert_eq!(one["totals"]["ended"], 1, "{one}");
+    assert_eq!(one["totals"]["held_at_end"], 1, "{one}");
+    // stu-1 held 30 minutes and stu-2 holds for 60 up to the end of the range.
+    assert_eq!(one["totals"]["sandbox_hours"], 1.5, "{one}");
+    assert_eq!(group(&one, "usa")["allocations"], 1, "{one}");
+    assert_eq!(group(&one, "usb")["allocations"], 1, "{one}");
+    assert_eq!(one["groups"].as_array().map(Vec::len), Some(2), "{one}");
+
+    let named = usage_when(&app, &format!("{range}&prefix=usa-&group_by=track"), |_| {
+        true
+    })
+    .await?;
+    assert_eq!(named["prefix"], "usa-", "{named}");
+    assert_eq!(named["totals"]["allocations"], 2, "{named}");
+    assert_eq!(group(&named, "t-one")["allocations"], 1, "{named}");
+    assert_eq!(group(&named, "t-one")["ended"], 1, "{named}");
+    assert_eq!(group(&named, "t-two")["allocations"], 1, "{named}");
+    assert_eq!(named["groups"].as_array().map(Vec::len), Some(2), "{named}");
+
+    let both = usage_when(
+        &app,
+        &format!("{range}&track=t-one&prefix=usa&group_by=day"),
+        |_| true,
+    )
+    .await?;
+    assert_eq!(both["totals"]["allocations"], 1, "{both}");
+    assert_eq!(both["totals"]["ended"], 1, "{both}");
+    assert_eq!(both["totals"]["sandbox_hours"], 0.5, "{both}");
+    assert_eq!(both["totals"]["hold_median_s"], 1800, "{both}");
+
+    let every = usage_when(&app, &format!("{range}&prefix=us"), |_| true).await?;
+    assert_eq!(every["totals"]["allocations"], 3, "{every}");
+
+    for group_by in ["track", "prefix", "day"] {
+        let unknown = usage_when(
+            &app,
+            &format!("{range}&track=no-such-track&group_by={group_by}"),
+            |_| true,
+        )
+        .await?;
+        assert_eq!(unknown["groups"], serde_json::json!([]), "{unknown}");
+        assert_eq!(unknown["totals"]["allocations"], 0, "{unknown}");
+        assert_eq!(unknown["totals"]["sandbox_hours"], 0.0, "{unknown}");
+    }
+
+    let csv = app
+        .admin(
+            Method::GET,
+            &format!("/v1/admin/usage?{range}&track=t-two&format=csv"),
+        )
+        .send()
+        .await?
+        .text()
+        .await?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("t-two,1,"), "{csv}");
+    assert!(lines[2].starts_with("total,1,"), "{csv}");
+
+    for (query, field) in [
+        ("track=".to_string(), "track"),
+        ("track=%20%20".to_string(), "track"),
+        ("prefix=".to_string(), "prefix"),
+        ("prefix=usa%01".to_string(), "prefix"),
+        (format!("prefix={}", "p".repeat(300)), "prefix"),
+    ] {
+        let resp = app
+            .admin(Method::GET, &format!("/v1/admin/usage?{range}&{query}"))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = resp.json().await?;
+        assert_eq!(
+            body["detail"]["code"], "VALIDATION_ERROR",
+            "{query}: {body}"
+        );
+        let message = body.to_string();
+        assert!(message.contains(field), "{query}: {body}");
+        assert!(message.contains("leave"), "a next step: {body}");
+        assert!(!message.contains("Some("), "{body}");
+    }
     app.stop().await;
     Ok(())
 }
