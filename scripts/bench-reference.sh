@@ -238,6 +238,7 @@ run_reference() {
     --no-stats --no-prefix-header --json "$json" "$@" >"$log" 2>&1 ||
     { log "  the reference's pass failed; its log:"; tail -20 "$log" >&2; }
   stop_pid "$api_pid"
+  cp "$WORK/reference.log" "${log%.log}.server.log"
   [ -n "$proxy_pid" ] && stop_pid "$proxy_pid"
   stop_pid "$ddb_pid"
 }
