@@ -56,11 +56,25 @@ struct Args {
     /// Where the plots and `results.json` go.
     #[arg(long, default_value = "docs/benchmarks")]
     out_dir: PathBuf,
+    /// Run nothing: draw allocations/s and p99 against concurrency, side by side in one SVG
+    /// (`--plot-to`), from this JSON (`{"runs": {series: {"levels": [...]}}}`, the shape of
+    /// `results.json`; `scripts/bench-reference.sh` writes it).
+    #[arg(long, requires = "plot_to")]
+    plot_from: Option<PathBuf>,
+    /// The SVG `--plot-from` draws.
+    #[arg(long, requires = "plot_from")]
+    plot_to: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(from), Some(to)) = (&args.plot_from, &args.plot_to) {
+        let results: Value = serde_json::from_slice(
+            &std::fs::read(from).with_context(|| format!("read {}", from.display()))?,
+        )?;
+        return plot_throughput_and_p99(&results, to);
+    }
     let loadgen = std::env::current_exe()?.with_file_name("loadgen");
     if !loadgen.exists() {
         bail!(
@@ -200,6 +214,32 @@ fn plot_against_concurrency(
     label: &str,
     path: &Path,
 ) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    draw_against_concurrency(&root, results, field, label)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Allocations/s and p99 against concurrency, side by side in one SVG: one picture compares
+/// every series on both figures.
+fn plot_throughput_and_p99(results: &Value, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1200, 440)).into_drawing_area();
+    let (left, right) = root.split_horizontally(600);
+    draw_against_concurrency(&left, results, "created_per_s", "allocations/s (201)")?;
+    draw_against_concurrency(&right, results, "p99_ms", "p99 latency, ms")?;
+    root.present()?;
+    Ok(())
+}
+
+fn draw_against_concurrency<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    results: &Value,
+    field: &str,
+    label: &str,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
     let series: Vec<(String, Vec<(f64, f64)>)> = levels(results)
         .into_iter()
         .map(|(backend, levels)| {
@@ -221,9 +261,8 @@ fn plot_against_concurrency(
         .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
         .fold(0.0_f64, f64::max)
         .max(1.0);
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(format!("{label} against concurrency"), ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
@@ -248,7 +287,6 @@ fn plot_against_concurrency(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 

@@ -103,6 +103,14 @@ struct Args {
     /// Send `Prefer: wait=SECONDS` with every request (the waiting line, ADR 0029).
     #[arg(long, value_name = "SECONDS")]
     prefer_wait: Option<u64>,
+    /// Send no `X-Sandbox-Name-Prefix` (any sandbox will do); the pool is still named after
+    /// `--prefix`.
+    #[arg(long)]
+    no_prefix_header: bool,
+    /// Skip the wait for `/v1/admin/stats` after each level (for a server whose admin API is
+    /// not this broker's, such as the reference in `scripts/bench-reference.sh`).
+    #[arg(long)]
+    no_stats: bool,
 }
 
 impl Args {
@@ -147,7 +155,7 @@ async fn level(
     client: &reqwest::Client,
     url: &str,
     token: &str,
-    prefix: &str,
+    prefix: Option<&str>,
     concurrency: usize,
     bound: Bound,
     run_id: &str,
@@ -163,7 +171,8 @@ async fn level(
     let workers = (0..concurrency).map(|_| {
         let (next, latency, statuses) = (next.clone(), latency.clone(), statuses.clone());
         let client = client.clone();
-        let (url, token, prefix) = (url.to_string(), token.to_string(), prefix.to_string());
+        let (url, token) = (url.to_string(), token.to_string());
+        let prefix = prefix.map(str::to_string);
         let run_id = run_id.to_string();
         let tracks = tracks.clone();
         async move {
@@ -181,6 +190,9 @@ async fn level(
                 if let Some(seconds) = prefer_wait {
                     request = request.header("Prefer", format!("wait={seconds}"));
                 }
+                if let Some(prefix) = &prefix {
+                    request = request.header("X-Sandbox-Name-Prefix", prefix);
+                }
                 let status = request
                     .bearer_auth(&token)
                     .header(
@@ -191,7 +203,6 @@ async fn level(
                         "X-Instruqt-Track-ID",
                         tracks[i % tracks.len().max(1)].as_str(),
                     )
-                    .header("X-Sandbox-Name-Prefix", &prefix)
                     .send()
                     .await
                     .map(|r| r.status().as_u16())
@@ -589,7 +600,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(seconds) = args.prefer_wait {
         println!("every request sends Prefer: wait={seconds}");
     }
-    let baseline = probe.allocated().await.unwrap_or(0);
+    let baseline = if args.no_stats {
+        0
+    } else {
+        probe.allocated().await.unwrap_or(0)
+    };
     let mut created_so_far = 0i64;
     let mut rows = Vec::new();
     let mut read_side = Vec::new();
@@ -609,7 +624,7 @@ async fn main() -> anyhow::Result<()> {
             &client,
             &url,
             &token,
-            &args.prefix,
+            (!args.no_prefix_header).then_some(args.prefix.as_str()),
             c,
             bound,
             &run_id,
@@ -631,6 +646,9 @@ async fn main() -> anyhow::Result<()> {
         let deadline = waiting + Duration::from_secs(args.converge_timeout);
         let mut stats_reads = 0u32;
         let converged = loop {
+            if args.no_stats {
+                break None;
+            }
             stats_reads += 1;
             let allocated = probe.allocated().await;
             if allocated.is_some_and(|a| a >= want) {
@@ -647,7 +665,8 @@ async fn main() -> anyhow::Result<()> {
         let quiet = store_requests_by_op(&quiet_metrics);
         let quiet_capacity = capacity_by_kind(&quiet_metrics);
         const PRICED_READS: u32 = 5;
-        for _ in 0..PRICED_READS {
+        let pricing_reads = if args.no_stats { 0 } else { PRICED_READS };
+        for _ in 0..pricing_reads {
             let _ = probe.allocated().await;
         }
         let priced_metrics = probe.metrics_text().await;
@@ -745,6 +764,7 @@ async fn main() -> anyhow::Result<()> {
                 "{:.0} ms (allocated {allocated} = {want} expected)",
                 after.as_secs_f64() * 1000.0
             ),
+            None if args.no_stats => "not read (--no-stats)".to_string(),
             None => format!("not within {} s", args.converge_timeout),
         };
         let tick_gap = if ticker.is_some() {
