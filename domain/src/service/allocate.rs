@@ -15,7 +15,7 @@ use super::{
     envelopes, fair_share, quota, AllocateRequest, Allocation, AllocationLimits, Broker,
     BrokerError, CapKind, QUOTA_RETRIES,
 };
-use crate::model::claim::ClaimCommand;
+use crate::model::claim::{Claim, ClaimCommand};
 use crate::model::error::DomainError;
 use crate::model::events::{BrokerEvent, CommandMeta, EventEnvelope};
 use crate::model::ids::{claim_stream, quota_stream, sandbox_stream, validate_id};
@@ -133,11 +133,21 @@ impl Broker {
         let mut search = Search::default();
         let mut claim_reads = 0usize;
         let mut cap_conflicts = 0usize;
-        // Each pass starts from a strong read of the claim, so a duplicate request that lost the
-        // claim race comes back here and returns the winner's sandbox.
+        // Grouped, the first pass assumes the claim empty instead of reading it (ADR 0037): the
+        // grant is then written at the claim's version 1 on condition it does not exist, so a
+        // claim with any history fails that condition and sends the request back here. Until a
+        // strong read, no refusal is answered: a live claim (a replay) comes before any refusal.
+        let mut first_pass_assumes = self.group.is_some();
+        // Every other pass starts from a strong read of the claim, so a duplicate request that
+        // lost the claim race comes back here and returns the winner's sandbox.
         'claim: loop {
             claim_reads += 1;
-            let claim = self.load_claim(&claim_id).await?;
+            let assumed = std::mem::take(&mut first_pass_assumes);
+            let claim = if assumed {
+                Claim::default()
+            } else {
+                self.load_claim(&claim_id).await?
+            };
             if let Some(held) = &claim.active {
                 let loaded = self.load_sandbox(held).await?;
                 let allocation_event_id = loaded.allocation_event_id();
@@ -197,6 +207,9 @@ impl Broker {
                 continue 'claim;
             }
             if let Some(drain) = self.drain_refusing(prefix.as_deref()).await? {
+                if assumed {
+                    continue 'claim;
+                }
                 return Err(BrokerError::Maintenance {
                     prefix: drain.prefix,
                     retry_after_s: self.config.maintenance_retry_after_s,
@@ -247,7 +260,9 @@ impl Broker {
                 .collect();
             if let Some(group) = grouped {
                 for (take, _) in &slots {
-                    let mut known = group.usage(take).await?;
+                    // A claim that proved to have history (a returning caller) likely
+                    // has a cap stream with history too: read it rather than assume it.
+                    let mut known = group.usage(take, assumed).await?;
                     if known.in_use() >= take.limit as usize {
                         known = group.reload(take).await?;
                     }
@@ -257,6 +272,7 @@ impl Broker {
                             .await?
                         {
                             SlotRefusal::Replay => continue 'claim,
+                            SlotRefusal::Refuse(_) if assumed => continue 'claim,
                             SlotRefusal::Refuse(e) => return Err(e),
                         }
                     }
@@ -323,10 +339,14 @@ impl Broker {
                                     .await?
                                 {
                                     SlotRefusal::Replay => continue 'claim,
+                                    SlotRefusal::Refuse(_) if assumed => continue 'claim,
                                     SlotRefusal::Refuse(e) => return Err(e),
                                 }
                             }
                         }
+                    }
+                    if assumed {
+                        continue 'claim;
                     }
                     return Err(BrokerError::NoSandboxAvailable {
                         retry_after_s: self.config.no_sandbox_retry_after_s,
@@ -450,6 +470,7 @@ impl Broker {
                                     .await?
                                 {
                                     SlotRefusal::Replay => continue 'claim,
+                                    SlotRefusal::Refuse(_) if assumed => continue 'claim,
                                     SlotRefusal::Refuse(e) => return Err(e),
                                 }
                             }

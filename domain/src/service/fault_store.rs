@@ -41,6 +41,8 @@ pub(crate) struct FaultStore {
     group_items: usize,
     /// How long [`PoolView::get_many`] takes (a slow batch read of rows).
     get_many_delay: Mutex<std::time::Duration>,
+    /// Strong reads made, by stream.
+    reads: Mutex<BTreeMap<String, usize>>,
 }
 
 impl FaultStore {
@@ -72,6 +74,25 @@ impl FaultStore {
     /// Every event stored, by stream.
     pub(crate) fn streams(&self) -> BTreeMap<String, Vec<EventEnvelope>> {
         self.streams.lock().unwrap().clone()
+    }
+
+    /// Strong reads made of the streams whose id starts with `prefix`.
+    pub(crate) fn reads_of(&self, prefix: &str) -> usize {
+        let reads = self.reads.lock().unwrap();
+        reads
+            .iter()
+            .filter(|(stream_id, _)| stream_id.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn count_read(&self, stream_id: &str) {
+        *self
+            .reads
+            .lock()
+            .unwrap()
+            .entry(stream_id.to_string())
+            .or_default() += 1;
     }
 
     fn unavailable() -> StoreError {
@@ -137,6 +158,7 @@ impl EventStore for FaultStore {
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         // An await point, as a real store has: a cancellation can land here.
         tokio::task::yield_now().await;
+        self.count_read(stream_id);
         self.read_fault()?;
         let streams = self.streams.lock().unwrap();
         Ok(streams
@@ -146,6 +168,7 @@ impl EventStore for FaultStore {
     }
 
     async fn load_latest(&self, stream_id: &str) -> Result<Option<EventEnvelope>, StoreError> {
+        self.count_read(stream_id);
         self.read_fault()?;
         let streams = self.streams.lock().unwrap();
         Ok(streams.get(stream_id).and_then(|s| s.last().cloned()))

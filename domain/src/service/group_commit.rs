@@ -23,6 +23,11 @@
 //!   is answered with that conflict, and the request goes on as it would alone (next candidate,
 //!   or the claim again). An unknown outcome is answered as unknown, and the request settles it
 //!   with its strong read of the sandbox stream, as alone.
+//! * **A cap stream never seen is assumed empty (ADR 0037).** A fair-share cap's stream is
+//!   almost always new (one per caller), so its first take is written at version 1 on condition
+//!   it does not exist instead of after a strong read; a stream that has events fails that
+//!   condition, is read strongly and the member decided again, as any moved slot stream. The
+//!   assumption never refuses anyone: a refusal still rests on a strong read.
 //! * **Members with the same item wait.** Two members that would write the same sandbox or
 //!   claim version are never in one group; the later one waits for the next group, where the
 //!   store tells whether it lost.
@@ -221,12 +226,21 @@ impl GroupCommit {
         Arc::clone(&self.stats)
     }
 
-    /// The slot stream's holders as this process knows them, else read strongly (and
-    /// remembered). Good enough to refuse nothing: a full count is read again with
-    /// [`GroupCommit::reload`] before a refusal.
-    pub(super) async fn usage(&self, take: &SlotTake) -> Result<QuotaUsage, BrokerError> {
+    /// The slot stream's holders as this process knows them; with `assume_unseen`, a cap stream
+    /// it has never seen is assumed empty (its take is written on condition the stream has no
+    /// events); any other stream is read strongly (and remembered, so the committer uses it).
+    /// Good enough to refuse nothing: a full count is read again with [`GroupCommit::reload`]
+    /// before a refusal.
+    pub(super) async fn usage(
+        &self,
+        take: &SlotTake,
+        assume_unseen: bool,
+    ) -> Result<QuotaUsage, BrokerError> {
         if let Some(usage) = self.slots.get(&take.stream_id) {
             return Ok(usage);
+        }
+        if take.prunable && assume_unseen {
+            return Ok(QuotaUsage::default());
         }
         self.reload(take).await
     }
@@ -412,8 +426,11 @@ impl Leader {
         let mut wanted: HashMap<String, Option<u32>> = HashMap::new();
         for queued in &self.pending {
             for take in &queued.member.takes {
-                let unknown = self.stale.contains(&take.stream_id)
-                    || self.slots.get(&take.stream_id).is_none();
+                let stale = self.stale.contains(&take.stream_id);
+                let unseen = self.slots.get(&take.stream_id).is_none();
+                // A cap stream never seen is assumed empty; it is read once it proves otherwise
+                // (marked stale).
+                let unknown = stale || (unseen && !take.prunable);
                 if unknown && !self.busy_streams.contains(&take.stream_id) {
                     wanted
                         .entry(take.stream_id.clone())
@@ -495,7 +512,11 @@ impl Leader {
                     .or_else(|| tails.get(&take.stream_id).cloned())
                     .or_else(|| {
                         (!self.stale.contains(&take.stream_id))
-                            .then(|| self.slots.get(&take.stream_id))
+                            .then(|| {
+                                self.slots
+                                    .get(&take.stream_id)
+                                    .or_else(|| take.prunable.then(QuotaUsage::default))
+                            })
                             .flatten()
                     });
                 let Some(mut usage) = known else {

@@ -14,7 +14,7 @@ use crate::clock::ManualClock;
 use crate::model::events::{Actor, BrokerEvent, CommandMeta, QuotaEvent, SandboxEvent};
 use crate::model::sandbox::SandboxCommand;
 
-fn meta() -> CommandMeta {
+pub(super) fn meta() -> CommandMeta {
     CommandMeta {
         actor: Actor::Admin,
         request_id: None,
@@ -22,7 +22,7 @@ fn meta() -> CommandMeta {
     }
 }
 
-fn request(caller: &str, track: Option<&str>) -> AllocateRequest {
+pub(super) fn request(caller: &str, track: Option<&str>) -> AllocateRequest {
     AllocateRequest {
         caller: caller.to_string(),
         track_name: track.map(str::to_string),
@@ -31,7 +31,7 @@ fn request(caller: &str, track: Option<&str>) -> AllocateRequest {
 }
 
 /// A grouping store holding `pool` registered sandboxes (`sb-0` …).
-async fn grouping_store(pool: usize) -> Arc<FaultStore> {
+pub(super) async fn grouping_store(pool: usize) -> Arc<FaultStore> {
     let store = Arc::new(FaultStore::grouping(100));
     let broker = broker(&store, BrokerConfig::default());
     for i in 0..pool {
@@ -53,7 +53,7 @@ async fn grouping_store(pool: usize) -> Arc<FaultStore> {
     store
 }
 
-fn broker(store: &Arc<FaultStore>, config: BrokerConfig) -> Broker {
+pub(super) fn broker(store: &Arc<FaultStore>, config: BrokerConfig) -> Broker {
     Broker::new(
         store.clone(),
         store.clone(),
@@ -74,7 +74,7 @@ fn quota(track: &str, limit: u32) -> BrokerConfig {
 }
 
 /// Every `SandboxAllocated` in the store, as sandbox → callers: the replayed history.
-fn allocations(store: &FaultStore) -> BTreeMap<String, Vec<String>> {
+pub(super) fn allocations(store: &FaultStore) -> BTreeMap<String, Vec<String>> {
     let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (stream, events) in store.streams() {
         for e in events {
@@ -90,7 +90,7 @@ fn allocations(store: &FaultStore) -> BTreeMap<String, Vec<String>> {
 
 /// Invariants over the replayed history: no sandbox allocated twice, no caller holding two;
 /// returns the number of allocations.
-fn assert_exactly_once(store: &FaultStore) -> usize {
+pub(super) fn assert_exactly_once(store: &FaultStore) -> usize {
     let held = allocations(store);
     let mut callers = BTreeSet::new();
     for (sandbox, by) in &held {

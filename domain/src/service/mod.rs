@@ -36,6 +36,8 @@ mod held_claim;
 mod lifecycle;
 #[cfg(test)]
 mod liveness_tests;
+#[cfg(test)]
+mod optimistic_tests;
 mod pool_control;
 mod quota;
 mod reservations;

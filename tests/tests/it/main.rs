@@ -64,6 +64,7 @@ mod liveness;
 mod liveness_model;
 mod metrics_endpoint;
 mod openapi_constraints;
+mod optimistic_reads;
 mod oversized_requests;
 mod personal_data;
 mod pool_alerts;
