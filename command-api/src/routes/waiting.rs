@@ -10,7 +10,7 @@ use domain::{AllocateRequest, Allocation, AllocationLimits, BrokerError, Command
 
 use crate::error::ApiError;
 use crate::state::SharedState;
-use crate::waiting_line::{prefer, LineKey};
+use crate::waiting_line::{prefer, Arrival, LineKey};
 
 /// A request that asked to wait, and what it was granted.
 #[derive(Debug, Clone)]
@@ -22,6 +22,9 @@ pub struct LineRequest {
     /// True when others already wait in that line on this instance: the request goes to the
     /// back without trying first.
     pub behind_others: bool,
+    /// Its number on arrival: a request that tries first joins by it, so concurrent first
+    /// attempts do not reorder the line.
+    pub arrival: Arrival,
 }
 
 /// How an unserved wait ended.
@@ -61,6 +64,7 @@ pub fn requested_wait(
         key,
         wait: state.waiting_line.granted_wait(requested),
         behind_others,
+        arrival: state.waiting_line.arrive(),
     })
 }
 
@@ -90,6 +94,7 @@ pub async fn wait(
         .waiting_line
         .wait_for_sandbox(
             line.key.clone(),
+            line.arrival,
             line.wait,
             BrokerError::NoSandboxAvailable { retry_after_s },
             |waited_ms| {

@@ -22,6 +22,9 @@ pub mod prefer;
 pub mod supply;
 pub mod tickets;
 
+#[cfg(test)]
+mod order_tests;
+
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -70,6 +73,12 @@ impl LineKey {
         ]
     }
 }
+
+/// When a request that asked to wait arrived, in this instance's order ([`WaitingLine::arrive`]).
+/// A request that tries first and joins after its refusal takes its place by this, not by when
+/// its attempt ended: two requests that try at once join in the order they came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Arrival(u64);
 
 /// A place in a line.
 #[derive(Debug)]
@@ -221,6 +230,14 @@ impl WaitingLine {
         self.line_formed.notified().await;
     }
 
+    /// Numbers a request that asked to wait as it arrives, before it tries: places are kept in
+    /// this order (the numbers are the places' ids).
+    pub fn arrive(&self) -> Arrival {
+        let mut lines = self.lock();
+        lines.next_id += 1;
+        Arrival(lines.next_id)
+    }
+
     /// Whether anybody waits in the line of `key` on this instance.
     pub fn has_waiters(&self, key: &LineKey) -> bool {
         self.lock()
@@ -269,9 +286,11 @@ impl WaitingLine {
     /// Waits in the line of `key` for at most `wait`, calling `attempt` (with the milliseconds
     /// waited so far) whenever this request is the head and a sandbox may be allocatable.
     /// `refused` is the refusal that sent the request here, answered again if nothing changes.
+    /// The request takes its place by `arrival`: ahead of any that arrived after it.
     pub async fn wait_for_sandbox<F, Fut>(
         &self,
         key: LineKey,
+        arrival: Arrival,
         wait: Duration,
         refused: BrokerError,
         attempt: F,
@@ -280,8 +299,15 @@ impl WaitingLine {
         F: FnMut(u64) -> Fut,
         Fut: Future<Output = Result<Allocation, BrokerError>>,
     {
-        self.wait_in_line(key, None, wait, refused, attempt, std::future::pending())
-            .await
+        self.wait_in_line(
+            key,
+            JoinAs::waiter(arrival),
+            wait,
+            refused,
+            attempt,
+            std::future::pending(),
+        )
+        .await
     }
 
     /// [`WaitingLine::wait_for_sandbox`] for a ticket: its place is found by the ticket id
@@ -300,8 +326,15 @@ impl WaitingLine {
         F: FnMut(u64) -> Fut,
         Fut: Future<Output = Result<Allocation, BrokerError>>,
     {
-        self.wait_in_line(key, Some(ticket_id), wait, refused, attempt, drop_when)
-            .await
+        self.wait_in_line(
+            key,
+            JoinAs::ticket(ticket_id),
+            wait,
+            refused,
+            attempt,
+            drop_when,
+        )
+        .await
     }
 
     /// The 1-based place of `ticket_id` in its line on this instance, when it waits here.
@@ -316,7 +349,7 @@ impl WaitingLine {
     async fn wait_in_line<F, Fut>(
         &self,
         key: LineKey,
-        ticket: Option<&str>,
+        place: JoinAs<'_>,
         wait: Duration,
         refused: BrokerError,
         mut attempt: F,
@@ -328,7 +361,7 @@ impl WaitingLine {
     {
         let deadline = tokio::time::Instant::now() + wait;
         tokio::pin!(drop_when);
-        let Some(mut guard) = self.join(key, ticket) else {
+        let Some(mut guard) = self.join(key, place) else {
             self.metrics.outcomes.with_label_values(&["full"]).inc();
             return Waited {
                 result: Err(refused),
@@ -394,8 +427,10 @@ impl WaitingLine {
         }
     }
 
-    /// Takes a place at the back of `key`'s line; `None` when the instance's lines are full.
-    fn join(&self, key: LineKey, ticket: Option<&str>) -> Option<PlaceGuard<'_>> {
+    /// Takes a place in `key`'s line: a waiter behind every request that arrived before it and
+    /// ahead of any that arrived after it and joined first (its own attempt ended sooner), a
+    /// ticket at the back; `None` when the instance's lines are full.
+    fn join(&self, key: LineKey, join_as: JoinAs<'_>) -> Option<PlaceGuard<'_>> {
         let wake = Arc::new(Notify::new());
         let id = {
             let mut lines = self.lock();
@@ -403,14 +438,24 @@ impl WaitingLine {
                 return None;
             }
             lines.waiters += 1;
-            lines.next_id += 1;
-            let id = lines.next_id;
+            let id = match join_as.arrival {
+                Some(Arrival(id)) => id,
+                None => {
+                    lines.next_id += 1;
+                    lines.next_id
+                }
+            };
             let line = lines.by_key.entry(key.clone()).or_default();
-            line.push_back(Place {
-                id,
-                ticket: ticket.map(str::to_string),
-                wake: Arc::clone(&wake),
-            });
+            // Places are kept in id order, and ids are handed out in arrival order.
+            let at = line.partition_point(|p| p.id < id);
+            line.insert(
+                at,
+                Place {
+                    id,
+                    ticket: join_as.ticket.map(str::to_string),
+                    wake: Arc::clone(&wake),
+                },
+            );
             let length = line.len();
             self.metrics
                 .length
@@ -532,6 +577,28 @@ impl WaitingLine {
                 }
             }
             self.listening.send_replace(false);
+        }
+    }
+}
+
+/// How a request joins a line: a waiter by its arrival, a ticket by its id.
+struct JoinAs<'a> {
+    arrival: Option<Arrival>,
+    ticket: Option<&'a str>,
+}
+
+impl JoinAs<'_> {
+    fn waiter(arrival: Arrival) -> JoinAs<'static> {
+        JoinAs {
+            arrival: Some(arrival),
+            ticket: None,
+        }
+    }
+
+    fn ticket(ticket_id: &str) -> JoinAs<'_> {
+        JoinAs {
+            arrival: None,
+            ticket: Some(ticket_id),
         }
     }
 }

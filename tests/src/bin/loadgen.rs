@@ -45,6 +45,9 @@ use tests::chaos::process::{free_port, wait_healthy, ServiceProcess};
 use tests::history::{all_events, AllocationAudit};
 use tokio::sync::Mutex;
 
+#[path = "loadgen/line.rs"]
+mod line;
+
 /// The service this process hosts runs on the allocator its own binary uses (ADR 0020).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -103,6 +106,23 @@ struct Args {
     /// Send `Prefer: wait=SECONDS` with every request (the waiting line, ADR 0029).
     #[arg(long, value_name = "SECONDS")]
     prefer_wait: Option<u64>,
+    /// The waiting-line shape instead of the levels: this many students arrive, more than
+    /// `--pool`, each with `Prefer: wait` (`--prefer-wait`, default 10 s), while
+    /// `--line-supply` new sandboxes are registered during the run (in-process service only).
+    #[arg(long)]
+    line_students: Option<usize>,
+    /// Gap between two students' arrivals in the waiting-line shape, ms.
+    #[arg(long, default_value_t = 10)]
+    line_arrival_ms: u64,
+    /// Sandboxes registered during the waiting-line shape.
+    #[arg(long, default_value_t = 0)]
+    line_supply: usize,
+    /// Sandboxes per registration batch of the waiting-line shape.
+    #[arg(long, default_value_t = 20)]
+    line_supply_batch: usize,
+    /// Gap between two registration batches of the waiting-line shape, ms.
+    #[arg(long, default_value_t = 300)]
+    line_supply_every_ms: u64,
 }
 
 impl Args {
@@ -125,6 +145,9 @@ impl Args {
             .join(",")
     }
 }
+
+/// `Prefer: wait=` of the waiting-line shape when `--prefer-wait` is not given, seconds.
+const LINE_WAIT_S: u64 = 10;
 
 /// When a level stops sending.
 #[derive(Clone, Copy)]
@@ -515,7 +538,14 @@ async fn main() -> anyhow::Result<()> {
             let grouping = setting("DDB_GROUP_COMMIT_ITEMS")?;
             let in_flight = setting("ALLOCATE_GROUPS_IN_FLIGHT")?;
             let quotas = args.track_quotas();
+            // The waiting-line shape keeps every student it sends waiting on this one instance.
+            let line_waiters = args.line_students;
+            let line_wait_s = args.prefer_wait.unwrap_or(LINE_WAIT_S);
             options.configure = Box::new(move |config| {
+                if let Some(students) = line_waiters {
+                    config.wait_max_waiters = students;
+                    config.wait_max_sec = config.wait_max_sec.max(line_wait_s);
+                }
                 if let Some(shards) = shards {
                     config.store.view_index_shards = shards;
                 }
@@ -585,6 +615,45 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(count) = args.reserve {
         reserve(&client, &url, &probe.admin_token, &args, count).await?;
+    }
+    if let Some(students) = args.line_students {
+        let Some(app) = spawned else {
+            anyhow::bail!("--line-students registers supply through the in-process service: drop --url and --api-binary");
+        };
+        let shape = line::LineShape {
+            students,
+            arrival_gap: Duration::from_millis(args.line_arrival_ms),
+            wait_s: args.prefer_wait.unwrap_or(LINE_WAIT_S),
+            supply: args.line_supply,
+            supply_batch: args.line_supply_batch,
+            supply_gap: Duration::from_millis(args.line_supply_every_ms),
+        };
+        let mut report = line::run(&app, &client, &shape, &args.prefix, tracks, &run_id).await?;
+        let events = all_events(app.state.broker.events().as_ref()).await;
+        let audit = AllocationAudit::replay(&events);
+        let clean = audit.double_allocations().is_empty() && audit.callers_holding_two().is_empty();
+        println!(
+            "double-allocation check (replayed {} events): {} allocated twice, {} callers holding two",
+            events.len(),
+            audit.double_allocations().len(),
+            audit.callers_holding_two().len()
+        );
+        report["mode"] = serde_json::json!(mode);
+        report["pool"] = serde_json::json!(args.pool);
+        report["tracks"] = serde_json::json!(args.tracks.max(1));
+        report["no_double_allocation"] = serde_json::json!(clean);
+        ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ticker) = ticker {
+            let _ = ticker.join();
+        }
+        app.stop().await;
+        if !clean {
+            anyhow::bail!("double allocation detected");
+        }
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
     }
     if let Some(seconds) = args.prefer_wait {
         println!("every request sends Prefer: wait={seconds}");
