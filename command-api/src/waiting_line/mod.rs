@@ -25,7 +25,7 @@ pub mod tickets;
 #[cfg(test)]
 mod order_tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -74,11 +74,23 @@ impl LineKey {
     }
 }
 
-/// When a request that asked to wait arrived, in this instance's order ([`WaitingLine::arrive`]).
-/// A request that tries first and joins after its refusal takes its place by this, not by when
-/// its attempt ended: two requests that try at once join in the order they came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Arrival(u64);
+/// A request that asked to wait, numbered as it arrived ([`WaitingLine::arrive`]). While it
+/// tries first, no later arrival's place in its line is the head; after its refusal it joins by
+/// this number, not by when its attempt ended. So two requests that try at once are served in
+/// the order they came. Dropping it (the request was answered without joining) lets the line go
+/// on.
+#[derive(Debug)]
+pub struct Arrival {
+    line: Arc<WaitingLine>,
+    key: LineKey,
+    id: u64,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.line.stop_trying(&self.key, self.id);
+    }
+}
 
 /// A place in a line.
 #[derive(Debug)]
@@ -94,6 +106,8 @@ struct Place {
 #[derive(Debug, Default)]
 struct Lines {
     by_key: HashMap<LineKey, VecDeque<Place>>,
+    /// Arrivals still on their first attempt, per line: a place behind one of them waits.
+    trying: HashMap<LineKey, BTreeSet<u64>>,
     waiters: usize,
     next_id: u64,
 }
@@ -230,12 +244,38 @@ impl WaitingLine {
         self.line_formed.notified().await;
     }
 
-    /// Numbers a request that asked to wait as it arrives, before it tries: places are kept in
-    /// this order (the numbers are the places' ids).
-    pub fn arrive(&self) -> Arrival {
+    /// Numbers a request that asked to wait in `key`'s line as it arrives, before it tries:
+    /// places are kept in this order (the numbers are the places' ids).
+    pub fn arrive(self: &Arc<Self>, key: &LineKey) -> Arrival {
         let mut lines = self.lock();
         lines.next_id += 1;
-        Arrival(lines.next_id)
+        let id = lines.next_id;
+        lines.trying.entry(key.clone()).or_default().insert(id);
+        Arrival {
+            line: Arc::clone(self),
+            key: key.clone(),
+            id,
+        }
+    }
+
+    /// Arrival `id` no longer tries first (it joined, or it was answered): the head it held
+    /// back may go on.
+    fn stop_trying(&self, key: &LineKey, id: u64) {
+        let mut lines = self.lock();
+        let Some(trying) = lines.trying.get_mut(key) else {
+            return;
+        };
+        if !trying.remove(&id) {
+            return;
+        }
+        if trying.is_empty() {
+            lines.trying.remove(key);
+        }
+        if let Some(head) = lines.by_key.get(key).and_then(VecDeque::front) {
+            if head.id > id {
+                head.wake.notify_one();
+            }
+        }
     }
 
     /// Whether anybody waits in the line of `key` on this instance.
@@ -290,7 +330,7 @@ impl WaitingLine {
     pub async fn wait_for_sandbox<F, Fut>(
         &self,
         key: LineKey,
-        arrival: Arrival,
+        arrival: &Arrival,
         wait: Duration,
         refused: BrokerError,
         attempt: F,
@@ -439,7 +479,15 @@ impl WaitingLine {
             }
             lines.waiters += 1;
             let id = match join_as.arrival {
-                Some(Arrival(id)) => id,
+                Some(arrival) => {
+                    if let Some(trying) = lines.trying.get_mut(&key) {
+                        trying.remove(&arrival.id);
+                        if trying.is_empty() {
+                            lines.trying.remove(&key);
+                        }
+                    }
+                    arrival.id
+                }
                 None => {
                     lines.next_id += 1;
                     lines.next_id
@@ -510,6 +558,22 @@ impl WaitingLine {
                 .set(i64::try_from(length).unwrap_or(i64::MAX));
         }
         lines.waiters = lines.waiters.saturating_sub(1);
+    }
+
+    /// Whether place `id` is the head of `key`'s line and no earlier arrival still tries first.
+    fn is_head(&self, key: &LineKey, id: u64) -> bool {
+        let lines = self.lock();
+        let first = lines
+            .by_key
+            .get(key)
+            .and_then(VecDeque::front)
+            .is_some_and(|head| head.id == id);
+        let held_back = lines
+            .trying
+            .get(key)
+            .and_then(|trying| trying.first())
+            .is_some_and(|earliest| *earliest < id);
+        first && !held_back
     }
 
     /// The 1-based place of `id` in `key`'s line.
@@ -583,12 +647,12 @@ impl WaitingLine {
 
 /// How a request joins a line: a waiter by its arrival, a ticket by its id.
 struct JoinAs<'a> {
-    arrival: Option<Arrival>,
+    arrival: Option<&'a Arrival>,
     ticket: Option<&'a str>,
 }
 
 impl JoinAs<'_> {
-    fn waiter(arrival: Arrival) -> JoinAs<'static> {
+    fn waiter(arrival: &Arrival) -> JoinAs<'_> {
         JoinAs {
             arrival: Some(arrival),
             ticket: None,
@@ -623,7 +687,7 @@ struct PlaceGuard<'a> {
 
 impl PlaceGuard<'_> {
     fn is_head(&self) -> bool {
-        self.line.position(&self.key, self.id) == Some(1)
+        self.line.is_head(&self.key, self.id)
     }
 
     fn finish(&mut self, outcome: Outcome, result: Result<Allocation, BrokerError>) -> Waited {
