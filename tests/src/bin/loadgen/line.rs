@@ -5,7 +5,9 @@
 //! order, how many waits ran out, and how long the line grew.
 //!
 //! Students arrive one every `--line-arrival-ms`, round robin over the tracks; student `i` is
-//! caller `line-<run>-<i>`, so `i` is its arrival order. The supply is registered in batches
+//! caller `line-<run>-<i>`, so `i` is its arrival order (one connection per student is opened
+//! beforehand, so no request waits for a connection the others do not). The order served is
+//! the order of the allocation events' ids (see [`overtaken`]). The supply is registered in batches
 //! through the service's own broker (what `sync` records for new accounts), starting one
 //! interval after the first arrival. The run ends by itself when the last student is answered:
 //! at most the last arrival plus the wait plus the HTTP timeout.
@@ -99,6 +101,11 @@ pub(crate) async fn run(
     tracks: Arc<Vec<String>>,
     run_id: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    // One open connection per student before the first arrives, so that a student's place is
+    // not decided by which request waited for a new connection.
+    let warm = (0..shape.students).map(|_| client.get(format!("{}/healthz", app.url)).send());
+    futures::future::join_all(warm).await;
+
     let started = Instant::now();
     let start = tokio::time::Instant::from_std(started);
 
