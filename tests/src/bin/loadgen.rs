@@ -791,6 +791,10 @@ async fn main() -> anyhow::Result<()> {
             "lag_series": lag_series,
             "caught_up_ms": converged.map(|(after, _)| after.as_millis() as u64),
             "contention": contended_json,
+            "store_requests_per_201_by_op": level_requests
+                .iter()
+                .filter_map(|(op, n)| per_created(*n).map(|per| (op.clone(), per)))
+                .collect::<BTreeMap<_, _>>(),
         }));
         let capacity_per_allocation = if level_capacity.is_empty() || created == 0 {
             "–".to_string()
