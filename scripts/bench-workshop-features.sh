@@ -98,6 +98,17 @@ for name, key, digits in [("201/s", "created_per_s", 0), ("p50 ms", "p50_ms", 1)
 for variant in ("without", "with"):
     statuses = [json.dumps(level(variant, r)["statuses"], sort_keys=True) for r in range(1, runs + 1)]
     lines.append(f"| statuses, {variant} | " + "; ".join(statuses) + " | | |")
+# Where the p99 comes from: the slowest 1% of each run, on the reserved track and sent when.
+for variant in ("without", "with"):
+    cells = []
+    for r in range(1, runs + 1):
+        slow = level(variant, r).get("slowest_1pct") or []
+        if slow:
+            reserved = sum(1 for x in slow if x["track"] == "loadgen-0")
+            sent = sorted(x["sent_ms"] for x in slow)
+            cells.append(f"{reserved}/{len(slow)} on the reserved track, sent {sent[0]:.0f}–{sent[-1]:.0f} ms")
+    if cells:
+        lines.append(f"| slowest 1%, {variant} | " + "; ".join(cells) + " | | |")
 # What each 201 cost the store, by DynamoDB operation (absent on the embedded store).
 ops = sorted({op for variant in ("without", "with") for r in range(1, runs + 1)
               for op in (level(variant, r).get("store_requests_per_201_by_op") or {})})

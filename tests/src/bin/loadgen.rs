@@ -163,6 +163,26 @@ struct LevelResult {
     elapsed: Duration,
     latency: Histogram<u64>,
     statuses: BTreeMap<u16, usize>,
+    /// Every request as (latency µs, request number, sent at µs since the level started).
+    requests: Vec<(u64, usize, u64)>,
+}
+
+/// The slowest 1% of a level's requests (what sets its p99): when they were sent and on which
+/// track, slowest first.
+fn slowest_percent(r: &LevelResult, tracks: &[String]) -> serde_json::Value {
+    let mut requests = r.requests.clone();
+    requests.sort_unstable_by(|a, b| b.cmp(a));
+    let take = requests.len().div_ceil(100);
+    serde_json::json!(requests
+        .iter()
+        .take(take)
+        .map(|(us, i, sent_us)| serde_json::json!({
+            "request": i,
+            "track": tracks[i % tracks.len().max(1)],
+            "sent_ms": *sent_us as f64 / 1000.0,
+            "latency_ms": *us as f64 / 1000.0,
+        }))
+        .collect::<Vec<_>>())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -182,9 +202,11 @@ async fn level(
         Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|e| panic!("{e}")),
     ));
     let statuses = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
+    let requests = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     let workers = (0..concurrency).map(|_| {
         let (next, latency, statuses) = (next.clone(), latency.clone(), statuses.clone());
+        let requests = requests.clone();
         let client = client.clone();
         let (url, token, prefix) = (url.to_string(), token.to_string(), prefix.to_string());
         let run_id = run_id.to_string();
@@ -221,6 +243,8 @@ async fn level(
                     .unwrap_or(0);
                 let us = t.elapsed().as_micros() as u64;
                 let _ = latency.lock().await.record(us.max(1));
+                let sent_us = t.duration_since(started).as_micros() as u64;
+                requests.lock().await.push((us, i, sent_us));
                 *statuses.lock().await.entry(status).or_default() += 1;
             }
         }
@@ -229,11 +253,13 @@ async fn level(
     let elapsed = started.elapsed();
     let latency = latency.lock().await.clone();
     let statuses = statuses.lock().await.clone();
+    let requests = std::mem::take(&mut *requests.lock().await);
     LevelResult {
         concurrency,
         elapsed,
         latency,
         statuses,
+        requests,
     }
 }
 
@@ -791,6 +817,7 @@ async fn main() -> anyhow::Result<()> {
             "lag_series": lag_series,
             "caught_up_ms": converged.map(|(after, _)| after.as_millis() as u64),
             "contention": contended_json,
+            "slowest_1pct": slowest_percent(&r, &tracks),
             "store_requests_per_201_by_op": level_requests
                 .iter()
                 .filter_map(|(op, n)| per_created(*n).map(|per| (op.clone(), per)))
