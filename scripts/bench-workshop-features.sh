@@ -173,6 +173,7 @@ lines = [
     f"| wait of those served, p50 ms | {span('wait_p50_ms')} |",
     f"| wait of those served, p99 ms | {span('wait_p99_ms')} |",
     f"| served after a later arrival of their track | {span('out_of_order')} |",
+    f"| … that later arrival sent at most, ms after | {span('out_of_order_max_sent_later_ms', 1)} |",
     f"| 409 after the wait ran out | {span('timed_out_409')} |",
     f"| 409 at once, lines full | {span('full_409')} |",
     f"| longest line, all tracks (`broker_waiting_line_length`) | {span('line_peak')} |",

@@ -5,9 +5,9 @@
 //! order, how many waits ran out, and how long the line grew.
 //!
 //! Students arrive one every `--line-arrival-ms`, round robin over the tracks; student `i` is
-//! caller `line-<run>-<i>`, so `i` is its arrival order (one connection per student is opened
-//! beforehand, so no request waits for a connection the others do not). The order served is
-//! the order of the allocation events' ids (see [`overtaken`]). The supply is registered in batches
+//! caller `line-<run>-<i>`; its arrival is the instant its request was sent (one connection per
+//! student is opened beforehand, so no request waits for a connection the others do not). The
+//! order served is the order of the allocation events' ids (see [`Served`]). The supply is registered in batches
 //! through the service's own broker (what `sync` records for new accounts), starting one
 //! interval after the first arrival. The run ends by itself when the last student is answered:
 //! at most the last arrival plus the wait plus the HTTP timeout.
@@ -46,41 +46,57 @@ struct Answer {
     /// The 409 named a place in line: the wait ran out (a full line answers without one).
     had_position: bool,
     latency: Duration,
+    /// When its request was sent, since the run started.
+    sent: Duration,
 }
 
 /// A student served after one of its track who arrived later.
 #[derive(Debug, PartialEq)]
 struct Overtaken {
-    /// Its arrival index.
+    /// The student (its index).
     index: usize,
     /// The latest arrival served before it.
     by: usize,
+    /// How much later than this student that one was sent.
+    sent_later: Duration,
 }
 
-/// Students served after another student of their track who arrived later, per track: each is
-/// listed once, however many overtook it. `served` holds (track, arrival index, the event id of
-/// its allocation): ids are UUID v7, which one process generates in increasing order, and a
-/// line decides one allocation after the other, so their order is the order served.
-fn overtaken(served: &[(usize, usize, Uuid)]) -> BTreeMap<usize, Vec<Overtaken>> {
-    let mut by_track: BTreeMap<usize, Vec<(Uuid, usize)>> = BTreeMap::new();
-    for (track, index, event_id) in served {
-        by_track
-            .entry(*track)
-            .or_default()
-            .push((*event_id, *index));
+/// One student served from the line.
+#[derive(Clone, Copy)]
+struct Served {
+    track: usize,
+    index: usize,
+    /// When its request was sent, since the run started: its arrival.
+    sent: Duration,
+    /// The event id of its allocation: ids are UUID v7, which one process generates in
+    /// increasing order, and a line decides one allocation after the other, so their order is
+    /// the order served.
+    event_id: Uuid,
+}
+
+/// Students served after another student of their track who was sent later, per track: each is
+/// listed once, however many overtook it.
+fn overtaken(served: &[Served]) -> BTreeMap<usize, Vec<Overtaken>> {
+    let mut by_track: BTreeMap<usize, Vec<Served>> = BTreeMap::new();
+    for student in served {
+        by_track.entry(student.track).or_default().push(*student);
     }
     by_track
         .into_iter()
-        .map(|(track, mut answers)| {
-            answers.sort();
+        .map(|(track, mut students)| {
+            students.sort_by_key(|s| s.event_id);
             // Walking in the order served, a student is overtaken when someone served before it
             // arrived after it.
-            let mut latest = None;
+            let mut latest: Option<Served> = None;
             let mut overtaken = Vec::new();
-            for (_, index) in answers {
+            for student in students {
                 match latest {
-                    Some(by) if by > index => overtaken.push(Overtaken { index, by }),
-                    _ => latest = Some(index),
+                    Some(by) if by.sent > student.sent => overtaken.push(Overtaken {
+                        index: student.index,
+                        by: by.index,
+                        sent_later: by.sent - student.sent,
+                    }),
+                    _ => latest = Some(student),
                 }
             }
             (track, overtaken)
@@ -160,6 +176,7 @@ pub(crate) async fn run(
         async move {
             tokio::time::sleep_until(at).await;
             let track = index % tracks.len().max(1);
+            let sent_at = started.elapsed();
             let sent = Instant::now();
             let reply = client
                 .post(format!("{url}/v1/allocate"))
@@ -185,6 +202,7 @@ pub(crate) async fn run(
                     status,
                     had_position,
                     latency: sent.elapsed(),
+                    sent: sent_at,
                 },
             )
         }
@@ -219,7 +237,12 @@ pub(crate) async fn run(
             (201, Some((ms, event_id))) => {
                 let _ = served_wait.record((*ms).max(1));
                 let _ = served_latency.record(latency_ms);
-                served.push((answer.track, answer.index, *event_id));
+                served.push(Served {
+                    track: answer.track,
+                    index: answer.index,
+                    sent: answer.sent,
+                    event_id: *event_id,
+                });
             }
             (201, None) => {
                 let _ = immediate_latency.record(latency_ms);
@@ -252,11 +275,18 @@ pub(crate) async fn run(
             .map(|(track, list)| (tracks[*track].clone(), list.len()))
             .collect::<BTreeMap<_, _>>(),
         "out_of_order": out_of_order.values().map(Vec::len).sum::<usize>(),
+        // The widest gap between an overtaken student's send and its overtaker's: arrivals
+        // sent within the client's and server's scheduling jitter may reach the line swapped.
+        "out_of_order_max_sent_later_ms": out_of_order
+            .values()
+            .flatten()
+            .map(|o| o.sent_later.as_secs_f64() * 1000.0)
+            .fold(None, |max: Option<f64>, ms| Some(max.map_or(ms, |m| m.max(ms)))),
         "out_of_order_examples": out_of_order
             .values()
             .flatten()
             .take(20)
-            .map(|o| serde_json::json!({"student": o.index, "overtaken_by": o.by}))
+            .map(|o| serde_json::json!({"student": o.index, "overtaken_by": o.by, "sent_later_ms": o.sent_later.as_secs_f64() * 1000.0}))
             .collect::<Vec<_>>(),
         "timed_out_409": ran_out,
         "full_409": full,
@@ -289,21 +319,31 @@ mod tests {
     #[test]
     fn overtaken_counts_students_served_after_a_later_arrival() {
         let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let student = |track, index: usize, event_id| Served {
+            track,
+            index,
+            sent: Duration::from_millis(index as u64 * 10),
+            event_id,
+        };
         let in_order = [
-            (0, 0, ids[0]),
-            (0, 4, ids[1]),
-            (1, 1, ids[0]),
-            (0, 8, ids[2]),
+            student(0, 0, ids[0]),
+            student(0, 4, ids[1]),
+            student(1, 1, ids[0]),
+            student(0, 8, ids[2]),
         ];
         assert!(overtaken(&in_order).values().all(Vec::is_empty));
         let swapped = [
-            (0, 0, ids[0]),
-            (0, 8, ids[1]),
-            (0, 4, ids[2]),
-            (1, 1, ids[3]),
+            student(0, 0, ids[0]),
+            student(0, 8, ids[1]),
+            student(0, 4, ids[2]),
+            student(1, 1, ids[3]),
         ];
         let by_track = overtaken(&swapped);
-        let expected = Overtaken { index: 4, by: 8 };
+        let expected = Overtaken {
+            index: 4,
+            by: 8,
+            sent_later: Duration::from_millis(40),
+        };
         assert_eq!(by_track.get(&0).map(Vec::as_slice), Some(&[expected][..]));
         assert_eq!(by_track.get(&1).map(Vec::len), Some(0));
     }
