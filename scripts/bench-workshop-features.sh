@@ -67,9 +67,10 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
-python3 - "$out" "$runs" "$backend" "$write" <<'PY'
+python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 out, runs, backend, write = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+build = "release" if "/release/" in sys.argv[5] else "debug (not comparable with release figures)"
 lines = []
 def cpu():
     try:
@@ -83,7 +84,7 @@ def level(variant, run):
     return json.load(open(os.path.join(out, f"{variant}--{run}.json")))["levels"][0]
 commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
 lines.append(f"Produced by `scripts/bench-workshop-features.sh` at commit `{commit}` on {datetime.date.today()}, "
-             f"on {cpu()} ({os.cpu_count()} cores), {backend} store, {runs} run(s) per variant (ranges: min–max).")
+             f"on {cpu()} ({os.cpu_count()} cores), {backend} store, {build} build, {runs} run(s) per variant (ranges: min–max).")
 lines.append("")
 lines.append("| figure | without | with (reservation + Prefer: wait) | with / without, per run pair |")
 lines.append("|---|---|---|---|")
@@ -141,9 +142,10 @@ for run in $(seq 1 "$runs"); do
     { echo "  failed; its log:" >&2; tail -20 "$out/line--$run.log" >&2; exit 1; }
 done
 
-python3 - "$out" "$runs" "$backend" "$write" <<'PY'
+python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 out, runs, backend, write = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+build = "release" if "/release/" in sys.argv[5] else "debug (not comparable with release figures)"
 def cpu():
     try:
         for line in open("/proc/cpuinfo"):
@@ -160,7 +162,7 @@ first = reports[0]
 commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
 lines = [
     f"Produced by `scripts/bench-workshop-features.sh --shape line` at commit `{commit}` on {datetime.date.today()}, "
-    f"on {cpu()} ({os.cpu_count()} cores), {backend} store, {runs} run(s) (ranges: min–max). "
+    f"on {cpu()} ({os.cpu_count()} cores), {backend} store, {build} build, {runs} run(s) (ranges: min–max). "
     f"{first['students']} students over {first['tracks']} tracks, one every {first['arrival_gap_ms']} ms, "
     f"`Prefer: wait={first['wait_s']}`; pool {first['pool']}, {first['supply']} registered during the run "
     f"({first['supply_batch']} every {first['supply_gap_ms']} ms).",
