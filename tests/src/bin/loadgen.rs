@@ -570,6 +570,9 @@ async fn main() -> anyhow::Result<()> {
             options.configure = Box::new(move |config| {
                 if let Some(students) = line_waiters {
                     config.wait_max_waiters = students;
+                    // Each waiter holds a request slot; the shape measures the line, not shedding.
+                    config.max_concurrent_requests =
+                        config.max_concurrent_requests.max(students * 2);
                     config.wait_max_sec = config.wait_max_sec.max(line_wait_s);
                 }
                 if let Some(shards) = shards {
