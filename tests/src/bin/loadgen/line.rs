@@ -311,7 +311,7 @@ pub(crate) async fn run(
 }
 
 #[cfg(test)]
-mod tests {
+mod order_tests {
     use super::*;
 
     /// A student answered before an earlier arrival of its track counts that one as overtaken;
