@@ -10,10 +10,10 @@ use domain::{AllocateRequest, Allocation, AllocationLimits, BrokerError, Command
 
 use crate::error::ApiError;
 use crate::state::SharedState;
-use crate::waiting_line::{prefer, LineKey};
+use crate::waiting_line::{prefer, Arrival, LineKey};
 
 /// A request that asked to wait, and what it was granted.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LineRequest {
     /// The line it waits in.
     pub key: LineKey,
@@ -22,6 +22,10 @@ pub struct LineRequest {
     /// True when others already wait in that line on this instance: the request goes to the
     /// back without trying first.
     pub behind_others: bool,
+    /// Its number on arrival: while it tries first, later arrivals in its line wait for it, and
+    /// after a refusal it joins by this number, so concurrent first attempts do not reorder the
+    /// line.
+    pub arrival: Arrival,
 }
 
 /// How an unserved wait ended.
@@ -57,10 +61,12 @@ pub fn requested_wait(
     let requested = prefer::preferences(headers).wait_s.filter(|s| *s > 0)?;
     let key = line_key(request);
     let behind_others = state.waiting_line.has_waiters(&key);
+    let arrival = state.waiting_line.arrive(&key);
     Some(LineRequest {
         key,
         wait: state.waiting_line.granted_wait(requested),
         behind_others,
+        arrival,
     })
 }
 
@@ -90,6 +96,7 @@ pub async fn wait(
         .waiting_line
         .wait_for_sandbox(
             line.key.clone(),
+            &line.arrival,
             line.wait,
             BrokerError::NoSandboxAvailable { retry_after_s },
             |waited_ms| {

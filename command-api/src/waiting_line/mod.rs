@@ -22,7 +22,10 @@ pub mod prefer;
 pub mod supply;
 pub mod tickets;
 
-use std::collections::{HashMap, VecDeque};
+#[cfg(test)]
+mod order_tests;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -71,6 +74,24 @@ impl LineKey {
     }
 }
 
+/// A request that asked to wait, numbered as it arrived ([`WaitingLine::arrive`]). While it
+/// tries first, no later arrival's place in its line is the head; after its refusal it joins by
+/// this number, not by when its attempt ended. So two requests that try at once are served in
+/// the order they came. Dropping it (the request was answered without joining) lets the line go
+/// on.
+#[derive(Debug)]
+pub struct Arrival {
+    line: Arc<WaitingLine>,
+    key: LineKey,
+    id: u64,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.line.stop_trying(&self.key, self.id);
+    }
+}
+
 /// A place in a line.
 #[derive(Debug)]
 struct Place {
@@ -85,6 +106,8 @@ struct Place {
 #[derive(Debug, Default)]
 struct Lines {
     by_key: HashMap<LineKey, VecDeque<Place>>,
+    /// Arrivals still on their first attempt, per line: a place behind one of them waits.
+    trying: HashMap<LineKey, BTreeSet<u64>>,
     waiters: usize,
     next_id: u64,
 }
@@ -221,6 +244,40 @@ impl WaitingLine {
         self.line_formed.notified().await;
     }
 
+    /// Numbers a request that asked to wait in `key`'s line as it arrives, before it tries:
+    /// places are kept in this order (the numbers are the places' ids).
+    pub fn arrive(self: &Arc<Self>, key: &LineKey) -> Arrival {
+        let mut lines = self.lock();
+        lines.next_id += 1;
+        let id = lines.next_id;
+        lines.trying.entry(key.clone()).or_default().insert(id);
+        Arrival {
+            line: Arc::clone(self),
+            key: key.clone(),
+            id,
+        }
+    }
+
+    /// Arrival `id` no longer tries first (it joined, or it was answered): the head it held
+    /// back may go on.
+    fn stop_trying(&self, key: &LineKey, id: u64) {
+        let mut lines = self.lock();
+        let Some(trying) = lines.trying.get_mut(key) else {
+            return;
+        };
+        if !trying.remove(&id) {
+            return;
+        }
+        if trying.is_empty() {
+            lines.trying.remove(key);
+        }
+        if let Some(head) = lines.by_key.get(key).and_then(VecDeque::front) {
+            if head.id > id {
+                head.wake.notify_one();
+            }
+        }
+    }
+
     /// Whether anybody waits in the line of `key` on this instance.
     pub fn has_waiters(&self, key: &LineKey) -> bool {
         self.lock()
@@ -269,9 +326,11 @@ impl WaitingLine {
     /// Waits in the line of `key` for at most `wait`, calling `attempt` (with the milliseconds
     /// waited so far) whenever this request is the head and a sandbox may be allocatable.
     /// `refused` is the refusal that sent the request here, answered again if nothing changes.
+    /// The request takes its place by `arrival`: ahead of any that arrived after it.
     pub async fn wait_for_sandbox<F, Fut>(
         &self,
         key: LineKey,
+        arrival: &Arrival,
         wait: Duration,
         refused: BrokerError,
         attempt: F,
@@ -280,8 +339,15 @@ impl WaitingLine {
         F: FnMut(u64) -> Fut,
         Fut: Future<Output = Result<Allocation, BrokerError>>,
     {
-        self.wait_in_line(key, None, wait, refused, attempt, std::future::pending())
-            .await
+        self.wait_in_line(
+            key,
+            JoinAs::waiter(arrival),
+            wait,
+            refused,
+            attempt,
+            std::future::pending(),
+        )
+        .await
     }
 
     /// [`WaitingLine::wait_for_sandbox`] for a ticket: its place is found by the ticket id
@@ -300,8 +366,15 @@ impl WaitingLine {
         F: FnMut(u64) -> Fut,
         Fut: Future<Output = Result<Allocation, BrokerError>>,
     {
-        self.wait_in_line(key, Some(ticket_id), wait, refused, attempt, drop_when)
-            .await
+        self.wait_in_line(
+            key,
+            JoinAs::ticket(ticket_id),
+            wait,
+            refused,
+            attempt,
+            drop_when,
+        )
+        .await
     }
 
     /// The 1-based place of `ticket_id` in its line on this instance, when it waits here.
@@ -316,7 +389,7 @@ impl WaitingLine {
     async fn wait_in_line<F, Fut>(
         &self,
         key: LineKey,
-        ticket: Option<&str>,
+        place: JoinAs<'_>,
         wait: Duration,
         refused: BrokerError,
         mut attempt: F,
@@ -328,7 +401,7 @@ impl WaitingLine {
     {
         let deadline = tokio::time::Instant::now() + wait;
         tokio::pin!(drop_when);
-        let Some(mut guard) = self.join(key, ticket) else {
+        let Some(mut guard) = self.join(key, place) else {
             self.metrics.outcomes.with_label_values(&["full"]).inc();
             return Waited {
                 result: Err(refused),
@@ -394,8 +467,10 @@ impl WaitingLine {
         }
     }
 
-    /// Takes a place at the back of `key`'s line; `None` when the instance's lines are full.
-    fn join(&self, key: LineKey, ticket: Option<&str>) -> Option<PlaceGuard<'_>> {
+    /// Takes a place in `key`'s line: a waiter behind every request that arrived before it and
+    /// ahead of any that arrived after it and joined first (its own attempt ended sooner), a
+    /// ticket at the back; `None` when the instance's lines are full.
+    fn join(&self, key: LineKey, join_as: JoinAs<'_>) -> Option<PlaceGuard<'_>> {
         let wake = Arc::new(Notify::new());
         let id = {
             let mut lines = self.lock();
@@ -403,14 +478,32 @@ impl WaitingLine {
                 return None;
             }
             lines.waiters += 1;
-            lines.next_id += 1;
-            let id = lines.next_id;
+            let id = match join_as.arrival {
+                Some(arrival) => {
+                    if let Some(trying) = lines.trying.get_mut(&key) {
+                        trying.remove(&arrival.id);
+                        if trying.is_empty() {
+                            lines.trying.remove(&key);
+                        }
+                    }
+                    arrival.id
+                }
+                None => {
+                    lines.next_id += 1;
+                    lines.next_id
+                }
+            };
             let line = lines.by_key.entry(key.clone()).or_default();
-            line.push_back(Place {
-                id,
-                ticket: ticket.map(str::to_string),
-                wake: Arc::clone(&wake),
-            });
+            // Places are kept in id order, and ids are handed out in arrival order.
+            let at = line.partition_point(|p| p.id < id);
+            line.insert(
+                at,
+                Place {
+                    id,
+                    ticket: join_as.ticket.map(str::to_string),
+                    wake: Arc::clone(&wake),
+                },
+            );
             let length = line.len();
             self.metrics
                 .length
@@ -465,6 +558,22 @@ impl WaitingLine {
                 .set(i64::try_from(length).unwrap_or(i64::MAX));
         }
         lines.waiters = lines.waiters.saturating_sub(1);
+    }
+
+    /// Whether place `id` is the head of `key`'s line and no earlier arrival still tries first.
+    fn is_head(&self, key: &LineKey, id: u64) -> bool {
+        let lines = self.lock();
+        let first = lines
+            .by_key
+            .get(key)
+            .and_then(VecDeque::front)
+            .is_some_and(|head| head.id == id);
+        let held_back = lines
+            .trying
+            .get(key)
+            .and_then(|trying| trying.first())
+            .is_some_and(|earliest| *earliest < id);
+        first && !held_back
     }
 
     /// The 1-based place of `id` in `key`'s line.
@@ -536,6 +645,28 @@ impl WaitingLine {
     }
 }
 
+/// How a request joins a line: a waiter by its arrival, a ticket by its id.
+struct JoinAs<'a> {
+    arrival: Option<&'a Arrival>,
+    ticket: Option<&'a str>,
+}
+
+impl JoinAs<'_> {
+    fn waiter(arrival: &Arrival) -> JoinAs<'_> {
+        JoinAs {
+            arrival: Some(arrival),
+            ticket: None,
+        }
+    }
+
+    fn ticket(ticket_id: &str) -> JoinAs<'_> {
+        JoinAs {
+            arrival: None,
+            ticket: Some(ticket_id),
+        }
+    }
+}
+
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -556,7 +687,7 @@ struct PlaceGuard<'a> {
 
 impl PlaceGuard<'_> {
     fn is_head(&self) -> bool {
-        self.line.position(&self.key, self.id) == Some(1)
+        self.line.is_head(&self.key, self.id)
     }
 
     fn finish(&mut self, outcome: Outcome, result: Result<Allocation, BrokerError>) -> Waited {

@@ -45,6 +45,9 @@ use tests::chaos::process::{free_port, wait_healthy, ServiceProcess};
 use tests::history::{all_events, AllocationAudit};
 use tokio::sync::Mutex;
 
+#[path = "loadgen/line.rs"]
+mod line;
+
 /// The service this process hosts runs on the allocator its own binary uses (ADR 0020).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -111,6 +114,23 @@ struct Args {
     /// not this broker's, such as the reference in `scripts/bench-reference.sh`).
     #[arg(long)]
     no_stats: bool,
+    /// The waiting-line shape instead of the levels: this many students arrive, more than
+    /// `--pool`, each with `Prefer: wait` (`--prefer-wait`, default 10 s), while
+    /// `--line-supply` new sandboxes are registered during the run (in-process service only).
+    #[arg(long)]
+    line_students: Option<usize>,
+    /// Gap between two students' arrivals in the waiting-line shape, ms.
+    #[arg(long, default_value_t = 10)]
+    line_arrival_ms: u64,
+    /// Sandboxes registered during the waiting-line shape.
+    #[arg(long, default_value_t = 0)]
+    line_supply: usize,
+    /// Sandboxes per registration batch of the waiting-line shape.
+    #[arg(long, default_value_t = 20)]
+    line_supply_batch: usize,
+    /// Gap between two registration batches of the waiting-line shape, ms.
+    #[arg(long, default_value_t = 300)]
+    line_supply_every_ms: u64,
 }
 
 impl Args {
@@ -134,6 +154,9 @@ impl Args {
     }
 }
 
+/// `Prefer: wait=` of the waiting-line shape when `--prefer-wait` is not given, seconds.
+const LINE_WAIT_S: u64 = 10;
+
 /// When a level stops sending.
 #[derive(Clone, Copy)]
 enum Bound {
@@ -148,6 +171,26 @@ struct LevelResult {
     elapsed: Duration,
     latency: Histogram<u64>,
     statuses: BTreeMap<u16, usize>,
+    /// Every request as (latency µs, request number, sent at µs since the level started).
+    requests: Vec<(u64, usize, u64)>,
+}
+
+/// The slowest 1% of a level's requests (what sets its p99): when they were sent and on which
+/// track, slowest first.
+fn slowest_percent(r: &LevelResult, tracks: &[String]) -> serde_json::Value {
+    let mut requests = r.requests.clone();
+    requests.sort_unstable_by(|a, b| b.cmp(a));
+    let take = requests.len().div_ceil(100);
+    serde_json::json!(requests
+        .iter()
+        .take(take)
+        .map(|(us, i, sent_us)| serde_json::json!({
+            "request": i,
+            "track": tracks[i % tracks.len().max(1)],
+            "sent_ms": *sent_us as f64 / 1000.0,
+            "latency_ms": *us as f64 / 1000.0,
+        }))
+        .collect::<Vec<_>>())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,9 +210,11 @@ async fn level(
         Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|e| panic!("{e}")),
     ));
     let statuses = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
+    let requests = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     let workers = (0..concurrency).map(|_| {
         let (next, latency, statuses) = (next.clone(), latency.clone(), statuses.clone());
+        let requests = requests.clone();
         let client = client.clone();
         let (url, token) = (url.to_string(), token.to_string());
         let prefix = prefix.map(str::to_string);
@@ -209,6 +254,8 @@ async fn level(
                     .unwrap_or(0);
                 let us = t.elapsed().as_micros() as u64;
                 let _ = latency.lock().await.record(us.max(1));
+                let sent_us = t.duration_since(started).as_micros() as u64;
+                requests.lock().await.push((us, i, sent_us));
                 *statuses.lock().await.entry(status).or_default() += 1;
             }
         }
@@ -217,11 +264,13 @@ async fn level(
     let elapsed = started.elapsed();
     let latency = latency.lock().await.clone();
     let statuses = statuses.lock().await.clone();
+    let requests = std::mem::take(&mut *requests.lock().await);
     LevelResult {
         concurrency,
         elapsed,
         latency,
         statuses,
+        requests,
     }
 }
 
@@ -526,7 +575,17 @@ async fn main() -> anyhow::Result<()> {
             let grouping = setting("DDB_GROUP_COMMIT_ITEMS")?;
             let in_flight = setting("ALLOCATE_GROUPS_IN_FLIGHT")?;
             let quotas = args.track_quotas();
+            // The waiting-line shape keeps every student it sends waiting on this one instance.
+            let line_waiters = args.line_students;
+            let line_wait_s = args.prefer_wait.unwrap_or(LINE_WAIT_S);
             options.configure = Box::new(move |config| {
+                if let Some(students) = line_waiters {
+                    config.wait_max_waiters = students;
+                    // Each waiter holds a request slot; the shape measures the line, not shedding.
+                    config.max_concurrent_requests =
+                        config.max_concurrent_requests.max(students * 2);
+                    config.wait_max_sec = config.wait_max_sec.max(line_wait_s);
+                }
                 if let Some(shards) = shards {
                     config.store.view_index_shards = shards;
                 }
@@ -596,6 +655,45 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(count) = args.reserve {
         reserve(&client, &url, &probe.admin_token, &args, count).await?;
+    }
+    if let Some(students) = args.line_students {
+        let Some(app) = spawned else {
+            anyhow::bail!("--line-students registers supply through the in-process service: drop --url and --api-binary");
+        };
+        let shape = line::LineShape {
+            students,
+            arrival_gap: Duration::from_millis(args.line_arrival_ms),
+            wait_s: args.prefer_wait.unwrap_or(LINE_WAIT_S),
+            supply: args.line_supply,
+            supply_batch: args.line_supply_batch,
+            supply_gap: Duration::from_millis(args.line_supply_every_ms),
+        };
+        let mut report = line::run(&app, &client, &shape, &args.prefix, tracks, &run_id).await?;
+        let events = all_events(app.state.broker.events().as_ref()).await;
+        let audit = AllocationAudit::replay(&events);
+        let clean = audit.double_allocations().is_empty() && audit.callers_holding_two().is_empty();
+        println!(
+            "double-allocation check (replayed {} events): {} allocated twice, {} callers holding two",
+            events.len(),
+            audit.double_allocations().len(),
+            audit.callers_holding_two().len()
+        );
+        report["mode"] = serde_json::json!(mode);
+        report["pool"] = serde_json::json!(args.pool);
+        report["tracks"] = serde_json::json!(args.tracks.max(1));
+        report["no_double_allocation"] = serde_json::json!(clean);
+        ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ticker) = ticker {
+            let _ = ticker.join();
+        }
+        app.stop().await;
+        if !clean {
+            anyhow::bail!("double allocation detected");
+        }
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
     }
     if let Some(seconds) = args.prefer_wait {
         println!("every request sends Prefer: wait={seconds}");
@@ -741,6 +839,11 @@ async fn main() -> anyhow::Result<()> {
             "lag_series": lag_series,
             "caught_up_ms": converged.map(|(after, _)| after.as_millis() as u64),
             "contention": contended_json,
+            "slowest_1pct": slowest_percent(&r, &tracks),
+            "store_requests_per_201_by_op": level_requests
+                .iter()
+                .filter_map(|(op, n)| per_created(*n).map(|per| (op.clone(), per)))
+                .collect::<BTreeMap<_, _>>(),
         }));
         let capacity_per_allocation = if level_capacity.is_empty() || created == 0 {
             "–".to_string()
