@@ -1015,6 +1015,9 @@ impl ChildService {
             ("CSP_MODE", "mock".into()),
             ("RATE_LIMIT_RPS", "100000".into()),
             ("RATE_LIMIT_BURST", "100000".into()),
+            // Every client comes from 127.0.0.1: the per-address cap (256 by default) would
+            // close the connections of a level above it before they send anything.
+            ("MAX_CONNECTIONS_PER_ADDRESS", "0".into()),
             ("STORE", "dynamodb".into()),
             ("DDB_ENDPOINT_URL", endpoint),
             ("AWS_REGION", "us-east-1".into()),
