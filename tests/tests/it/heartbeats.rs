@@ -480,6 +480,17 @@ async fn as_track(
     Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }
 
+/// The sandbox's status as its holder reads it with its track's token.
+async fn status_with(
+    app: &TestApp,
+    token: &str,
+    held: &Held,
+    caller: &str,
+) -> Result<String, reqwest::Error> {
+    let (_, body) = as_track(app, token, Method::GET, held, "", caller).await?;
+    Ok(body["status"].as_str().unwrap_or_default().to_string())
+}
+
 /// The policy an allocation recorded, from its `SandboxAllocated` event.
 async fn recorded_policy(
     app: &TestApp,
@@ -545,26 +556,14 @@ async fn a_policy_in_the_credentials_file_reclaims_that_track_only(backend: Back
         "the plain track is never reclaimed"
     );
 
-    let (_, body) = as_track(
-        &app,
-        FILE_TRACK_TOKEN,
-        Method::GET,
-        &declared,
-        "",
-        "stu-file",
-    )
-    .await?;
-    assert_eq!(body["status"], "pending_deletion", "{body}");
-    let (_, body) = as_track(
-        &app,
-        PLAIN_TRACK_TOKEN,
-        Method::GET,
-        &plain,
-        "",
-        "stu-plain",
-    )
-    .await?;
-    assert_eq!(body["status"], "allocated", "{body}");
+    assert_eq!(
+        status_with(&app, FILE_TRACK_TOKEN, &declared, "stu-file").await?,
+        "pending_deletion"
+    );
+    assert_eq!(
+        status_with(&app, PLAIN_TRACK_TOKEN, &plain, "stu-plain").await?,
+        "allocated"
+    );
     app.stop().await;
     Ok(())
 }
@@ -624,18 +623,14 @@ async fn a_changed_credentials_file_applies_to_allocations_after_the_restart(
         (1, 1),
         "the new grace's whole, the old one's half"
     );
-    let (_, body) = as_track(&app, FILE_TRACK_TOKEN, Method::GET, &after, "", "stu-after").await?;
-    assert_eq!(body["status"], "pending_deletion", "{body}");
-    let (_, body) = as_track(
-        &app,
-        FILE_TRACK_TOKEN,
-        Method::GET,
-        &before,
-        "",
-        "stu-before",
-    )
-    .await?;
-    assert_eq!(body["status"], "allocated", "{body}");
+    assert_eq!(
+        status_with(&app, FILE_TRACK_TOKEN, &after, "stu-after").await?,
+        "pending_deletion"
+    );
+    assert_eq!(
+        status_with(&app, FILE_TRACK_TOKEN, &before, "stu-before").await?,
+        "allocated"
+    );
     app.stop().await;
     Ok(())
 }
