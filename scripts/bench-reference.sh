@@ -296,7 +296,8 @@ else
 fi
 
 plot_json=$WORK/reference-plot.json
-python3 - "$out" "$write" "$plot_json" "${labels[@]}" <<'PY'
+PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python3 - "$out" "$write" "$plot_json" "${labels[@]}" <<'PY'
+from bench_common import cpu, write_section
 import glob, json, os, platform, statistics, sys
 out, write, plot_json, labels = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 
@@ -305,15 +306,6 @@ def kept(name, fallback="unknown"):
         return open(os.path.join(out, name)).read().strip() or fallback
     except OSError:
         return fallback
-
-def cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 # levels[label][concurrency] = [level of run 1, level of run 2, …]; runs[label] = [report, …]
 levels, runs = {}, {}
@@ -445,13 +437,7 @@ for label in labels:
 json.dump(plot, open(plot_json, "w"))
 
 if write:
-    begin, end = "<!-- generated: bench-reference -->", "<!-- end generated: bench-reference -->"
-    page = open(write).read()
-    if begin not in page or end not in page:
-        sys.exit(f"{write} needs the markers {begin} and {end}")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    open(write, "w").write(f"{head}{begin}\n\n{text}\n{end}{tail}")
+    write_section(write, "bench-reference", text)
 PY
 if [ -n "$write" ]; then
   svg=$(dirname "$write")/benchmarks/reference.svg

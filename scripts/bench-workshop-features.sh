@@ -67,19 +67,12 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
-python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
+PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
+from bench_common import cpu, write_section
 import json, os, platform, subprocess, sys, datetime
 out, runs, backend, write = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 build = "release" if "/release/" in sys.argv[5] else "debug (not comparable with release figures)"
 lines = []
-def cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 def level(variant, run):
     return json.load(open(os.path.join(out, f"{variant}--{run}.json")))["levels"][0]
 commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -122,14 +115,7 @@ for op in ops:
 text = "\n".join(lines)
 print(text)
 if write:
-    begin, end = f"<!-- generated: bench-workshop-features {backend} -->", f"<!-- end generated: bench-workshop-features {backend} -->"
-    page = open(write).read()
-    if begin not in page or end not in page:
-        sys.exit(f"{write} has no {begin} … {end} markers")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    open(write, "w").write(f"{head}{begin}\n\n{text}\n\n{end}{tail}")
-    print(f"wrote {write}")
+    write_section(write, f"bench-workshop-features {backend}", text)
 PY
 fi
 
@@ -142,18 +128,11 @@ for run in $(seq 1 "$runs"); do
     { echo "  failed; its log:" >&2; tail -20 "$out/line--$run.log" >&2; exit 1; }
 done
 
-python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
+PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python3 - "$out" "$runs" "$backend" "$write" "$loadgen" <<'PY'
+from bench_common import cpu, write_section
 import json, os, platform, subprocess, sys, datetime
 out, runs, backend, write = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 build = "release" if "/release/" in sys.argv[5] else "debug (not comparable with release figures)"
-def cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 reports = [json.load(open(os.path.join(out, f"line--{r}.json"))) for r in range(1, runs + 1)]
 def span(key, digits=0):
     values = [r[key] for r in reports if r.get(key) is not None]
@@ -185,12 +164,5 @@ lines = [
 text = "\n".join(lines)
 print(text)
 if write:
-    begin, end = f"<!-- generated: bench-workshop-line {backend} -->", f"<!-- end generated: bench-workshop-line {backend} -->"
-    page = open(write).read()
-    if begin not in page or end not in page:
-        sys.exit(f"{write} has no {begin} … {end} markers")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    open(write, "w").write(f"{head}{begin}\n\n{text}\n\n{end}{tail}")
-    print(f"wrote {write}")
+    write_section(write, f"bench-workshop-line {backend}", text)
 PY

@@ -73,18 +73,11 @@ for run in $( [ -z "$from" ] && seq 1 "$runs"); do
   done
 done
 
-python3 - "$out" "$runs" "$pool" "$write" "${builds[@]}" <<'PY'
+PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python3 - "$out" "$runs" "$pool" "$write" "${builds[@]}" <<'PY'
+from bench_common import cpu, write_section
 import glob, json, os, platform, subprocess, sys, datetime
 out, runs, pool, write, builds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 labels = [b.split("=", 1)[0] for b in builds]
-def cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 def kept(name, fallback):
     try:
         return open(os.path.join(out, name)).read().strip() or fallback
@@ -142,11 +135,5 @@ for shape, title in titles.items():
 text = "\n".join(lines)
 print(text)
 if write:
-    begin, end = "<!-- generated: bench-workshop -->", "<!-- end generated: bench-workshop -->"
-    page = open(write).read()
-    if begin not in page or end not in page:
-        sys.exit(f"{write} needs the markers {begin} and {end}")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    open(write, "w").write(f"{head}{begin}\n\n{text}\n{end}{tail}")
+    write_section(write, "bench-workshop", text)
 PY
