@@ -165,6 +165,23 @@ pub fn test_jobs_config() -> jobs::JobsConfig {
 }
 
 impl TestApp {
+    /// The value of the `/metrics` series named exactly `series` (labels included), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .sent()
+            .await
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(name, _)| *name == series)
+            .filter_map(|(_, value)| value.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Registers `n` sandboxes named `{prefix}-{i:04}` (ids `{prefix}-id-{i}`) and waits until
     /// the view shows them.
     pub async fn seed(&self, prefix: &str, n: usize) {

@@ -15,23 +15,6 @@ use tests::history::{all_events, AllocationAudit};
 
 const TRACK: &str = "workshop";
 
-/// The value of the `/metrics` series named exactly `series` (labels included), 0 if absent.
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.url))
-        .sent()
-        .await
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(name, _)| *name == series)
-        .filter_map(|(_, value)| value.parse::<f64>().ok())
-        .sum()
-}
-
 /// Sends `callers` to `POST /v1/allocate` for the workshop track, all at once; returns
 /// (caller, status, sandbox).
 async fn burst(app: &TestApp, callers: &[String]) -> Vec<(String, StatusCode, Option<String>)> {
@@ -175,14 +158,12 @@ async fn conflicts_inside_groups_are_answered_member_by_member() {
     );
     assert_eq!(assert_history(&app).await, 50);
 
-    let conflicts = metric(
-        &app,
-        "broker_store_transaction_cancellations_total{op=\"TransactWriteItems\",reason=\"ConditionalCheckFailed\",target=\"events\"}",
+    let conflicts = app.metric("broker_store_transaction_cancellations_total{op=\"TransactWriteItems\",reason=\"ConditionalCheckFailed\",target=\"events\"}",
     )
     .await;
-    let groups = metric(&app, "broker_allocate_groups_total").await;
-    let members = metric(&app, "broker_allocate_group_members_total").await;
-    let redecided = metric(&app, "broker_allocate_group_redecided_total").await;
+    let groups = app.metric("broker_allocate_groups_total").await;
+    let members = app.metric("broker_allocate_group_members_total").await;
+    let redecided = app.metric("broker_allocate_group_redecided_total").await;
     println!(
         "statuses {by_status:?}; groups {groups}, members {members}, decided again {redecided}, cancelled by a failed condition {conflicts}"
     );
@@ -207,7 +188,7 @@ async fn a_workshop_burst_moves_one_quota_in_few_transactions() {
     let app = spawn_app_with(options).await;
     app.seed("lab", 150).await;
     let transactions = "broker_store_requests_total{op=\"TransactWriteItems\",target=\"events\"}";
-    let before = metric(&app, transactions).await;
+    let before = app.metric(transactions).await;
     let callers: Vec<String> = (0..120).map(|i| format!("student-{i}")).collect();
     let results = burst(&app, &callers).await;
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
@@ -217,7 +198,7 @@ async fn a_workshop_burst_moves_one_quota_in_few_transactions() {
     assert_eq!(by_status.get(&201).copied(), Some(100), "{by_status:?}");
     assert_eq!(by_status.get(&429).copied(), Some(20), "{by_status:?}");
     assert_eq!(assert_history(&app).await, 100);
-    let sent = metric(&app, transactions).await - before;
+    let sent = app.metric(transactions).await - before;
     println!("statuses {by_status:?}; event transactions for 100 grants: {sent}");
     assert!(sent < 100.0, "{sent} event transactions for 100 grants");
     app.stop().await;

@@ -20,23 +20,6 @@ async fn allocate(app: &TestApp, caller: &str, key: &str) -> (StatusCode, Option
     (status, body["sandbox_id"].as_str().map(str::to_string))
 }
 
-/// The value of the `/metrics` series named exactly `series` (labels included), 0 if absent.
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.url))
-        .sent()
-        .await
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(name, _)| *name == series)
-        .filter_map(|(_, value)| value.parse::<f64>().ok())
-        .sum()
-}
-
 /// In one burst: duplicates of three live allocations are replayed with their sandboxes (200),
 /// three callers whose allocation ended get a new sandbox (201), one caller's two identical
 /// requests get one sandbox between them, and ten fresh callers get their own. No sandbox is
@@ -69,11 +52,9 @@ async fn wrong_assumptions_get_strong_answers(backend: Backend) {
     let mut burst: Vec<String> = live.keys().chain(ended.keys()).cloned().collect();
     burst.extend(["twice".to_string(), "twice".to_string()]);
     burst.extend((0..10).map(|i| format!("fresh-{i}")));
-    let transactions_before = metric(
-        &app,
-        "broker_store_requests_total{op=\"TransactWriteItems\",target=\"events\"}",
-    )
-    .await;
+    let transactions_before = app
+        .metric("broker_store_requests_total{op=\"TransactWriteItems\",target=\"events\"}")
+        .await;
     let answers: Vec<(String, StatusCode, Option<String>)> = futures::stream::iter(burst)
         .map(|caller| {
             let app = &app;
@@ -118,11 +99,9 @@ async fn wrong_assumptions_get_strong_answers(backend: Backend) {
     assert!(audit.callers_holding_two().is_empty(), "a caller holds two");
     assert_eq!(audit.allocations.len(), 6 + 3 + 1 + 10);
     if backend == Backend::Dynamo {
-        let sent = metric(
-            &app,
-            "broker_store_requests_total{op=\"TransactWriteItems\",target=\"events\"}",
-        )
-        .await
+        let sent = app
+            .metric("broker_store_requests_total{op=\"TransactWriteItems\",target=\"events\"}")
+            .await
             - transactions_before;
         println!("event transactions for the burst of 19 requests: {sent}");
     }
@@ -136,7 +115,7 @@ async fn fresh_callers_read_no_claim_on_dynamodb() {
     let app = spawn_app(Backend::Dynamo).await;
     app.seed("lab", 60).await;
     let queries = "broker_store_requests_total{op=\"Query\",target=\"events\"}";
-    let before = metric(&app, queries).await;
+    let before = app.metric(queries).await;
     let answers: Vec<StatusCode> = futures::stream::iter(0..50)
         .map(|i| {
             let app = &app;
@@ -149,7 +128,7 @@ async fn fresh_callers_read_no_claim_on_dynamodb() {
         answers.iter().all(|s| *s == StatusCode::CREATED),
         "{answers:?}"
     );
-    let read = metric(&app, queries).await - before;
+    let read = app.metric(queries).await - before;
     println!("event-table queries for 50 allocations: {read}");
     assert!(read < 25.0, "{read} event-table queries for 50 allocations");
     app.stop().await;
