@@ -4,52 +4,21 @@
 //! the sandbox, a dry run writes nothing, the erasure leaves the tombstone the restarted API
 //! reads, and erasing again answers "no record" (exit 3).
 
-use std::path::PathBuf;
-
 use command_api::subjects::StudentIds;
 use domain::SandboxStatus;
 use projector::erasure_cli::{self, EraseOutcome, SubjectPorts, EXIT_NO_RECORD, EXIT_REFUSED};
 use reqwest::{Method, StatusCode};
 use runtime::{Secret, StoreArgs, StoreKind};
 use serde_json::{json, Value};
-use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
+use tests::app::{Backend, Sent, TestApp};
+
+use crate::personal_data::{Spot, KEY};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const KEY: &str = "pseudonym-key-for-tests-0123456789abcdefABCDEF";
-
 both_stores!(offline_erasure_follows_the_route_rules);
 
-/// One test's store, opened by the service and by the offline tool in turn.
-struct Spot {
-    backend: Backend,
-    path: PathBuf,
-    prefix: String,
-}
-
 impl Spot {
-    fn new(backend: Backend) -> Self {
-        Self {
-            backend,
-            path: std::env::temp_dir()
-                .join(format!("broker-audit-erase-{}", uuid::Uuid::new_v4()))
-                .join("broker.db"),
-            prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
-        }
-    }
-
-    async fn start(&self) -> TestApp {
-        let (path, prefix) = (self.path.clone(), self.prefix.clone());
-        let mut options = AppOptions::new(self.backend);
-        options.configure = Box::new(move |c| {
-            c.store.embedded_path = path;
-            c.store.table_prefix = prefix;
-            c.student_ids = StudentIds::Pseudonymised;
-            c.pseudonym_key = Some(KEY.into());
-        });
-        spawn_app_with(options).await
-    }
-
     /// The store settings `broker-audit` would be given for this spot.
     async fn ports(&self) -> anyhow::Result<SubjectPorts> {
         let mut store = StoreArgs::defaults();
@@ -60,14 +29,6 @@ impl Spot {
             store.ddb_endpoint_url = Some(tests::ddb_local::endpoint().await);
         }
         erasure_cli::open_ports(&store).await
-    }
-}
-
-impl Drop for Spot {
-    fn drop(&mut self) {
-        if let Some(dir) = self.path.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
@@ -87,7 +48,7 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
     let key = Secret::from(KEY);
     let student = format!("student-{}", uuid::Uuid::new_v4().simple());
 
-    let app = spot.start().await;
+    let app = spot.start(StudentIds::Pseudonymised, "").await;
     app.seed("ae", 2).await;
     let (status, _, body) = app.allocate(&student).sent_json().await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -127,7 +88,7 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
     drop(ports);
 
     // The lab ends through the API.
-    let app = spot.start().await;
+    let app = spot.start(StudentIds::Pseudonymised, "").await;
     let (status, _, body) = app
         .track(
             Method::POST,
@@ -184,7 +145,7 @@ async fn offline_erasure_follows_the_route_rules(backend: Backend) -> TestResult
     drop(ports);
 
     // The restarted API reads the tombstone the offline erasure left.
-    let app = spot.start().await;
+    let app = spot.start(StudentIds::Pseudonymised, "").await;
     let (status, body) = student_request(&app, "/v1/admin/students/lookup", &student).await;
     assert_eq!(
         (status, body["detail"]["code"].as_str()),

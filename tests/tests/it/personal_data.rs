@@ -13,17 +13,17 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tests::app::{spawn_app_with, AppOptions, Backend, Sent, TestApp};
 
-const KEY: &str = "pseudonym-key-for-tests-0123456789abcdefABCDEF";
+pub(crate) const KEY: &str = "pseudonym-key-for-tests-0123456789abcdefABCDEF";
 
-/// Where one test's data lives, so a second service can open the same store.
-struct Spot {
-    backend: Backend,
-    path: PathBuf,
-    prefix: String,
+/// Where one test's data lives, so a second service (or `broker-audit`) can open the same store.
+pub(crate) struct Spot {
+    pub(crate) backend: Backend,
+    pub(crate) path: PathBuf,
+    pub(crate) prefix: String,
 }
 
 impl Spot {
-    fn new(backend: Backend) -> Self {
+    pub(crate) fn new(backend: Backend) -> Self {
         Self {
             backend,
             path: std::env::temp_dir()
@@ -35,7 +35,7 @@ impl Spot {
 
     /// A service on this spot storing student ids as `mode`, with the clear-id fallback until
     /// `fallback_until` (blank: none).
-    async fn start(&self, mode: StudentIds, fallback_until: &str) -> TestApp {
+    pub(crate) async fn start(&self, mode: StudentIds, fallback_until: &str) -> TestApp {
         let (path, prefix, until) = (
             self.path.clone(),
             self.prefix.clone(),
